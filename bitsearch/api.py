@@ -1,0 +1,182 @@
+"""One entry point per stage; keyword arguments mirror the CLI flags (the CLI does no math).
+
+    sensitivity(model=..., calib=..., out=...)      -> SensitivityTable   (writes Parquet)
+    search(model=..., calib=..., budget=..., out=...) -> BitPlan          (writes plan JSON)
+    apply(model=..., plan=..., out=...)             -> dict               (writes a checkpoint)
+    evaluate(model=..., text=...)                   -> EvalResult         (optionally JSON)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+
+import torch
+
+from . import __version__
+from .apply import fake_quantize_model, pack_model, packed_tensor_bytes, plan_targets, save_fake, save_packed
+from .atomic import write_text_atomic
+from .cost import avg_bits, budget_to_bytes
+from .data import calibration_batches, read_text, tokenize_text
+from .errors import BitsearchError
+from .evaluate import EvalResult, perplexity
+from .models import find_targets, load_model, load_tokenizer, model_fingerprint
+from .plan import BitPlan
+from .search import build_problem, get_allocator
+from .sensitivity import DEFAULT_BITS, SensitivityTable, check_bits, compute_sensitivity
+
+__all__ = ["sensitivity", "search", "search_plan", "apply", "evaluate", "parse_bits"]
+
+
+def parse_bits(bits: str | list[int] | None) -> list[int]:
+    if bits is None:
+        return list(DEFAULT_BITS)
+    if isinstance(bits, str):
+        try:
+            bits = [int(b) for b in bits.split(",") if b.strip()]
+        except ValueError:
+            raise BitsearchError(f"--bits '{bits}' must be comma-separated integers, e.g. 0,2,3,4,5,6,8") from None
+    return check_bits(list(bits))
+
+
+def _command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [os.path.basename(sys.argv[0])] + sys.argv[1:])
+
+
+def _check_out(out: str | None, what: str) -> None:
+    if out is not None:
+        parent = os.path.dirname(os.path.abspath(out))
+        if os.path.exists(parent) and not os.path.isdir(parent):
+            raise BitsearchError(f"cannot write {what} '{out}': '{parent}' is not a folder")
+
+
+def _calib(tokenizer, calib, samples, seq_len, seed):
+    batch, spec = calibration_batches(tokenizer, calib, samples, seq_len, seed)
+    return batch, spec.to_dict()
+
+
+def sensitivity(*, model: str, calib: str, out: str | None = None, samples: int = 128, seq_len: int = 512,
+                seed: int = 0, estimators: str = "imatrix", bits: str | list[int] | None = None,
+                group_size: int = 128, targets: str | None = None, exclude: str | None = None,
+                calibrate: str = "layer-loss", calib_loss_samples: int = 16, device: str = "cpu",
+                dtype: str = "float32", micro_batch: int = 8, show_progress: bool = True,
+                _loaded=None) -> SensitivityTable:
+    """Per-channel error curves of every target, saved as a Parquet table when ``out`` is set."""
+    _check_out(out, "sensitivity table")
+    menu = parse_bits(bits)
+    names = [e.strip() for e in estimators.split(",") if e.strip()]
+    if len(names) != 1:
+        raise BitsearchError("exactly one estimator is supported for now (--estimators imatrix)")
+    m, tok = _loaded if _loaded is not None else (load_model(model, device, dtype), load_tokenizer(model))
+    tgts = find_targets(m, targets, exclude)
+    batch, calib_info = _calib(tok, calib, samples, seq_len, seed)
+    table = compute_sensitivity(m, tgts, batch, estimator=names[0], bits=menu, group_size=group_size,
+                                calibrate=calibrate, calib_samples=calib_loss_samples, micro_batch=micro_batch,
+                                calib_info=calib_info, show_progress=show_progress)
+    table.meta["command"] = _command_line()
+    table.meta["model_name"] = model
+    if out:
+        table.save(out)
+    return table
+
+
+def search_plan(table: SensitivityTable, targets, fingerprint: dict, *, budget: str | float,
+                method: str = "greedy", bits: str | list[int] | None = None, min_bits: int | None = None,
+                max_bits: int | None = None, provenance: dict | None = None) -> BitPlan:
+    """Allocate widths for ``targets`` from a table's curves under a budget; no model needed."""
+    menu = parse_bits(bits) if bits is not None else table.bits
+    problem = build_problem(table, targets, menu, min_bits, max_bits)
+    budget_bytes = budget_to_bytes(budget, problem.n_weights)
+    allocator = get_allocator(method)
+    t0 = time.time()
+    choice = allocator.allocate(problem, budget_bytes)
+    used = problem.bytes_of(choice)
+    assert used <= budget_bytes, "allocator went over budget"
+    plan = BitPlan(model=fingerprint, group_size=table.group_size, menu=problem.bits, bits=problem.widths(choice))
+    plan.fill_summary(predicted_error=problem.error_of(choice))
+    if plan.summary["bytes"] != used:
+        raise AssertionError("plan bytes disagree with the allocator's bytes")
+    plan.provenance = dict(provenance or {}, allocator=method, budget=str(budget), budget_bytes=budget_bytes,
+                           budget_avg_bits=avg_bits(budget_bytes, problem.n_weights),
+                           estimator=table.meta.get("estimator"), table_calibration=table.meta.get("calibration"),
+                           calibration=table.meta.get("calibration_data"), min_bits=min_bits, max_bits=max_bits,
+                           search_seconds=round(time.time() - t0, 3), package_version=__version__,
+                           time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    return plan
+
+
+def search(*, model: str, budget: str, out: str | None = None, calib: str | None = None,
+           sensitivity_table: str | None = None, method: str = "greedy", bits: str | None = None,
+           group_size: int = 128, min_bits: int | None = None, max_bits: int | None = None,
+           samples: int = 128, seq_len: int = 512, seed: int = 0, estimators: str = "imatrix",
+           targets: str | None = None, exclude: str | None = None, calibrate: str = "layer-loss",
+           calib_loss_samples: int = 16, device: str = "cpu", dtype: str = "float32",
+           show_progress: bool = True, _loaded=None) -> BitPlan:
+    """A bit plan under ``budget`` ("2.5" avg bits or "12MB"/"12MiB"), saved as JSON when ``out`` is set."""
+    _check_out(out, "plan")
+    get_allocator(method)  # fail fast on a typo
+    if sensitivity_table is not None:
+        table = SensitivityTable.load(sensitivity_table)
+        if group_size != table.group_size:
+            raise BitsearchError(f"--group-size {group_size} differs from the sensitivity table's "
+                                 f"{table.group_size}: recompute the table or pass --group-size {table.group_size}")
+    elif calib is None:
+        raise BitsearchError("search needs --calib FILE (or a precomputed --sensitivity table)")
+    m, tok = _loaded if _loaded is not None else (load_model(model, device, dtype), None)
+    if sensitivity_table is None:
+        tok = tok or load_tokenizer(model)
+        table = sensitivity(model=model, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
+                            estimators=estimators, bits=bits, group_size=group_size, targets=targets,
+                            exclude=exclude, calibrate=calibrate, calib_loss_samples=calib_loss_samples,
+                            show_progress=show_progress, _loaded=(m, tok))
+    tgts = find_targets(m, targets, exclude)
+    fp = model_fingerprint(m, tgts)
+    if table.meta.get("model", {}).get("config_sha256") not in (None, fp["config_sha256"]):
+        raise BitsearchError(f"sensitivity table '{sensitivity_table}' was computed for another model")
+    plan = search_plan(table, tgts, fp, budget=budget, method=method, bits=bits, min_bits=min_bits,
+                       max_bits=max_bits, provenance={"command": _command_line(), "model_name": model})
+    if out:
+        plan.save(out)
+    return plan
+
+
+def apply(*, model: str, plan: str | BitPlan, out: str, fake: bool = False, device: str = "cpu",
+          dtype: str = "float32", _loaded=None) -> dict:
+    """Write the planned model to ``out``: a packed checkpoint, or with ``fake`` a plain HF one."""
+    p = BitPlan.load(plan) if isinstance(plan, str) else plan
+    m, tok = _loaded if _loaded is not None else (load_model(model, device, dtype), load_tokenizer(model))
+    plan_targets(m, p, where=f"plan '{plan}'" if isinstance(plan, str) else "plan")
+    if fake:
+        fake_quantize_model(m, p)
+        save_fake(m, out, tok)
+        return {"out": out, "fake": True, "plan_bytes": p.n_bytes()}
+    pack_model(m, p)
+    written = save_packed(m, p, out, tok)
+    return {"out": out, "fake": False, "plan_bytes": p.n_bytes(), "written_bytes": written,
+            "file_bytes": packed_tensor_bytes(out), "avg_bits": p.summary.get("avg_bits")}
+
+
+def evaluate(*, model: str, text: str, max_tokens: int | None = None, seq_len: int = 512,
+             json_out: str | None = None, reference: str | None = None, device: str = "cpu",
+             dtype: str = "float32", micro_batch: int = 4, show_progress: bool = True,
+             _loaded=None, _reference_loaded=None) -> EvalResult:
+    """Perplexity (and KL to ``reference``) of a model or packed checkpoint on a text file."""
+    if seq_len < 2:
+        raise BitsearchError(f"--seq-len must be at least 2 (got {seq_len})")
+    if max_tokens is not None and max_tokens < 2:
+        raise BitsearchError(f"--max-tokens must be at least 2 (got {max_tokens})")
+    _check_out(json_out, "results")
+    m, tok = _loaded if _loaded is not None else (load_model(model, device, dtype), load_tokenizer(model))
+    ids = tokenize_text(tok, read_text(text))
+    ref = _reference_loaded
+    if reference is not None and ref is None:
+        ref = load_model(reference, device, dtype)
+    with torch.inference_mode():
+        result = perplexity(m, ids, seq_len, max_tokens, micro_batch, reference=ref, name=model,
+                            reference_name=reference, show_progress=show_progress)
+    if json_out:
+        write_text_atomic(json_out, json.dumps(result.to_dict(), indent=1) + "\n")
+    return result

@@ -1,0 +1,214 @@
+"""Apply a plan to a model: fake-quantize in place, write a packed checkpoint, load one back.
+
+Packed checkpoint directory::
+
+    bitsearch_quant.json     format, version, group size, target layers, plan summary, aliases
+    quantized.safetensors    per target: qbits, codes_b{w}, scales_b{w}, zeros_b{w}, weight_f16
+    model.safetensors        every other tensor of the model, untouched (target biases included)
+    config.json, tokenizer   so ``bitsearch eval`` and generation run from the folder
+
+The bytes of ``quantized.safetensors``' tensors equal the plan's predicted bytes exactly.
+``--fake`` instead writes a plain HF checkpoint whose target weights are dequantized values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import BitsearchError
+from .models import PACKED_CONFIG, Target, model_fingerprint
+from .packed import PackedLinear
+from .plan import BitPlan
+from .quant.grid import fake_quantize
+
+__all__ = ["PACKED_FORMAT", "PACKED_VERSION", "plan_targets", "fake_quantize_model", "pack_model",
+           "save_packed", "save_fake", "load_packed", "packed_tensor_bytes"]
+
+PACKED_FORMAT = "bitsearch-packed"
+PACKED_VERSION = 1
+QUANT_FILE = "quantized.safetensors"
+REST_FILE = "model.safetensors"
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def plan_targets(model: nn.Module, plan: BitPlan, where: str = "plan") -> list[Target]:
+    """The plan's layers as targets of ``model``, checked against the model's fingerprint."""
+    modules = dict(model.named_modules())
+    targets = []
+    for name, (out_f, in_f) in plan.shapes.items():
+        mod = modules.get(name)
+        if not isinstance(mod, nn.Linear):
+            raise BitsearchError(f"{where}: layer '{name}' is not a linear layer of this model")
+        targets.append(Target(name, int(mod.weight.shape[0]), int(mod.weight.shape[1])))
+    plan.check_model(model_fingerprint(model, targets), where)
+    return targets
+
+
+@torch.no_grad()
+def fake_quantize_model(model: nn.Module, plan: BitPlan) -> nn.Module:
+    """Replace each target weight, in place, by its planned quantize-dequantize values."""
+    modules = dict(model.named_modules())
+    for name, bits in plan.bits.items():
+        w = modules[name].weight
+        new = w.detach().float().clone()
+        b_t = torch.as_tensor(bits)
+        for b in sorted(set(bits.tolist())):
+            rows = (b_t == b).nonzero().flatten().to(w.device)
+            new[rows] = fake_quantize(new[rows], int(b), plan.group_size)
+        w.copy_(new.to(w.dtype))
+    return model
+
+
+def pack_model(model: nn.Module, plan: BitPlan) -> nn.Module:
+    """Replace each target, in place, by a :class:`PackedLinear` at its planned widths."""
+    modules = dict(model.named_modules())
+    for name, bits in plan.bits.items():
+        lin = modules[name]
+        _set_module(model, name, PackedLinear.from_linear(lin, torch.as_tensor(bits), plan.group_size).to(lin.weight.device))
+    return model
+
+
+def packed_tensor_bytes(path: str) -> int:
+    """Bytes of the quantized tensors stored in a packed checkpoint (headers excluded)."""
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(os.path.join(path, QUANT_FILE), framework="pt") as f:
+        for k in f.keys():
+            t = f.get_tensor(k)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _finish_dir(tmp: str, out: str) -> None:
+    """Move a completed temporary folder to ``out`` (replacing an older one)."""
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise BitsearchError(f"output '{out}' exists and is not a folder")
+        old = out.rstrip("/") + ".old-bitsearch"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _tmp_dir(out: str) -> str:
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix="." + os.path.basename(out.rstrip("/")) + ".", dir=parent)
+
+
+def save_packed(model: nn.Module, plan: BitPlan, out: str, tokenizer=None) -> int:
+    """Write a packed checkpoint of ``model`` (already packed with :func:`pack_model`) to ``out``.
+
+    Returns the bytes of the quantized tensors. The folder appears only when complete.
+    """
+    from safetensors.torch import save_file
+
+    modules = dict(model.named_modules())
+    quant, layers = {}, {}
+    for name in plan.bits:
+        mod = modules[name]
+        if not isinstance(mod, PackedLinear):
+            raise TypeError(f"{name} is not packed; call pack_model first")
+        for k, v in mod.packed_tensors().items():
+            quant[f"{name}.{k}"] = v.detach().cpu().contiguous()
+        layers[name] = {"in_features": mod.in_features, "out_features": mod.out_features,
+                        "bias": mod.bias is not None}
+    rest, aliases, seen = {}, {}, {}
+    packed_prefixes = tuple(n + "." for n in plan.bits)
+    for k, v in model.state_dict(keep_vars=False).items():
+        if k.startswith(packed_prefixes) and not k.endswith(".bias"):
+            continue
+        key = (v.data_ptr(), tuple(v.shape), v.dtype)
+        if v.numel() and key in seen:
+            aliases[k] = seen[key]
+            continue
+        seen[key] = k
+        rest[k] = v.detach().cpu().contiguous()
+    meta = {
+        "format": PACKED_FORMAT, "version": PACKED_VERSION, "package_version": __version__,
+        "group_size": plan.group_size, "layers": layers, "aliases": aliases,
+        "dtype": str(next(iter(rest.values())).dtype).replace("torch.", "") if rest else "float32",
+        "plan_summary": plan.summary, "model": plan.model, "plan_provenance": plan.provenance,
+    }
+    tmp = _tmp_dir(out)
+    try:
+        save_file(quant, os.path.join(tmp, QUANT_FILE))
+        save_file(rest, os.path.join(tmp, REST_FILE))
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, PACKED_CONFIG), "w") as f:
+            json.dump(meta, f, indent=1)
+        _finish_dir(tmp, out)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return sum(t.numel() * t.element_size() for t in quant.values())
+
+
+def save_fake(model: nn.Module, out: str, tokenizer=None) -> None:
+    """Write ``model`` (fake-quantized in place) as a plain HF checkpoint."""
+    tmp = _tmp_dir(out)
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _finish_dir(tmp, out)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_packed(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A model whose targets are :class:`PackedLinear` modules, from a packed checkpoint."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        with open(os.path.join(path, PACKED_CONFIG)) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BitsearchError(f"packed checkpoint '{path}' has an unreadable {PACKED_CONFIG}: {exc}") from None
+    if meta.get("format") != PACKED_FORMAT or meta.get("version") != PACKED_VERSION:
+        raise BitsearchError(f"'{path}' is a {meta.get('format')} v{meta.get('version')} checkpoint; "
+                             f"this bitsearch reads {PACKED_FORMAT} v{PACKED_VERSION}")
+    try:
+        quant = load_file(os.path.join(path, QUANT_FILE))
+        rest = load_file(os.path.join(path, REST_FILE))
+    except Exception as exc:
+        raise BitsearchError(f"packed checkpoint '{path}' is incomplete or corrupt: {exc}") from None
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, info in meta["layers"].items():
+        prefix = name + "."
+        tensors = {k[len(prefix):]: v for k, v in quant.items() if k.startswith(prefix)}
+        bias = rest.get(prefix + "bias")
+        _set_module(model, name, PackedLinear(info["in_features"], info["out_features"], meta["group_size"],
+                                              tensors, bias, compute_dtype=dtype))
+    for alias, target in meta.get("aliases", {}).items():
+        rest[alias] = rest[target]
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    packed_keys = {f"{n}.{k}" for n in meta["layers"] for k in dict(model.get_submodule(n).named_buffers())}
+    missing = [k for k in missing if k not in packed_keys]
+    if missing or unexpected:
+        raise BitsearchError(f"packed checkpoint '{path}' does not match its config "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.to(device)
+    model.eval()
+    return model

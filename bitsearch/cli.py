@@ -1,0 +1,150 @@
+"""The ``bitsearch`` command: argument parsing and printing only (every subcommand calls a
+function of :mod:`bitsearch.api` or :mod:`bitsearch.demo` whose keywords mirror its flags)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+from .errors import BitsearchError
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_model(p: argparse.ArgumentParser, what: str = "HF hub id or local model folder") -> None:
+    p.add_argument("--model", required=True, help=what)
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
+
+
+def _add_calib(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--calib", required=required, help="calibration text file, or hf:NAME[:CONFIG]:SPLIT")
+    p.add_argument("--samples", type=int, default=128, help="calibration samples N (default: 128)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample L (default: 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed for choosing calibration windows (default: 0)")
+
+
+def _add_sensitivity(p: argparse.ArgumentParser) -> None:
+    from .sensitivity import CALIBRATIONS, ESTIMATORS
+
+    p.add_argument("--estimators", default="imatrix", help=f"estimator ({', '.join(sorted(ESTIMATORS))}; default: imatrix)")
+    p.add_argument("--bits", default=None, help="bit menu, comma-separated (default: 0,2,3,4,5,6,8; 0 = pruned, 16 = keep)")
+    p.add_argument("--group-size", type=int, default=128, help="weights per scale/zero along the input dim; -1 = whole channel (default: 128)")
+    p.add_argument("--targets", default=None, help="regex of target module names (default: every nn.Linear in the decoder blocks)")
+    p.add_argument("--exclude", default=None, help="regex of module names to leave in full precision")
+    p.add_argument("--calibrate", default="layer-loss", choices=CALIBRATIONS,
+                   help="map proxy curves to loss units per layer (default: layer-loss)")
+    p.add_argument("--calib-loss-samples", type=int, default=16,
+                   help="calibration samples used to measure each layer's loss response (default: 16)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .search import ALLOCATORS
+
+    ap = argparse.ArgumentParser(prog="bitsearch", description="Per-channel bit-width search for LLM quantization "
+                                 "under a memory budget (0 bits = pruned).")
+    ap.add_argument("--version", action="version", version=f"bitsearch {__version__}")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run the whole pipeline on the bundled small model, offline")
+    p.add_argument("--out", required=True, help="output folder for plans, results.csv and the plot")
+    p.add_argument("--budgets", default="2.5,3.0,3.5", help="avg-bit budgets to search (default: 2.5,3.0,3.5)")
+
+    p = sub.add_parser("sensitivity", help="per-channel error curves -> Parquet table")
+    _add_model(p)
+    _add_calib(p, required=True)
+    _add_sensitivity(p)
+    p.add_argument("--out", required=True, help="output table (.parquet)")
+
+    p = sub.add_parser("search", help="a bit plan under a memory budget -> plan JSON")
+    _add_model(p)
+    _add_calib(p, required=False)
+    _add_sensitivity(p)
+    p.add_argument("--budget", required=True, help="avg bits all-in (e.g. 2.5) or target bytes (12MB, 12MiB)")
+    p.add_argument("--sensitivity", default=None, help="precomputed sensitivity table (.parquet); else computed from --calib")
+    p.add_argument("--method", default="greedy", choices=sorted(ALLOCATORS), help="allocator (default: greedy)")
+    p.add_argument("--min-bits", type=int, default=None, help="smallest width allowed (e.g. 2 forbids pruning)")
+    p.add_argument("--max-bits", type=int, default=None, help="largest width allowed")
+    p.add_argument("--out", required=True, help="output plan (.json)")
+
+    p = sub.add_parser("apply", help="plan + model -> packed checkpoint (or --fake HF checkpoint)")
+    _add_model(p)
+    p.add_argument("--plan", required=True, help="plan file from `bitsearch search`")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--fake", action="store_true", help="write a plain HF checkpoint of dequantized weights")
+
+    p = sub.add_parser("eval", help="perplexity of a model or packed checkpoint on a text file")
+    _add_model(p, "HF hub id, local model folder or packed checkpoint folder")
+    p.add_argument("--text", required=True, help="text file to evaluate on")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens (default: all)")
+    p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default: 512)")
+    p.add_argument("--json", default=None, help="write {ppl, nll, tokens, seq_len, model[, kl]} to this file")
+    p.add_argument("--reference", default=None, help="reference model: also report KL(reference || model)")
+    return ap
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import api
+
+    show = not args.quiet
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(out=args.out, budgets=args.budgets, show_progress=show)
+    elif args.command == "sensitivity":
+        table = api.sensitivity(model=args.model, calib=args.calib, out=args.out, samples=args.samples,
+                                seq_len=args.seq_len, seed=args.seed, estimators=args.estimators, bits=args.bits,
+                                group_size=args.group_size, targets=args.targets, exclude=args.exclude,
+                                calibrate=args.calibrate, calib_loss_samples=args.calib_loss_samples,
+                                device=args.device, dtype=args.dtype, show_progress=show)
+        print(f"wrote {args.out}: {len(table.df)} channels in {len(table.layers)} layers, "
+              f"widths {','.join(map(str, table.bits))}, group size {table.group_size}, {table.meta['units']}")
+    elif args.command == "search":
+        plan = api.search(model=args.model, budget=args.budget, out=args.out, calib=args.calib,
+                          sensitivity_table=args.sensitivity, method=args.method, bits=args.bits,
+                          group_size=args.group_size, min_bits=args.min_bits, max_bits=args.max_bits,
+                          samples=args.samples, seq_len=args.seq_len, seed=args.seed, estimators=args.estimators,
+                          targets=args.targets, exclude=args.exclude, calibrate=args.calibrate,
+                          calib_loss_samples=args.calib_loss_samples, device=args.device, dtype=args.dtype,
+                          show_progress=show)
+        s = plan.summary
+        print(f"wrote {args.out}: {s['avg_bits']:.4f} avg bits, {s['bytes']} bytes, "
+              f"{s['pruned_channels']} of {s['n_channels']} channels pruned, widths {s['histogram']}, "
+              f"predicted loss increase {s['predicted_error']:.4g}")
+    elif args.command == "apply":
+        info = api.apply(model=args.model, plan=args.plan, out=args.out, fake=args.fake, device=args.device,
+                         dtype=args.dtype)
+        if args.fake:
+            print(f"wrote {args.out}: HF checkpoint with dequantized target weights")
+        else:
+            print(f"wrote {args.out}: {info['written_bytes']} bytes of packed target tensors "
+                  f"(plan: {info['plan_bytes']}), {info['avg_bits']:.4f} avg bits")
+    elif args.command == "eval":
+        r = api.evaluate(model=args.model, text=args.text, max_tokens=args.max_tokens, seq_len=args.seq_len,
+                         json_out=args.json, reference=args.reference, device=args.device, dtype=args.dtype,
+                         show_progress=show)
+        line = f"ppl {r.ppl:.3f}  nll {r.nll:.4f}  tokens {r.tokens}  seq_len {r.seq_len}"
+        if r.kl is not None:
+            line += f"  KL(ref||model) {r.kl:.5f}"
+        print(line)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except BitsearchError as exc:
+        print(f"bitsearch: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bitsearch: interrupted (nothing half-written was left behind)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

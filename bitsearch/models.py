@@ -1,0 +1,174 @@
+"""Loading Hugging Face causal LMs and choosing the target layers.
+
+A target is an ``nn.Linear`` (by default: every one inside the decoder blocks); a channel is
+one output row of its weight. The decoder blocks are found structurally (the ``nn.ModuleList``
+with ``config.num_hidden_layers`` entries), which covers Llama, Qwen2, Mistral, GPT-NeoX and
+OPT without per-architecture tables. Embeddings / lm_head can be targeted with ``--targets``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import BitsearchError
+
+__all__ = [
+    "DTYPES", "Target", "load_model", "load_tokenizer", "decoder_blocks", "find_targets",
+    "model_fingerprint", "resolve_dtype",
+]
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+PACKED_CONFIG = "bitsearch_quant.json"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target layer: its module name and weight shape."""
+
+    name: str
+    out_features: int
+    in_features: int
+
+    @property
+    def numel(self) -> int:
+        return self.out_features * self.in_features
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise BitsearchError(f"unknown dtype '{dtype}' (choose from {', '.join(sorted(set(DTYPES)))})") from None
+
+
+def resolve_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise BitsearchError(f"unknown device '{device}'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BitsearchError(f"device '{device}' asked for, but no CUDA device is available")
+    return dev
+
+
+def _is_local(name: str) -> bool:
+    return os.path.isdir(name) or name.startswith((".", "/", "~"))
+
+
+def load_model(name_or_path: str, device: str = "cpu", dtype: str | torch.dtype = "float32",
+               attn_implementation: str | None = None) -> nn.Module:
+    """A causal LM from a hub id, a local HF directory or a bitsearch packed checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    if os.path.isfile(os.path.join(name_or_path, PACKED_CONFIG)):
+        from .apply import load_packed
+
+        return load_packed(name_or_path, device=device, dtype=torch_dtype)
+    if _is_local(name_or_path) and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise BitsearchError(f"model directory '{name_or_path}' does not exist")
+    kwargs = {"dtype": torch_dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name_or_path), **kwargs)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BitsearchError(f"cannot load model '{name_or_path}': {first}") from None
+    model.to(dev)
+    model.eval()
+    return model
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(os.path.expanduser(name_or_path))
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BitsearchError(f"cannot load the tokenizer of '{name_or_path}': {first}") from None
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The (name, ModuleList) of the decoder blocks."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n is None or len(mod) == n):
+            return name, mod
+    raise BitsearchError(f"cannot find the decoder blocks of a {type(model).__name__}")
+
+
+def _compile(pattern: str | None, flag: str) -> re.Pattern | None:
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise BitsearchError(f"{flag} '{pattern}' is not a valid regex: {exc}") from None
+
+
+def find_targets(model: nn.Module, targets: str | None = None, exclude: str | None = None) -> list[Target]:
+    """Target layers in module order.
+
+    Default: every ``nn.Linear`` inside the decoder blocks. ``targets``: a regex searched in the
+    full module name, chosen among every ``nn.Linear`` of the model (so e.g. an untied
+    ``lm_head`` can be added). ``exclude``: a regex removing matches. A weight shared with a
+    module that is not a target (a tied lm_head) is refused: quantizing it would change the
+    other module too.
+    """
+    inc = _compile(targets, "--targets")
+    exc = _compile(exclude, "--exclude")
+    prefix = decoder_blocks(model)[0] + "." if inc is None else ""
+    chosen: list[tuple[str, nn.Linear]] = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or not name.startswith(prefix):
+            continue
+        if (inc is not None and not inc.search(name)) or (exc is not None and exc.search(name)):
+            continue
+        chosen.append((name, mod))
+    if not chosen:
+        raise BitsearchError("no target layers match"
+                             + (f" --targets '{targets}'" if targets else "")
+                             + (f" --exclude '{exclude}'" if exclude else ""))
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name.rsplit(".", 1)[0])
+    for name, mod in chosen:
+        others = [o for o in owners.get(id(mod.weight), []) if o != name]
+        if others:
+            raise BitsearchError(f"target '{name}' shares its weight with '{others[0]}' (tied weights); "
+                                 f"exclude it with --exclude")
+    return [Target(n, int(m.weight.shape[0]), int(m.weight.shape[1])) for n, m in chosen]
+
+
+_VOLATILE = {"transformers_version", "dtype", "torch_dtype", "_name_or_path", "use_cache",
+             "architectures", "_attn_implementation", "_attn_implementation_internal",
+             "attn_implementation", "output_attentions", "output_hidden_states", "return_dict",
+             "_commit_hash", "quantization_config"}
+
+
+def model_fingerprint(model: nn.Module, targets: list[Target]) -> dict:
+    """What identifies a model for a plan: its config (sans volatile keys) and target shapes."""
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE}
+    shapes = {t.name: [t.out_features, t.in_features] for t in targets}
+    blob = json.dumps({"config": cfg, "targets": shapes}, sort_keys=True, default=str)
+    cfg_blob = json.dumps(cfg, sort_keys=True, default=str)
+    return {
+        "model_type": cfg.get("model_type"),
+        "config_sha256": hashlib.sha256(cfg_blob.encode()).hexdigest(),
+        "sha256": hashlib.sha256(blob.encode()).hexdigest(),
+        "targets": shapes,
+    }

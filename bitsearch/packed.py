@@ -1,0 +1,102 @@
+"""PackedLinear: a Linear whose rows are stored at their planned widths, dequantized on the fly.
+
+Storage per layer (what ``apply`` writes; its bytes are what ``cost.py`` predicts):
+``qbits`` (out,) uint8 width per row; for each width w in 2..8 present, ``codes_b{w}``
+(rows_w, ceil(K*w/8)) uint8 packed codes, ``scales_b{w}`` and ``zeros_b{w}`` (rows_w,
+n_groups) float16; ``weight_f16`` (rows_16, K) for rows kept in float16. Pruned rows store
+nothing and produce 0 (plus the bias, if any). Rows of one width appear in channel order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quant.grid import KEEP_WIDTH, QUANT_WIDTHS, choose_qparams, dequantize, quantize
+from .quant.packing import pack_codes, unpack_codes
+
+__all__ = ["PackedLinear", "pack_weight", "unpack_weight", "QUANT_TENSOR_SUFFIXES"]
+
+QUANT_TENSOR_SUFFIXES = ("qbits", "codes_b", "scales_b", "zeros_b", "weight_f16")
+
+
+def pack_weight(weight: torch.Tensor, bits: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    """The packed tensors of one weight (out, K) under per-row widths ``bits`` (out,)."""
+    w = weight.detach().float().cpu()
+    bits = bits.to(torch.uint8).cpu()
+    out = {"qbits": bits.clone()}
+    for b in QUANT_WIDTHS:
+        rows = (bits == b).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        sub = w[rows]
+        scale, zero = choose_qparams(sub, b, group_size)
+        codes = quantize(sub, scale, zero, b, group_size)
+        out[f"codes_b{b}"] = pack_codes(codes, b)
+        out[f"scales_b{b}"] = scale
+        out[f"zeros_b{b}"] = zero
+    rows = (bits == KEEP_WIDTH).nonzero().flatten()
+    if rows.numel():
+        out["weight_f16"] = w[rows].to(torch.float16)
+    return out
+
+
+def unpack_weight(tensors: dict[str, torch.Tensor], in_features: int, group_size: int,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dequantized weight (out, K) from the tensors :func:`pack_weight` wrote."""
+    bits = tensors["qbits"]
+    w = torch.zeros(bits.numel(), in_features, dtype=dtype, device=bits.device)
+    for b in QUANT_WIDTHS:
+        key = f"codes_b{b}"
+        if key in tensors:
+            rows = (bits == b).nonzero().flatten()
+            codes = unpack_codes(tensors[key], b, in_features)
+            w[rows] = dequantize(codes, tensors[f"scales_b{b}"], tensors[f"zeros_b{b}"], group_size, dtype=dtype)
+    if "weight_f16" in tensors:
+        w[(bits == KEEP_WIDTH).nonzero().flatten()] = tensors["weight_f16"].to(dtype)
+    return w
+
+
+class PackedLinear(nn.Module):
+    """Drop-in for ``nn.Linear`` holding packed rows; ``forward`` dequantizes, then ``F.linear``."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, tensors: dict[str, torch.Tensor],
+                 bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        self.compute_dtype = compute_dtype
+        if tensors["qbits"].numel() != out_features:
+            raise ValueError("PackedLinear: qbits has the wrong length")
+        self._names = []
+        for k, v in tensors.items():
+            self.register_buffer(k, v)
+            self._names.append(k)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: torch.Tensor, group_size: int) -> "PackedLinear":
+        tensors = pack_weight(linear.weight, bits, group_size)
+        return cls(linear.in_features, linear.out_features, group_size, tensors, linear.bias,
+                   compute_dtype=linear.weight.dtype)
+
+    def packed_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in self._names}
+
+    def packed_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.packed_tensors().values())
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return unpack_weight(self.packed_tensors(), self.in_features, self.group_size, self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight().to(x.dtype)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, w, bias)
+
+    def extra_repr(self) -> str:
+        counts = torch.bincount(self.qbits.long(), minlength=17)
+        widths = ", ".join(f"{b}b:{int(counts[b])}" for b in range(17) if counts[b])
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, rows=[{widths}]"

@@ -1,0 +1,179 @@
+"""BitPlan: the versioned JSON file that says how many bits each channel gets.
+
+Layout (format "bitsearch-plan", version 1)::
+
+    {"format": "bitsearch-plan", "version": 1,
+     "model": {"model_type", "sha256", "targets": {name: [out, in]}},
+     "quantizer": {"scheme": "asym-minmax", "group_size": G, "bits": [menu], "scale_dtype": "float16"},
+     "bits": {name: "4433...0F"},      # one character per channel: 0-8, F = 16 (kept in fp16)
+     "summary": {"avg_bits", "bytes", "n_weights", "n_channels", "predicted_error", "histogram"},
+     "provenance": {"command", "estimator", "allocator", "budget", "calibration", "seed",
+                    "package_version", "time"}}
+
+Loading checks everything and names the first problem it finds. Writing is atomic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .atomic import write_text_atomic
+from .cost import avg_bits, plan_bytes
+from .errors import BitsearchError
+from .quant.grid import KEEP_WIDTH, VALID_WIDTHS
+
+__all__ = ["PLAN_FORMAT", "PLAN_VERSION", "BitPlan", "encode_bits", "decode_bits"]
+
+PLAN_FORMAT = "bitsearch-plan"
+PLAN_VERSION = 1
+_CHARS = {b: str(b) for b in VALID_WIDTHS if b != KEEP_WIDTH}
+_CHARS[KEEP_WIDTH] = "F"
+_WIDTH_OF = {c: b for b, c in _CHARS.items()}
+
+
+def encode_bits(bits: np.ndarray) -> str:
+    return "".join(_CHARS[int(b)] for b in bits)
+
+
+def decode_bits(text: str, where: str) -> np.ndarray:
+    try:
+        return np.array([_WIDTH_OF[c] for c in text], dtype=np.uint8)
+    except KeyError as exc:
+        raise BitsearchError(f"{where}: width code {exc.args[0]!r} is not a valid width "
+                             f"(0-8 or F for 16)") from None
+
+
+@dataclass
+class BitPlan:
+    model: dict
+    group_size: int
+    menu: list[int]
+    bits: dict[str, np.ndarray]
+    summary: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    scheme: str = "asym-minmax"
+
+    # ---- derived -------------------------------------------------------------------------
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {k: (int(v[0]), int(v[1])) for k, v in self.model["targets"].items()}
+
+    def n_weights(self) -> int:
+        return sum(o * i for o, i in self.shapes.values())
+
+    def n_bytes(self) -> int:
+        return plan_bytes(self.shapes, self.bits, self.group_size)
+
+    def histogram(self) -> dict[str, int]:
+        allb = np.concatenate(list(self.bits.values()))
+        w, c = np.unique(allb, return_counts=True)
+        return {str(int(a)): int(b) for a, b in zip(w, c)}
+
+    def fill_summary(self, predicted_error: float | None = None) -> None:
+        n_bytes = self.n_bytes()
+        self.summary = {
+            "avg_bits": avg_bits(n_bytes, self.n_weights()),
+            "bytes": n_bytes,
+            "n_weights": self.n_weights(),
+            "n_channels": int(sum(len(b) for b in self.bits.values())),
+            "pruned_channels": int(sum(int((b == 0).sum()) for b in self.bits.values())),
+            "predicted_error": predicted_error,
+            "histogram": self.histogram(),
+        }
+
+    # ---- file ----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "model": self.model,
+            "quantizer": {"scheme": self.scheme, "group_size": self.group_size, "bits": list(self.menu),
+                          "scale_dtype": "float16"},
+            "bits": {k: encode_bits(v) for k, v in self.bits.items()},
+            "summary": self.summary,
+            "provenance": self.provenance,
+        }
+
+    def save(self, path: str) -> None:
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str) -> "BitPlan":
+        if not os.path.isfile(path):
+            raise BitsearchError(f"plan file '{path}' does not exist")
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise BitsearchError(f"plan file '{path}' is truncated or not JSON "
+                                 f"(line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+        except UnicodeDecodeError:
+            raise BitsearchError(f"plan file '{path}' is not a text file") from None
+        return cls.from_dict(d, path)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "plan") -> "BitPlan":
+        if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
+            raise BitsearchError(f"'{where}' is not a bitsearch plan (format {d.get('format') if isinstance(d, dict) else None!r})")
+        if d.get("version") != PLAN_VERSION:
+            raise BitsearchError(f"plan '{where}' has format version {d.get('version')}; "
+                                 f"this bitsearch reads version {PLAN_VERSION}")
+        for key in ("model", "quantizer", "bits"):
+            if not isinstance(d.get(key), dict):
+                raise BitsearchError(f"plan '{where}' lacks its '{key}' section")
+        q = d["quantizer"]
+        menu = q.get("bits")
+        if not isinstance(menu, list) or any(b not in VALID_WIDTHS for b in menu):
+            raise BitsearchError(f"plan '{where}': bit menu {menu} has a width outside {list(VALID_WIDTHS)}")
+        if q.get("scheme", "asym-minmax") != "asym-minmax":
+            raise BitsearchError(f"plan '{where}': unknown quantizer scheme {q.get('scheme')!r}")
+        gs = q.get("group_size")
+        if not isinstance(gs, int) or (gs != -1 and gs < 1):
+            raise BitsearchError(f"plan '{where}': group size {gs!r} is not -1 or a positive integer")
+        shapes = d["model"].get("targets")
+        if not isinstance(shapes, dict):
+            raise BitsearchError(f"plan '{where}': model section has no target shapes")
+        bits = {}
+        for name, text in d["bits"].items():
+            if name not in shapes:
+                raise BitsearchError(f"plan '{where}': layer '{name}' has bits but is not among its targets")
+            arr = decode_bits(text, f"plan '{where}', layer '{name}'")
+            if len(arr) != shapes[name][0]:
+                raise BitsearchError(f"plan '{where}': layer '{name}' has {len(arr)} widths for "
+                                     f"{shapes[name][0]} channels")
+            bad = sorted(set(arr.tolist()) - set(menu))
+            if bad:
+                ch = int(np.flatnonzero(arr == bad[0])[0])
+                raise BitsearchError(f"plan '{where}': layer '{name}' channel {ch} has width {bad[0]}, "
+                                     f"outside the menu {menu}")
+            bits[name] = arr
+        missing = [n for n in shapes if n not in bits]
+        if missing:
+            raise BitsearchError(f"plan '{where}': target '{missing[0]}' has no bits")
+        plan = cls(model=d["model"], group_size=gs, menu=list(menu), bits=bits,
+                   summary=d.get("summary") or {}, provenance=d.get("provenance") or {})
+        stated = plan.summary.get("bytes")
+        if stated is not None and stated != plan.n_bytes():
+            raise BitsearchError(f"plan '{where}': its summary says {stated} bytes but its widths cost "
+                                 f"{plan.n_bytes()} (edited or corrupt file)")
+        return plan
+
+    # ---- model check -----------------------------------------------------------------------
+    def check_model(self, fingerprint: dict, where: str = "plan") -> None:
+        """Raise unless the plan was made for a model with this fingerprint."""
+        theirs = fingerprint["targets"]
+        for name, shape in self.shapes.items():
+            if name not in theirs:
+                raise BitsearchError(f"{where}: layer '{name}' is not a target layer of this model "
+                                     f"(plan for another model or other --targets?)")
+            if tuple(theirs[name]) != shape:
+                raise BitsearchError(f"{where}: layer '{name}' is {shape[0]}x{shape[1]} in the plan but "
+                                     f"{theirs[name][0]}x{theirs[name][1]} in the model")
+        if self.model.get("sha256") != fingerprint["sha256"]:
+            raise BitsearchError(f"{where} was made for another model ({self.model.get('model_type')}, "
+                                 f"fingerprint {str(self.model.get('sha256'))[:12]}) than this one "
+                                 f"({fingerprint.get('model_type')}, {fingerprint['sha256'][:12]})")

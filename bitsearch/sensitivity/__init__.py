@@ -1,0 +1,13 @@
+"""Per-channel sensitivity estimators and their table."""
+
+from . import imatrix as _imatrix  # noqa: F401  (registers the estimator)
+from .base import ESTIMATORS, Estimator, LayerCurves, get_estimator, register_estimator
+from .calibrate import calibrate_layer_loss, layer_loss_response
+from .pipeline import CALIBRATIONS, DEFAULT_BITS, check_bits, check_group_size, compute_sensitivity
+from .table import SensitivityTable, err_col
+
+__all__ = [
+    "ESTIMATORS", "Estimator", "LayerCurves", "get_estimator", "register_estimator",
+    "calibrate_layer_loss", "layer_loss_response", "CALIBRATIONS", "DEFAULT_BITS", "check_bits",
+    "check_group_size", "compute_sensitivity", "SensitivityTable", "err_col",
+]
