@@ -2,7 +2,7 @@
 
 Per target layer with K input features, R output channels and group size G:
 
-    width b in 2..8 : ceil(K*b/8) code bytes + n_groups * (2 + 2) bytes (fp16 scale + fp16 zero)
+    width b in 2..8 : ceil(K*b/8) code bytes + n_groups * (2 + 1) bytes (fp16 scale + uint8 zero)
     width 16        : 2*K bytes (the row kept in float16)
     width 0         : 0 bytes (pruned)
     bit map         : 1 byte per channel (the width of each row, uint8)
@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 SCALE_BYTES = 2
-ZERO_BYTES = 2
+ZERO_BYTES = 1
 BITMAP_BYTES_PER_CHANNEL = 1
 
 

@@ -2,8 +2,8 @@
 
 Storage per layer (what ``apply`` writes; its bytes are what ``cost.py`` predicts):
 ``qbits`` (out,) uint8 width per row; for each width w in 2..8 present, ``codes_b{w}``
-(rows_w, ceil(K*w/8)) uint8 packed codes, ``scales_b{w}`` and ``zeros_b{w}`` (rows_w,
-n_groups) float16; ``weight_f16`` (rows_16, K) for rows kept in float16. Pruned rows store
+(rows_w, ceil(K*w/8)) uint8 packed codes, ``scales_b{w}`` (rows_w, n_groups) float16 and
+``zeros_b{w}`` (rows_w, n_groups) uint8; ``weight_f16`` (rows_16, K) for rows kept in float16. Pruned rows store
 nothing and produce 0 (plus the bias, if any). Rows of one width appear in channel order.
 """
 

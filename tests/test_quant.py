@@ -19,16 +19,22 @@ def test_grid_error_within_half_step(bits, group_size):
     w_hat = dequantize(q, scale, zero, group_size)
     g = 37 if group_size == -1 else group_size
     step = scale.float().repeat_interleave(g, dim=1)[:, :37]
-    # half a step, plus float16 rounding of the stored offset and step
-    tol = step / 2 + 1e-3 * w.abs().max()
-    assert ((w - w_hat).abs() <= tol + 1e-6).all()
+    # inside the grid: half a step; the integer zero point shifts the grid by up to half a
+    # step, so the extremes may be off by one step
+    err = (w - w_hat).abs()
+    assert (err <= step * 1.001 + 1e-6).all()
+    assert (err <= step / 2 * 1.001 + 1e-6).float().mean() > 0.9
 
 
-def test_grid_hits_extremes_and_constant_rows():
-    w = torch.tensor([[-1.0, 0.0, 0.5, 2.0], [3.0, 3.0, 3.0, 3.0]])
-    out = fake_quantize(w, 2, -1)
-    assert torch.allclose(out[0, [0, 3]], w[0, [0, 3]], atol=2e-3)  # min and max are on the grid
-    assert torch.allclose(out[1], w[1])  # zero range: every weight decodes to the offset
+def test_zero_is_exact_and_constant_rows():
+    torch.manual_seed(0)
+    w = torch.randn(4, 32)
+    w[:, ::3] = 0.0
+    for b in QUANT_WIDTHS:
+        assert (fake_quantize(w, b, 8)[:, ::3] == 0).all()  # 0 is on every grid
+    c = torch.full((1, 4), 3.0)
+    assert torch.allclose(fake_quantize(c, 2, -1), c)  # range [0, 3]: 3 is the top code
+    assert (fake_quantize(torch.zeros(1, 4), 3, -1) == 0).all()
 
 
 def test_more_bits_less_error():

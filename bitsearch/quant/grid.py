@@ -1,15 +1,18 @@
 """Asymmetric integer grid, per channel or per group of G input weights.
 
 For a group of weights x (one output row, or G consecutive input weights of it) and a width
-b in 2..8:
+b in 2..8 (min-max, with the range widened to contain 0 as GPTQ's quantizer does):
 
-    lo = min(x), hi = max(x)                      (stored as float16 "zero" and "scale")
-    scale = (hi - lo) / (2^b - 1)
-    q = clamp(round((x - lo) / scale), 0, 2^b - 1)  (the b-bit code)
-    x_hat = q * scale + lo
+    lo = min(min(x), 0), hi = max(max(x), 0)
+    scale = (hi - lo) / (2^b - 1)                   (stored as float16)
+    zero  = clamp(round(-lo / scale), 0, 2^b - 1)   (integer zero point, stored as uint8)
+    q = clamp(round(x / scale) + zero, 0, 2^b - 1)  (the b-bit code)
+    x_hat = (q - zero) * scale
 
-Scale and offset are rounded to float16 *before* the codes are chosen, so what the search
-measures is exactly what ``apply`` writes and ``PackedLinear`` reconstructs. Widths: 0 means
+0 is exactly representable, which matters: on slm-llama-17m W3 g128 gives perplexity 230.7
+this way against 234.3 with a float offset (min) and no integer zero point. The scale is
+rounded to float16 *before* zero and codes are chosen, so what the search measures is exactly
+what ``apply`` writes and ``PackedLinear`` reconstructs. Widths: 0 means
 the row is pruned (x_hat = 0), 16 means the row is kept in float16. These are pure functions
 on tensors, in the style of gpt-fast's ``choose_qparams / quantize / dequantize``.
 """
@@ -62,17 +65,16 @@ def _ungrouped(wg: torch.Tensor, in_features: int) -> torch.Tensor:
 
 
 def choose_qparams(w: torch.Tensor, bits: int, group_size: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max parameters for rows ``w`` (R, K): returns (scale, zero), each (R, n_groups) float16.
-
-    ``zero`` is the group's minimum (the value code 0 decodes to).
-    """
+    """Min-max parameters for rows ``w`` (R, K): (scale float16, zero uint8), each (R, n_groups)."""
     if bits not in QUANT_WIDTHS:
         raise ValueError(f"choose_qparams: width {bits} is not in 2..8")
     wg = _grouped(w.float(), group_size)
-    lo = wg.amin(dim=-1)
-    hi = wg.amax(dim=-1)
+    lo = wg.amin(dim=-1).clamp(max=0)
+    hi = wg.amax(dim=-1).clamp(min=0)
     scale = ((hi - lo) / (2**bits - 1)).clamp(max=_F16_MAX).to(torch.float16)
-    zero = lo.clamp(-_F16_MAX, _F16_MAX).to(torch.float16)
+    s = scale.float()
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    zero = torch.round(-lo / s).clamp_(0, 2**bits - 1).to(torch.uint8)
     return scale, zero
 
 
@@ -81,16 +83,16 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
     wg = _grouped(w.float(), group_size)
     s = scale.float().unsqueeze(-1)
     s = torch.where(s > 0, s, torch.ones_like(s))
-    q = torch.round((wg - zero.float().unsqueeze(-1)) / s).clamp_(0, 2**bits - 1)
+    q = (torch.round(wg / s) + zero.float().unsqueeze(-1)).clamp_(0, 2**bits - 1)
     return _ungrouped(q, w.shape[1]).to(torch.uint8)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int = -1,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Rows (R, K) reconstructed from codes and per-group float16 parameters."""
+    """Rows (R, K) reconstructed from codes and per-group parameters."""
     k = codes.shape[1]
     qg = _grouped(codes.to(torch.float32), group_size)
-    w = qg * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)
+    w = (qg - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
     return _ungrouped(w, k).to(dtype)
 
 

@@ -1,0 +1,98 @@
+"""End to end on tiny random models of five families: sensitivity -> search -> apply -> eval."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from bitsearch import api
+from bitsearch.apply import fake_quantize_model, load_packed, packed_tensor_bytes
+from bitsearch.models import find_targets, load_model
+from bitsearch.plan import BitPlan
+from bitsearch.sensitivity import SensitivityTable
+
+from conftest import ARCHS
+
+SMALL = dict(samples=4, seq_len=32, group_size=16, calib_loss_samples=2, show_progress=False)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_end_to_end(arch, tiny_models, text_file, tmp_path):
+    model = tiny_models[arch]
+    table_path = str(tmp_path / "t.parquet")
+    table = api.sensitivity(model=model, calib=text_file, out=table_path, **SMALL)
+    assert table.meta["units"].startswith("calibration-loss")
+    m = load_model(model)
+    targets = find_targets(m)
+    assert len(table.df) == sum(t.out_features for t in targets)
+    # curves fall with width; calibrated 2-bit curves of a layer sum to its measured response
+    e = table.curves()
+    assert (np.diff(e[:, 1:], axis=1) <= 1e-12).all()
+    for name, g in table.df.groupby("layer"):
+        assert g["e2"].sum() == pytest.approx(max(g["layer_response"].iloc[0], 1e-6), rel=1e-6)
+
+    plan_path = str(tmp_path / "plan.json")
+    plan = api.search(model=model, budget="3.0", sensitivity_table=table_path, out=plan_path, group_size=16,
+                      show_progress=False)
+    assert plan.summary["avg_bits"] <= 3.0
+    assert plan.summary["avg_bits"] > 2.9  # the budget is used
+    loaded = BitPlan.load(plan_path)
+    assert loaded.summary == plan.summary
+
+    out = str(tmp_path / "packed")
+    info = api.apply(model=model, plan=plan_path, out=out)
+    # the bytes search predicted are the bytes apply wrote, to the byte
+    assert info["written_bytes"] == plan.summary["bytes"] == packed_tensor_bytes(out)
+
+    packed = load_packed(out)
+    fake = fake_quantize_model(load_model(model), loaded)
+    x = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        a = packed(input_ids=x).logits
+        b = fake(input_ids=x).logits
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+    r = api.evaluate(model=out, text=text_file, max_tokens=300, seq_len=64, json_out=str(tmp_path / "r.json"),
+                     reference=model, show_progress=False)
+    assert np.isfinite(r.ppl) and r.kl > 0 and r.tokens == 300
+    assert os.path.isfile(tmp_path / "r.json")
+
+
+def test_fake_checkpoint_loads_in_plain_hf(llama_dir, text_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    plan = api.search(model=llama_dir, calib=text_file, budget="2.5", out=str(tmp_path / "p.json"), **SMALL)
+    api.apply(model=llama_dir, plan=str(tmp_path / "p.json"), out=str(tmp_path / "fake"), fake=True)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fake"))
+    ref = fake_quantize_model(load_model(llama_dir), plan)
+    for (n1, p1), (n2, p2) in zip(hf.named_parameters(), ref.named_parameters()):
+        assert torch.equal(p1, p2), n1
+
+
+def test_pruned_channels_output_only_bias(tiny_models, text_file, tmp_path):
+    """A plan forced to prune (tiny budget, 0 in the menu) gives zero rows in the packed model."""
+    model = tiny_models["opt"]  # OPT linears have biases
+    plan = api.search(model=model, calib=text_file, budget="0.5", bits="0,2", out=str(tmp_path / "p.json"), **SMALL)
+    assert plan.summary["pruned_channels"] > 0
+    api.apply(model=model, plan=str(tmp_path / "p.json"), out=str(tmp_path / "packed"))
+    packed = load_packed(str(tmp_path / "packed"))
+    name, bits = next((n, b) for n, b in plan.bits.items() if (b == 0).any())
+    w = packed.get_submodule(name).dequantized_weight()
+    assert (w[torch.as_tensor(bits == 0)] == 0).all()
+
+
+def test_targets_and_exclude(llama_dir):
+    m = load_model(llama_dir)
+    all_t = find_targets(m)
+    assert len(all_t) == 2 * 7
+    mlp = find_targets(m, targets=r"mlp\.")
+    assert {t.name.rsplit(".", 1)[1] for t in mlp} == {"gate_proj", "up_proj", "down_proj"}
+    assert len(find_targets(m, exclude=r"q_proj|k_proj")) == 2 * 5
+
+
+def test_table_round_trip(llama_dir, text_file, tmp_path):
+    t = api.sensitivity(model=llama_dir, calib=text_file, out=str(tmp_path / "t.parquet"), **SMALL)
+    back = SensitivityTable.load(str(tmp_path / "t.parquet"))
+    assert back.meta["bits"] == t.meta["bits"] and back.group_size == 16
+    assert np.array_equal(back.curves(), t.curves())
