@@ -34,7 +34,7 @@ def collect_imatrix(model: nn.Module, targets: list[Target], batch: torch.Tensor
     def hook(name):
         def fn(_mod, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1])
-            sums[name] += x.double().pow(2).sum(0).cpu()
+            sums[name] += x.float().pow(2).sum(0).double().cpu()
             counts[name] += x.shape[0]
         return fn
 

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create ./.venv and install bitsearch into it (editable, with the test tools).
+#
+# PyTorch: an already-installed torch is kept. Otherwise a torch wheel that lies on this
+# machine (pip's find-links, e.g. a CPU build) is preferred; where there is none, pip installs
+# its usual torch build. Nothing here pins an old or a CPU-only torch for anyone else.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+if ! python -c "import torch" >/dev/null 2>&1; then
+  if ! python -m pip install -q --no-index --no-deps torch >/dev/null 2>&1; then
+    python -m pip install -q torch
+  fi
+fi
+python -m pip install -q -e ".[dev]"
+python -c "import torch, bitsearch; print(f'bitsearch {bitsearch.__version__} with torch {torch.__version__} in .venv')"

@@ -1,0 +1,45 @@
+"""On the trained slm-llama-17m fixture (skips without ../shared): a reduced version of the
+README's results, small enough for CI. The full figures come from studies/slm_budget_table.py."""
+
+import numpy as np
+import pytest
+import torch
+
+from bitsearch import api
+from bitsearch.data import read_text, tokenize_text
+from bitsearch.evaluate import perplexity
+from bitsearch.models import find_targets, load_model, load_tokenizer, model_fingerprint
+from bitsearch.search import build_problem
+
+from conftest import CORPUS, SLM
+
+pytestmark = pytest.mark.shared
+
+
+def test_reference_perplexity_matches_fixture_readme():
+    """Float32, 512-token windows, first 40,000 tokens of wikitext2_test: the fixture says 223.7."""
+    m, tok = load_model(SLM), load_tokenizer(SLM)
+    ids = tokenize_text(tok, read_text(f"{CORPUS}/wikitext2_test.txt"))
+    r = perplexity(m, ids, 512, 40000, show_progress=False)
+    assert r.ppl == pytest.approx(223.7, abs=0.1)
+
+
+def test_searched_plan_beats_uniform_at_equal_bytes(tmp_path):
+    m, tok = load_model(SLM), load_tokenizer(SLM)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    table = api.sensitivity(model=SLM, calib=f"{CORPUS}/heldout.txt", samples=16, seq_len=256,
+                            calib_loss_samples=8, show_progress=False, _loaded=(m, tok))
+    targets = find_targets(m)
+    fp = model_fingerprint(m, targets)
+    ids = tokenize_text(tok, read_text(f"{CORPUS}/wikitext2_test.txt"))
+    problem = build_problem(table, targets)
+    w2_bytes = problem.bytes_of(np.full(problem.n_channels, problem.bits.index(2)))
+    results = {}
+    for method in ["uniform", "greedy"]:
+        plan = api.search_plan(table, targets, fp, budget=f"{w2_bytes}B", method=method)
+        m.load_state_dict(state)
+        info = api.apply(model=SLM, plan=plan, out=str(tmp_path / method), _loaded=(m, tok))
+        assert info["written_bytes"] == plan.summary["bytes"] <= w2_bytes
+        packed = load_model(str(tmp_path / method))
+        results[method] = perplexity(packed, ids, 512, 8000, show_progress=False).ppl
+    assert results["greedy"] < 0.95 * results["uniform"], results
