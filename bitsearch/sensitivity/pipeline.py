@@ -14,7 +14,7 @@ from ..errors import BitsearchError
 from ..models import Target, model_fingerprint
 from ..quant.grid import VALID_WIDTHS
 from .base import get_estimator
-from .calibrate import calibrate_layer_loss, layer_loss_response
+from .calibrate import calibrate_layer_loss, layer_loss_response, prune_loss_response, prune_rows
 from .table import SensitivityTable, err_col
 
 __all__ = ["DEFAULT_BITS", "CALIBRATIONS", "check_bits", "compute_sensitivity"]
@@ -42,12 +42,14 @@ def check_group_size(group_size: int) -> int:
 def compute_sensitivity(model: nn.Module, targets: list[Target], batch: torch.Tensor, *,
                         estimator: str = "imatrix", bits: list[int] | None = None, group_size: int = 128,
                         calibrate: str = "layer-loss", calib_ref_bits: int = 2, calib_samples: int = 16,
-                        micro_batch: int = 8, calib_info: dict | None = None,
+                        prune_fraction: float = 0.125, micro_batch: int = 8, calib_info: dict | None = None,
                         show_progress: bool = True) -> SensitivityTable:
     """Per-channel error curves for every target, in one table.
 
     ``calibrate="layer-loss"`` rescales curves not already in loss units by each layer's measured
-    loss response at ``calib_ref_bits`` (on the first ``calib_samples`` calibration samples).
+    loss response at ``calib_ref_bits`` (on the first ``calib_samples`` calibration samples) and,
+    when 0 is in the menu, their pruning column by the response to pruning ``prune_fraction`` of
+    each layer's rows.
     """
     bits = check_bits(list(bits or DEFAULT_BITS))
     group_size = check_group_size(group_size)
@@ -61,9 +63,15 @@ def compute_sensitivity(model: nn.Module, targets: list[Target], batch: torch.Te
         ref = calib_ref_bits
         if ref not in bits:
             raise BitsearchError(f"calibration width {ref} must be in the bit menu {bits}")
-        responses = layer_loss_response(model, targets, batch[:calib_samples], ref, group_size,
-                                        micro_batch, show_progress)
-        curves = calibrate_layer_loss(curves, responses, bits, ref)
+        sub = batch[:calib_samples]
+        responses = layer_loss_response(model, targets, sub, ref, group_size, micro_batch, show_progress)
+        prune = None
+        if 0 in bits:
+            if not 0 < prune_fraction <= 1:
+                raise BitsearchError(f"prune fraction {prune_fraction} must lie in (0, 1]")
+            rows = prune_rows(curves, bits, prune_fraction)
+            prune = (rows, prune_loss_response(model, targets, sub, rows, micro_batch, show_progress))
+        curves = calibrate_layer_loss(curves, responses, bits, ref, prune)
         calibrated = True
     frames = []
     for t in targets:
@@ -80,6 +88,7 @@ def compute_sensitivity(model: nn.Module, targets: list[Target], batch: torch.Te
         "calibration": calibrate if not est.loss_units else "native",
         "calib_ref_bits": calib_ref_bits,
         "calib_loss_samples": calib_samples,
+        "prune_fraction": prune_fraction if 0 in bits else None,
         "units": "calibration-loss increase (nats/token)" if calibrated else "layer-local proxy",
         "model": model_fingerprint(model, targets),
         "calibration_data": calib_info or {},
