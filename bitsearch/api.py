@@ -17,7 +17,7 @@ import time
 import torch
 
 from . import __version__
-from .apply import fake_quantize_model, pack_model, packed_tensor_bytes, plan_targets, save_fake, save_packed
+from .apply import fake_quantize_model, packed_tensor_bytes, plan_targets, save_fake, save_packed
 from .atomic import write_text_atomic
 from .cost import avg_bits, budget_to_bytes
 from .data import calibration_batches, read_text, tokenize_text
@@ -145,7 +145,10 @@ def search(*, model: str, budget: str, out: str | None = None, calib: str | None
 
 def apply(*, model: str, plan: str | BitPlan, out: str, fake: bool = False, device: str = "cpu",
           dtype: str = "float32", _loaded=None) -> dict:
-    """Write the planned model to ``out``: a packed checkpoint, or with ``fake`` a plain HF one."""
+    """Write the planned model to ``out``: a packed checkpoint, or with ``fake`` a plain HF one.
+
+    With ``fake`` the (loaded) model's target weights are replaced in place by their quantized values.
+    """
     p = BitPlan.load(plan) if isinstance(plan, str) else plan
     m, tok = _loaded if _loaded is not None else (load_model(model, device, dtype), load_tokenizer(model))
     plan_targets(m, p, where=f"plan '{plan}'" if isinstance(plan, str) else "plan")
@@ -153,7 +156,6 @@ def apply(*, model: str, plan: str | BitPlan, out: str, fake: bool = False, devi
         fake_quantize_model(m, p)
         save_fake(m, out, tok)
         return {"out": out, "fake": True, "plan_bytes": p.n_bytes()}
-    pack_model(m, p)
     written = save_packed(m, p, out, tok)
     return {"out": out, "fake": False, "plan_bytes": p.n_bytes(), "written_bytes": written,
             "file_bytes": packed_tensor_bytes(out), "avg_bits": p.summary.get("avg_bits")}

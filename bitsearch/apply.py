@@ -24,7 +24,7 @@ from torch import nn
 from . import __version__
 from .errors import BitsearchError
 from .models import PACKED_CONFIG, Target, model_fingerprint
-from .packed import PackedLinear
+from .packed import PackedLinear, pack_weight
 from .plan import BitPlan
 from .quant.grid import fake_quantize
 
@@ -111,7 +111,7 @@ def _tmp_dir(out: str) -> str:
 
 
 def save_packed(model: nn.Module, plan: BitPlan, out: str, tokenizer=None) -> int:
-    """Write a packed checkpoint of ``model`` (already packed with :func:`pack_model`) to ``out``.
+    """Write a packed checkpoint of ``model`` under ``plan`` to ``out``; the model is not changed.
 
     Returns the bytes of the quantized tensors. The folder appears only when complete.
     """
@@ -119,18 +119,17 @@ def save_packed(model: nn.Module, plan: BitPlan, out: str, tokenizer=None) -> in
 
     modules = dict(model.named_modules())
     quant, layers = {}, {}
-    for name in plan.bits:
+    for name, bits in plan.bits.items():
         mod = modules[name]
-        if not isinstance(mod, PackedLinear):
-            raise TypeError(f"{name} is not packed; call pack_model first")
-        for k, v in mod.packed_tensors().items():
+        tensors = mod.packed_tensors() if isinstance(mod, PackedLinear) else \
+            pack_weight(mod.weight, torch.as_tensor(bits), plan.group_size)
+        for k, v in tensors.items():
             quant[f"{name}.{k}"] = v.detach().cpu().contiguous()
         layers[name] = {"in_features": mod.in_features, "out_features": mod.out_features,
                         "bias": mod.bias is not None}
     rest, aliases, seen = {}, {}, {}
-    packed_prefixes = tuple(n + "." for n in plan.bits)
     for k, v in model.state_dict(keep_vars=False).items():
-        if k.startswith(packed_prefixes) and not k.endswith(".bias"):
+        if k.rsplit(".", 1)[0] in plan.bits and not k.endswith(".bias"):  # a target's weight or packed buffers
             continue
         key = (v.data_ptr(), tuple(v.shape), v.dtype)
         if v.numel() and key in seen:

@@ -100,3 +100,14 @@ def test_table_round_trip(llama_dir, text_file, tmp_path):
     back = SensitivityTable.load(str(tmp_path / "t.parquet"))
     assert back.meta["bits"] == t.meta["bits"] and back.group_size == 16
     assert np.array_equal(back.curves(), t.curves())
+
+
+def test_apply_packed_leaves_the_loaded_model_alone(llama_dir, text_file, tmp_path):
+    from bitsearch.models import load_tokenizer
+
+    plan = api.search(model=llama_dir, calib=text_file, budget="3", **SMALL)
+    m, tok = load_model(llama_dir), load_tokenizer(llama_dir)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    api.apply(model=llama_dir, plan=plan, out=str(tmp_path / "p"), _loaded=(m, tok))
+    after = m.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
