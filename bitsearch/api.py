@@ -110,12 +110,16 @@ def search_plan(table: SensitivityTable, targets, fingerprint: dict, *, budget: 
 
 def search(*, model: str, budget: str, out: str | None = None, calib: str | None = None,
            sensitivity_table: str | None = None, method: str = "greedy", bits: str | None = None,
-           group_size: int = 128, min_bits: int | None = None, max_bits: int | None = None,
+           group_size: int = 128, min_bits: int | None = 2, max_bits: int | None = None,
            samples: int = 128, seq_len: int = 512, seed: int = 0, estimators: str = "imatrix",
            targets: str | None = None, exclude: str | None = None, calibrate: str = "layer-loss",
            calib_loss_samples: int = 16, device: str = "cpu", dtype: str = "float32",
            show_progress: bool = True, _loaded=None) -> BitPlan:
-    """A bit plan under ``budget`` ("2.5" avg bits or "12MB"/"12MiB"), saved as JSON when ``out`` is set."""
+    """A bit plan under ``budget`` ("2.5" avg bits or "12MB"/"12MiB"), saved as JSON when ``out`` is set.
+
+    ``min_bits`` defaults to 2: pruning (width 0) is off unless asked for with ``min_bits=0``,
+    because the calibrated imatrix estimate still under-predicts what pruning costs (README).
+    """
     _check_out(out, "plan")
     get_allocator(method)  # fail fast on a typo
     if sensitivity_table is not None:

@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", required=True, help="avg bits all-in (e.g. 2.5) or target bytes (12MB, 12MiB)")
     p.add_argument("--sensitivity", default=None, help="precomputed sensitivity table (.parquet); else computed from --calib")
     p.add_argument("--method", default="greedy", choices=sorted(ALLOCATORS), help="allocator (default: greedy)")
-    p.add_argument("--min-bits", type=int, default=None, help="smallest width allowed (e.g. 2 forbids pruning)")
+    p.add_argument("--min-bits", type=int, default=2,
+                   help="smallest width allowed (default: 2; 0 allows pruning, which the imatrix estimate "
+                        "still under-prices: see the README)")
     p.add_argument("--max-bits", type=int, default=None, help="largest width allowed")
     p.add_argument("--out", required=True, help="output plan (.json)")
 

@@ -26,8 +26,8 @@ from .search import build_problem
 __all__ = ["demo_paths", "run_demo", "DEMO_SETTINGS"]
 
 #: settings of the demo run (small enough for 2 CPU cores in well under 3 minutes)
-DEMO_SETTINGS = dict(samples=32, seq_len=256, group_size=64, calib_loss_samples=8, eval_seq_len=256,
-                     eval_max_tokens=None, uniform_widths=(2, 3, 4))
+DEMO_SETTINGS = dict(samples=16, seq_len=256, group_size=64, calib_loss_samples=4, bits=[2, 3, 4, 5, 6, 8],
+                     eval_seq_len=256, eval_max_tokens=8192, uniform_widths=(2, 3, 4))
 
 
 def demo_paths() -> dict[str, str]:
@@ -61,10 +61,10 @@ def run_demo(out: str, budgets: str = "2.5,3.0,3.5", show_progress: bool = True)
         print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
 
     say(f"demo model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; "
-        f"calibration {s['samples']} x {s['seq_len']} tokens of calib.txt")
+        f"calibration {s['samples']} x {s['seq_len']} tokens of calib.txt; widths {s['bits']}")
     table_path = os.path.join(out, "sensitivity.parquet")
     table = api.sensitivity(model=paths["model"], calib=paths["calib"], out=table_path, samples=s["samples"],
-                            seq_len=s["seq_len"], group_size=s["group_size"],
+                            seq_len=s["seq_len"], group_size=s["group_size"], bits=s["bits"],
                             calib_loss_samples=s["calib_loss_samples"], show_progress=show_progress,
                             _loaded=(model, tok))
     say(f"sensitivity: {len(table.df)} channels in {len(table.layers)} layers -> {table_path}")
@@ -76,7 +76,7 @@ def run_demo(out: str, budgets: str = "2.5,3.0,3.5", show_progress: bool = True)
                             show_progress=show_progress, _loaded=(m, tok))
 
     float_ppl = evaluate("float", model).ppl
-    say(f"float perplexity on eval.txt: {float_ppl:.2f}")
+    say(f"float perplexity on the first {s['eval_max_tokens']} tokens of eval.txt: {float_ppl:.2f}")
     rows = []
     runs = [("greedy", b) for b in budget_list]
     problem = build_problem(table, targets)

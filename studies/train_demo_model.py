@@ -87,6 +87,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _relpath(path: str) -> str:
+    """Path relative to the repository root (for the training record)."""
+    return os.path.relpath(os.path.abspath(path), REPO_ROOT)
+
+
 def read_text(path: str) -> tuple[str, str]:
     """Return (text, sha256 of the file's decompressed bytes)."""
     if path.endswith(".xz"):
@@ -300,7 +305,7 @@ def main(argv=None) -> int:
     if args.eval_text:
         eval_raw = Path(args.eval_text).read_bytes()
         eval_ids = torch.tensor(tok.encode(eval_raw.decode("utf-8"), add_special_tokens=False).ids)
-        eval_report = {"file": os.path.relpath(args.eval_text, REPO_ROOT),
+        eval_report = {"file": _relpath(args.eval_text),
                        "sha256": hashlib.sha256(eval_raw).hexdigest(), "tokens": len(eval_ids),
                        "fp32": [text_perplexity(model, eval_ids, w) for w in sorted({args.seq_len, 512})]}
         for r in eval_report["fp32"]:
@@ -315,11 +320,18 @@ def main(argv=None) -> int:
     # save_pretrained of the tokenizer may write extra files; keep only the two needed ones
     for extra in ("special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja"):
         (out / extra).unlink(missing_ok=True)
+    # transformers 5 writes its internal class name; the generic name also loads with transformers 4.x
+    tok_cfg_path = out / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_cfg_path.read_text())
+    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
+    os.chmod(out / "model.safetensors", 0o644)
 
     record = {
         "description": "Tiny Llama-style causal LM for `bitsearch demo`, trained by studies/train_demo_model.py",
         "command": "python " + " ".join([os.path.relpath(__file__, REPO_ROOT)] + (argv if argv is not None else sys.argv[1:])),
-        "args": vars(args),
+        "args": {k: (_relpath(v) if k in ("train_text", "eval_text", "out") and v else v)
+                 for k, v in vars(args).items()},
         "data": {"train_text": os.path.basename(args.train_text), "train_text_sha256": text_sha,
                  "tokens": n_tokens, "train_tokens": len(train_tokens), "val_tokens": len(val_tokens),
                  "max_train_chars": args.max_train_chars},

@@ -77,7 +77,8 @@ def test_fake_checkpoint_loads_in_plain_hf(llama_dir, text_file, tmp_path):
 def test_pruned_channels_output_only_bias(tiny_models, text_file, tmp_path):
     """A plan forced to prune (tiny budget, 0 in the menu) gives zero rows in the packed model."""
     model = tiny_models["opt"]  # OPT linears have biases
-    plan = api.search(model=model, calib=text_file, budget="0.5", bits="0,2", out=str(tmp_path / "p.json"), **SMALL)
+    plan = api.search(model=model, calib=text_file, budget="0.5", bits="0,2", min_bits=0,
+                      out=str(tmp_path / "p.json"), **SMALL)
     assert plan.summary["pruned_channels"] > 0
     api.apply(model=model, plan=str(tmp_path / "p.json"), out=str(tmp_path / "packed"))
     packed = load_packed(str(tmp_path / "packed"))
