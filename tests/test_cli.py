@@ -34,7 +34,7 @@ def made(tiny_models, text_file, tmp_path_factory):
     m = tiny_models["llama"]
     common = ["--samples", "4", "--seq-len", "32", "--group-size", "16", "--calib-loss-samples", "2"]
     assert main(["--quiet", "sensitivity", "--model", m, "--calib", text_file, "--out", str(d / "t.parquet")] + common) == 0
-    assert main(["--quiet", "search", "--model", m, "--sensitivity", str(d / "t.parquet"), "--budget", "3",
+    assert main(["--quiet", "search", "--model", m, "--sensitivity", str(d / "t.parquet"), "--budget", "4.5",
                  "--group-size", "16", "--out", str(d / "p.json")]) == 0
     return {"dir": d, "model": m, "table": str(d / "t.parquet"), "plan": str(d / "p.json"), "text": text_file}
 

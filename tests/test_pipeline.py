@@ -37,10 +37,11 @@ def test_end_to_end(arch, tiny_models, text_file, tmp_path):
                                                                       rel=1e-6)
 
     plan_path = str(tmp_path / "plan.json")
-    plan = api.search(model=model, budget="3.0", sensitivity_table=table_path, out=plan_path, group_size=16,
+    # groups of 16 cost 1.5 bits of scales and zeros: 2-bit rows cost 3.5 bits all-in
+    plan = api.search(model=model, budget="4.5", sensitivity_table=table_path, out=plan_path, group_size=16,
                       show_progress=False)
-    assert plan.summary["avg_bits"] <= 3.0
-    assert plan.summary["avg_bits"] > 2.9  # the budget is used
+    assert plan.summary["avg_bits"] <= 4.5
+    assert plan.summary["avg_bits"] > 4.4  # the budget is used
     loaded = BitPlan.load(plan_path)
     assert loaded.summary == plan.summary
 
@@ -66,7 +67,7 @@ def test_end_to_end(arch, tiny_models, text_file, tmp_path):
 def test_fake_checkpoint_loads_in_plain_hf(llama_dir, text_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    plan = api.search(model=llama_dir, calib=text_file, budget="2.5", out=str(tmp_path / "p.json"), **SMALL)
+    plan = api.search(model=llama_dir, calib=text_file, budget="4.5", out=str(tmp_path / "p.json"), **SMALL)
     api.apply(model=llama_dir, plan=str(tmp_path / "p.json"), out=str(tmp_path / "fake"), fake=True)
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fake"))
     ref = fake_quantize_model(load_model(llama_dir), plan)
@@ -106,7 +107,7 @@ def test_table_round_trip(llama_dir, text_file, tmp_path):
 def test_apply_packed_leaves_the_loaded_model_alone(llama_dir, text_file, tmp_path):
     from bitsearch.models import load_tokenizer
 
-    plan = api.search(model=llama_dir, calib=text_file, budget="3", **SMALL)
+    plan = api.search(model=llama_dir, calib=text_file, budget="4.5", **SMALL)
     m, tok = load_model(llama_dir), load_tokenizer(llama_dir)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     api.apply(model=llama_dir, plan=plan, out=str(tmp_path / "p"), _loaded=(m, tok))
