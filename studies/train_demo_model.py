@@ -16,7 +16,7 @@ Reproducible, seeded, CPU-only pipeline:
 
 Example (the command used for ``bitsearch/assets/demo/model``; see the README there)::
 
-    python studies/train_demo_model.py --out bitsearch/assets/demo/model --threads 2
+    python studies/train_demo_model.py --out bitsearch/assets/demo/model --threads 2 --seed 0
 """
 
 from __future__ import annotations
