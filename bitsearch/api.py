@@ -27,6 +27,7 @@ from .models import find_targets, load_model, load_tokenizer, model_fingerprint
 from .plan import BitPlan
 from .search import build_problem, get_allocator
 from .sensitivity import DEFAULT_BITS, SensitivityTable, check_bits, compute_sensitivity
+from .sensitivity.pipeline import CALIB_REF_BITS
 
 __all__ = ["sensitivity", "search", "search_plan", "apply", "evaluate", "parse_bits"]
 
@@ -132,8 +133,13 @@ def search(*, model: str, budget: str, out: str | None = None, calib: str | None
     m, tok = _loaded if _loaded is not None else (load_model(model, device, dtype), None)
     if sensitivity_table is None:
         tok = tok or load_tokenizer(model)
+        # curves only for widths this search may pick (plus the calibration width): with the
+        # default --min-bits 2 that skips the pruning response, a second forward pass per layer
+        lo = -1 if min_bits is None else min_bits
+        hi = 99 if max_bits is None else max_bits
+        menu = sorted({b for b in parse_bits(bits) if lo <= b <= hi} | {CALIB_REF_BITS})
         table = sensitivity(model=model, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
-                            estimators=estimators, bits=bits, group_size=group_size, targets=targets,
+                            estimators=estimators, bits=menu, group_size=group_size, targets=targets,
                             exclude=exclude, calibrate=calibrate, calib_loss_samples=calib_loss_samples,
                             show_progress=show_progress, _loaded=(m, tok))
     tgts = find_targets(m, targets, exclude)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bitsearch import api
-from bitsearch.apply import fake_quantize_model, load_packed, packed_tensor_bytes
+from bitsearch.apply import fake_quantize_model, load_packed, pack_model, packed_tensor_bytes
 from bitsearch.models import find_targets, load_model
 from bitsearch.plan import BitPlan
 from bitsearch.sensitivity import SensitivityTable
@@ -52,11 +52,14 @@ def test_end_to_end(arch, tiny_models, text_file, tmp_path):
 
     packed = load_packed(out)
     fake = fake_quantize_model(load_model(model), loaded)
+    in_memory = pack_model(load_model(model), loaded)
     x = torch.randint(0, 300, (2, 24))
     with torch.no_grad():
         a = packed(input_ids=x).logits
         b = fake(input_ids=x).logits
+        c = in_memory(input_ids=x).logits
     assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    assert torch.equal(a, c)
 
     r = api.evaluate(model=out, text=text_file, max_tokens=300, seq_len=64, json_out=str(tmp_path / "r.json"),
                      reference=model, show_progress=False)
@@ -113,3 +116,13 @@ def test_apply_packed_leaves_the_loaded_model_alone(llama_dir, text_file, tmp_pa
     api.apply(model=llama_dir, plan=plan, out=str(tmp_path / "p"), _loaded=(m, tok))
     after = m.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_inline_search_skips_widths_it_cannot_pick(llama_dir, text_file, monkeypatch):
+    """With the default --min-bits 2, search computes no 0-bit curves (and no pruning response)."""
+    import bitsearch.sensitivity.pipeline as pipeline
+
+    called = []
+    monkeypatch.setattr(pipeline, "prune_loss_response", lambda *a, **k: called.append(1) or {})
+    plan = api.search(model=llama_dir, calib=text_file, budget="4.5", **SMALL)
+    assert not called and plan.menu == [2, 3, 4, 5, 6, 8]

@@ -20,6 +20,8 @@ from .table import SensitivityTable, err_col
 __all__ = ["DEFAULT_BITS", "CALIBRATIONS", "check_bits", "compute_sensitivity"]
 
 DEFAULT_BITS = [0, 2, 3, 4, 5, 6, 8]
+#: width at which layer-loss calibration measures each layer's response
+CALIB_REF_BITS = 2
 CALIBRATIONS = ("layer-loss", "none")
 
 
@@ -41,7 +43,7 @@ def check_group_size(group_size: int) -> int:
 
 def compute_sensitivity(model: nn.Module, targets: list[Target], batch: torch.Tensor, *,
                         estimator: str = "imatrix", bits: list[int] | None = None, group_size: int = 128,
-                        calibrate: str = "layer-loss", calib_ref_bits: int = 2, calib_samples: int = 16,
+                        calibrate: str = "layer-loss", calib_ref_bits: int = CALIB_REF_BITS, calib_samples: int = 16,
                         prune_fraction: float = 0.125, micro_batch: int = 8, calib_info: dict | None = None,
                         show_progress: bool = True) -> SensitivityTable:
     """Per-channel error curves for every target, in one table.
