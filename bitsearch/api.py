@@ -27,6 +27,7 @@ from .models import find_targets, load_model, load_tokenizer, model_fingerprint
 from .plan import BitPlan
 from .search import build_problem, get_allocator
 from .sensitivity import DEFAULT_BITS, SensitivityTable, check_bits, compute_sensitivity
+from .sensitivity.table import format_mix
 from .sensitivity.pipeline import CALIB_REF_BITS
 
 __all__ = ["sensitivity", "search", "search_plan", "apply", "evaluate", "parse_bits"]
@@ -59,37 +60,53 @@ def _calib(tokenizer, calib, samples, seq_len, seed):
     return batch, spec.to_dict()
 
 
+def _load_for_sensitivity(model: str, device: str, dtype: str, offload: bool):
+    if not offload:
+        return load_model(model, device, dtype), load_tokenizer(model)
+    from .sensitivity.streaming import offload_blocks
+
+    return offload_blocks(load_model(model, "cpu", dtype), device), load_tokenizer(model)
+
+
 def sensitivity(*, model: str, calib: str, out: str | None = None, samples: int = 128, seq_len: int = 512,
                 seed: int = 0, estimators: str = "imatrix", bits: str | list[int] | None = None,
                 group_size: int = 128, targets: str | None = None, exclude: str | None = None,
-                calibrate: str = "layer-loss", calib_loss_samples: int = 16, device: str = "cpu",
+                calibrate: str = "auto", calib_loss_samples: int = 16, mix: str | None = None,
+                probes: int = 8, offload: bool = False, checkpointing: bool = False, device: str = "cpu",
                 dtype: str = "float32", micro_batch: int = 8, show_progress: bool = True,
                 _loaded=None) -> SensitivityTable:
-    """Per-channel error curves of every target, saved as a Parquet table when ``out`` is set."""
+    """Per-channel error curves of every target from each of ``estimators`` (comma-separated),
+    saved as a Parquet table when ``out`` is set. Under ``torchrun`` the calibration batch is
+    shared across processes and rank 0 writes the table."""
+    from .distributed import from_env
+
     _check_out(out, "sensitivity table")
     menu = parse_bits(bits)
-    names = [e.strip() for e in estimators.split(",") if e.strip()]
-    if len(names) != 1:
-        raise BitsearchError("exactly one estimator is supported for now (--estimators imatrix)")
-    m, tok = _loaded if _loaded is not None else (load_model(model, device, dtype), load_tokenizer(model))
+    dist, device = from_env(device)
+    m, tok = _loaded if _loaded is not None else _load_for_sensitivity(model, device, dtype, offload)
     tgts = find_targets(m, targets, exclude)
     batch, calib_info = _calib(tok, calib, samples, seq_len, seed)
-    table = compute_sensitivity(m, tgts, batch, estimator=names[0], bits=menu, group_size=group_size,
+    table = compute_sensitivity(m, tgts, batch, estimators=estimators, bits=menu, group_size=group_size,
                                 calibrate=calibrate, calib_samples=calib_loss_samples, micro_batch=micro_batch,
-                                calib_info=calib_info, show_progress=show_progress)
+                                probes=probes, seed=seed, mix=mix, offload=offload, checkpointing=checkpointing,
+                                dist=dist, calib_info=calib_info, show_progress=show_progress)
     table.meta["command"] = _command_line()
     table.meta["model_name"] = model
-    if out:
+    if out and dist.is_main:
         table.save(out)
+    dist.barrier()
     return table
 
 
 def search_plan(table: SensitivityTable, targets, fingerprint: dict, *, budget: str | float,
                 method: str = "greedy", bits: str | list[int] | None = None, min_bits: int | None = None,
-                max_bits: int | None = None, provenance: dict | None = None) -> BitPlan:
-    """Allocate widths for ``targets`` from a table's curves under a budget; no model needed."""
+                max_bits: int | None = None, mix: str | dict | None = None,
+                provenance: dict | None = None) -> BitPlan:
+    """Allocate widths for ``targets`` from a table's curves (estimator ``mix``, default the
+    table's) under a budget; no model needed."""
     menu = parse_bits(bits) if bits is not None else table.bits
-    problem = build_problem(table, targets, menu, min_bits, max_bits)
+    mix = table.resolve_mix(mix)
+    problem = build_problem(table, targets, menu, min_bits, max_bits, mix)
     budget_bytes = budget_to_bytes(budget, problem.n_weights)
     allocator = get_allocator(method)
     t0 = time.time()
@@ -102,7 +119,7 @@ def search_plan(table: SensitivityTable, targets, fingerprint: dict, *, budget: 
         raise AssertionError("plan bytes disagree with the allocator's bytes")
     plan.provenance = dict(provenance or {}, allocator=method, budget=str(budget), budget_bytes=budget_bytes,
                            budget_avg_bits=avg_bits(budget_bytes, problem.n_weights),
-                           estimator=table.meta.get("estimator"), table_calibration=table.meta.get("calibration"),
+                           estimator_mix=format_mix(mix), table_calibration=table.meta.get("calibration"),
                            calibration=table.meta.get("calibration_data"), min_bits=min_bits, max_bits=max_bits,
                            search_seconds=round(time.time() - t0, 3), package_version=__version__,
                            time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -113,9 +130,10 @@ def search(*, model: str, budget: str, out: str | None = None, calib: str | None
            sensitivity_table: str | None = None, method: str = "greedy", bits: str | None = None,
            group_size: int = 128, min_bits: int | None = 2, max_bits: int | None = None,
            samples: int = 128, seq_len: int = 512, seed: int = 0, estimators: str = "imatrix",
-           targets: str | None = None, exclude: str | None = None, calibrate: str = "layer-loss",
-           calib_loss_samples: int = 16, device: str = "cpu", dtype: str = "float32",
-           show_progress: bool = True, _loaded=None) -> BitPlan:
+           targets: str | None = None, exclude: str | None = None, calibrate: str = "auto",
+           calib_loss_samples: int = 16, mix: str | None = None, probes: int = 8,
+           checkpointing: bool = False, device: str = "cpu", dtype: str = "float32",
+           micro_batch: int = 8, show_progress: bool = True, _loaded=None) -> BitPlan:
     """A bit plan under ``budget`` ("2.5" avg bits or "12MB"/"12MiB"), saved as JSON when ``out`` is set.
 
     ``min_bits`` defaults to 2: pruning (width 0) is off unless asked for with ``min_bits=0``,
@@ -141,13 +159,14 @@ def search(*, model: str, budget: str, out: str | None = None, calib: str | None
         table = sensitivity(model=model, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
                             estimators=estimators, bits=menu, group_size=group_size, targets=targets,
                             exclude=exclude, calibrate=calibrate, calib_loss_samples=calib_loss_samples,
+                            mix=mix, probes=probes, checkpointing=checkpointing, micro_batch=micro_batch,
                             show_progress=show_progress, _loaded=(m, tok))
     tgts = find_targets(m, targets, exclude)
     fp = model_fingerprint(m, tgts)
     if table.meta.get("model", {}).get("config_sha256") not in (None, fp["config_sha256"]):
         raise BitsearchError(f"sensitivity table '{sensitivity_table}' was computed for another model")
     plan = search_plan(table, tgts, fp, budget=budget, method=method, bits=bits, min_bits=min_bits,
-                       max_bits=max_bits, provenance={"command": _command_line(), "model_name": model})
+                       max_bits=max_bits, mix=mix, provenance={"command": _command_line(), "model_name": model})
     if out:
         plan.save(out)
     return plan

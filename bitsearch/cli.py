@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import __version__
@@ -29,15 +30,23 @@ def _add_calib(p: argparse.ArgumentParser, required: bool) -> None:
 def _add_sensitivity(p: argparse.ArgumentParser) -> None:
     from .sensitivity import CALIBRATIONS, ESTIMATORS
 
-    p.add_argument("--estimators", default="imatrix", help=f"estimator ({', '.join(sorted(ESTIMATORS))}; default: imatrix)")
+    p.add_argument("--estimators", default="imatrix",
+                   help=f"comma-separated estimators ({', '.join(sorted(ESTIMATORS))}; default: imatrix)")
+    p.add_argument("--mix", default=None,
+                   help="weights of the estimators' curves, e.g. imatrix=0.7,fisher=0.3 (default: equal weights)")
     p.add_argument("--bits", default=None, help="bit menu, comma-separated (default: 0,2,3,4,5,6,8; 0 = pruned, 16 = keep)")
     p.add_argument("--group-size", type=int, default=128, help="weights per scale/zero along the input dim; -1 = whole channel (default: 128)")
     p.add_argument("--targets", default=None, help="regex of target module names (default: every nn.Linear in the decoder blocks)")
     p.add_argument("--exclude", default=None, help="regex of module names to leave in full precision")
-    p.add_argument("--calibrate", default="layer-loss", choices=CALIBRATIONS,
-                   help="map proxy curves to loss units per layer (default: layer-loss)")
+    p.add_argument("--calibrate", default="auto", choices=CALIBRATIONS,
+                   help="map curves to loss units per layer by measured loss responses: auto = the proxies "
+                        "(imatrix, snr), layer-loss = every estimator, none = raw curves (default: auto)")
     p.add_argument("--calib-loss-samples", type=int, default=16,
                    help="calibration samples used to measure each layer's loss response (default: 16)")
+    p.add_argument("--probes", type=int, default=8, help="Hutchinson probe rounds (default: 8)")
+    p.add_argument("--micro-batch", type=int, default=8, help="calibration samples per forward pass (default: 8)")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="activation checkpointing for the gradient estimators (less memory, more time)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_calib(p, required=True)
     _add_sensitivity(p)
+    p.add_argument("--offload", action="store_true",
+                   help="keep decoder blocks on the CPU and move one at a time to --device (imatrix, snr)")
     p.add_argument("--out", required=True, help="output table (.parquet)")
 
     p = sub.add_parser("search", help="a bit plan under a memory budget -> plan JSON")
@@ -101,17 +112,23 @@ def _run(args: argparse.Namespace) -> int:
                                 seq_len=args.seq_len, seed=args.seed, estimators=args.estimators, bits=args.bits,
                                 group_size=args.group_size, targets=args.targets, exclude=args.exclude,
                                 calibrate=args.calibrate, calib_loss_samples=args.calib_loss_samples,
+                                mix=args.mix, probes=args.probes, offload=args.offload,
+                                checkpointing=args.checkpointing, micro_batch=args.micro_batch,
                                 device=args.device, dtype=args.dtype, show_progress=show)
-        print(f"wrote {args.out}: {len(table.df)} channels in {len(table.layers)} layers, "
-              f"widths {','.join(map(str, table.bits))}, group size {table.group_size}, {table.meta['units']}")
+        if table.meta["world_size"] == 1 or os.environ.get("RANK", "0") == "0":
+            secs = ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in table.meta["estimator_info"].items())
+            print(f"wrote {args.out}: {len(table.df)} channels in {len(table.layers)} layers, "
+                  f"widths {','.join(map(str, table.bits))}, group size {table.group_size}, "
+                  f"estimators {secs}; {table.meta['units']}")
     elif args.command == "search":
         plan = api.search(model=args.model, budget=args.budget, out=args.out, calib=args.calib,
                           sensitivity_table=args.sensitivity, method=args.method, bits=args.bits,
                           group_size=args.group_size, min_bits=args.min_bits, max_bits=args.max_bits,
                           samples=args.samples, seq_len=args.seq_len, seed=args.seed, estimators=args.estimators,
                           targets=args.targets, exclude=args.exclude, calibrate=args.calibrate,
-                          calib_loss_samples=args.calib_loss_samples, device=args.device, dtype=args.dtype,
-                          show_progress=show)
+                          calib_loss_samples=args.calib_loss_samples, mix=args.mix, probes=args.probes,
+                          checkpointing=args.checkpointing, micro_batch=args.micro_batch, device=args.device,
+                          dtype=args.dtype, show_progress=show)
         s = plan.summary
         print(f"wrote {args.out}: {s['avg_bits']:.4f} avg bits, {s['bytes']} bytes, "
               f"{s['pruned_channels']} of {s['n_channels']} channels pruned, widths {s['histogram']}, "

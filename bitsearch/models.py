@@ -21,7 +21,7 @@ from .errors import BitsearchError
 
 __all__ = [
     "DTYPES", "Target", "load_model", "load_tokenizer", "decoder_blocks", "find_targets",
-    "model_fingerprint", "resolve_dtype",
+    "model_fingerprint", "resolve_dtype", "target_of",
 ]
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -32,11 +32,13 @@ PACKED_CONFIG = "bitsearch_quant.json"
 
 @dataclass(frozen=True)
 class Target:
-    """One target layer: its module name and weight shape."""
+    """One target layer: its module name and weight shape (rows = channels). ``kind`` is
+    "linear" (rows = output features) or "embedding" (rows = tokens)."""
 
     name: str
     out_features: int
     in_features: int
+    kind: str = "linear"
 
     @property
     def numel(self) -> int:
@@ -124,17 +126,19 @@ def find_targets(model: nn.Module, targets: str | None = None, exclude: str | No
     """Target layers in module order.
 
     Default: every ``nn.Linear`` inside the decoder blocks. ``targets``: a regex searched in the
-    full module name, chosen among every ``nn.Linear`` of the model (so e.g. an untied
-    ``lm_head`` can be added). ``exclude``: a regex removing matches. A weight shared with a
+    full module name, chosen among every ``nn.Linear`` and ``nn.Embedding`` of the model (so an
+    untied ``lm_head`` or the token embeddings can be added; an embedding's channel is one
+    token's row). ``exclude``: a regex removing matches. A weight shared with a
     module that is not a target (a tied lm_head) is refused: quantizing it would change the
     other module too.
     """
     inc = _compile(targets, "--targets")
     exc = _compile(exclude, "--exclude")
     prefix = decoder_blocks(model)[0] + "." if inc is None else ""
-    chosen: list[tuple[str, nn.Linear]] = []
+    kinds = (nn.Linear,) if inc is None else (nn.Linear, nn.Embedding)
+    chosen: list[tuple[str, nn.Module]] = []
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear) or not name.startswith(prefix):
+        if not isinstance(mod, kinds) or not name.startswith(prefix):
             continue
         if (inc is not None and not inc.search(name)) or (exc is not None and exc.search(name)):
             continue
@@ -151,7 +155,12 @@ def find_targets(model: nn.Module, targets: str | None = None, exclude: str | No
         if others:
             raise BitsearchError(f"target '{name}' shares its weight with '{others[0]}' (tied weights); "
                                  f"exclude it with --exclude")
-    return [Target(n, int(m.weight.shape[0]), int(m.weight.shape[1])) for n, m in chosen]
+    return [target_of(n, m) for n, m in chosen]
+
+
+def target_of(name: str, mod: nn.Module) -> Target:
+    kind = "embedding" if isinstance(mod, nn.Embedding) else "linear"
+    return Target(name, int(mod.weight.shape[0]), int(mod.weight.shape[1]), kind)
 
 
 _VOLATILE = {"transformers_version", "dtype", "torch_dtype", "_name_or_path", "use_cache",

@@ -30,10 +30,10 @@ def test_end_to_end(arch, tiny_models, text_file, tmp_path):
     e = table.curves()
     assert (np.diff(e[:, 1:], axis=1) <= 1e-12).all()
     for name, g in table.df.groupby("layer"):
-        assert g["e2"].sum() == pytest.approx(max(g["layer_response"].iloc[0], 1e-6), rel=1e-6)
+        assert g["imatrix.e2"].sum() == pytest.approx(max(g["imatrix.layer_response"].iloc[0], 1e-6), rel=1e-6)
         # pruning has its own scale: the rows pruned to measure it sum to the measured response
         k = max(1, round(table.meta["prune_fraction"] * len(g)))
-        assert np.sort(g["e0"].to_numpy())[:k].sum() == pytest.approx(max(g["prune_response"].iloc[0], 1e-6),
+        assert np.sort(g["imatrix.e0"].to_numpy())[:k].sum() == pytest.approx(max(g["imatrix.prune_response"].iloc[0], 1e-6),
                                                                       rel=1e-6)
 
     plan_path = str(tmp_path / "plan.json")

@@ -2,6 +2,7 @@
 
 from . import greedy as _greedy  # noqa: F401  (registers)
 from . import uniform as _uniform  # noqa: F401  (registers)
+from . import waterfill as _waterfill  # noqa: F401  (registers)
 from .base import ALLOCATORS, Allocator, get_allocator, register_allocator
 from .problem import AllocationProblem, build_problem
 

@@ -60,8 +60,10 @@ class AllocationProblem:
 
 
 def build_problem(table: SensitivityTable, targets: list[Target], bits: list[int] | None = None,
-                  min_bits: int | None = None, max_bits: int | None = None) -> AllocationProblem:
-    """Problem over ``targets`` using the table's curves, restricted to widths in [min, max]."""
+                  min_bits: int | None = None, max_bits: int | None = None,
+                  mix: str | dict | None = None) -> AllocationProblem:
+    """Problem over ``targets`` using the table's curves (of estimator ``mix``, default the
+    table's), restricted to widths in [min, max]."""
     menu = list(table.bits if bits is None else bits)
     missing = [b for b in menu if b not in table.bits]
     if missing:
@@ -72,9 +74,9 @@ def build_problem(table: SensitivityTable, targets: list[Target], bits: list[int
     menu = sorted(b for b in menu if lo <= b <= hi)
     if not menu:
         raise BitsearchError(f"no width of the menu lies in [--min-bits {lo}, --max-bits {hi}]")
-    by_layer = {name: g for name, g in table.df.groupby("layer", sort=False)}
+    all_errors = table.curves(mix=mix, bits=menu)
+    by_layer = {name: g for name, g in table.df.reset_index(drop=True).groupby("layer", sort=False)}
     errors, costs, slices, start = [], [], {}, 0
-    cols = [f"e{b}" for b in menu]
     for t in targets:
         g = by_layer.get(t.name)
         if g is None:
@@ -83,7 +85,7 @@ def build_problem(table: SensitivityTable, targets: list[Target], bits: list[int
         if len(g) != t.out_features or int(g["in_features"].iloc[0]) != t.in_features:
             raise BitsearchError(f"the sensitivity table's layer '{t.name}' has another shape than the model's")
         g = g.sort_values("channel")
-        errors.append(g[cols].to_numpy(np.float64))
+        errors.append(all_errors[g.index.to_numpy()])
         costs.append(np.tile([row_bytes(t.in_features, b, table.group_size) for b in menu], (t.out_features, 1)))
         slices[t.name] = slice(start, start + t.out_features)
         start += t.out_features

@@ -7,72 +7,61 @@ expected squared error of output c when that row is stored at b bits (b = 0: the
 i.e. pruning), ignoring correlations between input columns. The unit is the layer's output
 variance, not the model's loss: the pipeline calibrates it per layer before any allocator
 compares layers (see ``calibrate.py`` and DESIGN.md's measured pitfalls).
+
+For an embedding target the "input" is the token: a row (one token) is weighted by the token's
+frequency p_c in the calibration text, e_c(b) = p_c * ||w_c - q_b(w_c)||^2.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..models import Target
-from ..progress import progress
 from ..quant.grid import fake_quantize
-from .base import Estimator, LayerCurves, register_estimator
+from .base import InputEstimator, LayerCurves, register_estimator
 
-__all__ = ["ImatrixEstimator", "collect_imatrix", "weighted_error_curves"]
+__all__ = ["ImatrixEstimator", "quant_residuals", "weighted_error_curves"]
 
 
-@torch.no_grad()
-def collect_imatrix(model: nn.Module, targets: list[Target], batch: torch.Tensor, micro_batch: int = 8,
-                    show_progress: bool = True) -> dict[str, torch.Tensor]:
-    """Mean of x^2 per input column of each target over all calibration tokens (float64)."""
-    modules = dict(model.named_modules())
-    sums = {t.name: torch.zeros(t.in_features, dtype=torch.float64) for t in targets}
-    counts = {t.name: 0 for t in targets}
-
-    def hook(name):
-        def fn(_mod, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
-            sums[name] += x.float().pow(2).sum(0).double().cpu()
-            counts[name] += x.shape[0]
-        return fn
-
-    handles = [modules[t.name].register_forward_pre_hook(hook(t.name)) for t in targets]
-    dev = next(model.parameters()).device
-    try:
-        for i in progress(range(0, batch.shape[0], micro_batch), desc="imatrix", enable=show_progress):
-            model(input_ids=batch[i:i + micro_batch].to(dev))
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: sums[name] / max(counts[name], 1) for name in sums}
+def quant_residuals(weight: torch.Tensor, bits: list[int], group_size: int):
+    """Yield (k, b, w - q_b(w)) for each width of the menu (float32, on the weight's device)."""
+    w = weight.detach().float()
+    for k, b in enumerate(bits):
+        yield k, b, w - fake_quantize(w, b, group_size)
 
 
 def weighted_error_curves(weight: torch.Tensor, col_weight: torch.Tensor, bits: list[int],
                           group_size: int) -> np.ndarray:
     """(out, n_bits): sum_j col_weight_j * (w_cj - q_b(w)_cj)^2 for each width b."""
-    w = weight.detach().float().cpu()
-    cw = col_weight.float().cpu()
-    out = np.empty((w.shape[0], len(bits)), dtype=np.float64)
-    for k, b in enumerate(bits):
-        d = w - fake_quantize(w, b, group_size)
-        out[:, k] = (d.double().pow(2) * cw.double()).sum(1).numpy()
+    cw = col_weight.to(weight.device).double()
+    out = np.empty((weight.shape[0], len(bits)), dtype=np.float64)
+    for k, _b, d in quant_residuals(weight, bits, group_size):
+        out[:, k] = (d.double().pow(2) * cw).sum(1).cpu().numpy()
     return out
 
 
+def row_weighted_error_curves(weight: torch.Tensor, row_weight: torch.Tensor, bits: list[int],
+                              group_size: int) -> np.ndarray:
+    """(out, n_bits): row_weight_c * ||w_c - q_b(w_c)||^2 (embedding targets)."""
+    ones = torch.ones(weight.shape[1], dtype=torch.float64, device=weight.device)
+    return weighted_error_curves(weight, ones, bits, group_size) * row_weight.double().cpu().numpy()[:, None]
+
+
 @register_estimator
-class ImatrixEstimator(Estimator):
+class ImatrixEstimator(InputEstimator):
     name = "imatrix"
     loss_units = False
+    input_stats = "diag"
 
-    def estimate(self, model, targets, batch, bits, group_size, micro_batch=8, show_progress=True):
-        imat = collect_imatrix(model, targets, batch, micro_batch, show_progress)
-        modules = dict(model.named_modules())
-        result = {}
-        for t in targets:
-            w = modules[t.name].weight
-            errors = weighted_error_curves(w, imat[t.name], bits, group_size)
-            row_energy = (w.detach().double().cpu().pow(2) * imat[t.name]).sum(1).numpy()
-            result[t.name] = LayerCurves(errors=errors, metrics={"imatrix_row_energy": row_energy})
-        return result
+    def layer_curves(self, target: Target, weight: torch.Tensor, stats: torch.Tensor, bits: list[int],
+                     group_size: int) -> LayerCurves:
+        w = weight.detach()
+        if target.kind == "embedding":
+            errors = row_weighted_error_curves(w, stats, bits, group_size)
+            energy = stats.double().cpu().numpy() * w.double().pow(2).sum(1).cpu().numpy()
+        else:
+            diag = stats.diagonal() if stats.dim() == 2 else stats
+            errors = weighted_error_curves(w, diag, bits, group_size)
+            energy = (w.double().pow(2) * diag.to(w.device).double()).sum(1).cpu().numpy()
+        return LayerCurves(errors=errors, metrics={"row_energy": energy})

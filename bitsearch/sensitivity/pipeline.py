@@ -1,4 +1,11 @@
-"""compute_sensitivity: run estimators on a calibration batch and build a SensitivityTable."""
+"""compute_sensitivity: run estimators on a calibration batch and build a SensitivityTable.
+
+Input estimators (imatrix, snr) share one block-by-block pass that collects the statistics
+they need (``stats.py``, ``streaming.py``); gradient estimators (fisher, hutchinson) run their
+own passes. Curves not already in loss units are calibrated per layer (``calibrate.py``; the
+reference-width response is measured once and shared). Under ``torchrun`` every pass covers
+this rank's micro-batches and the sums are all-reduced (``distributed.py``).
+"""
 
 from __future__ import annotations
 
@@ -10,19 +17,25 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..distributed import Dist
 from ..errors import BitsearchError
 from ..models import Target, model_fingerprint
+from ..progress import progress
 from ..quant.grid import VALID_WIDTHS
-from .base import get_estimator
-from .calibrate import calibrate_layer_loss, layer_loss_response, prune_loss_response, prune_rows
-from .table import SensitivityTable, err_col
+from .base import GradientEstimator, InputEstimator, LayerCurves, SensitivityContext, get_estimator
+from .calibrate import block_of, calibrate_layer_loss, layer_loss_response, prune_loss_response, prune_rows
+from .stats import InputStats
+from .streaming import BlockRunner
+from .table import SensitivityTable, err_col, format_mix, parse_mix
 
-__all__ = ["DEFAULT_BITS", "CALIBRATIONS", "check_bits", "compute_sensitivity"]
+__all__ = ["DEFAULT_BITS", "CALIBRATIONS", "check_bits", "check_group_size", "compute_sensitivity",
+           "collect_input_curves"]
 
 DEFAULT_BITS = [0, 2, 3, 4, 5, 6, 8]
 #: width at which layer-loss calibration measures each layer's response
 CALIB_REF_BITS = 2
-CALIBRATIONS = ("layer-loss", "none")
+#: auto: calibrate proxies, keep estimators already in loss units; layer-loss: calibrate all
+CALIBRATIONS = ("auto", "layer-loss", "none")
 
 
 def check_bits(bits: list[int]) -> list[int]:
@@ -41,60 +54,175 @@ def check_group_size(group_size: int) -> int:
     return group_size
 
 
-def compute_sensitivity(model: nn.Module, targets: list[Target], batch: torch.Tensor, *,
-                        estimator: str = "imatrix", bits: list[int] | None = None, group_size: int = 128,
-                        calibrate: str = "layer-loss", calib_ref_bits: int = CALIB_REF_BITS, calib_samples: int = 16,
-                        prune_fraction: float = 0.125, micro_batch: int = 8, calib_info: dict | None = None,
-                        show_progress: bool = True) -> SensitivityTable:
-    """Per-channel error curves for every target, in one table.
+@torch.no_grad()
+def collect_input_curves(ctx: SensitivityContext, estimators: list[InputEstimator], offload: bool = False
+                         ) -> dict[str, dict[str, LayerCurves]]:
+    """One block-by-block pass: input statistics of each block's targets, turned into every
+    input estimator's curves before the next block runs. Returns {estimator: {layer: curves}}."""
+    kind = "full" if any(e.input_stats == "full" for e in estimators) else "diag"
+    runner = BlockRunner(ctx.model, offload=offload)
+    modules = dict(ctx.model.named_modules())
+    by_block: dict[int | None, list[Target]] = {}
+    for t in ctx.targets:
+        by_block.setdefault(block_of(runner, t.name), []).append(t)
+    out: dict[str, dict[str, LayerCurves]] = {e.name: {} for e in estimators}
 
-    ``calibrate="layer-loss"`` rescales curves not already in loss units by each layer's measured
-    loss response at ``calib_ref_bits`` (on the first ``calib_samples`` calibration samples) and,
-    when 0 is in the menu, their pruning column by the response to pruning ``prune_fraction`` of
-    each layer's rows.
+    def finish(stats: InputStats, targets: list[Target]) -> None:
+        stats.all_reduce(ctx.dist)
+        for t in targets:
+            w = modules[t.name].weight
+            s = stats.mean(t.name).to(w.device)
+            for e in estimators:
+                out[e.name][t.name] = e.layer_curves(t, w, s, ctx.bits, ctx.group_size)
+
+    xs = [x for _j, x in ctx.micro_batches()]
+    outside = by_block.get(None, [])
+    emb = [t for t in outside if t.kind == "embedding"]
+    head = [t for t in outside if t.kind != "embedding"]
+    caps = []
+    with InputStats({t.name: modules[t.name] for t in emb}, kind) as stats:
+        for x in xs:
+            caps.append(runner.capture(x))
+            stats.end_pass()
+    if emb:
+        finish(stats, emb)
+    hs, kws = [c[0] for c in caps], [c[1] for c in caps]
+    for i in progress(range(runner.n_blocks), desc=f"inputs ({kind})", enable=ctx.show_progress and ctx.dist.is_main):
+        tg = by_block.get(i, [])
+        with runner.on_device(i) as block, InputStats({t.name: modules[t.name] for t in tg}, kind) as stats:
+            new = []
+            for h, kw in zip(hs, kws):
+                new.append(runner.run_block(block, h, kw))
+                stats.end_pass()
+            hs = new
+            if tg:
+                finish(stats, tg)
+    if head:
+        with InputStats({t.name: modules[t.name] for t in head}, kind) as stats:
+            for h, x in zip(hs, xs):
+                runner.logits(h, x)
+                stats.end_pass()
+        finish(stats, head)
+    return out
+
+
+def compute_sensitivity(model: nn.Module, targets: list[Target], batch: torch.Tensor, *,
+                        estimators: str | list[str] = "imatrix", bits: list[int] | None = None,
+                        group_size: int = 128, calibrate: str = "auto", calib_ref_bits: int = CALIB_REF_BITS,
+                        calib_samples: int = 16, prune_fraction: float = 0.125, micro_batch: int = 8,
+                        probes: int = 8, seed: int = 0, mix: str | dict | None = None,
+                        offload: bool = False, checkpointing: bool = False, dist: Dist | None = None,
+                        calib_info: dict | None = None, show_progress: bool = True) -> SensitivityTable:
+    """Per-channel error curves of every target from each estimator, in one table.
+
+    ``calibrate``: "auto" rescales curves not already in loss units by each layer's measured
+    loss response at ``calib_ref_bits`` (on the first ``calib_samples`` calibration samples)
+    and, when 0 is in the menu, their pruning column by the response to pruning
+    ``prune_fraction`` of each layer's rows; "layer-loss" does so for every estimator; "none"
+    keeps raw curves. ``mix`` is the table's default estimator mix (default: equal weights).
     """
+    names = [estimators] if isinstance(estimators, str) else list(estimators)
+    names = list(dict.fromkeys(n.strip() for n in ",".join(names).split(",") if n.strip()))
+    if not names:
+        raise BitsearchError("no estimator given (--estimators imatrix,snr,fisher,hutchinson)")
+    ests = [get_estimator(n) for n in names]
     bits = check_bits(list(bits or DEFAULT_BITS))
     group_size = check_group_size(group_size)
     if calibrate not in CALIBRATIONS:
         raise BitsearchError(f"unknown calibration '{calibrate}' (choose from {', '.join(CALIBRATIONS)})")
-    est = get_estimator(estimator)
-    t0 = time.time()
-    curves = est.estimate(model, targets, batch, bits, group_size, micro_batch, show_progress)
-    calibrated = est.loss_units
-    if calibrate == "layer-loss" and not est.loss_units:
-        ref = calib_ref_bits
-        if ref not in bits:
-            raise BitsearchError(f"calibration width {ref} must be in the bit menu {bits}")
-        sub = batch[:calib_samples]
-        responses = layer_loss_response(model, targets, sub, ref, group_size, micro_batch, show_progress)
+    if micro_batch < 1:
+        raise BitsearchError(f"--micro-batch must be at least 1 (got {micro_batch})")
+    if probes < 1:
+        raise BitsearchError(f"--probes must be at least 1 (got {probes})")
+    dist = dist or Dist()
+    ctx = SensitivityContext(model=model, targets=targets, batch=batch, bits=bits, group_size=group_size,
+                             micro_batch=micro_batch, show_progress=show_progress and dist.is_main, dist=dist,
+                             seed=seed, probes=probes, checkpointing=checkpointing)
+    if ctx.n_micro < dist.world:
+        raise BitsearchError(f"{ctx.n_micro} calibration micro-batches cannot be shared by {dist.world} processes "
+                             f"(use more --samples or a smaller --micro-batch)")
+    grads = [e for e in ests if isinstance(e, GradientEstimator)]
+    if grads and offload:
+        raise BitsearchError(f"--offload streams blocks and works only with imatrix and snr, "
+                             f"not {', '.join(e.name for e in grads)}")
+    calibrated = [e for e in ests if calibrate == "layer-loss" or (calibrate == "auto" and not e.loss_units)]
+    if calibrated and calib_ref_bits not in bits:
+        raise BitsearchError(f"calibration width {calib_ref_bits} must be in the bit menu {bits}")
+    if calibrated and 0 in bits and not 0 < prune_fraction <= 1:
+        raise BitsearchError(f"prune fraction {prune_fraction} must lie in (0, 1]")
+    default_mix = parse_mix(mix, names) or {n: 1.0 / len(names) for n in names}
+
+    t_start = time.time()
+    curves: dict[str, dict[str, LayerCurves]] = {}
+    seconds: dict[str, float] = {}
+    inputs = [e for e in ests if isinstance(e, InputEstimator)]
+    if inputs:
+        t0 = time.time()
+        curves.update(collect_input_curves(ctx, inputs, offload))
+        for e in inputs:   # one shared pass: each input estimator is charged its full time
+            seconds[e.name] = time.time() - t0
+    for e in grads:
+        t0 = time.time()
+        curves[e.name] = e.estimate(ctx)
+        seconds[e.name] = time.time() - t0
+    sub = batch[:calib_samples]
+    info: dict[str, dict] = {}
+    responses, response_seconds = None, 0.0
+    if calibrated:   # measured once, shared (and charged in full to each calibrated estimator)
+        t0 = time.time()
+        responses = layer_loss_response(model, targets, sub, calib_ref_bits, group_size, micro_batch,
+                                        ctx.show_progress, dist, offload)
+        response_seconds = time.time() - t0
+    for e in ests:
+        if e not in calibrated:
+            info[e.name] = {"calibration": "native" if e.loss_units else "none",
+                            "units": "calibration-loss increase (nats/token)" if e.loss_units else "layer-local proxy"}
+            continue
+        t0 = time.time()
         prune = None
         if 0 in bits:
-            if not 0 < prune_fraction <= 1:
-                raise BitsearchError(f"prune fraction {prune_fraction} must lie in (0, 1]")
-            rows = prune_rows(curves, bits, prune_fraction)
-            prune = (rows, prune_loss_response(model, targets, sub, rows, micro_batch, show_progress))
-        curves = calibrate_layer_loss(curves, responses, bits, ref, prune)
-        calibrated = True
+            rows = prune_rows(curves[e.name], bits, prune_fraction)
+            prune = (rows, prune_loss_response(model, targets, sub, rows, micro_batch, ctx.show_progress, dist, offload))
+        curves[e.name] = calibrate_layer_loss(curves[e.name], responses, bits, calib_ref_bits, prune)
+        seconds[e.name] += time.time() - t0 + response_seconds
+        info[e.name] = {"calibration": "layer-loss", "units": "calibration-loss increase (nats/token)"}
+    for e in ests:
+        info[e.name]["seconds"] = round(seconds[e.name], 2)
+        bad = sum(int((~np.isfinite(lc.errors)).sum()) for lc in curves[e.name].values())
+        if bad:
+            raise BitsearchError(f"estimator {e.name} produced {bad} non-finite errors (is the model finite?)")
+
     frames = []
     for t in targets:
-        lc = curves[t.name]
         cols = {"layer": t.name, "channel": np.arange(t.out_features), "in_features": t.in_features}
-        cols.update(lc.metrics)
-        cols.update({err_col(b): lc.errors[:, k] for k, b in enumerate(bits)})
+        for e in ests:
+            lc = curves[e.name][t.name]
+            cols.update({f"{e.name}.{k}": v for k, v in lc.metrics.items()})
+            cols.update({err_col(b, e.name): lc.errors[:, k] for k, b in enumerate(bits)})
         frames.append(pd.DataFrame(cols))
     df = pd.concat(frames, ignore_index=True)
     meta = {
-        "estimator": estimator,
+        "estimators": names,
+        "estimator_info": info,
+        "mix": default_mix,
+        "mix_text": format_mix(default_mix),
         "bits": bits,
         "group_size": group_size,
-        "calibration": calibrate if not est.loss_units else "native",
+        "calibration": calibrate,
         "calib_ref_bits": calib_ref_bits,
         "calib_loss_samples": calib_samples,
         "prune_fraction": prune_fraction if 0 in bits else None,
-        "units": "calibration-loss increase (nats/token)" if calibrated else "layer-local proxy",
+        "probes": probes if any(e.name == "hutchinson" for e in ests) else None,
+        "seed": seed,
+        "micro_batch": micro_batch,
+        "world_size": dist.world,
+        "offload": offload,
+        "units": "calibration-loss increase (nats/token)" if all(i["units"].startswith("calibration") for i in info.values())
+                 else "mixed: see estimator_info",
+        "target_kinds": {t.name: t.kind for t in targets if t.kind != "linear"},
         "model": model_fingerprint(model, targets),
         "calibration_data": calib_info or {},
-        "seconds": round(time.time() - t0, 2),
+        "seconds": round(time.time() - t_start, 2),
         "package_version": __version__,
     }
     return SensitivityTable(df=df, meta=meta)

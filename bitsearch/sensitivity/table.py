@@ -1,10 +1,15 @@
-"""SensitivityTable: one row per target layer x channel, with error curves e_c(b).
+"""SensitivityTable: one row per target layer x channel, with error curves e_c(b) from one or
+more estimators.
 
-Columns: ``layer`` (module name), ``channel`` (output row), ``in_features``, estimator
-metrics (e.g. ``imatrix_sum``), and one column ``e{b}`` per width b of the menu holding the
-predicted loss increase when that channel alone is stored at b bits (b = 0: pruned).
-Metadata (group size, menu, estimator, calibration, model fingerprint, units) is stored in
-the Parquet schema, so a table can be checked against the search that uses it.
+Columns: ``layer`` (module name), ``channel`` (output row), ``in_features``, and per estimator
+``{est}.e{b}`` for every width b of the menu (the predicted calibration-loss increase when that
+channel alone is stored at b bits; b = 0: pruned) plus its metrics ``{est}.{metric}`` (e.g.
+``snr.signal``, ``hutchinson.trace``). Metadata (menu, group size, estimators and how each was
+calibrated, default mix, model fingerprint, units) is stored in the Parquet schema, so a table
+can be checked against the search that uses it.
+
+A *mix* combines estimators' curves: e_c(b) = sum_k w_k e^k_c(b) (all in loss units). Written
+``imatrix=0.7,fisher=0.3`` or just ``snr``; a table's default mix is its ``meta["mix"]``.
 """
 
 from __future__ import annotations
@@ -19,15 +24,47 @@ import pandas as pd
 from ..atomic import atomic_path
 from ..errors import BitsearchError
 
-__all__ = ["SensitivityTable", "TABLE_FORMAT", "TABLE_VERSION", "err_col"]
+__all__ = ["SensitivityTable", "TABLE_FORMAT", "TABLE_VERSION", "err_col", "parse_mix", "format_mix"]
 
 TABLE_FORMAT = "bitsearch-sensitivity"
-TABLE_VERSION = 1
+TABLE_VERSION = 2
 _META_KEY = b"bitsearch"
 
 
-def err_col(bits: int) -> str:
-    return f"e{bits}"
+def err_col(bits: int, estimator: str) -> str:
+    return f"{estimator}.e{bits}"
+
+
+def parse_mix(mix: str | dict | None, available: list[str]) -> dict[str, float] | None:
+    """``"imatrix=0.7,fisher=0.3"`` / ``"snr"`` / a dict -> {estimator: weight}; checked."""
+    if mix is None:
+        return None
+    if isinstance(mix, str):
+        out: dict[str, float] = {}
+        for part in (p.strip() for p in mix.split(",")):
+            if not part:
+                continue
+            name, _, w = part.partition("=")
+            try:
+                out[name.strip()] = float(w) if w else 1.0
+            except ValueError:
+                raise BitsearchError(f"--mix '{mix}': weight '{w}' of '{name}' is not a number") from None
+        mix = out
+    if not mix:
+        raise BitsearchError("the estimator mix is empty")
+    for name, w in mix.items():
+        if name not in available:
+            raise BitsearchError(f"mix names estimator '{name}', which the table lacks "
+                                 f"(it has {', '.join(available)})")
+        if not np.isfinite(w) or w < 0:
+            raise BitsearchError(f"mix weight of '{name}' must be a finite number >= 0 (got {w})")
+    if sum(mix.values()) <= 0:
+        raise BitsearchError("mix weights are all zero")
+    return {k: float(v) for k, v in mix.items()}
+
+
+def format_mix(mix: dict[str, float]) -> str:
+    return ",".join(f"{k}={v:g}" for k, v in mix.items())
 
 
 @dataclass
@@ -46,13 +83,35 @@ class SensitivityTable:
         return int(self.meta["group_size"])
 
     @property
+    def estimators(self) -> list[str]:
+        return list(self.meta["estimators"])
+
+    @property
     def layers(self) -> list[str]:
         return list(dict.fromkeys(self.df["layer"]))
 
-    def curves(self, layer: str | None = None) -> np.ndarray:
-        """(n_channels, n_bits) error matrix, rows in table order (of one layer if given)."""
+    @property
+    def default_mix(self) -> dict[str, float]:
+        return dict(self.meta.get("mix") or {self.estimators[0]: 1.0})
+
+    def resolve_mix(self, mix: str | dict | None = None) -> dict[str, float]:
+        return parse_mix(mix, self.estimators) or self.default_mix
+
+    def curves(self, layer: str | None = None, mix: str | dict | None = None,
+               bits: list[int] | None = None) -> np.ndarray:
+        """(n_channels, n_bits) error matrix of a mix (default: the table's), rows in table
+        order (of one layer if given), columns for ``bits`` (default: the table's menu)."""
         df = self.df if layer is None else self.df[self.df["layer"] == layer]
-        return df[[err_col(b) for b in self.bits]].to_numpy(dtype=np.float64)
+        bits = self.bits if bits is None else bits
+        out = np.zeros((len(df), len(bits)))
+        for est, w in self.resolve_mix(mix).items():
+            if w:
+                out += w * df[[err_col(b, est) for b in bits]].to_numpy(dtype=np.float64)
+        return out
+
+    def metric(self, estimator: str, name: str) -> np.ndarray | None:
+        col = f"{estimator}.{name}"
+        return self.df[col].to_numpy() if col in self.df.columns else None
 
     def save(self, path: str) -> None:
         import pyarrow as pa
@@ -80,11 +139,17 @@ class SensitivityTable:
         meta = json.loads(raw)
         if meta.get("format") != TABLE_FORMAT:
             raise BitsearchError(f"'{path}' is not a bitsearch sensitivity table (format {meta.get('format')!r})")
-        if meta.get("version") != TABLE_VERSION:
-            raise BitsearchError(f"sensitivity table '{path}' has version {meta.get('version')}, "
-                                 f"this bitsearch reads version {TABLE_VERSION}")
         df = tbl.to_pandas()
-        missing = [err_col(b) for b in meta["bits"] if err_col(b) not in df.columns]
+        if meta.get("version") == 1:   # one estimator, columns e{b} and bare metric names
+            est = meta["estimator"]
+            keep = {"layer", "channel", "in_features"}
+            df = df.rename(columns={c: f"{est}.{c}" for c in df.columns if c not in keep})
+            meta = dict(meta, version=TABLE_VERSION, estimators=[est], mix={est: 1.0},
+                        estimator_info={est: {"calibration": meta.get("calibration"), "units": meta.get("units")}})
+        elif meta.get("version") != TABLE_VERSION:
+            raise BitsearchError(f"sensitivity table '{path}' has version {meta.get('version')}, "
+                                 f"this bitsearch reads versions 1 and {TABLE_VERSION}")
+        missing = [err_col(b, e) for e in meta["estimators"] for b in meta["bits"] if err_col(b, e) not in df.columns]
         if missing:
             raise BitsearchError(f"sensitivity table '{path}' lacks columns {', '.join(missing)}")
         return cls(df=df, meta=meta)

@@ -1,0 +1,163 @@
+"""Run a causal LM block by block.
+
+:class:`BlockRunner` captures the inputs of the first decoder block (hidden states plus the
+keyword arguments the model passes every block: position embeddings, masks), then runs one
+block at a time over cached hidden states. The final norm and head run through the model's own
+forward with the blocks replaced by a stand-in that returns given hidden states, so no
+per-architecture code is needed (Llama, Qwen2, Mistral, GPT-NeoX and OPT are tested).
+
+With ``offload`` the decoder blocks live on the CPU and each is moved to the device only while
+it runs, so a model whose blocks do not fit the device together can still be scored by the
+estimators that need only layer inputs (``imatrix``, ``snr``) and calibrated per layer.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models import decoder_blocks
+
+__all__ = ["BlockRunner", "offload_blocks"]
+
+
+class _Captured(Exception):
+    pass
+
+
+class _Inject(nn.Module):
+    """Stands in for the decoder blocks: returns the given hidden states, shaped like a block's
+    output. Unknown attributes (e.g. ``attention_type``) come from ``template``."""
+
+    def __init__(self, hidden: torch.Tensor, template: nn.Module, as_tuple: bool):
+        super().__init__()
+        self.hidden = hidden
+        object.__setattr__(self, "_template", template)
+        self.as_tuple = as_tuple
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_template"), name)
+
+    def forward(self, *args, **kwargs):
+        return (self.hidden,) if self.as_tuple else self.hidden
+
+
+def _to(obj, device):
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def offload_blocks(model: nn.Module, device: str | torch.device) -> nn.Module:
+    """Everything but the decoder blocks onto ``device``; the blocks stay on the CPU."""
+    _, blocks = decoder_blocks(model)
+    block_ids = {id(p) for p in blocks.parameters()} | {id(b) for b in blocks.buffers()}
+    for mod in model.modules():
+        for name, p in list(mod.named_parameters(recurse=False)):
+            if id(p) not in block_ids:
+                p.data = p.data.to(device)
+        for name, b in list(mod.named_buffers(recurse=False)):
+            if id(b) not in block_ids:
+                mod._buffers[name] = b.to(device)
+    blocks.to("cpu")
+    return model
+
+
+class BlockRunner:
+    """Block-by-block execution of ``model`` on the device of its embeddings."""
+
+    def __init__(self, model: nn.Module, offload: bool = False):
+        self.model = model
+        self.prefix, self.blocks = decoder_blocks(model)
+        self.offload = offload
+        self.device = model.get_input_embeddings().weight.device
+        self._as_tuple: bool | None = None
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
+
+    def block_names(self, i: int) -> str:
+        return f"{self.prefix}.{i}"
+
+    @contextmanager
+    def on_device(self, i: int):
+        """Block ``i`` on the device for the duration (and back to the CPU with ``offload``)."""
+        if self.offload:
+            self.blocks[i].to(self.device)
+        try:
+            yield self.blocks[i]
+        finally:
+            if self.offload:
+                self.blocks[i].to("cpu")
+
+    @torch.no_grad()
+    def capture(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(hidden states entering block 0, keyword arguments the model passes its blocks)."""
+        store = {}
+
+        def hook(_mod, args, kwargs):
+            store["h"] = args[0] if args else kwargs.pop("hidden_states")
+            store["kw"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            raise _Captured
+
+        h = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            self.model(input_ids=x.to(self.device), use_cache=False)
+        except _Captured:
+            pass
+        finally:
+            h.remove()
+        kw = store["kw"]
+        for k in ("past_key_value", "past_key_values"):
+            if k in kw:
+                kw[k] = None
+        kw["use_cache"] = False
+        return store["h"], kw
+
+    def run_block(self, block: nn.Module, h: torch.Tensor, kw: dict) -> torch.Tensor:
+        out = block(h, **kw)
+        if self._as_tuple is None:
+            self._as_tuple = isinstance(out, tuple)
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.no_grad()
+    def logits(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits given the hidden states ``h`` leaving the last block (``x``: the
+        token ids, used only for the embedding pass the model's forward makes)."""
+        parent = self.model.get_submodule(self.prefix.rpartition(".")[0]) if "." in self.prefix else self.model
+        attr = self.prefix.rpartition(".")[2]
+        saved = getattr(parent, attr)
+        setattr(parent, attr, nn.ModuleList([_Inject(h, saved[-1], bool(self._as_tuple))]))
+        try:
+            return self.model(input_ids=x.to(self.device), use_cache=False).logits
+        finally:
+            setattr(parent, attr, saved)
+
+    @torch.no_grad()
+    def nll_sum(self, h: torch.Tensor, x: torch.Tensor) -> float:
+        """Summed next-token NLL of ``x`` given the last block's output ``h``."""
+        logits = self.logits(h, x)[:, :-1].float()
+        tgt = x[:, 1:].to(logits.device)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum").item()
+
+    @torch.no_grad()
+    def nll_from(self, i: int, hs: list[torch.Tensor], kws: list[dict], xs: list[torch.Tensor]) -> float:
+        """Summed NLL over micro-batches when blocks i.. run on the hidden states ``hs``."""
+        hs = list(hs)
+        for k in range(i, self.n_blocks):
+            with self.on_device(k) as block:
+                hs = [self.run_block(block, h, kw) for h, kw in zip(hs, kws)]
+        return sum(self.nll_sum(h, x) for h, x in zip(hs, xs))
