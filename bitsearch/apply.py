@@ -23,8 +23,8 @@ from torch import nn
 
 from . import __version__
 from .errors import BitsearchError
-from .models import PACKED_CONFIG, Target, model_fingerprint
-from .packed import PackedLinear, pack_weight
+from .models import PACKED_CONFIG, Target, model_fingerprint, target_of
+from .packed import PackedEmbedding, PackedLinear, _PackedRows, pack_module, pack_weight
 from .plan import BitPlan
 from .quant.grid import fake_quantize
 
@@ -48,9 +48,9 @@ def plan_targets(model: nn.Module, plan: BitPlan, where: str = "plan") -> list[T
     targets = []
     for name, (out_f, in_f) in plan.shapes.items():
         mod = modules.get(name)
-        if not isinstance(mod, nn.Linear):
-            raise BitsearchError(f"{where}: layer '{name}' is not a linear layer of this model")
-        targets.append(Target(name, int(mod.weight.shape[0]), int(mod.weight.shape[1])))
+        if not isinstance(mod, (nn.Linear, nn.Embedding)):
+            raise BitsearchError(f"{where}: layer '{name}' is not a linear or embedding layer of this model")
+        targets.append(target_of(name, mod))
     plan.check_model(model_fingerprint(model, targets), where)
     return targets
 
@@ -71,11 +71,12 @@ def fake_quantize_model(model: nn.Module, plan: BitPlan) -> nn.Module:
 
 
 def pack_model(model: nn.Module, plan: BitPlan) -> nn.Module:
-    """Replace each target, in place, by a :class:`PackedLinear` at its planned widths."""
+    """Replace each target, in place, by a :class:`PackedLinear` / :class:`PackedEmbedding` at
+    its planned widths."""
     modules = dict(model.named_modules())
     for name, bits in plan.bits.items():
-        lin = modules[name]
-        _set_module(model, name, PackedLinear.from_linear(lin, torch.as_tensor(bits), plan.group_size).to(lin.weight.device))
+        mod = modules[name]
+        _set_module(model, name, pack_module(mod, torch.as_tensor(bits), plan.group_size).to(mod.weight.device))
     return model
 
 
@@ -121,12 +122,15 @@ def save_packed(model: nn.Module, plan: BitPlan, out: str, tokenizer=None) -> in
     quant, layers = {}, {}
     for name, bits in plan.bits.items():
         mod = modules[name]
-        tensors = mod.packed_tensors() if isinstance(mod, PackedLinear) else \
+        tensors = mod.packed_tensors() if isinstance(mod, _PackedRows) else \
             pack_weight(mod.weight, torch.as_tensor(bits), plan.group_size)
         for k, v in tensors.items():
             quant[f"{name}.{k}"] = v.detach().cpu().contiguous()
-        layers[name] = {"in_features": mod.in_features, "out_features": mod.out_features,
-                        "bias": mod.bias is not None}
+        t = target_of(name, mod) if not isinstance(mod, _PackedRows) else \
+            Target(name, mod.out_features, mod.in_features, mod.kind)
+        layers[name] = {"in_features": t.in_features, "out_features": t.out_features, "kind": t.kind,
+                        "bias": getattr(mod, "bias", None) is not None,
+                        "padding_idx": getattr(mod, "padding_idx", None)}
     rest, aliases, seen = {}, {}, {}
     for k, v in model.state_dict(keep_vars=False).items():
         if k.rsplit(".", 1)[0] in plan.bits and not k.endswith(".bias"):  # a target's weight or packed buffers
@@ -195,9 +199,13 @@ def load_packed(path: str, device: str = "cpu", dtype: torch.dtype = torch.float
     for name, info in meta["layers"].items():
         prefix = name + "."
         tensors = {k[len(prefix):]: v for k, v in quant.items() if k.startswith(prefix)}
-        bias = rest.get(prefix + "bias")
-        _set_module(model, name, PackedLinear(info["in_features"], info["out_features"], meta["group_size"],
-                                              tensors, bias, compute_dtype=dtype))
+        if info.get("kind") == "embedding":
+            new = PackedEmbedding(info["in_features"], info["out_features"], meta["group_size"], tensors,
+                                  info.get("padding_idx"), compute_dtype=dtype)
+        else:
+            new = PackedLinear(info["in_features"], info["out_features"], meta["group_size"], tensors,
+                               rest.get(prefix + "bias"), compute_dtype=dtype)
+        _set_module(model, name, new)
     for alias, target in meta.get("aliases", {}).items():
         rest[alias] = rest[target]
     missing, unexpected = model.load_state_dict(rest, strict=False)

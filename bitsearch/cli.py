@@ -57,12 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"bitsearch {__version__}")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    quiet = argparse.ArgumentParser(add_help=False)   # --quiet also after the command
+    quiet.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
 
-    p = sub.add_parser("demo", help="run the whole pipeline on the bundled small model, offline")
+    p = sub.add_parser("demo", parents=[quiet], help="run the whole pipeline on the bundled small model, offline")
     p.add_argument("--out", required=True, help="output folder for plans, results.csv and the plot")
     p.add_argument("--budgets", default="2.5,3.0,3.5", help="avg-bit budgets to search (default: 2.5,3.0,3.5)")
 
-    p = sub.add_parser("sensitivity", help="per-channel error curves -> Parquet table")
+    p = sub.add_parser("sensitivity", parents=[quiet], help="per-channel error curves -> Parquet table")
     _add_model(p)
     _add_calib(p, required=True)
     _add_sensitivity(p)
@@ -70,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep decoder blocks on the CPU and move one at a time to --device (imatrix, snr)")
     p.add_argument("--out", required=True, help="output table (.parquet)")
 
-    p = sub.add_parser("search", help="a bit plan under a memory budget -> plan JSON")
+    p = sub.add_parser("search", parents=[quiet], help="a bit plan under a memory budget -> plan JSON")
     _add_model(p)
     _add_calib(p, required=False)
     _add_sensitivity(p)
@@ -83,13 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bits", type=int, default=None, help="largest width allowed")
     p.add_argument("--out", required=True, help="output plan (.json)")
 
-    p = sub.add_parser("apply", help="plan + model -> packed checkpoint (or --fake HF checkpoint)")
+    p = sub.add_parser("apply", parents=[quiet], help="plan + model -> packed checkpoint (or --fake HF checkpoint)")
     _add_model(p)
     p.add_argument("--plan", required=True, help="plan file from `bitsearch search`")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--fake", action="store_true", help="write a plain HF checkpoint of dequantized weights")
 
-    p = sub.add_parser("eval", help="perplexity of a model or packed checkpoint on a text file")
+    p = sub.add_parser("eval", parents=[quiet], help="perplexity of a model or packed checkpoint on a text file")
     _add_model(p, "HF hub id, local model folder or packed checkpoint folder")
     p.add_argument("--text", required=True, help="text file to evaluate on")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens (default: all)")

@@ -1,4 +1,5 @@
-"""PackedLinear: a Linear whose rows are stored at their planned widths, dequantized on the fly.
+"""PackedLinear / PackedEmbedding: a Linear (rows = output features) or an Embedding (rows =
+tokens) whose rows are stored at their planned widths, dequantized on the fly.
 
 Storage per layer (what ``apply`` writes; its bytes are what ``cost.py`` predicts):
 ``qbits`` (out,) uint8 width per row; for each width w in 2..8 present, ``codes_b{w}``
@@ -16,7 +17,8 @@ from torch import nn
 from .quant.grid import KEEP_WIDTH, QUANT_WIDTHS, choose_qparams, dequantize, quantize
 from .quant.packing import pack_codes, unpack_codes
 
-__all__ = ["PackedLinear", "pack_weight", "unpack_weight", "QUANT_TENSOR_SUFFIXES"]
+__all__ = ["PackedLinear", "PackedEmbedding", "pack_module", "pack_weight", "unpack_weight",
+           "QUANT_TENSOR_SUFFIXES"]
 
 QUANT_TENSOR_SUFFIXES = ("qbits", "codes_b", "scales_b", "zeros_b", "weight_f16")
 
@@ -58,29 +60,24 @@ def unpack_weight(tensors: dict[str, torch.Tensor], in_features: int, group_size
     return w
 
 
-class PackedLinear(nn.Module):
-    """Drop-in for ``nn.Linear`` holding packed rows; ``forward`` dequantizes, then ``F.linear``."""
+class _PackedRows(nn.Module):
+    """Packed row storage shared by the linear and embedding modules."""
+
+    kind = ""
 
     def __init__(self, in_features: int, out_features: int, group_size: int, tensors: dict[str, torch.Tensor],
-                 bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.float32):
+                 compute_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.group_size = group_size
         self.compute_dtype = compute_dtype
         if tensors["qbits"].numel() != out_features:
-            raise ValueError("PackedLinear: qbits has the wrong length")
+            raise ValueError(f"{type(self).__name__}: qbits has the wrong length")
         self._names = []
         for k, v in tensors.items():
             self.register_buffer(k, v)
             self._names.append(k)
-        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: torch.Tensor, group_size: int) -> "PackedLinear":
-        tensors = pack_weight(linear.weight, bits, group_size)
-        return cls(linear.in_features, linear.out_features, group_size, tensors, linear.bias,
-                   compute_dtype=linear.weight.dtype)
 
     def packed_tensors(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k) for k in self._names}
@@ -91,12 +88,65 @@ class PackedLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return unpack_weight(self.packed_tensors(), self.in_features, self.group_size, self.compute_dtype)
 
+    def extra_repr(self) -> str:
+        counts = torch.bincount(self.qbits.long(), minlength=17)
+        widths = ", ".join(f"{b}b:{int(counts[b])}" for b in range(17) if counts[b])
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, rows=[{widths}]"
+
+
+class PackedLinear(_PackedRows):
+    """Drop-in for ``nn.Linear`` holding packed rows; ``forward`` dequantizes, then ``F.linear``."""
+
+    kind = "linear"
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, tensors: dict[str, torch.Tensor],
+                 bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.float32):
+        super().__init__(in_features, out_features, group_size, tensors, compute_dtype)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: torch.Tensor, group_size: int) -> "PackedLinear":
+        tensors = pack_weight(linear.weight, bits, group_size)
+        return cls(linear.in_features, linear.out_features, group_size, tensors, linear.bias,
+                   compute_dtype=linear.weight.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantized_weight().to(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, w, bias)
 
-    def extra_repr(self) -> str:
-        counts = torch.bincount(self.qbits.long(), minlength=17)
-        widths = ", ".join(f"{b}b:{int(counts[b])}" for b in range(17) if counts[b])
-        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, rows=[{widths}]"
+
+class PackedEmbedding(_PackedRows):
+    """Drop-in for ``nn.Embedding`` holding packed token rows (``in_features`` = embedding dim)."""
+
+    kind = "embedding"
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, tensors: dict[str, torch.Tensor],
+                 padding_idx: int | None = None, compute_dtype: torch.dtype = torch.float32):
+        super().__init__(in_features, out_features, group_size, tensors, compute_dtype)
+        self.padding_idx = padding_idx
+        self.bias = None
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.out_features
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.in_features
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, bits: torch.Tensor, group_size: int) -> "PackedEmbedding":
+        tensors = pack_weight(emb.weight, bits, group_size)
+        return cls(emb.embedding_dim, emb.num_embeddings, group_size, tensors, emb.padding_idx,
+                   compute_dtype=emb.weight.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.dequantized_weight(), self.padding_idx)
+
+
+def pack_module(mod: nn.Module, bits: torch.Tensor, group_size: int) -> _PackedRows:
+    """The packed replacement of a target module (Linear or Embedding)."""
+    if isinstance(mod, nn.Embedding):
+        return PackedEmbedding.from_embedding(mod, bits, group_size)
+    return PackedLinear.from_linear(mod, bits, group_size)

@@ -82,7 +82,8 @@ class BlockRunner:
         self.model = model
         self.prefix, self.blocks = decoder_blocks(model)
         self.offload = offload
-        self.device = model.get_input_embeddings().weight.device
+        emb = model.get_input_embeddings()
+        self.device = next(iter(list(emb.parameters()) + list(emb.buffers()))).device
         self._as_tuple: bool | None = None
 
     @property

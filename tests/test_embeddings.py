@@ -1,0 +1,57 @@
+"""Embedding and lm_head targets (untied model): a channel of an embedding is one token's row."""
+
+import numpy as np
+import pytest
+import torch
+
+from bitsearch import api
+from bitsearch.apply import fake_quantize_model, load_packed, packed_tensor_bytes
+from bitsearch.errors import BitsearchError
+from bitsearch.models import find_targets, load_model
+from bitsearch.quant import fake_quantize
+
+SMALL = dict(samples=4, seq_len=32, group_size=16, calib_loss_samples=2, show_progress=False)
+TARGETS = r"embed_tokens|lm_head|layers\.0\.mlp"
+
+
+def test_embedding_rows_weighted_by_token_frequency(tiny_models, text_file):
+    model = tiny_models["qwen2"]   # untied embeddings
+    m = load_model(model)
+    targets = find_targets(m, targets=TARGETS)
+    kinds = {t.name: t.kind for t in targets}
+    assert kinds["model.embed_tokens"] == "embedding" and kinds["lm_head"] == "linear"
+    table = api.sensitivity(model=model, calib=text_file, targets=TARGETS, estimators="imatrix,snr",
+                            bits="0,2,4", calibrate="none", **SMALL)
+    from bitsearch.data import calibration_batches
+    from bitsearch.models import load_tokenizer
+
+    batch, _ = calibration_batches(load_tokenizer(model), text_file, 4, 32, 0)
+    freq = torch.bincount(batch.reshape(-1), minlength=m.config.vocab_size).double() / batch.numel()
+    w = m.get_submodule("model.embed_tokens").weight.detach()
+    rows = table.df["layer"] == "model.embed_tokens"
+    d = (w - fake_quantize(w, 2, 16)).double()
+    expect = freq.numpy() * d.pow(2).sum(1).numpy()
+    np.testing.assert_allclose(table.df.loc[rows, "imatrix.e2"].to_numpy(), expect, rtol=1e-6, atol=1e-15)
+    np.testing.assert_allclose(table.df.loc[rows, "snr.e2"].to_numpy(), expect, rtol=1e-6, atol=1e-15)
+    unseen = (freq == 0).numpy()
+    assert unseen.any() and (table.df.loc[rows, "imatrix.e2"].to_numpy()[unseen] == 0).all()
+
+
+def test_embedding_plan_applies_and_packs(tiny_models, text_file, tmp_path):
+    model = tiny_models["qwen2"]
+    plan = api.search(model=model, calib=text_file, budget="6", targets=TARGETS, out=str(tmp_path / "p.json"),
+                      **SMALL)
+    emb_bits = plan.bits["model.embed_tokens"]
+    assert len(np.unique(emb_bits)) > 1          # tokens get different widths
+    info = api.apply(model=model, plan=str(tmp_path / "p.json"), out=str(tmp_path / "packed"))
+    assert info["written_bytes"] == plan.summary["bytes"] == packed_tensor_bytes(str(tmp_path / "packed"))
+    packed = load_packed(str(tmp_path / "packed"))
+    fake = fake_quantize_model(load_model(model), plan)
+    x = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        assert torch.allclose(packed(input_ids=x).logits, fake(input_ids=x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_tied_embedding_is_refused_with_a_clear_message(llama_dir):
+    with pytest.raises(BitsearchError, match="tied"):
+        find_targets(load_model(llama_dir), targets="embed_tokens")
