@@ -30,7 +30,7 @@ from .sensitivity import DEFAULT_BITS, SensitivityTable, check_bits, compute_sen
 from .sensitivity.table import format_mix
 from .sensitivity.pipeline import CALIB_REF_BITS
 
-__all__ = ["sensitivity", "search", "search_plan", "apply", "evaluate", "parse_bits"]
+__all__ = ["sensitivity", "search", "search_plan", "apply", "evaluate", "plot_sensitivity", "parse_bits"]
 
 
 def parse_bits(bits: str | list[int] | None) -> list[int]:
@@ -211,3 +211,11 @@ def evaluate(*, model: str, text: str, max_tokens: int | None = None, seq_len: i
     if json_out:
         write_text_atomic(json_out, json.dumps(result.to_dict(), indent=1) + "\n")
     return result
+
+
+def plot_sensitivity(*, table: str, out: str, estimator: str | None = None, width: int | None = None) -> str:
+    """A PNG summary of a sensitivity table (heatmap, spread per layer type, SNR against bits)."""
+    from .plot_sensitivity import plot_sensitivity as _plot
+
+    _check_out(out, "plot")
+    return _plot(SensitivityTable.load(table), out, estimator=estimator, width=width)
