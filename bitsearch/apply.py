@@ -23,8 +23,8 @@ from torch import nn
 
 from . import __version__
 from .errors import BitsearchError
-from .models import PACKED_CONFIG, Target, model_fingerprint, target_of
-from .packed import PackedEmbedding, PackedLinear, _PackedRows, pack_module, pack_weight
+from .models import PACKED_CONFIG, Target, model_fingerprint, target_of, tied_linears
+from .packed import PackedEmbedding, PackedLinear, PackedTiedHead, _PackedRows, pack_module, pack_weight
 from .plan import BitPlan
 from .quant.grid import fake_quantize
 
@@ -50,7 +50,7 @@ def plan_targets(model: nn.Module, plan: BitPlan, where: str = "plan") -> list[T
         mod = modules.get(name)
         if not isinstance(mod, (nn.Linear, nn.Embedding)):
             raise BitsearchError(f"{where}: layer '{name}' is not a linear or embedding layer of this model")
-        targets.append(target_of(name, mod))
+        targets.append(target_of(name, mod, tied_linears(model, name) if isinstance(mod, nn.Embedding) else ()))
     plan.check_model(model_fingerprint(model, targets), where)
     return targets
 
@@ -76,7 +76,11 @@ def pack_model(model: nn.Module, plan: BitPlan) -> nn.Module:
     modules = dict(model.named_modules())
     for name, bits in plan.bits.items():
         mod = modules[name]
-        _set_module(model, name, pack_module(mod, torch.as_tensor(bits), plan.group_size).to(mod.weight.device))
+        heads = tied_linears(model, name) if isinstance(mod, nn.Embedding) else ()
+        packed = pack_module(mod, torch.as_tensor(bits), plan.group_size).to(mod.weight.device)
+        _set_module(model, name, packed)
+        for h in heads:
+            _set_module(model, h, PackedTiedHead(packed, modules[h].bias))
     return model
 
 
@@ -120,8 +124,12 @@ def save_packed(model: nn.Module, plan: BitPlan, out: str, tokenizer=None) -> in
 
     modules = dict(model.named_modules())
     quant, layers = {}, {}
+    skip = set(plan.bits)   # modules whose weight is stored packed (targets and their tied heads)
     for name, bits in plan.bits.items():
         mod = modules[name]
+        heads = tied_linears(model, name) if isinstance(mod, nn.Embedding) else \
+            tuple(n for n, m in modules.items() if isinstance(m, PackedTiedHead) and m._embedding is mod)
+        skip.update(heads)
         tensors = mod.packed_tensors() if isinstance(mod, _PackedRows) else \
             pack_weight(mod.weight, torch.as_tensor(bits), plan.group_size)
         for k, v in tensors.items():
@@ -130,10 +138,10 @@ def save_packed(model: nn.Module, plan: BitPlan, out: str, tokenizer=None) -> in
             Target(name, mod.out_features, mod.in_features, mod.kind)
         layers[name] = {"in_features": t.in_features, "out_features": t.out_features, "kind": t.kind,
                         "bias": getattr(mod, "bias", None) is not None,
-                        "padding_idx": getattr(mod, "padding_idx", None)}
+                        "padding_idx": getattr(mod, "padding_idx", None), "tied": list(heads)}
     rest, aliases, seen = {}, {}, {}
     for k, v in model.state_dict(keep_vars=False).items():
-        if k.rsplit(".", 1)[0] in plan.bits and not k.endswith(".bias"):  # a target's weight or packed buffers
+        if k.rsplit(".", 1)[0] in skip and not k.endswith(".bias"):  # a target's weight or packed buffers
             continue
         key = (v.data_ptr(), tuple(v.shape), v.dtype)
         if v.numel() and key in seen:
@@ -196,12 +204,16 @@ def load_packed(path: str, device: str = "cpu", dtype: torch.dtype = torch.float
         raise BitsearchError(f"packed checkpoint '{path}' is incomplete or corrupt: {exc}") from None
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    packed_embedding_tied = False
     for name, info in meta["layers"].items():
         prefix = name + "."
         tensors = {k[len(prefix):]: v for k, v in quant.items() if k.startswith(prefix)}
         if info.get("kind") == "embedding":
             new = PackedEmbedding(info["in_features"], info["out_features"], meta["group_size"], tensors,
                                   info.get("padding_idx"), compute_dtype=dtype)
+            for h in info.get("tied", []):
+                _set_module(model, h, PackedTiedHead(new, rest.get(h + ".bias")))
+                packed_embedding_tied = True
         else:
             new = PackedLinear(info["in_features"], info["out_features"], meta["group_size"], tensors,
                                rest.get(prefix + "bias"), compute_dtype=dtype)
@@ -214,7 +226,7 @@ def load_packed(path: str, device: str = "cpu", dtype: torch.dtype = torch.float
     if missing or unexpected:
         raise BitsearchError(f"packed checkpoint '{path}' does not match its config "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    if getattr(config, "tie_word_embeddings", False):
+    if getattr(config, "tie_word_embeddings", False) and not packed_embedding_tied:
         model.tie_weights()
     model.to(device)
     model.eval()

@@ -21,7 +21,7 @@ from .errors import BitsearchError
 
 __all__ = [
     "DTYPES", "Target", "load_model", "load_tokenizer", "decoder_blocks", "find_targets",
-    "model_fingerprint", "resolve_dtype", "target_of",
+    "model_fingerprint", "resolve_dtype", "target_of", "tied_linears",
 ]
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -39,6 +39,8 @@ class Target:
     out_features: int
     in_features: int
     kind: str = "linear"
+    #: linear modules sharing this embedding's weight (a tied lm_head): quantized with it
+    tied: tuple[str, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -129,8 +131,8 @@ def find_targets(model: nn.Module, targets: str | None = None, exclude: str | No
     full module name, chosen among every ``nn.Linear`` and ``nn.Embedding`` of the model (so an
     untied ``lm_head`` or the token embeddings can be added; an embedding's channel is one
     token's row). ``exclude``: a regex removing matches. A weight shared with a
-    module that is not a target (a tied lm_head) is refused: quantizing it would change the
-    other module too.
+    module that is not a target is refused (quantizing it would change the other module too),
+    except a tied lm_head: targeting the embedding quantizes both (``Target.tied``).
     """
     inc = _compile(targets, "--targets")
     exc = _compile(exclude, "--exclude")
@@ -150,17 +152,36 @@ def find_targets(model: nn.Module, targets: str | None = None, exclude: str | No
     owners: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(name.rsplit(".", 1)[0])
+    modules = dict(model.named_modules())
+    names = {n for n, _ in chosen}
+    out = []
     for name, mod in chosen:
         others = [o for o in owners.get(id(mod.weight), []) if o != name]
-        if others:
+        if not others:
+            out.append(target_of(name, mod))
+        elif isinstance(mod, nn.Embedding) and all(isinstance(modules[o], nn.Linear) for o in others):
+            out.append(target_of(name, mod, tuple(others)))   # a tied lm_head goes with its embedding
+        elif isinstance(mod, nn.Linear) and any(isinstance(modules[o], nn.Embedding) for o in others):
+            emb = next(o for o in others if isinstance(modules[o], nn.Embedding))
+            if emb not in names:
+                raise BitsearchError(f"target '{name}' shares its weight with the embedding '{emb}' (tied weights): "
+                                     f"target the embedding instead (--targets '{emb}'), which quantizes both, "
+                                     f"or exclude it with --exclude")
+        else:
             raise BitsearchError(f"target '{name}' shares its weight with '{others[0]}' (tied weights); "
                                  f"exclude it with --exclude")
-    return [target_of(n, m) for n, m in chosen]
+    return out
 
 
-def target_of(name: str, mod: nn.Module) -> Target:
+def tied_linears(model: nn.Module, name: str) -> tuple[str, ...]:
+    """Linear modules sharing the weight of module ``name`` (a tied lm_head of an embedding)."""
+    w = model.get_submodule(name).weight
+    return tuple(n for n, m in model.named_modules() if n != name and isinstance(m, nn.Linear) and m.weight is w)
+
+
+def target_of(name: str, mod: nn.Module, tied: tuple[str, ...] = ()) -> Target:
     kind = "embedding" if isinstance(mod, nn.Embedding) else "linear"
-    return Target(name, int(mod.weight.shape[0]), int(mod.weight.shape[1]), kind)
+    return Target(name, int(mod.weight.shape[0]), int(mod.weight.shape[1]), kind, tied)
 
 
 _VOLATILE = {"transformers_version", "dtype", "torch_dtype", "_name_or_path", "use_cache",

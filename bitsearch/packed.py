@@ -17,7 +17,7 @@ from torch import nn
 from .quant.grid import KEEP_WIDTH, QUANT_WIDTHS, choose_qparams, dequantize, quantize
 from .quant.packing import pack_codes, unpack_codes
 
-__all__ = ["PackedLinear", "PackedEmbedding", "pack_module", "pack_weight", "unpack_weight",
+__all__ = ["PackedLinear", "PackedEmbedding", "PackedTiedHead", "pack_module", "pack_weight", "unpack_weight",
            "QUANT_TENSOR_SUFFIXES"]
 
 QUANT_TENSOR_SUFFIXES = ("qbits", "codes_b", "scales_b", "zeros_b", "weight_f16")
@@ -143,6 +143,25 @@ class PackedEmbedding(_PackedRows):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.dequantized_weight(), self.padding_idx)
+
+
+class PackedTiedHead(nn.Module):
+    """An lm_head tied to a packed embedding: logits = x @ dequantized(embedding)^T. Holds no
+    tensors of its own (the embedding's are stored once)."""
+
+    def __init__(self, embedding: PackedEmbedding, bias: torch.Tensor | None = None):
+        super().__init__()
+        object.__setattr__(self, "_embedding", embedding)   # a reference, not a submodule
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self.in_features = embedding.in_features
+        self.out_features = embedding.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self._embedding.dequantized_weight().to(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"tied to a PackedEmbedding of {self.out_features} rows"
 
 
 def pack_module(mod: nn.Module, bits: torch.Tensor, group_size: int) -> _PackedRows:

@@ -89,6 +89,10 @@ class InputEstimator(Estimator):
                      group_size: int) -> LayerCurves:
         """Curves of one layer from its weight and input statistics (float64, on the weight's device)."""
 
+    def combine(self, a: LayerCurves, b: LayerCurves, bits: list[int]) -> LayerCurves:
+        """Curves of one weight used twice (a tied embedding and lm_head): the errors add."""
+        return LayerCurves(errors=a.errors + b.errors, metrics={k: a.metrics[k] + b.metrics[k] for k in a.metrics})
+
 
 class GradientEstimator(Estimator):
     @abstractmethod

@@ -67,25 +67,26 @@ def collect_input_curves(ctx: SensitivityContext, estimators: list[InputEstimato
         by_block.setdefault(block_of(runner, t.name), []).append(t)
     out: dict[str, dict[str, LayerCurves]] = {e.name: {} for e in estimators}
 
-    def finish(stats: InputStats, targets: list[Target]) -> None:
-        stats.all_reduce(ctx.dist)
-        for t in targets:
-            w = modules[t.name].weight
-            s = stats.mean(t.name).to(w.device)
-            for e in estimators:
-                out[e.name][t.name] = e.layer_curves(t, w, s, ctx.bits, ctx.group_size)
+    def curves_of(stats: InputStats, t: Target, name: str | None = None) -> dict[str, LayerCurves]:
+        w = modules[t.name].weight
+        s = stats.mean(name or t.name).to(w.device)
+        return {e.name: e.layer_curves(t, w, s, ctx.bits, ctx.group_size) for e in estimators}
+
+    def store(t: Target, lcs: dict[str, LayerCurves]) -> None:
+        for e in estimators:
+            out[e.name][t.name] = lcs[e.name]
 
     xs = [x for _j, x in ctx.micro_batches()]
     outside = by_block.get(None, [])
     emb = [t for t in outside if t.kind == "embedding"]
     head = [t for t in outside if t.kind != "embedding"]
+    tied = {h: t for t in emb for h in t.tied}   # a tied lm_head's inputs count for its embedding
     caps = []
-    with InputStats({t.name: modules[t.name] for t in emb}, kind) as stats:
+    with InputStats({t.name: modules[t.name] for t in emb}, kind) as emb_stats:
         for x in xs:
             caps.append(runner.capture(x))
-            stats.end_pass()
-    if emb:
-        finish(stats, emb)
+            emb_stats.end_pass()
+    emb_stats.all_reduce(ctx.dist)
     hs, kws = [c[0] for c in caps], [c[1] for c in caps]
     for i in progress(range(runner.n_blocks), desc=f"inputs ({kind})", enable=ctx.show_progress and ctx.dist.is_main):
         tg = by_block.get(i, [])
@@ -95,14 +96,25 @@ def collect_input_curves(ctx: SensitivityContext, estimators: list[InputEstimato
                 new.append(runner.run_block(block, h, kw))
                 stats.end_pass()
             hs = new
-            if tg:
-                finish(stats, tg)
-    if head:
-        with InputStats({t.name: modules[t.name] for t in head}, kind) as stats:
+            stats.all_reduce(ctx.dist)
+            for t in tg:
+                store(t, curves_of(stats, t))
+    if head or tied:
+        with InputStats({n: modules[n] for n in [t.name for t in head] + list(tied)}, kind) as tail:
             for h, x in zip(hs, xs):
                 runner.logits(h, x)
-                stats.end_pass()
-        finish(stats, head)
+                tail.end_pass()
+        tail.all_reduce(ctx.dist)
+        for t in head:
+            store(t, curves_of(tail, t))
+    for t in emb:
+        lcs = curves_of(emb_stats, t)
+        for h in t.tied:
+            as_head = Target(h, t.out_features, t.in_features, "linear")
+            lin = {e.name: e.layer_curves(as_head, modules[t.name].weight, tail.mean(h).to(modules[t.name].weight.device),
+                                          ctx.bits, ctx.group_size) for e in estimators}
+            lcs = {e.name: e.combine(lcs[e.name], lin[e.name], ctx.bits) for e in estimators}
+        store(t, lcs)
     return out
 
 

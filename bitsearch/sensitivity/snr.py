@@ -69,7 +69,15 @@ class SnrEstimator(InputEstimator):
             for k, _b, d in quant_residuals(w, bits, group_size):
                 dd = d.double()
                 noise[:, k] = ((dd @ sigma) * dd).sum(1).clamp_min(0).cpu().numpy()
+        return self._curves(signal, noise, bits)
+
+    @staticmethod
+    def _curves(signal: np.ndarray, noise: np.ndarray, bits: list[int]) -> LayerCurves:
         db = snr_db(signal[:, None], noise)
         metrics = {"signal": signal, "slope_db": db_slope(bits, db)}
         metrics.update({f"db{b}": db[:, k] for k, b in enumerate(bits) if b != 0})
         return LayerCurves(errors=noise, metrics=metrics)
+
+    def combine(self, a: LayerCurves, b: LayerCurves, bits: list[int]) -> LayerCurves:
+        """Two uses of one weight: signal and noise powers add."""
+        return self._curves(a.metrics["signal"] + b.metrics["signal"], a.errors + b.errors, bits)
