@@ -23,7 +23,7 @@ def _run(cmd, env):
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(llama_dir, text_file, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", BITSEARCH_NO_PROGRESS="1")
-    est = "imatrix,snr"
+    est = "imatrix,snr,fisher,hutchinson"
     common = ["sensitivity", "--model", llama_dir, "--calib", text_file, "--estimators", est] + ARGS
     one, two = str(tmp_path / "one.parquet"), str(tmp_path / "two.parquet")
     _run([sys.executable, "-m", "bitsearch"] + common + ["--out", one], env)

@@ -1,5 +1,7 @@
 """Per-channel sensitivity estimators and their table."""
 
+from . import fisher as _fisher  # noqa: F401  (importing registers the estimators)
+from . import hutchinson as _hutchinson  # noqa: F401
 from . import imatrix as _imatrix  # noqa: F401
 from . import snr as _snr  # noqa: F401
 from .base import ESTIMATORS, Estimator, LayerCurves, get_estimator, register_estimator

@@ -13,8 +13,9 @@ with the metric ``fisher_sum`` = sum_j F_cj. Per-sample gradients come from one 
 micro-batch: a forward hook keeps each target's input x and output y, autograd gives
 G = d(sum_s L_s)/dy, and since rows of a causal LM do not interact, sample s's weight
 gradient is sum_t G[s,t]^T x[s,t] for a Linear (an einsum, chunked over samples to bound
-memory) and the index_add of G[s,t] into row x[s,t] for an Embedding (x are token ids).
-Accumulators are summed over micro-batches and ranks before the curves are formed.
+memory) and the index_add of G[s,t] into row x[s,t] for an Embedding (x are token ids). A
+weight with several uses (an embedding tied to the lm_head) sums its uses' per-sample
+gradients before squaring. Accumulators are summed over micro-batches and ranks before the curves are formed.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ..progress import progress
 from .base import GradientEstimator, LayerCurves, SensitivityContext, register_estimator
 from .grad_loss import gradient_session, per_sample_loss_sum, target_weights, weighted_sq_errors
 
-__all__ = ["FisherEstimator", "linear_sq_grad_sum", "embedding_sq_grad_sum"]
+__all__ = ["FisherEstimator", "collect_fisher", "linear_sq_grad_sum", "embedding_sq_grad_sum", "dense_sq_grad_sum"]
 
 #: elements of the (chunk, out, in) per-sample gradient block formed at once
 _CHUNK_ELEMENTS = 1 << 25
@@ -36,8 +37,9 @@ _CHUNK_ELEMENTS = 1 << 25
 def linear_sq_grad_sum(x: torch.Tensor, gy: torch.Tensor, acc: torch.Tensor) -> None:
     """acc += sum_s (gy[s]^T x[s])^2 for x (B, ..., in), gy (B, ..., out); acc (out, in)."""
     b = x.shape[0]
-    x = x.reshape(b, -1, x.shape[-1]).float()
-    gy = gy.reshape(b, -1, gy.shape[-1]).float()
+    dt = torch.promote_types(x.dtype, torch.float32)
+    x = x.reshape(b, -1, x.shape[-1]).to(dt)
+    gy = gy.reshape(b, -1, gy.shape[-1]).to(dt)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, acc.numel()))
     for i in range(0, b, chunk):
         g = torch.einsum("bto,bti->boi", gy[i:i + chunk], x[i:i + chunk])
@@ -50,7 +52,7 @@ def embedding_sq_grad_sum(ids: torch.Tensor, gy: torch.Tensor, acc: torch.Tensor
     b = ids.shape[0]
     vocab = acc.shape[0]
     ids = ids.reshape(b, -1).long()
-    gy = gy.reshape(b, ids.shape[1], -1).float()
+    gy = gy.reshape(b, ids.shape[1], -1).to(torch.promote_types(gy.dtype, torch.float32))
     keys = (torch.arange(b, device=ids.device)[:, None] * vocab + ids).reshape(-1)
     uniq, inv = torch.unique(keys, return_inverse=True)
     g = torch.zeros(uniq.numel(), gy.shape[-1], dtype=gy.dtype, device=gy.device)
@@ -58,15 +60,104 @@ def embedding_sq_grad_sum(ids: torch.Tensor, gy: torch.Tensor, acc: torch.Tensor
     acc.index_add_(0, uniq % vocab, g.pow(2).to(acc.dtype))
 
 
-def _check_untied(model: nn.Module, names: list[str]) -> None:
-    """Hooks see only the target module's use of its weight: refuse a weight used elsewhere."""
-    owners: dict[int, list[str]] = {}
-    for pname, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(pname.rsplit(".", 1)[0])
-    for name in names:
-        others = [o for o in owners.get(id(model.get_submodule(name).weight), []) if o != name]
-        if others:
-            raise BitsearchError(f"fisher: target '{name}' shares its weight with '{others[0]}' (tied weights)")
+def dense_sq_grad_sum(uses: list[tuple[str, torch.Tensor, torch.Tensor]], acc: torch.Tensor) -> None:
+    """acc += sum_s G_s^2 where G_s sums sample s's gradient over several uses of one weight
+    (a tied embedding and lm_head, a module called twice): each use is ("linear", x, gy) or
+    ("embedding", ids, gy). Forms (chunk, out, in) per-sample gradients."""
+    b = uses[0][1].shape[0]
+    rows, cols = acc.shape
+    dt = torch.promote_types(uses[0][2].dtype, torch.float32)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, acc.numel()))
+    for i in range(0, b, chunk):
+        c = min(chunk, b - i)
+        g = torch.zeros(c, rows, cols, dtype=dt, device=acc.device)
+        for kind, inp, gy in uses:
+            gy = gy[i:i + c].reshape(c, -1, gy.shape[-1]).to(dt)
+            if kind == "embedding":
+                ids = inp[i:i + c].reshape(c, -1).long()
+                keys = (torch.arange(c, device=ids.device)[:, None] * rows + ids).reshape(-1)
+                g.view(c * rows, cols).index_add_(0, keys, gy.reshape(-1, cols))
+            else:
+                g += torch.einsum("bto,bti->boi", gy, inp[i:i + c].reshape(c, -1, cols).to(dt))
+        acc += g.pow(2).sum(0).to(acc.dtype)
+
+
+def _users(model: nn.Module, weight: nn.Parameter, name: str) -> list[tuple[nn.Module, str]]:
+    """Every module using ``weight`` (the target and, e.g., a tied lm_head), with its kind."""
+    out, seen = [], set()
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        if getattr(mod, "weight", None) is not weight or id(mod) in seen:
+            continue
+        seen.add(id(mod))
+        if isinstance(mod, nn.Embedding):
+            out.append((mod, "embedding"))
+        elif isinstance(mod, nn.Linear):
+            out.append((mod, "linear"))
+        else:
+            raise BitsearchError(f"fisher: the weight of target '{name}' is also used by '{mname}', "
+                                 f"a {type(mod).__name__} (only Linear and Embedding users are supported)")
+    return out
+
+
+def collect_fisher(ctx: SensitivityContext) -> dict[str, torch.Tensor]:
+    """The diagonal empirical Fisher (out, in) of every target weight, float64 on the CPU,
+    summed over ranks. A weight used by several modules (a tied lm_head) gets the Fisher of
+    the weight itself: per-sample gradients of all its uses are added before squaring."""
+    names = [t.name for t in ctx.targets]
+    weights = target_weights(ctx.model, names)
+    dev = ctx.device
+    acc = [torch.zeros(w.shape, dtype=torch.float64, device=dev) for w in weights]
+    seen: list[list[tuple[str, torch.Tensor, torch.Tensor]]] = [[] for _ in names]
+    recording = [False]  # off during backward, where checkpointing re-runs the forwards
+
+    def hook(i, kind):
+        def fn(_mod, args, out):
+            if recording[0]:
+                seen[i].append((kind, args[0].detach(), out))
+        return fn
+
+    handles = []
+    try:
+        for i, (name, w) in enumerate(zip(names, weights)):
+            for mod, kind in _users(ctx.model, w, name):
+                handles.append(mod.register_forward_hook(hook(i, kind)))
+        with gradient_session(ctx.model, weights, ctx.checkpointing):
+            for _j, x in progress(ctx.micro_batches(), desc="fisher", enable=ctx.show_progress):
+                x = x.to(dev)
+                recording[0] = True
+                try:
+                    loss = per_sample_loss_sum(ctx.model, x)
+                finally:
+                    recording[0] = False
+                calls = [list(s) for s in seen]
+                for s in seen:
+                    s.clear()
+                outs = [out for c in calls for _k, _inp, out in c]
+                grads = iter(torch.autograd.grad(loss, outs, allow_unused=True))
+                for i, c in enumerate(calls):
+                    uses = []
+                    for kind, inp, _out in c:
+                        gy = next(grads)
+                        if gy is None:
+                            continue
+                        if inp.shape[0] != x.shape[0]:
+                            raise BitsearchError(f"fisher: target '{names[i]}' does not see the batch as its "
+                                                 f"first dimension (input shape {tuple(inp.shape)})")
+                        uses.append((kind, inp, gy))
+                    if len(uses) > 1:
+                        dense_sq_grad_sum(uses, acc[i])
+                    elif uses and uses[0][0] == "embedding":
+                        embedding_sq_grad_sum(uses[0][1], uses[0][2], acc[i])
+                    elif uses:
+                        linear_sq_grad_sum(uses[0][1], uses[0][2], acc[i])
+                del loss, grads, calls, outs
+    finally:
+        for h in handles:
+            h.remove()
+        for s in seen:
+            s.clear()
+    n = ctx.batch.shape[0]
+    return {name: ctx.dist.all_reduce(a).cpu() / n for name, a in zip(names, acc)}
 
 
 @register_estimator
@@ -75,58 +166,12 @@ class FisherEstimator(GradientEstimator):
     loss_units = True
 
     def estimate(self, ctx: SensitivityContext) -> dict[str, LayerCurves]:
-        names = [t.name for t in ctx.targets]
-        _check_untied(ctx.model, names)
-        weights = target_weights(ctx.model, names)
-        modules = [ctx.model.get_submodule(n) for n in names]
-        dev = ctx.device
-        acc = [torch.zeros(w.shape, dtype=torch.float64, device=dev) for w in weights]
-        seen: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in names]
-        recording = [False]  # off during backward, where checkpointing re-runs the forwards
-
-        def hook(i):
-            def fn(_mod, args, out):
-                if recording[0]:
-                    seen[i].append((args[0].detach(), out))
-            return fn
-
-        handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
-        try:
-            with gradient_session(ctx.model, weights, ctx.checkpointing):
-                for _j, x in progress(ctx.micro_batches(), desc="fisher", enable=ctx.show_progress):
-                    x = x.to(dev)
-                    recording[0] = True
-                    try:
-                        loss = per_sample_loss_sum(ctx.model, x)
-                    finally:
-                        recording[0] = False
-                    calls = [(i, inp, out) for i, s in enumerate(seen) for inp, out in s]
-                    for s in seen:
-                        s.clear()
-                    grads = torch.autograd.grad(loss, [out for _i, _inp, out in calls], allow_unused=True)
-                    for (i, inp, out), gy in zip(calls, grads):
-                        if gy is None:
-                            continue
-                        if inp.shape[0] != x.shape[0]:
-                            raise BitsearchError(f"fisher: target '{names[i]}' does not see the batch as its "
-                                                 f"first dimension (input shape {tuple(inp.shape)})")
-                        if isinstance(modules[i], nn.Embedding):
-                            embedding_sq_grad_sum(inp, gy, acc[i])
-                        else:
-                            linear_sq_grad_sum(inp, gy, acc[i])
-                    del loss, grads, calls
-        finally:
-            for h in handles:
-                h.remove()
-            for s in seen:
-                s.clear()
-
-        n = ctx.batch.shape[0]
+        fisher = collect_fisher(ctx)
         result = {}
-        for name, w, a in zip(names, weights, acc):
-            ctx.dist.all_reduce(a)
-            fisher = (a / n).cpu()
-            result[name] = LayerCurves(
-                errors=0.5 * weighted_sq_errors(w, ctx.bits, ctx.group_size, fisher),
-                metrics={"fisher_sum": fisher.sum(1).numpy()})
+        for t in ctx.targets:
+            w = ctx.model.get_submodule(t.name).weight
+            f = fisher[t.name]
+            result[t.name] = LayerCurves(
+                errors=0.5 * weighted_sq_errors(w, ctx.bits, ctx.group_size, f),
+                metrics={"fisher_sum": f.sum(1).numpy()})
         return result

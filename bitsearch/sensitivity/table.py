@@ -109,6 +109,34 @@ class SensitivityTable:
                 out += w * df[[err_col(b, est) for b in bits]].to_numpy(dtype=np.float64)
         return out
 
+    @classmethod
+    def merge(cls, tables: list["SensitivityTable"], mix: str | dict | None = None) -> "SensitivityTable":
+        """One table holding the estimators of several tables computed for the same targets, menu
+        and group size (e.g. estimators timed one at a time); default mix: equal weights."""
+        first = tables[0]
+        df = first.df.copy()
+        names = list(first.estimators)
+        info = dict(first.meta.get("estimator_info", {}))
+        for t in tables[1:]:
+            if t.bits != first.bits or t.group_size != first.group_size:
+                raise BitsearchError("cannot merge sensitivity tables with different menus or group sizes")
+            if not (t.df["layer"].to_numpy() == df["layer"].to_numpy()).all() or \
+                    not (t.df["channel"].to_numpy() == df["channel"].to_numpy()).all():
+                raise BitsearchError("cannot merge sensitivity tables over different channels")
+            dup = [e for e in t.estimators if e in names]
+            if dup:
+                raise BitsearchError(f"estimator '{dup[0]}' appears in two of the tables to merge")
+            for c in t.df.columns:
+                if c.split(".", 1)[0] in t.estimators:
+                    df[c] = t.df[c].to_numpy()
+            names += t.estimators
+            info.update(t.meta.get("estimator_info", {}))
+        default = parse_mix(mix, names) or {n: 1.0 / len(names) for n in names}
+        units = {i.get("units") for i in info.values()}
+        meta = dict(first.meta, estimators=names, estimator_info=info, mix=default, mix_text=format_mix(default),
+                    units=units.pop() if len(units) == 1 else "mixed: see estimator_info")
+        return cls(df=df, meta=meta)
+
     def metric(self, estimator: str, name: str) -> np.ndarray | None:
         col = f"{estimator}.{name}"
         return self.df[col].to_numpy() if col in self.df.columns else None

@@ -1,0 +1,127 @@
+"""Shared pieces of the gradient estimators (``fisher``, ``hutchinson``).
+
+The calibration loss is L = (1/T) * sum of the next-token cross-entropies over the WHOLE
+calibration batch (T = ``ctx.n_tokens_predicted``). :func:`micro_batch_loss` returns one
+micro-batch's share of it (its CE sum over T), so summing over micro-batches and ranks gives
+L, its gradient and its Hessian exactly.
+
+:func:`gradient_session` puts the model in the state the passes need and restores it after:
+eval mode, only the target weights requiring grad, optionally activation checkpointing of the
+decoder blocks. Checkpointing wraps each block's ``forward`` in
+``torch.utils.checkpoint.checkpoint(use_reentrant=False)`` rather than calling HF's
+``gradient_checkpointing_enable()``: HF checkpoints only in training mode (which turns on the
+dropout some families, e.g. OPT, apply in the block's own ``forward``) and leaves a
+``requires_grad`` hook on the input embeddings after ``..._disable()``. Non-reentrant
+checkpointing supports double backward (Hessian-vector products); the reentrant one does not
+support ``torch.autograd.grad`` at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import BitsearchError
+from ..quant.grid import fake_quantize
+
+__all__ = ["micro_batch_loss", "per_sample_loss_sum", "gradient_session", "math_sdpa",
+           "target_weights", "weighted_sq_errors"]
+
+
+def _logits_targets(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(input_ids=x, use_cache=False).logits[:, :-1]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # the softmax in float32; float64 models keep float64
+    return logits, x[:, 1:]
+
+
+def micro_batch_loss(model: nn.Module, x: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Sum of the next-token cross-entropies of micro-batch ``x`` (B, S) divided by ``n_tokens``
+    (the whole calibration batch's count), so micro-batch losses add up to L."""
+    logits, tgt = _logits_targets(model, x)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum")
+    return ce / n_tokens
+
+
+def per_sample_loss_sum(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """sum_s L_s over the rows s of ``x``, L_s being row s's mean next-token cross-entropy. Rows
+    do not interact in a causal LM, so the gradient of this sum w.r.t. a row's activations is
+    that row's own dL_s."""
+    logits, tgt = _logits_targets(model, x)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum")
+    return ce / tgt.shape[1]
+
+
+def math_sdpa() -> contextlib.AbstractContextManager:
+    """The math SDPA kernel: the fused CPU/CUDA kernels have no double backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def target_weights(model: nn.Module, names: list[str]) -> list[nn.Parameter]:
+    """The weight of each target (an ``nn.Linear`` or ``nn.Embedding``), in order."""
+    out = []
+    for name in names:
+        mod = model.get_submodule(name)
+        if not isinstance(mod, (nn.Linear, nn.Embedding)):
+            raise BitsearchError(f"target '{name}' is a {type(mod).__name__}, not a Linear or Embedding")
+        out.append(mod.weight)
+    return out
+
+
+def _decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    from ..models import decoder_blocks
+
+    return decoder_blocks(model)[1]
+
+
+@contextlib.contextmanager
+def gradient_session(model: nn.Module, weights: list[nn.Parameter], checkpointing: bool = False) -> Iterator[None]:
+    """Eval mode, only ``weights`` requiring grad, decoder blocks checkpointed if asked; every
+    module's mode, every parameter's flag and every block's ``forward`` restored on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    wrapped: list[nn.Module] = []
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+        if checkpointing:
+            from torch.utils.checkpoint import checkpoint
+
+            for block in _decoder_blocks(model):
+                if "forward" in vars(block):
+                    raise BitsearchError(f"cannot checkpoint {type(block).__name__}: its forward is already patched")
+                block.forward = functools.partial(checkpoint, type(block).forward.__get__(block),
+                                                  use_reentrant=False)
+                wrapped.append(block)
+        yield
+    finally:
+        for block in wrapped:
+            del block.forward
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
+
+
+def weighted_sq_errors(weight: torch.Tensor, bits: list[int], group_size: int,
+                       col_weight: torch.Tensor | None = None) -> np.ndarray:
+    """(out, n_bits) float64: sum_j c_j * (w_cj - q_b(w)_cj)^2 for each width b; ``col_weight``
+    c is None (all ones) or a tensor broadcasting against the weight ((out, in) or (in,))."""
+    w = weight.detach().float().cpu()
+    cw = None if col_weight is None else col_weight.detach().double().cpu()
+    out = np.empty((w.shape[0], len(bits)), dtype=np.float64)
+    for k, b in enumerate(bits):
+        d2 = (w - fake_quantize(w, b, group_size)).double().pow(2)
+        out[:, k] = (d2 if cw is None else d2 * cw).sum(1).numpy()
+    return out
