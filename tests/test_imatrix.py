@@ -36,6 +36,7 @@ def test_input_curves_match_captured_inputs(arch, tiny_models):
     inputs a whole-model forward feeds each target (every architecture, shared q/k/v inputs)."""
     m = load_model(tiny_models[arch])
     targets = find_targets(m)
+    torch.manual_seed(0)
     batch = torch.randint(0, 300, (5, 20))
     ctx = SensitivityContext(model=m, targets=targets, batch=batch, bits=BITS, group_size=16, micro_batch=2,
                              show_progress=False)
@@ -51,7 +52,9 @@ def test_input_curves_match_captured_inputs(arch, tiny_models):
         np.testing.assert_allclose(sn.metrics["signal"], signal, rtol=1e-6)
         for k, b in enumerate(BITS):
             d = (w - fake_quantize(w, b, 16)).double()
-            np.testing.assert_allclose(sn.errors[:, k], (x @ d.T).pow(2).mean(0).numpy(), rtol=1e-5, atol=1e-12)
+            # statistics accumulate float32 products: allow their rounding relative to the layer's scale
+            direct = (x @ d.T).pow(2).mean(0).numpy()
+            np.testing.assert_allclose(sn.errors[:, k], direct, rtol=1e-5, atol=1e-6 * direct.max())
         np.testing.assert_allclose(sn.errors[:, 0], signal, rtol=1e-6)   # pruned: the noise is the signal
 
 
