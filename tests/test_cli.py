@@ -77,6 +77,18 @@ def test_bad_inputs(made, capsys, tmp_path, tiny_models):
         (["sensitivity", "--model", m, "--calib", text, "--estimators", "magic", "--samples", "2", "--seq-len", "16",
           "--out", out], r"unknown estimator 'magic'"),
         (["sensitivity", "--model", m, "--calib", text, "--dtype", "float7", "--out", out], r"unknown dtype"),
+        (["sensitivity", "--model", m, "--calib", text, "--estimators", "imatrix,fisher", "--mix", "snr=1",
+          "--samples", "2", "--seq-len", "16", "--out", out], r"mix names estimator 'snr'"),
+        (["sensitivity", "--model", m, "--calib", text, "--estimators", "fisher", "--offload", "--samples", "2",
+          "--seq-len", "16", "--out", out], r"--offload .* not fisher"),
+        (["sensitivity", "--model", m, "--calib", text, "--estimators", "hutchinson", "--probes", "0",
+          "--samples", "2", "--seq-len", "16", "--out", out], r"--probes must be at least 1"),
+        (["sensitivity", "--model", m, "--calib", text, "--targets", "lm_head", "--samples", "2", "--seq-len", "16",
+          "--out", out], r"target the embedding instead"),
+        (["search", "--model", m, "--sensitivity", table, "--budget", "3", "--group-size", "16", "--mix", "fisher",
+          "--out", out], r"mix names estimator 'fisher'"),
+        (["plot", "sensitivity", "--table", table, "--estimator", "fisher", "--out", str(tmp_path / "p.png")],
+         r"estimator 'fisher'"),
         (["apply", "--model", m, "--plan", str(tmp_path / "none.json"), "--out", out], r"does not exist"),
         (["apply", "--model", tiny_models["qwen2"], "--plan", plan, "--out", str(tmp_path / "o")],
          r"made for another model|not a target layer|in the plan but"),
@@ -105,5 +117,5 @@ def test_hf_calibration_offline_is_one_line(made, capsys, tmp_path):
 def test_console_script_entry():
     r = subprocess.run([sys.executable, "-m", "bitsearch", "--help"], capture_output=True, text=True)
     assert r.returncode == 0
-    for sub in ["demo", "sensitivity", "search", "apply", "eval"]:
+    for sub in ["demo", "sensitivity", "search", "apply", "eval", "plot"]:
         assert sub in r.stdout

@@ -126,3 +126,29 @@ def test_inline_search_skips_widths_it_cannot_pick(llama_dir, text_file, monkeyp
     monkeypatch.setattr(pipeline, "prune_loss_response", lambda *a, **k: called.append(1) or {})
     plan = api.search(model=llama_dir, calib=text_file, budget="4.5", **SMALL)
     assert not called and plan.menu == [2, 3, 4, 5, 6, 8]
+
+
+def test_multi_estimator_table_search_and_plot(llama_dir, text_file, tmp_path, capsys):
+    """One table with every estimator; each estimator, a mix and water-filling give plans within
+    budget; the plot command draws it."""
+    from bitsearch.cli import main
+
+    path = str(tmp_path / "all.parquet")
+    t = api.sensitivity(model=llama_dir, calib=text_file, out=path, estimators="imatrix,snr,fisher,hutchinson",
+                        probes=2, **SMALL)
+    assert t.estimators == ["imatrix", "snr", "fisher", "hutchinson"]
+    assert t.meta["estimator_info"]["fisher"]["calibration"] == "native"
+    assert t.meta["estimator_info"]["snr"]["calibration"] == "layer-loss"
+    assert all(np.isfinite(t.curves(mix=e)).all() for e in t.estimators)
+    plans = {}
+    for mix, method in [("imatrix", "greedy"), ("snr", "greedy"), ("fisher", "greedy"), ("hutchinson", "greedy"),
+                        (None, "greedy"), ("snr", "snr")]:
+        p = api.search(model=llama_dir, budget="4.5", sensitivity_table=path, group_size=16, mix=mix, method=method,
+                       show_progress=False)
+        assert 4.3 < p.summary["avg_bits"] <= 4.5
+        plans[(mix, method)] = p
+    assert plans[(None, "greedy")].provenance["estimator_mix"] == "imatrix=0.25,snr=0.25,fisher=0.25,hutchinson=0.25"
+    assert any(not np.array_equal(plans[("imatrix", "greedy")].bits[n], plans[("fisher", "greedy")].bits[n])
+               for n in plans[("imatrix", "greedy")].bits)
+    assert main(["plot", "sensitivity", "--table", path, "--estimator", "snr", "--out", str(tmp_path / "s.png")]) == 0
+    assert os.path.getsize(tmp_path / "s.png") > 10000
