@@ -26,7 +26,8 @@ from torch import nn
 from ..errors import BitsearchError
 from ..progress import progress
 from .base import GradientEstimator, LayerCurves, SensitivityContext, register_estimator
-from .grad_loss import gradient_session, per_sample_loss_sum, target_weights, weighted_sq_errors
+from .grad_loss import gradient_session, per_sample_loss_sum, target_weights
+from .residuals import weighted_sq_errors
 
 __all__ = ["FisherEstimator", "collect_fisher", "linear_sq_grad_sum", "embedding_sq_grad_sum", "dense_sq_grad_sum"]
 

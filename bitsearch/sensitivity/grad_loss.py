@@ -22,16 +22,14 @@ import contextlib
 import functools
 from typing import Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BitsearchError
-from ..quant.grid import fake_quantize
 
 __all__ = ["micro_batch_loss", "per_sample_loss_sum", "gradient_session", "math_sdpa",
-           "target_weights", "weighted_sq_errors"]
+           "target_weights"]
 
 
 def _logits_targets(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,16 +110,3 @@ def gradient_session(model: nn.Module, weights: list[nn.Parameter], checkpointin
             p.requires_grad_(flag)
         for m, mode in modes:
             m.training = mode
-
-
-def weighted_sq_errors(weight: torch.Tensor, bits: list[int], group_size: int,
-                       col_weight: torch.Tensor | None = None) -> np.ndarray:
-    """(out, n_bits) float64: sum_j c_j * (w_cj - q_b(w)_cj)^2 for each width b; ``col_weight``
-    c is None (all ones) or a tensor broadcasting against the weight ((out, in) or (in,))."""
-    w = weight.detach().float().cpu()
-    cw = None if col_weight is None else col_weight.detach().double().cpu()
-    out = np.empty((w.shape[0], len(bits)), dtype=np.float64)
-    for k, b in enumerate(bits):
-        d2 = (w - fake_quantize(w, b, group_size)).double().pow(2)
-        out[:, k] = (d2 if cw is None else d2 * cw).sum(1).numpy()
-    return out

@@ -36,7 +36,8 @@ import torch
 from ..errors import BitsearchError
 from ..progress import progress
 from .base import GradientEstimator, LayerCurves, SensitivityContext, register_estimator
-from .grad_loss import gradient_session, math_sdpa, micro_batch_loss, target_weights, weighted_sq_errors
+from .grad_loss import gradient_session, math_sdpa, micro_batch_loss, target_weights
+from .residuals import weighted_sq_errors
 
 __all__ = ["HutchinsonEstimator", "probe_generator"]
 

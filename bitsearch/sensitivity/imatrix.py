@@ -18,34 +18,22 @@ import numpy as np
 import torch
 
 from ..models import Target
-from ..quant.grid import fake_quantize
 from .base import InputEstimator, LayerCurves, register_estimator
+from .residuals import weighted_sq_errors
 
-__all__ = ["ImatrixEstimator", "quant_residuals", "weighted_error_curves"]
-
-
-def quant_residuals(weight: torch.Tensor, bits: list[int], group_size: int):
-    """Yield (k, b, w - q_b(w)) for each width of the menu (float32, on the weight's device)."""
-    w = weight.detach().float()
-    for k, b in enumerate(bits):
-        yield k, b, w - fake_quantize(w, b, group_size)
+__all__ = ["ImatrixEstimator", "weighted_error_curves", "row_weighted_error_curves"]
 
 
 def weighted_error_curves(weight: torch.Tensor, col_weight: torch.Tensor, bits: list[int],
                           group_size: int) -> np.ndarray:
     """(out, n_bits): sum_j col_weight_j * (w_cj - q_b(w)_cj)^2 for each width b."""
-    cw = col_weight.to(weight.device).double()
-    out = np.empty((weight.shape[0], len(bits)), dtype=np.float64)
-    for k, _b, d in quant_residuals(weight, bits, group_size):
-        out[:, k] = (d.double().pow(2) * cw).sum(1).cpu().numpy()
-    return out
+    return weighted_sq_errors(weight, bits, group_size, col_weight)
 
 
 def row_weighted_error_curves(weight: torch.Tensor, row_weight: torch.Tensor, bits: list[int],
                               group_size: int) -> np.ndarray:
     """(out, n_bits): row_weight_c * ||w_c - q_b(w_c)||^2 (embedding targets)."""
-    ones = torch.ones(weight.shape[1], dtype=torch.float64, device=weight.device)
-    return weighted_error_curves(weight, ones, bits, group_size) * row_weight.double().cpu().numpy()[:, None]
+    return weighted_sq_errors(weight, bits, group_size) * row_weight.double().cpu().numpy()[:, None]
 
 
 @register_estimator

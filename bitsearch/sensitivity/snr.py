@@ -23,7 +23,8 @@ import torch
 
 from ..models import Target
 from .base import InputEstimator, LayerCurves, register_estimator
-from .imatrix import quant_residuals, row_weighted_error_curves
+from .imatrix import row_weighted_error_curves
+from .residuals import quant_residuals
 
 __all__ = ["SnrEstimator", "snr_db", "db_slope"]
 
