@@ -43,3 +43,25 @@ def test_searched_plan_at_2_5_bits_beats_uniform_2_bit(tmp_path):
         packed = load_model(str(tmp_path / method))
         results[method] = perplexity(packed, ids, 512, 4096, show_progress=False).ppl
     assert results["greedy"] < 0.9 * results["uniform"], results
+
+
+def test_every_estimator_scores_every_channel_and_its_plan_applies(tmp_path, capsys):
+    """The CLI with all four estimators on the SLM (reduced calibration): a finite value for
+    each of the 31,744 channels from each estimator, and each estimator's plan applies."""
+    from bitsearch.cli import main
+    from bitsearch.sensitivity import SensitivityTable
+
+    table = str(tmp_path / "t.parquet")
+    assert main(["--quiet", "sensitivity", "--model", SLM, "--calib", f"{CORPUS}/heldout.txt", "--samples", "4",
+                 "--seq-len", "128", "--micro-batch", "2", "--probes", "2", "--calib-loss-samples", "2",
+                 "--bits", "0,2,3,4,8", "--estimators", "imatrix,hutchinson,fisher,snr", "--out", table]) == 0
+    t = SensitivityTable.load(table)
+    assert len(t.df) == 31744
+    for est in t.estimators:
+        assert np.isfinite(t.curves(mix=est)).all(), est
+        plan = str(tmp_path / f"{est}.json")
+        assert main(["--quiet", "search", "--model", SLM, "--sensitivity", table, "--mix", est, "--budget", "2.5",
+                     "--out", plan]) == 0
+        assert main(["--quiet", "apply", "--model", SLM, "--plan", plan, "--out", str(tmp_path / est)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("bytes of packed target tensors") == 4
