@@ -130,6 +130,10 @@ def _run(args: argparse.Namespace) -> int:
             print(f"wrote {args.out}: {len(table.df)} channels in {len(table.layers)} layers, "
                   f"widths {','.join(map(str, table.bits))}, group size {table.group_size}, "
                   f"estimators {secs}; {table.meta['units']}")
+            hutch = table.meta["estimator_info"].get("hutchinson", {})
+            if "layer_rel_se_median" in hutch:
+                print(f"hutchinson: standard error of a layer's trace, median {100 * hutch['layer_rel_se_median']:.1f} %, "
+                      f"worst {100 * hutch['layer_rel_se_max']:.1f} % of the trace (more --probes lower it)")
     elif args.command == "search":
         plan = api.search(model=args.model, budget=args.budget, out=args.out, calib=args.calib,
                           sensitivity_table=args.sensitivity, method=args.method, bits=args.bits,

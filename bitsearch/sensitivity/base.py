@@ -78,6 +78,8 @@ class Estimator(ABC):
     name: str = ""
     #: True when the curves already predict the calibration-loss increase.
     loss_units: bool = False
+    #: figures an estimator reports about its last run (e.g. Hutchinson's standard errors)
+    summary: dict | None = None
 
 
 class InputEstimator(Estimator):

@@ -100,7 +100,7 @@ class HutchinsonEstimator(GradientEstimator):
                         a[ks.start:ks.stop] += (v.double() * hv.double()).sum(-1)
                 del grads, loss
 
-        result = {}
+        result, rel_se = {}, []
         for name, w, a in zip(names, weights, acc):
             ctx.dist.all_reduce(a)
             a = a.cpu()
@@ -111,10 +111,14 @@ class HutchinsonEstimator(GradientEstimator):
             else:
                 se = torch.zeros_like(trace)
                 layer_se = 0.0
+            total = float(trace.sum())
+            rel_se.append(layer_se / abs(total) if total else float("inf"))
             sq = weighted_sq_errors(w, ctx.bits, ctx.group_size)
             scale = 0.5 * trace.clamp(min=0).numpy() / w.shape[1]
             result[name] = LayerCurves(
                 errors=sq * scale[:, None],
                 metrics={"trace": trace.numpy(), "trace_se": se.numpy(),
                          "layer_trace_se": np.full(w.shape[0], layer_se, dtype=np.float64)})
+        if n_rounds > 1:
+            self.summary = {"layer_rel_se_median": float(np.median(rel_se)), "layer_rel_se_max": float(np.max(rel_se))}
         return result

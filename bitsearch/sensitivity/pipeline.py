@@ -200,6 +200,7 @@ def compute_sensitivity(model: nn.Module, targets: list[Target], batch: torch.Te
         info[e.name] = {"calibration": "layer-loss", "units": "calibration-loss increase (nats/token)"}
     for e in ests:
         info[e.name]["seconds"] = round(seconds[e.name], 2)
+        info[e.name].update(e.summary or {})
         bad = sum(int((~np.isfinite(lc.errors)).sum()) for lc in curves[e.name].values())
         if bad:
             raise BitsearchError(f"estimator {e.name} produced {bad} non-finite errors (is the model finite?)")
