@@ -30,7 +30,7 @@ from .sensitivity import DEFAULT_BITS, SensitivityTable, check_bits, compute_sen
 from .sensitivity.table import format_mix
 from .sensitivity.pipeline import CALIB_REF_BITS
 
-__all__ = ["sensitivity", "search", "search_plan", "apply", "evaluate", "plot_sensitivity", "parse_bits"]
+__all__ = ["sensitivity", "search", "search_plan", "apply", "evaluate", "plot_sensitivity", "plot_plan", "parse_bits"]
 
 
 def parse_bits(bits: str | list[int] | None) -> list[int]:
@@ -219,3 +219,11 @@ def plot_sensitivity(*, table: str, out: str, estimator: str | None = None, widt
 
     _check_out(out, "plot")
     return _plot(SensitivityTable.load(table), out, estimator=estimator, width=width)
+
+
+def plot_plan(*, plan: str, out: str, title: str | None = None) -> str:
+    """A PNG of a bit plan: width of every channel per layer, width mix per layer type, bits per block."""
+    from .plot_plan import plot_plan as _plot
+
+    _check_out(out, "plot")
+    return _plot(BitPlan.load(plan), out, title=title)

@@ -91,13 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--fake", action="store_true", help="write a plain HF checkpoint of dequantized weights")
 
-    p = sub.add_parser("plot", parents=[quiet], help="figures: plot sensitivity --table T.parquet --out P.png")
+    p = sub.add_parser("plot", parents=[quiet], help="figures: plot sensitivity|plan ... --out P.png")
     kinds = p.add_subparsers(dest="plot", required=True, metavar="WHAT")
     q = kinds.add_parser("sensitivity", help="heatmap per block and layer type, spread per type, SNR vs bits")
     q.add_argument("--table", required=True, help="sensitivity table (.parquet)")
     q.add_argument("--out", required=True, help="output image (.png)")
     q.add_argument("--estimator", default=None, help="estimator whose curves to show (default: the table's first)")
     q.add_argument("--width", type=int, default=None, help="reference width for the error panels (default: 2)")
+    q = kinds.add_parser("plan", help="width of every channel per layer, width mix per layer type, bits per block")
+    q.add_argument("--plan", required=True, help="plan file (.json)")
+    q.add_argument("--out", required=True, help="output image (.png)")
+    q.add_argument("--title", default=None, help="a title line to add")
 
     p = sub.add_parser("eval", parents=[quiet], help="perplexity of a model or packed checkpoint on a text file")
     _add_model(p, "HF hub id, local model folder or packed checkpoint folder")
@@ -156,7 +160,10 @@ def _run(args: argparse.Namespace) -> int:
             print(f"wrote {args.out}: {info['written_bytes']} bytes of packed target tensors "
                   f"(plan: {info['plan_bytes']}), {info['avg_bits']:.4f} avg bits")
     elif args.command == "plot":
-        path = api.plot_sensitivity(table=args.table, out=args.out, estimator=args.estimator, width=args.width)
+        if args.plot == "plan":
+            path = api.plot_plan(plan=args.plan, out=args.out, title=args.title)
+        else:
+            path = api.plot_sensitivity(table=args.table, out=args.out, estimator=args.estimator, width=args.width)
         print(f"wrote {path}")
     elif args.command == "eval":
         r = api.evaluate(model=args.model, text=args.text, max_tokens=args.max_tokens, seq_len=args.seq_len,

@@ -152,3 +152,6 @@ def test_multi_estimator_table_search_and_plot(llama_dir, text_file, tmp_path, c
                for n in plans[("imatrix", "greedy")].bits)
     assert main(["plot", "sensitivity", "--table", path, "--estimator", "snr", "--out", str(tmp_path / "s.png")]) == 0
     assert os.path.getsize(tmp_path / "s.png") > 10000
+    plans[("snr", "snr")].save(str(tmp_path / "wf.json"))
+    assert main(["plot", "plan", "--plan", str(tmp_path / "wf.json"), "--out", str(tmp_path / "p.png")]) == 0
+    assert os.path.getsize(tmp_path / "p.png") > 10000
