@@ -30,7 +30,7 @@ from .sensitivity import DEFAULT_BITS, SensitivityTable, check_bits, compute_sen
 from .sensitivity.table import format_mix
 from .sensitivity.pipeline import CALIB_REF_BITS
 
-__all__ = ["sensitivity", "search", "search_plan", "apply", "evaluate", "plot_sensitivity", "plot_plan", "parse_bits"]
+__all__ = ["sensitivity", "search", "search_plan", "apply", "evaluate", "plot_sensitivity", "plot_plan", "pareto", "parse_bits"]
 
 
 def parse_bits(bits: str | list[int] | None) -> list[int]:
@@ -133,14 +133,19 @@ def search(*, model: str, budget: str, out: str | None = None, calib: str | None
            targets: str | None = None, exclude: str | None = None, calibrate: str = "auto",
            calib_loss_samples: int = 16, mix: str | None = None, probes: int = 8,
            checkpointing: bool = False, device: str = "cpu", dtype: str = "float32",
-           micro_batch: int = 8, show_progress: bool = True, _loaded=None) -> BitPlan:
+           micro_batch: int = 8, n_trials: int = 50, timeout: float | None = None, sampler: str = "nsga2",
+           storage: str | None = None, study_name: str | None = None, resume: bool = False,
+           span: float = 0.25, kl_samples: int = 8, show_progress: bool = True, _loaded=None) -> BitPlan:
     """A bit plan under ``budget`` ("2.5" avg bits or "12MB"/"12MiB"), saved as JSON when ``out`` is set.
 
     ``min_bits`` defaults to 2: pruning (width 0) is off unless asked for with ``min_bits=0``,
     because the calibrated imatrix estimate still under-predicts what pruning costs (README).
     """
     _check_out(out, "plan")
-    get_allocator(method)  # fail fast on a typo
+    if method != "optuna":
+        get_allocator(method)  # fail fast on a typo
+    elif calib is None:
+        raise BitsearchError("--method optuna measures plans on calibration text: give --calib FILE")
     if sensitivity_table is not None:
         table = SensitivityTable.load(sensitivity_table)
         if group_size != table.group_size:
@@ -165,8 +170,26 @@ def search(*, model: str, budget: str, out: str | None = None, calib: str | None
     fp = model_fingerprint(m, tgts)
     if table.meta.get("model", {}).get("config_sha256") not in (None, fp["config_sha256"]):
         raise BitsearchError(f"sensitivity table '{sensitivity_table}' was computed for another model")
-    plan = search_plan(table, tgts, fp, budget=budget, method=method, bits=bits, min_bits=min_bits,
-                       max_bits=max_bits, mix=mix, provenance={"command": _command_line(), "model_name": model})
+    if method == "optuna":
+        from .search.optuna_study import StudySettings, default_storage, optuna_plan
+
+        tok = tok or load_tokenizer(model)
+        batch, _ = _calib(tok, calib, kl_samples, seq_len, seed)
+        settings = StudySettings(storage=storage or default_storage(out), n_trials=n_trials, timeout=timeout,
+                                 study_name=study_name or f"bitsearch-{fp['sha256'][:10]}-{budget}",
+                                 sampler=sampler, seed=seed, span=span, resume=resume)
+        plan, rows = optuna_plan(m, table, tgts, fp, batch, budget=budget, settings=settings,
+                                 bits=parse_bits(bits) if bits is not None else None, min_bits=min_bits,
+                                 max_bits=max_bits, mix=mix, micro_batch=micro_batch, show_progress=show_progress)
+        plan.provenance.update(command=_command_line(), model_name=model, budget=str(budget),
+                               package_version=__version__, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        if out:
+            import pandas as pd
+
+            write_text_atomic(os.path.splitext(out)[0] + ".trials.csv", pd.DataFrame(rows).to_csv(index=False))
+    else:
+        plan = search_plan(table, tgts, fp, budget=budget, method=method, bits=bits, min_bits=min_bits,
+                           max_bits=max_bits, mix=mix, provenance={"command": _command_line(), "model_name": model})
     if out:
         plan.save(out)
     return plan
@@ -227,3 +250,37 @@ def plot_plan(*, plan: str, out: str, title: str | None = None) -> str:
 
     _check_out(out, "plot")
     return _plot(BitPlan.load(plan), out, title=title)
+
+
+def pareto(*, storage: str, study_name: str | None = None, export: int | None = None, out: str | None = None,
+           csv: str | None = None) -> tuple[list[dict], BitPlan | None]:
+    """The trials of an optuna search study (front marked); with ``export`` that trial's plan
+    (saved to ``out``). ``study_name`` may be omitted when the storage holds one study."""
+    import optuna
+
+    from .search.optuna_study import StudySettings, export_trial, open_study, pareto_rows
+
+    if not os.path.exists(storage) and "://" not in storage:
+        raise BitsearchError(f"study storage '{storage}' does not exist")
+    if study_name is None:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        from .search.optuna_study import journal_storage
+
+        names = [s.study_name for s in optuna.get_all_study_summaries(journal_storage(storage))]
+        if len(names) != 1:
+            raise BitsearchError(f"'{storage}' holds {len(names)} studies ({', '.join(names)}): pass --study-name")
+        study_name = names[0]
+    study = open_study(StudySettings(storage=storage, study_name=study_name), create=False)
+    rows = pareto_rows(study, study.user_attrs.get("budget_bytes"))
+    if csv:
+        import pandas as pd
+
+        write_text_atomic(csv, pd.DataFrame(rows).to_csv(index=False))
+    plan = None
+    if export is not None:
+        if out is None:
+            raise BitsearchError("--export needs --out PLAN.json")
+        _check_out(out, "plan")
+        plan = export_trial(study, export)
+        plan.save(out)
+    return rows, plan

@@ -78,12 +78,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sensitivity(p)
     p.add_argument("--budget", required=True, help="avg bits all-in (e.g. 2.5) or target bytes (12MB, 12MiB)")
     p.add_argument("--sensitivity", default=None, help="precomputed sensitivity table (.parquet); else computed from --calib")
-    p.add_argument("--method", default="greedy", choices=sorted(ALLOCATORS), help="allocator (default: greedy)")
+    p.add_argument("--method", default="greedy", choices=sorted(ALLOCATORS) + ["optuna"],
+                   help="greedy | snr (water-filling) | uniform | optuna (measured KL, Pareto front) (default: greedy)")
     p.add_argument("--min-bits", type=int, default=2,
                    help="smallest width allowed (default: 2; 0 allows pruning, which the imatrix estimate "
                         "still under-prices: see the README)")
     p.add_argument("--max-bits", type=int, default=None, help="largest width allowed")
+    o = p.add_argument_group("--method optuna")
+    o.add_argument("--n-trials", type=int, default=50, help="trials to run (with --resume: the total wanted) (default: 50)")
+    o.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
+    o.add_argument("--sampler", default="nsga2", help="nsga2 | tpe (seeded by --seed) (default: nsga2)")
+    o.add_argument("--storage", default=None,
+                   help="Optuna storage: a journal file or a database URL (default: OUT.optuna.journal next to the plan)")
+    o.add_argument("--study-name", default=None, help="study name (default: from the model and budget)")
+    o.add_argument("--resume", action="store_true", help="continue an existing study (several workers: all pass it)")
+    o.add_argument("--span", type=float, default=0.25, help="trials also try budgets down to budget - span avg bits (default: 0.25)")
+    o.add_argument("--kl-samples", type=int, default=8, help="calibration samples on which each trial's KL is measured (default: 8)")
     p.add_argument("--out", required=True, help="output plan (.json)")
+
+    p = sub.add_parser("pareto", parents=[quiet], help="list an optuna search study's trials and front; export a point")
+    p.add_argument("--storage", required=True, help="the study's journal file or database URL")
+    p.add_argument("--study-name", default=None, help="study name (default: the only one in the storage)")
+    p.add_argument("--csv", default=None, help="also write every trial to this CSV")
+    p.add_argument("--export", type=int, default=None, help="write the plan of this trial number to --out")
+    p.add_argument("--out", default=None, help="plan file for --export")
 
     p = sub.add_parser("apply", parents=[quiet], help="plan + model -> packed checkpoint (or --fake HF checkpoint)")
     _add_model(p)
@@ -146,11 +164,22 @@ def _run(args: argparse.Namespace) -> int:
                           targets=args.targets, exclude=args.exclude, calibrate=args.calibrate,
                           calib_loss_samples=args.calib_loss_samples, mix=args.mix, probes=args.probes,
                           checkpointing=args.checkpointing, micro_batch=args.micro_batch, device=args.device,
-                          dtype=args.dtype, show_progress=show)
+                          dtype=args.dtype, n_trials=args.n_trials, timeout=args.timeout, sampler=args.sampler,
+                          storage=args.storage, study_name=args.study_name, resume=args.resume, span=args.span,
+                          kl_samples=args.kl_samples, show_progress=show)
         s = plan.summary
         print(f"wrote {args.out}: {s['avg_bits']:.4f} avg bits, {s['bytes']} bytes, "
               f"{s['pruned_channels']} of {s['n_channels']} channels pruned, widths {s['histogram']}, "
               f"predicted loss increase {s['predicted_error']:.4g}")
+    elif args.command == "pareto":
+        rows, plan = api.pareto(storage=args.storage, study_name=args.study_name, export=args.export, out=args.out,
+                                csv=args.csv)
+        print(f"{'trial':>6} {'avg bits':>9} {'bytes':>11} {'KL':>10}  front  in budget")
+        for r in rows:
+            print(f"{r['trial']:>6} {r['avg_bits']:>9.4f} {r['bytes']:>11} {r['kl']:>10.5f}  "
+                  f"{'*' if r['on_front'] else ' ':^5}  {'yes' if r['within_budget'] else 'no'}")
+        if plan is not None:
+            print(f"wrote {args.out}: trial {args.export}, {plan.summary['avg_bits']:.4f} avg bits")
     elif args.command == "apply":
         info = api.apply(model=args.model, plan=args.plan, out=args.out, fake=args.fake, device=args.device,
                          dtype=args.dtype)

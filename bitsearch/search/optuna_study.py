@@ -1,0 +1,258 @@
+"""Model-in-the-loop search: a multi-objective Optuna study around the allocator's solution.
+
+The estimators' curves are predictions; this search measures. Each trial moves a compact set of
+knobs, builds a plan with the greedy allocator on the adjusted curves, quantizes the model (a
+gather from cached fake-quantized weights, ``kl.py``) and measures the real KL to the float model
+on calibration tokens. Objectives: minimize (KL, bytes). Knobs:
+
+* ``type:<t>``  log2 multiplier of the curves of every layer of type t (q_proj, down_proj, ...)
+* ``block:<g>`` log2 multiplier of the curves of block group g (contiguous blocks, at most 8 groups)
+* ``mix:<est>`` weight of each estimator when the table holds several (normalised to sum 1)
+* ``bits``      the trial's own budget, in avg bits, between ``budget - span`` and ``budget``
+
+A trial's multipliers are relative prices between layers, so the greedy still spends its bytes
+where the adjusted curves say; every trial is within the budget. Trial 0 is the plain greedy plan
+(all multipliers 1, full budget), so the chosen plan — the lowest KL within the budget — is never
+worse than greedy on the calibration KL.
+
+Storage: any Optuna storage URL, by default a journal file (``JournalFileBackend``) next to the
+plan: a killed run resumes with its finished trials kept (``--resume``), and several
+``bitsearch search --method optuna`` workers pointed at one journal or database cooperate on one
+study. Each finished trial stores its plan's widths (one character per channel) as a user
+attribute, so ``bitsearch pareto`` lists the front and exports any point without the model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..cost import avg_bits, budget_to_bytes
+from ..errors import BitsearchError
+from ..plan import decode_bits, encode_bits
+from ..progress import progress
+from .greedy import GreedyAllocator
+from .problem import AllocationProblem
+
+__all__ = ["SAMPLERS", "StudySettings", "knob_groups", "run_study", "open_study", "pareto_rows", "trial_widths",
+           "optuna_plan", "export_trial", "default_storage"]
+
+SAMPLERS = ("nsga2", "tpe")
+LOG2_RANGE = 3.0
+
+
+@dataclass
+class StudySettings:
+    storage: str
+    study_name: str
+    n_trials: int = 50
+    timeout: float | None = None
+    sampler: str = "nsga2"
+    seed: int = 0
+    span: float = 0.25
+    resume: bool = False
+
+
+def layer_type(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def block_index(name: str) -> int | None:
+    m = re.search(r"\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def knob_groups(layers: list[str], max_groups: int = 8) -> tuple[dict[str, str], dict[str, str]]:
+    """(layer -> type knob, layer -> block-group knob) for the problem's layers."""
+    blocks = sorted({b for b in map(block_index, layers) if b is not None})
+    n = len(blocks)
+    per = max(1, math.ceil(n / max_groups)) if n else 1
+    group_of = {b: f"block:{i // per}" for i, b in enumerate(blocks)}
+    types = {n_: f"type:{layer_type(n_)}" for n_ in layers}
+    groups = {n_: group_of.get(block_index(n_), "block:other") for n_ in layers}
+    return types, groups
+
+
+def journal_storage(path: str):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    return JournalStorage(JournalFileBackend(path)) if not path.startswith(("sqlite:", "mysql", "postgresql")) \
+        else optuna.storages.RDBStorage(path)
+
+
+def _sampler(name: str, seed: int):
+    import optuna
+
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    raise BitsearchError(f"unknown sampler '{name}' (choose from {', '.join(SAMPLERS)})")
+
+
+def open_study(settings: StudySettings, create: bool):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = journal_storage(settings.storage)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    if not create:
+        if settings.study_name not in names:
+            raise BitsearchError(f"no study '{settings.study_name}' in '{settings.storage}' "
+                                 f"(it has: {', '.join(names) or 'none'})")
+        return optuna.load_study(study_name=settings.study_name, storage=storage)
+    if settings.study_name in names and not settings.resume:
+        raise BitsearchError(f"study '{settings.study_name}' already exists in '{settings.storage}': "
+                             f"pass --resume to continue it (or --study-name for a new one)")
+    return optuna.create_study(study_name=settings.study_name, storage=storage, load_if_exists=True,
+                               directions=["minimize", "minimize"], sampler=_sampler(settings.sampler, settings.seed))
+
+
+def run_study(problems: dict[str, AllocationProblem], kl_of, budget_bytes: int, settings: StudySettings,
+              show_progress: bool = True, attrs: dict | None = None):
+    """Run (or continue) the study. ``problems``: {estimator: problem} over the same channels and
+    menu; ``kl_of(widths)`` measures a plan. Returns the study."""
+    import optuna
+
+    first = next(iter(problems.values()))
+    layers = list(first.layer_slices)
+    types, groups = knob_groups(layers)
+    ests = list(problems)
+    n_w = first.n_weights
+    hi_bits = avg_bits(budget_bytes, n_w)
+    lo_bits = max(avg_bits(first.min_bytes(), n_w), hi_bits - settings.span)
+    study = open_study(settings, create=True)
+    study.set_user_attr("budget_bytes", budget_bytes)
+    study.set_user_attr("n_weights", n_w)
+    study.set_user_attr("layers", {n: int(s.stop - s.start) for n, s in first.layer_slices.items()})
+    study.set_user_attr("menu", first.bits)
+    for k, v in (attrs or {}).items():
+        study.set_user_attr(k, v)
+    if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) and not study.trials:
+        base = {k: 0.0 for k in sorted(set(types.values()) | set(groups.values()))}
+        base.update({f"mix:{e}": 1.0 for e in ests} if len(ests) > 1 else {})
+        base["bits"] = hi_bits
+        study.enqueue_trial(base)
+    greedy = GreedyAllocator()
+    rows = np.concatenate([np.full(s.stop - s.start, i) for i, s in enumerate(first.layer_slices.values())])
+
+    def objective(trial):
+        scale = np.ones(len(layers))
+        for i, name in enumerate(layers):
+            scale[i] = 2.0 ** (trial.suggest_float(types[name], -LOG2_RANGE, LOG2_RANGE)
+                               + trial.suggest_float(groups[name], -LOG2_RANGE, LOG2_RANGE))
+        if len(ests) > 1:
+            w = np.array([trial.suggest_float(f"mix:{e}", 0.0, 1.0) for e in ests])
+            w = w / w.sum() if w.sum() > 0 else np.full(len(ests), 1.0 / len(ests))
+            errors = sum(wi * problems[e].errors for wi, e in zip(w, ests))
+        else:
+            errors = first.errors
+        bits = trial.suggest_float("bits", lo_bits, hi_bits) if hi_bits > lo_bits else hi_bits
+        trial_budget = min(budget_bytes, budget_to_bytes(f"{bits}", n_w)) if bits < hi_bits else budget_bytes
+        p = AllocationProblem(bits=first.bits, errors=errors * scale[rows][:, None], costs=first.costs,
+                              fixed_bytes=first.fixed_bytes, n_weights=n_w, layer_slices=first.layer_slices,
+                              group_size=first.group_size)
+        choice = greedy.allocate(p, max(trial_budget, p.min_bytes()))
+        widths = first.widths(choice)
+        kl = kl_of(widths)
+        n_bytes = first.bytes_of(choice)
+        trial.set_user_attr("widths", {n: encode_bits(w) for n, w in widths.items()})
+        trial.set_user_attr("avg_bits", avg_bits(n_bytes, n_w))
+        trial.set_user_attr("predicted_error", first.error_of(choice))
+        return kl, float(n_bytes)
+
+    def finished() -> int:
+        return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+
+    # --resume: finish the study to n_trials in all (workers sharing a study stop together);
+    # otherwise run n_trials more
+    t0 = time.time()
+    for _ in progress(range(settings.n_trials), desc="optuna trials", enable=show_progress):
+        if settings.timeout is not None and time.time() - t0 > settings.timeout:
+            break
+        if settings.resume and finished() >= settings.n_trials:
+            break
+        study.optimize(objective, n_trials=1, catch=())
+    return study
+
+
+def trial_widths(trial) -> dict[str, np.ndarray]:
+    return {n: decode_bits(t, f"trial {trial.number}") for n, t in trial.user_attrs["widths"].items()}
+
+
+def pareto_rows(study, budget_bytes: int | None = None) -> list[dict]:
+    """Finished trials as rows (number, kl, bytes, avg_bits, on_front, within_budget, knobs)."""
+    import optuna
+
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    front = {t.number for t in study.best_trials}
+    out = []
+    for t in done:
+        kl, b = t.values
+        out.append({"trial": t.number, "kl": kl, "bytes": int(b), "avg_bits": t.user_attrs.get("avg_bits"),
+                    "on_front": t.number in front,
+                    "within_budget": budget_bytes is None or b <= budget_bytes,
+                    **{f"knob.{k}": v for k, v in t.params.items()}})
+    return sorted(out, key=lambda r: (r["bytes"], r["kl"]))
+
+
+def default_storage(out: str | None) -> str:
+    base = os.path.splitext(out)[0] if out else "bitsearch-study"
+    return base + ".optuna.journal"
+
+
+def optuna_plan(model, table, targets, fingerprint: dict, batch, *, budget: str, settings: StudySettings,
+                bits: list[int] | None = None, min_bits: int | None = None, max_bits: int | None = None,
+                mix: str | dict | None = None, micro_batch: int = 8, show_progress: bool = True):
+    """Run the study and return (plan with the lowest KL within the budget, trial rows)."""
+    from ..plan import BitPlan
+    from .kl import PlanKL
+    from .problem import build_problem
+
+    if mix is None and len(table.estimators) > 1:   # tune the estimators' weights too
+        problems = {e: build_problem(table, targets, bits, min_bits, max_bits, {e: 1.0}) for e in table.estimators}
+    else:
+        mixed = table.resolve_mix(mix)
+        problems = {"+".join(mixed): build_problem(table, targets, bits, min_bits, max_bits, mixed)}
+    first = next(iter(problems.values()))
+    budget_bytes = budget_to_bytes(budget, first.n_weights)
+    first.check_budget(budget_bytes)
+    kl = PlanKL(model, targets, batch, first.bits, table.group_size, micro_batch)
+    study = run_study(problems, kl, budget_bytes, settings, show_progress,
+                      attrs={"model": fingerprint, "group_size": table.group_size})
+    rows = pareto_rows(study, budget_bytes)
+    inside = [r for r in rows if r["within_budget"]]
+    if not inside:
+        raise BitsearchError("the study has no finished trial within the budget")
+    best = min(inside, key=lambda r: r["kl"])
+    trial = next(t for t in study.trials if t.number == best["trial"])
+    plan = BitPlan(model=fingerprint, group_size=table.group_size, menu=first.bits, bits=trial_widths(trial))
+    plan.fill_summary(predicted_error=trial.user_attrs.get("predicted_error"))
+    plan.provenance = {"allocator": "optuna", "study": settings.study_name, "storage": settings.storage,
+                       "trial": best["trial"], "calibration_kl": best["kl"], "trials_finished": len(rows),
+                       "sampler": settings.sampler, "seed": settings.seed, "kl_samples": int(batch.shape[0]),
+                       "kl_evaluations_this_run": kl.calls}
+    return plan, rows
+
+
+def export_trial(study, number: int):
+    """The plan of finished trial ``number`` of a study (no model needed)."""
+    import optuna
+
+    from ..plan import BitPlan
+
+    trial = next((t for t in study.trials if t.number == number), None)
+    if trial is None or trial.state != optuna.trial.TrialState.COMPLETE:
+        raise BitsearchError(f"study '{study.study_name}' has no finished trial {number}")
+    a = study.user_attrs
+    plan = BitPlan(model=a["model"], group_size=a["group_size"], menu=list(a["menu"]), bits=trial_widths(trial))
+    plan.fill_summary(predicted_error=trial.user_attrs.get("predicted_error"))
+    plan.provenance = {"allocator": "optuna", "study": study.study_name, "trial": number,
+                       "calibration_kl": trial.values[0]}
+    return plan

@@ -1,0 +1,97 @@
+"""The optuna search: plans within budget, never worse than greedy on the calibration KL, a
+resumable journal, two workers on one study, exporting a front point."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bitsearch import api
+from bitsearch.errors import BitsearchError
+
+SMALL = dict(samples=4, seq_len=32, group_size=16, calib_loss_samples=2, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory, llama_dir, text_file):
+    path = str(tmp_path_factory.mktemp("t") / "t.parquet")
+    api.sensitivity(model=llama_dir, calib=text_file, out=path, bits="2,3,4,8", **SMALL)
+    return path
+
+
+def _search(llama_dir, text_file, table, out, **kw):
+    return api.search(model=llama_dir, calib=text_file, sensitivity_table=table, budget="4.5", out=out,
+                      method="optuna", group_size=16, samples=4, seq_len=32, kl_samples=2, show_progress=False,
+                      **kw)
+
+
+def test_optuna_plan_within_budget_and_not_worse_than_greedy(llama_dir, text_file, table, tmp_path):
+    out = str(tmp_path / "p.json")
+    plan = _search(llama_dir, text_file, table, out, n_trials=6)
+    assert plan.summary["avg_bits"] <= 4.5
+    rows, _ = api.pareto(storage=str(tmp_path / "p.optuna.journal"))
+    assert len(rows) == 6 and any(r["on_front"] for r in rows)
+    greedy_kl = next(r["kl"] for r in rows if r["trial"] == 0)   # trial 0 is the plain greedy plan
+    assert plan.provenance["calibration_kl"] <= greedy_kl
+    assert os.path.isfile(tmp_path / "p.trials.csv")
+    # exporting the chosen trial gives the same widths
+    _, exported = api.pareto(storage=str(tmp_path / "p.optuna.journal"), export=plan.provenance["trial"],
+                             out=str(tmp_path / "x.json"))
+    assert all((exported.bits[n] == plan.bits[n]).all() for n in plan.bits)
+    with pytest.raises(BitsearchError, match="already exists"):
+        _search(llama_dir, text_file, table, out, n_trials=2)
+
+
+def _count(journal):
+    rows, _ = api.pareto(storage=journal)
+    return len(rows)
+
+
+def _worker(llama_dir, text_file, table, out, n, storage=None):
+    cmd = [sys.executable, "-m", "bitsearch", "--quiet", "search", "--model", llama_dir, "--calib", text_file,
+           "--sensitivity", table, "--budget", "4.5", "--method", "optuna", "--group-size", "16", "--samples", "4",
+           "--seq-len", "32", "--kl-samples", "2", "--n-trials", str(n), "--resume", "--out", out]
+    if storage:
+        cmd += ["--storage", storage, "--study-name", "shared"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_losing_trials(llama_dir, text_file, table, tmp_path):
+    out = str(tmp_path / "k.json")
+    journal = str(tmp_path / "k.optuna.journal")
+    proc = _worker(llama_dir, text_file, table, out, 200)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not os.path.exists(journal) or _count(journal) < 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = api.pareto(storage=journal)[0]
+    assert len(before) >= 3
+    r = _worker(llama_dir, text_file, table, out, len(before) + 2)
+    assert r.wait(timeout=300) == 0, r.stderr.read()
+    after = {row["trial"]: row for row in api.pareto(storage=journal)[0]}
+    assert len(after) >= len(before) + 2
+    for row in before:   # every trial finished before the kill is still there, unchanged
+        assert after[row["trial"]]["kl"] == row["kl"]
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study(llama_dir, text_file, table, tmp_path):
+    journal = str(tmp_path / "shared.journal")
+    procs = [_worker(llama_dir, text_file, table, str(tmp_path / f"w{i}.json"), 8, journal) for i in range(2)]
+    for p in procs:
+        assert p.wait(timeout=600) == 0, p.stderr.read()
+    rows, _ = api.pareto(storage=journal, study_name="shared")
+    assert len(rows) >= 8
+    import optuna
+
+    from bitsearch.search.optuna_study import journal_storage
+
+    study = optuna.load_study(study_name="shared", storage=journal_storage(journal))
+    states = {t.state for t in study.trials}
+    assert states == {optuna.trial.TrialState.COMPLETE}
