@@ -101,16 +101,19 @@ def sensitivity(*, model: str, calib: str, out: str | None = None, samples: int 
 def search_plan(table: SensitivityTable, targets, fingerprint: dict, *, budget: str | float,
                 method: str = "greedy", bits: str | list[int] | None = None, min_bits: int | None = None,
                 max_bits: int | None = None, mix: str | dict | None = None,
-                provenance: dict | None = None) -> BitPlan:
+                provenance: dict | None = None, choose=None) -> BitPlan:
     """Allocate widths for ``targets`` from a table's curves (estimator ``mix``, default the
-    table's) under a budget; no model needed."""
+    table's) under a budget; no model needed. ``choose(problem, budget_bytes) -> (choice, info)``
+    replaces the registered allocator (model-in-the-loop methods)."""
     menu = parse_bits(bits) if bits is not None else table.bits
     mix = table.resolve_mix(mix)
     problem = build_problem(table, targets, menu, min_bits, max_bits, mix)
     budget_bytes = budget_to_bytes(budget, problem.n_weights)
-    allocator = get_allocator(method)
     t0 = time.time()
-    choice = allocator.allocate(problem, budget_bytes)
+    if choose is None:
+        choice, info = get_allocator(method).allocate(problem, budget_bytes), {}
+    else:
+        choice, info = choose(problem, budget_bytes)
     used = problem.bytes_of(choice)
     assert used <= budget_bytes, "allocator went over budget"
     plan = BitPlan(model=fingerprint, group_size=table.group_size, menu=problem.bits, bits=problem.widths(choice))
@@ -122,8 +125,12 @@ def search_plan(table: SensitivityTable, targets, fingerprint: dict, *, budget: 
                            estimator_mix=format_mix(mix), table_calibration=table.meta.get("calibration"),
                            calibration=table.meta.get("calibration_data"), min_bits=min_bits, max_bits=max_bits,
                            search_seconds=round(time.time() - t0, 3), package_version=__version__,
-                           time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                           time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info)
     return plan
+
+
+#: search methods that run the model (the others need only a sensitivity table)
+MODEL_METHODS = ("optuna", "diffq")
 
 
 def search(*, model: str, budget: str, out: str | None = None, calib: str | None = None,
@@ -135,17 +142,18 @@ def search(*, model: str, budget: str, out: str | None = None, calib: str | None
            checkpointing: bool = False, device: str = "cpu", dtype: str = "float32",
            micro_batch: int = 8, n_trials: int = 50, timeout: float | None = None, sampler: str = "nsga2",
            storage: str | None = None, study_name: str | None = None, resume: bool = False,
-           span: float = 0.25, kl_samples: int = 8, show_progress: bool = True, _loaded=None) -> BitPlan:
+           span: float = 0.25, kl_samples: int = 8, steps: int = 100, lr: float = 0.05,
+           show_progress: bool = True, _loaded=None) -> BitPlan:
     """A bit plan under ``budget`` ("2.5" avg bits or "12MB"/"12MiB"), saved as JSON when ``out`` is set.
 
     ``min_bits`` defaults to 2: pruning (width 0) is off unless asked for with ``min_bits=0``,
     because the calibrated imatrix estimate still under-predicts what pruning costs (README).
     """
     _check_out(out, "plan")
-    if method != "optuna":
+    if method not in MODEL_METHODS:
         get_allocator(method)  # fail fast on a typo
     elif calib is None:
-        raise BitsearchError("--method optuna measures plans on calibration text: give --calib FILE")
+        raise BitsearchError(f"--method {method} measures plans on calibration text: give --calib FILE")
     if sensitivity_table is not None:
         table = SensitivityTable.load(sensitivity_table)
         if group_size != table.group_size:
@@ -188,8 +196,19 @@ def search(*, model: str, budget: str, out: str | None = None, calib: str | None
 
             write_text_atomic(os.path.splitext(out)[0] + ".trials.csv", pd.DataFrame(rows).to_csv(index=False))
     else:
+        choose = None
+        if method == "diffq":
+            from .search.diffq import DiffqSettings, diffq_allocate
+
+            tok = tok or load_tokenizer(model)
+            batch, _ = _calib(tok, calib, kl_samples, seq_len, seed)
+            settings = DiffqSettings(steps=steps, lr=lr, seed=seed)
+
+            def choose(problem, budget_bytes):
+                return diffq_allocate(m, tgts, batch, problem, budget_bytes, settings, micro_batch, show_progress)
         plan = search_plan(table, tgts, fp, budget=budget, method=method, bits=bits, min_bits=min_bits,
-                           max_bits=max_bits, mix=mix, provenance={"command": _command_line(), "model_name": model})
+                           max_bits=max_bits, mix=mix, provenance={"command": _command_line(), "model_name": model},
+                           choose=choose)
     if out:
         plan.save(out)
     return plan

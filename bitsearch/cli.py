@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sensitivity(p)
     p.add_argument("--budget", required=True, help="avg bits all-in (e.g. 2.5) or target bytes (12MB, 12MiB)")
     p.add_argument("--sensitivity", default=None, help="precomputed sensitivity table (.parquet); else computed from --calib")
-    p.add_argument("--method", default="greedy", choices=sorted(ALLOCATORS) + ["optuna"],
-                   help="greedy | snr (water-filling) | uniform | optuna (measured KL, Pareto front) (default: greedy)")
+    p.add_argument("--method", default="greedy", choices=sorted(ALLOCATORS) + ["optuna", "diffq"],
+                   help="greedy | snr (water-filling) | uniform | optuna (measured KL, Pareto front) | "
+                        "diffq (trained widths, noise injection) (default: greedy)")
     p.add_argument("--min-bits", type=int, default=2,
                    help="smallest width allowed (default: 2; 0 allows pruning, which the imatrix estimate "
                         "still under-prices: see the README)")
@@ -93,7 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--study-name", default=None, help="study name (default: from the model and budget)")
     o.add_argument("--resume", action="store_true", help="continue an existing study (several workers: all pass it)")
     o.add_argument("--span", type=float, default=0.25, help="trials also try budgets down to budget - span avg bits (default: 0.25)")
-    o.add_argument("--kl-samples", type=int, default=8, help="calibration samples on which each trial's KL is measured (default: 8)")
+    o.add_argument("--kl-samples", type=int, default=8,
+                   help="calibration samples on which optuna measures KL and diffq trains (default: 8)")
+    d = p.add_argument_group("--method diffq")
+    d.add_argument("--steps", type=int, default=100, help="training steps (default: 100)")
+    d.add_argument("--lr", type=float, default=0.05, help="Adam learning rate of the width logits (default: 0.05)")
     p.add_argument("--out", required=True, help="output plan (.json)")
 
     p = sub.add_parser("pareto", parents=[quiet], help="list an optuna search study's trials and front; export a point")
@@ -166,7 +171,7 @@ def _run(args: argparse.Namespace) -> int:
                           checkpointing=args.checkpointing, micro_batch=args.micro_batch, device=args.device,
                           dtype=args.dtype, n_trials=args.n_trials, timeout=args.timeout, sampler=args.sampler,
                           storage=args.storage, study_name=args.study_name, resume=args.resume, span=args.span,
-                          kl_samples=args.kl_samples, show_progress=show)
+                          kl_samples=args.kl_samples, steps=args.steps, lr=args.lr, show_progress=show)
         s = plan.summary
         print(f"wrote {args.out}: {s['avg_bits']:.4f} avg bits, {s['bytes']} bytes, "
               f"{s['pruned_channels']} of {s['n_channels']} channels pruned, widths {s['histogram']}, "

@@ -1,0 +1,176 @@
+"""Differentiable bit widths with noise injection (``--method diffq``), pruning as a gate.
+
+Each channel c of each target gets a continuous width b_c = b_lo + (b_hi - b_lo) * sigmoid(l_c)
+(b_lo, b_hi: the smallest and largest quantizing widths of the menu) and, when 0 is in the menu,
+a gate g_c = sigmoid(t_c). Training replaces every target weight by the pseudo-quantized
+
+    w~_c = g_c * (w_c + Delta_c(b_c) * u),   u ~ U(-1/2, 1/2) per weight, fresh each step,
+    Delta_cg(b) = range_cg / (2^b - 1)        (the grid's step for group g of row c at width b)
+
+— the noise has the variance of rounding at width b, and its scale is differentiable in b.
+The loss is distillation against the float model on calibration tokens plus a size penalty:
+
+    L = KL(float || noisy) + rho * relu(S - B) / B,   S = sum_c g_c * (bits_c(b_c) + overhead_c) / 8 + bit map
+
+(bits_c(b) = K_c * b, overhead_c = the row's scales and zeros). Only l and t are trained (Adam);
+the model's weights stay frozen. Widths start at the greedy plan's (a warm start), gates open.
+
+Rounding, exactly within budget: the learned widths b*_c define per-channel curves
+e_c(b) = K_c * 4^(b*_c - b) (rounding noise power falls 4x per bit, so the Lagrangian optimum of
+these curves sits at b*_c), with e_c(0) = 0 for channels whose gate closed (g_c < 1/2); the greedy
+allocator on these curves at the budget returns menu widths, never over budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import BitsearchError
+from ..models import Target
+from ..progress import progress
+from ..quant.grid import QUANT_WIDTHS, _grouped, n_groups
+from .greedy import GreedyAllocator
+from .problem import AllocationProblem
+
+__all__ = ["DiffqSettings", "group_ranges", "NoisyWidths", "diffq_allocate", "rounding_problem"]
+
+
+@dataclass
+class DiffqSettings:
+    steps: int = 100
+    lr: float = 0.05
+    rho: float = 10.0
+    seed: int = 0
+
+
+def group_ranges(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(out, n_groups): max(max(x), 0) - min(min(x), 0) per group, as the grid uses."""
+    g = _grouped(weight.detach().float(), group_size)
+    return g.amax(-1).clamp_min(0) - g.amin(-1).clamp_max(0)
+
+
+class NoisyWidths(nn.Module):
+    """The trainable widths and gates of every target, and the noisy weights they induce."""
+
+    def __init__(self, model: nn.Module, targets: list[Target], group_size: int, menu: list[int],
+                 init_bits: dict[str, np.ndarray]):
+        super().__init__()
+        quant = [b for b in menu if b in QUANT_WIDTHS]
+        if not quant:
+            raise BitsearchError("diffq needs at least one quantizing width (2..8) in the menu")
+        self.b_lo, self.b_hi = float(min(quant)), float(max(quant))
+        self.prune = 0 in menu
+        self.targets = targets
+        self.group_size = group_size
+        self.weights = {t.name: model.get_submodule(t.name).weight for t in targets}
+        self.ranges = {t.name: group_ranges(self.weights[t.name], group_size) for t in targets}
+        self.logits = nn.ParameterDict()
+        self.gates = nn.ParameterDict()
+        span = max(self.b_hi - self.b_lo, 1e-6)
+        for t in targets:
+            b0 = torch.as_tensor(init_bits[t.name], dtype=torch.float32).clamp(self.b_lo, self.b_hi)
+            p = ((b0 - self.b_lo) / span).clamp(0.02, 0.98)
+            key = self._key(t.name)
+            self.logits[key] = nn.Parameter(torch.log(p / (1 - p)).to(self.weights[t.name].device))
+            if self.prune:
+                self.gates[key] = nn.Parameter(torch.full((t.out_features,), 4.0, device=self.weights[t.name].device))
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return name.replace(".", "__")
+
+    def widths(self, name: str) -> torch.Tensor:
+        return self.b_lo + (self.b_hi - self.b_lo) * torch.sigmoid(self.logits[self._key(name)])
+
+    def gate(self, name: str) -> torch.Tensor:
+        k = self._key(name)
+        return torch.sigmoid(self.gates[k]) if self.prune else torch.ones_like(self.logits[k])
+
+    def noisy_weight(self, name: str, noise: torch.Tensor) -> torch.Tensor:
+        """g * (w + Delta(b) * u) with ``noise`` = u of the weight's shape."""
+        w = self.weights[name].detach()
+        b = self.widths(name)
+        delta = self.ranges[name] / (torch.pow(2.0, b)[:, None] - 1.0)            # (out, n_groups)
+        k = w.shape[1]
+        gsz = k if (self.group_size == -1 or self.group_size >= k) else self.group_size
+        delta_w = delta.repeat_interleave(gsz, dim=1)[:, :k]
+        return self.gate(name)[:, None] * (w.float() + delta_w * noise).to(w.dtype)
+
+    def size_bytes(self, overhead: dict[str, float], bitmap: int) -> torch.Tensor:
+        """Differentiable bytes: sum over channels of g * (K * b / 8 + overhead) + bit map."""
+        total = torch.zeros((), device=next(iter(self.logits.values())).device)
+        for t in self.targets:
+            total = total + (self.gate(t.name) * (t.in_features * self.widths(t.name) / 8 + overhead[t.name])).sum()
+        return total + bitmap
+
+
+def rounding_problem(base: AllocationProblem, learned: dict[str, np.ndarray], closed: dict[str, np.ndarray],
+                     in_features: dict[str, int]) -> AllocationProblem:
+    """Curves e_c(b) = K_c 4^(b*_c - b) whose Lagrangian optimum is the learned width (see top)."""
+    errors = np.empty_like(base.errors)
+    menu = np.asarray(base.bits, dtype=np.float64)
+    for name, s in base.layer_slices.items():
+        bstar = learned[name][:, None]
+        e = in_features[name] * np.power(4.0, np.clip(bstar - menu[None, :], -60, 60))
+        if 0 in base.bits:
+            e[closed[name], base.bits.index(0)] = 0.0
+        errors[s] = e
+    return AllocationProblem(bits=base.bits, errors=errors, costs=base.costs, fixed_bytes=base.fixed_bytes,
+                             n_weights=base.n_weights, layer_slices=base.layer_slices, group_size=base.group_size)
+
+
+def diffq_allocate(model: nn.Module, targets: list[Target], batch: torch.Tensor, problem: AllocationProblem,
+                   budget_bytes: int, settings: DiffqSettings, micro_batch: int = 8,
+                   show_progress: bool = True) -> tuple[np.ndarray, dict]:
+    """Train widths and gates, round them onto the menu within the budget; returns (choice, info)."""
+    from torch.func import functional_call
+
+    problem.check_budget(budget_bytes)
+    greedy = GreedyAllocator()
+    start = problem.widths(greedy.allocate(problem, budget_bytes))
+    dev = next(model.parameters()).device
+    gs = problem.group_size
+    nw = NoisyWidths(model, targets, gs, problem.bits, start)
+    overhead = {t.name: float(n_groups(t.in_features, gs) * 3) for t in targets}
+    opt = torch.optim.Adam(nw.parameters(), lr=settings.lr)
+    gen = torch.Generator(device="cpu").manual_seed(settings.seed)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    n_micro = (batch.shape[0] + micro_batch - 1) // micro_batch
+    history = []
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for step in progress(range(settings.steps), desc="diffq", enable=show_progress):
+            j = step % n_micro
+            x = batch[j * micro_batch:(j + 1) * micro_batch].to(dev)
+            with torch.no_grad():
+                ref = F.log_softmax(model(input_ids=x, use_cache=False).logits[:, :-1].float(), dim=-1)
+            subs = {f"{t.name}.weight": nw.noisy_weight(
+                t.name, (torch.rand(t.out_features, t.in_features, generator=gen) - 0.5).to(dev)) for t in targets}
+            lp = F.log_softmax(functional_call(model, subs, args=(), kwargs={"input_ids": x, "use_cache": False})
+                               .logits[:, :-1].float(), dim=-1)
+            kl = (ref.exp() * (ref - lp)).sum(-1).mean()
+            size = nw.size_bytes(overhead, problem.fixed_bytes)
+            loss = kl + settings.rho * F.relu(size - budget_bytes) / budget_bytes
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            history.append((float(kl), float(size)))
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+    with torch.no_grad():
+        learned = {t.name: nw.widths(t.name).cpu().numpy().astype(np.float64) for t in targets}
+        closed = {t.name: (nw.gate(t.name) < 0.5).cpu().numpy() for t in targets}
+    rp = rounding_problem(problem, learned, closed, {t.name: t.in_features for t in targets})
+    choice = greedy.allocate(rp, budget_bytes)
+    info = {"steps": settings.steps, "final_kl": history[-1][0] if history else None,
+            "final_size_bytes": history[-1][1] if history else None,
+            "gates_closed": int(sum(int(c.sum()) for c in closed.values())),
+            "mean_learned_bits": float(np.mean(np.concatenate(list(learned.values()))))}
+    return choice, info
