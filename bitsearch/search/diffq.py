@@ -160,7 +160,7 @@ def diffq_allocate(model: nn.Module, targets: list[Target], batch: torch.Tensor,
             opt.zero_grad()
             loss.backward()
             opt.step()
-            history.append((float(kl), float(size)))
+            history.append((float(kl.detach()), float(size.detach())))
     finally:
         for p, f in flags:
             p.requires_grad_(f)

@@ -49,6 +49,7 @@ __all__ = ["IlpAllocator", "unit_map", "parse_granularity", "unit_problem"]
 
 _GROUP_RE = re.compile(r"^group:(\d+)$")
 _OBJ_SCALE = 1e3  # the largest shifted objective coefficient after rescaling
+_MAX_FREE = 2000  # with a time limit, the most free units handed to HiGHS
 
 
 def parse_granularity(granularity: str) -> int | None:
@@ -166,12 +167,13 @@ def unit_problem(problem: AllocationProblem, unit: np.ndarray, n_units: int):
             np.add.reduceat(problem.costs[order], starts, axis=0))
 
 
-def _lagrangian(e: np.ndarray, c: np.ndarray, room: int) -> tuple[float, float]:
-    """Best Lagrangian bound of min e(x) s.t. c(x) <= room, one option per row: (lambda, bound).
+def _lagrangian(e: np.ndarray, c: np.ndarray, room: int) -> tuple[float, float, float]:
+    """Lagrangian bound of min e(x) s.t. c(x) <= room, one option per row: (lambda, bound, lambda_fit).
 
     ``e`` holds +inf for options that are not allowed. For lambda >= 0 and any feasible x,
-    e(x) >= sum_u min_b (e_ub + lambda c_ub) - lambda * room =: L(lambda) (concave in lambda,
-    largest where the bytes of its minimizer cross ``room``, found by bisection).
+    e(x) >= sum_u min_b (e_ub + lambda c_ub) - lambda * room =: L(lambda), concave in lambda and
+    largest where the bytes of its minimizer cross ``room`` (found by bisection). ``lambda_fit``:
+    the smallest lambda seen whose minimizer (cheapest on ties) fits.
     """
     rows = np.arange(e.shape[0])
 
@@ -180,8 +182,9 @@ def _lagrangian(e: np.ndarray, c: np.ndarray, room: int) -> tuple[float, float]:
         b = np.where(v <= v.min(axis=1, keepdims=True), c, np.iinfo(np.int64).max).argmin(axis=1)  # cheapest tie
         return float(v[rows, b].sum() - lam * room), int(c[rows, b].sum())
 
-    finite = np.where(np.isfinite(e), e, -np.inf).max(axis=1)
-    hi = max(float((finite - np.where(np.isfinite(e), e, np.inf).min(axis=1)).max()), 1e-300) * 2.0  # > any slope
+    fin = np.isfinite(e)
+    hi = max(float((np.where(fin, e, -np.inf).max(axis=1) - np.where(fin, e, np.inf).min(axis=1)).max()), 1e-300)
+    hi *= 2.0  # above every slope (bytes are integers): the minimizer is the cheapest option
     lo = hi * 1e-30
     best = max((at(0.0)[0], 0.0), (at(hi)[0], hi))
     for _ in range(200):
@@ -194,12 +197,52 @@ def _lagrangian(e: np.ndarray, c: np.ndarray, room: int) -> tuple[float, float]:
             lo = mid
         else:
             hi = mid
-    return best[1], best[0]
+    return best[1], best[0], hi
+
+
+def _reduced(e: np.ndarray, c: np.ndarray, lam: float) -> np.ndarray:
+    red = e + lam * c
+    return red - red.min(axis=1, keepdims=True)
+
+
+def _solve(es, cs, live, units, room, rel_gap, time_limit, cutoff=None):
+    """HiGHS on ``units`` (their ``live`` options), the other units' bytes already out of ``room``.
+
+    Returns (option per unit of ``units`` or None, scipy result, objective scale)."""
+    m = es.shape[1]
+    uk, ok = np.nonzero(live[units])  # variables, grouped by unit
+    nv = uk.size
+    obj = es[units[uk], ok]
+    top = obj.max()
+    scale = _OBJ_SCALE / top if top > 0 else 1.0
+    var = np.arange(nv)
+    n = units.size
+    rows_i, cols, vals = [uk, np.full(nv, n)], [var, var], [np.ones(nv), cs[units[uk], ok].astype(np.float64)]
+    lb, ub = [np.ones(n), [-np.inf]], [np.ones(n), [float(room)]]
+    if cutoff is not None:  # objective no worse than the incumbent's: prunes the tree
+        rows_i.append(np.full(nv, n + 1))
+        cols.append(var)
+        vals.append(obj * scale)
+        lb.append([-np.inf])
+        ub.append([cutoff * scale * (1 + 1e-9) + 1e-9])
+    a = sparse.csr_array((np.concatenate(vals), (np.concatenate(rows_i), np.concatenate(cols))),
+                         shape=(n + 1 + (cutoff is not None), nv))
+    options = {"mip_rel_gap": rel_gap, "presolve": True}
+    if time_limit is not None:
+        options["time_limit"] = max(float(time_limit), 0.01)
+    res = milp(obj * scale, integrality=np.ones(nv), bounds=(0, 1),
+               constraints=LinearConstraint(a, np.concatenate(lb), np.concatenate(ub)), options=options)
+    if res.x is None:
+        return None, res, scale
+    x = np.full((n, m), -1.0)
+    x[uk, ok] = res.x
+    return x.argmax(axis=1), res, scale
 
 
 @register_allocator
 class IlpAllocator(Allocator):
     name = "ilp"
+    core_size = 256  # units of the first, heuristic solve (their neighbours of the LP optimum)
 
     def __init__(self, granularity: str = "channel", share: list[str] | None = None,
                  min_bits: dict[str, int] | None = None, time_limit: float | None = None,
@@ -211,6 +254,11 @@ class IlpAllocator(Allocator):
         self.time_limit = time_limit
         self.mip_rel_gap = mip_rel_gap
         self.last_info: dict = {}
+
+    def _left(self, t0, share=1.0):
+        if self.time_limit is None:
+            return None
+        return (self.time_limit - (time.perf_counter() - t0)) * share
 
     def allocate(self, problem: AllocationProblem, budget_bytes: int) -> np.ndarray:
         t0 = time.perf_counter()
@@ -253,68 +301,85 @@ class IlpAllocator(Allocator):
 
         best = np.where(es <= 0, cs, big).argmin(axis=1)  # least error, then cheapest
         if int(cs[rows, best].sum()) <= room:
-            return self._finish(problem, budget_bytes, best[unit], "optimal", 0.0, None, t0, n_units, 0)
+            return self._finish(problem, budget_bytes, best[unit], "optimal", 0.0, base_err, t0, n_units, 0)
 
-        # incumbent: greedy on the unit problem (options not kept: dearer and worse than all, never taken)
+        # 1. incumbent: greedy on the unit problem (options not kept: dearer and worse than all, never taken)
         unit_p = AllocationProblem(bits=problem.bits, errors=np.where(keep, es, 2 * es[keep].max() + 1),
                                    costs=np.where(keep, cs, cs.max() + 1), fixed_bytes=0,
                                    n_weights=problem.n_weights, layer_slices={}, group_size=problem.group_size)
         pick = GreedyAllocator().allocate(unit_p, room)
         upper = float(es[rows, pick].sum())
-        # reduced-cost fixing: an option whose Lagrangian reduced cost exceeds upper - lower is in no
-        # plan better than the incumbent, so it is dropped; units left with one option are fixed
-        lam, lower = _lagrangian(es, cs, room)
+        lam, lower, lam_fit = _lagrangian(es, cs, room)
         lower = max(lower, 0.0)
-        red = es + lam * cs
-        red -= red.min(axis=1, keepdims=True)
-        live = keep & (red <= (upper - lower) + 1e-9 * upper)
-        live[rows, pick] = True
-        free = live.sum(axis=1) > 1
-        n_free = int(free.sum())
-        info = {"lower": lower + base_err, "incumbent": upper + base_err, "n_free_units": n_free}
+        red = _reduced(es, cs, lam)
+        info = {"greedy": upper + base_err}
 
+        def part_gap(rel, part):  # HiGHS' relative gap on a part of objective ~part, for ``rel`` of the whole
+            return min(rel * (upper + base_err) / max(part, 1e-300), 1.0) if rel > 0 else 0.0
+
+        def free_units():
+            # reduced-cost fixing: an option whose Lagrangian reduced cost exceeds upper - lower is in
+            # no plan better than the incumbent, so it is dropped; units left with one option are fixed
+            live = keep & (red <= (upper - lower) + 1e-9 * upper)
+            live[rows, pick] = True
+            return live, np.flatnonzero(live.sum(axis=1) > 1)
+
+        # 2. better incumbents: the units nearest to changing at the LP optimum (smallest reduced cost
+        #    of a second option), solved exactly with every other unit at its Lagrangian choice (which
+        #    fits the budget). With a good incumbent the fixing of 3. leaves few units free.
+        red_fit = _reduced(es, cs, lam_fit)
+        at_fit = np.where(red_fit <= 0, cs, big).argmin(axis=1)
+        near = np.where(keep & (idx[None, :] != at_fit[:, None]), red_fit, np.inf).min(axis=1)
+        live, free = free_units()
+        for size in (self.core_size, 16 * self.core_size):
+            if free.size <= size or n_units <= size:
+                break
+            left = self._left(t0)
+            if left is not None and left <= 0:
+                break
+            core = np.sort(np.argpartition(near, size)[:size])
+            out = np.ones(n_units, dtype=bool)
+            out[core] = False
+            got, _, _ = _solve(es, cs, keep, core, room - int(cs[out, at_fit[out]].sum()),
+                               part_gap(1e-9, upper - float(es[out, at_fit[out]].sum())),
+                               None if left is None else left / 2)
+            if got is not None:
+                cand = at_fit.copy()
+                cand[core] = got
+                cand, _ = self._repair(cand, es, cs, keep, room)
+                if float(es[rows, cand].sum()) < upper:
+                    pick, upper = cand, float(es[rows, cand].sum())
+            live, free = free_units()
+        info.update(core_incumbent=upper + base_err, lower=lower + base_err, n_free_units=int(free.size))
+
+        # 3. the units still free, exactly (HiGHS may overrun a short time limit on a large model:
+        #    with a time limit, a model beyond _MAX_FREE units is not attempted)
         status, bound, nv = "optimal", upper, 0
-        if n_free:
-            fixed = np.where(live, cs, big).min(axis=1)  # the one live option of a fixed unit
-            fixed_choice = np.where(live, 0, 1).argmin(axis=1)
-            room_free = room - int(cs[~free, fixed_choice[~free]].sum())
-            fixed_err = float(es[~free, fixed_choice[~free]].sum())
-            fu = np.flatnonzero(free)
-            uk, ok = np.nonzero(live[fu])  # variables, grouped by free unit
-            nv = uk.size
-            obj = es[fu[uk], ok]
-            scale = _OBJ_SCALE / obj.max() if obj.max() > 0 else 1.0
-            var = np.arange(nv)
-            a = sparse.csr_array((np.r_[np.ones(nv), cs[fu[uk], ok].astype(np.float64)],
-                                  (np.r_[uk, np.full(nv, fu.size)], np.r_[var, var])), shape=(fu.size + 1, nv))
-            # the gap asked for is relative to the whole objective; HiGHS sees only the free units' part
-            core_upper = max(upper - fixed_err, 1e-300)
-            rel = min(self.mip_rel_gap * (upper + base_err) / core_upper, 1.0) if self.mip_rel_gap > 0 else 0.0
-            options = {"mip_rel_gap": rel, "presolve": True}
-            if self.time_limit is not None:
-                options["time_limit"] = max(float(self.time_limit) - (time.perf_counter() - t0), 0.01)
-            res = milp(obj * scale, integrality=np.ones(nv), bounds=(0, 1),
-                       constraints=LinearConstraint(a, np.r_[np.ones(fu.size), -np.inf],
-                                                    np.r_[np.ones(fu.size), float(room_free)]), options=options)
-            del fixed
+        left = self._left(t0)
+        if free.size and left is not None and (left <= 0 or free.size > _MAX_FREE):
+            status, bound = "time_limit", lower
+        elif free.size:
+            fixed = np.ones(n_units, dtype=bool)
+            fixed[free] = False
+            only = np.where(live, 0, 1).argmin(axis=1)  # the one live option of a fixed unit
+            fixed_err = float(es[fixed, only[fixed]].sum())
+            got, res, scale = _solve(es, cs, live, free, room - int(cs[fixed, only[fixed]].sum()),
+                                     part_gap(self.mip_rel_gap, upper - fixed_err), left,
+                                     cutoff=upper - fixed_err)
+            nv = int(live[free].sum())
             info["highs"] = res.message.strip()
-            if res.x is not None:
-                x = np.full((fu.size, m), -1.0)
-                x[uk, ok] = res.x
-                cand = pick.copy()
-                cand[~free] = fixed_choice[~free]
-                cand[fu] = x.argmax(axis=1)
+            if got is not None:
+                cand = only.copy()
+                cand[free] = got
                 cand, info["repaired"] = self._repair(cand, es, cs, keep, room)
                 if float(es[rows, cand].sum()) < upper:
                     pick, upper = cand, float(es[rows, cand].sum())
-            if res.status == 0:
-                bound = max(lower, (res.mip_dual_bound / scale + fixed_err)
-                            if res.mip_dual_bound is not None else lower)
-                bound = min(bound, upper)
+            dual = res.mip_dual_bound if res.mip_dual_bound is not None else np.nan
+            highs_bound = dual / scale + fixed_err if np.isfinite(dual) else -np.inf
+            if res.status == 0 or (res.status == 2 and got is None):  # infeasible under the cutoff: incumbent optimal
+                bound = min(max(lower, highs_bound), upper) if res.status == 0 else upper
             elif res.status == 1:
-                status = "time_limit"
-                bound = max(lower, (res.mip_dual_bound / scale + fixed_err)
-                            if res.mip_dual_bound is not None and np.isfinite(res.mip_dual_bound) else lower)
+                status, bound = "time_limit", max(lower, highs_bound)
             else:
                 raise BitsearchError(f"the ILP solver failed on the reduced problem ({res.message.strip()})")
         total = upper + base_err
@@ -342,7 +407,7 @@ class IlpAllocator(Allocator):
     def _finish(self, problem, budget_bytes, choice, status, gap, bound, t0, n_units, n_vars, **extra):
         used = problem.bytes_of(choice)
         assert used <= budget_bytes, f"ilp plan is over budget: {used} > {budget_bytes}"
-        self.last_info = {"status": status, "gap": gap, "objective": problem.error_of(choice), "bound": bound,
-                          "seconds": time.perf_counter() - t0, "n_units": n_units, "n_vars": n_vars,
-                          "bytes": used, **extra}
+        self.last_info = {"status": status, "gap": float(gap), "objective": problem.error_of(choice),
+                          "bound": float(bound), "seconds": time.perf_counter() - t0, "n_units": n_units,
+                          "n_vars": n_vars, "bytes": used, **extra}
         return choice
