@@ -101,7 +101,7 @@ def sensitivity(*, model: str, calib: str, out: str | None = None, samples: int 
 def search_plan(table: SensitivityTable, targets, fingerprint: dict, *, budget: str | float,
                 method: str = "greedy", bits: str | list[int] | None = None, min_bits: int | None = None,
                 max_bits: int | None = None, mix: str | dict | None = None,
-                provenance: dict | None = None, choose=None) -> BitPlan:
+                provenance: dict | None = None, choose=None, allocator_options: dict | None = None) -> BitPlan:
     """Allocate widths for ``targets`` from a table's curves (estimator ``mix``, default the
     table's) under a budget; no model needed. ``choose(problem, budget_bytes) -> (choice, info)``
     replaces the registered allocator (model-in-the-loop methods)."""
@@ -111,7 +111,12 @@ def search_plan(table: SensitivityTable, targets, fingerprint: dict, *, budget: 
     budget_bytes = budget_to_bytes(budget, problem.n_weights)
     t0 = time.time()
     if choose is None:
-        choice, info = get_allocator(method).allocate(problem, budget_bytes), {}
+        allocator = get_allocator(method, **(allocator_options or {}))
+        choice = allocator.allocate(problem, budget_bytes)
+        info = {"allocator_options": allocator_options} if allocator_options else {}
+        if getattr(allocator, "last_info", None):
+            info["allocator_info"] = {k: v for k, v in allocator.last_info.items()
+                                      if isinstance(v, (int, float, str, type(None)))}
     else:
         choice, info = choose(problem, budget_bytes)
     used = problem.bytes_of(choice)
@@ -129,6 +134,22 @@ def search_plan(table: SensitivityTable, targets, fingerprint: dict, *, budget: 
     return plan
 
 
+def _parse_layer_min_bits(items: list[str] | None) -> dict[str, int] | None:
+    """["down_proj=3", ...] -> {"down_proj": 3}."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        pattern, sep, width = item.rpartition("=")
+        if not sep or not pattern:
+            raise BitsearchError(f"--layer-min-bits '{item}' must look like REGEX=WIDTH, e.g. down_proj=3")
+        try:
+            out[pattern] = int(width)
+        except ValueError:
+            raise BitsearchError(f"--layer-min-bits '{item}': width '{width}' is not an integer") from None
+    return out
+
+
 #: search methods that run the model (the others need only a sensitivity table)
 MODEL_METHODS = ("optuna", "diffq")
 
@@ -143,15 +164,22 @@ def search(*, model: str, budget: str, out: str | None = None, calib: str | None
            micro_batch: int = 8, n_trials: int = 50, timeout: float | None = None, sampler: str = "nsga2",
            storage: str | None = None, study_name: str | None = None, resume: bool = False,
            span: float = 0.25, kl_samples: int = 8, steps: int = 100, lr: float = 0.05,
-           show_progress: bool = True, _loaded=None) -> BitPlan:
+           granularity: str = "channel", share: list[str] | None = None, layer_min_bits: list[str] | None = None,
+           time_limit: float | None = None, show_progress: bool = True, _loaded=None) -> BitPlan:
     """A bit plan under ``budget`` ("2.5" avg bits or "12MB"/"12MiB"), saved as JSON when ``out`` is set.
 
     ``min_bits`` defaults to 2: pruning (width 0) is off unless asked for with ``min_bits=0``,
     because the calibrated imatrix estimate still under-predicts what pruning costs (README).
     """
     _check_out(out, "plan")
+    options = None
+    if method == "ilp":
+        options = {"granularity": granularity, "share": share or None,
+                   "min_bits": _parse_layer_min_bits(layer_min_bits), "time_limit": time_limit}
+    elif granularity != "channel" or share or layer_min_bits:
+        raise BitsearchError("--granularity, --share and --layer-min-bits need --method ilp")
     if method not in MODEL_METHODS:
-        get_allocator(method)  # fail fast on a typo
+        get_allocator(method, **(options or {}))  # fail fast on a typo or a bad option
     elif calib is None:
         raise BitsearchError(f"--method {method} measures plans on calibration text: give --calib FILE")
     if sensitivity_table is not None:
@@ -208,7 +236,7 @@ def search(*, model: str, budget: str, out: str | None = None, calib: str | None
                 return diffq_allocate(m, tgts, batch, problem, budget_bytes, settings, micro_batch, show_progress)
         plan = search_plan(table, tgts, fp, budget=budget, method=method, bits=bits, min_bits=min_bits,
                            max_bits=max_bits, mix=mix, provenance={"command": _command_line(), "model_name": model},
-                           choose=choose)
+                           choose=choose, allocator_options=options)
     if out:
         plan.save(out)
     return plan

@@ -79,8 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", required=True, help="avg bits all-in (e.g. 2.5) or target bytes (12MB, 12MiB)")
     p.add_argument("--sensitivity", default=None, help="precomputed sensitivity table (.parquet); else computed from --calib")
     p.add_argument("--method", default="greedy", choices=sorted(ALLOCATORS) + ["optuna", "diffq"],
-                   help="greedy | snr (water-filling) | uniform | optuna (measured KL, Pareto front) | "
+                   help="greedy | ilp (exact) | snr (water-filling) | uniform | optuna (measured KL, Pareto front) | "
                         "diffq (trained widths, noise injection) (default: greedy)")
+    i = p.add_argument_group("--method ilp")
+    i.add_argument("--granularity", default="channel", help="channel | group:K | layer: channels sharing one width (default: channel)")
+    i.add_argument("--share", action="append", default=None, metavar="REGEX",
+                   help=r"layers sharing one width, grouped by the regex's capture group, e.g. '^(.*)\.self_attn\.[qkv]_proj$' (repeatable)")
+    i.add_argument("--layer-min-bits", action="append", default=None, metavar="REGEX=WIDTH",
+                   help="smallest width for layers matching REGEX, e.g. down_proj=3 (repeatable)")
+    i.add_argument("--time-limit", type=float, default=None, help="seconds; returns the best plan found with its gap")
     p.add_argument("--min-bits", type=int, default=2,
                    help="smallest width allowed (default: 2; 0 allows pruning, which the imatrix estimate "
                         "still under-prices: see the README)")
@@ -171,7 +178,9 @@ def _run(args: argparse.Namespace) -> int:
                           checkpointing=args.checkpointing, micro_batch=args.micro_batch, device=args.device,
                           dtype=args.dtype, n_trials=args.n_trials, timeout=args.timeout, sampler=args.sampler,
                           storage=args.storage, study_name=args.study_name, resume=args.resume, span=args.span,
-                          kl_samples=args.kl_samples, steps=args.steps, lr=args.lr, show_progress=show)
+                          kl_samples=args.kl_samples, steps=args.steps, lr=args.lr, granularity=args.granularity,
+                          share=args.share, layer_min_bits=args.layer_min_bits, time_limit=args.time_limit,
+                          show_progress=show)
         s = plan.summary
         print(f"wrote {args.out}: {s['avg_bits']:.4f} avg bits, {s['bytes']} bytes, "
               f"{s['pruned_channels']} of {s['n_channels']} channels pruned, widths {s['histogram']}, "

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bitsearch import api
+from bitsearch.errors import BitsearchError
 from bitsearch.apply import fake_quantize_model, load_packed, pack_model, packed_tensor_bytes
 from bitsearch.models import find_targets, load_model
 from bitsearch.plan import BitPlan
@@ -155,3 +156,23 @@ def test_multi_estimator_table_search_and_plot(llama_dir, text_file, tmp_path, c
     plans[("snr", "snr")].save(str(tmp_path / "wf.json"))
     assert main(["plot", "plan", "--plan", str(tmp_path / "wf.json"), "--out", str(tmp_path / "p.png")]) == 0
     assert os.path.getsize(tmp_path / "p.png") > 10000
+
+
+def test_ilp_from_the_cli_with_runtime_constraints(llama_dir, text_file, tmp_path):
+    """--method ilp with shared q/k/v widths per layer and a floor for down_proj."""
+    path = str(tmp_path / "t.parquet")
+    api.sensitivity(model=llama_dir, calib=text_file, out=path, bits="2,3,4,8", **SMALL)
+    plan = api.search(model=llama_dir, budget="4.5", sensitivity_table=path, group_size=16, method="ilp",
+                      granularity="layer", share=[r"^(.*)\.self_attn\.[qkv]_proj$"],
+                      layer_min_bits=["down_proj=3"], show_progress=False)
+    assert plan.summary["avg_bits"] <= 4.5
+    for blk in range(2):
+        widths = {k: set(plan.bits[f"model.layers.{blk}.self_attn.{k}_proj"].tolist()) for k in "qkv"}
+        assert widths["q"] == widths["k"] == widths["v"] and len(widths["q"]) == 1
+        assert min(plan.bits[f"model.layers.{blk}.mlp.down_proj"]) >= 3
+    greedy = api.search(model=llama_dir, budget="4.5", sensitivity_table=path, group_size=16, show_progress=False)
+    exact = api.search(model=llama_dir, budget="4.5", sensitivity_table=path, group_size=16, method="ilp",
+                       show_progress=False)
+    assert exact.summary["predicted_error"] <= greedy.summary["predicted_error"] + 1e-12
+    with pytest.raises(BitsearchError, match="need --method ilp"):
+        api.search(model=llama_dir, budget="4.5", sensitivity_table=path, group_size=16, granularity="layer")

@@ -28,8 +28,10 @@ def register_allocator(cls: type[Allocator]) -> type[Allocator]:
     return cls
 
 
-def get_allocator(name: str) -> Allocator:
+def get_allocator(name: str, **options) -> Allocator:
+    """An allocator by name; ``options`` go to its constructor (e.g. ilp's granularity)."""
     try:
-        return ALLOCATORS[name]()
+        cls = ALLOCATORS[name]
     except KeyError:
         raise BitsearchError(f"unknown search method '{name}' (choose from {', '.join(sorted(ALLOCATORS))})") from None
+    return cls(**options)
