@@ -1,0 +1,82 @@
+"""Search methods compared on slm-llama-17m: greedy vs optuna vs diffq from the same estimator.
+
+Uses a saved sensitivity table (default: the estimator study's merged table), the calibration
+text for the model-in-the-loop methods, and evaluates every plan by fake quantization on the
+first --max-tokens tokens of the evaluation text (512-token windows). Saves ``results.csv`` and
+``results.json`` in --out; each optuna study's journal lies next to its plan.
+
+    python studies/search_methods_study.py --out studies/results/search_methods
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import pandas as pd
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from bitsearch import api  # noqa: E402
+from bitsearch.apply import fake_quantize_model  # noqa: E402
+from bitsearch.models import load_model, load_tokenizer  # noqa: E402
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=os.path.join(SHARED, "models", "slm-llama-17m"))
+    ap.add_argument("--table", default=os.path.join(HERE, "results", "estimator_study", "sensitivity.parquet"))
+    ap.add_argument("--mix", default="imatrix", help="estimator whose curves every method starts from")
+    ap.add_argument("--calib", default=os.path.join(SHARED, "data", "corpus", "heldout.txt"))
+    ap.add_argument("--eval-text", default=os.path.join(SHARED, "data", "corpus", "wikitext2_test.txt"))
+    ap.add_argument("--budgets", default="2.25,2.5")
+    ap.add_argument("--methods", default="greedy,optuna,diffq")
+    ap.add_argument("--n-trials", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--kl-samples", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=40000)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    model, tok = load_model(args.model), load_tokenizer(args.model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = []
+    for budget in args.budgets.split(","):
+        for method in args.methods.split(","):
+            out = os.path.join(args.out, f"{method}_{budget}.json")
+            for f in (out, os.path.splitext(out)[0] + ".optuna.journal"):
+                if os.path.exists(f):
+                    os.remove(f)
+            t0 = time.time()
+            plan = api.search(model=args.model, budget=budget, out=out, calib=args.calib,
+                              sensitivity_table=args.table, method=method, mix=args.mix, n_trials=args.n_trials,
+                              steps=args.steps, kl_samples=args.kl_samples, show_progress=False,
+                              _loaded=(model, tok))
+            secs = time.time() - t0
+            model.load_state_dict(state)
+            fake_quantize_model(model, plan)
+            ppl = api.evaluate(model="m", text=args.eval_text, max_tokens=args.max_tokens, seq_len=512,
+                               show_progress=False, _loaded=(model, tok)).ppl
+            model.load_state_dict(state)
+            rows.append({"method": method, "budget": float(budget), "avg_bits": plan.summary["avg_bits"],
+                         "bytes": plan.summary["bytes"], "ppl": ppl, "search_seconds": round(secs, 1),
+                         "calibration_kl": plan.provenance.get("calibration_kl")})
+            print(rows[-1], flush=True)
+    df = pd.DataFrame(rows)
+    df.to_csv(os.path.join(args.out, "results.csv"), index=False)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"args": vars(args), "results": rows}, f, indent=1)
+    print(df.to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
