@@ -1,6 +1,7 @@
 """Search methods compared on slm-llama-17m: greedy vs optuna vs diffq from the same estimator.
 
-Uses a saved sensitivity table (default: the estimator study's merged table), the calibration
+Uses a saved sensitivity table (default: the estimator study's merged table, which is not
+committed: run ``studies/estimator_study.py`` first, or pass ``--table``), the calibration
 text for the model-in-the-loop methods, and evaluates every plan by fake quantization on the
 first --max-tokens tokens of the evaluation text (512-token windows). Saves ``results.csv`` and
 ``results.json`` in --out; each optuna study's journal lies next to its plan.
