@@ -14,6 +14,7 @@ import shlex
 import sys
 import time
 
+import numpy as np
 import torch
 
 from . import __version__
@@ -30,7 +31,7 @@ from .sensitivity import DEFAULT_BITS, SensitivityTable, check_bits, compute_sen
 from .sensitivity.table import format_mix
 from .sensitivity.pipeline import CALIB_REF_BITS
 
-__all__ = ["sensitivity", "search", "search_plan", "apply", "evaluate", "plot_sensitivity", "plot_plan", "pareto", "parse_bits"]
+__all__ = ["sensitivity", "search", "search_plan", "apply", "evaluate", "plot_sensitivity", "plot_plan", "plot_pareto", "pareto", "parse_bits"]
 
 
 def parse_bits(bits: str | list[int] | None) -> list[int]:
@@ -331,3 +332,47 @@ def pareto(*, storage: str, study_name: str | None = None, export: int | None = 
         plan = export_trial(study, export)
         plan.save(out)
     return rows, plan
+
+
+def plot_pareto(*, storage: str, out: str, study_name: str | None = None, model: str | None = None,
+                calib: str | None = None, kl_samples: int = 8, seq_len: int = 512, seed: int = 0,
+                device: str = "cpu", dtype: str = "float32") -> str:
+    """A PNG of a study's trials and front; with ``model`` and ``calib`` also uniform RTN points,
+    their KL measured on ``kl_samples`` calibration samples like the study's trials."""
+    from .cost import avg_bits, plan_bytes
+    from .models import target_of
+    from .plot_pareto import plot_pareto as _plot
+    from .quant.grid import QUANT_WIDTHS
+    from .search.kl import PlanKL
+    from .search.optuna_study import StudySettings, open_study
+
+    _check_out(out, "plot")
+    rows, _ = pareto(storage=storage, study_name=study_name)
+    if study_name is None:
+        import optuna
+
+        from .search.optuna_study import journal_storage
+
+        study_name = optuna.get_all_study_summaries(journal_storage(storage))[0].study_name
+    attrs = open_study(StudySettings(storage=storage, study_name=study_name), create=False).user_attrs
+    n_w = attrs["n_weights"]
+    uniform = []
+    if model is not None:
+        if calib is None:
+            raise BitsearchError("uniform points need --calib as well as --model")
+        m, tok = load_model(model, device, dtype), load_tokenizer(model)
+        modules = dict(m.named_modules())
+        if any(n not in modules for n in attrs["layers"]) or \
+                model_fingerprint(m, [target_of(n, modules[n]) for n in attrs["layers"]])["sha256"] != attrs["model"]["sha256"]:
+            raise BitsearchError(f"the study was run on another model than '{model}'")
+        targets = [target_of(n, modules[n]) for n in attrs["layers"]]
+        widths = [b for b in attrs["menu"] if b in QUANT_WIDTHS]
+        batch, _ = _calib(tok, calib, kl_samples, seq_len, seed)
+        kl = PlanKL(m, targets, batch, widths, attrs["group_size"])
+        shapes = {t.name: (t.out_features, t.in_features) for t in targets}
+        for w in widths:
+            bits = {t.name: np.full(t.out_features, w) for t in targets}
+            uniform.append({"label": f"W{w}", "avg_bits": avg_bits(plan_bytes(shapes, bits, attrs["group_size"]), n_w),
+                            "kl": kl(bits)})
+    return _plot(rows, out, budget_bits=avg_bits(attrs["budget_bytes"], n_w), uniform=uniform,
+                 title=f"study {study_name}")

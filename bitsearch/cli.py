@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output image (.png)")
     q.add_argument("--estimator", default=None, help="estimator whose curves to show (default: the table's first)")
     q.add_argument("--width", type=int, default=None, help="reference width for the error panels (default: 2)")
+    q = kinds.add_parser("pareto", help="an optuna study's trials, front, budget (and uniform RTN points)")
+    q.add_argument("--storage", required=True, help="the study's journal file or database URL")
+    q.add_argument("--study-name", default=None, help="study name (default: the only one in the storage)")
+    q.add_argument("--out", required=True, help="output image (.png)")
+    q.add_argument("--model", default=None, help="with --calib: also measure uniform RTN points on this model")
+    q.add_argument("--calib", default=None, help="calibration text for the uniform points' KL")
+    q.add_argument("--kl-samples", type=int, default=8, help="calibration samples for that KL (default: 8)")
     q = kinds.add_parser("plan", help="width of every channel per layer, width mix per layer type, bits per block")
     q.add_argument("--plan", required=True, help="plan file (.json)")
     q.add_argument("--out", required=True, help="output image (.png)")
@@ -205,6 +212,9 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "plot":
         if args.plot == "plan":
             path = api.plot_plan(plan=args.plan, out=args.out, title=args.title)
+        elif args.plot == "pareto":
+            path = api.plot_pareto(storage=args.storage, study_name=args.study_name, out=args.out, model=args.model,
+                                   calib=args.calib, kl_samples=args.kl_samples)
         else:
             path = api.plot_sensitivity(table=args.table, out=args.out, estimator=args.estimator, width=args.width)
         print(f"wrote {path}")

@@ -41,8 +41,18 @@ def test_optuna_plan_within_budget_and_not_worse_than_greedy(llama_dir, text_fil
     _, exported = api.pareto(storage=str(tmp_path / "p.optuna.journal"), export=plan.provenance["trial"],
                              out=str(tmp_path / "x.json"))
     assert all((exported.bits[n] == plan.bits[n]).all() for n in plan.bits)
+    png = api.plot_pareto(storage=str(tmp_path / "p.optuna.journal"), out=str(tmp_path / "front.png"),
+                          model=llama_dir, calib=text_file, kl_samples=2, seq_len=32)
+    assert os.path.getsize(png) > 10000
+    with pytest.raises(BitsearchError, match="another model"):
+        api.plot_pareto(storage=str(tmp_path / "p.optuna.journal"), out=str(tmp_path / "x.png"),
+                        model=tiny_models_qwen(llama_dir), calib=text_file, kl_samples=2, seq_len=32)
     with pytest.raises(BitsearchError, match="already exists"):
         _search(llama_dir, text_file, table, out, n_trials=2)
+
+
+def tiny_models_qwen(llama_dir):
+    return os.path.join(os.path.dirname(llama_dir), "qwen2")
 
 
 def _count(journal):
