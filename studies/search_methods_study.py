@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="2.25,2.5")
     ap.add_argument("--methods", default="greedy,optuna,diffq")
     ap.add_argument("--n-trials", type=int, default=30)
+    ap.add_argument("--sampler", default="nsga2", help="optuna sampler: nsga2 | tpe")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--kl-samples", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=40000)
@@ -59,7 +60,7 @@ def main() -> None:
                     os.remove(f)
             t0 = time.time()
             plan = api.search(model=args.model, budget=budget, out=out, calib=args.calib,
-                              sensitivity_table=args.table, method=method, mix=args.mix, n_trials=args.n_trials,
+                              sensitivity_table=args.table, method=method, mix=args.mix, n_trials=args.n_trials, sampler=args.sampler,
                               steps=args.steps, kl_samples=args.kl_samples, show_progress=False,
                               _loaded=(model, tok))
             secs = time.time() - t0

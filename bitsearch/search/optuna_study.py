@@ -8,7 +8,8 @@ on calibration tokens. Objectives: minimize (KL, bytes). Knobs:
 * ``type:<t>``  log2 multiplier of the curves of every layer of type t (q_proj, down_proj, ...)
 * ``block:<g>`` log2 multiplier of the curves of block group g (contiguous blocks, at most 8 groups)
 * ``mix:<est>`` weight of each estimator when the table holds several (normalised to sum 1)
-* ``bits``      the trial's own budget, in avg bits, between ``budget - span`` and ``budget``
+* ``bits``      the trial's own budget, in avg bits: one of 5 levels from ``budget - span`` to ``budget``
+                (levels rather than a range, so a fair share of trials spend the whole budget)
 
 A trial's multipliers are relative prices between layers, so the greedy still spends its bytes
 where the adjusted curves say; every trial is within the budget. Trial 0 is the plain greedy plan
@@ -43,7 +44,9 @@ __all__ = ["SAMPLERS", "StudySettings", "knob_groups", "run_study", "open_study"
            "optuna_plan", "export_trial", "default_storage"]
 
 SAMPLERS = ("nsga2", "tpe")
-LOG2_RANGE = 3.0
+LOG2_RANGE = 1.0
+#: the trial's own budget takes one of this many levels from budget - span to the budget
+BUDGET_LEVELS = 5
 
 
 @dataclass
@@ -127,6 +130,8 @@ def run_study(problems: dict[str, AllocationProblem], kl_of, budget_bytes: int, 
     n_w = first.n_weights
     hi_bits = avg_bits(budget_bytes, n_w)
     lo_bits = max(avg_bits(first.min_bytes(), n_w), hi_bits - settings.span)
+    levels = sorted({round(hi_bits - (hi_bits - lo_bits) * k / (BUDGET_LEVELS - 1), 6)
+                     for k in range(BUDGET_LEVELS)} | {hi_bits}, reverse=True) if hi_bits > lo_bits else [hi_bits]
     study = open_study(settings, create=True)
     study.set_user_attr("budget_bytes", budget_bytes)
     study.set_user_attr("n_weights", n_w)
@@ -153,7 +158,7 @@ def run_study(problems: dict[str, AllocationProblem], kl_of, budget_bytes: int, 
             errors = sum(wi * problems[e].errors for wi, e in zip(w, ests))
         else:
             errors = first.errors
-        bits = trial.suggest_float("bits", lo_bits, hi_bits) if hi_bits > lo_bits else hi_bits
+        bits = trial.suggest_categorical("bits", levels) if len(levels) > 1 else hi_bits
         trial_budget = min(budget_bytes, budget_to_bytes(f"{bits}", n_w)) if bits < hi_bits else budget_bytes
         p = AllocationProblem(bits=first.bits, errors=errors * scale[rows][:, None], costs=first.costs,
                               fixed_bytes=first.fixed_bytes, n_weights=n_w, layer_slices=first.layer_slices,
