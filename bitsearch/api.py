@@ -169,6 +169,10 @@ def search(*, model: str, budget: str, out: str | None = None, calib: str | None
            time_limit: float | None = None, show_progress: bool = True, _loaded=None) -> BitPlan:
     """A bit plan under ``budget`` ("2.5" avg bits or "12MB"/"12MiB"), saved as JSON when ``out`` is set.
 
+    ``method``: an allocator on the table's curves (greedy, ilp with ``granularity``/``share``/
+    ``layer_min_bits``/``time_limit``, snr, uniform) or a model-in-the-loop search that needs
+    ``calib`` (optuna: ``n_trials``, ``timeout``, ``sampler``, ``storage``, ``study_name``,
+    ``resume``, ``span``, ``kl_samples``; diffq: ``steps``, ``lr``, ``kl_samples``).
     ``min_bits`` defaults to 2: pruning (width 0) is off unless asked for with ``min_bits=0``,
     because the calibrated imatrix estimate still under-predicts what pruning costs (README).
     """
