@@ -8,7 +8,8 @@ import numpy as np
 
 from .cost import layer_bytes
 from .errors import BitsearchError
-from .plot_sensitivity import _layer_types, _short   # _layer_types: layer_block_and_type + clash names
+from .layer_names import layer_types
+from .plot_sensitivity import _short
 
 __all__ = ["plot_plan"]
 
@@ -76,7 +77,7 @@ def plot_plan(plan, out: str, title: str | None = None, sort_channels: bool = Tr
 
     shapes = plan.shapes
     bits = {name: np.asarray(plan.bits[name]).astype(np.int64) for name in layers}
-    info = _layer_types(layers)
+    info = layer_types(layers)
     present = set()
     for b in bits.values():
         present.update(np.unique(b).tolist())

@@ -7,41 +7,17 @@ from __future__ import annotations
 
 import os
 
-import re
 
 import numpy as np
 
 from .errors import BitsearchError
+from .layer_names import layer_block_and_type, layer_types
 
-__all__ = ["plot_sensitivity", "layer_block_and_type"]
+__all__ = ["plot_sensitivity", "layer_block_and_type"]  # the latter re-exported from layer_names
 
-_BLOCK_RE = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)(?:\.|$)")
 _NONBLOCK = "non-block"
 
 
-def layer_block_and_type(name: str) -> tuple[int | None, str]:
-    """``model.layers.3.self_attn.q_proj`` -> (3, "q_proj"); ``transformer.h.0.attn.c_attn`` ->
-    (0, "c_attn"); ``lm_head`` -> (None, "lm_head"); ``model.embed_tokens`` -> (None, "embed_tokens")."""
-    m = _BLOCK_RE.search(name)
-    block = int(m.group(1)) if m else None
-    return block, name.rsplit(".", 1)[-1]
-
-
-def _layer_types(layers: list[str]) -> dict[str, tuple[int | None, str]]:
-    """Block and type per layer; a type that two modules of one block share (GPT-2's attn.c_proj
-    and mlp.c_proj) is disambiguated with its parent module's name."""
-    parsed = {name: layer_block_and_type(name) for name in layers}
-    seen: dict[tuple, set] = {}
-    for name, key in parsed.items():
-        seen.setdefault(key, set()).add(name)
-    clash = {t for (b, t), names in seen.items() if len(names) > 1}
-    out = {}
-    for name, (b, t) in parsed.items():
-        if t in clash:
-            parts = name.split(".")
-            t = ".".join(parts[-2:]) if len(parts) > 1 else t
-        out[name] = (b, t)
-    return out
 
 
 def _log10(x: np.ndarray) -> np.ndarray:
@@ -82,7 +58,7 @@ def plot_sensitivity(table, out: str, estimator: str | None = None, width: int |
 
     df = table.df
     layers = table.layers
-    info = _layer_types(layers)
+    info = layer_types(layers)
     err = table.curves(mix={est: 1.0}, bits=[width])[:, 0]
     layer_col = df["layer"].to_numpy()
     lerr = _log10(err)

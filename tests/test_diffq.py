@@ -18,7 +18,7 @@ SMALL = dict(samples=4, seq_len=32, group_size=16, calib_loss_samples=2, show_pr
 def test_surrogate_gradient_matches_finite_differences():
     from torch.func import functional_call
 
-    from test_fisher import tiny_llama
+    from exact_models import tiny_llama
 
     m = tiny_llama()   # float64 throughout (HF's RMSNorm would compute in float32)
     targets = find_targets(m)[:3]

@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 import torch
 
-from bitsearch.distributed import Dist
 from bitsearch.models import Target, find_targets
 from bitsearch.quant.grid import fake_quantize
 from bitsearch.sensitivity import fisher as fisher_mod
@@ -18,33 +16,9 @@ from bitsearch.sensitivity.base import ESTIMATORS, SensitivityContext
 from bitsearch.sensitivity.fisher import FisherEstimator, collect_fisher
 
 from conftest import tiny_config
+from exact_models import ReceivingRank, SendingRank, tiny_llama
 
 BITS = [0, 2, 4, 8]
-
-
-def tiny_llama(seed: int = 0, std: float = 0.5):
-    """1 layer, hidden 8, vocab 32, untied, float64 (RMSNorm too, which HF runs in float32)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    class Float64RMSNorm(LlamaRMSNorm):
-        def forward(self, x):
-            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
-
-    cfg = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False,
-                      max_position_embeddings=64)
-    torch.manual_seed(seed)
-    m = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.normal_(0, std)
-    m = m.double().eval()
-    for mod in m.modules():
-        if isinstance(mod, LlamaRMSNorm):
-            mod.__class__ = Float64RMSNorm
-    return m
 
 
 def conftest_llama(tie: bool = True):
@@ -194,26 +168,10 @@ def test_micro_batching_chunking_and_checkpointing_do_not_change_it(tiny, monkey
 def test_two_ranks_sum_to_one_process(tiny):
     m, targets, batch = tiny
 
-    @dataclass
-    class Rank0(Dist):
-        sent: list = field(default_factory=list)
-
-        def all_reduce(self, t):
-            self.sent.append(t.clone())
-            return t
-
-    @dataclass
-    class Rank1(Dist):
-        received: list = field(default_factory=list)
-
-        def all_reduce(self, t):
-            t += self.received.pop(0).to(t.device)
-            return t
-
     one = FisherEstimator().estimate(_ctx(m, targets, batch, micro_batch=1))
-    r0 = Rank0(rank=0, world=2)
+    r0 = SendingRank(rank=0, world=2)
     part0 = FisherEstimator().estimate(_ctx(m, targets, batch, micro_batch=1, dist=r0))
-    r1 = Rank1(rank=1, world=2, received=r0.sent)
+    r1 = ReceivingRank(rank=1, world=2, received=r0.sent)
     two = FisherEstimator().estimate(_ctx(m, targets, batch, micro_batch=1, dist=r1))
     assert not r1.received
     for name, c in one.items():

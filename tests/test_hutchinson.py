@@ -13,7 +13,6 @@ variance 2 * sum_{i != l} S_il^2 is large next to tr(H_c)^2.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -21,46 +20,16 @@ import torch
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bitsearch.distributed import Dist
 from bitsearch.models import Target, find_targets
 from bitsearch.quant.grid import fake_quantize
 from bitsearch.sensitivity.base import ESTIMATORS, SensitivityContext
 from bitsearch.sensitivity.hutchinson import HutchinsonEstimator, _rademacher, probe_generator
 
 from conftest import ARCHS, tiny_config
+from exact_models import ReceivingRank, SendingRank, tiny_llama
 
 BITS = [0, 2, 3, 4, 8]
 MICRO = 2
-
-
-def _rmsnorm_in_input_dtype(m):
-    """HF's RMSNorm computes in float32 whatever the model's dtype: make it float64 here so the
-    exact Hessian and the estimator agree to float64 precision."""
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    class Float64RMSNorm(LlamaRMSNorm):
-        def forward(self, x):
-            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
-
-    for mod in m.modules():
-        if isinstance(mod, LlamaRMSNorm):
-            mod.__class__ = Float64RMSNorm
-    return m
-
-
-def tiny_llama(seed: int = 0, std: float = 0.5):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False,
-                      max_position_embeddings=64)
-    torch.manual_seed(seed)
-    m = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.normal_(0, std)
-    return _rmsnorm_in_input_dtype(m.double().eval())
 
 
 @pytest.fixture(scope="module")
@@ -233,26 +202,10 @@ def test_converges_to_exact_trace(setup, exact_hessians):
 
 
 def test_two_ranks_sum_to_one_process(setup):
-    @dataclass
-    class Rank0(Dist):
-        sent: list = field(default_factory=list)
-
-        def all_reduce(self, t):
-            self.sent.append(t.clone())
-            return t
-
-    @dataclass
-    class Rank1(Dist):
-        received: list = field(default_factory=list)
-
-        def all_reduce(self, t):
-            t += self.received.pop(0).to(t.device)
-            return t
-
     one = HutchinsonEstimator().estimate(_ctx(setup, probes=3, micro_batch=1))
-    r0 = Rank0(rank=0, world=2)
+    r0 = SendingRank(rank=0, world=2)
     part0 = HutchinsonEstimator().estimate(_ctx(setup, probes=3, micro_batch=1, dist=r0))
-    r1 = Rank1(rank=1, world=2, received=r0.sent)
+    r1 = ReceivingRank(rank=1, world=2, received=r0.sent)
     two = HutchinsonEstimator().estimate(_ctx(setup, probes=3, micro_batch=1, dist=r1))
     assert not r1.received
     for name, c in one.items():

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import time
 from dataclasses import dataclass
 
@@ -35,6 +34,7 @@ import numpy as np
 
 from ..cost import avg_bits, budget_to_bytes
 from ..errors import BitsearchError
+from ..layer_names import layer_types
 from ..plan import decode_bits, encode_bits
 from ..progress import progress
 from .greedy import GreedyAllocator
@@ -61,23 +61,15 @@ class StudySettings:
     resume: bool = False
 
 
-def layer_type(name: str) -> str:
-    return name.rsplit(".", 1)[-1]
-
-
-def block_index(name: str) -> int | None:
-    m = re.search(r"\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
-
-
 def knob_groups(layers: list[str], max_groups: int = 8) -> tuple[dict[str, str], dict[str, str]]:
     """(layer -> type knob, layer -> block-group knob) for the problem's layers."""
-    blocks = sorted({b for b in map(block_index, layers) if b is not None})
+    parsed = layer_types(layers)
+    blocks = sorted({b for b, _t in parsed.values() if b is not None})
     n = len(blocks)
     per = max(1, math.ceil(n / max_groups)) if n else 1
     group_of = {b: f"block:{i // per}" for i, b in enumerate(blocks)}
-    types = {n_: f"type:{layer_type(n_)}" for n_ in layers}
-    groups = {n_: group_of.get(block_index(n_), "block:other") for n_ in layers}
+    types = {n_: f"type:{parsed[n_][1]}" for n_ in layers}
+    groups = {n_: group_of.get(parsed[n_][0], "block:other") for n_ in layers}
     return types, groups
 
 

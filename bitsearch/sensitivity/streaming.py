@@ -90,9 +90,6 @@ class BlockRunner:
     def n_blocks(self) -> int:
         return len(self.blocks)
 
-    def block_names(self, i: int) -> str:
-        return f"{self.prefix}.{i}"
-
     @contextmanager
     def on_device(self, i: int):
         """Block ``i`` on the device for the duration (and back to the CPU with ``offload``)."""
