@@ -21,6 +21,7 @@ from . import __version__
 from .apply import fake_quantize_model, packed_tensor_bytes, plan_targets, save_fake, save_packed
 from .atomic import write_text_atomic
 from .cost import avg_bits, budget_to_bytes
+from .couplings import find_couplings
 from .data import calibration_batches, read_text, tokenize_text
 from .errors import BitsearchError
 from .evaluate import EvalResult, perplexity
@@ -102,30 +103,41 @@ def sensitivity(*, model: str, calib: str, out: str | None = None, samples: int 
 def search_plan(table: SensitivityTable, targets, fingerprint: dict, *, budget: str | float,
                 method: str = "greedy", bits: str | list[int] | None = None, min_bits: int | None = None,
                 max_bits: int | None = None, mix: str | dict | None = None,
-                provenance: dict | None = None, choose=None, allocator_options: dict | None = None) -> BitPlan:
+                provenance: dict | None = None, choose=None, allocator_options: dict | None = None,
+                couplings: list | None = None) -> BitPlan:
     """Allocate widths for ``targets`` from a table's curves (estimator ``mix``, default the
     table's) under a budget; no model needed. ``choose(problem, budget_bytes) -> (choice, info)``
-    replaces the registered allocator (model-in-the-loop methods)."""
+    replaces the registered allocator (model-in-the-loop methods). With ``couplings`` (and 0 in
+    the menu) the registered allocator prunes whole units (``search/coupled.py``)."""
     menu = parse_bits(bits) if bits is not None else table.bits
     mix = table.resolve_mix(mix)
     problem = build_problem(table, targets, menu, min_bits, max_bits, mix)
     budget_bytes = budget_to_bytes(budget, problem.n_weights)
     t0 = time.time()
+    couplings = list(couplings or []) if 0 in problem.bits else []
     if choose is None:
         allocator = get_allocator(method, **(allocator_options or {}))
-        choice = allocator.allocate(problem, budget_bytes)
         info = {"allocator_options": allocator_options} if allocator_options else {}
+        if couplings:
+            from .search.coupled import allocate_coupled
+
+            shapes = {t.name: (t.out_features, t.in_features) for t in targets}
+            widths, predicted, cinfo = allocate_coupled(problem, allocator, budget_bytes, couplings, shapes)
+            info.update(cinfo)
+        else:
+            choice = allocator.allocate(problem, budget_bytes)
+            widths, predicted = problem.widths(choice), problem.error_of(choice)
         if getattr(allocator, "last_info", None):
             info["allocator_info"] = {k: v for k, v in allocator.last_info.items()
                                       if isinstance(v, (int, float, str, type(None)))}
     else:
         choice, info = choose(problem, budget_bytes)
-    used = problem.bytes_of(choice)
-    assert used <= budget_bytes, "allocator went over budget"
-    plan = BitPlan(model=fingerprint, group_size=table.group_size, menu=problem.bits, bits=problem.widths(choice))
-    plan.fill_summary(predicted_error=problem.error_of(choice))
-    if plan.summary["bytes"] != used:
-        raise AssertionError("plan bytes disagree with the allocator's bytes")
+        widths, predicted, couplings = problem.widths(choice), problem.error_of(choice), []
+    plan = BitPlan(model=fingerprint, group_size=table.group_size, menu=problem.bits, bits=widths,
+                   couplings=[c for c in couplings if c.dead_units(widths).any()])
+    plan.fill_summary(predicted_error=predicted)
+    if plan.summary["bytes"] > budget_bytes:
+        raise AssertionError("allocator went over budget")
     plan.provenance = dict(provenance or {}, allocator=method, budget=str(budget), budget_bytes=budget_bytes,
                            budget_avg_bits=avg_bits(budget_bytes, problem.n_weights),
                            estimator_mix=format_mix(mix), table_calibration=table.meta.get("calibration"),
@@ -166,7 +178,8 @@ def search(*, model: str, budget: str, out: str | None = None, calib: str | None
            storage: str | None = None, study_name: str | None = None, resume: bool = False,
            span: float = 0.25, kl_samples: int = 8, steps: int = 100, lr: float = 0.05,
            granularity: str = "channel", share: list[str] | None = None, layer_min_bits: list[str] | None = None,
-           time_limit: float | None = None, show_progress: bool = True, _loaded=None) -> BitPlan:
+           time_limit: float | None = None, coupling: bool = True, show_progress: bool = True,
+           _loaded=None) -> BitPlan:
     """A bit plan under ``budget`` ("2.5" avg bits or "12MB"/"12MiB"), saved as JSON when ``out`` is set.
 
     ``method``: an allocator on the table's curves (greedy, ilp with ``granularity``/``share``/
@@ -175,6 +188,8 @@ def search(*, model: str, budget: str, out: str | None = None, calib: str | None
     ``resume``, ``span``, ``kl_samples``; diffq: ``steps``, ``lr``, ``kl_samples``).
     ``min_bits`` defaults to 2: pruning (width 0) is off unless asked for with ``min_bits=0``,
     because the calibrated imatrix estimate still under-predicts what pruning costs (README).
+    With pruning on, ``coupling`` (default) prunes whole MLP channels and key-value head groups,
+    freeing the consumer's columns too (``couplings.py``); only table-driven allocators do so.
     """
     _check_out(out, "plan")
     options = None
@@ -241,7 +256,8 @@ def search(*, model: str, budget: str, out: str | None = None, calib: str | None
                 return diffq_allocate(m, tgts, batch, problem, budget_bytes, settings, micro_batch, show_progress)
         plan = search_plan(table, tgts, fp, budget=budget, method=method, bits=bits, min_bits=min_bits,
                            max_bits=max_bits, mix=mix, provenance={"command": _command_line(), "model_name": model},
-                           choose=choose, allocator_options=options)
+                           choose=choose, allocator_options=options,
+                           couplings=find_couplings(m, [t.name for t in tgts]) if coupling else None)
     if out:
         plan.save(out)
     return plan

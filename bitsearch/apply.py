@@ -8,6 +8,8 @@ Packed checkpoint directory::
     config.json, tokenizer   so ``bitsearch eval`` and generation run from the folder
 
 The bytes of ``quantized.safetensors``' tensors equal the plan's predicted bytes exactly.
+With coupled pruning the producers' pruned rows and the consumers' freed columns are gone from
+the packed model (smaller matrices; its outputs equal the fake-quantized, masked model's).
 ``--fake`` instead writes a plain HF checkpoint whose target weights are dequantized values.
 """
 
@@ -23,8 +25,9 @@ from torch import nn
 
 from . import __version__
 from .errors import BitsearchError
+from .couplings import couplings_from_list, physical_layout
 from .models import PACKED_CONFIG, Target, model_fingerprint, target_of, tied_linears
-from .packed import PackedEmbedding, PackedLinear, PackedTiedHead, _PackedRows, pack_module, pack_weight
+from .packed import PackedEmbedding, PackedLinear, PackedTiedHead, _PackedRows, pack_module
 from .plan import BitPlan
 from .quant.grid import fake_quantize
 
@@ -57,16 +60,24 @@ def plan_targets(model: nn.Module, plan: BitPlan, where: str = "plan") -> list[T
 
 @torch.no_grad()
 def fake_quantize_model(model: nn.Module, plan: BitPlan) -> nn.Module:
-    """Replace each target weight, in place, by its planned quantize-dequantize values."""
+    """Replace each target weight, in place, by its planned quantize-dequantize values (a
+    coupled consumer: its live columns quantized as stored, its freed columns zero)."""
     modules = dict(model.named_modules())
+    _, columns = physical_layout(plan.couplings, plan.bits)
     for name, bits in plan.bits.items():
         w = modules[name].weight
-        new = w.detach().float().clone()
+        live = torch.as_tensor(columns[name]).to(w.device) if name in columns else None
+        src = w.detach().float()
+        src = src[:, live] if live is not None else src.clone()
         b_t = torch.as_tensor(bits)
         for b in sorted(set(bits.tolist())):
             rows = (b_t == b).nonzero().flatten().to(w.device)
-            new[rows] = fake_quantize(new[rows], int(b), plan.group_size)
-        w.copy_(new.to(w.dtype))
+            src[rows] = fake_quantize(src[rows], int(b), plan.group_size)
+        if live is not None:
+            new = torch.zeros_like(w, dtype=torch.float32)
+            new[:, live] = src
+            src = new
+        w.copy_(src.to(w.dtype))
     return model
 
 
@@ -74,10 +85,12 @@ def pack_model(model: nn.Module, plan: BitPlan) -> nn.Module:
     """Replace each target, in place, by a :class:`PackedLinear` / :class:`PackedEmbedding` at
     its planned widths."""
     modules = dict(model.named_modules())
+    rows, columns = physical_layout(plan.couplings, plan.bits)
     for name, bits in plan.bits.items():
         mod = modules[name]
         heads = tied_linears(model, name) if isinstance(mod, nn.Embedding) else ()
-        packed = pack_module(mod, torch.as_tensor(bits), plan.group_size).to(mod.weight.device)
+        packed = pack_module(mod, torch.as_tensor(bits), plan.group_size, rows=rows.get(name),
+                             columns=columns.get(name)).to(mod.weight.device)
         _set_module(model, name, packed)
         for h in heads:
             _set_module(model, h, PackedTiedHead(packed, modules[h].bias))
@@ -123,6 +136,7 @@ def save_packed(model: nn.Module, plan: BitPlan, out: str, tokenizer=None) -> in
     from safetensors.torch import save_file
 
     modules = dict(model.named_modules())
+    rows, columns = physical_layout(plan.couplings, plan.bits)
     quant, layers = {}, {}
     skip = set(plan.bits)   # modules whose weight is stored packed (targets and their tied heads)
     for name, bits in plan.bits.items():
@@ -130,13 +144,12 @@ def save_packed(model: nn.Module, plan: BitPlan, out: str, tokenizer=None) -> in
         heads = tied_linears(model, name) if isinstance(mod, nn.Embedding) else \
             tuple(n for n, m in modules.items() if isinstance(m, PackedTiedHead) and m._embedding is mod)
         skip.update(heads)
-        tensors = mod.packed_tensors() if isinstance(mod, _PackedRows) else \
-            pack_weight(mod.weight, torch.as_tensor(bits), plan.group_size)
-        for k, v in tensors.items():
+        if not isinstance(mod, _PackedRows):
+            mod = pack_module(mod, torch.as_tensor(bits), plan.group_size, rows=rows.get(name),
+                              columns=columns.get(name))
+        for k, v in mod.packed_tensors().items():
             quant[f"{name}.{k}"] = v.detach().cpu().contiguous()
-        t = target_of(name, mod) if not isinstance(mod, _PackedRows) else \
-            Target(name, mod.out_features, mod.in_features, mod.kind)
-        layers[name] = {"in_features": t.in_features, "out_features": t.out_features, "kind": t.kind,
+        layers[name] = {"in_features": mod.in_features, "out_features": mod.n_rows, "kind": mod.kind,
                         "bias": getattr(mod, "bias", None) is not None,
                         "padding_idx": getattr(mod, "padding_idx", None), "tied": list(heads)}
     rest, aliases, seen = {}, {}, {}
@@ -154,6 +167,7 @@ def save_packed(model: nn.Module, plan: BitPlan, out: str, tokenizer=None) -> in
         "group_size": plan.group_size, "layers": layers, "aliases": aliases,
         "dtype": str(next(iter(rest.values())).dtype).replace("torch.", "") if rest else "float32",
         "plan_summary": plan.summary, "model": plan.model, "plan_provenance": plan.provenance,
+        "couplings": [c.to_dict() for c in plan.couplings],
     }
     tmp = _tmp_dir(out)
     try:
@@ -205,6 +219,8 @@ def load_packed(path: str, device: str = "cpu", dtype: torch.dtype = torch.float
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     packed_embedding_tied = False
+    bits = {k[:-len(".qbits")]: v.numpy() for k, v in quant.items() if k.endswith(".qbits")}
+    keep_rows, _ = physical_layout(couplings_from_list(meta.get("couplings")), bits)
     for name, info in meta["layers"].items():
         prefix = name + "."
         tensors = {k[len(prefix):]: v for k, v in quant.items() if k.startswith(prefix)}
@@ -216,7 +232,7 @@ def load_packed(path: str, device: str = "cpu", dtype: torch.dtype = torch.float
                 packed_embedding_tied = True
         else:
             new = PackedLinear(info["in_features"], info["out_features"], meta["group_size"], tensors,
-                               rest.get(prefix + "bias"), compute_dtype=dtype)
+                               rest.get(prefix + "bias"), compute_dtype=dtype, rows=keep_rows.get(name))
         _set_module(model, name, new)
     for alias, target in meta.get("aliases", {}).items():
         rest[alias] = rest[target]

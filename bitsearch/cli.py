@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smallest width allowed (default: 2; 0 allows pruning, which the imatrix estimate "
                         "still under-prices: see the README)")
     p.add_argument("--max-bits", type=int, default=None, help="largest width allowed")
+    p.add_argument("--no-coupling", action="store_true",
+                   help="with --min-bits 0: prune rows one by one instead of whole MLP channels and key-value "
+                        "head groups (which also free down_proj / o_proj columns)")
     o = p.add_argument_group("--method optuna")
     o.add_argument("--n-trials", type=int, default=50, help="trials to run (with --resume: the total wanted) (default: 50)")
     o.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
@@ -187,10 +190,11 @@ def _run(args: argparse.Namespace) -> int:
                           storage=args.storage, study_name=args.study_name, resume=args.resume, span=args.span,
                           kl_samples=args.kl_samples, steps=args.steps, lr=args.lr, granularity=args.granularity,
                           share=args.share, layer_min_bits=args.layer_min_bits, time_limit=args.time_limit,
-                          show_progress=show)
+                          coupling=not args.no_coupling, show_progress=show)
         s = plan.summary
+        dead = f" ({s['dead_units']} whole units: smaller matrices)" if s.get("dead_units") else ""
         print(f"wrote {args.out}: {s['avg_bits']:.4f} avg bits, {s['bytes']} bytes, "
-              f"{s['pruned_channels']} of {s['n_channels']} channels pruned, widths {s['histogram']}, "
+              f"{s['pruned_channels']} of {s['n_channels']} channels pruned{dead}, widths {s['histogram']}, "
               f"predicted loss increase {s['predicted_error']:.4g}")
     elif args.command == "pareto":
         rows, plan = api.pareto(storage=args.storage, study_name=args.study_name, export=args.export, out=args.out,

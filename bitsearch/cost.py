@@ -8,6 +8,7 @@ Per target layer with K input features, R output channels and group size G:
     bit map         : 1 byte per channel (the width of each row, uint8)
 
 avg bits ("all-in") = 8 * bytes / number of target weights (pruned ones included).
+With coupled pruning (``couplings.py``) a consumer layer's K is its live columns only.
 Biases of target layers are not counted: they are kept untouched, like every tensor outside
 the targets.
 """
@@ -52,9 +53,17 @@ def layer_bytes(in_features: int, bits: Sequence[int] | np.ndarray, group_size: 
     return total + BITMAP_BYTES_PER_CHANNEL * len(bits)
 
 
-def plan_bytes(shapes: Mapping[str, tuple[int, int]], bits: Mapping[str, Iterable[int]], group_size: int) -> int:
-    """Bytes of a whole plan; ``shapes[name] = (out_features, in_features)``."""
-    return sum(layer_bytes(shapes[name][1], np.asarray(list(b)), group_size) for name, b in bits.items())
+def plan_bytes(shapes: Mapping[str, tuple[int, int]], bits: Mapping[str, Iterable[int]], group_size: int,
+               couplings: Sequence = ()) -> int:
+    """Bytes of a whole plan; ``shapes[name] = (out_features, in_features)``. With ``couplings``
+    (``couplings.Coupling``), a consumer is stored without the columns its dead units free."""
+    bits = {name: np.asarray(list(b)) for name, b in bits.items()}
+    k_of = {name: shape[1] for name, shape in shapes.items()}
+    if couplings:
+        from .couplings import consumer_in_features
+
+        k_of.update(consumer_in_features(list(couplings), shapes, bits))
+    return sum(layer_bytes(k_of[name], b, group_size) for name, b in bits.items())
 
 
 def avg_bits(n_bytes: int, n_weights: int) -> float:

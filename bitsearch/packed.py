@@ -6,6 +6,11 @@ Storage per layer (what ``apply`` writes; its bytes are what ``cost.py`` predict
 (rows_w, ceil(K*w/8)) uint8 packed codes, ``scales_b{w}`` (rows_w, n_groups) float16 and
 ``zeros_b{w}`` (rows_w, n_groups) uint8; ``weight_f16`` (rows_16, K) for rows kept in float16. Pruned rows store
 nothing and produce 0 (plus the bias, if any). Rows of one width appear in channel order.
+
+Coupled pruning (``couplings.py``): a producer of dead units keeps only ``rows`` in its output
+(the rows of its live units; the model sees a smaller matrix), and a consumer is simply packed
+from its live columns (``in_features`` = K'). The bit map keeps every row; which rows stay is
+derived from the bit maps and the couplings, not stored.
 """
 
 from __future__ import annotations
@@ -23,8 +28,15 @@ __all__ = ["PackedLinear", "PackedEmbedding", "PackedTiedHead", "pack_module", "
 QUANT_TENSOR_SUFFIXES = ("qbits", "codes_b", "scales_b", "zeros_b", "weight_f16")
 
 
-def pack_weight(weight: torch.Tensor, bits: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
-    """The packed tensors of one weight (out, K) under per-row widths ``bits`` (out,)."""
+def pack_weight(weight: torch.Tensor, bits: torch.Tensor, group_size: int, scales: torch.Tensor | None = None,
+                zeros: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The packed tensors of one weight (out, K) under per-row widths ``bits`` (out,).
+
+    Scales and zeros are the grid's min-max ones unless given: ``scales`` (out, n_groups) float16
+    and ``zeros`` (out, n_groups) uint8 for every row (rows not at a width 2..8 are ignored), e.g.
+    learned by QAT or SignRound; codes are then round(w / scale) + zero clamped to the width."""
+    if (scales is None) != (zeros is None):
+        raise ValueError("pack_weight: give both scales and zeros, or neither")
     w = weight.detach().float().cpu()
     bits = bits.to(torch.uint8).cpu()
     out = {"qbits": bits.clone()}
@@ -33,7 +45,11 @@ def pack_weight(weight: torch.Tensor, bits: torch.Tensor, group_size: int) -> di
         if rows.numel() == 0:
             continue
         sub = w[rows]
-        scale, zero = choose_qparams(sub, b, group_size)
+        if scales is None:
+            scale, zero = choose_qparams(sub, b, group_size)
+        else:
+            scale = scales[rows].to(torch.float16).cpu()
+            zero = zeros[rows].to(torch.uint8).cpu()
         codes = quantize(sub, scale, zero, b, group_size)
         out[f"codes_b{b}"] = pack_codes(codes, b)
         out[f"scales_b{b}"] = scale
@@ -88,6 +104,11 @@ class _PackedRows(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return unpack_weight(self.packed_tensors(), self.in_features, self.group_size, self.compute_dtype)
 
+    @property
+    def n_rows(self) -> int:
+        """Rows of the bit map (pruned ones included)."""
+        return self.qbits.numel()
+
     def extra_repr(self) -> str:
         counts = torch.bincount(self.qbits.long(), minlength=17)
         widths = ", ".join(f"{b}b:{int(counts[b])}" for b in range(17) if counts[b])
@@ -100,15 +121,40 @@ class PackedLinear(_PackedRows):
     kind = "linear"
 
     def __init__(self, in_features: int, out_features: int, group_size: int, tensors: dict[str, torch.Tensor],
-                 bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.float32):
+                 bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.float32,
+                 rows: torch.Tensor | None = None):
+        """``out_features``: rows of the bit map; with ``rows`` (bool mask or index) the output has
+        only those rows (every dropped row must be at width 0, and there may be no bias)."""
         super().__init__(in_features, out_features, group_size, tensors, compute_dtype)
+        self.compact = rows is not None
+        if self.compact:
+            keep = torch.as_tensor(rows, device=self.qbits.device)
+            keep = keep.nonzero().flatten() if keep.dtype == torch.bool else keep.long()
+            dropped = torch.ones(out_features, dtype=torch.bool, device=keep.device)
+            dropped[keep] = False
+            if bias is not None or (self.qbits[dropped] != 0).any():
+                raise ValueError("PackedLinear: only pruned rows of a layer without bias can be dropped")
+            self.register_buffer("live_rows", keep, persistent=False)
+            self.out_features = int(keep.numel())
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: torch.Tensor, group_size: int) -> "PackedLinear":
-        tensors = pack_weight(linear.weight, bits, group_size)
-        return cls(linear.in_features, linear.out_features, group_size, tensors, linear.bias,
-                   compute_dtype=linear.weight.dtype)
+    def from_linear(cls, linear: nn.Linear, bits: torch.Tensor, group_size: int, scales: torch.Tensor | None = None,
+                    zeros: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+                    columns: torch.Tensor | None = None) -> "PackedLinear":
+        """Pack ``linear`` at per-row widths ``bits``; ``columns`` (bool or index) keeps only those
+        input columns (a coupled consumer), ``rows`` only those output rows (a producer)."""
+        weight = linear.weight if columns is None else linear.weight[:, torch.as_tensor(columns)]
+        tensors = pack_weight(weight, bits, group_size, scales, zeros)
+        return cls(weight.shape[1], linear.out_features, group_size, tensors, linear.bias,
+                   compute_dtype=linear.weight.dtype, rows=rows)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        w = super().dequantized_weight()
+        return w[self.live_rows] if self.compact else w
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", compact" if self.compact else "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantized_weight().to(x.dtype)
@@ -164,8 +210,10 @@ class PackedTiedHead(nn.Module):
         return f"tied to a PackedEmbedding of {self.out_features} rows"
 
 
-def pack_module(mod: nn.Module, bits: torch.Tensor, group_size: int) -> _PackedRows:
-    """The packed replacement of a target module (Linear or Embedding)."""
+def pack_module(mod: nn.Module, bits: torch.Tensor, group_size: int, rows: torch.Tensor | None = None,
+                columns: torch.Tensor | None = None) -> _PackedRows:
+    """The packed replacement of a target module (Linear or Embedding; ``rows`` and ``columns``
+    as in :meth:`PackedLinear.from_linear`)."""
     if isinstance(mod, nn.Embedding):
         return PackedEmbedding.from_embedding(mod, bits, group_size)
-    return PackedLinear.from_linear(mod, bits, group_size)
+    return PackedLinear.from_linear(mod, bits, group_size, rows=rows, columns=columns)

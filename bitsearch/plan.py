@@ -6,11 +6,14 @@ Layout (format "bitsearch-plan", version 1)::
      "model": {"model_type", "sha256", "targets": {name: [out, in]}},
      "quantizer": {"scheme": "asym-minmax", "group_size": G, "bits": [menu], "scale_dtype": "float16"},
      "bits": {name: "4433...0F"},      # one character per channel: 0-8, F = 16 (kept in fp16)
+     "couplings": [{"kind", "producers", "consumer", "unit_rows", "unit_cols", "n_units"}],
+                                       # version 2 only: coupled pruning (see couplings.py)
      "summary": {"avg_bits", "bytes", "n_weights", "n_channels", "predicted_error", "histogram"},
      "provenance": {"command", "estimator", "allocator", "budget", "calibration", "seed",
                     "package_version", "time"}}
 
-Loading checks everything and names the first problem it finds. Writing is atomic.
+Version 1 plans have no couplings; a plan with couplings is written as version 2 (its bytes
+count the consumers' freed columns, which a version-1 reader would not). Loading checks everything and names the first problem it finds. Writing is atomic.
 """
 
 from __future__ import annotations
@@ -23,13 +26,15 @@ import numpy as np
 
 from .atomic import write_text_atomic
 from .cost import avg_bits, plan_bytes
+from .couplings import Coupling, couplings_from_list
 from .errors import BitsearchError
 from .quant.grid import KEEP_WIDTH, VALID_WIDTHS
 
 __all__ = ["PLAN_FORMAT", "PLAN_VERSION", "BitPlan", "encode_bits", "decode_bits"]
 
 PLAN_FORMAT = "bitsearch-plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+_READS = (1, 2)
 _CHARS = {b: str(b) for b in VALID_WIDTHS if b != KEEP_WIDTH}
 _CHARS[KEEP_WIDTH] = "F"
 _WIDTH_OF = {c: b for b, c in _CHARS.items()}
@@ -56,6 +61,7 @@ class BitPlan:
     summary: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
     scheme: str = "asym-minmax"
+    couplings: list[Coupling] = field(default_factory=list)
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -66,7 +72,10 @@ class BitPlan:
         return sum(o * i for o, i in self.shapes.values())
 
     def n_bytes(self) -> int:
-        return plan_bytes(self.shapes, self.bits, self.group_size)
+        return plan_bytes(self.shapes, self.bits, self.group_size, self.couplings)
+
+    def dead_units(self) -> int:
+        return int(sum(int(c.dead_units(self.bits).sum()) for c in self.couplings))
 
     def histogram(self) -> dict[str, int]:
         allb = np.concatenate(list(self.bits.values()))
@@ -81,22 +90,26 @@ class BitPlan:
             "n_weights": self.n_weights(),
             "n_channels": int(sum(len(b) for b in self.bits.values())),
             "pruned_channels": int(sum(int((b == 0).sum()) for b in self.bits.values())),
+            "dead_units": self.dead_units(),
             "predicted_error": predicted_error,
             "histogram": self.histogram(),
         }
 
     # ---- file ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {
+        d = {
             "format": PLAN_FORMAT,
-            "version": PLAN_VERSION,
+            "version": PLAN_VERSION if self.couplings else 1,
             "model": self.model,
             "quantizer": {"scheme": self.scheme, "group_size": self.group_size, "bits": list(self.menu),
                           "scale_dtype": "float16"},
             "bits": {k: encode_bits(v) for k, v in self.bits.items()},
-            "summary": self.summary,
-            "provenance": self.provenance,
         }
+        if self.couplings:
+            d["couplings"] = [c.to_dict() for c in self.couplings]
+        d["summary"] = self.summary
+        d["provenance"] = self.provenance
+        return d
 
     def save(self, path: str) -> None:
         write_text_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
@@ -119,9 +132,9 @@ class BitPlan:
     def from_dict(cls, d: dict, where: str = "plan") -> "BitPlan":
         if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
             raise BitsearchError(f"'{where}' is not a bitsearch plan (format {d.get('format') if isinstance(d, dict) else None!r})")
-        if d.get("version") != PLAN_VERSION:
+        if d.get("version") not in _READS:
             raise BitsearchError(f"plan '{where}' has format version {d.get('version')}; "
-                                 f"this bitsearch reads version {PLAN_VERSION}")
+                                 f"this bitsearch reads versions {', '.join(map(str, _READS))}")
         for key in ("model", "quantizer", "bits"):
             if not isinstance(d.get(key), dict):
                 raise BitsearchError(f"plan '{where}' lacks its '{key}' section")
@@ -154,8 +167,20 @@ class BitPlan:
         missing = [n for n in shapes if n not in bits]
         if missing:
             raise BitsearchError(f"plan '{where}': target '{missing[0]}' has no bits")
+        try:
+            couplings = couplings_from_list(d.get("couplings"))
+        except (KeyError, TypeError, ValueError):
+            raise BitsearchError(f"plan '{where}': its couplings section is malformed") from None
+        for c in couplings:
+            layers = c.producers + (c.consumer,)
+            bad = [n for n in layers if n not in shapes]
+            if bad:
+                raise BitsearchError(f"plan '{where}': coupling names '{bad[0]}', not one of its targets")
+            if any(shapes[n][0] != c.n_units * r for n, r in zip(c.producers, c.unit_rows)) \
+                    or shapes[c.consumer][1] != c.n_units * c.unit_cols:
+                raise BitsearchError(f"plan '{where}': coupling of '{c.consumer}' does not fit the layer shapes")
         plan = cls(model=d["model"], group_size=gs, menu=list(menu), bits=bits,
-                   summary=d.get("summary") or {}, provenance=d.get("provenance") or {})
+                   summary=d.get("summary") or {}, provenance=d.get("provenance") or {}, couplings=couplings)
         stated = plan.summary.get("bytes")
         if stated is not None and stated != plan.n_bytes():
             raise BitsearchError(f"plan '{where}': its summary says {stated} bytes but its widths cost "

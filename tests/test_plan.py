@@ -46,7 +46,12 @@ def _write(tmp_path, d) -> str:
 
 
 @pytest.mark.parametrize("mutate,message", [
-    (lambda d: d.update(version=2), "format version 2"),
+    (lambda d: d.update(version=3), "format version 3"),
+    (lambda d: d.update(couplings=[{"kind": "mlp"}]), "couplings section is malformed"),
+    (lambda d: d.update(couplings=[{"kind": "mlp", "producers": ["a", "x"], "consumer": "b", "unit_rows": [1, 1],
+                                    "unit_cols": 1, "n_units": 4}]), "coupling names 'x'"),
+    (lambda d: d.update(couplings=[{"kind": "mlp", "producers": ["a"], "consumer": "b", "unit_rows": [1],
+                                    "unit_cols": 1, "n_units": 4}]), "does not fit the layer shapes"),
     (lambda d: d.update(format="other"), "not a bitsearch plan"),
     (lambda d: d["bits"].update(c="22"), "layer 'c' has bits but is not among its targets"),
     (lambda d: d["bits"].update(a="0237"), "channel 3 has width 7, outside the menu"),
