@@ -1,0 +1,140 @@
+"""QAT loops: e2e and tiled training lower the KL to the float model, tiled mode holds one
+tile's training state, convert keeps the plan's bytes, a killed run resumes exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bitsearch.apply import fake_quantize_model
+from bitsearch.errors import BitsearchError
+from bitsearch.finalize import train as train_mod
+from bitsearch.finalize.quantizer import QuantLinear, convert
+from bitsearch.finalize.train import QatSettings, finalize_qat
+from bitsearch.models import find_targets, load_model, model_fingerprint
+from bitsearch.packed import PackedLinear
+from bitsearch.plan import BitPlan
+
+GS = 32
+
+
+class Killed(Exception):
+    """Stands for the process dying mid-step."""
+
+
+def _plan(model, seed=0) -> BitPlan:
+    rng = np.random.default_rng(seed)
+    targets = find_targets(model)
+    bits = {t.name: rng.choice([2, 3], size=t.out_features).astype(np.uint8) for t in targets}
+    plan = BitPlan(model=model_fingerprint(model, targets), group_size=GS, menu=[2, 3], bits=bits)
+    plan.fill_summary()
+    return plan
+
+
+def _kl(model, ref, ids) -> float:
+    with torch.no_grad():
+        p = F.log_softmax(ref(input_ids=ids).logits.float(), -1)
+        q = F.log_softmax(model(input_ids=ids).logits.float(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def _batch(model, n=16, t=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (n, t), generator=g)
+
+
+@pytest.mark.parametrize("mode", ["e2e", "tiled", "tiled+e2e"])
+def test_training_lowers_kl_and_converts_to_the_plan_bytes(llama_dir, mode):
+    torch.manual_seed(0)
+    ref = load_model(llama_dir)
+    model = load_model(llama_dir)
+    plan = _plan(model)
+    batch = _batch(model)
+    held = _batch(model, 8, 32, seed=1)
+    rtn = fake_quantize_model(load_model(llama_dir), plan)
+    info = finalize_qat(model, plan, batch, QatSettings(mode=mode, steps=40, lr=1e-3, batch_size=8, tile_size=1),
+                        show_progress=False)
+    assert info["steps_run"] == {"e2e": 40, "tiled": 80, "tiled+e2e": 100}[mode]
+    # on the training samples clearly, on held-out (random) tokens still, below round-to-nearest
+    assert _kl(model, ref, batch) < 0.7 * _kl(rtn, ref, batch)
+    assert _kl(model, ref, held) < _kl(rtn, ref, held)
+    with torch.no_grad():
+        before = model(input_ids=held).logits
+    convert(model, plan)
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert len(packed) == len([n for n in plan.bits if "embed" not in n])
+    assert sum(m.packed_bytes() for m in model.modules() if hasattr(m, "packed_bytes")) == plan.n_bytes()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=held).logits, before, rtol=1e-4, atol=1e-4)
+
+
+def test_tiled_mode_holds_one_tile_of_training_state(llama_dir, monkeypatch):
+    model = load_model(llama_dir)
+    plan = _plan(model)
+    seen = []
+    original = train_mod._Trainer.update
+
+    def update(self, loss):
+        original(self, loss)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        with_state = {n for n, p in model.named_parameters() if p in self.opt.state}
+        quant = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+        seen.append((self.tile, trainable, with_state, quant))
+
+    monkeypatch.setattr(train_mod._Trainer, "update", update)
+    finalize_qat(model, plan, _batch(model, 8), QatSettings(mode="tiled", steps=3, tile_size=1, batch_size=4),
+                 show_progress=False)
+    assert {s[0] for s in seen} == {0, 1}
+    for tile, trainable, with_state, quant in seen:
+        block = f"model.layers.{tile}."
+        assert trainable and all(n.startswith(block) for n in trainable)
+        assert with_state <= trainable
+        # layers of later tiles are still float; earlier ones are quantized and frozen
+        assert all(int(n.split(".")[2]) <= tile for n in quant)
+
+
+def test_killed_run_resumes_to_the_same_model(llama_dir, tmp_path, monkeypatch):
+    batch = _batch(load_model(llama_dir), 8)
+    ckpt = str(tmp_path / "qat.ckpt")
+
+    def run(resume=False, kill_after=None):
+        model = load_model(llama_dir)
+        plan = _plan(model)
+        if kill_after is not None:
+            original = train_mod._Trainer.update
+            calls = {"n": 0}
+
+            def update(self, loss):
+                if calls["n"] == kill_after:
+                    raise Killed
+                calls["n"] += 1
+                original(self, loss)
+            monkeypatch.setattr(train_mod._Trainer, "update", update)
+        settings = QatSettings(mode="tiled+e2e", steps=4, e2e_steps=4, tile_size=1, batch_size=4, lr=1e-3,
+                               checkpoint=ckpt, checkpoint_every=0.0, resume=resume)
+        try:
+            finalize_qat(model, plan, batch, settings, show_progress=False)
+        finally:
+            monkeypatch.undo()
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    straight = run()
+    for kill_after in (2, 6, 9):         # inside tile 0, inside tile 1, inside the e2e pass
+        with pytest.raises(Killed):
+            run(kill_after=kill_after)
+        resumed = run(resume=True)
+        for n, p in straight.items():
+            torch.testing.assert_close(resumed[n], p, rtol=1e-5, atol=1e-6, msg=f"{n} after kill at {kill_after}")
+
+
+def test_resume_refuses_other_settings(llama_dir, tmp_path):
+    model = load_model(llama_dir)
+    plan = _plan(model)
+    ckpt = str(tmp_path / "c.pt")
+    finalize_qat(model, plan, _batch(model, 4), QatSettings(steps=1, batch_size=2, checkpoint=ckpt,
+                                                            checkpoint_every=0.0), show_progress=False)
+    with pytest.raises(BitsearchError, match="other settings"):
+        finalize_qat(load_model(llama_dir), plan, _batch(model, 4),
+                     QatSettings(steps=1, batch_size=2, lr=1.0, checkpoint=ckpt, resume=True), show_progress=False)
