@@ -81,16 +81,18 @@ def fake_quantize_model(model: nn.Module, plan: BitPlan) -> nn.Module:
     return model
 
 
-def pack_model(model: nn.Module, plan: BitPlan) -> nn.Module:
+def pack_model(model: nn.Module, plan: BitPlan, qparams: dict | None = None) -> nn.Module:
     """Replace each target, in place, by a :class:`PackedLinear` / :class:`PackedEmbedding` at
-    its planned widths."""
+    its planned widths; ``qparams`` {name: (scales, zeros)} replaces the min-max grids of those
+    layers (weights already rounded by SignRound or trained by QAT)."""
+    qparams = qparams or {}
     modules = dict(model.named_modules())
     rows, columns = physical_layout(plan.couplings, plan.bits)
     for name, bits in plan.bits.items():
         mod = modules[name]
         heads = tied_linears(model, name) if isinstance(mod, nn.Embedding) else ()
         packed = pack_module(mod, torch.as_tensor(bits), plan.group_size, rows=rows.get(name),
-                             columns=columns.get(name)).to(mod.weight.device)
+                             columns=columns.get(name), qparams=qparams.get(name)).to(mod.weight.device)
         _set_module(model, name, packed)
         for h in heads:
             _set_module(model, h, PackedTiedHead(packed, modules[h].bias))

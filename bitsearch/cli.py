@@ -20,11 +20,23 @@ def _add_model(p: argparse.ArgumentParser, what: str = "HF hub id or local model
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
 
 
-def _add_calib(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--calib", required=required, help="calibration text file, or hf:NAME[:CONFIG]:SPLIT")
+def _add_calib(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", default=None, help="calibration text file, or hf:NAME[:CONFIG]:SPLIT")
     p.add_argument("--samples", type=int, default=128, help="calibration samples N (default: 128)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample L (default: 512)")
     p.add_argument("--seed", type=int, default=0, help="seed for choosing calibration windows (default: 0)")
+    p.add_argument("--data-free", type=int, default=None, metavar="N",
+                   help="no calibration text: generate N samples of --seq-len tokens with the float model (random "
+                        "first token, 3 greedy, then sampled), cached next to --out")
+    p.add_argument("--data-free-cache", default=None, metavar="PATH",
+                   help="data-free cache file (default: datafree-<model digest>-s<seed>.pt next to --out)")
+    p.add_argument("--overwrite-data-free", action="store_true",
+                   help="regenerate a data-free cache made with another model or settings instead of refusing it")
+
+
+def _data_free_args(args: argparse.Namespace) -> dict:
+    return {"data_free": args.data_free, "data_free_cache": args.data_free_cache,
+            "overwrite_data_free": args.overwrite_data_free}
 
 
 def _add_sensitivity(p: argparse.ArgumentParser) -> None:
@@ -66,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sensitivity", parents=[quiet], help="per-channel error curves -> Parquet table")
     _add_model(p)
-    _add_calib(p, required=True)
+    _add_calib(p)
     _add_sensitivity(p)
     p.add_argument("--offload", action="store_true",
                    help="keep decoder blocks on the CPU and move one at a time to --device (imatrix, snr)")
@@ -74,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", parents=[quiet], help="a bit plan under a memory budget -> plan JSON")
     _add_model(p)
-    _add_calib(p, required=False)
+    _add_calib(p)
     _add_sensitivity(p)
     p.add_argument("--budget", required=True, help="avg bits all-in (e.g. 2.5) or target bytes (12MB, 12MiB)")
     p.add_argument("--sensitivity", default=None, help="precomputed sensitivity table (.parquet); else computed from --calib")
@@ -110,6 +122,40 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=100, help="training steps (default: 100)")
     d.add_argument("--lr", type=float, default=0.05, help="Adam learning rate of the width logits (default: 0.05)")
     p.add_argument("--out", required=True, help="output plan (.json)")
+
+    p = sub.add_parser("finalize", parents=[quiet],
+                       help="plan + model -> packed checkpoint after QAT (or SignRound) on calibration or data-free text")
+    _add_model(p)
+    p.add_argument("--plan", required=True, help="plan file from `bitsearch search`")
+    _add_calib(p)
+    p.add_argument("--method", default="qat", choices=["qat", "signround"],
+                   help="qat (trained weights, step sizes, zeros) | signround (learned rounding only) (default: qat)")
+    p.add_argument("--init", default="rtn", choices=["rtn", "signround"],
+                   help="QAT starts from round-to-nearest or from SignRound's rounding (default: rtn)")
+    p.add_argument("--mode", default="e2e", choices=["e2e", "tiled", "tiled+e2e"],
+                   help="e2e distillation, forward-tiled block training, or tiled then a short e2e pass (default: e2e)")
+    p.add_argument("--round", dest="round_mode", default="ste", choices=["ste", "sigmoid"],
+                   help="rounding gradient: straight-through or Sigmoid STE (default: ste)")
+    p.add_argument("--temperature", type=float, default=0.0, help="Sigmoid STE temperature T; 0 = STE (default: 0)")
+    p.add_argument("--anneal", action="store_true", help="raise T linearly from 0 to --temperature over training")
+    p.add_argument("--clamp", dest="clamp_mode", default="hard", choices=["hard", "soft"],
+                   help="clamping gradient: hard or SoftClamp (default: hard)")
+    p.add_argument("--beta", type=float, default=1.0, help="SoftClamp gate sharpness (default: 1, the paper's)")
+    p.add_argument("--soft-warmup", type=int, default=0, help="first N steps use the surrogates in the forward too")
+    p.add_argument("--steps", type=int, default=200, help="training steps (tiled: per tile) (default: 200)")
+    p.add_argument("--e2e-steps", type=int, default=None, help="steps of the e2e pass after tiles (default: steps/2)")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of the weights (default: 1e-4)")
+    p.add_argument("--qparam-lr", type=float, default=None, help="learning rate of step sizes and zeros (default: --lr)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per step (default: 8)")
+    p.add_argument("--tile-size", type=int, default=3, help="decoder blocks per tile (default: 3)")
+    p.add_argument("--tile-loss", default="l2", choices=["l2", "l1"], help="tile output loss (default: l2)")
+    p.add_argument("--ce-weight", type=float, default=0.0, help="add this x cross-entropy to the e2e KL (default: 0)")
+    p.add_argument("--signround-steps", type=int, default=200, help="SignRound steps per block (default: 200)")
+    p.add_argument("--signround-lr", type=float, default=None, help="SignRound learning rate (default: 1/steps)")
+    p.add_argument("--checkpoint-every", type=float, default=300.0,
+                   help="seconds between QAT checkpoints OUT.qat-checkpoint.pt (default: 300)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.qat-checkpoint.pt")
+    p.add_argument("--out", required=True, help="output folder (packed checkpoint)")
 
     p = sub.add_parser("pareto", parents=[quiet], help="list an optuna search study's trials and front; export a point")
     p.add_argument("--storage", required=True, help="the study's journal file or database URL")
@@ -168,7 +214,7 @@ def _run(args: argparse.Namespace) -> int:
                                 calibrate=args.calibrate, calib_loss_samples=args.calib_loss_samples,
                                 mix=args.mix, probes=args.probes, offload=args.offload,
                                 checkpointing=args.checkpointing, micro_batch=args.micro_batch,
-                                device=args.device, dtype=args.dtype, show_progress=show)
+                                device=args.device, dtype=args.dtype, show_progress=show, **_data_free_args(args))
         if table.meta["world_size"] == 1 or os.environ.get("RANK", "0") == "0":
             secs = ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in table.meta["estimator_info"].items())
             print(f"wrote {args.out}: {len(table.df)} channels in {len(table.layers)} layers, "
@@ -190,7 +236,7 @@ def _run(args: argparse.Namespace) -> int:
                           storage=args.storage, study_name=args.study_name, resume=args.resume, span=args.span,
                           kl_samples=args.kl_samples, steps=args.steps, lr=args.lr, granularity=args.granularity,
                           share=args.share, layer_min_bits=args.layer_min_bits, time_limit=args.time_limit,
-                          coupling=not args.no_coupling, show_progress=show)
+                          coupling=not args.no_coupling, show_progress=show, **_data_free_args(args))
         s = plan.summary
         dead = f" ({s['dead_units']} whole units: smaller matrices)" if s.get("dead_units") else ""
         print(f"wrote {args.out}: {s['avg_bits']:.4f} avg bits, {s['bytes']} bytes, "
@@ -205,6 +251,18 @@ def _run(args: argparse.Namespace) -> int:
                   f"{'*' if r['on_front'] else ' ':^5}  {'yes' if r['within_budget'] else 'no'}")
         if plan is not None:
             print(f"wrote {args.out}: trial {args.export}, {plan.summary['avg_bits']:.4f} avg bits")
+    elif args.command == "finalize":
+        keys = ("plan", "calib", "method", "init", "mode", "round_mode", "temperature", "anneal", "clamp_mode", "beta",
+                "soft_warmup", "steps", "e2e_steps", "lr", "qparam_lr", "batch_size", "tile_size", "tile_loss",
+                "ce_weight", "samples", "seq_len", "seed", "signround_steps", "signround_lr", "resume",
+                "checkpoint_every", "device", "dtype", "out")
+        info = api.finalize(model=args.model, show_progress=show, **{k: getattr(args, k) for k in keys},
+                            **_data_free_args(args))
+        qat = info.get("qat") or {}
+        last = (qat.get("last_loss") or {})
+        losses = ", ".join(f"{k} loss {v:.4g}" for k, v in last.items() if v is not None)
+        print(f"wrote {args.out}: {info['written_bytes']} bytes of packed target tensors (plan: {info['plan_bytes']}), "
+              f"{info['method']}{' ' + losses if losses else ''}, {info['seconds']:.1f} s")
     elif args.command == "apply":
         info = api.apply(model=args.model, plan=args.plan, out=args.out, fake=args.fake, device=args.device,
                          dtype=args.dtype)

@@ -182,8 +182,9 @@ class PackedEmbedding(_PackedRows):
         return self.in_features
 
     @classmethod
-    def from_embedding(cls, emb: nn.Embedding, bits: torch.Tensor, group_size: int) -> "PackedEmbedding":
-        tensors = pack_weight(emb.weight, bits, group_size)
+    def from_embedding(cls, emb: nn.Embedding, bits: torch.Tensor, group_size: int, scales: torch.Tensor | None = None,
+                       zeros: torch.Tensor | None = None) -> "PackedEmbedding":
+        tensors = pack_weight(emb.weight, bits, group_size, scales, zeros)
         return cls(emb.embedding_dim, emb.num_embeddings, group_size, tensors, emb.padding_idx,
                    compute_dtype=emb.weight.dtype)
 
@@ -211,9 +212,10 @@ class PackedTiedHead(nn.Module):
 
 
 def pack_module(mod: nn.Module, bits: torch.Tensor, group_size: int, rows: torch.Tensor | None = None,
-                columns: torch.Tensor | None = None) -> _PackedRows:
+                columns: torch.Tensor | None = None, qparams: tuple | None = None) -> _PackedRows:
     """The packed replacement of a target module (Linear or Embedding; ``rows`` and ``columns``
-    as in :meth:`PackedLinear.from_linear`)."""
+    as in :meth:`PackedLinear.from_linear`; ``qparams`` = (scales, zeros) as in :func:`pack_weight`)."""
+    scales, zeros = qparams if qparams is not None else (None, None)
     if isinstance(mod, nn.Embedding):
-        return PackedEmbedding.from_embedding(mod, bits, group_size)
-    return PackedLinear.from_linear(mod, bits, group_size, rows=rows, columns=columns)
+        return PackedEmbedding.from_embedding(mod, bits, group_size, scales, zeros)
+    return PackedLinear.from_linear(mod, bits, group_size, scales, zeros, rows=rows, columns=columns)

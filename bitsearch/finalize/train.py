@@ -233,7 +233,7 @@ def _run_tiled(model, plan, batch, settings, linear_names, state, ckpt, init_qpa
         hf = torch.cat([runner.capture(batch[i:i + 1])[0] for i in range(batch.shape[0])])
     embeddings = {n: b for n, b in plan.bits.items() if n not in linear_names}
     if embeddings:
-        pack_model(model, replace(plan, bits=embeddings, couplings=[]))
+        pack_model(model, replace(plan, bits=embeddings, couplings=[]), init_qparams)
     with torch.no_grad():
         hq = torch.cat([runner.capture(batch[i:i + 1])[0] for i in range(batch.shape[0])])
 
@@ -285,6 +285,8 @@ def _run_tiled(model, plan, batch, settings, linear_names, state, ckpt, init_qpa
             hq = run(tile_blocks, hq)
             hf = target
         del target
+    rest = [n for n in linear_names if n not in state["trained"]]   # e.g. an untied lm_head: not trained here
+    state["trained"].update(_quantize_layers(model, plan, rest, settings, ckpt, init_qparams))
 
 
 def _run_e2e(model, teacher, plan, batch, settings, steps, state, ckpt, show_progress) -> None:
@@ -345,7 +347,7 @@ def finalize_qat(model: nn.Module, plan: BitPlan, batch: torch.Tensor, settings:
     else:
         embeddings = {n: b for n, b in plan.bits.items() if n not in linear_names}
         if embeddings:
-            pack_model(model, replace(plan, bits=embeddings, couplings=[]))
+            pack_model(model, replace(plan, bits=embeddings, couplings=[]), init_qparams)
         state["trained"].update(_quantize_layers(model, plan, linear_names, settings, ckpt, init_qparams))
     if settings.mode != "tiled":
         _run_e2e(model, teacher, plan, batch, settings, e2e_steps, state, ckpt, show_progress)
