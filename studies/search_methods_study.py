@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--methods", default="greedy,optuna,diffq")
     ap.add_argument("--n-trials", type=int, default=30)
     ap.add_argument("--sampler", default="nsga2", help="optuna sampler: nsga2 | tpe")
+    ap.add_argument("--span", type=float, default=0.25,
+                    help="optuna: trials also try budgets down to budget - span (0: every trial at the budget)")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--kl-samples", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=40000)
@@ -60,7 +62,7 @@ def main() -> None:
                     os.remove(f)
             t0 = time.time()
             plan = api.search(model=args.model, budget=budget, out=out, calib=args.calib,
-                              sensitivity_table=args.table, method=method, mix=args.mix, n_trials=args.n_trials, sampler=args.sampler,
+                              sensitivity_table=args.table, method=method, mix=args.mix, n_trials=args.n_trials, sampler=args.sampler, span=args.span,
                               steps=args.steps, kl_samples=args.kl_samples, show_progress=False,
                               _loaded=(model, tok))
             secs = time.time() - t0

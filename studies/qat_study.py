@@ -1,0 +1,154 @@
+"""Finalizers compared on slm-llama-17m: round-to-nearest, SignRound, QAT with plain STE,
+STE + SoftClamp, Sigmoid STE, both (the paper's comparison), a temperature sweep, e2e vs tiled,
+calibration text vs data-free.
+
+Every run starts from the same float model, plan, training samples, steps and learning rate;
+the finalized packed model is evaluated on the first --max-tokens tokens of wikitext2_test
+(512-token windows). Plans: uniform 4 bits, uniform 3 bits (g128, every row one width) and the
+mixed plan at 2.5 avg bits (greedy on the estimator study's imatrix curves; --mixed-plan).
+
+    python studies/qat_study.py --out studies/results/qat --device cuda             # the full study (GPU)
+    python studies/qat_study.py --out studies/results/qat_cpu --quick --threads 2   # a CPU subset
+
+Writes results.csv, results.json and qat.png in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from bitsearch import api  # noqa: E402
+from bitsearch.apply import fake_quantize_model  # noqa: E402
+from bitsearch.data import calibration_batches  # noqa: E402
+from bitsearch.models import find_targets, load_model, load_tokenizer, model_fingerprint  # noqa: E402
+from bitsearch.plan import BitPlan  # noqa: E402
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+#: name -> finalize keywords (the paper's four, then the others)
+SURROGATES = {
+    "STE": dict(round_mode="ste", clamp_mode="hard"),
+    "STE+SoftClamp": dict(round_mode="ste", clamp_mode="soft"),
+    "SigmoidSTE": dict(round_mode="sigmoid", clamp_mode="hard"),
+    "SigmoidSTE+SoftClamp": dict(round_mode="sigmoid", clamp_mode="soft"),
+}
+
+
+def uniform_plan(model, width: int, group_size: int) -> BitPlan:
+    targets = find_targets(model)
+    plan = BitPlan(model=model_fingerprint(model, targets), group_size=group_size, menu=[width],
+                   bits={t.name: np.full(t.out_features, width, dtype=np.uint8) for t in targets})
+    plan.fill_summary()
+    return plan
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=os.path.join(SHARED, "models", "slm-llama-17m"))
+    ap.add_argument("--calib", default=os.path.join(SHARED, "data", "corpus", "heldout.txt"))
+    ap.add_argument("--eval-text", default=os.path.join(SHARED, "data", "corpus", "wikitext2_test.txt"))
+    ap.add_argument("--mixed-plan", default=os.path.join(HERE, "results", "search_methods", "greedy_2.5.json"))
+    ap.add_argument("--plans", default="w4,w3,mixed2.5")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--temperatures", default="0,5,10,20,50,100")
+    ap.add_argument("--sigmoid-temperature", type=float, default=20.0, help="T of the paper-comparison runs")
+    ap.add_argument("--max-tokens", type=int, default=40000)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true",
+                    help="CPU subset: the mixed plan only; the four surrogates, SignRound, tiled, data-free; no T sweep")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    tok = load_tokenizer(args.model)
+    batch, _ = calibration_batches(tok, args.calib, args.samples, args.seq_len, 0)
+    fresh = lambda: load_model(args.model, args.device)  # noqa: E731
+    plans = {"w4": uniform_plan(fresh(), 4, 128), "w3": uniform_plan(fresh(), 3, 128),
+             "mixed2.5": BitPlan.load(args.mixed_plan)}
+    wanted = ["mixed2.5"] if args.quick else args.plans.split(",")
+    common = dict(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len, show_progress=False)
+    rows = []
+
+    def evaluate(model) -> float:
+        return api.evaluate(model="m", text=args.eval_text, max_tokens=args.max_tokens, seq_len=512,
+                            show_progress=False, _loaded=(model, tok)).ppl
+
+    def record(plan_name, run, ppl, seconds, **extra):
+        rows.append({"plan": plan_name, "run": run, "avg_bits": plans[plan_name].summary["avg_bits"],
+                     "ppl": ppl, "seconds": round(seconds, 1), **extra})
+        print(rows[-1], flush=True)
+        pd.DataFrame(rows).to_csv(os.path.join(args.out, "results.csv"), index=False)
+
+    def finalize(plan_name, run, data=None, **kw):
+        m = fresh()
+        t0 = time.time()
+        info = api.finalize(model=args.model, plan=plans[plan_name], out=os.path.join(args.out, "tmp-model"),
+                            _loaded=(m, tok), _batch=batch if data is None else None, data_free=data,
+                            **dict(common, **kw))
+        qat = info.get("qat") or {}
+        record(plan_name, run, evaluate(m), time.time() - t0, **{f"last_loss_{k}": v for k, v in
+                                                                 (qat.get("last_loss") or {}).items()})
+
+    for name in wanted:
+        t0 = time.time()
+        record(name, "RTN", evaluate(fake_quantize_model(fresh(), plans[name])), time.time() - t0)
+        finalize(name, "SignRound", method="signround", signround_steps=args.steps)
+        for label, kw in SURROGATES.items():
+            temp = args.sigmoid_temperature if kw["round_mode"] == "sigmoid" else 0.0
+            finalize(name, f"QAT {label}", temperature=temp, **kw)
+        if not args.quick:
+            for t in [float(x) for x in args.temperatures.split(",")]:
+                finalize(name, f"QAT SigmoidSTE T={t:g}", round_mode="sigmoid", temperature=t)
+        finalize(name, "QAT tiled", mode="tiled")
+        finalize(name, "QAT tiled+e2e", mode="tiled+e2e")
+        finalize(name, "QAT SignRound init", init="signround", signround_steps=args.steps)
+        finalize(name, "QAT data-free", data=args.samples)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"args": vars(args), "results": rows}, f, indent=1)
+    plot(pd.DataFrame(rows), os.path.join(args.out, "qat.png"))
+    print(pd.DataFrame(rows).to_string(index=False))
+
+
+def plot(df: pd.DataFrame, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plans = list(dict.fromkeys(df["plan"]))
+    fig, axes = plt.subplots(1, len(plans), figsize=(6 * len(plans), 4.5), squeeze=False)
+    for ax, name in zip(axes[0], plans):
+        d = df[df["plan"] == name]
+        colors = ["0.5" if r == "RTN" else ("tab:orange" if "Sigmoid" in r or "Soft" in r else "tab:blue")
+                  for r in d["run"]]
+        ax.barh(d["run"], d["ppl"], color=colors)
+        rtn = d[d["run"] == "RTN"]["ppl"]
+        if len(rtn):
+            ax.axvline(float(rtn.iloc[0]), color="0.3", lw=0.8, ls="--")
+        lo = d["ppl"].min()
+        ax.set_xlim(lo * 0.97, d["ppl"].max() * 1.01)
+        ax.set_title(f"{name} ({d['avg_bits'].iloc[0]:.2f} avg bits)")
+        ax.set_xlabel("perplexity, wikitext2_test (lower is better)")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
