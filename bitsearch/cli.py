@@ -4,7 +4,6 @@ function of :mod:`bitsearch.api` or :mod:`bitsearch.demo` whose keywords mirror 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from bitsearch import api
-from bitsearch.models import find_targets, load_model
+from bitsearch.models import find_targets
 from bitsearch.search.diffq import NoisyWidths, rounding_problem
 from bitsearch.search.greedy import GreedyAllocator
 from bitsearch.search.problem import AllocationProblem

@@ -3,7 +3,6 @@ README's results, small enough for CI. The full figures come from studies/slm_bu
 
 import numpy as np
 import pytest
-import torch
 
 from bitsearch import api
 from bitsearch.data import read_text, tokenize_text
