@@ -269,13 +269,17 @@ def search(*, model: str, budget: str, out: str | None = None, calib: str | None
         from .search.optuna_study import StudySettings, default_storage, optuna_plan
 
         tok = tok or load_tokenizer(model)
-        batch, _ = _calib(tok, calib, kl_samples, seq_len, seed, **text)
+        # the search samples, then as many held-out ones to choose among the best trials
+        both, _ = _calib(tok, calib, 2 * kl_samples, seq_len, seed, **dict(text, data_free=(
+            2 * kl_samples if data_free is not None else None)))
+        batch, validation = both[:kl_samples], both[kl_samples:]
         settings = StudySettings(storage=storage or default_storage(out), n_trials=n_trials, timeout=timeout,
                                  study_name=study_name or f"bitsearch-{fp['sha256'][:10]}-{budget}",
                                  sampler=sampler, seed=seed, span=span, resume=resume)
         plan, rows = optuna_plan(m, table, tgts, fp, batch, budget=budget, settings=settings,
                                  bits=parse_bits(bits) if bits is not None else None, min_bits=min_bits,
-                                 max_bits=max_bits, mix=mix, micro_batch=micro_batch, show_progress=show_progress)
+                                 max_bits=max_bits, mix=mix, micro_batch=micro_batch, show_progress=show_progress,
+                                 validation=validation)
         plan.provenance.update(command=_command_line(), model_name=model, budget=str(budget),
                                package_version=__version__, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         if out:
@@ -288,11 +292,13 @@ def search(*, model: str, budget: str, out: str | None = None, calib: str | None
             from .search.diffq import DiffqSettings, diffq_allocate
 
             tok = tok or load_tokenizer(model)
-            batch, _ = _calib(tok, calib, kl_samples, seq_len, seed, **text)
+            both, _ = _calib(tok, calib, 2 * kl_samples, seq_len, seed, **dict(text, data_free=(
+                2 * kl_samples if data_free is not None else None)))
             settings = DiffqSettings(steps=steps, lr=lr, seed=seed)
 
             def choose(problem, budget_bytes):
-                return diffq_allocate(m, tgts, batch, problem, budget_bytes, settings, micro_batch, show_progress)
+                return diffq_allocate(m, tgts, both[:kl_samples], problem, budget_bytes, settings, micro_batch,
+                                      show_progress, validation=both[kl_samples:])
         plan = search_plan(table, tgts, fp, budget=budget, method=method, bits=bits, min_bits=min_bits,
                            max_bits=max_bits, mix=mix, provenance={"command": _command_line(), "model_name": model},
                            choose=choose, allocator_options=options,

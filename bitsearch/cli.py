@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--resume", action="store_true", help="continue an existing study (several workers: all pass it)")
     o.add_argument("--span", type=float, default=0.25, help="trials also try budgets down to budget - span avg bits (default: 0.25)")
     o.add_argument("--kl-samples", type=int, default=8,
-                   help="calibration samples on which optuna measures KL and diffq trains (default: 8)")
+                   help="calibration samples on which optuna measures KL and diffq trains; as many more, held out, "
+                        "choose among optuna's best trials (default: 8)")
     d = p.add_argument_group("--method diffq")
     d.add_argument("--steps", type=int, default=100, help="training steps (default: 100)")
     d.add_argument("--lr", type=float, default=0.05, help="Adam learning rate of the width logits (default: 0.05)")

@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--methods", default="greedy,optuna,diffq")
     ap.add_argument("--n-trials", type=int, default=30)
     ap.add_argument("--sampler", default="nsga2", help="optuna sampler: nsga2 | tpe")
+    ap.add_argument("--resume", action="store_true",
+                    help="optuna: keep the journals and finish their studies to --n-trials (then choose again)")
     ap.add_argument("--span", type=float, default=0.25,
                     help="optuna: trials also try budgets down to budget - span (0: every trial at the budget)")
     ap.add_argument("--steps", type=int, default=60)
@@ -58,11 +60,11 @@ def main() -> None:
         for method in args.methods.split(","):
             out = os.path.join(args.out, f"{method}_{budget}.json")
             for f in (out, os.path.splitext(out)[0] + ".optuna.journal"):
-                if os.path.exists(f):
+                if os.path.exists(f) and not (args.resume and f.endswith(".journal")):
                     os.remove(f)
             t0 = time.time()
             plan = api.search(model=args.model, budget=budget, out=out, calib=args.calib,
-                              sensitivity_table=args.table, method=method, mix=args.mix, n_trials=args.n_trials, sampler=args.sampler, span=args.span,
+                              sensitivity_table=args.table, method=method, mix=args.mix, n_trials=args.n_trials, sampler=args.sampler, span=args.span, resume=args.resume,
                               steps=args.steps, kl_samples=args.kl_samples, show_progress=False,
                               _loaded=(model, tok))
             secs = time.time() - t0
@@ -73,7 +75,9 @@ def main() -> None:
             model.load_state_dict(state)
             rows.append({"method": method, "budget": float(budget), "avg_bits": plan.summary["avg_bits"],
                          "bytes": plan.summary["bytes"], "ppl": ppl, "search_seconds": round(secs, 1),
-                         "calibration_kl": plan.provenance.get("calibration_kl")})
+                         "calibration_kl": plan.provenance.get("calibration_kl"),
+                         "validation_kl": plan.provenance.get("validation_kl"), "trial": plan.provenance.get("trial"),
+                         "diffq_chosen_step": plan.provenance.get("chosen_step")})
             print(rows[-1], flush=True)
     df = pd.DataFrame(rows)
     df.to_csv(os.path.join(args.out, "results.csv"), index=False)

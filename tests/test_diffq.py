@@ -91,3 +91,7 @@ def test_diffq_search_end_to_end(llama_dir, text_file):
                       **SMALL)
     assert plan.summary["avg_bits"] <= 4.5 and plan.provenance["allocator"] == "diffq"
     assert plan.provenance["steps"] == 4 and np.isfinite(plan.provenance["final_kl"])
+    # rounded at 4 points of training, the lowest held-out KL chosen
+    val = plan.provenance["validation_kl_by_step"]
+    assert set(val) == {"1", "2", "3", "4"}
+    assert val[str(plan.provenance["chosen_step"])] == min(val.values())

@@ -124,10 +124,25 @@ def rounding_problem(base: AllocationProblem, learned: dict[str, np.ndarray], cl
                              n_weights=base.n_weights, layer_slices=base.layer_slices, group_size=base.group_size)
 
 
+def _round(nw: "NoisyWidths", problem: AllocationProblem, targets: list[Target], budget_bytes: int) -> np.ndarray:
+    """The menu widths within the budget closest (in the sense of the curves above) to the learned ones."""
+    with torch.no_grad():
+        learned = {t.name: nw.widths(t.name).cpu().numpy().astype(np.float64) for t in targets}
+        closed = {t.name: (nw.gate(t.name) < 0.5).cpu().numpy() for t in targets}
+    rp = rounding_problem(problem, learned, closed, {t.name: t.in_features for t in targets})
+    return GreedyAllocator().allocate(rp, budget_bytes)
+
+
 def diffq_allocate(model: nn.Module, targets: list[Target], batch: torch.Tensor, problem: AllocationProblem,
                    budget_bytes: int, settings: DiffqSettings, micro_batch: int = 8,
-                   show_progress: bool = True) -> tuple[np.ndarray, dict]:
-    """Train widths and gates, round them onto the menu within the budget; returns (choice, info)."""
+                   show_progress: bool = True, validation: torch.Tensor | None = None,
+                   candidates: int = 4) -> tuple[np.ndarray, dict]:
+    """Train widths and gates, round them onto the menu within the budget; returns (choice, info).
+
+    With a ``validation`` batch (samples training never saw) the widths are rounded at
+    ``candidates`` evenly spaced points of training (the last included) and the plan with the
+    lowest KL on it is returned: a fixed step count either stops early or over-fits the training
+    samples, and which one depends on the model and budget."""
     from torch.func import functional_call
 
     problem.check_budget(budget_bytes)
@@ -142,6 +157,9 @@ def diffq_allocate(model: nn.Module, targets: list[Target], batch: torch.Tensor,
     flags = [(p, p.requires_grad) for p in model.parameters()]
     n_micro = (batch.shape[0] + micro_batch - 1) // micro_batch
     history = []
+    marks = {max(1, round(settings.steps * (k + 1) / candidates)) for k in range(candidates)} if validation is not None \
+        else {settings.steps}
+    rounded = {}
     try:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -161,15 +179,29 @@ def diffq_allocate(model: nn.Module, targets: list[Target], batch: torch.Tensor,
             loss.backward()
             opt.step()
             history.append((float(kl.detach()), float(size.detach())))
+            if step + 1 in marks:
+                rounded[step + 1] = _round(nw, problem, targets, budget_bytes)
     finally:
         for p, f in flags:
             p.requires_grad_(f)
+    if not rounded:                       # steps = 0: the rounded warm start
+        rounded[0] = _round(nw, problem, targets, budget_bytes)
+    validated = {}
+    if validation is not None:
+        from .kl import PlanKL
+
+        val = PlanKL(model, targets, validation, problem.bits, problem.group_size, micro_batch)
+        validated = {k: val(problem.widths(c)) for k, c in rounded.items()}
+        chosen = min(validated, key=validated.get)
+    else:
+        chosen = max(rounded)
+    choice = rounded[chosen]
     with torch.no_grad():
         learned = {t.name: nw.widths(t.name).cpu().numpy().astype(np.float64) for t in targets}
         closed = {t.name: (nw.gate(t.name) < 0.5).cpu().numpy() for t in targets}
-    rp = rounding_problem(problem, learned, closed, {t.name: t.in_features for t in targets})
-    choice = greedy.allocate(rp, budget_bytes)
-    info = {"steps": settings.steps, "final_kl": history[-1][0] if history else None,
+    info = {"steps": settings.steps, "chosen_step": chosen,
+            "validation_kl_by_step": {str(k): v for k, v in validated.items()} or None,
+            "final_kl": history[-1][0] if history else None,
             "final_size_bytes": history[-1][1] if history else None,
             "gates_closed": int(sum(int(c.sum()) for c in closed.values())),
             "mean_learned_bits": float(np.mean(np.concatenate(list(learned.values()))))}

@@ -206,8 +206,15 @@ def default_storage(out: str | None) -> str:
 
 def optuna_plan(model, table, targets, fingerprint: dict, batch, *, budget: str, settings: StudySettings,
                 bits: list[int] | None = None, min_bits: int | None = None, max_bits: int | None = None,
-                mix: str | dict | None = None, micro_batch: int = 8, show_progress: bool = True):
-    """Run the study and return (plan with the lowest KL within the budget, trial rows)."""
+                mix: str | dict | None = None, micro_batch: int = 8, show_progress: bool = True,
+                validation=None, finalists: int = 5):
+    """Run the study and return (chosen plan, trial rows).
+
+    Without ``validation`` the chosen plan is the lowest-KL trial within the budget. With a
+    ``validation`` batch (samples the trials never saw), the ``finalists`` lowest-KL trials within
+    the budget and trial 0 (the allocator's own plan) are measured on it and the lowest wins:
+    among many trials the lowest search KL partly fits the search samples (on slm-llama-17m at
+    2.5 bits it evaluated 2 % worse than the greedy plan), the held-out KL does not."""
     from ..plan import BitPlan
     from .kl import PlanKL
     from .problem import build_problem
@@ -228,6 +235,15 @@ def optuna_plan(model, table, targets, fingerprint: dict, batch, *, budget: str,
     if not inside:
         raise BitsearchError("the study has no finished trial within the budget")
     best = min(inside, key=lambda r: r["kl"])
+    validated = {}
+    if validation is not None:
+        val = PlanKL(model, targets, validation, first.bits, table.group_size, micro_batch)
+        pool = sorted(inside, key=lambda r: r["kl"])[:finalists] + [r for r in inside if r["trial"] == 0]
+        for r in pool:
+            if r["trial"] not in validated:
+                t = next(t for t in study.trials if t.number == r["trial"])
+                validated[r["trial"]] = val(trial_widths(t))
+        best = next(r for r in inside if r["trial"] == min(validated, key=validated.get))
     trial = next(t for t in study.trials if t.number == best["trial"])
     plan = BitPlan(model=fingerprint, group_size=table.group_size, menu=first.bits, bits=trial_widths(trial))
     plan.fill_summary(predicted_error=trial.user_attrs.get("predicted_error"))
@@ -235,6 +251,9 @@ def optuna_plan(model, table, targets, fingerprint: dict, batch, *, budget: str,
                        "trial": best["trial"], "calibration_kl": best["kl"], "trials_finished": len(rows),
                        "sampler": settings.sampler, "seed": settings.seed, "kl_samples": int(batch.shape[0]),
                        "kl_evaluations_this_run": kl.calls}
+    if validated:
+        plan.provenance.update(validation_kl=validated[best["trial"]], validation_samples=int(validation.shape[0]),
+                               validated_trials={str(k): v for k, v in validated.items()})
     return plan, rows
 
 
