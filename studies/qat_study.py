@@ -21,7 +21,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -30,8 +29,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bitsearch import api  # noqa: E402
 from bitsearch.apply import fake_quantize_model  # noqa: E402
 from bitsearch.data import calibration_batches  # noqa: E402
-from bitsearch.models import find_targets, load_model, load_tokenizer, model_fingerprint  # noqa: E402
+from bitsearch.models import load_model, load_tokenizer  # noqa: E402
 from bitsearch.plan import BitPlan  # noqa: E402
+from bitsearch.search.uniform import uniform_plan  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -43,14 +43,6 @@ SURROGATES = {
     "SigmoidSTE": dict(round_mode="sigmoid", clamp_mode="hard"),
     "SigmoidSTE+SoftClamp": dict(round_mode="sigmoid", clamp_mode="soft"),
 }
-
-
-def uniform_plan(model, width: int, group_size: int) -> BitPlan:
-    targets = find_targets(model)
-    plan = BitPlan(model=model_fingerprint(model, targets), group_size=group_size, menu=[width],
-                   bits={t.name: np.full(t.out_features, width, dtype=np.uint8) for t in targets})
-    plan.fill_summary()
-    return plan
 
 
 def main() -> None:
