@@ -327,7 +327,7 @@ def apply(*, model: str, plan: str | BitPlan, out: str, fake: bool = False, devi
 
 
 def finalize(*, model: str, plan: str | BitPlan, out: str, calib: str | None = None, data_free: int | None = None,
-             method: str = "qat", init: str = "rtn", mode: str = "e2e", round_mode: str = "ste",
+             method: str = "qat", init: str = "rtn", mode: str = "tiled", round_mode: str = "ste",
              temperature: float = 0.0, anneal: bool = False, clamp_mode: str = "hard", beta: float = 1.0,
              soft_warmup: int = 0, steps: int = 200, e2e_steps: int | None = None, lr: float = 1e-4,
              qparam_lr: float | None = None, batch_size: int = 8, tile_size: int = 3, tile_loss: str = "l2",

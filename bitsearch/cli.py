@@ -132,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="qat (trained weights, step sizes, zeros) | signround (learned rounding only) (default: qat)")
     p.add_argument("--init", default="rtn", choices=["rtn", "signround"],
                    help="QAT starts from round-to-nearest or from SignRound's rounding (default: rtn)")
-    p.add_argument("--mode", default="e2e", choices=["e2e", "tiled", "tiled+e2e"],
-                   help="e2e distillation, forward-tiled block training, or tiled then a short e2e pass (default: e2e)")
+    p.add_argument("--mode", default="tiled", choices=["e2e", "tiled", "tiled+e2e"],
+                   help="forward-tiled block training, e2e distillation, or tiled then a short e2e pass "
+                        "(default: tiled, the best in the README's study)")
     p.add_argument("--round", dest="round_mode", default="ste", choices=["ste", "sigmoid"],
                    help="rounding gradient: straight-through or Sigmoid STE (default: ste)")
     p.add_argument("--temperature", type=float, default=0.0, help="Sigmoid STE temperature T; 0 = STE (default: 0)")
