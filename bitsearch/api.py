@@ -375,8 +375,10 @@ def finalize(*, model: str, plan: str | BitPlan, out: str, calib: str | None = N
                              cache=data_free_cache, overwrite=overwrite_data_free, show_progress=show_progress)
     t0 = time.time()
     info = {"method": method, "init": init if method == "qat" else None, "training_data": spec}
-    qparams = None
+    qparams = float_weights = None
     if method == "signround" or init == "signround":
+        if method == "qat":           # QAT after SignRound still matches the float model
+            float_weights = {n: m.get_submodule(n).weight.detach().clone() for n in p.bits}
         from .finalize.signround import SignRoundSettings, signround
 
         sr = SignRoundSettings(steps=signround_steps, batch_size=batch_size, seed=seed)
@@ -385,7 +387,8 @@ def finalize(*, model: str, plan: str | BitPlan, out: str, calib: str | None = N
         qparams = signround(m, p, batch, sr, show_progress=show_progress)
         info["signround"] = {"steps": signround_steps, "seconds": round(time.time() - t0, 1)}
     if method == "qat":
-        info["qat"] = finalize_qat(m, p, batch, settings, show_progress=show_progress, init_qparams=qparams)
+        info["qat"] = finalize_qat(m, p, batch, settings, show_progress=show_progress, init_qparams=qparams,
+                                   float_weights=float_weights)
         convert(m, p)
     else:
         pack_model(m, p, qparams)

@@ -87,3 +87,16 @@ def test_coupled_pruning_through_the_cli(made, capsys):
     code, _, err = run_cli(capsys, "finalize", "--model", made["model"], "--plan", plan, "--calib", made["text"],
                            "--out", str(d / "nope"))
     assert_one_line_error(code, err, r"coupled pruning is not supported yet")
+
+
+@pytest.mark.parametrize("mode", ["e2e", "tiled"])
+def test_qat_after_signround_still_matches_the_float_model(made, tmp_path, mode):
+    """QAT starting from SignRound's weights must distil from the float model, not from the
+    SignRound model it starts as (which would make the first loss 0)."""
+    from bitsearch import api
+
+    info = api.finalize(model=made["model"], plan=made["plan"], calib=made["text"], samples=8, seq_len=32,
+                        method="qat", init="signround", signround_steps=5, mode=mode, steps=1, lr=1e-12,
+                        batch_size=4, tile_size=1, out=str(tmp_path / "o"), show_progress=False)
+    phase = "e2e" if mode == "e2e" else "tiled"
+    assert info["qat"]["first_loss"][phase] > 1e-4

@@ -30,6 +30,7 @@ import hashlib
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -223,12 +224,31 @@ def _postfix(bar, **kw) -> None:
         bar.set_postfix(**kw, refresh=False)
 
 
-def _run_tiled(model, plan, batch, settings, linear_names, state, ckpt, init_qparams, show_progress) -> None:
+@contextmanager
+def _weights(model: nn.Module, weights: dict[str, torch.Tensor]):
+    """The given weights in place for the duration (e.g. the float ones under SignRound's)."""
+    saved = {}
+    with torch.no_grad():
+        for name, w in weights.items():
+            mod = model.get_submodule(name)
+            saved[name] = mod.weight.detach().clone()
+            mod.weight.copy_(w)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, w in saved.items():
+                model.get_submodule(name).weight.copy_(w)
+
+
+def _run_tiled(model, plan, batch, settings, linear_names, state, ckpt, init_qparams, float_weights,
+               show_progress) -> None:
     runner = BlockRunner(model)
     prefix, blocks = decoder_blocks(model)
     n_tiles = math.ceil(len(blocks) / settings.tile_size)
     start_tile = ckpt["tile"] if ckpt and ckpt["phase"] == "tiled" else (n_tiles if ckpt else 0)
-    with torch.no_grad():   # block kwargs of one sample broadcast over any batch (masks, positions)
+    outside = {n: w for n, w in float_weights.items() if n not in linear_names}   # embeddings
+    with torch.no_grad(), _weights(model, outside):   # block kwargs of one sample broadcast over any batch
         _, kw = runner.capture(batch[:1])
         hf = torch.cat([runner.capture(batch[i:i + 1])[0] for i in range(batch.shape[0])])
     embeddings = {n: b for n, b in plan.bits.items() if n not in linear_names}
@@ -250,7 +270,7 @@ def _run_tiled(model, plan, batch, settings, linear_names, state, ckpt, init_qpa
         idx = list(range(t * settings.tile_size, min(len(blocks), (t + 1) * settings.tile_size)))
         tile_blocks = [blocks[i] for i in idx]
         names = [n for n in linear_names if any(n.startswith(f"{prefix}.{i}.") for i in idx)]
-        with torch.no_grad():
+        with torch.no_grad(), _weights(model, {n: float_weights[n] for n in names if n in float_weights}):
             target = run(tile_blocks, hf)            # float tile on float inputs (still float Linears)
         layers = _quantize_layers(model, plan, names, settings, ckpt if (ckpt and t <= start_tile) else None,
                                   init_qparams)
@@ -320,11 +340,14 @@ def _run_e2e(model, teacher, plan, batch, settings, steps, state, ckpt, show_pro
 
 
 def finalize_qat(model: nn.Module, plan: BitPlan, batch: torch.Tensor, settings: QatSettings,
-                 show_progress: bool = True, init_qparams: dict | None = None) -> dict:
+                 show_progress: bool = True, init_qparams: dict | None = None,
+                 float_weights: dict[str, torch.Tensor] | None = None) -> dict:
     """Train ``model`` (in place) under ``plan`` on the token ``batch`` (N, T); its targets are
     left as :class:`QuantLinear` modules (``quantizer.convert`` packs them). ``init_qparams``
     {layer: (scales, zeros)} start the step sizes and zeros (with the model's weights as they
-    are, e.g. SignRound's rounded ones) instead of min-max. Returns info."""
+    are, e.g. SignRound's rounded ones) instead of min-max; then ``float_weights`` {layer: the
+    float weight} must give the float model the training matches (teacher and tile targets).
+    Returns info."""
     settings.check()
     if plan.couplings:
         raise BitsearchError("finalizing a plan with coupled pruning is not supported yet")
@@ -340,8 +363,12 @@ def finalize_qat(model: nn.Module, plan: BitPlan, batch: torch.Tensor, settings:
     teacher = None
     if settings.mode != "tiled":
         teacher = copy.deepcopy(model).eval()
+        with torch.no_grad():
+            for name, w in (float_weights or {}).items():
+                teacher.get_submodule(name).weight.copy_(w)
     if settings.mode.startswith("tiled"):
-        _run_tiled(model, plan, batch, settings, linear_names, state, ckpt, init_qparams, show_progress)
+        _run_tiled(model, plan, batch, settings, linear_names, state, ckpt, init_qparams, float_weights or {},
+                   show_progress)
         if ckpt and ckpt["phase"] == "tiled":
             ckpt = None               # the e2e phase starts fresh
     else:
