@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true",
                     help="CPU subset: the mixed plan only; the four surrogates, SignRound, tiled, data-free; no T sweep")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated run names to do (e.g. 'RTN,QAT tiled'); default: all")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -87,7 +89,11 @@ def main() -> None:
         print(rows[-1], flush=True)
         pd.DataFrame(rows).to_csv(os.path.join(args.out, "results.csv"), index=False)
 
+    only = set(args.only.split(",")) if args.only else None
+
     def finalize(plan_name, run, data=None, **kw):
+        if only is not None and run not in only:
+            return
         m = fresh()
         t0 = time.time()
         info = api.finalize(model=args.model, plan=plans[plan_name], out=os.path.join(args.out, "tmp-model"),
@@ -99,18 +105,21 @@ def main() -> None:
 
     for name in wanted:
         t0 = time.time()
-        record(name, "RTN", evaluate(fake_quantize_model(fresh(), plans[name])), time.time() - t0)
+        if only is None or "RTN" in only:
+            record(name, "RTN", evaluate(fake_quantize_model(fresh(), plans[name])), time.time() - t0)
         finalize(name, "SignRound", method="signround", signround_steps=args.steps)
         for label, kw in SURROGATES.items():
             temp = args.sigmoid_temperature if kw["round_mode"] == "sigmoid" else 0.0
-            finalize(name, f"QAT {label}", temperature=temp, **kw)
+            finalize(name, f"QAT {label}", mode="e2e", temperature=temp, **kw)
         if not args.quick:
             for t in [float(x) for x in args.temperatures.split(",")]:
-                finalize(name, f"QAT SigmoidSTE T={t:g}", round_mode="sigmoid", temperature=t)
+                finalize(name, f"QAT SigmoidSTE T={t:g}", mode="e2e", round_mode="sigmoid", temperature=t)
         finalize(name, "QAT tiled", mode="tiled")
         finalize(name, "QAT tiled+e2e", mode="tiled+e2e")
-        finalize(name, "QAT SignRound init", init="signround", signround_steps=args.steps)
-        finalize(name, "QAT data-free", data=args.samples)
+        finalize(name, "QAT SignRound-init", mode="e2e", init="signround", signround_steps=args.steps)
+        finalize(name, "QAT tiled SignRound-init", mode="tiled", init="signround", signround_steps=args.steps)
+        finalize(name, "QAT data-free", mode="e2e", data=args.samples)
+        finalize(name, "QAT tiled data-free", mode="tiled", data=args.samples)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"args": vars(args), "results": rows}, f, indent=1)
     plot(pd.DataFrame(rows), os.path.join(args.out, "qat.png"))
