@@ -81,7 +81,7 @@ from bitsearch.progress import progress  # noqa: E402
 from bitsearch.search.uniform import uniform_plan  # noqa: E402
 from bitsearch.quant.grid import (KEEP_WIDTH, QUANT_WIDTHS, choose_qparams, dequantize, n_groups,  # noqa: E402
                                   quantize)
-from bitsearch.sensitivity.calibrate import block_of  # noqa: E402
+from bitsearch.sensitivity.calibrate import names_by_block  # noqa: E402
 from bitsearch.sensitivity.streaming import BlockRunner  # noqa: E402
 
 __all__ = ["GPTQResult", "gptq_layer", "gptq_quantize", "uniform_plan", "sequential_groups"]
@@ -359,9 +359,7 @@ def gptq_quantize(model: nn.Module, plan: BitPlan, batch: torch.Tensor, *, percd
     targets = plan_targets(model, plan, "gptq")
     runner = BlockRunner(model, offload=offload)
     modules = dict(model.named_modules())
-    by_block: dict[int | None, list[str]] = {}
-    for t in targets:
-        by_block.setdefault(block_of(runner, t.name), []).append(t.name)
+    by_block = names_by_block(runner, [t.name for t in targets])
     result = GPTQResult()
     was_training = model.training
     model.eval()

@@ -5,7 +5,6 @@ weights pack with the returned scales/zeros to the same values and the plan's by
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_finalize_signround.py
 """
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,27 +12,16 @@ from bitsearch.apply import fake_quantize_model
 from bitsearch.couplings import find_couplings
 from bitsearch.errors import BitsearchError
 from bitsearch.finalize.signround import SignRoundSettings, minmax_qparams, signround
-from bitsearch.models import find_targets, load_model, model_fingerprint
+from bitsearch.models import find_targets, load_model
 from bitsearch.packed import pack_weight, unpack_weight
-from bitsearch.plan import BitPlan
 from bitsearch.sensitivity.streaming import BlockRunner
+from plans import MIXED_WIDTHS, mixed_plan
 
 GS = 32
-WIDTHS = [0, 2, 3, 4, 16]
+WIDTHS = MIXED_WIDTHS
 STEPS = 30
 
 
-def mixed_plan(model, targets_re: str | None = None, seed: int = 0) -> BitPlan:
-    targets = find_targets(model, targets=targets_re)
-    rng = np.random.default_rng(seed)
-    bits = {}
-    for t in targets:
-        b = rng.choice(WIDTHS, p=[.1, .3, .3, .2, .1], size=t.out_features).astype(np.uint8)
-        b[:len(WIDTHS)] = WIDTHS            # every width in every layer
-        bits[t.name] = b
-    plan = BitPlan(model=model_fingerprint(model, targets), group_size=GS, menu=WIDTHS, bits=bits)
-    plan.fill_summary()
-    return plan
 
 
 def tokens(model, n: int, seed: int) -> torch.Tensor:

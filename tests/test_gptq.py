@@ -23,11 +23,11 @@ from bitsearch.apply import fake_quantize_model, load_packed, pack_model, plan_t
 from bitsearch.couplings import find_couplings  # noqa: E402
 from bitsearch.errors import BitsearchError  # noqa: E402
 from bitsearch.finalize.signround import minmax_qparams  # noqa: E402
-from bitsearch.models import find_targets, load_model, model_fingerprint  # noqa: E402
+from bitsearch.models import find_targets, load_model  # noqa: E402
 from bitsearch.packed import _PackedRows  # noqa: E402
-from bitsearch.plan import BitPlan  # noqa: E402
 from bitsearch.quant.grid import choose_qparams, fake_quantize  # noqa: E402
 from bitsearch.sensitivity.streaming import BlockRunner  # noqa: E402
+from plans import MIXED_WIDTHS, mixed_plan  # noqa: E402
 
 GS = 16
 
@@ -162,20 +162,9 @@ def test_layer_output_error_below_round_to_nearest(width):
 # whole model
 # ---------------------------------------------------------------------------------------------
 
-WIDTHS = [0, 2, 3, 4, 16]
+WIDTHS = MIXED_WIDTHS
 
 
-def mixed_plan(model, targets_re: str | None = None, seed: int = 0, gs: int = 32) -> BitPlan:
-    targets = find_targets(model, targets=targets_re)
-    rng = np.random.default_rng(seed)
-    bits = {}
-    for t in targets:
-        b = rng.choice(WIDTHS, p=[.1, .3, .3, .2, .1], size=t.out_features).astype(np.uint8)
-        b[:len(WIDTHS)] = WIDTHS            # every width in every layer
-        bits[t.name] = b
-    plan = BitPlan(model=model_fingerprint(model, targets), group_size=gs, menu=WIDTHS, bits=bits)
-    plan.fill_summary()
-    return plan
 
 
 def tokens(model, n: int, seed: int, t: int = 32) -> torch.Tensor:

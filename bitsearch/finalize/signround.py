@@ -54,7 +54,7 @@ from ..errors import BitsearchError
 from ..plan import BitPlan
 from ..progress import progress
 from ..quant.grid import KEEP_WIDTH, QUANT_WIDTHS, _grouped, choose_qparams, n_groups
-from ..sensitivity.calibrate import block_of
+from ..sensitivity.calibrate import names_by_block
 from ..sensitivity.streaming import BlockRunner
 from .quantizer import fake_quant_rows
 from .surrogates import round_ste, straight_through
@@ -225,9 +225,7 @@ def signround(model: nn.Module, plan: BitPlan, batch: torch.Tensor, settings: Si
     targets = plan_targets(model, plan, "signround")
     runner = BlockRunner(model, offload=offload)
     modules = dict(model.named_modules())
-    by_block: dict[int | None, list[str]] = {}
-    for t in targets:
-        by_block.setdefault(block_of(runner, t.name), []).append(t.name)
+    by_block = names_by_block(runner, [t.name for t in targets])
     n = batch.shape[0]
     bs = min(int(settings.batch_size), n)
     chunks = [batch[j:j + bs] for j in range(0, n, bs)]

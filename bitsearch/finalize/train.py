@@ -252,10 +252,11 @@ def _run_tiled(model, plan, batch, settings, linear_names, state, ckpt, init_qpa
         _, kw = runner.capture(batch[:1])
         hf = torch.cat([runner.capture(batch[i:i + 1])[0] for i in range(batch.shape[0])])
     embeddings = {n: b for n, b in plan.bits.items() if n not in linear_names}
+    hq = hf   # the quantized stream: the same inputs unless the embeddings are quantized too
     if embeddings:
         pack_model(model, replace(plan, bits=embeddings, couplings=[]), init_qparams)
-    with torch.no_grad():
-        hq = torch.cat([runner.capture(batch[i:i + 1])[0] for i in range(batch.shape[0])])
+        with torch.no_grad():
+            hq = torch.cat([runner.capture(batch[i:i + 1])[0] for i in range(batch.shape[0])])
 
     def run(tile_blocks, h):
         outs = []

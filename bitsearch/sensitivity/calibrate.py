@@ -50,6 +50,14 @@ def block_of(runner: BlockRunner, name: str) -> int | None:
     return int(name[len(head):].split(".", 1)[0])
 
 
+def names_by_block(runner: BlockRunner, names) -> dict[int | None, list[str]]:
+    """Module names grouped by :func:`block_of` (None: outside the blocks), in the given order."""
+    out: dict[int | None, list[str]] = {}
+    for name in names:
+        out.setdefault(block_of(runner, name), []).append(name)
+    return out
+
+
 @torch.no_grad()
 def _response(model: nn.Module, targets: list[Target], batch: torch.Tensor,
               perturb: Callable[[str, torch.Tensor], torch.Tensor], desc: str, micro_batch: int,
