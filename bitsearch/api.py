@@ -331,7 +331,7 @@ def finalize(*, model: str, plan: str | BitPlan, out: str, calib: str | None = N
              temperature: float = 0.0, anneal: bool = False, clamp_mode: str = "hard", beta: float = 1.0,
              soft_warmup: int = 0, steps: int = 200, e2e_steps: int | None = None, lr: float = 1e-4,
              qparam_lr: float | None = None, batch_size: int = 8, tile_size: int = 3, tile_loss: str = "l2",
-             ce_weight: float = 0.0, samples: int = 128, seq_len: int = 512, seed: int = 0,
+             tile_guard: bool = True, ce_weight: float = 0.0, samples: int = 128, seq_len: int = 512, seed: int = 0,
              signround_steps: int = 200, signround_lr: float | None = None, resume: bool = False,
              checkpoint_every: float = 300.0, data_free_cache: str | None = None, overwrite_data_free: bool = False,
              device: str = "cpu", dtype: str = "float32", show_progress: bool = True, _loaded=None,
@@ -362,7 +362,7 @@ def finalize(*, model: str, plan: str | BitPlan, out: str, calib: str | None = N
     settings = QatSettings(mode=mode, steps=steps, e2e_steps=e2e_steps, lr=lr, qparam_lr=qparam_lr,
                            batch_size=batch_size, round_mode=round_mode, temperature=temperature, anneal=anneal,
                            clamp_mode=clamp_mode, beta=beta, soft_warmup=soft_warmup, tile_size=tile_size,
-                           tile_loss=tile_loss, ce_weight=ce_weight, seed=seed,
+                           tile_loss=tile_loss, tile_guard=tile_guard, ce_weight=ce_weight, seed=seed,
                            checkpoint=out.rstrip("/") + ".qat-checkpoint.pt", checkpoint_every=checkpoint_every,
                            resume=resume)
     settings.check()

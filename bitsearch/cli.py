@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="samples per step (default: 8)")
     p.add_argument("--tile-size", type=int, default=3, help="decoder blocks per tile (default: 3)")
     p.add_argument("--tile-loss", default="l2", choices=["l2", "l1"], help="tile output loss (default: l2)")
+    p.add_argument("--no-tile-guard", dest="tile_guard", action="store_false",
+                   help="keep a tile's trained parameters even when training made its loss worse "
+                        "(default: keep the initial ones then)")
     p.add_argument("--ce-weight", type=float, default=0.0, help="add this x cross-entropy to the e2e KL (default: 0)")
     p.add_argument("--signround-steps", type=int, default=200, help="SignRound steps per block (default: 200)")
     p.add_argument("--signround-lr", type=float, default=None, help="SignRound learning rate (default: 1/steps)")
@@ -255,7 +258,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "finalize":
         keys = ("plan", "calib", "method", "init", "mode", "round_mode", "temperature", "anneal", "clamp_mode", "beta",
                 "soft_warmup", "steps", "e2e_steps", "lr", "qparam_lr", "batch_size", "tile_size", "tile_loss",
-                "ce_weight", "samples", "seq_len", "seed", "signround_steps", "signround_lr", "resume",
+                "tile_guard", "ce_weight", "samples", "seq_len", "seed", "signround_steps", "signround_lr", "resume",
                 "checkpoint_every", "device", "dtype", "out")
         info = api.finalize(model=args.model, show_progress=show, **{k: getattr(args, k) for k in keys},
                             **_data_free_args(args))

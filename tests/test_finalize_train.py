@@ -138,3 +138,28 @@ def test_resume_refuses_other_settings(llama_dir, tmp_path):
     with pytest.raises(BitsearchError, match="other settings"):
         finalize_qat(load_model(llama_dir), plan, _batch(model, 4),
                      QatSettings(steps=1, batch_size=2, lr=1.0, checkpoint=ckpt, resume=True), show_progress=False)
+
+
+def test_tile_guard_keeps_a_tile_that_training_made_worse(llama_dir):
+    """An absurd learning rate wrecks every tile: the guard puts back the initial
+    (round-to-nearest) parameters; without it the wreck stays."""
+    ref = load_model(llama_dir)
+    batch = _batch(ref, 8)
+    rtn = fake_quantize_model(load_model(llama_dir), _plan(ref))
+
+    def run(guard):
+        model = load_model(llama_dir)
+        info = finalize_qat(model, _plan(model), batch, QatSettings(mode="tiled", steps=5, lr=1.0, tile_size=1,
+                                                                   batch_size=4, tile_guard=guard),
+                            show_progress=False)
+        return model, info
+
+    guarded, info = run(True)
+    assert [g["tile"] for g in info["tile_guard"]] == [0, 1]
+    assert all(g["kept_initial"] and g["after"] > g["before"] for g in info["tile_guard"])
+    with torch.no_grad():
+        torch.testing.assert_close(guarded(input_ids=batch).logits, rtn(input_ids=batch).logits,
+                                   rtol=1e-4, atol=1e-4)
+    wrecked, info = run(False)
+    assert info["tile_guard"] == []
+    assert _kl(wrecked, ref, batch) > 2 * _kl(guarded, ref, batch)

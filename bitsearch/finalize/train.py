@@ -10,7 +10,11 @@ it; the quantized tile's input is what the already quantized tiles before it pro
 tile learns to correct the error it is handed). Only the current tile has trainable state
 (gradients and optimizer moments); the tiles after it are still float ``nn.Linear`` layers, the
 ones before are frozen. No float copy of the model is needed. ``tiled+e2e`` adds ``e2e_steps``
-of end-to-end distillation after the tiles.
+of end-to-end distillation after the tiles. ``tile_guard`` (default on) measures each tile's
+loss on all samples before and after its training and keeps the tile's initial parameters
+(round-to-nearest's or SignRound's) when training made that loss worse, as SignRound keeps its
+best step: too high a learning rate throws SignRound's rounding across grid boundaries
+(README), and the guard makes such a tile a no-op instead of damage.
 
 Every step draws ``batch_size`` samples (seeded). Learning rate: linear warm-up over the first
 5 % of a phase's steps, then cosine decay to 0; scales and zeros may have their own
@@ -67,6 +71,7 @@ class QatSettings:
     soft_warmup: int = 0
     tile_size: int = 3
     tile_loss: str = "l2"
+    tile_guard: bool = True
     ce_weight: float = 0.0
     seed: int = 0
     checkpoint: str | None = None
@@ -154,7 +159,7 @@ class _Trainer:
                 "phase": self.phase, "tile": self.tile, "step": self.step,
                 "layers": {n: {k: v.detach().cpu() for k, v in m.state_dict().items()} for n, m in all_layers.items()},
                 "optimizer": self.opt.state_dict() if self.opt is not None else None,
-                "history": self.state["history"]}
+                "history": self.state["history"], "guard": self.state["guard"]}
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = path + ".tmp"
         torch.save(ckpt, tmp)
@@ -258,6 +263,10 @@ def _run_tiled(model, plan, batch, settings, linear_names, state, ckpt, init_qpa
         with torch.no_grad():
             hq = torch.cat([runner.capture(batch[i:i + 1])[0] for i in range(batch.shape[0])])
 
+    def tile_loss(x, y) -> torch.Tensor:
+        diff = x.float() - y.float()
+        return diff.pow(2).mean() if settings.tile_loss == "l2" else diff.abs().mean()
+
     def run(tile_blocks, h):
         outs = []
         for i in range(0, h.shape[0], settings.batch_size):
@@ -273,11 +282,18 @@ def _run_tiled(model, plan, batch, settings, linear_names, state, ckpt, init_qpa
         names = [n for n in linear_names if any(n.startswith(f"{prefix}.{i}.") for i in idx)]
         with torch.no_grad(), _weights(model, {n: float_weights[n] for n in names if n in float_weights}):
             target = run(tile_blocks, hf)            # float tile on float inputs (still float Linears)
-        layers = _quantize_layers(model, plan, names, settings, ckpt if (ckpt and t <= start_tile) else None,
-                                  init_qparams)
+        nxt = None                                   # the tile's output on hq, when the guard computed it
         if t < start_tile:                           # done before the checkpoint
-            state["trained"].update(layers)
+            state["trained"].update(_quantize_layers(model, plan, names, settings, ckpt, init_qparams))
         else:
+            layers = _quantize_layers(model, plan, names, settings, None, init_qparams)
+            initial = {n: copy.deepcopy(m.state_dict()) for n, m in layers.items()}
+            with torch.no_grad():
+                before = float(tile_loss(run(tile_blocks, hq), target)) if settings.tile_guard else None
+            if ckpt and t == start_tile:
+                for n, m in layers.items():
+                    if n in ckpt["layers"]:
+                        m.load_state_dict(ckpt["layers"][n])
             trainer = _Trainer(plan, settings, layers, settings.steps, "tiled", t, state)
             trainer.restore(ckpt)
             gen = torch.Generator().manual_seed(settings.seed * 1000 + t)
@@ -291,19 +307,27 @@ def _run_tiled(model, plan, batch, settings, linear_names, state, ckpt, init_qpa
                 x = hq[sel]
                 for b in tile_blocks:
                     x = runner.run_block(b, x, kw)
-                diff = x.float() - target[sel].float()
-                loss = diff.pow(2).mean() if settings.tile_loss == "l2" else diff.abs().mean()
+                loss = tile_loss(x, target[sel])
                 trainer.update(loss)
                 state["history"].append(("tiled", t, trainer.step, float(loss.detach())))
                 _postfix(bar, loss=f"{loss.item():.4g}", lr=f"{trainer.opt.param_groups[0]['lr']:.2e}",
                          tok_s=f"{x.shape[0] * x.shape[1] / (time.time() - t0):.0f}")
                 trainer.maybe_save()
             trainer.finish()
+            if settings.tile_guard:
+                with torch.no_grad():
+                    nxt = run(tile_blocks, hq)
+                after = float(tile_loss(nxt, target))
+                state["guard"].append({"tile": t, "before": before, "after": after, "kept_initial": after > before})
+                if after > before:
+                    for n, m in layers.items():
+                        m.load_state_dict(initial[n])
+                    nxt = None
             state["trained"].update(layers)
             trainer.tile, trainer.step = t + 1, 0     # the checkpoint says: tiles up to t are done
             trainer.maybe_save(force=True)
         with torch.no_grad():
-            hq = run(tile_blocks, hq)
+            hq = run(tile_blocks, hq) if nxt is None else nxt
             hf = target
         del target
     rest = [n for n in linear_names if n not in state["trained"]]   # e.g. an untied lm_head: not trained here
@@ -357,7 +381,8 @@ def finalize_qat(model: nn.Module, plan: BitPlan, batch: torch.Tensor, settings:
     ckpt = _load_checkpoint(plan, settings)
     for p in model.parameters():
         p.requires_grad_(False)
-    state = {"trained": {}, "history": list(ckpt["history"]) if ckpt else [], "saved": time.time()}
+    state = {"trained": {}, "history": list(ckpt["history"]) if ckpt else [], "saved": time.time(),
+             "guard": list(ckpt.get("guard", [])) if ckpt else []}
     t0 = time.time()
     e2e_steps = settings.steps if settings.mode == "e2e" else \
         (settings.e2e_steps if settings.e2e_steps is not None else settings.steps // 2)
@@ -383,4 +408,4 @@ def finalize_qat(model: nn.Module, plan: BitPlan, batch: torch.Tensor, settings:
     first = {ph: next((h[3] for h in hist if h[0] == ph), None) for ph in ("tiled", "e2e")}
     last = {ph: next((h[3] for h in reversed(hist) if h[0] == ph), None) for ph in ("tiled", "e2e")}
     return {"mode": settings.mode, "seconds": round(time.time() - t0, 1), "steps_run": len(hist),
-            "first_loss": first, "last_loss": last, "settings": asdict(settings)}
+            "first_loss": first, "last_loss": last, "tile_guard": state["guard"], "settings": asdict(settings)}
