@@ -76,6 +76,24 @@ def test_rounding_lands_on_learned_widths_within_budget():
     assert p.bytes_of(GreedyAllocator().allocate(rp, budget - 50)) <= budget - 50
 
 
+def test_corrected_curves_start_at_greedy_and_follow_the_learned_moves():
+    p = _problem()
+    rng = np.random.default_rng(1)
+    p.errors[:] = np.sort(rng.random((40, 5)), axis=1)[:, ::-1] * rng.random((40, 1)) * 10
+    budget = int(p.costs[:, 2].sum() + p.fixed_bytes)           # about 3 bits a channel
+    greedy = GreedyAllocator().allocate(p, budget)
+    start = {n: np.asarray(w, float) for n, w in p.widths(greedy).items()}
+    closed = {n: np.zeros(20, bool) for n in ("a", "b")}
+    same = rounding_problem(p, start, closed, {"a": 64, "b": 64}, start)
+    assert (GreedyAllocator().allocate(same, budget) == greedy).all()
+    moved = {n: v.copy() for n, v in start.items()}
+    moved["a"][:4] += 3.0                                        # training wants these much wider
+    got = rounding_problem(p, moved, closed, {"a": 64, "b": 64}, start)
+    widths = got.widths(GreedyAllocator().allocate(got, budget))
+    assert (widths["a"][:4] > start["a"][:4]).all() or (start["a"][:4] == 8).all()
+    assert p.bytes_of(GreedyAllocator().allocate(got, budget)) <= budget
+
+
 def test_closed_gates_are_pruned():
     p = _problem()
     learned = {n: np.full(20, 3.0) for n in ("a", "b")}
@@ -91,7 +109,7 @@ def test_diffq_search_end_to_end(llama_dir, text_file):
                       **SMALL)
     assert plan.summary["avg_bits"] <= 4.5 and plan.provenance["allocator"] == "diffq"
     assert plan.provenance["steps"] == 4 and np.isfinite(plan.provenance["final_kl"])
-    # rounded at 4 points of training, the lowest held-out KL chosen
+    # the greedy warm start and roundings at 4 points of training, the lowest held-out KL chosen
     val = plan.provenance["validation_kl_by_step"]
-    assert set(val) == {"1", "2", "3", "4"}
+    assert set(val) == {"0", "1", "2", "3", "4"}
     assert val[str(plan.provenance["chosen_step"])] == min(val.values())

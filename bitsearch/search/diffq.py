@@ -15,10 +15,14 @@ The loss is distillation against the float model on calibration tokens plus a si
 (bits_c(b) = K_c * b, overhead_c = the row's scales and zeros). Only l and t are trained (Adam);
 the model's weights stay frozen. Widths start at the greedy plan's (a warm start), gates open.
 
-Rounding, exactly within budget: the learned widths b*_c define per-channel curves
-e_c(b) = K_c * 4^(b*_c - b) (rounding noise power falls 4x per bit, so the Lagrangian optimum of
-these curves sits at b*_c), with e_c(0) = 0 for channels whose gate closed (g_c < 1/2); the greedy
-allocator on these curves at the budget returns menu widths, never over budget.
+Rounding, exactly within budget: the estimator's curves e_c(b) (the problem's errors), corrected
+by how far training moved each channel from its warm start: e'_c(b) = e_c(b) * 4^(b*_c - b0_c)
+(rounding noise power falls 4x per bit, so a channel training pushed up by d bits is treated as
+4^d times more sensitive than the estimator said), with e'_c(0) = 0 for channels whose gate
+closed (g_c < 1/2); the greedy allocator on these curves at the budget returns menu widths,
+never over budget. At d = 0 this is exactly the greedy plan, which is also a candidate: with a
+held-out batch, diffq returns the candidate (greedy or a rounding at some point of training)
+with the lowest KL there, so it never does worse than greedy on that batch.
 """
 
 from __future__ import annotations
@@ -110,13 +114,18 @@ class NoisyWidths(nn.Module):
 
 
 def rounding_problem(base: AllocationProblem, learned: dict[str, np.ndarray], closed: dict[str, np.ndarray],
-                     in_features: dict[str, int]) -> AllocationProblem:
-    """Curves e_c(b) = K_c 4^(b*_c - b) whose Lagrangian optimum is the learned width (see top)."""
+                     in_features: dict[str, int], start: dict[str, np.ndarray] | None = None) -> AllocationProblem:
+    """Curves to round the learned widths with: with ``start`` (the warm-start widths), the base
+    problem's curves times 4^(b* - b0) (see top); without, K_c 4^(b*_c - b), whose Lagrangian
+    optimum is the learned width itself and which ignore the base curves."""
     errors = np.empty_like(base.errors)
     menu = np.asarray(base.bits, dtype=np.float64)
     for name, s in base.layer_slices.items():
         bstar = learned[name][:, None]
-        e = in_features[name] * np.power(4.0, np.clip(bstar - menu[None, :], -60, 60))
+        if start is None:
+            e = in_features[name] * np.power(4.0, np.clip(bstar - menu[None, :], -60, 60))
+        else:
+            e = base.errors[s] * np.power(4.0, np.clip(bstar - start[name][:, None], -60, 60))
         if 0 in base.bits:
             e[closed[name], base.bits.index(0)] = 0.0
         errors[s] = e
@@ -124,12 +133,18 @@ def rounding_problem(base: AllocationProblem, learned: dict[str, np.ndarray], cl
                              n_weights=base.n_weights, layer_slices=base.layer_slices, group_size=base.group_size)
 
 
-def _round(nw: "NoisyWidths", problem: AllocationProblem, targets: list[Target], budget_bytes: int) -> np.ndarray:
-    """The menu widths within the budget closest (in the sense of the curves above) to the learned ones."""
+def _learned(nw: "NoisyWidths", targets: list[Target]) -> tuple[dict, dict]:
     with torch.no_grad():
         learned = {t.name: nw.widths(t.name).cpu().numpy().astype(np.float64) for t in targets}
         closed = {t.name: (nw.gate(t.name) < 0.5).cpu().numpy() for t in targets}
-    rp = rounding_problem(problem, learned, closed, {t.name: t.in_features for t in targets})
+    return learned, closed
+
+
+def _round(nw: "NoisyWidths", problem: AllocationProblem, targets: list[Target], budget_bytes: int,
+           start: dict[str, np.ndarray]) -> np.ndarray:
+    """The menu widths within the budget that the corrected curves (see top) prefer."""
+    learned, closed = _learned(nw, targets)
+    rp = rounding_problem(problem, learned, closed, {t.name: t.in_features for t in targets}, start)
     return GreedyAllocator().allocate(rp, budget_bytes)
 
 
@@ -140,17 +155,19 @@ def diffq_allocate(model: nn.Module, targets: list[Target], batch: torch.Tensor,
     """Train widths and gates, round them onto the menu within the budget; returns (choice, info).
 
     With a ``validation`` batch (samples training never saw) the widths are rounded at
-    ``candidates`` evenly spaced points of training (the last included) and the plan with the
-    lowest KL on it is returned: a fixed step count either stops early or over-fits the training
+    ``candidates`` evenly spaced points of training (the last included) and, of those and the
+    greedy warm start (step 0), the plan with the lowest KL on it is returned: a fixed step count either stops early or over-fits the training
     samples, and which one depends on the model and budget."""
     from torch.func import functional_call
 
     problem.check_budget(budget_bytes)
     greedy = GreedyAllocator()
-    start = problem.widths(greedy.allocate(problem, budget_bytes))
+    greedy_choice = greedy.allocate(problem, budget_bytes)
+    start = problem.widths(greedy_choice)
     dev = next(model.parameters()).device
     gs = problem.group_size
     nw = NoisyWidths(model, targets, gs, problem.bits, start)
+    start_learned = _learned(nw, targets)[0]     # the warm start as the sigmoid represents it
     overhead = {t.name: float(n_groups(t.in_features, gs) * 3) for t in targets}
     opt = torch.optim.Adam(nw.parameters(), lr=settings.lr)
     gen = torch.Generator(device="cpu").manual_seed(settings.seed)
@@ -159,7 +176,7 @@ def diffq_allocate(model: nn.Module, targets: list[Target], batch: torch.Tensor,
     history = []
     marks = {max(1, round(settings.steps * (k + 1) / candidates)) for k in range(candidates)} if validation is not None \
         else {settings.steps}
-    rounded = {}
+    rounded = {0: greedy_choice} if validation is not None else {}
     try:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -180,12 +197,12 @@ def diffq_allocate(model: nn.Module, targets: list[Target], batch: torch.Tensor,
             opt.step()
             history.append((float(kl.detach()), float(size.detach())))
             if step + 1 in marks:
-                rounded[step + 1] = _round(nw, problem, targets, budget_bytes)
+                rounded[step + 1] = _round(nw, problem, targets, budget_bytes, start_learned)
     finally:
         for p, f in flags:
             p.requires_grad_(f)
     if not rounded:                       # steps = 0: the rounded warm start
-        rounded[0] = _round(nw, problem, targets, budget_bytes)
+        rounded[0] = greedy_choice
     validated = {}
     if validation is not None:
         from .kl import PlanKL
@@ -196,9 +213,7 @@ def diffq_allocate(model: nn.Module, targets: list[Target], batch: torch.Tensor,
     else:
         chosen = max(rounded)
     choice = rounded[chosen]
-    with torch.no_grad():
-        learned = {t.name: nw.widths(t.name).cpu().numpy().astype(np.float64) for t in targets}
-        closed = {t.name: (nw.gate(t.name) < 0.5).cpu().numpy() for t in targets}
+    learned, closed = _learned(nw, targets)
     info = {"steps": settings.steps, "chosen_step": chosen,
             "validation_kl_by_step": {str(k): v for k, v in validated.items()} or None,
             "final_kl": history[-1][0] if history else None,

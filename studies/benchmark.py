@@ -1,0 +1,425 @@
+"""bitsearch against the quantizers users would pick instead, at the same stored bytes (issue 7).
+
+At each budget (average bits per target weight, all-in: codes plus every scale, zero and width
+map the method stores) every method gets the largest configuration it has that fits, and is
+measured the same way: stored bytes, perplexity on the evaluation text, KL(float || quantized)
+on held-out text the calibration never saw, and the wall time of quantizing (for bitsearch:
+sensitivity + search + finalize).
+
+Targets are the decoder blocks' Linear layers (the embeddings and the tied lm_head stay float
+for every method). Bytes are counted from each method's own storage:
+
+* bitsearch's grid (round-to-nearest, GPTQ, llama.cpp rule mixes, the HAWQ-style plan): b-bit
+  codes, one float16 scale and one uint8 zero per row and group; bitsearch's own mixed plans
+  add one byte per row for its width (``BitPlan.n_bytes``); per-tensor plans need no such map.
+* HQQ: b-bit codes, float16 scale and float16 zero per group (b + 32/G bits).
+* AutoRound: b-bit codes, float16 scale and b-bit zero per group (b + (16 + b)/G bits).
+
+Methods (``--methods``, default all):
+
+* ``rtn-g128``, ``rtn-channel``: uniform round-to-nearest, groups of 128 / one group per row;
+  the largest width that fits.
+* ``gptq``: ``studies/gptq.py`` (act order, static groups, 1 % damping, true-sequential) at the
+  largest (width, group 32/64/128) that fits.
+* ``hqq``, ``autoround``: the PyPI packages (optional extras: ``pip install -e .[benchmark]``),
+  skipped with a note when missing; same choice of (width, group).
+* ``llamacpp``: llama.cpp's per-tensor rule mixes (``studies/llamacpp_mixes.py``), the (mix,
+  group) pair storing the most bytes that fit, round-to-nearest.
+* ``hawq``: HAWQ-style per-layer plan: Hutchinson Hessian trace x quantization error per
+  layer (bitsearch's ``hutchinson`` estimator, uncalibrated) and the ``ilp`` allocator at layer
+  granularity, round-to-nearest.
+* ``bitsearch``: the imatrix estimator (calibrated) and the ``greedy`` allocator, applied with
+  round-to-nearest (``bitsearch-rtn``), SignRound (``bitsearch-signround``) and forward-tiled
+  QAT (``bitsearch-qat``, the pipeline issue 6's study found best; what the README calls
+  "bitsearch"). ``bitsearch-optuna-qat`` (not in --quick) searches with optuna instead of greedy.
+
+Every point is cached as JSON in ``--out/points`` (a killed run resumes; ``--redo`` recomputes).
+The results go to ``--out/benchmark-<tag>.json``, ``.md`` (the table the README includes) and
+``.png`` (perplexity against stored bits, every method, the float model as a line).
+
+    python studies/benchmark.py --quick --threads 1                         # CPU: 40k eval tokens
+    python studies/benchmark.py --device cuda --out studies/results/benchmark  # full test set
+    python studies/benchmark.py --model meta-llama/Llama-3.2-1B --device cuda --tag llama1b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from bitsearch import api  # noqa: E402
+from bitsearch.apply import fake_quantize_model  # noqa: E402
+from bitsearch.atomic import write_text_atomic  # noqa: E402
+from bitsearch.cost import budget_to_bytes  # noqa: E402
+from bitsearch.data import calibration_batches, read_text  # noqa: E402
+from bitsearch.models import find_targets, load_model, load_tokenizer  # noqa: E402
+from bitsearch.plan import BitPlan  # noqa: E402
+from bitsearch.search.uniform import uniform_plan  # noqa: E402
+from gptq import gptq_quantize  # noqa: E402
+from llamacpp_mixes import best_rule_mix, per_tensor_bytes, rule_mix_plan  # noqa: E402
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+HERE = os.path.dirname(os.path.abspath(__file__))
+BUDGETS = (2.25, 2.5, 3.0, 3.25, 4.25)
+WIDTHS = (2, 3, 4, 5, 6, 8)
+GROUPS = (32, 64, 128)
+METHODS = ("rtn-g128", "rtn-channel", "gptq", "hqq", "autoround", "llamacpp", "hawq",
+           "bitsearch-rtn", "bitsearch-signround", "bitsearch-qat", "bitsearch-optuna-qat")
+QUICK_SKIP = ("bitsearch-optuna-qat",)
+LABELS = {"rtn-g128": "RTN g128", "rtn-channel": "RTN per-channel", "gptq": "GPTQ", "hqq": "HQQ",
+          "autoround": "AutoRound", "llamacpp": "llama.cpp rule mix", "hawq": "HAWQ-style layer ILP",
+          "bitsearch-rtn": "bitsearch plan + RTN", "bitsearch-signround": "bitsearch plan + SignRound",
+          "bitsearch-qat": "bitsearch plan + tiled QAT", "bitsearch-optuna-qat": "bitsearch optuna plan + tiled QAT"}
+
+
+class Skip(Exception):
+    """A method that has no configuration at a budget, or is not installed (the table says why)."""
+
+
+class Bench:
+    """Shared state: the model path, tokenizer, calibration batch, budgets' byte counts, caches."""
+
+    def __init__(self, args):
+        self.args = args
+        self.tok = load_tokenizer(args.model)
+        self.float_model = self.fresh()
+        self.targets = find_targets(self.float_model)
+        self.n_weights = sum(t.out_features * t.in_features for t in self.targets)
+        self.per_row = max(t.in_features for t in self.targets)
+        os.makedirs(os.path.join(args.out, "points"), exist_ok=True)
+        self.calib_path, self.kl_path = split_heldout(args.calib, args.out)
+        self.batch, _ = calibration_batches(self.tok, self.calib_path, args.samples, args.seq_len, 0)
+
+    def fresh(self):
+        return load_model(self.args.model, self.args.device, self.args.dtype)
+
+    def budget_bytes(self, budget: float) -> int:
+        return budget_to_bytes(budget, self.n_weights)
+
+    def uniform_bytes(self, width: int, group: int, meta_bits_per_group: float) -> float:
+        """Bytes of every target at one width: codes + metadata per group of ``group`` columns."""
+        return sum(t.out_features * (math.ceil(t.in_features * width / 8)
+                                     + math.ceil(t.in_features / group) * meta_bits_per_group / 8)
+                   for t in self.targets)
+
+    def best_uniform(self, budget: float, groups, meta=lambda w: 24) -> tuple[int, int, int]:
+        """(width, group, bytes) of the largest uniform configuration within the budget."""
+        limit, best = self.budget_bytes(budget), None
+        for w in WIDTHS:
+            for g in groups:
+                n = math.ceil(self.uniform_bytes(w, g, meta(w)))
+                if n <= limit and (best is None or n > best[2]):
+                    best = (w, g, n)
+        if best is None:
+            raise Skip(f"no uniform configuration fits {budget} bits")
+        return best
+
+    def table(self, estimator: str, calibrate: str) -> tuple[str, float]:
+        """A sensitivity table on the calibration text, computed once (path, seconds it took)."""
+        path = os.path.join(self.args.out, f"sensitivity-{estimator}.parquet")
+        meta = path + ".seconds"
+        if not os.path.exists(path) or not os.path.exists(meta):
+            t0 = time.time()
+            api.sensitivity(model=self.args.model, calib=self.calib_path, out=path, samples=self.args.samples,
+                            seq_len=self.args.seq_len, estimators=estimator, calibrate=calibrate,
+                            probes=self.args.probes, device=self.args.device, show_progress=False)
+            write_text_atomic(meta, f"{time.time() - t0:.1f}\n")
+        return path, float(open(meta).read())
+
+    def plan(self, budget: float, method: str = "greedy", estimator: str = "imatrix", calibrate: str = "auto",
+             **kw) -> tuple[BitPlan, float]:
+        table, secs = self.table(estimator, calibrate)
+        m = self.fresh()
+        t0 = time.time()
+        plan = api.search(model=self.args.model, budget=str(budget), calib=self.calib_path, sensitivity_table=table,
+                          method=method, mix=estimator, samples=self.args.samples, seq_len=self.args.seq_len,
+                          show_progress=False, _loaded=(m, self.tok), **kw)
+        return plan, secs + time.time() - t0
+
+
+def split_heldout(path: str, out: str, fraction: float = 0.8) -> tuple[str, str]:
+    """The calibration text's first ``fraction`` (cut at a line end) for calibration, the rest
+    for the KL measurement, written to ``out``."""
+    text = read_text(path)
+    cut = text.find("\n", int(len(text) * fraction))
+    cut = len(text) if cut < 0 else cut + 1
+    paths = os.path.join(out, "calib.txt"), os.path.join(out, "kl.txt")
+    for p, part in zip(paths, (text[:cut], text[cut:])):
+        if not os.path.exists(p) or read_text(p) != part:
+            write_text_atomic(p, part)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# methods: each returns (quantized model, {"bytes", "config", "seconds"})
+
+def rtn(bench: Bench, budget: float, per_channel: bool):
+    w, g, n = bench.best_uniform(budget, [bench.per_row] if per_channel else [128])
+    m = bench.fresh()
+    t0 = time.time()
+    fake_quantize_model(m, uniform_plan(m, w, g))
+    return m, {"bytes": n, "config": f"W{w} " + ("per-channel" if per_channel else f"g{g}"),
+               "seconds": time.time() - t0}
+
+
+def gptq(bench: Bench, budget: float):
+    w, g, n = bench.best_uniform(budget, GROUPS)
+    m = bench.fresh()
+    t0 = time.time()
+    gptq_quantize(m, uniform_plan(m, w, g), bench.batch, show_progress=False)
+    return m, {"bytes": n, "config": f"W{w} g{g} act-order", "seconds": time.time() - t0}
+
+
+def peer_package(bench: Bench, budget: float, name: str):
+    import peers
+
+    why = peers.available().get(name)
+    if why:
+        raise Skip(why)
+    meta = (lambda w: 32) if name == "hqq" else (lambda w: 16 + w)
+    w, g, _ = bench.best_uniform(budget, GROUPS, meta)
+    m = bench.fresh()
+    if name == "hqq":
+        info = peers.hqq_quantize(m, w, g, device=bench.args.device)
+    else:
+        info = peers.autoround_quantize(m, bench.tok, bench.batch, w, g, iters=bench.args.autoround_iters,
+                                        device=bench.args.device)
+    return m, {"bytes": int(info["stored_bytes"]), "config": info.get("config", f"W{w} g{g}"),
+               "seconds": info["seconds"]}
+
+
+def llamacpp(bench: Bench, budget: float):
+    m = bench.fresh()
+    t0 = time.time()
+    best = best_rule_mix(m, bench.budget_bytes(budget))
+    if best is None:
+        need = per_tensor_bytes(rule_mix_plan(m, "Q2_K", bench.per_row))
+        raise Skip(f"the smallest k-quant mix (Q2_K, one group per row) needs {8 * need / bench.n_weights:.2f} bits")
+    plan, n = best
+    fake_quantize_model(m, plan)
+    group = "per-channel" if plan.group_size == bench.per_row else f"g{plan.group_size}"
+    return m, {"bytes": n, "config": f"{plan.provenance['allocator'].split()[1]} {group}",
+               "seconds": time.time() - t0}
+
+
+def hawq(bench: Bench, budget: float):
+    plan, secs = bench.plan(budget, method="ilp", estimator="hutchinson", calibrate="none", granularity="layer")
+    m = bench.fresh()
+    t0 = time.time()
+    fake_quantize_model(m, plan)
+    widths = {int(np.unique(b)[0]) for b in plan.bits.values()}
+    return m, {"bytes": per_tensor_bytes(plan), "config": f"widths {sorted(widths)} g{plan.group_size}",
+               "seconds": secs + time.time() - t0}
+
+
+def bitsearch_pipeline(bench: Bench, budget: float, finalizer: str, search: str = "greedy"):
+    kw = {}
+    if search == "optuna":
+        kw = dict(n_trials=bench.args.optuna_trials, sampler="tpe", span=0.0, kl_samples=48)
+    plan, secs = bench.plan(budget, method=search, **kw)
+    m = bench.fresh()
+    t0 = time.time()
+    if finalizer == "rtn":
+        fake_quantize_model(m, plan)
+    else:
+        a = bench.args
+        qat = dict(method="qat", mode="tiled", steps=a.qat_steps, lr=a.qat_lr, batch_size=a.qat_batch_size)
+        opts = qat if finalizer == "qat" else dict(method="signround", signround_steps=a.signround_steps)
+        train = bench.batch.reshape(-1, a.qat_seq_len) if bench.batch.shape[1] % a.qat_seq_len == 0 else bench.batch
+        api.finalize(model=a.model, plan=plan, out=os.path.join(a.out, "tmp-finalized"), _loaded=(m, bench.tok),
+                     _batch=train, seq_len=train.shape[1], device=a.device, show_progress=False, **opts)
+    return m, {"bytes": plan.n_bytes(), "config": f"{search}, imatrix, {finalizer}",
+               "seconds": secs + time.time() - t0}
+
+
+RUNNERS = {
+    "rtn-g128": lambda b, x: rtn(b, x, per_channel=False),
+    "rtn-channel": lambda b, x: rtn(b, x, per_channel=True),
+    "gptq": gptq,
+    "hqq": lambda b, x: peer_package(b, x, "hqq"),
+    "autoround": lambda b, x: peer_package(b, x, "autoround"),
+    "llamacpp": llamacpp,
+    "hawq": hawq,
+    "bitsearch-rtn": lambda b, x: bitsearch_pipeline(b, x, "rtn"),
+    "bitsearch-signround": lambda b, x: bitsearch_pipeline(b, x, "signround"),
+    "bitsearch-qat": lambda b, x: bitsearch_pipeline(b, x, "qat"),
+    "bitsearch-optuna-qat": lambda b, x: bitsearch_pipeline(b, x, "qat", search="optuna"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+
+def measure(bench: Bench, model) -> dict:
+    a = bench.args
+    ppl = api.evaluate(model="m", text=a.eval_text, max_tokens=a.max_tokens, seq_len=512, device=a.device,
+                       show_progress=False, _loaded=(model, bench.tok)).ppl
+    kl = api.evaluate(model="m", text=bench.kl_path, max_tokens=a.kl_tokens, seq_len=512, device=a.device,
+                      show_progress=False, _loaded=(model, bench.tok), _reference_loaded=bench.float_model).kl
+    return {"ppl": ppl, "kl": kl}
+
+
+def run_point(bench: Bench, method: str, budget: float) -> dict:
+    path = os.path.join(bench.args.out, "points", f"{method}@{budget}.json")
+    if os.path.exists(path) and not bench.args.redo:
+        return json.load(open(path))
+    row = {"method": method, "label": LABELS[method], "budget": budget,
+           "family": "bitsearch" if method.startswith("bitsearch") else "peer"}
+    try:
+        model, info = RUNNERS[method](bench, budget)
+        row.update(info, avg_bits=8 * info["bytes"] / bench.n_weights, **measure(bench, model))
+        row["seconds"] = round(row["seconds"], 1)
+    except Skip as e:
+        row["skipped"] = str(e)
+    write_text_atomic(path, json.dumps(row, indent=1) + "\n")
+    return row
+
+
+def float_point(bench: Bench) -> dict:
+    path = os.path.join(bench.args.out, "points", "float.json")
+    if not os.path.exists(path):
+        row = {"method": "float", "label": "float", "avg_bits": 32.0, **measure(bench, bench.float_model)}
+        write_text_atomic(path, json.dumps(row, indent=1) + "\n")
+    return json.load(open(path))
+
+
+def markdown(rows: list[dict], ref: dict, budgets) -> str:
+    head = "| method | " + " | ".join(f"{b} bits" for b in budgets) + " |"
+    lines = [head, "|" + " --- |" * (len(budgets) + 1)]
+    by = {(r["method"], r["budget"]): r for r in rows}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        cells = []
+        for b in budgets:
+            r = by.get((method, b))
+            if r is None:
+                cells.append("")
+            elif "skipped" in r:
+                cells.append(f"— ({r['skipped']})")
+            else:
+                cells.append(f"**{r['ppl']:.2f}** ({r['avg_bits']:.3f} b, KL {r['kl']:.4f}, {r['seconds']:.0f} s; "
+                             f"{r['config']})" if method == "bitsearch-qat" else
+                             f"{r['ppl']:.2f} ({r['avg_bits']:.3f} b, KL {r['kl']:.4f}, {r['seconds']:.0f} s; {r['config']})")
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    lines.append(f"\nfloat model: perplexity {ref['ppl']:.2f}. Cells: perplexity (stored avg bits, KL to the float "
+                 f"model on held-out text, quantization wall time; configuration).")
+    return "\n".join(lines) + "\n"
+
+
+def verdict(rows: list[dict], ref: dict) -> list[str]:
+    """Where the bitsearch pipeline beats every peer at equal or larger size, and where not."""
+    out = []
+    ok = [r for r in rows if "skipped" not in r]
+    for r in (r for r in ok if r["method"] == "bitsearch-qat"):
+        beaten_by = [p for p in ok if p["family"] == "peer" and p["avg_bits"] >= r["avg_bits"] - 1e-9
+                     and p["ppl"] <= r["ppl"]]
+        state = ("beats every peer at equal or larger size" if not beaten_by else
+                 "beaten by " + ", ".join(f"{p['label']} at {p['avg_bits']:.2f} bits ({p['ppl']:.2f})" for p in beaten_by))
+        out.append(f"{r['budget']} bits: bitsearch {r['ppl']:.2f} ({100 * (r['ppl'] / ref['ppl'] - 1):+.1f} % vs float): "
+                   + state)
+    return out
+
+
+def plot(rows: list[dict], ref: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    ok = [r for r in rows if "skipped" not in r]
+    for method in dict.fromkeys(r["method"] for r in ok):
+        pts = sorted((r["avg_bits"], r["ppl"]) for r in ok if r["method"] == method)
+        bs = method.startswith("bitsearch")
+        ax.plot(*zip(*pts), marker="o" if bs else "s", lw=2.2 if method == "bitsearch-qat" else 1.0,
+                ls="-" if bs else "--", label=LABELS[method])
+    ax.axhline(ref["ppl"], color="0.3", lw=0.8, ls=":", label=f"float ({ref['ppl']:.1f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("stored bits per target weight (all-in)")
+    ax.set_ylabel("perplexity (log scale, lower is better)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=os.path.join(SHARED, "models", "slm-llama-17m"))
+    ap.add_argument("--calib", default=os.path.join(SHARED, "data", "corpus", "heldout.txt"),
+                    help="its first 80 %% calibrates, the rest measures KL")
+    ap.add_argument("--eval-text", default=os.path.join(SHARED, "data", "corpus", "wikitext2_test.txt"))
+    ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
+    ap.add_argument("--methods", default=None, help=f"comma-separated, from {', '.join(METHODS)}")
+    ap.add_argument("--quick", action="store_true",
+                    help="CPU: first 40,000 evaluation tokens, shorter finalizers, no optuna pipeline")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--samples", type=int, default=None, help="calibration samples (default 128; --quick 64)")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--max-tokens", type=int, default=None, help="evaluation tokens (default: all; --quick 40000)")
+    ap.add_argument("--kl-tokens", type=int, default=None, help="default 32768; --quick 8192")
+    ap.add_argument("--probes", type=int, default=8, help="Hutchinson probes of the HAWQ-style plan")
+    ap.add_argument("--qat-steps", type=int, default=None, help="default 200; --quick 80")
+    ap.add_argument("--qat-lr", type=float, default=2e-4)
+    ap.add_argument("--qat-batch-size", type=int, default=None, help="default 8; --quick 4")
+    ap.add_argument("--qat-seq-len", type=int, default=None, help="default 512; --quick 256")
+    ap.add_argument("--signround-steps", type=int, default=None, help="default 200; --quick 100")
+    ap.add_argument("--autoround-iters", type=int, default=None, help="default 200; --quick 50")
+    ap.add_argument("--optuna-trials", type=int, default=60)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--redo", action="store_true", help="recompute cached points")
+    ap.add_argument("--tag", default=None, help="default: the model's folder name, + '-quick'")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "benchmark"))
+    args = ap.parse_args(argv)
+    q = args.quick
+    for name, full, quick in [("max_tokens", None, 40000), ("kl_tokens", 32768, 8192), ("qat_steps", 200, 80),
+                              ("qat_batch_size", 8, 4), ("qat_seq_len", 512, 256), ("signround_steps", 200, 100),
+                              ("samples", 128, 64), ("autoround_iters", 200, 50)]:
+        if getattr(args, name) is None:
+            setattr(args, name, quick if q else full)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = args.methods.split(",") if args.methods else [m for m in METHODS if not (q and m in QUICK_SKIP)]
+    unknown = [m for m in methods if m not in RUNNERS]
+    if unknown:
+        sys.exit(f"benchmark: unknown method(s) {', '.join(unknown)} (choose from {', '.join(METHODS)})")
+    budgets = [float(b) for b in args.budgets.split(",")]
+    tag = args.tag or os.path.basename(os.path.normpath(args.model)) + ("-quick" if q else "")
+    args.out = os.path.join(args.out, tag)
+    os.makedirs(args.out, exist_ok=True)
+    bench = Bench(args)
+    ref = float_point(bench)
+    print(f"float: ppl {ref['ppl']:.2f}", flush=True)
+    rows = []
+    for budget in budgets:
+        for method in methods:
+            t0 = time.time()
+            r = run_point(bench, method, budget)
+            rows.append(r)
+            what = r.get("skipped") or f"{r['config']}: {r['avg_bits']:.3f} bits, ppl {r['ppl']:.2f}, KL {r['kl']:.4f}"
+            print(f"[{budget} bits] {LABELS[method]:34s} {what} ({time.time() - t0:.0f} s)", flush=True)
+    lines = verdict(rows, ref)
+    result = {"args": vars(args), "float": ref, "results": rows, "verdict": lines,
+              "hardware": {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()
+                           or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__}}
+    base = os.path.join(args.out, f"benchmark-{tag}")
+    write_text_atomic(base + ".json", json.dumps(result, indent=1) + "\n")
+    write_text_atomic(base + ".md", markdown(rows, ref, budgets) + "\n" + "\n".join(f"- {x}" for x in lines) + "\n")
+    plot(rows, ref, base + ".png")
+    print(markdown(rows, ref, budgets))
+    print("\n".join(lines))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Peer quantizers (studies/peers.py) on a tiny random Llama: HQQ and AutoRound write b-bit
+decodes (at most 2^b distinct values per row-group) into the decoder-block linears only, keep
+plain nn.Linear modules, count their bytes as their own storage does, and leave a model that
+runs. HQQ's weights are exactly what ``HQQLinear`` (its default config) decodes.
+
+Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_peers.py
+"""
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "studies"))
+
+import peers  # noqa: E402
+
+from bitsearch.models import find_targets  # noqa: E402
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():    # larger-than-init weights, as the shared fixtures do
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    return model
+
+
+def snapshot(model):
+    """Weights of the linears and embeddings, and every module's attribute names."""
+    weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+    return weights, {n: set(vars(m)) for n, m in model.named_modules()}
+
+
+def max_distinct_per_group(w: torch.Tensor, group: int) -> int:
+    out = 0
+    for lo in range(0, w.shape[1], group):
+        block = w[:, lo:lo + group]
+        out = max(out, max(len(torch.unique(row)) for row in block))
+    return out
+
+
+def expected_bytes(model, bits, group, meta_bits):
+    total = sum(t.out_features * (8 * math.ceil(t.in_features * bits / 8) + math.ceil(t.in_features / group) * meta_bits)
+                for t in find_targets(model))
+    return math.ceil(total / 8)
+
+
+def check_model(model, state, bits, group):
+    """Targets: plain nn.Linear with at most 2^bits values per row-group, changed but close;
+    everything else untouched; no attribute left on any module; logits finite."""
+    before, attrs = state
+    assert {n: set(vars(m)) for n, m in model.named_modules()} == attrs
+    names = {t.name for t in find_targets(model)}
+    assert len(names) == 14
+    for name, w0 in before.items():
+        mod = model.get_submodule(name)
+        assert type(mod) in (nn.Linear, nn.Embedding)
+        w = mod.weight.detach()
+        assert w.dtype == torch.float32 and w.shape == w0.shape
+        if name not in names:
+            assert torch.equal(w, w0), f"{name} changed"
+            continue
+        assert max_distinct_per_group(w, group) <= 2 ** bits, name
+        rel = float((w - w0).norm() / w0.norm())
+        assert 0.0 < rel < 0.6, (name, rel)
+    with torch.no_grad():
+        logits = model(torch.randint(0, 256, (2, 16))).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_available_names_both_peers():
+    got = peers.available()
+    assert set(got) == {"hqq", "autoround"}
+    assert all(v is None or isinstance(v, str) for v in got.values())
+
+
+def test_hqq_w3_g32():
+    pytest.importorskip("hqq")
+    model = tiny_llama()
+    before = snapshot(model)
+    info = peers.hqq_quantize(model, bits=3, group_size=32)
+    check_model(model, before, 3, 32)
+    n = sum(t.numel for t in find_targets(model))
+    assert info["stored_bytes"] == expected_bytes(model, 3, 32, 32) == n * (3 + 32 / 32) / 8
+    assert info["avg_bits"] == pytest.approx(4.0)
+    assert info["config"] == "HQQ W3 g32" and info["seconds"] > 0
+    # HQQ's own 3-bit packing: 10 codes per int32 (3.2 bits) + float16 scale and zero
+    assert info["packed_bytes"] > info["stored_bytes"]
+    rel = [float((model.get_submodule(t.name).weight.detach() - before[0][t.name]).norm() / before[0][t.name].norm())
+           for t in find_targets(model)]
+    assert 0.05 < sum(rel) / len(rel) < 0.3
+
+
+def test_hqq_matches_hqqlinear():
+    """The written weight is what HQQLinear (default config, float16 compute) decodes."""
+    pytest.importorskip("hqq")
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    model = tiny_llama(1)
+    name = "model.layers.1.mlp.down_proj"
+    lin = nn.Linear(128, 64, bias=False)
+    lin.weight.data.copy_(model.get_submodule(name).weight)
+    peers.hqq_quantize(model, bits=2, group_size=64)
+    ref = HQQLinear(lin, BaseQuantizeConfig(nbits=2, group_size=64), compute_dtype=torch.float16,
+                    device="cpu").dequantize().float()
+    got = model.get_submodule(name).weight.detach()
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-3)
+
+
+def test_hqq_ragged_groups():
+    """in_features not a multiple of the group size: each row ends with one shorter group."""
+    pytest.importorskip("hqq")
+    model = tiny_llama(2)
+    before = snapshot(model)
+    info = peers.hqq_quantize(model, bits=2, group_size=48)
+    check_model(model, before, 2, 48)
+    assert info["stored_bytes"] == expected_bytes(model, 2, 48, 32)
+    for t in find_targets(model):
+        w = model.get_submodule(t.name).weight.detach()
+        assert max_distinct_per_group(w[:, :48], 48) <= 4 and max_distinct_per_group(w[:, 48:], 48) <= 4
+
+
+def test_autoround_w2_g32(tokenizer_dir):
+    pytest.importorskip("auto_round")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = tiny_llama(3)
+    before = snapshot(model)
+    batch = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    info = peers.autoround_quantize(model, tok, batch, bits=2, group_size=32, iters=3, seed=0)
+    check_model(model, before, 2, 32)
+    assert all(p.requires_grad for p in model.parameters())
+    n = sum(t.numel for t in find_targets(model))
+    assert info["stored_bytes"] == expected_bytes(model, 2, 32, 18) == n * (2 + 18 / 32) / 8
+    assert info["avg_bits"] == pytest.approx(2.5625)
+    assert info["config"] == "AutoRound W2 g32" and 0 < info["seconds"] < 60
+    assert not model.training
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+        assert "forward" not in vars(m) and "orig_forward" not in vars(m)
