@@ -170,7 +170,7 @@ def diffq_allocate(model: nn.Module, targets: list[Target], batch: torch.Tensor,
     start_learned = _learned(nw, targets)[0]     # the warm start as the sigmoid represents it
     overhead = {t.name: float(n_groups(t.in_features, gs) * 3) for t in targets}
     opt = torch.optim.Adam(nw.parameters(), lr=settings.lr)
-    gen = torch.Generator(device="cpu").manual_seed(settings.seed)
+    gen = torch.Generator(device=dev).manual_seed(settings.seed)   # noise drawn where the weights are
     flags = [(p, p.requires_grad) for p in model.parameters()]
     n_micro = (batch.shape[0] + micro_batch - 1) // micro_batch
     history = []
@@ -186,7 +186,7 @@ def diffq_allocate(model: nn.Module, targets: list[Target], batch: torch.Tensor,
             with torch.no_grad():
                 ref = F.log_softmax(model(input_ids=x, use_cache=False).logits[:, :-1].float(), dim=-1)
             subs = {f"{t.name}.weight": nw.noisy_weight(
-                t.name, (torch.rand(t.out_features, t.in_features, generator=gen) - 0.5).to(dev)) for t in targets}
+                t.name, torch.rand(t.out_features, t.in_features, generator=gen, device=dev) - 0.5) for t in targets}
             lp = F.log_softmax(functional_call(model, subs, args=(), kwargs={"input_ids": x, "use_cache": False})
                                .logits[:, :-1].float(), dim=-1)
             kl = (ref.exp() * (ref - lp)).sum(-1).mean()

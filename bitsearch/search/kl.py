@@ -25,7 +25,10 @@ __all__ = ["PlanKL"]
 
 class PlanKL:
     def __init__(self, model: nn.Module, targets: list[Target], batch: torch.Tensor, bits: list[int],
-                 group_size: int, micro_batch: int = 8):
+                 group_size: int, micro_batch: int = 8, share: "PlanKL | None" = None):
+        """``share``: another PlanKL of the same model, targets, menu and group size whose float
+        copies and quantized stacks are reused (one cache for the search and validation batches:
+        the cache holds (len(bits) + 1) x the target weights)."""
         self.model = model
         self.targets = targets
         self.bits = list(bits)
@@ -33,9 +36,14 @@ class PlanKL:
         self.dev = next(model.parameters()).device
         self.batch = batch
         self.weights = {t.name: model.get_submodule(t.name).weight for t in targets}
-        self.float_w = {n: w.detach().clone() for n, w in self.weights.items()}
-        self.stack = {n: torch.stack([fake_quantize(w.float(), b, group_size).to(w.dtype) for b in self.bits])
-                      for n, w in self.float_w.items()}
+        if share is not None:
+            if share.model is not model or share.bits != self.bits or set(share.stack) != set(self.weights):
+                raise ValueError("PlanKL(share=...) needs the same model, targets and menu")
+            self.float_w, self.stack = share.float_w, share.stack
+        else:
+            self.float_w = {n: w.detach().clone() for n, w in self.weights.items()}
+            self.stack = {n: torch.stack([fake_quantize(w.float(), b, group_size).to(w.dtype) for b in self.bits])
+                          for n, w in self.float_w.items()}
         self.ref = [lp.to(torch.bfloat16) if lp.numel() > 2 ** 27 else lp for lp in self._logprobs()]
         self.calls = 0
 

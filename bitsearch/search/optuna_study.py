@@ -237,7 +237,7 @@ def optuna_plan(model, table, targets, fingerprint: dict, batch, *, budget: str,
     best = min(inside, key=lambda r: r["kl"])
     validated = {}
     if validation is not None:
-        val = PlanKL(model, targets, validation, first.bits, table.group_size, micro_batch)
+        val = PlanKL(model, targets, validation, first.bits, table.group_size, micro_batch, share=kl)
         pool = sorted(inside, key=lambda r: r["kl"])[:finalists] + [r for r in inside if r["trial"] == 0]
         for r in pool:
             if r["trial"] not in validated:
