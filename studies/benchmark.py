@@ -273,6 +273,9 @@ def run_point(bench: Bench, method: str, budget: float) -> dict:
     path = os.path.join(bench.args.out, "points", f"{method}@{budget}.json")
     if os.path.exists(path) and not bench.args.redo:
         return json.load(open(path))
+    if bench.args.table_only:
+        return {"method": method, "label": LABELS[method], "budget": budget, "missing": True,
+                "family": "bitsearch" if method.startswith("bitsearch") else "peer"}
     row = {"method": method, "label": LABELS[method], "budget": budget,
            "family": "bitsearch" if method.startswith("bitsearch") else "peer"}
     try:
@@ -294,31 +297,36 @@ def float_point(bench: Bench) -> dict:
 
 
 def markdown(rows: list[dict], ref: dict, budgets) -> str:
-    head = "| method | " + " | ".join(f"{b} bits" for b in budgets) + " |"
-    lines = [head, "|" + " --- |" * (len(budgets) + 1)]
+    """Two tables: perplexity (stored bits) per method and budget; then KL, time and configuration."""
     by = {(r["method"], r["budget"]): r for r in rows}
-    for method in dict.fromkeys(r["method"] for r in rows):
-        cells = []
-        for b in budgets:
-            r = by.get((method, b))
-            if r is None:
-                cells.append("")
-            elif "skipped" in r:
-                cells.append(f"— ({r['skipped']})")
-            else:
-                cells.append(f"**{r['ppl']:.2f}** ({r['avg_bits']:.3f} b, KL {r['kl']:.4f}, {r['seconds']:.0f} s; "
-                             f"{r['config']})" if method == "bitsearch-qat" else
-                             f"{r['ppl']:.2f} ({r['avg_bits']:.3f} b, KL {r['kl']:.4f}, {r['seconds']:.0f} s; {r['config']})")
-        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
-    lines.append(f"\nfloat model: perplexity {ref['ppl']:.2f}. Cells: perplexity (stored avg bits, KL to the float "
-                 f"model on held-out text, quantization wall time; configuration).")
-    return "\n".join(lines) + "\n"
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    head = "| method | " + " | ".join(f"{b} bits" for b in budgets) + " |"
+    rule = "|" + " --- |" * (len(budgets) + 1)
+
+    def cell(r, detail: bool) -> str:
+        if r is None or r.get("missing"):
+            return "not run yet"
+        if "skipped" in r:
+            return "—" if detail else f"— ({r['skipped']})"
+        if detail:
+            return f"{r['kl']:.4f}, {r['seconds']:.0f} s, {r['config']}"
+        text = f"{r['ppl']:.2f} ({r['avg_bits']:.2f})"
+        return f"**{text}**" if r["method"] == "bitsearch-qat" else text
+
+    out = [head, rule]
+    for m in methods:
+        out.append(f"| {LABELS[m]} | " + " | ".join(cell(by.get((m, b)), False) for b in budgets) + " |")
+    out += ["", f"Perplexity (stored bits per target weight, all-in); float model {ref['ppl']:.2f}.", "",
+            head.replace("| method |", "| KL, quantization time, configuration |"), rule]
+    for m in methods:
+        out.append(f"| {LABELS[m]} | " + " | ".join(cell(by.get((m, b)), True) for b in budgets) + " |")
+    return "\n".join(out) + "\n"
 
 
 def verdict(rows: list[dict], ref: dict) -> list[str]:
     """Where the bitsearch pipeline beats every peer at equal or larger size, and where not."""
     out = []
-    ok = [r for r in rows if "skipped" not in r]
+    ok = [r for r in rows if "skipped" not in r and not r.get("missing")]
     for r in (r for r in ok if r["method"] == "bitsearch-qat"):
         beaten_by = [p for p in ok if p["family"] == "peer" and p["avg_bits"] >= r["avg_bits"] - 1e-9
                      and p["ppl"] <= r["ppl"]]
@@ -336,7 +344,7 @@ def plot(rows: list[dict], ref: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    ok = [r for r in rows if "skipped" not in r]
+    ok = [r for r in rows if "skipped" not in r and not r.get("missing")]
     for method in dict.fromkeys(r["method"] for r in ok):
         pts = sorted((r["avg_bits"], r["ppl"]) for r in ok if r["method"] == method)
         bs = method.startswith("bitsearch")
@@ -378,6 +386,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--optuna-trials", type=int, default=60)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--redo", action="store_true", help="recompute cached points")
+    ap.add_argument("--table-only", action="store_true",
+                    help="compute nothing: write the table and plot from the cached points ('not run yet' for the rest)")
     ap.add_argument("--tag", default=None, help="default: the model's folder name, + '-quick'")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "benchmark"))
     args = ap.parse_args(argv)
@@ -406,7 +416,7 @@ def main(argv=None) -> dict:
             t0 = time.time()
             r = run_point(bench, method, budget)
             rows.append(r)
-            what = r.get("skipped") or f"{r['config']}: {r['avg_bits']:.3f} bits, ppl {r['ppl']:.2f}, KL {r['kl']:.4f}"
+            what = r.get("skipped") or ("not run yet" if r.get("missing") else None) or f"{r['config']}: {r['avg_bits']:.3f} bits, ppl {r['ppl']:.2f}, KL {r['kl']:.4f}"
             print(f"[{budget} bits] {LABELS[method]:34s} {what} ({time.time() - t0:.0f} s)", flush=True)
     lines = verdict(rows, ref)
     result = {"args": vars(args), "float": ref, "results": rows, "verdict": lines,
