@@ -330,7 +330,7 @@ def verdict(rows: list[dict], ref: dict) -> list[str]:
     for r in (r for r in ok if r["method"] == "bitsearch-qat"):
         beaten_by = [p for p in ok if p["family"] == "peer" and p["avg_bits"] >= r["avg_bits"] - 1e-9
                      and p["ppl"] <= r["ppl"]]
-        state = ("beats every peer at equal or larger size" if not beaten_by else
+        state = ("beats every peer measured at equal or larger size" if not beaten_by else
                  "beaten by " + ", ".join(f"{p['label']} at {p['avg_bits']:.2f} bits ({p['ppl']:.2f})" for p in beaten_by))
         out.append(f"{r['budget']} bits: bitsearch {r['ppl']:.2f} ({100 * (r['ppl'] / ref['ppl'] - 1):+.1f} % vs float): "
                    + state)
