@@ -352,6 +352,11 @@ def plot(rows: list[dict], ref: dict, path: str) -> None:
                 ls="-" if bs else "--", label=LABELS[method])
     ax.axhline(ref["ppl"], color="0.3", lw=0.8, ls=":", label=f"float ({ref['ppl']:.1f})")
     ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:.0f}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel("stored bits per target weight (all-in)")
     ax.set_ylabel("perplexity (log scale, lower is better)")
     ax.legend(fontsize=8)
