@@ -64,10 +64,10 @@ from bitsearch.atomic import write_text_atomic  # noqa: E402
 from bitsearch.cost import budget_to_bytes  # noqa: E402
 from bitsearch.data import calibration_batches, read_text  # noqa: E402
 from bitsearch.models import find_targets, load_model, load_tokenizer  # noqa: E402
-from bitsearch.plan import BitPlan  # noqa: E402
 from bitsearch.search.uniform import uniform_plan  # noqa: E402
 from gptq import gptq_quantize  # noqa: E402
 from llamacpp_mixes import best_rule_mix, per_tensor_bytes, rule_mix_plan  # noqa: E402
+from peers import storage_bits  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -96,6 +96,7 @@ class Bench:
         self.float_model = self.fresh()
         self.targets = find_targets(self.float_model)
         self.n_weights = sum(t.out_features * t.in_features for t in self.targets)
+        self.shapes = [(t.out_features, t.in_features) for t in self.targets]
         self.per_row = max(t.in_features for t in self.targets)
         os.makedirs(os.path.join(args.out, "points"), exist_ok=True)
         self.calib_path, self.kl_path = split_heldout(args.calib, args.out)
@@ -107,18 +108,12 @@ class Bench:
     def budget_bytes(self, budget: float) -> int:
         return budget_to_bytes(budget, self.n_weights)
 
-    def uniform_bytes(self, width: int, group: int, meta_bits_per_group: float) -> float:
-        """Bytes of every target at one width: codes + metadata per group of ``group`` columns."""
-        return sum(t.out_features * (math.ceil(t.in_features * width / 8)
-                                     + math.ceil(t.in_features / group) * meta_bits_per_group / 8)
-                   for t in self.targets)
-
     def best_uniform(self, budget: float, groups, meta=lambda w: 24) -> tuple[int, int, int]:
         """(width, group, bytes) of the largest uniform configuration within the budget."""
         limit, best = self.budget_bytes(budget), None
         for w in WIDTHS:
             for g in groups:
-                n = math.ceil(self.uniform_bytes(w, g, meta(w)))
+                n = math.ceil(storage_bits(self.shapes, w, g, meta(w)) / 8)
                 if n <= limit and (best is None or n > best[2]):
                     best = (w, g, n)
         if best is None:
@@ -138,14 +133,15 @@ class Bench:
         return path, float(open(meta).read())
 
     def plan(self, budget: float, method: str = "greedy", estimator: str = "imatrix", calibrate: str = "auto",
-             **kw) -> tuple[BitPlan, float]:
+             **kw):
+        """(plan, seconds of table + search, the float model the search loaded: quantize that one)."""
         table, secs = self.table(estimator, calibrate)
         m = self.fresh()
         t0 = time.time()
         plan = api.search(model=self.args.model, budget=str(budget), calib=self.calib_path, sensitivity_table=table,
                           method=method, mix=estimator, samples=self.args.samples, seq_len=self.args.seq_len,
                           show_progress=False, _loaded=(m, self.tok), **kw)
-        return plan, secs + time.time() - t0
+        return plan, secs + time.time() - t0, m
 
 
 def split_heldout(path: str, out: str, fraction: float = 0.8) -> tuple[str, str]:
@@ -214,8 +210,7 @@ def llamacpp(bench: Bench, budget: float):
 
 
 def hawq(bench: Bench, budget: float):
-    plan, secs = bench.plan(budget, method="ilp", estimator="hutchinson", calibrate="none", granularity="layer")
-    m = bench.fresh()
+    plan, secs, m = bench.plan(budget, method="ilp", estimator="hutchinson", calibrate="none", granularity="layer")
     t0 = time.time()
     fake_quantize_model(m, plan)
     widths = {int(np.unique(b)[0]) for b in plan.bits.values()}
@@ -227,8 +222,7 @@ def bitsearch_pipeline(bench: Bench, budget: float, finalizer: str, search: str 
     kw = {}
     if search == "optuna":
         kw = dict(n_trials=bench.args.optuna_trials, sampler="tpe", span=0.0, kl_samples=48)
-    plan, secs = bench.plan(budget, method=search, **kw)
-    m = bench.fresh()
+    plan, secs, m = bench.plan(budget, method=search, **kw)
     t0 = time.time()
     if finalizer == "rtn":
         fake_quantize_model(m, plan)
@@ -273,11 +267,10 @@ def run_point(bench: Bench, method: str, budget: float) -> dict:
     path = os.path.join(bench.args.out, "points", f"{method}@{budget}.json")
     if os.path.exists(path) and not bench.args.redo:
         return json.load(open(path))
-    if bench.args.table_only:
-        return {"method": method, "label": LABELS[method], "budget": budget, "missing": True,
-                "family": "bitsearch" if method.startswith("bitsearch") else "peer"}
     row = {"method": method, "label": LABELS[method], "budget": budget,
            "family": "bitsearch" if method.startswith("bitsearch") else "peer"}
+    if bench.args.table_only:
+        return dict(row, missing=True)
     try:
         model, info = RUNNERS[method](bench, budget)
         row.update(info, avg_bits=8 * info["bytes"] / bench.n_weights, **measure(bench, model))

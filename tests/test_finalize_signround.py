@@ -22,8 +22,6 @@ WIDTHS = MIXED_WIDTHS
 STEPS = 30
 
 
-
-
 def tokens(model, n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, model.config.vocab_size, (n, 32), generator=torch.Generator().manual_seed(seed))
 

@@ -165,8 +165,6 @@ def test_layer_output_error_below_round_to_nearest(width):
 WIDTHS = MIXED_WIDTHS
 
 
-
-
 def tokens(model, n: int, seed: int, t: int = 32) -> torch.Tensor:
     return torch.randint(0, model.config.vocab_size, (n, t), generator=torch.Generator().manual_seed(seed))
 

@@ -114,18 +114,12 @@ class NoisyWidths(nn.Module):
 
 
 def rounding_problem(base: AllocationProblem, learned: dict[str, np.ndarray], closed: dict[str, np.ndarray],
-                     in_features: dict[str, int], start: dict[str, np.ndarray] | None = None) -> AllocationProblem:
-    """Curves to round the learned widths with: with ``start`` (the warm-start widths), the base
-    problem's curves times 4^(b* - b0) (see top); without, K_c 4^(b*_c - b), whose Lagrangian
-    optimum is the learned width itself and which ignore the base curves."""
+                     start: dict[str, np.ndarray]) -> AllocationProblem:
+    """The base problem's curves, each channel's times 4^(b* - b0) for the learned width b* and
+    the warm-start width b0, pruning free where the gate closed (see top)."""
     errors = np.empty_like(base.errors)
-    menu = np.asarray(base.bits, dtype=np.float64)
     for name, s in base.layer_slices.items():
-        bstar = learned[name][:, None]
-        if start is None:
-            e = in_features[name] * np.power(4.0, np.clip(bstar - menu[None, :], -60, 60))
-        else:
-            e = base.errors[s] * np.power(4.0, np.clip(bstar - start[name][:, None], -60, 60))
+        e = base.errors[s] * np.power(4.0, np.clip(learned[name] - start[name], -60, 60))[:, None]
         if 0 in base.bits:
             e[closed[name], base.bits.index(0)] = 0.0
         errors[s] = e
@@ -144,7 +138,7 @@ def _round(nw: "NoisyWidths", problem: AllocationProblem, targets: list[Target],
            start: dict[str, np.ndarray]) -> np.ndarray:
     """The menu widths within the budget that the corrected curves (see top) prefer."""
     learned, closed = _learned(nw, targets)
-    rp = rounding_problem(problem, learned, closed, {t.name: t.in_features for t in targets}, start)
+    rp = rounding_problem(problem, learned, closed, start)
     return GreedyAllocator().allocate(rp, budget_bytes)
 
 
@@ -156,8 +150,9 @@ def diffq_allocate(model: nn.Module, targets: list[Target], batch: torch.Tensor,
 
     With a ``validation`` batch (samples training never saw) the widths are rounded at
     ``candidates`` evenly spaced points of training (the last included) and, of those and the
-    greedy warm start (step 0), the plan with the lowest KL on it is returned: a fixed step count either stops early or over-fits the training
-    samples, and which one depends on the model and budget."""
+    greedy warm start (step 0), the plan with the lowest KL on it is returned: a fixed step
+    count either stops early or over-fits the training samples, and which one depends on the
+    model and budget."""
     from torch.func import functional_call
 
     problem.check_budget(budget_bytes)
