@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("--method diffq")
     d.add_argument("--steps", type=int, default=100, help="training steps (default: 100)")
     d.add_argument("--lr", type=float, default=0.05, help="Adam learning rate of the width logits (default: 0.05)")
+    d.add_argument("--learn", default="channel", choices=["channel", "layer"],
+                   help="train a width per channel, or one shift per layer on top of the estimator's widths "
+                        "(fewer parameters to fit from few samples) (default: channel)")
     p.add_argument("--out", required=True, help="output plan (.json)")
 
     p = sub.add_parser("finalize", parents=[quiet],
@@ -238,7 +241,8 @@ def _run(args: argparse.Namespace) -> int:
                           checkpointing=args.checkpointing, micro_batch=args.micro_batch, device=args.device,
                           dtype=args.dtype, n_trials=args.n_trials, timeout=args.timeout, sampler=args.sampler,
                           storage=args.storage, study_name=args.study_name, resume=args.resume, span=args.span,
-                          kl_samples=args.kl_samples, steps=args.steps, lr=args.lr, granularity=args.granularity,
+                          kl_samples=args.kl_samples, steps=args.steps, lr=args.lr, learn=args.learn,
+                          granularity=args.granularity,
                           share=args.share, layer_min_bits=args.layer_min_bits, time_limit=args.time_limit,
                           coupling=not args.no_coupling, show_progress=show, **_data_free_args(args))
         s = plan.summary

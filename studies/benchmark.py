@@ -372,7 +372,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--samples", type=int, default=None, help="calibration samples (default 128; --quick 64)")
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--max-tokens", type=int, default=None, help="evaluation tokens (default: all; --quick 40000)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="evaluation tokens (default: all; --quick 40000; 0: all)")
     ap.add_argument("--kl-tokens", type=int, default=None, help="default 32768; --quick 8192")
     ap.add_argument("--probes", type=int, default=8, help="Hutchinson probes of the HAWQ-style plan")
     ap.add_argument("--qat-steps", type=int, default=None, help="default 200; --quick 80")
@@ -395,6 +395,8 @@ def main(argv=None) -> dict:
                               ("samples", 128, 64), ("autoround_iters", 200, 50)]:
         if getattr(args, name) is None:
             setattr(args, name, quick if q else full)
+    if args.max_tokens == 0:
+        args.max_tokens = None
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = args.methods.split(",") if args.methods else [m for m in METHODS if not (q and m in QUICK_SKIP)]

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from bitsearch import api
+from bitsearch.errors import BitsearchError
 from bitsearch.models import find_targets
 from bitsearch.search.diffq import NoisyWidths, rounding_problem
 from bitsearch.search.greedy import GreedyAllocator
@@ -99,3 +100,57 @@ def test_diffq_search_end_to_end(llama_dir, text_file):
     val = plan.provenance["validation_kl_by_step"]
     assert set(val) == {"0", "1", "2", "3", "4"}
     assert val[str(plan.provenance["chosen_step"])] == min(val.values())
+
+
+def test_layer_learning_trains_one_shift_per_layer_and_keeps_the_ranking():
+    from torch.func import functional_call
+
+    from exact_models import tiny_llama
+
+    m = tiny_llama()
+    targets = find_targets(m)[:3]
+    rng = np.random.default_rng(0)
+    init = {t.name: rng.choice([2.0, 3.0, 4.0], t.out_features) for t in targets}
+    nw = NoisyWidths(m, targets, 4, [2, 3, 4, 8], init, learn="layer").double()
+    trainable = [p for p in nw.parameters() if p.requires_grad]
+    assert len(trainable) == len(targets) and all(p.ndim == 0 for p in trainable)
+    before = {t.name: nw.widths(t.name).detach().clone() for t in targets}
+    torch.manual_seed(0)
+    x = torch.randint(0, 32, (2, 12))
+    noise = {t.name: torch.rand(t.out_features, t.in_features, dtype=torch.float64) - 0.5 for t in targets}
+    with torch.no_grad():
+        ref = F.log_softmax(m(input_ids=x).logits, -1)
+    for p in m.parameters():
+        p.requires_grad_(False)
+
+    def loss():
+        subs = {f"{t.name}.weight": nw.noisy_weight(t.name, noise[t.name]) for t in targets}
+        lp = F.log_softmax(functional_call(m, subs, args=(), kwargs={"input_ids": x}).logits, -1)
+        return (ref.exp() * (ref - lp)).sum(-1).mean()
+
+    shift = nw.shifts[nw._key(targets[1].name)]
+    loss().backward()
+    g, eps = float(shift.grad), 1e-5
+    with torch.no_grad():
+        shift += eps
+        up = float(loss())
+        shift -= 2 * eps
+        down = float(loss())
+        shift += eps
+    assert g == pytest.approx((up - down) / (2 * eps), rel=1e-4, abs=1e-10) and abs(g) > 0
+    with torch.no_grad():
+        shift += 1.5
+    after = nw.widths(targets[1].name).detach()
+    b0 = before[targets[1].name]
+    assert (after > b0).all()                                    # the whole layer moved up
+    order = torch.argsort(b0, stable=True)
+    assert (after[order].diff() >= -1e-12).all()                 # and kept its channels' ranking
+    assert torch.equal(nw.widths(targets[0].name).detach(), before[targets[0].name])
+
+
+def test_diffq_layer_search_end_to_end(llama_dir, text_file):
+    plan = api.search(model=llama_dir, calib=text_file, budget="4.5", method="diffq", steps=3, kl_samples=2,
+                      learn="layer", **SMALL)
+    assert plan.summary["avg_bits"] <= 4.5 and plan.provenance["learn"] == "layer"
+    with pytest.raises(BitsearchError, match="--learn needs --method diffq"):
+        api.search(model=llama_dir, calib=text_file, budget="3.5", method="greedy", learn="layer", **SMALL)

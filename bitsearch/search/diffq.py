@@ -15,6 +15,11 @@ The loss is distillation against the float model on calibration tokens plus a si
 (bits_c(b) = K_c * b, overhead_c = the row's scales and zeros). Only l and t are trained (Adam);
 the model's weights stay frozen. Widths start at the greedy plan's (a warm start), gates open.
 
+With ``learn="layer"`` training moves whole layers instead of channels: each channel's logit is
+its warm start's plus one trainable shift per layer, so a layer's channels keep the estimator's
+ranking among themselves and only the split of the budget between layers is learned (one
+parameter per layer instead of per channel: far fewer to fit from a few calibration samples).
+
 Rounding, exactly within budget: the estimator's curves e_c(b) (the problem's errors), corrected
 by how far training moved each channel from its warm start: e'_c(b) = e_c(b) * 4^(b*_c - b0_c)
 (rounding noise power falls 4x per bit, so a channel training pushed up by d bits is treated as
@@ -50,6 +55,11 @@ class DiffqSettings:
     lr: float = 0.05
     rho: float = 10.0
     seed: int = 0
+    learn: str = "channel"     # "channel": a width per channel; "layer": a shift per layer (see top)
+
+    def __post_init__(self):
+        if self.learn not in ("channel", "layer"):
+            raise BitsearchError(f"diffq learns widths per 'channel' or per 'layer', not '{self.learn}'")
 
 
 def group_ranges(weight: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -62,7 +72,7 @@ class NoisyWidths(nn.Module):
     """The trainable widths and gates of every target, and the noisy weights they induce."""
 
     def __init__(self, model: nn.Module, targets: list[Target], group_size: int, menu: list[int],
-                 init_bits: dict[str, np.ndarray]):
+                 init_bits: dict[str, np.ndarray], learn: str = "channel"):
         super().__init__()
         quant = [b for b in menu if b in QUANT_WIDTHS]
         if not quant:
@@ -73,14 +83,19 @@ class NoisyWidths(nn.Module):
         self.group_size = group_size
         self.weights = {t.name: model.get_submodule(t.name).weight for t in targets}
         self.ranges = {t.name: group_ranges(self.weights[t.name], group_size) for t in targets}
+        self.per_layer = learn == "layer"
         self.logits = nn.ParameterDict()
+        self.shifts = nn.ParameterDict()
         self.gates = nn.ParameterDict()
         span = max(self.b_hi - self.b_lo, 1e-6)
         for t in targets:
             b0 = torch.as_tensor(init_bits[t.name], dtype=torch.float32).clamp(self.b_lo, self.b_hi)
             p = ((b0 - self.b_lo) / span).clamp(0.02, 0.98)
             key = self._key(t.name)
-            self.logits[key] = nn.Parameter(torch.log(p / (1 - p)).to(self.weights[t.name].device))
+            logit = torch.log(p / (1 - p)).to(self.weights[t.name].device)
+            self.logits[key] = nn.Parameter(logit, requires_grad=not self.per_layer)
+            if self.per_layer:
+                self.shifts[key] = nn.Parameter(torch.zeros((), device=logit.device))
             if self.prune:
                 self.gates[key] = nn.Parameter(torch.full((t.out_features,), 4.0, device=self.weights[t.name].device))
 
@@ -89,7 +104,9 @@ class NoisyWidths(nn.Module):
         return name.replace(".", "__")
 
     def widths(self, name: str) -> torch.Tensor:
-        return self.b_lo + (self.b_hi - self.b_lo) * torch.sigmoid(self.logits[self._key(name)])
+        k = self._key(name)
+        logit = self.logits[k] + self.shifts[k] if self.per_layer else self.logits[k]
+        return self.b_lo + (self.b_hi - self.b_lo) * torch.sigmoid(logit)
 
     def gate(self, name: str) -> torch.Tensor:
         k = self._key(name)
@@ -161,10 +178,10 @@ def diffq_allocate(model: nn.Module, targets: list[Target], batch: torch.Tensor,
     start = problem.widths(greedy_choice)
     dev = next(model.parameters()).device
     gs = problem.group_size
-    nw = NoisyWidths(model, targets, gs, problem.bits, start)
+    nw = NoisyWidths(model, targets, gs, problem.bits, start, learn=settings.learn)
     start_learned = _learned(nw, targets)[0]     # the warm start as the sigmoid represents it
     overhead = {t.name: float(n_groups(t.in_features, gs) * 3) for t in targets}
-    opt = torch.optim.Adam(nw.parameters(), lr=settings.lr)
+    opt = torch.optim.Adam([p for p in nw.parameters() if p.requires_grad], lr=settings.lr)
     gen = torch.Generator(device=dev).manual_seed(settings.seed)   # noise drawn where the weights are
     flags = [(p, p.requires_grad) for p in model.parameters()]
     n_micro = (batch.shape[0] + micro_batch - 1) // micro_batch
@@ -209,7 +226,7 @@ def diffq_allocate(model: nn.Module, targets: list[Target], batch: torch.Tensor,
         chosen = max(rounded)
     choice = rounded[chosen]
     learned, closed = _learned(nw, targets)
-    info = {"steps": settings.steps, "chosen_step": chosen,
+    info = {"steps": settings.steps, "learn": settings.learn, "chosen_step": chosen,
             "validation_kl_by_step": {str(k): v for k, v in validated.items()} or None,
             "final_kl": history[-1][0] if history else None,
             "final_size_bytes": history[-1][1] if history else None,
