@@ -1,5 +1,6 @@
-"""Adapters for two peer weight-only quantizers, run through their own packages: HQQ (``hqq``)
-and AutoRound (``auto_round``). Used by ``studies/benchmark.py``.
+"""Adapters for peer weight-only quantizers, run through their own packages: HQQ (``hqq``),
+AutoRound (``auto_round``) and AutoRound's mixed-precision AutoScheme (``auto_round``). Used by
+``studies/benchmark.py``.
 
 * HQQ: Badri & Shaji 2023, "Half-Quadratic Quantization of Large Machine Learning Models"
   (mobiusml blog / ``hqq`` package). Data-free: per group of ``group_size`` consecutive input
@@ -9,8 +10,13 @@ and AutoRound (``auto_round``). Used by ``studies/benchmark.py``.
   for the Quantization of LLMs", arXiv 2309.05516 (Intel ``auto-round`` package). Block by
   block, the rounding offsets and the min/max clipping of every group are tuned with signed
   gradient descent on the block's output MSE over calibration tokens.
+* AutoScheme: AutoRound's own per-layer width search (``auto_round.AutoScheme``, auto-round
+  >= 0.8; "delta loss" scoring): for every candidate scheme it scores each layer on calibration
+  tokens (a gradient-weighted estimate of the loss change its rounding error causes), then a
+  knapsack DP picks one scheme per layer under an average-bits budget; AutoRound then quantizes
+  every layer at its chosen width as above.
 
-Both adapters change the model **in place**: every target ``nn.Linear`` (all the linears inside
+The adapters change the model **in place**: every target ``nn.Linear`` (all the linears inside
 the decoder blocks, :func:`bitsearch.models.find_targets`; not the embeddings nor ``lm_head``)
 keeps its module and gets its dequantized ("fake-quantized") float weight, so the model then
 runs, and is evaluated, as an ordinary float model. Each returns a dict with
@@ -18,9 +24,10 @@ runs, and is evaluated, as an ordinary float model. Each returns a dict with
 ``stored_bytes``  bytes the method's own storage needs for the target layers;
 ``avg_bits``      8 * stored_bytes / number of target weights;
 ``seconds``       wall time of the quantization itself (not loading, not our checks);
-``config``        e.g. ``"HQQ W2 g64"``;
+``config``        e.g. ``"HQQ W2 g64"``, ``"AutoScheme W2:30 W3:20 W4:6 g128"``;
 
-plus ``method``, ``bits``, ``group_size``, ``n_weights`` and method-specific notes.
+plus ``method``, ``group_size``, ``n_weights``, ``bits`` (the width; for AutoScheme ``widths``,
+one per target) and method-specific notes.
 
 How bytes are counted (groups of G consecutive input columns of one row; a row whose length is
 not a multiple of G has a last, shorter group, so a row has ceil(in / G) groups; every row's
@@ -38,13 +45,15 @@ total is rounded up to whole bytes once):
 * AutoRound, as its default export (GPTQ-style ``auto_round`` packing: qweight, float16
   scales, b-bit qzeros) stores it: b-bit codes + one float16 scale + one b-bit integer zero per
   group: b + (16 + b) / G bits per weight (W2 g128: 2.1406, W3 g128: 3.1484, W4 g128: 4.1563).
+  AutoScheme: the same, every layer at its own width b.
 
 The weights written back are exactly what those stores decode to: HQQ's codes with its scale
 and zero rounded to float16 (as ``HQQLinear`` keeps them, in its float16 compute dtype), and
 AutoRound's own quantize-dequantize of each layer (float16 scale, integer zero), which the
 adapter checks against the scale and zero AutoRound leaves on the module.
 
-:func:`available` tells which of the two packages can be imported.
+:func:`available` tells which of the two packages can be imported (AutoScheme needs only
+``auto_round``).
 """
 
 from __future__ import annotations
@@ -56,15 +65,18 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
 import warnings
+from collections import Counter
 
 import torch
 from torch import nn
 
+from bitsearch.cost import budget_to_bytes
 from bitsearch.models import find_targets
 
-__all__ = ["available", "hqq_quantize", "autoround_quantize", "storage_bits"]
+__all__ = ["available", "hqq_quantize", "autoround_quantize", "autoscheme_quantize", "storage_bits"]
 
 _PACKAGES = {"hqq": ("hqq.core.quantize", "hqq"), "autoround": ("auto_round", "auto-round")}
 
@@ -106,12 +118,17 @@ def storage_bits(shapes: list[tuple[int, int]], bits: int, group_size: int, meta
     return math.ceil(total)
 
 
-def _summary(method: str, bits: int, group_size: int, shapes, meta_bits: float, seconds: float, **extra) -> dict:
+def _result(method: str, config: str, shapes, stored_bits: int, seconds: float, **extra) -> dict:
     n_weights = sum(o * i for o, i in shapes)
-    stored = math.ceil(storage_bits(shapes, bits, group_size, meta_bits) / 8)
-    return {"method": method, "config": f"{method} W{bits} g{group_size}", "bits": bits,
-            "group_size": group_size, "stored_bytes": int(stored), "n_weights": int(n_weights),
+    stored = math.ceil(stored_bits / 8)
+    return {"method": method, "config": config, "stored_bytes": int(stored), "n_weights": int(n_weights),
             "avg_bits": 8 * stored / n_weights, "seconds": float(seconds), **extra}
+
+
+def _summary(method: str, bits: int, group_size: int, shapes, meta_bits: float, seconds: float, **extra) -> dict:
+    return _result(method, f"{method} W{bits} g{group_size}", shapes,
+                   storage_bits(shapes, bits, group_size, meta_bits), seconds, bits=bits, group_size=group_size,
+                   **extra)
 
 
 # ----------------------------------------------------------------------------------- HQQ
@@ -228,17 +245,26 @@ def _quiet(enabled: bool):
 
 def _module_state(model: nn.Module):
     return ({id(m): set(vars(m)) for m in model.modules()},
-            {id(p): p.requires_grad for p in model.parameters()}, model.training)
+            {id(p): p.requires_grad for p in model.parameters()}, model.training,
+            {id(m): m.gradient_checkpointing for m in model.modules() if "gradient_checkpointing" in vars(m)})
 
 
 def _restore_modules(model: nn.Module, state) -> None:
     """Drop the attributes AutoRound left on the modules (per-layer scale / zp / bits, block
-    ``forward`` / ``orig_forward`` overrides, ``global_name`` ...), so every module is a plain
-    torch / transformers module again; restore requires_grad and the train/eval mode."""
-    keys, grads, training = state
+    ``forward`` / ``orig_forward`` overrides, ``global_name`` ...), removing first the hooks
+    whose handles they hold (AutoScheme turns on the model's gradient checkpointing, which
+    hooks the input embeddings), so every module is a plain torch / transformers module again;
+    restore the gradient-checkpointing flags, requires_grad and the train/eval mode."""
+    keys, grads, training, checkpointing = state
     for m in model.modules():
         for k in set(vars(m)) - keys.get(id(m), set(vars(m))):
+            value = getattr(m, k)
+            for handle in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(handle, torch.utils.hooks.RemovableHandle):
+                    handle.remove()
             delattr(m, k)
+        if id(m) in checkpointing:
+            m.gradient_checkpointing = checkpointing[id(m)]
         if m._forward_hooks or m._forward_pre_hooks:
             raise RuntimeError(f"AutoRound left hooks on a {type(m).__name__}")
     for p in model.parameters():
@@ -270,6 +296,57 @@ def _check_autoround_layer(name: str, mod: nn.Module, bits: int, group_size: int
     return n_groups
 
 
+def _autoround_in_place(model: nn.Module, tokenizer, batch: torch.LongTensor, scheme, config, group_size: int, *,
+                        device: str, seed: int, batch_size: int, quiet: bool, layer_config: dict | None = None,
+                        setup=None) -> tuple[list[tuple[int, int]], list[int], float]:
+    """Run ``AutoRound(model, scheme=scheme, alg_configs=config).quantize()`` on ``model`` in
+    place, calibrated on exactly the rows of ``batch`` ([n_samples, seq_len] token ids, handed to
+    AutoRound as a list of ready [batch_size, seq_len] tensors, which it consumes as they are: no
+    dataset is downloaded); check that every target holds a decode of the scale / zp AutoRound
+    left on it, at the width AutoRound gave it (its ``bits``), and that no other linear was
+    quantized; then remove everything AutoRound attached to the modules. ``setup(ar, data)`` runs
+    between AutoRound's construction and ``quantize()``. Returns (shapes, widths, seconds): each
+    target's (out, in) and width, and the wall time of AutoRound itself."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from auto_round import AutoRound
+
+    if batch.dim() != 2:
+        raise ValueError(f"batch must be [n_samples, seq_len] token ids, got shape {tuple(batch.shape)}")
+    n_samples, seq_len = (int(s) for s in batch.shape)
+    targets = _linear_targets(model)
+    target_ids = {id(mod) for _, mod in targets}
+    dev = torch.device(device)
+    if next(model.parameters()).device != dev:
+        model.to(dev)
+    state = _module_state(model)
+    data = [chunk.to(dev) for chunk in batch.split(batch_size)]
+    t0 = time.perf_counter()
+    with _quiet(quiet), torch.enable_grad():
+        ar = AutoRound(model, tokenizer=tokenizer, scheme=scheme, alg_configs=config, dataset=data,
+                       nsamples=n_samples, seqlen=seq_len, batch_size=batch_size, seed=seed,
+                       device_map=str(dev) if dev.type != "cuda" else (dev.index or 0),
+                       enable_torch_compile=False, low_gpu_mem_usage=False, layer_config=layer_config)
+        if setup is not None:
+            setup(ar, data)
+        quantized, _ = ar.quantize()
+    seconds = time.perf_counter() - t0
+    if quantized is not model:
+        raise RuntimeError("AutoRound returned a different model object than the one passed in")
+    for name, mod in model.named_modules():
+        if (isinstance(mod, nn.Linear) and id(mod) not in target_ids
+                and (getattr(mod, "bits", 16) < 16 or isinstance(getattr(mod, "scale", None), torch.Tensor))):
+            raise RuntimeError(f"AutoRound quantized '{name}', which is not a target")
+    shapes, widths = [], []
+    for name, mod in targets:
+        bits = int(getattr(mod, "bits", 16))
+        _check_autoround_layer(name, mod, bits, group_size)
+        shapes.append(tuple(mod.weight.shape))
+        widths.append(bits)
+    _restore_modules(model, state)
+    del ar
+    return shapes, widths, seconds
+
+
 def autoround_quantize(model: nn.Module, tokenizer, batch: torch.LongTensor, bits: int, group_size: int, *,
                        iters: int = 200, device: str = "cpu", seed: int = 0, batch_size: int = 8,
                        quiet: bool = True) -> dict:
@@ -287,42 +364,204 @@ def autoround_quantize(model: nn.Module, tokenizer, batch: torch.LongTensor, bit
     model object without one (only used for its pad-token id). ``quiet``: silence AutoRound's
     log and progress bars (replayed on an error).
     """
+    from auto_round.algorithms.quantization.sign_round.config import SignRoundConfig
+
+    target_ids = {id(mod) for _, mod in _linear_targets(model)}
+    # only the decoder-block linears: everything else AutoRound might pick up stays float
+    others = {n: {"bits": 16} for n, m in model.named_modules()
+              if isinstance(m, nn.Linear) and id(m) not in target_ids}
+    config = SignRoundConfig(iters=iters, bits=bits, group_size=group_size, sym=False)
+    shapes, widths, seconds = _autoround_in_place(model, tokenizer, batch, f"W{bits}A16", config, group_size,
+                                                  device=device, seed=seed, batch_size=batch_size, quiet=quiet,
+                                                  layer_config=others or None)
+    if set(widths) != {bits}:
+        raise RuntimeError(f"AutoRound quantized the targets at widths {sorted(set(widths))}, not {bits}")
+    return _summary("AutoRound", bits, group_size, shapes, 16 + bits, seconds, iters=iters,
+                    n_samples=int(batch.shape[0]), seq_len=int(batch.shape[1]), seed=seed)
+
+
+# ---------------------------------------------------------------------------- AutoScheme
+
+# the dataset name AutoScheme is given; _autoscheme_calibration serves our tokens under it
+_AUTOSCHEME_DATA = "bitsearch-calibration-tokens"
+
+
+@contextlib.contextmanager
+def _autoscheme_calibration(batches: list[torch.Tensor]):
+    """Make AutoScheme's scoring run on ``batches`` (our [batch_size, seq_len] token tensors).
+
+    AutoScheme takes its data only by dataset *name*: ``GenScheme`` refuses anything but a
+    string, and its scoring (``auto_round.auto_scheme.delta_loss``) builds its loader with
+    ``get_dataloader(tokenizer, seqlen, dataset_name, ...)``, which downloads the named dataset
+    (and, if that fails, falls back to downloading another). Inside the block that module's
+    ``get_dataloader`` serves ``batches`` (as ``{"input_ids": ...}`` mini-batches, labels = the
+    inputs, as AutoScheme does) under the name ``_AUTOSCHEME_DATA`` and refuses any other name.
+    The environment is pinned too: AutoScheme's env overrides of nsamples / seqlen / batch size
+    are cleared, its parallel scoring (spawned workers that re-load the model and the named
+    dataset themselves) is off, and its per-scheme score cache (keyed by the dataset name, not
+    the tokens) lives in a throwaway directory.
+    """
+    from auto_round.auto_scheme import delta_loss
+
+    if not callable(getattr(delta_loss, "get_dataloader", None)):
+        raise RuntimeError("this auto-round's AutoScheme has no auto_scheme.delta_loss.get_dataloader "
+                           "to serve the calibration tokens through")
+
+    def serve(tokenizer, seqlen, dataset_name=None, *args, **kwargs):
+        if dataset_name != _AUTOSCHEME_DATA:
+            raise RuntimeError(f"AutoScheme asked for dataset {dataset_name!r}; only the adapter's "
+                               f"calibration tokens are served")
+        return [{"input_ids": b} for b in batches]
+
+    loader = delta_loss.get_dataloader
+    env = {"AR_ENABLE_AUTO_SCHEME_PARALLEL": "0", "AR_AUTO_SCHEME_NSAMPLES": None,
+           "AR_AUTO_SCHEME_SEQLEN": None, "AR_AUTO_SCHEME_BATCH_SIZE": None}
+    saved = {k: os.environ.get(k) for k in [*env, "AR_AUTO_SCHEME_CACHE"]}
+    with tempfile.TemporaryDirectory(prefix="autoscheme-cache-") as cache:
+        env["AR_AUTO_SCHEME_CACHE"] = cache
+        try:
+            for k, v in env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            delta_loss.get_dataloader = serve
+            yield
+        finally:
+            delta_loss.get_dataloader = loader
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def _autoscheme_options(options, group_size: int, sym: bool) -> list:
+    """AutoRound ``QuantizationScheme`` objects for the preset names in ``options`` (weight-only
+    integer schemes, e.g. ``"W3A16"``), each at ``group_size`` and ``sym``, sorted by width."""
+    from auto_round.schemes import QuantizationScheme, preset_name_to_scheme
+
+    out = {}
+    for name in options:
+        preset = preset_name_to_scheme(str(name))
+        if (preset.data_type != "int" or preset.super_bits is not None or (preset.act_bits or 16) < 16
+                or not 1 <= preset.bits <= 8):
+            raise ValueError(f"AutoScheme option {name!r}: only weight-only integer schemes (W<b>A16) are "
+                             f"counted by this adapter")
+        out[preset.bits] = QuantizationScheme(bits=preset.bits, group_size=group_size, sym=sym, data_type="int",
+                                              act_bits=16)
+    if not out:
+        raise ValueError("AutoScheme needs at least one option")
+    return [out[b] for b in sorted(out)]
+
+
+def _autoscheme_target(shapes: list[tuple[int, int]], widths: list[int], group_size: int,
+                       budget_bytes: int) -> float:
+    """The ``avg_bits`` to give AutoScheme so that whatever it picks fits ``budget_bytes`` by our
+    count; ValueError if even every target at the narrowest width does not.
+
+    AutoScheme prices a layer at width b as out * in * b + out * ceil(in / G) * (16 + b) bits
+    (``auto_scheme.utils.compute_layer_bits`` with ``ignore_scale_zp_bits=False``: b-bit codes,
+    a 16-bit scale and a b-bit zero per group, its zero counted also for a symmetric int scheme),
+    and its DP keeps the total at most int(n * avg_bits), n = the number of target weights. Ours
+    is the same except that each row's codes are padded to whole bytes; with PAD = the sum over
+    the targets of their largest row padding among the widths (0 when every in_features * b is
+    a multiple of 8), avg_bits = (8 * budget_bytes - PAD) / n keeps ours within the budget. When
+    even the widest width everywhere fits, AutoScheme gets its whole range. AutoScheme refuses a
+    target outside [narrowest everywhere, widest everywhere] (by its count) and snaps one within
+    1e-3 of an end onto it, so the target is clamped to that range, 2e-3 below its top.
+    """
+    n = sum(o * i for o, i in shapes)
+
+    def ours(b: int) -> int:
+        return math.ceil(storage_bits(shapes, b, group_size, 16 + b) / 8)
+
+    def theirs(b: int) -> float:
+        return sum(o * i * b + o * math.ceil(i / group_size) * (16 + b) for o, i in shapes) / n
+
+    lo, hi = min(widths), max(widths)
+    if ours(lo) > budget_bytes:
+        raise ValueError(f"AutoScheme: the budget of {8 * budget_bytes / n:.4f} bits per weight ({budget_bytes} "
+                         f"bytes) is below its cheapest option: every target at W{lo} g{group_size} needs "
+                         f"{8 * ours(lo) / n:.4f} bits per weight ({ours(lo)} bytes)")
+    if ours(hi) <= budget_bytes:
+        return theirs(hi)
+    pad = sum(max(o * (8 * math.ceil(i * b / 8) - i * b) for b in widths) for o, i in shapes)
+    return min(max((8 * budget_bytes - pad) / n, theirs(lo)), theirs(hi) - 2e-3)
+
+
+def autoscheme_quantize(model: nn.Module, tokenizer, batch: torch.LongTensor, avg_bits: float, *,
+                        options=("W2A16", "W3A16", "W4A16"), group_size: int = 128, sym: bool = False,
+                        iters: int = 200, device: str = "cpu", seed: int = 0, batch_size: int = 8,
+                        quiet: bool = True) -> dict:
+    """Quantize the decoder-block linears of ``model`` in place with AutoRound's AutoScheme: one
+    width per layer, chosen by AutoScheme among ``options`` (preset names of weight-only integer
+    schemes, each used at ``group_size`` and ``sym``; asymmetric by default, as
+    :func:`autoround_quantize`) within a budget of ``avg_bits`` bits per target weight **by our
+    byte count** (b + (16 + b) / G per weight of a layer at width b; the budget in bytes rounded
+    down), then every layer quantized by AutoRound (SignRound, ``iters``) at its width.
+
+    AutoRound runs with ``scheme=AutoScheme(avg_bits=..., options=...)``; the ``avg_bits`` it
+    gets is converted from the budget by :func:`_autoscheme_target` (its own bit count is ours
+    up to the byte padding of rows), the bytes of the widths it chose are checked against the
+    budget afterwards. AutoScheme scores the layers on exactly the rows of ``batch`` (nsamples =
+    n_samples, seqlen = seq_len, mini-batches of ``batch_size``; served by
+    :func:`_autoscheme_calibration`, no dataset is downloaded), block by block
+    (``low_gpu_mem_usage``, its default), keeping the weights in memory
+    (``low_cpu_mem_usage=False``: its default re-reads them from the model's checkpoint). AutoRound
+    is then calibrated on the same rows as in :func:`autoround_quantize`, and the targets are
+    checked and cleaned the same way. lm_head and the embeddings stay float. ValueError if even
+    the narrowest option everywhere exceeds the budget.
+
+    Returns the usual dict (``seconds``: AutoScheme's search and AutoRound's quantization;
+    ``search_seconds``: the search alone) with ``widths`` {target: width}, ``budget_bytes`` and
+    ``autoscheme_avg_bits`` (the target AutoScheme was given).
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from auto_round import AutoRound
+    from auto_round import AutoScheme
     from auto_round.algorithms.quantization.sign_round.config import SignRoundConfig
 
     if batch.dim() != 2:
         raise ValueError(f"batch must be [n_samples, seq_len] token ids, got shape {tuple(batch.shape)}")
-    n_samples, seq_len = (int(s) for s in batch.shape)
+    schemes = _autoscheme_options(options, group_size, sym)
     targets = _linear_targets(model)
-    target_ids = {id(mod) for _, mod in targets}
-    # only the decoder-block linears: everything else AutoRound might pick up stays float
-    others = {n: {"bits": 16} for n, m in model.named_modules()
-              if isinstance(m, nn.Linear) and id(m) not in target_ids}
-    dev = torch.device(device)
-    if next(model.parameters()).device != dev:
-        model.to(dev)
-    state = _module_state(model)
-    # AutoRound consumes a list of ready tensors as they are (one forward per element)
-    data = [chunk.to(dev) for chunk in batch.split(batch_size)]
-    config = SignRoundConfig(iters=iters, bits=bits, group_size=group_size, sym=False)
-    scheme = f"W{bits}A16"
-    t0 = time.perf_counter()
-    with _quiet(quiet):
-        ar = AutoRound(model, tokenizer=tokenizer, scheme=scheme, alg_configs=config, dataset=data,
-                       nsamples=n_samples, seqlen=seq_len, batch_size=batch_size, seed=seed,
-                       device_map=str(dev) if dev.type != "cuda" else (dev.index or 0),
-                       enable_torch_compile=False, low_gpu_mem_usage=False,
-                       layer_config=others or None)
-        quantized, _ = ar.quantize()
-    seconds = time.perf_counter() - t0
-    if quantized is not model:
-        raise RuntimeError("AutoRound returned a different model object than the one passed in")
-    shapes = []
-    for name, mod in targets:
-        _check_autoround_layer(name, mod, bits, group_size)
-        shapes.append(tuple(mod.weight.shape))
-    _restore_modules(model, state)
-    del ar
-    return _summary("AutoRound", bits, group_size, shapes, 16 + bits, seconds, iters=iters,
-                    n_samples=n_samples, seq_len=seq_len, seed=seed)
+    shapes = [tuple(mod.weight.shape) for _, mod in targets]
+    budget = budget_to_bytes(avg_bits, sum(o * i for o, i in shapes))
+    target = _autoscheme_target(shapes, [s.bits for s in schemes], group_size, budget)
+    n_samples, seq_len = (int(s) for s in batch.shape)
+    scheme = AutoScheme(avg_bits=target, options=schemes, nsamples=n_samples, seqlen=seq_len,
+                        batch_size=batch_size, low_cpu_mem_usage=False)
+    search_seconds = []
+
+    def name_the_data(ar, data):
+        # GenScheme takes the compressor's dataset and accepts only a name: give it ours while
+        # AutoScheme runs, and AutoRound's own calibration the token list afterwards
+        generate = ar._gen_auto_scheme
+
+        def generate_named():
+            ar.dataset = _AUTOSCHEME_DATA
+            t0 = time.perf_counter()
+            try:
+                return generate()
+            finally:
+                ar.dataset = data
+                search_seconds.append(time.perf_counter() - t0)
+
+        ar._gen_auto_scheme = generate_named
+
+    with _autoscheme_calibration([chunk.to(device) for chunk in batch.split(batch_size)]):
+        shapes, widths, seconds = _autoround_in_place(model, tokenizer, batch, scheme, SignRoundConfig(iters=iters),
+                                                      group_size, device=device, seed=seed, batch_size=batch_size,
+                                                      quiet=quiet, setup=name_the_data)
+    if len(search_seconds) != 1 or not set(widths) <= {s.bits for s in schemes}:
+        raise RuntimeError(f"AutoScheme did not choose among the options (widths {sorted(set(widths))})")
+    stored_bits = sum(storage_bits([shape], b, group_size, 16 + b) for shape, b in zip(shapes, widths))
+    if math.ceil(stored_bits / 8) > budget:
+        raise RuntimeError(f"AutoScheme's widths need {math.ceil(stored_bits / 8)} bytes, over the budget of "
+                           f"{budget} bytes")
+    counts = Counter(widths)
+    config = "AutoScheme " + " ".join(f"W{b}:{counts[b]}" for b in sorted(counts)) + f" g{group_size}"
+    return _result("AutoScheme", config, shapes, stored_bits, seconds,
+                   widths={name: b for (name, _), b in zip(targets, widths)}, group_size=group_size, sym=sym,
+                   budget_bytes=budget, autoscheme_avg_bits=target, search_seconds=search_seconds[0],
+                   iters=iters, n_samples=n_samples, seq_len=seq_len, seed=seed)

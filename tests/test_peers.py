@@ -1,14 +1,17 @@
-"""Peer quantizers (studies/peers.py) on a tiny random Llama: HQQ and AutoRound write b-bit
-decodes (at most 2^b distinct values per row-group) into the decoder-block linears only, keep
-plain nn.Linear modules, count their bytes as their own storage does, and leave a model that
-runs. HQQ's weights are exactly what ``HQQLinear`` (its default config) decodes.
+"""Peer quantizers (studies/peers.py) on a tiny random Llama: HQQ, AutoRound and AutoScheme write
+b-bit decodes (at most 2^b distinct values per row-group) into the decoder-block linears only,
+keep plain nn.Linear modules, count their bytes as their own storage does, and leave a model
+that runs. HQQ's weights are exactly what ``HQQLinear`` (its default config) decodes;
+AutoScheme's per-layer widths fit the budget by our byte count.
 
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_peers.py
 """
 
+import itertools
 import math
 import os
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -58,8 +61,9 @@ def expected_bytes(model, bits, group, meta_bits):
 
 
 def check_model(model, state, bits, group):
-    """Targets: plain nn.Linear with at most 2^bits values per row-group, changed but close;
-    everything else untouched; no attribute left on any module; logits finite."""
+    """Targets: plain nn.Linear with at most 2^bits values per row-group (``bits``: one width, or
+    {target: width}), changed but close; everything else untouched; no attribute left on any
+    module; logits finite."""
     before, attrs = state
     assert {n: set(vars(m)) for n, m in model.named_modules()} == attrs
     names = {t.name for t in find_targets(model)}
@@ -72,7 +76,7 @@ def check_model(model, state, bits, group):
         if name not in names:
             assert torch.equal(w, w0), f"{name} changed"
             continue
-        assert max_distinct_per_group(w, group) <= 2 ** bits, name
+        assert max_distinct_per_group(w, group) <= 2 ** (bits[name] if isinstance(bits, dict) else bits), name
         rel = float((w - w0).norm() / w0.norm())
         assert 0.0 < rel < 0.6, (name, rel)
     with torch.no_grad():
@@ -151,3 +155,71 @@ def test_autoround_w2_g32(tokenizer_dir):
     for m in model.modules():
         assert not m._forward_hooks and not m._forward_pre_hooks
         assert "forward" not in vars(m) and "orig_forward" not in vars(m)
+
+
+def test_autoscheme_target_fits_budget_with_padded_rows():
+    """Rows whose codes do not fill whole bytes: any choice AutoScheme's DP may make under the
+    target (its count <= int(n * target)) fits the budget by ours; too small a budget raises."""
+    shapes, widths, group = [(4, 100), (6, 36), (3, 250)], [2, 3, 4], 32
+    n = sum(o * i for o, i in shapes)
+
+    def ours_bits(choice):
+        return sum(peers.storage_bits([s], b, group, 16 + b) for s, b in zip(shapes, choice))
+
+    def ours(choice):
+        return math.ceil(ours_bits(choice) / 8)
+
+    def theirs(choice):
+        return sum(o * i * b + o * math.ceil(i / group) * (16 + b) for (o, i), b in zip(shapes, choice))
+
+    choices = list(itertools.product(widths, repeat=len(shapes)))
+    assert all(ours_bits(c) > theirs(c) for c in choices)     # the padding matters here
+    for budget in range(ours((2, 2, 2)), ours((4, 4, 4)) + 2):
+        target = peers._autoscheme_target(shapes, widths, group, budget)
+        allowed = [c for c in choices if theirs(c) <= int(n * target)]
+        assert allowed and all(ours(c) <= budget for c in allowed), budget
+    with pytest.raises(ValueError, match="below its cheapest option"):
+        peers._autoscheme_target(shapes, widths, group, ours((2, 2, 2)) - 1)
+
+
+def test_autoscheme_mixed_widths_within_budget(tokenizer_dir):
+    pytest.importorskip("auto_round")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = tiny_llama(4)
+    before = snapshot(model)
+    batch = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    # W2 g32: 2.5625 bits per weight, W3: 3.59375, W4: 4.625
+    info = peers.autoscheme_quantize(model, tok, batch, 3.0, group_size=32, iters=2, batch_size=2)
+    widths = info["widths"]
+    targets = find_targets(model)
+    assert set(widths) == {t.name for t in targets}
+    assert set(widths.values()) <= {2, 3, 4} and len(set(widths.values())) > 1
+    check_model(model, before, widths, 32)
+    n = sum(t.numel for t in targets)
+    ours = math.ceil(sum(t.out_features * (8 * math.ceil(t.in_features * widths[t.name] / 8)
+                                           + math.ceil(t.in_features / 32) * (16 + widths[t.name]))
+                         for t in targets) / 8)
+    assert info["stored_bytes"] == ours <= info["budget_bytes"] == math.floor(3.0 * n / 8)
+    assert 2.5625 < info["avg_bits"] <= 3.0
+    counts = Counter(widths.values())
+    assert info["config"] == "AutoScheme " + " ".join(f"W{b}:{counts[b]}" for b in sorted(counts)) + " g32"
+    assert 0 < info["search_seconds"] < info["seconds"] < 60
+    # as found: requires_grad, eval mode, no gradient checkpointing nor hooks left
+    assert all(p.requires_grad for p in model.parameters()) and not model.training
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+
+
+def test_autoscheme_budget_below_cheapest_option_raises(tokenizer_dir):
+    pytest.importorskip("auto_round")
+    from transformers import AutoTokenizer
+
+    model = tiny_llama(4)
+    before = snapshot(model)
+    batch = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="below its cheapest option: every target at W2 g32"):
+        peers.autoscheme_quantize(model, AutoTokenizer.from_pretrained(tokenizer_dir), batch, 2.5, group_size=32)
+    assert all(torch.equal(model.get_submodule(k).weight, w) for k, w in before[0].items())
