@@ -10,8 +10,8 @@ AutoRound (``auto_round``) and AutoRound's mixed-precision AutoScheme (``auto_ro
   for the Quantization of LLMs", arXiv 2309.05516 (Intel ``auto-round`` package). Block by
   block, the rounding offsets and the min/max clipping of every group are tuned with signed
   gradient descent on the block's output MSE over calibration tokens.
-* AutoScheme: AutoRound's own per-layer width search (``auto_round.AutoScheme``, auto-round
-  >= 0.8; "delta loss" scoring): for every candidate scheme it scores each layer on calibration
+* AutoScheme: AutoRound's own per-layer width search (``auto_round.AutoScheme``, its "delta
+  loss" method): for every candidate scheme it scores each layer on calibration
   tokens (a gradient-weighted estimate of the loss change its rounding error causes), then a
   knapsack DP picks one scheme per layer under an average-bits budget; AutoRound then quantizes
   every layer at its chosen width as above.
@@ -265,6 +265,7 @@ def _restore_modules(model: nn.Module, state) -> None:
             delattr(m, k)
         if id(m) in checkpointing:
             m.gradient_checkpointing = checkpointing[id(m)]
+    for m in model.modules():   # a handle may sit on another module than its hook
         if m._forward_hooks or m._forward_pre_hooks:
             raise RuntimeError(f"AutoRound left hooks on a {type(m).__name__}")
     for p in model.parameters():
@@ -395,11 +396,12 @@ def _autoscheme_calibration(batches: list[torch.Tensor]):
     ``get_dataloader(tokenizer, seqlen, dataset_name, ...)``, which downloads the named dataset
     (and, if that fails, falls back to downloading another). Inside the block that module's
     ``get_dataloader`` serves ``batches`` (as ``{"input_ids": ...}`` mini-batches, labels = the
-    inputs, as AutoScheme does) under the name ``_AUTOSCHEME_DATA`` and refuses any other name.
-    The environment is pinned too: AutoScheme's env overrides of nsamples / seqlen / batch size
-    are cleared, its parallel scoring (spawned workers that re-load the model and the named
-    dataset themselves) is off, and its per-scheme score cache (keyed by the dataset name, not
-    the tokens) lives in a throwaway directory.
+    inputs, as AutoScheme does) under the name ``_AUTOSCHEME_DATA`` and refuses any other name;
+    the block yields a list that gets one entry per loader served. The environment is pinned
+    too: AutoScheme's env overrides of nsamples / seqlen / batch size are cleared, its parallel
+    scoring (spawned workers that re-load the model and the named dataset themselves) is off,
+    and its per-scheme score cache (keyed by the dataset name, not the tokens) lives in a
+    throwaway directory.
     """
     from auto_round.auto_scheme import delta_loss
 
@@ -407,10 +409,13 @@ def _autoscheme_calibration(batches: list[torch.Tensor]):
         raise RuntimeError("this auto-round's AutoScheme has no auto_scheme.delta_loss.get_dataloader "
                            "to serve the calibration tokens through")
 
+    served = []
+
     def serve(tokenizer, seqlen, dataset_name=None, *args, **kwargs):
         if dataset_name != _AUTOSCHEME_DATA:
             raise RuntimeError(f"AutoScheme asked for dataset {dataset_name!r}; only the adapter's "
                                f"calibration tokens are served")
+        served.append(dataset_name)
         return [{"input_ids": b} for b in batches]
 
     loader = delta_loss.get_dataloader
@@ -426,7 +431,7 @@ def _autoscheme_calibration(batches: list[torch.Tensor]):
                 else:
                     os.environ[k] = v
             delta_loss.get_dataloader = serve
-            yield
+            yield served
         finally:
             delta_loss.get_dataloader = loader
             for k, v in saved.items():
@@ -549,12 +554,14 @@ def autoscheme_quantize(model: nn.Module, tokenizer, batch: torch.LongTensor, av
 
         ar._gen_auto_scheme = generate_named
 
-    with _autoscheme_calibration([chunk.to(device) for chunk in batch.split(batch_size)]):
+    with _autoscheme_calibration([chunk.to(device) for chunk in batch.split(batch_size)]) as served:
         shapes, widths, seconds = _autoround_in_place(model, tokenizer, batch, scheme, SignRoundConfig(iters=iters),
                                                       group_size, device=device, seed=seed, batch_size=batch_size,
                                                       quiet=quiet, setup=name_the_data)
-    if len(search_seconds) != 1 or not set(widths) <= {s.bits for s in schemes}:
-        raise RuntimeError(f"AutoScheme did not choose among the options (widths {sorted(set(widths))})")
+    if len(search_seconds) != 1 or not served:
+        raise RuntimeError("AutoRound did not run AutoScheme's search on the calibration tokens")
+    if not set(widths) <= {s.bits for s in schemes}:
+        raise RuntimeError(f"AutoScheme chose widths {sorted(set(widths))}, not among the options")
     stored_bits = sum(storage_bits([shape], b, group_size, 16 + b) for shape, b in zip(shapes, widths))
     if math.ceil(stored_bits / 8) > budget:
         raise RuntimeError(f"AutoScheme's widths need {math.ceil(stored_bits / 8)} bytes, over the budget of "

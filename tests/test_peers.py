@@ -173,7 +173,7 @@ def test_autoscheme_target_fits_budget_with_padded_rows():
         return sum(o * i * b + o * math.ceil(i / group) * (16 + b) for (o, i), b in zip(shapes, choice))
 
     choices = list(itertools.product(widths, repeat=len(shapes)))
-    assert all(ours_bits(c) > theirs(c) for c in choices)     # the padding matters here
+    assert any(ours_bits(c) > theirs(c) for c in choices)     # the padding matters here
     for budget in range(ours((2, 2, 2)), ours((4, 4, 4)) + 2):
         target = peers._autoscheme_target(shapes, widths, group, budget)
         allowed = [c for c in choices if theirs(c) <= int(n * target)]
