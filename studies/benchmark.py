@@ -23,6 +23,9 @@ Methods (``--methods``, default all):
   largest (width, group 32/64/128) that fits.
 * ``hqq``, ``autoround``: the PyPI packages (optional extras: ``pip install -e .[benchmark]``),
   skipped with a note when missing; same choice of (width, group).
+* ``autoscheme``: AutoRound's own per-layer mixed-precision search (``AutoScheme``, options W2 /
+  W3 / W4 at g128, its layer scores on the same calibration tokens, ``peers.autoscheme_quantize``)
+  within the budget by the same byte count, then AutoRound at each layer's width.
 * ``llamacpp``: llama.cpp's per-tensor rule mixes (``studies/llamacpp_mixes.py``), the (mix,
   group) pair storing the most bytes that fit, round-to-nearest.
 * ``hawq``: HAWQ-style per-layer plan: Hutchinson Hessian trace x quantization error per
@@ -74,11 +77,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BUDGETS = (2.25, 2.5, 3.0, 3.25, 4.25)
 WIDTHS = (2, 3, 4, 5, 6, 8)
 GROUPS = (32, 64, 128)
-METHODS = ("rtn-g128", "rtn-channel", "gptq", "hqq", "autoround", "llamacpp", "hawq",
+METHODS = ("rtn-g128", "rtn-channel", "gptq", "hqq", "autoround", "autoscheme", "llamacpp", "hawq",
            "bitsearch-rtn", "bitsearch-signround", "bitsearch-qat", "bitsearch-optuna-qat")
 QUICK_SKIP = ("bitsearch-optuna-qat",)
 LABELS = {"rtn-g128": "RTN g128", "rtn-channel": "RTN per-channel", "gptq": "GPTQ", "hqq": "HQQ",
-          "autoround": "AutoRound", "llamacpp": "llama.cpp rule mix", "hawq": "HAWQ-style layer ILP",
+          "autoround": "AutoRound", "autoscheme": "AutoRound AutoScheme", "llamacpp": "llama.cpp rule mix",
+          "hawq": "HAWQ-style layer ILP",
           "bitsearch-rtn": "bitsearch plan + RTN", "bitsearch-signround": "bitsearch plan + SignRound",
           "bitsearch-qat": "bitsearch plan + tiled QAT", "bitsearch-optuna-qat": "bitsearch optuna plan + tiled QAT"}
 
@@ -195,6 +199,21 @@ def peer_package(bench: Bench, budget: float, name: str):
                "seconds": info["seconds"]}
 
 
+def autoscheme(bench: Bench, budget: float):
+    import peers
+
+    why = peers.available().get("autoround")
+    if why:
+        raise Skip(why)
+    m = bench.fresh()
+    try:
+        info = peers.autoscheme_quantize(m, bench.tok, bench.batch, budget, iters=bench.args.autoround_iters,
+                                         device=bench.args.device)
+    except ValueError as e:
+        raise Skip(str(e)) from None
+    return m, {"bytes": int(info["stored_bytes"]), "config": info["config"], "seconds": info["seconds"]}
+
+
 def llamacpp(bench: Bench, budget: float):
     m = bench.fresh()
     t0 = time.time()
@@ -243,6 +262,7 @@ RUNNERS = {
     "gptq": gptq,
     "hqq": lambda b, x: peer_package(b, x, "hqq"),
     "autoround": lambda b, x: peer_package(b, x, "autoround"),
+    "autoscheme": autoscheme,
     "llamacpp": llamacpp,
     "hawq": hawq,
     "bitsearch-rtn": lambda b, x: bitsearch_pipeline(b, x, "rtn"),
