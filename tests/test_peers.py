@@ -205,7 +205,7 @@ def test_autoscheme_mixed_widths_within_budget(tokenizer_dir):
     assert 2.5625 < info["avg_bits"] <= 3.0
     counts = Counter(widths.values())
     assert info["config"] == "AutoScheme " + " ".join(f"W{b}:{counts[b]}" for b in sorted(counts)) + " g32"
-    assert 0 < info["search_seconds"] < info["seconds"] < 60
+    assert 0 < info["search_seconds"] < info["seconds"]
     # as found: requires_grad, eval mode, no gradient checkpointing nor hooks left
     assert all(p.requires_grad for p in model.parameters()) and not model.training
     assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
