@@ -80,6 +80,8 @@ GROUPS = (32, 64, 128)
 METHODS = ("rtn-g128", "rtn-channel", "gptq", "hqq", "autoround", "autoscheme", "llamacpp", "hawq",
            "bitsearch-rtn", "bitsearch-signround", "bitsearch-qat", "bitsearch-optuna-qat")
 QUICK_SKIP = ("bitsearch-optuna-qat",)
+COLORS = dict(zip(METHODS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+                            "tab:olive", "0.45", "gold", "tab:cyan", "navy")))
 LABELS = {"rtn-g128": "RTN g128", "rtn-channel": "RTN per-channel", "gptq": "GPTQ", "hqq": "HQQ",
           "autoround": "AutoRound", "autoscheme": "AutoRound AutoScheme", "llamacpp": "llama.cpp rule mix",
           "hawq": "HAWQ-style layer ILP",
@@ -362,7 +364,7 @@ def plot(rows: list[dict], ref: dict, path: str) -> None:
         pts = sorted((r["avg_bits"], r["ppl"]) for r in ok if r["method"] == method)
         bs = method.startswith("bitsearch")
         ax.plot(*zip(*pts), marker="o" if bs else "s", lw=2.2 if method == "bitsearch-qat" else 1.0,
-                ls="-" if bs else "--", label=LABELS[method])
+                ls="-" if bs else "--", label=LABELS[method], color=COLORS[method])
     ax.axhline(ref["ppl"], color="0.3", lw=0.8, ls=":", label=f"float ({ref['ppl']:.1f})")
     ax.set_yscale("log")
     from matplotlib.ticker import FuncFormatter
