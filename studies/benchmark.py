@@ -339,16 +339,34 @@ def markdown(rows: list[dict], ref: dict, budgets) -> str:
 
 
 def verdict(rows: list[dict], ref: dict) -> list[str]:
-    """Where the bitsearch pipeline beats every peer at equal or larger size, and where not."""
+    """Where the bitsearch pipeline beats every peer at equal or larger size, and where not (by
+    perplexity for the tiled-QAT pipeline; by held-out KL for bitsearch's best finalizer); of
+    each peer that does better, its smallest configuration that does."""
     out = []
     ok = [r for r in rows if "skipped" not in r and not r.get("missing")]
+
+    def smallest(points):     # of each peer that does better, its smallest configuration that does
+        first = {}
+        for p in sorted(points, key=lambda p: p["avg_bits"]):
+            first.setdefault(p["method"], p)
+        return sorted(first.values(), key=lambda p: p["avg_bits"])
+
     for r in (r for r in ok if r["method"] == "bitsearch-qat"):
-        beaten_by = [p for p in ok if p["family"] == "peer" and p["avg_bits"] >= r["avg_bits"] - 1e-9
-                     and p["ppl"] <= r["ppl"]]
+        beaten_by = smallest(p for p in ok if p["family"] == "peer" and p["avg_bits"] >= r["avg_bits"] - 1e-9
+                             and p["ppl"] <= r["ppl"])
         state = ("beats every peer measured at equal or larger size" if not beaten_by else
                  "beaten by " + ", ".join(f"{p['label']} at {p['avg_bits']:.2f} bits ({p['ppl']:.2f})" for p in beaten_by))
         out.append(f"{r['budget']} bits: bitsearch {r['ppl']:.2f} ({100 * (r['ppl'] / ref['ppl'] - 1):+.1f} % vs float): "
                    + state)
+    # the same question by KL on the held-out text, for bitsearch's best finalizer at each budget
+    for budget in dict.fromkeys(r["budget"] for r in ok if r["family"] == "bitsearch"):
+        best = min((r for r in ok if r["family"] == "bitsearch" and r["budget"] == budget), key=lambda r: r["kl"])
+        beaten_by = smallest(p for p in ok if p["family"] == "peer" and p["avg_bits"] >= best["avg_bits"] - 1e-9
+                             and p["kl"] <= best["kl"])
+        state = ("lower than every peer measured at equal or larger size" if not beaten_by else
+                 "higher than " + ", ".join(f"{p['label']} at {p['avg_bits']:.2f} bits ({p['kl']:.4f})"
+                                            for p in beaten_by))
+        out.append(f"{budget} bits, by KL: {best['label']} {best['kl']:.4f}: " + state)
     return out
 
 
