@@ -242,7 +242,10 @@ def hawq(bench: Bench, budget: float):
 def bitsearch_pipeline(bench: Bench, budget: float, finalizer: str, search: str = "greedy"):
     kw = {}
     if search == "optuna":
-        kw = dict(n_trials=bench.args.optuna_trials, sampler="tpe", span=0.0, kl_samples=48)
+        journal = os.path.join(bench.args.out, f"optuna-{budget}.optuna.journal")   # a fresh study per point
+        if os.path.exists(journal):
+            os.remove(journal)
+        kw = dict(n_trials=bench.args.optuna_trials, sampler="tpe", span=0.0, kl_samples=48, storage=journal)
     plan, secs, m = bench.plan(budget, method=search, **kw)
     t0 = time.time()
     if finalizer == "rtn":
