@@ -183,12 +183,18 @@ def gptq(bench: Bench, budget: float):
     return m, {"bytes": n, "config": f"W{w} g{g} act-order", "seconds": time.time() - t0}
 
 
-def peer_package(bench: Bench, budget: float, name: str):
+def _peers(package: str):
+    """studies/peers.py, or Skip with the reason ``package`` cannot be imported."""
     import peers
 
-    why = peers.available().get(name)
+    why = peers.available().get(package)
     if why:
         raise Skip(why)
+    return peers
+
+
+def peer_package(bench: Bench, budget: float, name: str):
+    peers = _peers(name)
     meta = (lambda w: 32) if name == "hqq" else (lambda w: 16 + w)
     w, g, _ = bench.best_uniform(budget, GROUPS, meta)
     m = bench.fresh()
@@ -202,16 +208,12 @@ def peer_package(bench: Bench, budget: float, name: str):
 
 
 def autoscheme(bench: Bench, budget: float):
-    import peers
-
-    why = peers.available().get("autoround")
-    if why:
-        raise Skip(why)
+    peers = _peers("autoround")
     m = bench.fresh()
     try:
         info = peers.autoscheme_quantize(m, bench.tok, bench.batch, budget, iters=bench.args.autoround_iters,
                                          device=bench.args.device)
-    except ValueError as e:
+    except peers.BudgetTooSmall as e:
         raise Skip(str(e)) from None
     return m, {"bytes": int(info["stored_bytes"]), "config": info["config"], "seconds": info["seconds"]}
 
@@ -241,11 +243,8 @@ def hawq(bench: Bench, budget: float):
 
 def bitsearch_pipeline(bench: Bench, budget: float, finalizer: str, search: str = "greedy"):
     kw = {}
-    if search == "optuna":
-        journal = os.path.join(bench.args.out, f"optuna-{budget}.optuna.journal")   # a fresh study per point
-        if os.path.exists(journal):
-            os.remove(journal)
-        kw = dict(n_trials=bench.args.optuna_trials, sampler="tpe", span=0.0, kl_samples=48, storage=journal)
+    if search == "optuna":     # no plan file: the study lives in memory, a fresh one per point
+        kw = dict(n_trials=bench.args.optuna_trials, sampler="tpe", span=0.0, kl_samples=48)
     plan, secs, m = bench.plan(budget, method=search, **kw)
     t0 = time.time()
     if finalizer == "rtn":

@@ -76,7 +76,8 @@ from torch import nn
 from bitsearch.cost import budget_to_bytes
 from bitsearch.models import find_targets
 
-__all__ = ["available", "hqq_quantize", "autoround_quantize", "autoscheme_quantize", "storage_bits"]
+__all__ = ["available", "hqq_quantize", "autoround_quantize", "autoscheme_quantize", "storage_bits",
+           "BudgetTooSmall"]
 
 _PACKAGES = {"hqq": ("hqq.core.quantize", "hqq"), "autoround": ("auto_round", "auto-round")}
 
@@ -383,6 +384,10 @@ def autoround_quantize(model: nn.Module, tokenizer, batch: torch.LongTensor, bit
 
 # ---------------------------------------------------------------------------- AutoScheme
 
+class BudgetTooSmall(ValueError):
+    """Even the narrowest option everywhere does not fit the budget (the benchmark skips the point)."""
+
+
 # the dataset name AutoScheme is given; _autoscheme_calibration serves our tokens under it
 _AUTOSCHEME_DATA = "bitsearch-calibration-tokens"
 
@@ -463,7 +468,7 @@ def _autoscheme_options(options, group_size: int, sym: bool) -> list:
 def _autoscheme_target(shapes: list[tuple[int, int]], widths: list[int], group_size: int,
                        budget_bytes: int) -> float:
     """The ``avg_bits`` to give AutoScheme so that whatever it picks fits ``budget_bytes`` by our
-    count; ValueError if even every target at the narrowest width does not.
+    count; BudgetTooSmall (a ValueError) if even every target at the narrowest width does not.
 
     AutoScheme prices a layer at width b as out * in * b + out * ceil(in / G) * (16 + b) bits
     (``auto_scheme.utils.compute_layer_bits`` with ``ignore_scale_zp_bits=False``: b-bit codes,
@@ -486,7 +491,7 @@ def _autoscheme_target(shapes: list[tuple[int, int]], widths: list[int], group_s
 
     lo, hi = min(widths), max(widths)
     if ours(lo) > budget_bytes:
-        raise ValueError(f"AutoScheme: the budget of {8 * budget_bytes / n:.4f} bits per weight ({budget_bytes} "
+        raise BudgetTooSmall(f"AutoScheme: the budget of {8 * budget_bytes / n:.4f} bits per weight ({budget_bytes} "
                          f"bytes) is below its cheapest option: every target at W{lo} g{group_size} needs "
                          f"{8 * ours(lo) / n:.4f} bits per weight ({ours(lo)} bytes)")
     if ours(hi) <= budget_bytes:
@@ -515,7 +520,7 @@ def autoscheme_quantize(model: nn.Module, tokenizer, batch: torch.LongTensor, av
     (``low_gpu_mem_usage``, its default), keeping the weights in memory
     (``low_cpu_mem_usage=False``: its default re-reads them from the model's checkpoint). AutoRound
     is then calibrated on the same rows as in :func:`autoround_quantize`, and the targets are
-    checked and cleaned the same way. lm_head and the embeddings stay float. ValueError if even
+    checked and cleaned the same way. lm_head and the embeddings stay float. BudgetTooSmall if even
     the narrowest option everywhere exceeds the budget.
 
     Returns the usual dict (``seconds``: AutoScheme's search and AutoRound's quantization;

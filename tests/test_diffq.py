@@ -16,15 +16,11 @@ from bitsearch.search.problem import AllocationProblem
 SMALL = dict(samples=4, seq_len=32, group_size=16, calib_loss_samples=2, show_progress=False)
 
 
-def test_surrogate_gradient_matches_finite_differences():
+def _noisy_kl(m, nw, targets, size_weight: float = 0.0):
+    """KL(float || noisy model) on a fixed input and fixed noise (+ size_weight * bytes), as a
+    function of nw's parameters only (the model's weights frozen); float64 throughout."""
     from torch.func import functional_call
 
-    from exact_models import tiny_llama
-
-    m = tiny_llama()   # float64 throughout (HF's RMSNorm would compute in float32)
-    targets = find_targets(m)[:3]
-    init = {t.name: np.full(t.out_features, 3.0) for t in targets}
-    nw = NoisyWidths(m, targets, 4, [0, 2, 3, 4, 8], init).double()
     torch.manual_seed(0)
     x = torch.randint(0, 32, (2, 12))
     noise = {t.name: torch.rand(t.out_features, t.in_features, dtype=torch.float64) - 0.5 for t in targets}
@@ -37,22 +33,34 @@ def test_surrogate_gradient_matches_finite_differences():
         subs = {f"{t.name}.weight": nw.noisy_weight(t.name, noise[t.name]) for t in targets}
         lp = F.log_softmax(functional_call(m, subs, args=(), kwargs={"input_ids": x}).logits, -1)
         size = nw.size_bytes({t.name: 3.0 for t in targets}, 0)
-        return (ref.exp() * (ref - lp)).sum(-1).mean() + 1e-6 * size
+        return (ref.exp() * (ref - lp)).sum(-1).mean() + size_weight * size
+    return loss
 
+
+def _assert_gradient_is_central_difference(loss, param, idx=()):
+    """param.grad[idx] (after loss().backward()) against a central difference of loss()."""
+    g, eps = float(param.grad[idx]), 1e-5
+    with torch.no_grad():
+        param[idx] += eps
+        up = float(loss())
+        param[idx] -= 2 * eps
+        down = float(loss())
+        param[idx] += eps
+    assert g == pytest.approx((up - down) / (2 * eps), rel=1e-4, abs=1e-10) and abs(g) > 0
+
+
+def test_surrogate_gradient_matches_finite_differences():
+    from exact_models import tiny_llama
+
+    m = tiny_llama()   # float64 throughout (HF's RMSNorm would compute in float32)
+    targets = find_targets(m)[:3]
+    init = {t.name: np.full(t.out_features, 3.0) for t in targets}
+    nw = NoisyWidths(m, targets, 4, [0, 2, 3, 4, 8], init).double()
+    loss = _noisy_kl(m, nw, targets, size_weight=1e-6)
     key = nw._key(targets[1].name)
     loss().backward()
     for param, idx in [(nw.logits[key], 3), (nw.gates[key], 5)]:
-        g = float(param.grad[idx])
-        eps = 1e-5
-        with torch.no_grad():
-            param[idx] += eps
-            up = float(loss())
-            param[idx] -= 2 * eps
-            down = float(loss())
-            param[idx] += eps
-        fd = (up - down) / (2 * eps)
-        assert g == pytest.approx(fd, rel=1e-4, abs=1e-10)
-        assert abs(g) > 0
+        _assert_gradient_is_central_difference(loss, param, idx)
 
 
 def _problem(n=40, k=64, bits=(0, 2, 3, 4, 8), seed=1):
@@ -103,8 +111,6 @@ def test_diffq_search_end_to_end(llama_dir, text_file):
 
 
 def test_layer_learning_trains_one_shift_per_layer_and_keeps_the_ranking():
-    from torch.func import functional_call
-
     from exact_models import tiny_llama
 
     m = tiny_llama()
@@ -115,29 +121,10 @@ def test_layer_learning_trains_one_shift_per_layer_and_keeps_the_ranking():
     trainable = [p for p in nw.parameters() if p.requires_grad]
     assert len(trainable) == len(targets) and all(p.ndim == 0 for p in trainable)
     before = {t.name: nw.widths(t.name).detach().clone() for t in targets}
-    torch.manual_seed(0)
-    x = torch.randint(0, 32, (2, 12))
-    noise = {t.name: torch.rand(t.out_features, t.in_features, dtype=torch.float64) - 0.5 for t in targets}
-    with torch.no_grad():
-        ref = F.log_softmax(m(input_ids=x).logits, -1)
-    for p in m.parameters():
-        p.requires_grad_(False)
-
-    def loss():
-        subs = {f"{t.name}.weight": nw.noisy_weight(t.name, noise[t.name]) for t in targets}
-        lp = F.log_softmax(functional_call(m, subs, args=(), kwargs={"input_ids": x}).logits, -1)
-        return (ref.exp() * (ref - lp)).sum(-1).mean()
-
+    loss = _noisy_kl(m, nw, targets)
     shift = nw.shifts[nw._key(targets[1].name)]
     loss().backward()
-    g, eps = float(shift.grad), 1e-5
-    with torch.no_grad():
-        shift += eps
-        up = float(loss())
-        shift -= 2 * eps
-        down = float(loss())
-        shift += eps
-    assert g == pytest.approx((up - down) / (2 * eps), rel=1e-4, abs=1e-10) and abs(g) > 0
+    _assert_gradient_is_central_difference(loss, shift)
     with torch.no_grad():
         shift += 1.5
     after = nw.widths(targets[1].name).detach()

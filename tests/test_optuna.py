@@ -76,6 +76,13 @@ def _worker(llama_dir, text_file, table, out, n, storage=None):
 
 
 @pytest.mark.slow
+def test_without_a_plan_file_the_study_stays_in_memory(llama_dir, text_file, table, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plan = _search(llama_dir, text_file, table, None, n_trials=2)
+    assert plan.summary["avg_bits"] <= 4.5 and plan.provenance["storage"] is None
+    assert os.listdir(tmp_path) == []                       # no journal written anywhere here
+
+
 def test_killed_run_resumes_without_losing_trials(llama_dir, text_file, table, tmp_path):
     out = str(tmp_path / "k.json")
     journal = str(tmp_path / "k.optuna.journal")

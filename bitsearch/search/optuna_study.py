@@ -17,7 +17,7 @@ where the adjusted curves say; every trial is within the budget. Trial 0 is the 
 worse than greedy on the calibration KL.
 
 Storage: any Optuna storage URL, by default a journal file (``JournalFileBackend``) next to the
-plan: a killed run resumes with its finished trials kept (``--resume``), and several
+plan (in memory when there is no plan file, e.g. an API call without ``out``): a killed run resumes with its finished trials kept (``--resume``), and several
 ``bitsearch search --method optuna`` workers pointed at one journal or database cooperate on one
 study. Each finished trial stores its plan's widths (one character per channel) as a user
 attribute, so ``bitsearch pareto`` lists the front and exports any point without the model.
@@ -51,7 +51,7 @@ BUDGET_LEVELS = 5
 
 @dataclass
 class StudySettings:
-    storage: str
+    storage: str | None     # None: in memory (nothing written, nothing to resume)
     study_name: str
     n_trials: int = 50
     timeout: float | None = None
@@ -73,10 +73,12 @@ def knob_groups(layers: list[str], max_groups: int = 8) -> tuple[dict[str, str],
     return types, groups
 
 
-def journal_storage(path: str):
+def journal_storage(path: str | None):
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
+    if path is None:
+        return optuna.storages.InMemoryStorage()
     return JournalStorage(JournalFileBackend(path)) if not path.startswith(("sqlite:", "mysql", "postgresql")) \
         else optuna.storages.RDBStorage(path)
 
@@ -199,9 +201,9 @@ def pareto_rows(study, budget_bytes: int | None = None) -> list[dict]:
     return sorted(out, key=lambda r: (r["bytes"], r["kl"]))
 
 
-def default_storage(out: str | None) -> str:
-    base = os.path.splitext(out)[0] if out else "bitsearch-study"
-    return base + ".optuna.journal"
+def default_storage(out: str | None) -> str | None:
+    """The journal next to the plan file ``out``; None (in memory) without one."""
+    return os.path.splitext(out)[0] + ".optuna.journal" if out else None
 
 
 def optuna_plan(model, table, targets, fingerprint: dict, batch, *, budget: str, settings: StudySettings,
