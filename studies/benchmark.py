@@ -35,6 +35,10 @@ Methods (``--methods``, default all):
   round-to-nearest (``bitsearch-rtn``), SignRound (``bitsearch-signround``) and forward-tiled
   QAT (``bitsearch-qat``, the pipeline issue 6's study found best; what the README calls
   "bitsearch"). ``bitsearch-optuna-qat`` (not in --quick) searches with optuna instead of greedy.
+  ``bitsearch-uniform-signround`` and ``bitsearch-uniform-qat`` use the ``uniform`` allocator
+  instead (one width and group for every row, the largest that fits): bitsearch's finalizers
+  on the configuration the uniform peers get, which separates what the plan adds from what
+  the finalizer adds.
 
 Every point is cached as JSON in ``--out/points`` (a killed run resumes; ``--redo`` recomputes).
 The results go to ``--out/benchmark-<tag>.json``, ``.md`` (the table the README includes) and
@@ -78,15 +82,18 @@ BUDGETS = (2.25, 2.5, 3.0, 3.25, 4.25)
 WIDTHS = (2, 3, 4, 5, 6, 8)
 GROUPS = (32, 64, 128)
 METHODS = ("rtn-g128", "rtn-channel", "gptq", "hqq", "autoround", "autoscheme", "llamacpp", "hawq",
-           "bitsearch-rtn", "bitsearch-signround", "bitsearch-qat", "bitsearch-optuna-qat")
+           "bitsearch-rtn", "bitsearch-signround", "bitsearch-qat", "bitsearch-optuna-qat",
+           "bitsearch-uniform-signround", "bitsearch-uniform-qat")
 QUICK_SKIP = ("bitsearch-optuna-qat",)
 COLORS = dict(zip(METHODS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
-                            "tab:olive", "0.45", "gold", "tab:cyan", "navy")))
+                            "tab:olive", "0.45", "gold", "tab:cyan", "navy", "darkgoldenrod", "teal")))
 LABELS = {"rtn-g128": "RTN g128", "rtn-channel": "RTN per-channel", "gptq": "GPTQ", "hqq": "HQQ",
           "autoround": "AutoRound", "autoscheme": "AutoRound AutoScheme", "llamacpp": "llama.cpp rule mix",
           "hawq": "HAWQ-style layer ILP",
           "bitsearch-rtn": "bitsearch plan + RTN", "bitsearch-signround": "bitsearch plan + SignRound",
-          "bitsearch-qat": "bitsearch plan + tiled QAT", "bitsearch-optuna-qat": "bitsearch optuna plan + tiled QAT"}
+          "bitsearch-qat": "bitsearch plan + tiled QAT", "bitsearch-optuna-qat": "bitsearch optuna plan + tiled QAT",
+          "bitsearch-uniform-signround": "bitsearch uniform + SignRound",
+          "bitsearch-uniform-qat": "bitsearch uniform + tiled QAT"}
 
 
 class Skip(Exception):
@@ -241,11 +248,28 @@ def hawq(bench: Bench, budget: float):
                "seconds": secs + time.time() - t0}
 
 
+def uniform_bitsearch_plan(bench: Bench, budget: float):
+    """bitsearch's ``uniform`` allocator over the benchmark's (width, group) pairs: the pair whose
+    plan (bit map included, ``BitPlan.n_bytes``) stores the most bytes within the budget."""
+    m, limit, best = bench.fresh(), bench.budget_bytes(budget), None
+    for w in WIDTHS:
+        for g in GROUPS:
+            plan = uniform_plan(m, w, g)
+            if plan.n_bytes() <= limit and (best is None or plan.n_bytes() > best.n_bytes()):
+                best = plan
+    if best is None:
+        raise Skip(f"no uniform configuration fits {budget} bits")
+    return best, 0.0, m
+
+
 def bitsearch_pipeline(bench: Bench, budget: float, finalizer: str, search: str = "greedy"):
     kw = {}
     if search == "optuna":     # no plan file: the study lives in memory, a fresh one per point
         kw = dict(n_trials=bench.args.optuna_trials, sampler="tpe", span=0.0, kl_samples=48)
-    plan, secs, m = bench.plan(budget, method=search, **kw)
+    if search == "uniform":
+        plan, secs, m = uniform_bitsearch_plan(bench, budget)
+    else:
+        plan, secs, m = bench.plan(budget, method=search, **kw)
     t0 = time.time()
     if finalizer == "rtn":
         fake_quantize_model(m, plan)
@@ -256,7 +280,8 @@ def bitsearch_pipeline(bench: Bench, budget: float, finalizer: str, search: str 
         train = bench.batch.reshape(-1, a.qat_seq_len) if bench.batch.shape[1] % a.qat_seq_len == 0 else bench.batch
         api.finalize(model=a.model, plan=plan, out=os.path.join(a.out, "tmp-finalized"), _loaded=(m, bench.tok),
                      _batch=train, seq_len=train.shape[1], device=a.device, show_progress=False, **opts)
-    return m, {"bytes": plan.n_bytes(), "config": f"{search}, imatrix, {finalizer}",
+    config = (plan.provenance["allocator"] if search == "uniform" else f"{search}, imatrix") + f", {finalizer}"
+    return m, {"bytes": plan.n_bytes(), "config": config,
                "seconds": secs + time.time() - t0}
 
 
@@ -273,6 +298,8 @@ RUNNERS = {
     "bitsearch-signround": lambda b, x: bitsearch_pipeline(b, x, "signround"),
     "bitsearch-qat": lambda b, x: bitsearch_pipeline(b, x, "qat"),
     "bitsearch-optuna-qat": lambda b, x: bitsearch_pipeline(b, x, "qat", search="optuna"),
+    "bitsearch-uniform-signround": lambda b, x: bitsearch_pipeline(b, x, "signround", search="uniform"),
+    "bitsearch-uniform-qat": lambda b, x: bitsearch_pipeline(b, x, "qat", search="uniform"),
 }
 
 
