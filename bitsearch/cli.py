@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", required=True, help="text file to evaluate on")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens (default: all)")
     p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default: 512)")
-    p.add_argument("--json", default=None, help="write {ppl, nll, tokens, seq_len, model[, kl]} to this file")
+    p.add_argument("--json", default=None, help="write {ppl, nll, entropy, tokens, seq_len, model[, kl]} to this file")
     p.add_argument("--reference", default=None, help="reference model: also report KL(reference || model)")
     return ap
 
@@ -292,7 +292,7 @@ def _run(args: argparse.Namespace) -> int:
         r = api.evaluate(model=args.model, text=args.text, max_tokens=args.max_tokens, seq_len=args.seq_len,
                          json_out=args.json, reference=args.reference, device=args.device, dtype=args.dtype,
                          show_progress=show)
-        line = f"ppl {r.ppl:.3f}  nll {r.nll:.4f}  tokens {r.tokens}  seq_len {r.seq_len}"
+        line = f"ppl {r.ppl:.3f}  nll {r.nll:.4f}  entropy {r.entropy:.4f}  tokens {r.tokens}  seq_len {r.seq_len}"
         if r.kl is not None:
             line += f"  KL(ref||model) {r.kl:.5f}"
         print(line)

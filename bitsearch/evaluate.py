@@ -32,9 +32,12 @@ class EvalResult:
     model: str
     kl: float | None = None
     reference: str | None = None
+    entropy: float | None = None        # mean entropy of the model's next-token distribution (nats)
 
     def to_dict(self) -> dict:
         d = {"ppl": self.ppl, "nll": self.nll, "tokens": self.tokens, "seq_len": self.seq_len, "model": self.model}
+        if self.entropy is not None:
+            d["entropy"] = self.entropy
         if self.kl is not None:
             d["kl"] = self.kl
             d["reference"] = self.reference
@@ -78,9 +81,10 @@ def batch_nll(model, batch: torch.Tensor, micro_batch: int = 8) -> float:
 def perplexity(model, ids: torch.Tensor, seq_len: int = 512, max_tokens: int | None = None,
                micro_batch: int = 4, reference=None, name: str = "", reference_name: str | None = None,
                show_progress: bool = True) -> EvalResult:
-    """Perplexity (and KL to ``reference`` when given) on the token ids of a text."""
+    """Perplexity, the mean entropy of the predictions (how confident the model is, whatever the
+    next token) and, when ``reference`` is given, KL(reference || model), on the token ids of a text."""
     dev = _device_of(model)
-    nll_sum, kl_sum, count, n_tokens = 0.0, 0.0, 0, 0
+    nll_sum, kl_sum, ent_sum, count, n_tokens = 0.0, 0.0, 0.0, 0, 0
     chunks = [w[i:i + micro_batch] for w in windows(ids, seq_len, max_tokens) for i in range(0, w.shape[0], micro_batch)]
     for x in progress(chunks, desc=f"eval {name}".strip(), enable=show_progress):
         x = x.to(dev)
@@ -88,6 +92,7 @@ def perplexity(model, ids: torch.Tensor, seq_len: int = 512, max_tokens: int | N
         logp = F.log_softmax(model(input_ids=x).logits[:, :-1].float(), dim=-1)
         tgt = x[:, 1:]
         nll_sum += -logp.gather(-1, tgt.unsqueeze(-1)).sum().item()
+        ent_sum += -(logp.exp() * logp).sum().item()
         count += tgt.numel()
         if reference is not None:
             ref_logp = F.log_softmax(reference(input_ids=x.to(_device_of(reference))).logits[:, :-1].float(), dim=-1)
@@ -95,4 +100,5 @@ def perplexity(model, ids: torch.Tensor, seq_len: int = 512, max_tokens: int | N
             kl_sum += (ref_logp.exp() * (ref_logp - logp)).sum().item()
     nll = nll_sum / count
     return EvalResult(ppl=math.exp(nll), nll=nll, tokens=n_tokens, seq_len=seq_len, model=name,
-                      kl=(kl_sum / count) if reference is not None else None, reference=reference_name)
+                      kl=(kl_sum / count) if reference is not None else None, reference=reference_name,
+                      entropy=ent_sum / count)

@@ -306,12 +306,18 @@ RUNNERS = {
 # ---------------------------------------------------------------------------------------------
 
 def measure(bench: Bench, model) -> dict:
+    """Perplexity on the evaluation text, with the mean entropy of the predictions there and (for a
+    quantized model) KL(float || model) there; KL(float || model) on the held-out text."""
     a = bench.args
-    ppl = api.evaluate(model="m", text=a.eval_text, max_tokens=a.max_tokens, seq_len=512, device=a.device,
-                       show_progress=False, _loaded=(model, bench.tok)).ppl
+    ref = None if model is bench.float_model else bench.float_model
+    ev = api.evaluate(model="m", text=a.eval_text, max_tokens=a.max_tokens, seq_len=512, device=a.device,
+                      show_progress=False, _loaded=(model, bench.tok), _reference_loaded=ref)
     kl = api.evaluate(model="m", text=bench.kl_path, max_tokens=a.kl_tokens, seq_len=512, device=a.device,
                       show_progress=False, _loaded=(model, bench.tok), _reference_loaded=bench.float_model).kl
-    return {"ppl": ppl, "kl": kl}
+    out = {"ppl": ev.ppl, "kl": kl, "entropy": ev.entropy}
+    if ref is not None:
+        out["eval_kl"] = ev.kl
+    return out
 
 
 def run_point(bench: Bench, method: str, budget: float) -> dict:
@@ -334,14 +340,15 @@ def run_point(bench: Bench, method: str, budget: float) -> dict:
 
 def float_point(bench: Bench) -> dict:
     path = os.path.join(bench.args.out, "points", "float.json")
-    if not os.path.exists(path):
+    if not os.path.exists(path) or "entropy" not in json.load(open(path)):    # older points had no entropy
         row = {"method": "float", "label": "float", "avg_bits": 32.0, **measure(bench, bench.float_model)}
         write_text_atomic(path, json.dumps(row, indent=1) + "\n")
     return json.load(open(path))
 
 
 def markdown(rows: list[dict], ref: dict, budgets) -> str:
-    """Two tables: perplexity (stored bits) per method and budget; then KL, time and configuration."""
+    """Two tables: perplexity (stored bits) per method and budget; then KL, time and configuration;
+    a third, where points have them, with the evaluation-text KL and entropy change."""
     by = {(r["method"], r["budget"]): r for r in rows}
     methods = list(dict.fromkeys(r["method"] for r in rows))
     head = "| method | " + " | ".join(f"{b} bits" for b in budgets) + " |"
@@ -364,13 +371,25 @@ def markdown(rows: list[dict], ref: dict, budgets) -> str:
             head.replace("| method |", "| KL, quantization time, configuration |"), rule]
     for m in methods:
         out.append(f"| {LABELS[m]} | " + " | ".join(cell(by.get((m, b)), True) for b in budgets) + " |")
+    if "entropy" in ref and any("eval_kl" in r for r in rows):
+        def confidence(r) -> str:
+            if r is None or "eval_kl" not in r:
+                return "—" if r is not None and "skipped" in r else "not measured"
+            return f"{r['eval_kl']:.4f}, {r['entropy'] - ref['entropy']:+.4f}"
+
+        out += ["", "On the evaluation text: KL(float || model), and the change of the mean entropy of the "
+                f"predictions against the float model's {ref['entropy']:.4f} nats (positive: less confident).", "",
+                head.replace("| method |", "| evaluation-text KL, entropy change |"), rule]
+        for m in methods:
+            out.append(f"| {LABELS[m]} | " + " | ".join(confidence(by.get((m, b))) for b in budgets) + " |")
     return "\n".join(out) + "\n"
 
 
 def verdict(rows: list[dict], ref: dict) -> list[str]:
     """Where the bitsearch pipeline beats every peer at equal or larger size, and where not (by
-    perplexity for the tiled-QAT pipeline; by held-out KL for bitsearch's best finalizer); of
-    each peer that does better, its smallest configuration that does."""
+    perplexity for the tiled-QAT pipeline; by held-out KL, and by evaluation-text KL where points
+    have it, for bitsearch's best finalizer); of each peer that does better, its smallest
+    configuration that does."""
     out = []
     ok = [r for r in rows if "skipped" not in r and not r.get("missing")]
 
@@ -387,15 +406,18 @@ def verdict(rows: list[dict], ref: dict) -> list[str]:
                  "beaten by " + ", ".join(f"{p['label']} at {p['avg_bits']:.2f} bits ({p['ppl']:.2f})" for p in beaten_by))
         out.append(f"{r['budget']} bits: bitsearch {r['ppl']:.2f} ({100 * (r['ppl'] / ref['ppl'] - 1):+.1f} % vs float): "
                    + state)
-    # the same question by KL on the held-out text, for bitsearch's best finalizer at each budget
-    for budget in dict.fromkeys(r["budget"] for r in ok if r["family"] == "bitsearch"):
-        best = min((r for r in ok if r["family"] == "bitsearch" and r["budget"] == budget), key=lambda r: r["kl"])
-        beaten_by = smallest(p for p in ok if p["family"] == "peer" and p["avg_bits"] >= best["avg_bits"] - 1e-9
-                             and p["kl"] <= best["kl"])
-        state = ("lower than every peer measured at equal or larger size" if not beaten_by else
-                 "higher than " + ", ".join(f"{p['label']} at {p['avg_bits']:.2f} bits ({p['kl']:.4f})"
-                                            for p in beaten_by))
-        out.append(f"{budget} bits, by KL: {best['label']} {best['kl']:.4f}: " + state)
+    # the same question by KL to the float model, for bitsearch's best finalizer at each budget: on the
+    # held-out text, and (where points have it) on the evaluation text, which perplexity is measured on
+    for key, name in (("kl", "by KL"), ("eval_kl", "by evaluation-text KL")):
+        have = [r for r in ok if key in r]
+        for budget in dict.fromkeys(r["budget"] for r in have if r["family"] == "bitsearch"):
+            best = min((r for r in have if r["family"] == "bitsearch" and r["budget"] == budget), key=lambda r: r[key])
+            beaten_by = smallest(p for p in have if p["family"] == "peer" and p["avg_bits"] >= best["avg_bits"] - 1e-9
+                                 and p[key] <= best[key])
+            state = ("lower than every peer measured at equal or larger size" if not beaten_by else
+                     "higher than " + ", ".join(f"{p['label']} at {p['avg_bits']:.2f} bits ({p[key]:.4f})"
+                                                for p in beaten_by))
+            out.append(f"{budget} bits, {name}: {best['label']} {best[key]:.4f}: " + state)
     return out
 
 

@@ -46,7 +46,7 @@ def test_happy_path_prints_summary(made, capsys):
     code, out, _ = run_cli(capsys, "--quiet", "eval", "--model", str(made["dir"] / "packed"), "--text", made["text"],
                            "--max-tokens", "200", "--seq-len", "50", "--json", str(made["dir"] / "e.json"))
     assert code == 0 and out.startswith("ppl ")
-    assert set(json.load(open(made["dir"] / "e.json"))) == {"ppl", "nll", "tokens", "seq_len", "model"}
+    assert set(json.load(open(made["dir"] / "e.json"))) == {"ppl", "nll", "entropy", "tokens", "seq_len", "model"}
 
 
 def test_bad_inputs(made, capsys, tmp_path, tiny_models):

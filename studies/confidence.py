@@ -1,0 +1,195 @@
+"""How much of a quantized model's perplexity change on the evaluation text is a change of confidence?
+
+The benchmark's two measures disagree (README): held-out KL ranks one method first, evaluation
+perplexity another. This study separates the two effects on slm-llama-17m.
+
+1. The float model alone, its logits divided by a temperature T (no quantization): perplexity
+   and mean predictive entropy on the evaluation text (wikitext2, out of the model's training
+   distribution) and on the held-out calibration-domain text. Where perplexity falls as T grows
+   above 1, a model only made less confident scores better there, whatever its fidelity.
+2. The benchmark's points that recorded the entropy of their predictions on the evaluation text
+   (``benchmark.py`` does since this study): the perplexity change against the float model
+   (in %) fitted by least squares on the entropy change alone, on the evaluation-text KL to the
+   float model alone, and on both, with R^2; and a plot of every point over the float model's
+   temperature curve.
+
+Nothing here is tuned on the evaluation text: T is a probe, never applied to a model.
+
+    python studies/confidence.py --points studies/results/benchmark/slm-llama-17m-quick-conf25 \\
+        studies/results/benchmark/slm-llama-17m-quick-conf325 --out studies/results/confidence
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from bitsearch.atomic import write_text_atomic  # noqa: E402
+from bitsearch.data import read_text, tokenize_text  # noqa: E402
+from bitsearch.evaluate import windows  # noqa: E402
+from bitsearch.models import load_model, load_tokenizer  # noqa: E402
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@torch.no_grad()
+def temperature_curve(model, ids: torch.Tensor, temperatures, max_tokens: int | None, seq_len: int = 512,
+                      micro_batch: int = 4) -> list[dict]:
+    """Perplexity and mean entropy of softmax(logits / T) for each T, on the same windows as
+    ``bitsearch.evaluate.perplexity`` (T = 1 reproduces it)."""
+    nll = np.zeros(len(temperatures))
+    ent = np.zeros(len(temperatures))
+    count = 0
+    for w in windows(ids, seq_len, max_tokens):
+        for i in range(0, w.shape[0], micro_batch):
+            x = w[i:i + micro_batch]
+            logits = model(input_ids=x).logits[:, :-1].float()
+            tgt = x[:, 1:]
+            for k, t in enumerate(temperatures):
+                logp = F.log_softmax(logits / t, dim=-1)
+                nll[k] -= logp.gather(-1, tgt.unsqueeze(-1)).sum().item()
+                ent[k] -= (logp.exp() * logp).sum().item()
+            count += tgt.numel()
+    return [{"T": t, "ppl": math.exp(n / count), "entropy": e / count} for t, n, e in zip(temperatures, nll, ent)]
+
+
+def load_points(folders) -> tuple[list[dict], dict]:
+    """Every measured point with an entropy, and the float point of their folder (all folders must
+    share one float model measurement)."""
+    rows, ref = [], None
+    for folder in folders:
+        f = json.load(open(os.path.join(folder, "points", "float.json")))
+        if "entropy" not in f:
+            sys.exit(f"confidence: {folder} has no float entropy: rerun studies/benchmark.py on it")
+        if ref is not None and abs(f["ppl"] - ref["ppl"]) > 1e-9:
+            sys.exit(f"confidence: {folder} was evaluated on other tokens than the other folders")
+        ref = f
+        for path in sorted(glob.glob(os.path.join(folder, "points", "*@*.json"))):
+            r = json.load(open(path))
+            if "eval_kl" in r:
+                rows.append(r)
+    if ref is None:
+        sys.exit("confidence: no --points folders given")
+    return rows, ref
+
+
+def fit(columns: list[np.ndarray], y: np.ndarray) -> tuple[np.ndarray, float]:
+    """Least squares y ~ c0 + sum_i c_i x_i: (coefficients, R^2)."""
+    X = np.column_stack([np.ones_like(y)] + columns)
+    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+    resid = y - X @ coef
+    return coef, 1.0 - float(resid @ resid) / float(((y - y.mean()) ** 2).sum())
+
+
+def analyse(rows: list[dict], ref: dict) -> dict:
+    d_ent = np.array([r["entropy"] - ref["entropy"] for r in rows])
+    d_ppl = np.array([100 * (r["ppl"] / ref["ppl"] - 1) for r in rows])
+    eval_kl = np.array([r["eval_kl"] for r in rows])
+    out = {}
+    for name, cols in [("entropy", [d_ent]), ("eval_kl", [eval_kl]), ("entropy+eval_kl", [d_ent, eval_kl])]:
+        coef, r2 = fit(cols, d_ppl)
+        out[name] = {"coef": coef.tolist(), "r2": r2}
+    return out
+
+
+def plot(curve: list[dict], rows: list[dict], ref: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    one = next(c for c in curve if c["T"] == 1.0)
+    ax.plot([c["entropy"] - one["entropy"] for c in curve], [100 * (c["ppl"] / one["ppl"] - 1) for c in curve],
+            "k-", lw=1, label="float model, logits / T")
+    for c in curve:
+        ax.annotate(f"T={c['T']:g}", (c["entropy"] - one["entropy"], 100 * (c["ppl"] / one["ppl"] - 1)),
+                    fontsize=7, color="0.3", xytext=(3, 3), textcoords="offset points")
+    for family, marker in (("peer", "s"), ("bitsearch", "o")):
+        pts = [r for r in rows if r["family"] == family]
+        sc = ax.scatter([r["entropy"] - ref["entropy"] for r in pts], [100 * (r["ppl"] / ref["ppl"] - 1) for r in pts],
+                        c=[r["eval_kl"] for r in pts], cmap="viridis", marker=marker, edgecolor="k", lw=0.5,
+                        vmin=0, vmax=max(r["eval_kl"] for r in rows), label=f"{family} points", zorder=3)
+    fig.colorbar(sc, ax=ax, label="KL(float || model) on the evaluation text")
+    ax.axhline(0, color="0.6", lw=0.6)
+    ax.axvline(0, color="0.6", lw=0.6)
+    ax.set_xlabel("change of mean predictive entropy on the evaluation text (nats; > 0: less confident)")
+    ax.set_ylabel("perplexity change against the float model (%)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def markdown(curves: dict, rows: list[dict], ref: dict, fits: dict) -> str:
+    out = ["| T | " + " | ".join(f"{name}: ppl, entropy" for name in curves) + " |",
+           "|" + " --- |" * (len(curves) + 1)]
+    for k, t in enumerate(next(iter(curves.values()))):
+        out.append(f"| {t['T']:g} | " + " | ".join(f"{c[k]['ppl']:.2f}, {c[k]['entropy']:.4f}"
+                                                    for c in curves.values()) + " |")
+    if not rows:
+        return "\n".join(out) + "\n"
+    out += ["", "| point | avg bits | ppl change | entropy change | evaluation-text KL | held-out KL |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(rows, key=lambda r: (r["budget"], r["entropy"] - ref["entropy"])):
+        out.append(f"| {r['label']} @ {r['budget']} | {r['avg_bits']:.2f} | {100 * (r['ppl'] / ref['ppl'] - 1):+.2f} % | "
+                   f"{r['entropy'] - ref['entropy']:+.4f} | {r['eval_kl']:.4f} | {r['kl']:.4f} |")
+    out += ["", "Least-squares fits of the perplexity change (%) over these points:", ""]
+    for name, f in fits.items():
+        terms = " + ".join(f"{c:+.3g} {v}" for c, v in zip(f["coef"][1:], name.split("+")))
+        out.append(f"- {f['coef'][0]:+.3g} {terms}: R^2 = {f['r2']:.3f}")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=os.path.join(SHARED, "models", "slm-llama-17m"))
+    ap.add_argument("--eval-text", default=os.path.join(SHARED, "data", "corpus", "wikitext2_test.txt"))
+    ap.add_argument("--heldout-text", default=os.path.join(HERE, "results", "benchmark", "slm-llama-17m-quick", "kl.txt"),
+                    help="calibration-domain text no method saw (default: the benchmark's KL split)")
+    ap.add_argument("--max-tokens", type=int, default=40000, help="evaluation tokens (the benchmark's --quick)")
+    ap.add_argument("--heldout-tokens", type=int, default=8192)
+    ap.add_argument("--temperatures", default="0.9,0.95,1,1.02,1.05,1.1,1.2")
+    ap.add_argument("--points", nargs="*", default=[], help="benchmark output folders whose points have entropies")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "confidence"))
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    temps = [float(t) for t in args.temperatures.split(",")]
+    if 1.0 not in temps:
+        sys.exit("confidence: --temperatures must include 1")
+    os.makedirs(args.out, exist_ok=True)
+    tok, model = load_tokenizer(args.model), load_model(args.model, "cpu", "float32").eval()
+    curves = {}
+    for name, text, n in (("evaluation text", args.eval_text, args.max_tokens),
+                          ("held-out text", args.heldout_text, args.heldout_tokens)):
+        curves[name] = temperature_curve(model, tokenize_text(tok, read_text(text)), temps, n)
+        for c in curves[name]:
+            print(f"{name}: T={c['T']:g}: ppl {c['ppl']:.2f}, entropy {c['entropy']:.4f}", flush=True)
+    result = {"curves": curves}
+    rows, ref = load_points(args.points) if args.points else ([], None)
+    if len(rows) >= 3:
+        fits = analyse(rows, ref)
+        result.update(points=rows, float=ref, fits=fits)
+        plot(curves["evaluation text"], rows, ref, os.path.join(args.out, "confidence.png"))
+    md = markdown(curves, rows if "fits" in result else [], ref, result.get("fits", {}))
+    write_text_atomic(os.path.join(args.out, "confidence.md"), md)
+    write_text_atomic(os.path.join(args.out, "confidence.json"), json.dumps(result, indent=1) + "\n")
+    print(md)
+    return result
+
+
+if __name__ == "__main__":
+    main()
