@@ -2,9 +2,10 @@
 
 At each budget (average bits per target weight, all-in: codes plus every scale, zero and width
 map the method stores) every method gets the largest configuration it has that fits, and is
-measured the same way: stored bytes, perplexity on the evaluation text, KL(float || quantized)
-on held-out text the calibration never saw, and the wall time of quantizing (for bitsearch:
-sensitivity + search + finalize).
+measured the same way: stored bytes, perplexity on the evaluation text (with, since the
+confidence study, KL(float || quantized) and the mean entropy of the predictions there),
+KL(float || quantized) on held-out text the calibration never saw, and the wall time of
+quantizing (for bitsearch: sensitivity + search + finalize).
 
 Targets are the decoder blocks' Linear layers (the embeddings and the tied lm_head stay float
 for every method). Bytes are counted from each method's own storage:
