@@ -13,6 +13,10 @@ perplexity another. This study separates the two effects on slm-llama-17m.
    float model alone, and on both, with R^2; and a plot of every point over the float model's
    temperature curve.
 
+3. Saved bit plans (``--plans``, e.g. the search-methods study's greedy, optuna and diffq plans),
+   applied by round-to-nearest: perplexity, evaluation-text KL, entropy change and held-out KL,
+   to see whether a plan that loses perplexity also loses fidelity on the evaluation text.
+
 Nothing here is tuned on the evaluation text: T is a probe, never applied to a model.
 
     python studies/confidence.py --points studies/results/benchmark/slm-llama-17m-quick-conf25 \\
@@ -34,9 +38,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from bitsearch.apply import fake_quantize_model  # noqa: E402
 from bitsearch.atomic import write_text_atomic  # noqa: E402
+from bitsearch.plan import BitPlan  # noqa: E402
 from bitsearch.data import read_text, tokenize_text  # noqa: E402
-from bitsearch.evaluate import windows  # noqa: E402
+from bitsearch.evaluate import perplexity, windows  # noqa: E402
 from bitsearch.models import load_model, load_tokenizer  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
@@ -132,6 +138,78 @@ def plot(curve: list[dict], rows: list[dict], ref: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+@torch.no_grad()
+def window_stats(model, reference, ids: torch.Tensor, max_tokens: int | None, seq_len: int = 512) -> dict:
+    """Per 512-token window (the windows of ``bitsearch.evaluate.perplexity``): the number of
+    predicted tokens, and the summed NLL, entropy and KL(reference || model) of its predictions."""
+    parts = []
+    for w in windows(ids, seq_len, max_tokens):
+        for x in w.split(4):
+            logp = F.log_softmax(model(input_ids=x).logits[:, :-1].float(), dim=-1)
+            ref = F.log_softmax(reference(input_ids=x).logits[:, :-1].float(), dim=-1)
+            tgt = x[:, 1:]
+            parts.append(torch.stack([torch.full((x.shape[0],), float(tgt.shape[1]), dtype=torch.float64),
+                                      -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).double().sum(1),
+                                      -(logp.exp() * logp).double().sum((1, 2)),
+                                      (ref.exp() * (ref - logp)).double().sum((1, 2))], 1))
+    n, nll, ent, kl = torch.cat(parts).T.numpy()
+    return {"n": n, "nll": nll, "entropy": ent, "kl": kl}
+
+
+def paired(a: dict, b: dict, key: str) -> tuple[float, float]:
+    """Mean per-token difference of ``key`` (a - b) over the same windows, and its standard error
+    from the spread of the per-window differences (windows taken as independent samples)."""
+    d = (a[key] - b[key]) / a["n"]
+    w = a["n"] / a["n"].sum()
+    mean = float((w * d).sum())
+    se = float(np.sqrt((w ** 2 * (d - mean) ** 2).sum() * len(d) / (len(d) - 1)))
+    return mean, se
+
+
+def plan_points(paths, model_dir: str, float_model, eval_ids, heldout_ids, max_tokens, heldout_tokens) -> list[dict]:
+    """Each plan applied to a fresh copy of the model by round-to-nearest and measured like a
+    benchmark point; each compared, window by window on the evaluation text, with the first plan
+    listed for the same budget (perplexity and evaluation-text KL change, with 95 % intervals)."""
+    rows, first, stats = [], {}, {}
+    for path in paths:
+        plan = BitPlan.load(path)
+        m = fake_quantize_model(load_model(model_dir, "cpu", "float32").eval(), plan)
+        st = window_stats(m, float_model, eval_ids, max_tokens)
+        held = perplexity(m, heldout_ids, 512, heldout_tokens, reference=float_model, show_progress=False)
+        n = st["n"].sum()
+        budget = str(plan.provenance.get("budget", "?"))
+        row = {"plan": path, "allocator": plan.provenance.get("allocator", "?"), "budget": budget,
+               "bytes": plan.n_bytes(), "ppl": math.exp(st["nll"].sum() / n), "entropy": st["entropy"].sum() / n,
+               "eval_kl": st["kl"].sum() / n, "kl": held.kl}
+        base = first.setdefault(budget, path)
+        stats[path] = st
+        if base != path:
+            b = stats[base]
+            base_kl = b["kl"].sum() / b["n"].sum()
+            (dn, sn), (dk, sk) = paired(st, b, "nll"), paired(st, b, "kl")
+            row.update(vs=base, ppl_change=[100 * math.expm1(dn), 100 * 1.96 * sn],
+                       eval_kl_change=[100 * dk / base_kl, 100 * 1.96 * sk / base_kl])
+        rows.append(row)
+        print(f"{path}: ppl {row['ppl']:.2f}, evaluation-text KL {row['eval_kl']:.4f}, held-out KL {held.kl:.4f}",
+              flush=True)
+    return rows
+
+
+def plans_markdown(rows: list[dict], float_entropy: float) -> str:
+    out = ["| plan (round-to-nearest) | allocator | bytes | ppl | entropy change | evaluation-text KL "
+           "| KL, --heldout-text (calibration domain; the plan's search may have sampled it) "
+           "| against the first plan of its budget: ppl, evaluation-text KL (95 % intervals) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        vs = "—"
+        if "vs" in r:
+            vs = (f"{r['ppl_change'][0]:+.2f} ± {r['ppl_change'][1]:.2f} %, "
+                  f"{r['eval_kl_change'][0]:+.2f} ± {r['eval_kl_change'][1]:.2f} %")
+        out.append(f"| {r['plan']} | {r['allocator']} | {r['bytes']} | {r['ppl']:.2f} | "
+                   f"{r['entropy'] - float_entropy:+.4f} | {r['eval_kl']:.4f} | {r['kl']:.4f} | {vs} |")
+    return "\n".join(out) + "\n"
+
+
 def markdown(curves: dict, rows: list[dict], ref: dict, fits: dict) -> str:
     out = ["| T | " + " | ".join(f"{name}: ppl, entropy" for name in curves) + " |",
            "|" + " --- |" * (len(curves) + 1)]
@@ -162,6 +240,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--heldout-tokens", type=int, default=8192)
     ap.add_argument("--temperatures", default="0.9,0.95,1,1.02,1.05,1.1,1.2")
     ap.add_argument("--points", nargs="*", default=[], help="benchmark output folders whose points have entropies")
+    ap.add_argument("--plans", nargs="*", default=[], help="bit plans to apply by round-to-nearest and measure")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "confidence"))
     args = ap.parse_args(argv)
@@ -172,10 +251,11 @@ def main(argv=None) -> dict:
         sys.exit("confidence: --temperatures must include 1")
     os.makedirs(args.out, exist_ok=True)
     tok, model = load_tokenizer(args.model), load_model(args.model, "cpu", "float32").eval()
+    ids = {"evaluation text": tokenize_text(tok, read_text(args.eval_text)),
+           "held-out text": tokenize_text(tok, read_text(args.heldout_text))}
     curves = {}
-    for name, text, n in (("evaluation text", args.eval_text, args.max_tokens),
-                          ("held-out text", args.heldout_text, args.heldout_tokens)):
-        curves[name] = temperature_curve(model, tokenize_text(tok, read_text(text)), temps, n)
+    for name, n in (("evaluation text", args.max_tokens), ("held-out text", args.heldout_tokens)):
+        curves[name] = temperature_curve(model, ids[name], temps, n)
         for c in curves[name]:
             print(f"{name}: T={c['T']:g}: ppl {c['ppl']:.2f}, entropy {c['entropy']:.4f}", flush=True)
     result = {"curves": curves}
@@ -185,6 +265,11 @@ def main(argv=None) -> dict:
         result.update(points=rows, float=ref, fits=fits)
         plot(curves["evaluation text"], rows, ref, os.path.join(args.out, "confidence.png"))
     md = markdown(curves, rows if "fits" in result else [], ref, result.get("fits", {}))
+    if args.plans:
+        result["plans"] = plan_points(args.plans, args.model, model, ids["evaluation text"], ids["held-out text"],
+                                      args.max_tokens, args.heldout_tokens)
+        one = next(c for c in curves["evaluation text"] if c["T"] == 1.0)
+        md += "\n" + plans_markdown(result["plans"], one["entropy"])
     write_text_atomic(os.path.join(args.out, "confidence.md"), md)
     write_text_atomic(os.path.join(args.out, "confidence.json"), json.dumps(result, indent=1) + "\n")
     print(md)

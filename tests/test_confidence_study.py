@@ -1,0 +1,42 @@
+"""studies/confidence.py: its per-window statistics add up to bitsearch.evaluate.perplexity's
+figures, and the paired window comparison recovers known differences."""
+
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "studies"))
+
+import confidence  # noqa: E402
+from bitsearch.evaluate import perplexity  # noqa: E402
+from test_evaluate import Bigram  # noqa: E402
+
+
+def test_window_stats_add_up_to_perplexity_entropy_and_kl():
+    model, ref = Bigram(17, 0), Bigram(17, 1)
+    ids = torch.randint(0, 17, (300,), generator=torch.Generator().manual_seed(5))
+    st = confidence.window_stats(model, ref, ids, 290, seq_len=32)
+    r = perplexity(model, ids, 32, 290, reference=ref, show_progress=False)
+    n = st["n"].sum()
+    assert n == 290 - 10 and len(st["n"]) == 10      # 9 full windows of 32 and a last one of 2 tokens
+    assert math.exp(st["nll"].sum() / n) == pytest.approx(r.ppl, rel=1e-6)
+    assert st["entropy"].sum() / n == pytest.approx(r.entropy, rel=1e-6)
+    assert st["kl"].sum() / n == pytest.approx(r.kl, rel=1e-6)
+
+
+def test_paired_difference_and_its_standard_error():
+    rng = np.random.default_rng(0)
+    n = np.full(50, 100.0)
+    a = {"n": n, "nll": rng.normal(500, 20, 50)}
+    assert confidence.paired(a, a, "nll") == (0.0, 0.0)
+    shifted = {"n": n, "nll": a["nll"] - 0.03 * n}              # 0.03 nats less per token in every window
+    mean, se = confidence.paired(a, shifted, "nll")
+    assert mean == pytest.approx(0.03) and se == pytest.approx(0.0, abs=1e-12)
+    noisy = {"n": n, "nll": a["nll"] + rng.normal(0, 1.0, 50)}  # per-token difference sd 0.01 per window
+    mean, se = confidence.paired(noisy, a, "nll")
+    d = (noisy["nll"] - a["nll"]) / n
+    assert mean == pytest.approx(d.mean()) and se == pytest.approx(d.std(ddof=1) / np.sqrt(50))
