@@ -42,7 +42,7 @@ from bitsearch.apply import fake_quantize_model  # noqa: E402
 from bitsearch.atomic import write_text_atomic  # noqa: E402
 from bitsearch.plan import BitPlan  # noqa: E402
 from bitsearch.data import read_text, tokenize_text  # noqa: E402
-from bitsearch.evaluate import perplexity, windows  # noqa: E402
+from bitsearch.evaluate import windows  # noqa: E402
 from bitsearch.models import load_model, load_tokenizer  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
@@ -156,6 +156,32 @@ def window_stats(model, reference, ids: torch.Tensor, max_tokens: int | None, se
     return {"n": n, "nll": nll, "entropy": ent, "kl": kl}
 
 
+@torch.no_grad()
+def distance_measures(model, reference, ids: torch.Tensor, max_tokens: int | None, seq_len: int = 512,
+                      tail: float = 0.01) -> dict:
+    """Ways to say how far ``model`` is from ``reference`` on a text, per predicted token: the
+    model's NLL of the true next tokens, KL(reference || model) of the distributions at
+    temperatures 1, 2 and 4 (both softened alike, as in distillation), the reverse KL(model ||
+    reference), and the NLL change (model - reference) summed over the tokens the reference gives
+    less than ``tail`` probability, divided by all tokens."""
+    keys = ("nll", "kl_t1", "kl_t2", "kl_t4", "reverse_kl", "tail_nll_change")
+    acc, count = dict.fromkeys(keys, 0.0), 0
+    for w in windows(ids, seq_len, max_tokens):
+        for x in w.split(4):
+            lq = F.log_softmax(model(input_ids=x).logits[:, :-1].float(), dim=-1)
+            lp = F.log_softmax(reference(input_ids=x).logits[:, :-1].float(), dim=-1)
+            y = x[:, 1:].unsqueeze(-1)
+            acc["nll"] -= lq.gather(-1, y).sum().item()
+            for t in (1, 2, 4):
+                a, b = F.log_softmax(lp / t, dim=-1), F.log_softmax(lq / t, dim=-1)
+                acc[f"kl_t{t}"] += (a.exp() * (a - b)).sum().item()
+            acc["reverse_kl"] += (lq.exp() * (lq - lp)).sum().item()
+            py, qy = lp.gather(-1, y), lq.gather(-1, y)
+            acc["tail_nll_change"] += ((py - qy) * (py.exp() < tail)).sum().item()
+            count += y.numel()
+    return {k: v / count for k, v in acc.items()}
+
+
 def paired(a: dict, b: dict, key: str) -> tuple[float, float]:
     """Mean per-token difference of ``key`` (a - b) over the same windows, and its standard error
     from the spread of the per-window differences (windows taken as independent samples)."""
@@ -175,12 +201,12 @@ def plan_points(paths, model_dir: str, float_model, eval_ids, heldout_ids, max_t
         plan = BitPlan.load(path)
         m = fake_quantize_model(load_model(model_dir, "cpu", "float32").eval(), plan)
         st = window_stats(m, float_model, eval_ids, max_tokens)
-        held = perplexity(m, heldout_ids, 512, heldout_tokens, reference=float_model, show_progress=False)
+        held = distance_measures(m, float_model, heldout_ids, heldout_tokens)
         n = st["n"].sum()
         budget = str(plan.provenance.get("budget", "?"))
         row = {"plan": path, "allocator": plan.provenance.get("allocator", "?"), "budget": budget,
                "bytes": plan.n_bytes(), "ppl": math.exp(st["nll"].sum() / n), "entropy": st["entropy"].sum() / n,
-               "eval_kl": st["kl"].sum() / n, "kl": held.kl}
+               "eval_kl": st["kl"].sum() / n, "kl": held["kl_t1"], "heldout": held}
         base = first.setdefault(budget, path)
         stats[path] = st
         if base != path:
@@ -190,7 +216,7 @@ def plan_points(paths, model_dir: str, float_model, eval_ids, heldout_ids, max_t
             row.update(vs=base, ppl_change=[100 * math.expm1(dn), 100 * 1.96 * sn],
                        eval_kl_change=[100 * dk / base_kl, 100 * 1.96 * sk / base_kl])
         rows.append(row)
-        print(f"{path}: ppl {row['ppl']:.2f}, evaluation-text KL {row['eval_kl']:.4f}, held-out KL {held.kl:.4f}",
+        print(f"{path}: ppl {row['ppl']:.2f}, evaluation-text KL {row['eval_kl']:.4f}, held-out KL {held['kl_t1']:.4f}",
               flush=True)
     return rows
 
@@ -207,6 +233,11 @@ def plans_markdown(rows: list[dict], float_entropy: float) -> str:
                   f"{r['eval_kl_change'][0]:+.2f} ± {r['eval_kl_change'][1]:.2f} %")
         out.append(f"| {r['plan']} | {r['allocator']} | {r['bytes']} | {r['ppl']:.2f} | "
                    f"{r['entropy'] - float_entropy:+.4f} | {r['eval_kl']:.4f} | {r['kl']:.4f} | {vs} |")
+    keys = list(rows[0]["heldout"])
+    out += ["", "On --heldout-text, per token: " + ", ".join(keys) + " (``distance_measures``).", "",
+            "| plan | " + " | ".join(keys) + " |", "|" + " --- |" * (len(keys) + 1)]
+    for r in rows:
+        out.append(f"| {r['plan']} | " + " | ".join(f"{r['heldout'][k]:.5f}" for k in keys) + " |")
     return "\n".join(out) + "\n"
 
 

@@ -40,3 +40,18 @@ def test_paired_difference_and_its_standard_error():
     mean, se = confidence.paired(noisy, a, "nll")
     d = (noisy["nll"] - a["nll"]) / n
     assert mean == pytest.approx(d.mean()) and se == pytest.approx(d.std(ddof=1) / np.sqrt(50))
+
+
+def test_distance_measures_agree_with_perplexity_and_vanish_against_itself():
+    model, ref = Bigram(19, 0), Bigram(19, 1)
+    ids = torch.randint(0, 19, (200,), generator=torch.Generator().manual_seed(6))
+    d = confidence.distance_measures(model, ref, ids, None, seq_len=40)
+    r = perplexity(model, ids, 40, reference=ref, show_progress=False)
+    assert d["nll"] == pytest.approx(r.nll, rel=1e-6) and d["kl_t1"] == pytest.approx(r.kl, rel=1e-6)
+    assert d["reverse_kl"] > 0 and d["kl_t4"] < d["kl_t2"] < d["kl_t1"]     # softer distributions, closer
+    same = confidence.distance_measures(model, model, ids, None, seq_len=40)
+    assert all(abs(same[k]) < 1e-6 for k in ("kl_t1", "kl_t2", "kl_t4", "reverse_kl", "tail_nll_change"))
+    everything = confidence.distance_measures(model, ref, ids, None, seq_len=40, tail=1.01)   # every token
+    # float32 log-probabilities: the two ways of summing differ by rounding only
+    assert everything["tail_nll_change"] == pytest.approx(r.nll - perplexity(ref, ids, 40, show_progress=False).nll,
+                                                          abs=1e-5)
