@@ -90,12 +90,12 @@ def load_points(folders) -> tuple[list[dict], dict]:
     return rows, ref
 
 
-def fit(columns: list[np.ndarray], y: np.ndarray) -> tuple[np.ndarray, float]:
-    """Least squares y ~ c0 + sum_i c_i x_i: (coefficients, R^2)."""
+def fit(columns: list[np.ndarray], y: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+    """Least squares y ~ c0 + sum_i c_i x_i: (coefficients, R^2, residuals)."""
     X = np.column_stack([np.ones_like(y)] + columns)
     coef, *_ = np.linalg.lstsq(X, y, rcond=None)
     resid = y - X @ coef
-    return coef, 1.0 - float(resid @ resid) / float(((y - y.mean()) ** 2).sum())
+    return coef, 1.0 - float(resid @ resid) / float(((y - y.mean()) ** 2).sum()), resid
 
 
 def analyse(rows: list[dict], ref: dict) -> dict:
@@ -104,8 +104,9 @@ def analyse(rows: list[dict], ref: dict) -> dict:
     eval_kl = np.array([r["eval_kl"] for r in rows])
     out = {}
     for name, cols in [("entropy", [d_ent]), ("eval_kl", [eval_kl]), ("entropy+eval_kl", [d_ent, eval_kl])]:
-        coef, r2 = fit(cols, d_ppl)
-        out[name] = {"coef": coef.tolist(), "r2": r2}
+        coef, r2, resid = fit(cols, d_ppl)
+        out[name] = {"coef": coef.tolist(), "r2": r2, "residuals": resid.tolist(),
+                     "rms_residual": float(np.sqrt((resid ** 2).mean()))}
     return out
 
 
@@ -141,19 +142,21 @@ def plot(curve: list[dict], rows: list[dict], ref: dict, path: str) -> None:
 @torch.no_grad()
 def window_stats(model, reference, ids: torch.Tensor, max_tokens: int | None, seq_len: int = 512) -> dict:
     """Per 512-token window (the windows of ``bitsearch.evaluate.perplexity``): the number of
-    predicted tokens, and the summed NLL, entropy and KL(reference || model) of its predictions."""
+    predicted tokens, and the summed NLL, entropy and KL(reference || model) of its predictions,
+    and the summed NLL change (model - reference) on the tokens the reference gives < 1 %."""
     parts = []
     for w in windows(ids, seq_len, max_tokens):
         for x in w.split(4):
             logp = F.log_softmax(model(input_ids=x).logits[:, :-1].float(), dim=-1)
             ref = F.log_softmax(reference(input_ids=x).logits[:, :-1].float(), dim=-1)
-            tgt = x[:, 1:]
+            tgt = x[:, 1:].unsqueeze(-1)
+            qy, py = logp.gather(-1, tgt).squeeze(-1).double(), ref.gather(-1, tgt).squeeze(-1).double()
             parts.append(torch.stack([torch.full((x.shape[0],), float(tgt.shape[1]), dtype=torch.float64),
-                                      -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).double().sum(1),
-                                      -(logp.exp() * logp).double().sum((1, 2)),
-                                      (ref.exp() * (ref - logp)).double().sum((1, 2))], 1))
-    n, nll, ent, kl = torch.cat(parts).T.numpy()
-    return {"n": n, "nll": nll, "entropy": ent, "kl": kl}
+                                      -qy.sum(1), -(logp.exp() * logp).double().sum((1, 2)),
+                                      (ref.exp() * (ref - logp)).double().sum((1, 2)),
+                                      ((py - qy) * (py.exp() < 0.01)).sum(1)], 1))
+    n, nll, ent, kl, tail = torch.cat(parts).T.numpy()
+    return {"n": n, "nll": nll, "entropy": ent, "kl": kl, "tail": tail}
 
 
 @torch.no_grad()
@@ -206,15 +209,18 @@ def plan_points(paths, model_dir: str, float_model, eval_ids, heldout_ids, max_t
         budget = str(plan.provenance.get("budget", "?"))
         row = {"plan": path, "allocator": plan.provenance.get("allocator", "?"), "budget": budget,
                "bytes": plan.n_bytes(), "ppl": math.exp(st["nll"].sum() / n), "entropy": st["entropy"].sum() / n,
-               "eval_kl": st["kl"].sum() / n, "kl": held["kl_t1"], "heldout": held}
+               "eval_kl": st["kl"].sum() / n, "eval_tail_nll_change": st["tail"].sum() / n,
+               "kl": held["kl_t1"], "heldout": held}
         base = first.setdefault(budget, path)
         stats[path] = st
         if base != path:
             b = stats[base]
             base_kl = b["kl"].sum() / b["n"].sum()
             (dn, sn), (dk, sk) = paired(st, b, "nll"), paired(st, b, "kl")
+            dt, st_ = paired(st, b, "tail")
             row.update(vs=base, ppl_change=[100 * math.expm1(dn), 100 * 1.96 * sn],
-                       eval_kl_change=[100 * dk / base_kl, 100 * 1.96 * sk / base_kl])
+                       eval_kl_change=[100 * dk / base_kl, 100 * 1.96 * sk / base_kl],
+                       nll_change=[dn, 1.96 * sn], tail_nll_change=[dt, 1.96 * st_])
         rows.append(row)
         print(f"{path}: ppl {row['ppl']:.2f}, evaluation-text KL {row['eval_kl']:.4f}, held-out KL {held['kl_t1']:.4f}",
               flush=True)
@@ -224,13 +230,16 @@ def plan_points(paths, model_dir: str, float_model, eval_ids, heldout_ids, max_t
 def plans_markdown(rows: list[dict], float_entropy: float) -> str:
     out = ["| plan (round-to-nearest) | allocator | bytes | ppl | entropy change | evaluation-text KL "
            "| KL, --heldout-text (calibration domain; the plan's search may have sampled it) "
-           "| against the first plan of its budget: ppl, evaluation-text KL (95 % intervals) |",
+           "| against the first plan of its budget: ppl, evaluation-text KL, NLL (nats / token) and the part of it "
+           "on tokens the float model gives < 1 % (95 % intervals) |",
            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         vs = "—"
         if "vs" in r:
             vs = (f"{r['ppl_change'][0]:+.2f} ± {r['ppl_change'][1]:.2f} %, "
-                  f"{r['eval_kl_change'][0]:+.2f} ± {r['eval_kl_change'][1]:.2f} %")
+                  f"{r['eval_kl_change'][0]:+.2f} ± {r['eval_kl_change'][1]:.2f} %, "
+                  f"{r['nll_change'][0]:+.4f} ± {r['nll_change'][1]:.4f}, "
+                  f"{r['tail_nll_change'][0]:+.4f} ± {r['tail_nll_change'][1]:.4f}")
         out.append(f"| {r['plan']} | {r['allocator']} | {r['bytes']} | {r['ppl']:.2f} | "
                    f"{r['entropy'] - float_entropy:+.4f} | {r['eval_kl']:.4f} | {r['kl']:.4f} | {vs} |")
     keys = list(rows[0]["heldout"])
@@ -249,15 +258,17 @@ def markdown(curves: dict, rows: list[dict], ref: dict, fits: dict) -> str:
                                                     for c in curves.values()) + " |")
     if not rows:
         return "\n".join(out) + "\n"
-    out += ["", "| point | avg bits | ppl change | entropy change | evaluation-text KL | held-out KL |",
-            "| --- | --- | --- | --- | --- | --- |"]
-    for r in sorted(rows, key=lambda r: (r["budget"], r["entropy"] - ref["entropy"])):
+    out += ["", "| point | avg bits | ppl change | entropy change | evaluation-text KL | held-out KL "
+            "| ppl change not explained by the evaluation-text KL fit |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    resid = dict(zip((id(r) for r in rows), fits["eval_kl"]["residuals"]))
+    for r in sorted(rows, key=lambda r: (r["budget"], r["eval_kl"])):
         out.append(f"| {r['label']} @ {r['budget']} | {r['avg_bits']:.2f} | {100 * (r['ppl'] / ref['ppl'] - 1):+.2f} % | "
-                   f"{r['entropy'] - ref['entropy']:+.4f} | {r['eval_kl']:.4f} | {r['kl']:.4f} |")
+                   f"{r['entropy'] - ref['entropy']:+.4f} | {r['eval_kl']:.4f} | {r['kl']:.4f} | {resid[id(r)]:+.2f} % |")
     out += ["", "Least-squares fits of the perplexity change (%) over these points:", ""]
     for name, f in fits.items():
         terms = " + ".join(f"{c:+.3g} {v}" for c, v in zip(f["coef"][1:], name.split("+")))
-        out.append(f"- {f['coef'][0]:+.3g} {terms}: R^2 = {f['r2']:.3f}")
+        out.append(f"- {f['coef'][0]:+.3g} {terms}: R^2 = {f['r2']:.3f}, rms residual {f['rms_residual']:.2f} %")
     return "\n".join(out) + "\n"
 
 
