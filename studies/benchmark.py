@@ -23,7 +23,9 @@ Methods (``--methods``, default all):
 * ``gptq``: ``studies/gptq.py`` (act order, static groups, 1 % damping, true-sequential) at the
   largest (width, group 32/64/128) that fits.
 * ``hqq``, ``autoround``: the PyPI packages (optional extras: ``pip install -e .[benchmark]``),
-  skipped with a note when missing; same choice of (width, group).
+  skipped with a note when missing; same choice of (width, group). AutoRound runs asymmetric,
+  like every other method here; ``autoround-sym`` runs it symmetric (its own default; its packed
+  formats store a zero point all the same, so the bytes are counted alike).
 * ``autoscheme``: AutoRound's own per-layer mixed-precision search (``AutoScheme``, options W2 /
   W3 / W4 at g128, its layer scores on the same calibration tokens, ``peers.autoscheme_quantize``)
   within the budget by the same byte count, then AutoRound at each layer's width.
@@ -82,14 +84,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BUDGETS = (2.25, 2.5, 3.0, 3.25, 4.25)
 WIDTHS = (2, 3, 4, 5, 6, 8)
 GROUPS = (32, 64, 128)
-METHODS = ("rtn-g128", "rtn-channel", "gptq", "hqq", "autoround", "autoscheme", "llamacpp", "hawq",
+METHODS = ("rtn-g128", "rtn-channel", "gptq", "hqq", "autoround", "autoround-sym", "autoscheme", "llamacpp", "hawq",
            "bitsearch-rtn", "bitsearch-signround", "bitsearch-qat", "bitsearch-optuna-qat",
            "bitsearch-uniform-signround", "bitsearch-uniform-qat")
 QUICK_SKIP = ("bitsearch-optuna-qat",)
-COLORS = dict(zip(METHODS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+COLORS = dict(zip(METHODS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "mediumpurple",
+                            "tab:brown", "tab:pink",
                             "tab:olive", "0.45", "gold", "tab:cyan", "navy", "darkgoldenrod", "teal")))
 LABELS = {"rtn-g128": "RTN g128", "rtn-channel": "RTN per-channel", "gptq": "GPTQ", "hqq": "HQQ",
-          "autoround": "AutoRound", "autoscheme": "AutoRound AutoScheme", "llamacpp": "llama.cpp rule mix",
+          "autoround": "AutoRound", "autoround-sym": "AutoRound symmetric", "autoscheme": "AutoRound AutoScheme",
+          "llamacpp": "llama.cpp rule mix",
           "hawq": "HAWQ-style layer ILP",
           "bitsearch-rtn": "bitsearch plan + RTN", "bitsearch-signround": "bitsearch plan + SignRound",
           "bitsearch-qat": "bitsearch plan + tiled QAT", "bitsearch-optuna-qat": "bitsearch optuna plan + tiled QAT",
@@ -201,7 +205,7 @@ def _peers(package: str):
     return peers
 
 
-def peer_package(bench: Bench, budget: float, name: str):
+def peer_package(bench: Bench, budget: float, name: str, sym: bool = False):
     peers = _peers(name)
     meta = (lambda w: 32) if name == "hqq" else (lambda w: 16 + w)
     w, g, _ = bench.best_uniform(budget, GROUPS, meta)
@@ -210,7 +214,7 @@ def peer_package(bench: Bench, budget: float, name: str):
         info = peers.hqq_quantize(m, w, g, device=bench.args.device)
     else:
         info = peers.autoround_quantize(m, bench.tok, bench.batch, w, g, iters=bench.args.autoround_iters,
-                                        device=bench.args.device)
+                                        device=bench.args.device, sym=sym)
     return m, {"bytes": int(info["stored_bytes"]), "config": info.get("config", f"W{w} g{g}"),
                "seconds": info["seconds"]}
 
@@ -292,6 +296,7 @@ RUNNERS = {
     "gptq": gptq,
     "hqq": lambda b, x: peer_package(b, x, "hqq"),
     "autoround": lambda b, x: peer_package(b, x, "autoround"),
+    "autoround-sym": lambda b, x: peer_package(b, x, "autoround", sym=True),
     "autoscheme": autoscheme,
     "llamacpp": llamacpp,
     "hawq": hawq,

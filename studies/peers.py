@@ -276,9 +276,11 @@ def _restore_modules(model: nn.Module, state) -> None:
 
 def _check_autoround_layer(name: str, mod: nn.Module, bits: int, group_size: int) -> int:
     """The layer's weight is AutoRound's decode of b-bit codes with its float16 scale and
-    integer zero (left on the module as ``scale`` / ``zp``, one per row and group); returns the
-    number of groups."""
+    integer zero (left on the module as ``scale`` / ``zp``, one per row and group; a symmetric
+    layer has one integer ``zp`` for all); returns the number of groups."""
     scale, zp = getattr(mod, "scale", None), getattr(mod, "zp", None)
+    if isinstance(zp, int) and not isinstance(zp, bool) and isinstance(scale, torch.Tensor):
+        zp = torch.full(scale.shape, float(zp))
     if not isinstance(scale, torch.Tensor) or not isinstance(zp, torch.Tensor):
         raise RuntimeError(f"AutoRound did not quantize '{name}' (no scale / zp on the module)")
     out_f, in_f = mod.weight.shape
@@ -351,9 +353,11 @@ def _autoround_in_place(model: nn.Module, tokenizer, batch: torch.LongTensor, sc
 
 def autoround_quantize(model: nn.Module, tokenizer, batch: torch.LongTensor, bits: int, group_size: int, *,
                        iters: int = 200, device: str = "cpu", seed: int = 0, batch_size: int = 8,
-                       quiet: bool = True) -> dict:
+                       quiet: bool = True, sym: bool = False) -> dict:
     """Quantize the decoder-block linears of ``model`` in place with AutoRound (SignRound),
-    asymmetric (``sym=False``), ``bits`` / ``group_size`` / ``iters``, calibrated on exactly
+    asymmetric (``sym=False``, as every method of the benchmark stores a zero; ``sym=True`` is
+    AutoRound's own default, whose packed formats store a zero point all the same, so its bytes
+    are counted alike), ``bits`` / ``group_size`` / ``iters``, calibrated on exactly
     the rows of ``batch`` ([n_samples, seq_len] token ids; nsamples = n_samples, seqlen = seq_len;
     no dataset is downloaded). AutoRound's other settings are its defaults (lr = 1 / iters,
     min-max tuning, best-MSE rounding kept, quantized inputs to later blocks, mini-batches of
@@ -372,14 +376,14 @@ def autoround_quantize(model: nn.Module, tokenizer, batch: torch.LongTensor, bit
     # only the decoder-block linears: everything else AutoRound might pick up stays float
     others = {n: {"bits": 16} for n, m in model.named_modules()
               if isinstance(m, nn.Linear) and id(m) not in target_ids}
-    config = SignRoundConfig(iters=iters, bits=bits, group_size=group_size, sym=False)
+    config = SignRoundConfig(iters=iters, bits=bits, group_size=group_size, sym=sym)
     shapes, widths, seconds = _autoround_in_place(model, tokenizer, batch, f"W{bits}A16", config, group_size,
                                                   device=device, seed=seed, batch_size=batch_size, quiet=quiet,
                                                   layer_config=others or None)
     if set(widths) != {bits}:
         raise RuntimeError(f"AutoRound quantized the targets at widths {sorted(set(widths))}, not {bits}")
-    return _summary("AutoRound", bits, group_size, shapes, 16 + bits, seconds, iters=iters,
-                    n_samples=int(batch.shape[0]), seq_len=int(batch.shape[1]), seed=seed)
+    return _summary("AutoRound sym" if sym else "AutoRound", bits, group_size, shapes, 16 + bits, seconds,
+                    iters=iters, n_samples=int(batch.shape[0]), seq_len=int(batch.shape[1]), seed=seed, sym=sym)
 
 
 # ---------------------------------------------------------------------------- AutoScheme

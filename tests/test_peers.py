@@ -171,6 +171,24 @@ def test_autoround_w2_g32(tokenizer_dir):
     assert_left_as_found(model)
 
 
+def test_autoround_symmetric_w2_g32(tokenizer_dir, monkeypatch):
+    """sym=True (AutoRound's default): one zero point for every group of a layer, same bytes."""
+    tok, model, before, batch = autoround_inputs(tokenizer_dir, 3, 0)
+    zero_points, check = {}, peers._check_autoround_layer
+
+    def spy(name, mod, bits, group_size):
+        zero_points[name] = mod.zp
+        return check(name, mod, bits, group_size)
+
+    monkeypatch.setattr(peers, "_check_autoround_layer", spy)
+    info = peers.autoround_quantize(model, tok, batch, bits=2, group_size=32, iters=3, seed=0, sym=True)
+    check_model(model, before, 2, 32)
+    assert len(zero_points) == 14 and set(zero_points.values()) == {2}     # one int zero point: 2^(b-1)
+    assert info["stored_bytes"] == expected_bytes(model, 2, 32, 18) and info["config"] == "AutoRound sym W2 g32"
+    assert info["sym"] is True
+    assert_left_as_found(model)
+
+
 def test_autoscheme_target_fits_budget_with_padded_rows():
     """Rows whose codes do not fill whole bytes: any choice AutoScheme's DP may make under the
     target (its count <= int(n * target)) fits the budget by ours; too small a budget raises."""
