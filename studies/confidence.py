@@ -1,7 +1,9 @@
-"""How much of a quantized model's perplexity change on the evaluation text is a change of confidence?
+"""Perplexity, closeness to the float model and confidence on the evaluation text.
 
 The benchmark's two measures disagree (README): held-out KL ranks one method first, evaluation
-perplexity another. This study separates the two effects on slm-llama-17m.
+perplexity another. This study measures, on slm-llama-17m, how far a quantized model's
+perplexity change on the evaluation text follows its closeness to the float model there
+(KL(float || model)) and its change of confidence (the entropy of its predictions).
 
 1. The float model alone, its logits divided by a temperature T (no quantization): perplexity
    and mean predictive entropy on the evaluation text (wikitext2, out of the model's training
@@ -10,17 +12,20 @@ perplexity another. This study separates the two effects on slm-llama-17m.
 2. The benchmark's points that recorded the entropy of their predictions on the evaluation text
    (``benchmark.py`` does since this study): the perplexity change against the float model
    (in %) fitted by least squares on the entropy change alone, on the evaluation-text KL to the
-   float model alone, and on both, with R^2; and a plot of every point over the float model's
-   temperature curve.
-
+   float model alone, and on both, with R^2 and residuals; and a plot of every point over the
+   float model's temperature curve.
 3. Saved bit plans (``--plans``, e.g. the search-methods study's greedy, optuna and diffq plans),
-   applied by round-to-nearest: perplexity, evaluation-text KL, entropy change and held-out KL,
-   to see whether a plan that loses perplexity also loses fidelity on the evaluation text.
+   applied by round-to-nearest: perplexity, evaluation-text KL, entropy change and held-out
+   distance measures, each plan compared window by window with the first plan of its budget
+   (paired perplexity, KL and tail-token NLL changes with 95 % intervals): does a plan that
+   loses perplexity also lose closeness to the float model on the evaluation text?
 
 Nothing here is tuned on the evaluation text: T is a probe, never applied to a model.
 
-    python studies/confidence.py --points studies/results/benchmark/slm-llama-17m-quick-conf25 \\
-        studies/results/benchmark/slm-llama-17m-quick-conf325 --out studies/results/confidence
+    python studies/confidence.py --points studies/results/benchmark/slm-llama-17m-quick-confidence \\
+        --out studies/results/confidence
+    python studies/confidence.py --out studies/results/confidence-plans \\
+        --plans studies/results/search_methods_v4/greedy_2.5.json ...
 """
 
 from __future__ import annotations
@@ -40,10 +45,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bitsearch.apply import fake_quantize_model  # noqa: E402
 from bitsearch.atomic import write_text_atomic  # noqa: E402
-from bitsearch.plan import BitPlan  # noqa: E402
 from bitsearch.data import read_text, tokenize_text  # noqa: E402
 from bitsearch.evaluate import windows  # noqa: E402
 from bitsearch.models import load_model, load_tokenizer  # noqa: E402
+from bitsearch.plan import BitPlan  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 HERE = os.path.dirname(os.path.abspath(__file__))
