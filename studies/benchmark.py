@@ -354,7 +354,7 @@ def float_point(bench: Bench) -> dict:
 
 def markdown(rows: list[dict], ref: dict, budgets) -> str:
     """Two tables: perplexity (stored bits) per method and budget; then KL, time and configuration;
-    a third, where points have them, with the evaluation-text KL and entropy change."""
+    a third, for the methods whose points have them, with the evaluation-text KL and entropy change."""
     by = {(r["method"], r["budget"]): r for r in rows}
     methods = list(dict.fromkeys(r["method"] for r in rows))
     head = "| method | " + " | ".join(f"{b} bits" for b in budgets) + " |"
@@ -386,7 +386,7 @@ def markdown(rows: list[dict], ref: dict, budgets) -> str:
         out += ["", "On the evaluation text: KL(float || model), and the change of the mean entropy of the "
                 f"predictions against the float model's {ref['entropy']:.4f} nats (positive: less confident).", "",
                 head.replace("| method |", "| evaluation-text KL, entropy change |"), rule]
-        for m in methods:
+        for m in (m for m in methods if any("eval_kl" in r for r in rows if r["method"] == m)):
             out.append(f"| {LABELS[m]} | " + " | ".join(confidence(by.get((m, b))) for b in budgets) + " |")
     return "\n".join(out) + "\n"
 
