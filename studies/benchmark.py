@@ -126,12 +126,14 @@ class Bench:
     def budget_bytes(self, budget: float) -> int:
         return budget_to_bytes(budget, self.n_weights)
 
-    def best_uniform(self, budget: float, groups, meta=lambda w: 24) -> tuple[int, int, int]:
-        """(width, group, bytes) of the largest uniform configuration within the budget."""
+    def best_uniform(self, budget: float, groups, meta=lambda w: 24, nbytes=None) -> tuple[int, int, int]:
+        """(width, group, bytes) of the largest uniform configuration within the budget: bytes of
+        b-bit codes and ``meta(b)`` bits per row and group, or ``nbytes(width, group)``."""
+        count = nbytes or (lambda w, g: math.ceil(storage_bits(self.shapes, w, g, meta(w)) / 8))
         limit, best = self.budget_bytes(budget), None
         for w in WIDTHS:
             for g in groups:
-                n = math.ceil(storage_bits(self.shapes, w, g, meta(w)) / 8)
+                n = count(w, g)
                 if n <= limit and (best is None or n > best[2]):
                     best = (w, g, n)
         if best is None:
@@ -256,15 +258,9 @@ def hawq(bench: Bench, budget: float):
 def uniform_bitsearch_plan(bench: Bench, budget: float):
     """bitsearch's ``uniform`` allocator over the benchmark's (width, group) pairs: the pair whose
     plan (bit map included, ``BitPlan.n_bytes``) stores the most bytes within the budget."""
-    m, limit, best = bench.fresh(), bench.budget_bytes(budget), None
-    for w in WIDTHS:
-        for g in GROUPS:
-            plan = uniform_plan(m, w, g)
-            if plan.n_bytes() <= limit and (best is None or plan.n_bytes() > best.n_bytes()):
-                best = plan
-    if best is None:
-        raise Skip(f"no uniform configuration fits {budget} bits")
-    return best, 0.0, m
+    m = bench.fresh()
+    w, g, _ = bench.best_uniform(budget, GROUPS, nbytes=lambda w, g: uniform_plan(m, w, g).n_bytes())
+    return uniform_plan(m, w, g), 0.0, m
 
 
 def bitsearch_pipeline(bench: Bench, budget: float, finalizer: str, search: str = "greedy"):
@@ -346,10 +342,11 @@ def run_point(bench: Bench, method: str, budget: float) -> dict:
 
 def float_point(bench: Bench) -> dict:
     path = os.path.join(bench.args.out, "points", "float.json")
-    if not os.path.exists(path) or "entropy" not in json.load(open(path)):    # older points had no entropy
+    row = json.load(open(path)) if os.path.exists(path) else {}
+    if "entropy" not in row:     # not measured yet, or measured before points recorded the entropy
         row = {"method": "float", "label": "float", "avg_bits": 32.0, **measure(bench, bench.float_model)}
         write_text_atomic(path, json.dumps(row, indent=1) + "\n")
-    return json.load(open(path))
+    return row
 
 
 def markdown(rows: list[dict], ref: dict, budgets) -> str:

@@ -144,11 +144,19 @@ def plot(curve: list[dict], rows: list[dict], ref: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """KL(exp a || exp b) of each sequence of (B, T, V) log-probabilities, summed over T."""
+    return (a.exp() * (a - b)).double().sum((1, 2))
+
+
 @torch.no_grad()
-def window_stats(model, reference, ids: torch.Tensor, max_tokens: int | None, seq_len: int = 512) -> dict:
-    """Per 512-token window (the windows of ``bitsearch.evaluate.perplexity``): the number of
-    predicted tokens, and the summed NLL, entropy and KL(reference || model) of its predictions,
-    and the summed NLL change (model - reference) on the tokens the reference gives < 1 %."""
+def window_stats(model, reference, ids: torch.Tensor, max_tokens: int | None, seq_len: int = 512,
+                 tail: float = 0.01) -> dict:
+    """Per 512-token window (the windows of ``bitsearch.evaluate.perplexity``), summed over its
+    predictions: ``n`` tokens, the model's ``nll`` of the true next tokens and ``entropy``;
+    KL(reference || model) of the distributions at temperatures 1, 2 and 4 (both softened alike,
+    as in distillation: ``kl``, ``kl_t2``, ``kl_t4``); ``reverse_kl`` KL(model || reference); and
+    ``tail``, the NLL change (model - reference) on the tokens the reference gives < ``tail``."""
     parts = []
     for w in windows(ids, seq_len, max_tokens):
         for x in w.split(4):
@@ -156,38 +164,22 @@ def window_stats(model, reference, ids: torch.Tensor, max_tokens: int | None, se
             ref = F.log_softmax(reference(input_ids=x).logits[:, :-1].float(), dim=-1)
             tgt = x[:, 1:].unsqueeze(-1)
             qy, py = logp.gather(-1, tgt).squeeze(-1).double(), ref.gather(-1, tgt).squeeze(-1).double()
+            softened = [_kl(F.log_softmax(ref / t, dim=-1), F.log_softmax(logp / t, dim=-1)) for t in (2, 4)]
             parts.append(torch.stack([torch.full((x.shape[0],), float(tgt.shape[1]), dtype=torch.float64),
-                                      -qy.sum(1), -(logp.exp() * logp).double().sum((1, 2)),
-                                      (ref.exp() * (ref - logp)).double().sum((1, 2)),
-                                      ((py - qy) * (py.exp() < 0.01)).sum(1)], 1))
-    n, nll, ent, kl, tail = torch.cat(parts).T.numpy()
-    return {"n": n, "nll": nll, "entropy": ent, "kl": kl, "tail": tail}
+                                      -qy.sum(1), -(logp.exp() * logp).double().sum((1, 2)), _kl(ref, logp),
+                                      *softened, _kl(logp, ref), ((py - qy) * (py.exp() < tail)).sum(1)], 1))
+    keys = ("n", "nll", "entropy", "kl", "kl_t2", "kl_t4", "reverse_kl", "tail")
+    return dict(zip(keys, torch.cat(parts).T.numpy()))
 
 
-@torch.no_grad()
 def distance_measures(model, reference, ids: torch.Tensor, max_tokens: int | None, seq_len: int = 512,
                       tail: float = 0.01) -> dict:
-    """Ways to say how far ``model`` is from ``reference`` on a text, per predicted token: the
-    model's NLL of the true next tokens, KL(reference || model) of the distributions at
-    temperatures 1, 2 and 4 (both softened alike, as in distillation), the reverse KL(model ||
-    reference), and the NLL change (model - reference) summed over the tokens the reference gives
-    less than ``tail`` probability, divided by all tokens."""
-    keys = ("nll", "kl_t1", "kl_t2", "kl_t4", "reverse_kl", "tail_nll_change")
-    acc, count = dict.fromkeys(keys, 0.0), 0
-    for w in windows(ids, seq_len, max_tokens):
-        for x in w.split(4):
-            lq = F.log_softmax(model(input_ids=x).logits[:, :-1].float(), dim=-1)
-            lp = F.log_softmax(reference(input_ids=x).logits[:, :-1].float(), dim=-1)
-            y = x[:, 1:].unsqueeze(-1)
-            acc["nll"] -= lq.gather(-1, y).sum().item()
-            for t in (1, 2, 4):
-                a, b = F.log_softmax(lp / t, dim=-1), F.log_softmax(lq / t, dim=-1)
-                acc[f"kl_t{t}"] += (a.exp() * (a - b)).sum().item()
-            acc["reverse_kl"] += (lq.exp() * (lq - lp)).sum().item()
-            py, qy = lp.gather(-1, y), lq.gather(-1, y)
-            acc["tail_nll_change"] += ((py - qy) * (py.exp() < tail)).sum().item()
-            count += y.numel()
-    return {k: v / count for k, v in acc.items()}
+    """``window_stats`` per predicted token over the whole text: the model's true-token ``nll``,
+    ``kl_t1`` / ``kl_t2`` / ``kl_t4``, ``reverse_kl`` and ``tail_nll_change``."""
+    st = window_stats(model, reference, ids, max_tokens, seq_len, tail)
+    names = {"nll": "nll", "kl_t1": "kl", "kl_t2": "kl_t2", "kl_t4": "kl_t4", "reverse_kl": "reverse_kl",
+             "tail_nll_change": "tail"}
+    return {name: float(st[key].sum() / st["n"].sum()) for name, key in names.items()}
 
 
 def paired(a: dict, b: dict, key: str) -> tuple[float, float]:

@@ -4,7 +4,6 @@ largest that fits the budget by bitsearch's byte count, checked against that cou
 import math
 import os
 import sys
-from types import SimpleNamespace
 
 import pytest
 
@@ -20,13 +19,21 @@ def stored(shapes, w, g):
     return sum(r * (math.ceil(k * w / 8) + 3 * math.ceil(k / g) + 1) for r, k in shapes)
 
 
+def bench_for(model_dir, limit=None):
+    """A Bench with only what choosing a configuration needs: the model, its shapes, the budget."""
+    bench = benchmark.Bench.__new__(benchmark.Bench)
+    bench.fresh = lambda: load_model(model_dir, "cpu", "float32")
+    bench.shapes = [(t.out_features, t.in_features) for t in find_targets(bench.fresh())]
+    n = sum(r * k for r, k in bench.shapes)
+    bench.budget_bytes = (lambda b: budget_to_bytes(b, n)) if limit is None else (lambda b: limit)
+    return bench
+
+
 @pytest.mark.parametrize("budget", [2.6, 2.8, 3.3, 4.5, 8.6])
 def test_uniform_plan_is_the_largest_pair_that_fits(llama_dir, budget):
-    model = load_model(llama_dir, "cpu", "float32")
-    shapes = [(t.out_features, t.in_features) for t in find_targets(model)]
+    bench = bench_for(llama_dir)
+    shapes = bench.shapes
     n = sum(r * k for r, k in shapes)
-    bench = SimpleNamespace(fresh=lambda: load_model(llama_dir, "cpu", "float32"),
-                            budget_bytes=lambda b: budget_to_bytes(b, n))
     plan, secs, m = benchmark.uniform_bitsearch_plan(bench, budget)
     limit = budget_to_bytes(budget, n)
     fits = {(w, g): stored(shapes, w, g) for w in benchmark.WIDTHS for g in benchmark.GROUPS
@@ -38,6 +45,6 @@ def test_uniform_plan_is_the_largest_pair_that_fits(llama_dir, budget):
 
 
 def test_uniform_plan_below_every_pair_is_skipped(llama_dir):
-    bench = SimpleNamespace(fresh=lambda: load_model(llama_dir, "cpu", "float32"), budget_bytes=lambda b: 10)
+    bench = bench_for(llama_dir, limit=10)
     with pytest.raises(benchmark.Skip, match="no uniform configuration fits 1.0 bits"):
         benchmark.uniform_bitsearch_plan(bench, 1.0)
