@@ -263,6 +263,20 @@ def uniform_bitsearch_plan(bench: Bench, budget: float):
     return uniform_plan(m, w, g), 0.0, m
 
 
+def finalize_plan(model, tok, plan, batch: torch.Tensor, finalizer: str, a) -> None:
+    """Quantize ``model`` in place to ``plan`` with ``finalizer`` (``rtn``, ``signround`` or tiled
+    ``qat``) on the calibration ``batch``, with the finalizer settings in ``a`` (``SETTINGS``);
+    ``a.out`` holds the finalizer's scratch checkpoint."""
+    if finalizer == "rtn":
+        fake_quantize_model(model, plan)
+        return
+    qat = dict(method="qat", mode="tiled", steps=a.qat_steps, lr=a.qat_lr, batch_size=a.qat_batch_size)
+    opts = qat if finalizer == "qat" else dict(method="signround", signround_steps=a.signround_steps)
+    train = batch.reshape(-1, a.qat_seq_len) if batch.shape[1] % a.qat_seq_len == 0 else batch
+    api.finalize(model=a.model, plan=plan, out=os.path.join(a.out, "tmp-finalized"), _loaded=(model, tok),
+                 _batch=train, seq_len=train.shape[1], device=a.device, show_progress=False, **opts)
+
+
 def bitsearch_pipeline(bench: Bench, budget: float, finalizer: str, search: str = "greedy"):
     kw = {}
     if search == "optuna":     # no plan file: the study lives in memory, a fresh one per point
@@ -272,15 +286,7 @@ def bitsearch_pipeline(bench: Bench, budget: float, finalizer: str, search: str 
     else:
         plan, secs, m = bench.plan(budget, method=search, **kw)
     t0 = time.time()
-    if finalizer == "rtn":
-        fake_quantize_model(m, plan)
-    else:
-        a = bench.args
-        qat = dict(method="qat", mode="tiled", steps=a.qat_steps, lr=a.qat_lr, batch_size=a.qat_batch_size)
-        opts = qat if finalizer == "qat" else dict(method="signround", signround_steps=a.signround_steps)
-        train = bench.batch.reshape(-1, a.qat_seq_len) if bench.batch.shape[1] % a.qat_seq_len == 0 else bench.batch
-        api.finalize(model=a.model, plan=plan, out=os.path.join(a.out, "tmp-finalized"), _loaded=(m, bench.tok),
-                     _batch=train, seq_len=train.shape[1], device=a.device, show_progress=False, **opts)
+    finalize_plan(m, bench.tok, plan, bench.batch, finalizer, bench.args)
     config = (plan.provenance["allocator"] if search == "uniform" else f"{search}, imatrix") + f", {finalizer}"
     return m, {"bytes": plan.n_bytes(), "config": config,
                "seconds": secs + time.time() - t0}
@@ -452,6 +458,16 @@ def plot(rows: list[dict], ref: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+# (setting, full run, --quick) for the options left unset on the command line
+SETTINGS = [("max_tokens", None, 40000), ("kl_tokens", 32768, 8192), ("qat_steps", 200, 80), ("qat_batch_size", 8, 4),
+            ("qat_lr", 2e-4, 2e-4), ("qat_seq_len", 512, 256), ("signround_steps", 200, 100), ("samples", 128, 64), ("autoround_iters", 200, 50)]
+
+
+def settings(quick: bool) -> dict:
+    """The benchmark's default settings, of the full run or of ``--quick``."""
+    return {name: quick_value if quick else full for name, full, quick_value in SETTINGS}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=os.path.join(SHARED, "models", "slm-llama-17m"))
@@ -470,7 +486,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--kl-tokens", type=int, default=None, help="default 32768; --quick 8192")
     ap.add_argument("--probes", type=int, default=8, help="Hutchinson probes of the HAWQ-style plan")
     ap.add_argument("--qat-steps", type=int, default=None, help="default 200; --quick 80")
-    ap.add_argument("--qat-lr", type=float, default=2e-4)
+    ap.add_argument("--qat-lr", type=float, default=None, help="default 2e-4")
     ap.add_argument("--qat-batch-size", type=int, default=None, help="default 8; --quick 4")
     ap.add_argument("--qat-seq-len", type=int, default=None, help="default 512; --quick 256")
     ap.add_argument("--signround-steps", type=int, default=None, help="default 200; --quick 100")
@@ -484,11 +500,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=os.path.join(HERE, "results", "benchmark"))
     args = ap.parse_args(argv)
     q = args.quick
-    for name, full, quick in [("max_tokens", None, 40000), ("kl_tokens", 32768, 8192), ("qat_steps", 200, 80),
-                              ("qat_batch_size", 8, 4), ("qat_seq_len", 512, 256), ("signround_steps", 200, 100),
-                              ("samples", 128, 64), ("autoround_iters", 200, 50)]:
+    for name, value in settings(q).items():
         if getattr(args, name) is None:
-            setattr(args, name, quick if q else full)
+            setattr(args, name, value)
     if args.max_tokens == 0:
         args.max_tokens = None
     if args.threads:

@@ -15,10 +15,12 @@ perplexity change on the evaluation text follows its closeness to the float mode
    float model alone, and on both, with R^2 and residuals; and a plot of every point over the
    float model's temperature curve.
 3. Saved bit plans (``--plans``, e.g. the search-methods study's greedy, optuna and diffq plans),
-   applied by round-to-nearest: perplexity, evaluation-text KL, entropy change and held-out
+   applied by round-to-nearest, or (``--finalize signround|qat``) by the benchmark's SignRound
+   or tiled QAT with its --quick settings on its calibration split: perplexity, evaluation-text KL, entropy change and held-out
    distance measures, each plan compared window by window with the first plan of its budget
    (paired perplexity, KL and tail-token NLL changes with 95 % intervals): does a plan that
-   loses perplexity also lose closeness to the float model on the evaluation text?
+   loses perplexity also lose closeness to the float model on the evaluation text, and does the
+   ranking of the plans survive finalization?
 
 Nothing here is tuned on the evaluation text: T is a probe, never applied to a model.
 
@@ -26,6 +28,7 @@ Nothing here is tuned on the evaluation text: T is a probe, never applied to a m
         --out studies/results/confidence
     python studies/confidence.py --out studies/results/confidence-plans \\
         --plans studies/results/search_methods_v4/greedy_2.5.json ...
+    python studies/confidence.py --out studies/results/confidence-plans-qat --finalize qat --plans ...
 """
 
 from __future__ import annotations
@@ -36,19 +39,23 @@ import json
 import math
 import os
 import sys
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 
 from bitsearch.apply import fake_quantize_model  # noqa: E402
 from bitsearch.atomic import write_text_atomic  # noqa: E402
-from bitsearch.data import read_text, tokenize_text  # noqa: E402
+from bitsearch.data import calibration_batches, read_text, tokenize_text  # noqa: E402
 from bitsearch.evaluate import windows  # noqa: E402
 from bitsearch.models import load_model, load_tokenizer  # noqa: E402
 from bitsearch.plan import BitPlan  # noqa: E402
+from benchmark import finalize_plan, settings  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -192,14 +199,20 @@ def paired(a: dict, b: dict, key: str) -> tuple[float, float]:
     return mean, se
 
 
-def plan_points(paths, model_dir: str, float_model, eval_ids, heldout_ids, max_tokens, heldout_tokens) -> list[dict]:
-    """Each plan applied to a fresh copy of the model by round-to-nearest and measured like a
-    benchmark point; each compared, window by window on the evaluation text, with the first plan
-    listed for the same budget (perplexity and evaluation-text KL change, with 95 % intervals)."""
+def plan_points(paths, model_dir: str, float_model, eval_ids, heldout_ids, max_tokens, heldout_tokens,
+                quantize=fake_quantize_model) -> list[dict]:
+    """Each plan applied to a fresh copy of the model by ``quantize(model, plan)`` (in place;
+    default round-to-nearest) and measured like a benchmark point; each compared, window by
+    window on the evaluation text, with the first plan listed for the same budget (perplexity and
+    evaluation-text KL change, with 95 % intervals)."""
     rows, first, stats = [], {}, {}
     for path in paths:
         plan = BitPlan.load(path)
-        m = fake_quantize_model(load_model(model_dir, "cpu", "float32").eval(), plan)
+        m = load_model(model_dir, "cpu", "float32").eval()
+        t0 = time.time()
+        quantize(m, plan)
+        m.eval()
+        seconds = time.time() - t0
         st = window_stats(m, float_model, eval_ids, max_tokens)
         held = distance_measures(m, float_model, heldout_ids, heldout_tokens)
         n = st["n"].sum()
@@ -207,7 +220,7 @@ def plan_points(paths, model_dir: str, float_model, eval_ids, heldout_ids, max_t
         row = {"plan": path, "allocator": plan.provenance.get("allocator", "?"), "budget": budget,
                "bytes": plan.n_bytes(), "ppl": math.exp(st["nll"].sum() / n), "entropy": st["entropy"].sum() / n,
                "eval_kl": st["kl"].sum() / n, "eval_tail_nll_change": st["tail"].sum() / n,
-               "kl": held["kl_t1"], "heldout": held}
+               "kl": held["kl_t1"], "heldout": held, "quantize_seconds": round(seconds, 1)}
         base = first.setdefault(budget, path)
         stats[path] = st
         if base != path:
@@ -224,8 +237,8 @@ def plan_points(paths, model_dir: str, float_model, eval_ids, heldout_ids, max_t
     return rows
 
 
-def plans_markdown(rows: list[dict], float_entropy: float) -> str:
-    out = ["| plan (round-to-nearest) | allocator | bytes | ppl | entropy change | evaluation-text KL "
+def plans_markdown(rows: list[dict], float_entropy: float, finalizer: str = "round-to-nearest") -> str:
+    out = [f"| plan ({finalizer}) | allocator | bytes | ppl | entropy change | evaluation-text KL "
            "| KL, --heldout-text (calibration domain; the plan's search may have sampled it) "
            "| against the first plan of its budget: ppl, evaluation-text KL, NLL (nats / token) and the part of it "
            "on tokens the float model gives < 1 % (95 % intervals) |",
@@ -269,6 +282,20 @@ def markdown(curves: dict, rows: list[dict], ref: dict, fits: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+FINALIZERS = {"rtn": "round-to-nearest", "signround": "SignRound, benchmark --quick settings",
+              "qat": "tiled QAT, benchmark --quick settings"}
+
+
+def quantizer(args, tok):
+    """``quantize(model, plan)`` for ``--finalize``: round-to-nearest, or the benchmark's finalizer
+    with its --quick settings on calibration samples of ``--calib-text`` (the same for every plan)."""
+    if args.finalize == "rtn":
+        return fake_quantize_model
+    a = SimpleNamespace(**{"seq_len": 512, **settings(quick=True)}, model=args.model, device="cpu", out=args.out)
+    batch, _ = calibration_batches(tok, args.calib_text, a.samples, a.seq_len, 0)
+    return lambda model, plan: finalize_plan(model, tok, plan, batch, args.finalize, a)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=os.path.join(SHARED, "models", "slm-llama-17m"))
@@ -279,7 +306,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--heldout-tokens", type=int, default=8192)
     ap.add_argument("--temperatures", default="0.9,0.95,1,1.02,1.05,1.1,1.2")
     ap.add_argument("--points", nargs="*", default=[], help="benchmark output folders whose points have entropies")
-    ap.add_argument("--plans", nargs="*", default=[], help="bit plans to apply by round-to-nearest and measure")
+    ap.add_argument("--plans", nargs="*", default=[], help="bit plans to apply (--finalize) and measure")
+    ap.add_argument("--finalize", choices=("rtn", "signround", "qat"), default="rtn",
+                    help="how --plans are applied: round-to-nearest, or the benchmark's SignRound or tiled QAT with "
+                         "its --quick settings on --calib-text")
+    ap.add_argument("--calib-text", default=os.path.join(HERE, "results", "benchmark", "slm-llama-17m-quick", "calib.txt"),
+                    help="calibration text of --finalize signround|qat (default: the benchmark's calibration split)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "confidence"))
     args = ap.parse_args(argv)
@@ -306,9 +338,10 @@ def main(argv=None) -> dict:
     md = markdown(curves, rows if "fits" in result else [], ref, result.get("fits", {}))
     if args.plans:
         result["plans"] = plan_points(args.plans, args.model, model, ids["evaluation text"], ids["held-out text"],
-                                      args.max_tokens, args.heldout_tokens)
+                                      args.max_tokens, args.heldout_tokens, quantizer(args, tok))
+        result["finalize"] = args.finalize
         one = next(c for c in curves["evaluation text"] if c["T"] == 1.0)
-        md += "\n" + plans_markdown(result["plans"], one["entropy"])
+        md += "\n" + plans_markdown(result["plans"], one["entropy"], FINALIZERS[args.finalize])
     write_text_atomic(os.path.join(args.out, "confidence.md"), md)
     write_text_atomic(os.path.join(args.out, "confidence.json"), json.dumps(result, indent=1) + "\n")
     print(md)

@@ -55,3 +55,32 @@ def test_distance_measures_agree_with_perplexity_and_vanish_against_itself():
     # float32 log-probabilities: the two ways of summing differ by rounding only
     assert everything["tail_nll_change"] == pytest.approx(r.nll - perplexity(ref, ids, 40, show_progress=False).nll,
                                                           abs=1e-5)
+
+
+def test_finalize_option_applies_the_benchmarks_finalizer_to_each_plan(llama_dir, text_file, tmp_path, monkeypatch):
+    """--finalize signround: each plan's model is SignRound-quantized on --calib-text with the
+    benchmark's --quick settings (shrunk here): every row of a 2-bit plan ends up with at most 4
+    levels per group, not the float weights, and not round-to-nearest's weights."""
+    from types import SimpleNamespace
+
+    from bitsearch.apply import fake_quantize_model
+    from bitsearch.models import load_model, load_tokenizer
+    from bitsearch.search.uniform import uniform_plan
+
+    small = dict(seq_len=32, samples=4, signround_steps=3, qat_steps=2, qat_lr=2e-4, qat_batch_size=2, qat_seq_len=32)
+    monkeypatch.setattr(confidence, "settings", lambda quick: small)
+    args = SimpleNamespace(finalize="signround", model=llama_dir, calib_text=text_file, out=str(tmp_path))
+    quantize = confidence.quantizer(args, load_tokenizer(llama_dir))
+    plan = uniform_plan(load_model(llama_dir, "cpu", "float32"), 2, 32)
+    signround, rtn = load_model(llama_dir, "cpu", "float32"), load_model(llama_dir, "cpu", "float32")
+    quantize(signround, plan)
+    fake_quantize_model(rtn, plan)
+    moved = 0
+    for name in plan.bits:
+        w, r = signround.get_submodule(name).dequantized_weight(), rtn.get_submodule(name).weight
+        g = w.detach().reshape(w.shape[0], -1, 32)
+        levels = max(len(torch.unique(g[i, j])) for i in range(g.shape[0]) for j in range(g.shape[1]))
+        assert levels <= 4, name
+        moved += int((w != r).any())
+    assert moved > 0                                   # SignRound rounded some rows otherwise than RTN
+    assert confidence.quantizer(SimpleNamespace(finalize="rtn"), None) is fake_quantize_model
