@@ -20,7 +20,7 @@ import torch
 from . import __version__
 from .apply import fake_quantize_model, pack_model, packed_tensor_bytes, plan_targets, save_fake, save_packed
 from .atomic import write_text_atomic
-from .cost import avg_bits, budget_to_bytes
+from .cost import avg_bits, budget_to_bytes, check_budget_fits, plan_bytes
 from .couplings import find_couplings
 from .data import calibration_batches, read_text, tokenize_text
 from .errors import BitsearchError
@@ -177,6 +177,15 @@ def search_plan(table: SensitivityTable, targets, fingerprint: dict, *, budget: 
     return plan
 
 
+def _check_budget_early(targets, budget: str, lowest: int, group_size: int) -> None:
+    """A budget that does not parse, or that every row at the ``lowest`` width allowed already
+    exceeds, refused before minutes of sensitivity pass (the allocators check it again, exactly)."""
+    n_weights = sum(t.numel for t in targets)
+    need = plan_bytes({t.name: (t.out_features, t.in_features) for t in targets},
+                      {t.name: [lowest] * t.out_features for t in targets}, group_size)
+    check_budget_fits(budget_to_bytes(budget, n_weights), need, n_weights, lowest)
+
+
 def _parse_layer_min_bits(items: list[str] | None) -> dict[str, int] | None:
     """["down_proj=3", ...] -> {"down_proj": 3}."""
     if not items:
@@ -248,20 +257,24 @@ def search(*, model: str, budget: str, out: str | None = None, calib: str | None
     text = dict(data_free=data_free, out=out, cache=data_free_cache, overwrite=overwrite_data_free,
                 show_progress=show_progress)
     m, tok = _loaded if _loaded is not None else (load_model(model, device, dtype), None)
+    tgts = find_targets(m, targets, exclude)
     if sensitivity_table is None:
         tok = tok or load_tokenizer(model)
         # curves only for widths this search may pick (plus the calibration width): with the
         # default --min-bits 2 that skips the pruning response, a second forward pass per layer
         lo = -1 if min_bits is None else min_bits
         hi = 99 if max_bits is None else max_bits
-        menu = sorted({b for b in parse_bits(bits) if lo <= b <= hi} | {CALIB_REF_BITS})
+        allowed = [b for b in parse_bits(bits) if lo <= b <= hi]
+        if not allowed:
+            raise BitsearchError(f"no width of the menu lies in [--min-bits {lo}, --max-bits {hi}]")
+        _check_budget_early(tgts, budget, min(allowed), group_size)   # before the sensitivity pass
+        menu = sorted(set(allowed) | {CALIB_REF_BITS})
         table = sensitivity(model=model, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
                             estimators=estimators, bits=menu, group_size=group_size, targets=targets,
                             exclude=exclude, calibrate=calibrate, calib_loss_samples=calib_loss_samples,
                             mix=mix, probes=probes, checkpointing=checkpointing, micro_batch=micro_batch,
                             data_free=data_free, data_free_cache=data_free_cache,
                             overwrite_data_free=overwrite_data_free, show_progress=show_progress, _loaded=(m, tok))
-    tgts = find_targets(m, targets, exclude)
     # model-in-the-loop methods measure KL on kl_samples samples (a prefix of the data-free cache)
     text.update(model=m, data_free=kl_samples if data_free is not None else None)
     fp = model_fingerprint(m, tgts)

@@ -26,7 +26,7 @@ from .quant.packing import packed_row_bytes
 
 __all__ = [
     "SCALE_BYTES", "ZERO_BYTES", "BITMAP_BYTES_PER_CHANNEL",
-    "row_bytes", "layer_bytes", "plan_bytes", "avg_bits", "parse_budget", "budget_to_bytes",
+    "row_bytes", "layer_bytes", "plan_bytes", "avg_bits", "check_budget_fits", "parse_budget", "budget_to_bytes",
 ]
 
 SCALE_BYTES = 2
@@ -68,6 +68,14 @@ def plan_bytes(shapes: Mapping[str, tuple[int, int]], bits: Mapping[str, Iterabl
 
 def avg_bits(n_bytes: int, n_weights: int) -> float:
     return 8.0 * n_bytes / n_weights
+
+
+def check_budget_fits(budget_bytes: int, need: int, n_weights: int, lowest: int) -> None:
+    """Refuse a budget below ``need``, the bytes of every row at the ``lowest`` width allowed."""
+    if budget_bytes < need:
+        raise BitsearchError(
+            f"budget {budget_bytes} bytes ({avg_bits(budget_bytes, n_weights):.4f} bits) is below the "
+            f"smallest feasible one with widths >= {lowest}: {need} bytes ({avg_bits(need, n_weights):.4f} bits)")
 
 
 _BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(B|KB|MB|GB|KIB|MIB|GIB)\s*$", re.IGNORECASE)

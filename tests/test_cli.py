@@ -119,3 +119,28 @@ def test_console_script_entry():
     assert r.returncode == 0
     for sub in ["demo", "sensitivity", "search", "apply", "eval", "plot"]:
         assert sub in r.stdout
+
+
+def test_bad_budget_refused_before_the_sensitivity_pass(made, capsys, tmp_path, monkeypatch):
+    """Without a precomputed table, a budget that does not parse or cannot fit is refused at once,
+    not after the minutes of sensitivity pass (which here would fail the test)."""
+    import bitsearch.api
+
+    def no_pass(**kw):
+        raise AssertionError("the sensitivity pass ran")
+
+    monkeypatch.setattr(bitsearch.api, "sensitivity", no_pass)
+    out = str(tmp_path / "x.json")
+    common = ["--quiet", "search", "--model", made["model"], "--calib", made["text"], "--group-size", "16",
+              "--out", out]
+    for budget, pattern in [("lots", r"budget 'lots' is neither"),
+                            ("1.0", r"below the smallest feasible one with widths >= 2: \d+ bytes"),
+                            ("0.001MB", r"budget 1000 bytes .* below the smallest feasible one")]:
+        code, _, err = run_cli(capsys, *common, "--budget", budget)
+        assert_one_line_error(code, err, pattern)
+    code, _, err = run_cli(capsys, *common, "--budget", "1.0", "--min-bits", "9")
+    assert_one_line_error(code, err, r"no width of the menu lies in \[--min-bits 9")
+    # with pruning allowed, only the bit map must fit: this budget passes the early check
+    with pytest.raises(AssertionError, match="the sensitivity pass ran"):
+        main(common + ["--budget", "1.0", "--min-bits", "0"])
+    assert not os.path.exists(out)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..cost import BITMAP_BYTES_PER_CHANNEL, avg_bits, row_bytes
+from ..cost import BITMAP_BYTES_PER_CHANNEL, check_budget_fits, row_bytes
 from ..errors import BitsearchError
 from ..models import Target
 from ..sensitivity.table import SensitivityTable
@@ -47,12 +47,7 @@ class AllocationProblem:
         return float(self.errors[np.arange(self.n_channels), choice].sum())
 
     def check_budget(self, budget_bytes: int) -> None:
-        need = self.min_bytes()
-        if budget_bytes < need:
-            raise BitsearchError(
-                f"budget {budget_bytes} bytes ({avg_bits(budget_bytes, self.n_weights):.4f} bits) is below the "
-                f"smallest feasible one with widths >= {self.bits[0]}: {need} bytes "
-                f"({avg_bits(need, self.n_weights):.4f} bits)")
+        check_budget_fits(budget_bytes, self.min_bytes(), self.n_weights, self.bits[0])
 
     def widths(self, choice: np.ndarray) -> dict[str, np.ndarray]:
         menu = np.asarray(self.bits, dtype=np.uint8)
