@@ -460,7 +460,8 @@ def plot(rows: list[dict], ref: dict, path: str) -> None:
 
 # (setting, full run, --quick) for the options left unset on the command line
 SETTINGS = [("max_tokens", None, 40000), ("kl_tokens", 32768, 8192), ("qat_steps", 200, 80), ("qat_batch_size", 8, 4),
-            ("qat_lr", 2e-4, 2e-4), ("qat_seq_len", 512, 256), ("signround_steps", 200, 100), ("samples", 128, 64), ("autoround_iters", 200, 50)]
+            ("qat_lr", 2e-4, 2e-4), ("qat_seq_len", 512, 256), ("signround_steps", 200, 100), ("samples", 128, 64),
+            ("autoround_iters", 200, 50)]
 
 
 def settings(quick: bool) -> dict:

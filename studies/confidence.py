@@ -16,9 +16,9 @@ perplexity change on the evaluation text follows its closeness to the float mode
    float model's temperature curve.
 3. Saved bit plans (``--plans``, e.g. the search-methods study's greedy, optuna and diffq plans),
    applied by round-to-nearest, or (``--finalize signround|qat``) by the benchmark's SignRound
-   or tiled QAT with its --quick settings on its calibration split: perplexity, evaluation-text KL, entropy change and held-out
-   distance measures, each plan compared window by window with the first plan of its budget
-   (paired perplexity, KL and tail-token NLL changes with 95 % intervals): does a plan that
+   or tiled QAT with its --quick settings on its calibration split: perplexity, evaluation-text
+   KL, entropy change and held-out distance measures, each plan compared window by window with
+   the first plan of its budget (paired perplexity, KL and tail-token NLL changes with 95 % intervals): does a plan that
    loses perplexity also lose closeness to the float model on the evaluation text, and does the
    ranking of the plans survive finalization?
 
@@ -291,6 +291,7 @@ def quantizer(args, tok):
     with its --quick settings on calibration samples of ``--calib-text`` (the same for every plan)."""
     if args.finalize == "rtn":
         return fake_quantize_model
+    # the benchmark's calibration windows are 512 tokens (its --seq-len)
     a = SimpleNamespace(**{"seq_len": 512, **settings(quick=True)}, model=args.model, device="cpu", out=args.out)
     batch, _ = calibration_batches(tok, args.calib_text, a.samples, a.seq_len, 0)
     return lambda model, plan: finalize_plan(model, tok, plan, batch, args.finalize, a)
@@ -320,6 +321,9 @@ def main(argv=None) -> dict:
     temps = [float(t) for t in args.temperatures.split(",")]
     if 1.0 not in temps:
         sys.exit("confidence: --temperatures must include 1")
+    if args.plans and args.finalize != "rtn" and not os.path.exists(args.calib_text):
+        sys.exit(f"confidence: --finalize {args.finalize} needs calibration text: '{args.calib_text}' does not exist "
+                 "(the benchmark writes it: run studies/benchmark.py --quick once, or pass --calib-text)")
     os.makedirs(args.out, exist_ok=True)
     tok, model = load_tokenizer(args.model), load_model(args.model, "cpu", "float32").eval()
     ids = {"evaluation text": tokenize_text(tok, read_text(args.eval_text)),
