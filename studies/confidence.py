@@ -18,9 +18,9 @@ perplexity change on the evaluation text follows its closeness to the float mode
    applied by round-to-nearest, or (``--finalize signround|qat``) by the benchmark's SignRound
    or tiled QAT with its --quick settings on its calibration split: perplexity, evaluation-text
    KL, entropy change and held-out distance measures, each plan compared window by window with
-   the first plan of its budget (paired perplexity, KL and tail-token NLL changes with 95 % intervals): does a plan that
-   loses perplexity also lose closeness to the float model on the evaluation text, and does the
-   ranking of the plans survive finalization?
+   the first plan of its budget (paired perplexity, KL and tail-token NLL changes with 95 %
+   intervals): does a plan that loses perplexity also lose closeness to the float model on the
+   evaluation text, and does the ranking of the plans survive finalization?
 
 Nothing here is tuned on the evaluation text: T is a probe, never applied to a model.
 
