@@ -34,6 +34,11 @@ from .sensitivity.pipeline import CALIB_REF_BITS
 
 __all__ = ["sensitivity", "search", "search_plan", "apply", "evaluate", "plot_sensitivity", "plot_plan", "plot_pareto", "pareto", "parse_bits"]
 
+# Calibration samples on which optuna / diffq measure KL (and as many more held out to choose
+# among their candidates). On slm-llama-17m, 16 were too few: optuna's chosen plan fitted the
+# search samples and lost to greedy's; with 48 it beat greedy's (README, search methods).
+KL_SAMPLES = 48
+
 
 def parse_bits(bits: str | list[int] | None) -> list[int]:
     if bits is None:
@@ -215,7 +220,7 @@ def search(*, model: str, budget: str, out: str | None = None, calib: str | None
            checkpointing: bool = False, device: str = "cpu", dtype: str = "float32",
            micro_batch: int = 8, n_trials: int = 50, timeout: float | None = None, sampler: str = "nsga2",
            storage: str | None = None, study_name: str | None = None, resume: bool = False,
-           span: float = 0.25, kl_samples: int = 8, steps: int = 100, lr: float = 0.05, learn: str = "channel",
+           span: float = 0.25, kl_samples: int = KL_SAMPLES, steps: int = 100, lr: float = 0.05, learn: str = "channel",
            granularity: str = "channel", share: list[str] | None = None, layer_min_bits: list[str] | None = None,
            time_limit: float | None = None, coupling: bool = True, data_free: int | None = None,
            data_free_cache: str | None = None, overwrite_data_free: bool = False, show_progress: bool = True,
@@ -489,7 +494,7 @@ def pareto(*, storage: str, study_name: str | None = None, export: int | None = 
 
 
 def plot_pareto(*, storage: str, out: str, study_name: str | None = None, model: str | None = None,
-                calib: str | None = None, kl_samples: int = 8, seq_len: int = 512, seed: int = 0,
+                calib: str | None = None, kl_samples: int = KL_SAMPLES, seq_len: int = 512, seed: int = 0,
                 device: str = "cpu", dtype: str = "float32") -> str:
     """A PNG of a study's trials and front; with ``model`` and ``calib`` also uniform RTN points,
     their KL measured on ``kl_samples`` calibration samples like the study's trials."""

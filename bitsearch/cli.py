@@ -115,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--study-name", default=None, help="study name (default: from the model and budget)")
     o.add_argument("--resume", action="store_true", help="continue an existing study (several workers: all pass it)")
     o.add_argument("--span", type=float, default=0.25, help="trials also try budgets down to budget - span avg bits (default: 0.25)")
-    o.add_argument("--kl-samples", type=int, default=8,
+    o.add_argument("--kl-samples", type=int, default=48,
                    help="calibration samples on which optuna measures KL and diffq trains; as many more, held out, "
-                        "choose among optuna's best trials (default: 8)")
+                        "choose among the candidates (default: 48; 16 were too few on slm-llama-17m: README)")
     d = p.add_argument_group("--method diffq")
     d.add_argument("--steps", type=int, default=100, help="training steps (default: 100)")
     d.add_argument("--lr", type=float, default=0.05, help="Adam learning rate of the width logits (default: 0.05)")
@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output image (.png)")
     q.add_argument("--model", default=None, help="with --calib: also measure uniform RTN points on this model")
     q.add_argument("--calib", default=None, help="calibration text for the uniform points' KL")
-    q.add_argument("--kl-samples", type=int, default=8, help="calibration samples for that KL (default: 8)")
+    q.add_argument("--kl-samples", type=int, default=48,
+                   help="calibration samples for that KL; use the study's --kl-samples (default: 48)")
     q = kinds.add_parser("plan", help="width of every channel per layer, width mix per layer type, bits per block")
     q.add_argument("--plan", required=True, help="plan file (.json)")
     q.add_argument("--out", required=True, help="output image (.png)")

@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--span", type=float, default=0.25,
                     help="optuna: trials also try budgets down to budget - span (0: every trial at the budget)")
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--kl-samples", type=int, default=8)
+    ap.add_argument("--kl-samples", type=int, default=48)
     ap.add_argument("--learn", default="channel", help="diffq: widths trained per 'channel' or per 'layer'")
     ap.add_argument("--max-tokens", type=int, default=40000)
     ap.add_argument("--threads", type=int, default=2)
