@@ -221,6 +221,7 @@ def search(*, model: str, budget: str, out: str | None = None, calib: str | None
            micro_batch: int = 8, n_trials: int = 50, timeout: float | None = None, sampler: str = "nsga2",
            storage: str | None = None, study_name: str | None = None, resume: bool = False,
            span: float = 0.25, kl_samples: int = KL_SAMPLES, steps: int = 100, lr: float = 0.05, learn: str = "channel",
+           relax: str = "noise",
            granularity: str = "channel", share: list[str] | None = None, layer_min_bits: list[str] | None = None,
            time_limit: float | None = None, coupling: bool = True, data_free: int | None = None,
            data_free_cache: str | None = None, overwrite_data_free: bool = False, show_progress: bool = True,
@@ -230,7 +231,7 @@ def search(*, model: str, budget: str, out: str | None = None, calib: str | None
     ``method``: an allocator on the table's curves (greedy, ilp with ``granularity``/``share``/
     ``layer_min_bits``/``time_limit``, snr, uniform) or a model-in-the-loop search that needs
     ``calib`` (optuna: ``n_trials``, ``timeout``, ``sampler``, ``storage``, ``study_name``,
-    ``resume``, ``span``, ``kl_samples``; diffq: ``steps``, ``lr``, ``learn``, ``kl_samples``).
+    ``resume``, ``span``, ``kl_samples``; diffq: ``steps``, ``lr``, ``learn``, ``relax``, ``kl_samples``).
     ``min_bits`` defaults to 2: pruning (width 0) is off unless asked for with ``min_bits=0``,
     because the calibrated imatrix estimate still under-predicts what pruning costs (README).
     With pruning on, ``coupling`` (default) prunes whole MLP channels and key-value head groups,
@@ -243,8 +244,8 @@ def search(*, model: str, budget: str, out: str | None = None, calib: str | None
                    "min_bits": _parse_layer_min_bits(layer_min_bits), "time_limit": time_limit}
     elif granularity != "channel" or share or layer_min_bits:
         raise BitsearchError("--granularity, --share and --layer-min-bits need --method ilp")
-    if learn != "channel" and method != "diffq":
-        raise BitsearchError("--learn needs --method diffq")
+    if (learn != "channel" or relax != "noise") and method != "diffq":
+        raise BitsearchError("--learn and --relax need --method diffq")
     if method not in MODEL_METHODS:
         get_allocator(method, **(options or {}))  # fail fast on a typo or a bad option
     elif calib is None and data_free is None:
@@ -314,7 +315,7 @@ def search(*, model: str, budget: str, out: str | None = None, calib: str | None
             tok = tok or load_tokenizer(model)
             both, _ = _calib(tok, calib, 2 * kl_samples, seq_len, seed, **dict(text, data_free=(
                 2 * kl_samples if data_free is not None else None)))
-            settings = DiffqSettings(steps=steps, lr=lr, seed=seed, learn=learn)
+            settings = DiffqSettings(steps=steps, lr=lr, seed=seed, learn=learn, relax=relax)
 
             def choose(problem, budget_bytes):
                 return diffq_allocate(m, tgts, both[:kl_samples], problem, budget_bytes, settings, micro_batch,

@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("--method diffq")
     d.add_argument("--steps", type=int, default=100, help="training steps (default: 100)")
     d.add_argument("--lr", type=float, default=0.05, help="Adam learning rate of the width logits (default: 0.05)")
+    d.add_argument("--relax", default="noise", choices=["noise", "rtn"],
+                   help="training forward: pseudo-quantization noise of the width's step, or the round-to-nearest "
+                        "weights of the two menu widths around it, interpolated (default: noise)")
     d.add_argument("--learn", default="channel", choices=["channel", "layer"],
                    help="train a width per channel, or one shift per layer on top of the estimator's widths "
                         "(fewer parameters to fit from few samples) (default: channel)")
@@ -242,7 +245,7 @@ def _run(args: argparse.Namespace) -> int:
                           checkpointing=args.checkpointing, micro_batch=args.micro_batch, device=args.device,
                           dtype=args.dtype, n_trials=args.n_trials, timeout=args.timeout, sampler=args.sampler,
                           storage=args.storage, study_name=args.study_name, resume=args.resume, span=args.span,
-                          kl_samples=args.kl_samples, steps=args.steps, lr=args.lr, learn=args.learn,
+                          kl_samples=args.kl_samples, steps=args.steps, lr=args.lr, learn=args.learn, relax=args.relax,
                           granularity=args.granularity,
                           share=args.share, layer_min_bits=args.layer_min_bits, time_limit=args.time_limit,
                           coupling=not args.no_coupling, show_progress=show, **_data_free_args(args))

@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--kl-samples", type=int, default=48)
     ap.add_argument("--learn", default="channel", help="diffq: widths trained per 'channel' or per 'layer'")
+    ap.add_argument("--relax", default="noise", help="diffq: training forward with 'noise' or interpolated 'rtn'")
     ap.add_argument("--max-tokens", type=int, default=40000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True)
@@ -67,7 +68,7 @@ def main() -> None:
             plan = api.search(model=args.model, budget=budget, out=out, calib=args.calib,
                               sensitivity_table=args.table, method=method, mix=args.mix, n_trials=args.n_trials, sampler=args.sampler, span=args.span, resume=args.resume,
                               steps=args.steps, kl_samples=args.kl_samples, show_progress=False,
-                              **({"learn": args.learn} if method == "diffq" else {}),
+                              **({"learn": args.learn, "relax": args.relax} if method == "diffq" else {}),
                               _loaded=(model, tok))
             secs = time.time() - t0
             model.load_state_dict(state)

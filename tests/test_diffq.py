@@ -139,5 +139,66 @@ def test_diffq_layer_search_end_to_end(llama_dir, text_file):
     plan = api.search(model=llama_dir, calib=text_file, budget="4.5", method="diffq", steps=3, kl_samples=2,
                       learn="layer", **SMALL)
     assert plan.summary["avg_bits"] <= 4.5 and plan.provenance["learn"] == "layer"
-    with pytest.raises(BitsearchError, match="--learn needs --method diffq"):
+    with pytest.raises(BitsearchError, match="--learn and --relax need --method diffq"):
         api.search(model=llama_dir, calib=text_file, budget="3.5", method="greedy", learn="layer", **SMALL)
+
+
+def _rtn_widths(m, targets, menu, init):
+    return NoisyWidths(m, targets, 4, menu, init, relax="rtn").double()
+
+
+def test_rtn_relaxation_is_round_to_nearest_at_menu_widths_and_interpolates_between():
+    from exact_models import tiny_llama
+    from bitsearch.quant.grid import fake_quantize
+
+    m = tiny_llama()
+    targets = find_targets(m)[:2]
+    rng = np.random.default_rng(0)
+    init = {t.name: rng.choice([2.0, 3.0, 4.0, 8.0], t.out_features) for t in targets}
+    nw = _rtn_widths(m, targets, [0, 2, 3, 4, 8], init)
+    t = targets[1]
+    w = m.get_submodule(t.name).weight.detach()
+    with torch.no_grad():
+        nw.gates[nw._key(t.name)].fill_(60.0)                      # gates fully open: g = 1
+        for b in (2, 3, 4, 8):                                      # every row exactly at width b
+            nw.logits[nw._key(t.name)].fill_(float(np.log((b - 2) / (8 - b))) if 2 < b < 8 else (-60.0 if b == 2 else 60.0))
+            assert torch.allclose(nw.interpolated_weight(t.name), fake_quantize(w, b, 4), atol=1e-12)
+        p = torch.tensor(1.0 / 6 + 0.25 / 6, dtype=torch.float64)  # b = 2 + 6p = 3.25: between 3 and 4
+        nw.logits[nw._key(t.name)].fill_(float(torch.log(p / (1 - p))))
+        mid = 0.75 * fake_quantize(w, 3, 4) + 0.25 * fake_quantize(w, 4, 4)
+        assert torch.allclose(nw.interpolated_weight(t.name), mid, atol=1e-12)
+
+
+def test_rtn_relaxation_gradient_matches_finite_differences():
+    from torch.func import functional_call
+    from exact_models import tiny_llama
+
+    m = tiny_llama()
+    targets = find_targets(m)[:3]
+    rng = np.random.default_rng(1)
+    init = {t.name: rng.uniform(2.2, 7.8, t.out_features) for t in targets}    # inside segments, not at their ends
+    nw = _rtn_widths(m, targets, [0, 2, 3, 4, 6, 8], init)
+    torch.manual_seed(0)
+    x = torch.randint(0, 32, (2, 12))
+    with torch.no_grad():
+        ref = F.log_softmax(m(input_ids=x).logits, -1)
+    for p in m.parameters():
+        p.requires_grad_(False)
+
+    def loss():
+        subs = {f"{t.name}.weight": nw.relaxed_weight(t.name) for t in targets}
+        lp = F.log_softmax(functional_call(m, subs, args=(), kwargs={"input_ids": x}).logits, -1)
+        return (ref.exp() * (ref - lp)).sum(-1).mean()
+    loss().backward()
+    key = nw._key(targets[2].name)
+    for param, idx in [(nw.logits[key], 1), (nw.logits[nw._key(targets[0].name)], 4), (nw.gates[key], 2)]:
+        _assert_gradient_is_central_difference(loss, param, idx)
+
+
+def test_diffq_rtn_search_end_to_end(llama_dir, text_file):
+    plan = api.search(model=llama_dir, calib=text_file, budget="4.5", method="diffq", steps=3, kl_samples=2,
+                      relax="rtn", **SMALL)
+    assert plan.summary["avg_bits"] <= 4.5 and plan.provenance["relax"] == "rtn"
+    assert np.isfinite(plan.provenance["final_kl"])
+    with pytest.raises(BitsearchError, match="relaxes widths by 'noise' or 'rtn'"):
+        api.search(model=llama_dir, calib=text_file, budget="4.5", method="diffq", relax="sharp", **SMALL)

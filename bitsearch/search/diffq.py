@@ -15,6 +15,13 @@ The loss is distillation against the float model on calibration tokens plus a si
 (bits_c(b) = K_c * b, overhead_c = the row's scales and zeros). Only l and t are trained (Adam);
 the model's weights stay frozen. Widths start at the greedy plan's (a warm start), gates open.
 
+With ``relax="rtn"`` the noise is replaced by the real rounding error: between two adjacent
+widths m_k <= b <= m_k+1 of the menu, w~_c = g_c * ((1 - a) q_mk(w_c) + a q_mk+1(w_c)) with
+a = (b - m_k) / (m_k+1 - m_k) and q_m the round-to-nearest weight at width m (a FracBits-style
+interpolation). At a menu width it is exactly the round-to-nearest weight that the candidates
+are judged by, and the gradient in b is the first-order change of the loss from moving the
+channel to the next width. It costs one (menu widths, out, in) stack of weights per layer.
+
 With ``learn="layer"`` training moves whole layers instead of channels: each channel's logit is
 its warm start's plus one trainable shift per layer, so a layer's channels keep the estimator's
 ranking among themselves and only the split of the budget between layers is learned (one
@@ -42,7 +49,7 @@ from torch import nn
 from ..errors import BitsearchError
 from ..models import Target
 from ..progress import progress
-from ..quant.grid import QUANT_WIDTHS, _grouped, n_groups
+from ..quant.grid import QUANT_WIDTHS, _grouped, fake_quantize, n_groups
 from .greedy import GreedyAllocator
 from .problem import AllocationProblem
 
@@ -56,10 +63,13 @@ class DiffqSettings:
     rho: float = 10.0
     seed: int = 0
     learn: str = "channel"     # "channel": a width per channel; "layer": a shift per layer (see top)
+    relax: str = "noise"       # "noise": pseudo-quantization noise; "rtn": interpolated rounding (see top)
 
     def __post_init__(self):
         if self.learn not in ("channel", "layer"):
             raise BitsearchError(f"diffq learns widths per 'channel' or per 'layer', not '{self.learn}'")
+        if self.relax not in ("noise", "rtn"):
+            raise BitsearchError(f"diffq relaxes widths by 'noise' or 'rtn', not '{self.relax}'")
 
 
 def group_ranges(weight: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -72,7 +82,7 @@ class NoisyWidths(nn.Module):
     """The trainable widths and gates of every target, and the noisy weights they induce."""
 
     def __init__(self, model: nn.Module, targets: list[Target], group_size: int, menu: list[int],
-                 init_bits: dict[str, np.ndarray], learn: str = "channel"):
+                 init_bits: dict[str, np.ndarray], learn: str = "channel", relax: str = "noise"):
         super().__init__()
         quant = [b for b in menu if b in QUANT_WIDTHS]
         if not quant:
@@ -83,6 +93,11 @@ class NoisyWidths(nn.Module):
         self.group_size = group_size
         self.weights = {t.name: model.get_submodule(t.name).weight for t in targets}
         self.ranges = {t.name: group_ranges(self.weights[t.name], group_size) for t in targets}
+        self.relax = relax
+        if relax == "rtn":          # round-to-nearest weights at every quantizing width of the menu
+            self.menu = torch.tensor(sorted(quant), dtype=torch.float64)
+            self.stacks = {n: torch.stack([fake_quantize(w.detach().float(), b, group_size).to(w.dtype)
+                                           for b in sorted(quant)]) for n, w in self.weights.items()}
         self.per_layer = learn == "layer"
         self.logits = nn.ParameterDict()
         self.shifts = nn.ParameterDict()
@@ -121,6 +136,27 @@ class NoisyWidths(nn.Module):
         gsz = k if (self.group_size == -1 or self.group_size >= k) else self.group_size
         delta_w = delta.repeat_interleave(gsz, dim=1)[:, :k]
         return self.gate(name)[:, None] * (w.float() + delta_w * noise).to(w.dtype)
+
+    def interpolated_weight(self, name: str) -> torch.Tensor:
+        """g * ((1 - a) q_lo + a q_hi) between the menu widths around b (``relax="rtn"``)."""
+        b = self.widths(name)
+        stack = self.stacks[name]
+        if stack.shape[0] == 1:
+            return self.gate(name)[:, None] * stack[0]
+        menu = self.menu.to(b.device, b.dtype)
+        hi = torch.searchsorted(menu, b.detach()).clamp(1, len(menu) - 1)
+        lo = hi - 1
+        a = ((b - menu[lo]) / (menu[hi] - menu[lo])).clamp(0, 1)[:, None]
+        rows = torch.arange(stack.shape[1], device=stack.device)
+        w = (1 - a) * stack[lo, rows] + a * stack[hi, rows]
+        return self.gate(name)[:, None] * w.to(stack.dtype)
+
+    def relaxed_weight(self, name: str, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The training forward's weight: noisy (fresh uniform noise) or interpolated."""
+        if self.relax == "rtn":
+            return self.interpolated_weight(name)
+        w = self.weights[name]
+        return self.noisy_weight(name, torch.rand(w.shape, generator=generator, device=w.device) - 0.5)
 
     def size_bytes(self, overhead: dict[str, float], bitmap: int) -> torch.Tensor:
         """Differentiable bytes: sum over channels of g * (K * b / 8 + overhead) + bit map."""
@@ -178,7 +214,7 @@ def diffq_allocate(model: nn.Module, targets: list[Target], batch: torch.Tensor,
     start = problem.widths(greedy_choice)
     dev = next(model.parameters()).device
     gs = problem.group_size
-    nw = NoisyWidths(model, targets, gs, problem.bits, start, learn=settings.learn)
+    nw = NoisyWidths(model, targets, gs, problem.bits, start, learn=settings.learn, relax=settings.relax)
     start_learned = _learned(nw, targets)[0]     # the warm start as the sigmoid represents it
     overhead = {t.name: float(n_groups(t.in_features, gs) * 3) for t in targets}
     opt = torch.optim.Adam([p for p in nw.parameters() if p.requires_grad], lr=settings.lr)
@@ -197,8 +233,7 @@ def diffq_allocate(model: nn.Module, targets: list[Target], batch: torch.Tensor,
             x = batch[j * micro_batch:(j + 1) * micro_batch].to(dev)
             with torch.no_grad():
                 ref = F.log_softmax(model(input_ids=x, use_cache=False).logits[:, :-1].float(), dim=-1)
-            subs = {f"{t.name}.weight": nw.noisy_weight(
-                t.name, torch.rand(t.out_features, t.in_features, generator=gen, device=dev) - 0.5) for t in targets}
+            subs = {f"{t.name}.weight": nw.relaxed_weight(t.name, gen) for t in targets}
             lp = F.log_softmax(functional_call(model, subs, args=(), kwargs={"input_ids": x, "use_cache": False})
                                .logits[:, :-1].float(), dim=-1)
             kl = (ref.exp() * (ref - lp)).sum(-1).mean()
@@ -226,7 +261,7 @@ def diffq_allocate(model: nn.Module, targets: list[Target], batch: torch.Tensor,
         chosen = max(rounded)
     choice = rounded[chosen]
     learned, closed = _learned(nw, targets)
-    info = {"steps": settings.steps, "learn": settings.learn, "chosen_step": chosen,
+    info = {"steps": settings.steps, "learn": settings.learn, "relax": settings.relax, "chosen_step": chosen,
             "validation_kl_by_step": {str(k): v for k, v in validated.items()} or None,
             "final_kl": history[-1][0] if history else None,
             "final_size_bytes": history[-1][1] if history else None,
