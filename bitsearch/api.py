@@ -221,7 +221,7 @@ def search(*, model: str, budget: str, out: str | None = None, calib: str | None
            micro_batch: int = 8, n_trials: int = 50, timeout: float | None = None, sampler: str = "nsga2",
            storage: str | None = None, study_name: str | None = None, resume: bool = False,
            span: float = 0.25, kl_samples: int = KL_SAMPLES, steps: int = 100, lr: float = 0.05, learn: str = "channel",
-           relax: str = "noise",
+           relax: str = "rtn",
            granularity: str = "channel", share: list[str] | None = None, layer_min_bits: list[str] | None = None,
            time_limit: float | None = None, coupling: bool = True, data_free: int | None = None,
            data_free_cache: str | None = None, overwrite_data_free: bool = False, show_progress: bool = True,
@@ -244,7 +244,7 @@ def search(*, model: str, budget: str, out: str | None = None, calib: str | None
                    "min_bits": _parse_layer_min_bits(layer_min_bits), "time_limit": time_limit}
     elif granularity != "channel" or share or layer_min_bits:
         raise BitsearchError("--granularity, --share and --layer-min-bits need --method ilp")
-    if (learn != "channel" or relax != "noise") and method != "diffq":
+    if (learn != "channel" or relax != "rtn") and method != "diffq":
         raise BitsearchError("--learn and --relax need --method diffq")
     if method not in MODEL_METHODS:
         get_allocator(method, **(options or {}))  # fail fast on a typo or a bad option

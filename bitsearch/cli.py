@@ -121,9 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("--method diffq")
     d.add_argument("--steps", type=int, default=100, help="training steps (default: 100)")
     d.add_argument("--lr", type=float, default=0.05, help="Adam learning rate of the width logits (default: 0.05)")
-    d.add_argument("--relax", default="noise", choices=["noise", "rtn"],
-                   help="training forward: pseudo-quantization noise of the width's step, or the round-to-nearest "
-                        "weights of the two menu widths around it, interpolated (default: noise)")
+    d.add_argument("--relax", default="rtn", choices=["rtn", "noise"],
+                   help="training forward: the round-to-nearest weights of the two menu widths around each "
+                        "channel's width, interpolated, or pseudo-quantization noise of the width's step "
+                        "(less memory) (default: rtn)")
     d.add_argument("--learn", default="channel", choices=["channel", "layer"],
                    help="train a width per channel, or one shift per layer on top of the estimator's widths "
                         "(fewer parameters to fit from few samples) (default: channel)")

@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--kl-samples", type=int, default=48)
     ap.add_argument("--learn", default="channel", help="diffq: widths trained per 'channel' or per 'layer'")
-    ap.add_argument("--relax", default="noise", help="diffq: training forward with 'noise' or interpolated 'rtn'")
+    ap.add_argument("--relax", default="rtn", help="diffq: training forward with interpolated 'rtn' or 'noise'")
     ap.add_argument("--max-tokens", type=int, default=40000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True)
