@@ -21,8 +21,10 @@ a = (b - m_k) / (m_k+1 - m_k) and q_m the round-to-nearest weight at width m (a 
 interpolation). At a menu width it is exactly the round-to-nearest weight that the candidates
 are judged by, and the gradient in b is the first-order change of the loss from moving the
 channel to the next width. It costs one (menu widths, out, in) stack of weights per layer. It is
-the default: on slm-llama-17m its plans were much closer to the float model than the noise's
-(README, search methods); ``relax="noise"`` needs no stacks.
+the default: on slm-llama-17m its plans, applied by round-to-nearest, were much closer to the
+float model than the noise's (README, search methods); after SignRound they were worse than
+greedy's, so for a plan that will be finalized greedy is the better start. ``relax="noise"``
+needs no stacks.
 
 With ``learn="layer"`` training moves whole layers instead of channels: each channel's logit is
 its warm start's plus one trainable shift per layer, so a layer's channels keep the estimator's
