@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--relax", default="rtn", choices=["rtn", "noise"],
                    help="training forward: the round-to-nearest weights of the two menu widths around each "
                         "channel's width, interpolated, or pseudo-quantization noise of the width's step "
-                        "(less memory) (default: rtn)")
+                        "(default: rtn)")
     d.add_argument("--learn", default="channel", choices=["channel", "layer"],
                    help="train a width per channel, or one shift per layer on top of the estimator's widths "
                         "(fewer parameters to fit from few samples) (default: channel)")

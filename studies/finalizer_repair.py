@@ -35,6 +35,7 @@ from bitsearch.atomic import write_text_atomic  # noqa: E402
 from bitsearch.data import calibration_batches  # noqa: E402
 from bitsearch.models import load_model, load_tokenizer  # noqa: E402
 from bitsearch.plan import BitPlan  # noqa: E402
+from bitsearch.sensitivity.stats import InputStats  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,24 +43,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @torch.no_grad()
 def input_grams(model, names, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-    """X^T X of every named Linear's input over all tokens of ``batch`` (float model)."""
-    grams, hooks = {}, []
-
-    def hook(name):
-        def f(_mod, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            grams[name] = grams.get(name, 0) + x.T @ x
-        return f
-
-    for name in names:
-        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
-    try:
+    """X^T X of every named Linear's input over all tokens of ``batch`` (float model), by the
+    sensitivity pass's own input statistics (shared inputs such as q/k/v collected once)."""
+    with InputStats({n: model.get_submodule(n) for n in names}, "full") as stats:
         for row in batch:
             model(row[None])
-    finally:
-        for h in hooks:
-            h.remove()
-    return grams
+            stats.end_pass()
+    return {n: stats.total(n) for n in names}
 
 
 def row_errors(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:

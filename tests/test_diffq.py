@@ -202,3 +202,21 @@ def test_diffq_rtn_search_end_to_end(llama_dir, text_file):
     assert np.isfinite(plan.provenance["final_kl"])
     with pytest.raises(BitsearchError, match="relaxes widths by 'noise' or 'rtn'"):
         api.search(model=llama_dir, calib=text_file, budget="4.5", method="diffq", relax="sharp", **SMALL)
+
+
+def test_rtn_relaxation_shares_the_held_out_judges_rounded_weights():
+    from exact_models import tiny_llama
+    from bitsearch.search.kl import PlanKL
+
+    m = tiny_llama()
+    targets = find_targets(m)[:2]
+    menu = [0, 2, 3, 4, 8]
+    init = {t.name: np.full(t.out_features, 3.4) for t in targets}
+    judge = PlanKL(m, targets, torch.randint(0, 32, (2, 12)), menu, 4)
+    shared = NoisyWidths(m, targets, 4, menu, init, stacks=judge.stack)
+    own = NoisyWidths(m, targets, 4, menu, init)
+    for t in targets:
+        assert shared.stacks[t.name].data_ptr() == judge.stack[t.name][1].data_ptr()    # a view, no copy
+        assert torch.equal(shared.interpolated_weight(t.name), own.interpolated_weight(t.name))
+    with pytest.raises(ValueError, match="sorted"):
+        NoisyWidths(m, targets, 4, [2, 0, 3, 4, 8], init, stacks=judge.stack)

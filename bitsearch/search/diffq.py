@@ -20,11 +20,11 @@ widths m_k <= b <= m_k+1 of the menu, w~_c = g_c * ((1 - a) q_mk(w_c) + a q_mk+1
 a = (b - m_k) / (m_k+1 - m_k) and q_m the round-to-nearest weight at width m (a FracBits-style
 interpolation). At a menu width it is exactly the round-to-nearest weight that the candidates
 are judged by, and the gradient in b is the first-order change of the loss from moving the
-channel to the next width. It costs one (menu widths, out, in) stack of weights per layer. It is
+channel to the next width. It needs a (menu widths, out, in) stack of rounded weights per layer:
+the held-out judge's (PlanKL) when there is one, shared, else its own. It is
 the default: on slm-llama-17m its plans, applied by round-to-nearest, were much closer to the
 float model than the noise's (README, search methods); after SignRound they were worse than
-greedy's, so for a plan that will be finalized greedy is the better start. ``relax="noise"``
-needs no stacks.
+greedy's, so for a plan that will be finalized greedy is the better start.
 
 With ``learn="layer"`` training moves whole layers instead of channels: each channel's logit is
 its warm start's plus one trainable shift per layer, so a layer's channels keep the estimator's
@@ -53,8 +53,9 @@ from torch import nn
 from ..errors import BitsearchError
 from ..models import Target
 from ..progress import progress
-from ..quant.grid import QUANT_WIDTHS, _grouped, fake_quantize, n_groups
+from ..quant.grid import QUANT_WIDTHS, _grouped, n_groups
 from .greedy import GreedyAllocator
+from .kl import PlanKL, rounded_stack
 from .problem import AllocationProblem
 
 __all__ = ["DiffqSettings", "group_ranges", "NoisyWidths", "diffq_allocate", "rounding_problem"]
@@ -86,7 +87,10 @@ class NoisyWidths(nn.Module):
     """The trainable widths and gates of every target, and the noisy weights they induce."""
 
     def __init__(self, model: nn.Module, targets: list[Target], group_size: int, menu: list[int],
-                 init_bits: dict[str, np.ndarray], learn: str = "channel", relax: str = "rtn"):
+                 init_bits: dict[str, np.ndarray], learn: str = "channel", relax: str = "rtn",
+                 stacks: dict[str, torch.Tensor] | None = None):
+        """``stacks``: round-to-nearest weights at every width of ``menu`` (sorted), e.g. a PlanKL's
+        ``stack``, to share instead of building another copy (``relax="rtn"``)."""
         super().__init__()
         quant = [b for b in menu if b in QUANT_WIDTHS]
         if not quant:
@@ -99,9 +103,15 @@ class NoisyWidths(nn.Module):
         self.ranges = {t.name: group_ranges(self.weights[t.name], group_size) for t in targets}
         self.relax = relax
         if relax == "rtn":          # round-to-nearest weights at every quantizing width of the menu
-            self.menu = torch.tensor(sorted(quant), dtype=torch.float64)
-            self.stacks = {n: torch.stack([fake_quantize(w.detach().float(), b, group_size).to(w.dtype)
-                                           for b in sorted(quant)]) for n, w in self.weights.items()}
+            quant = sorted(quant)
+            self.menu = torch.tensor(quant, dtype=torch.float64)
+            if stacks is None:
+                self.stacks = {n: rounded_stack(w.detach(), quant, group_size) for n, w in self.weights.items()}
+            else:                   # the quantizing widths are a run of the sorted menu (0 below, 16 above)
+                if list(menu) != sorted(menu):
+                    raise ValueError("NoisyWidths(stacks=...) needs the menu sorted, as the stacks are")
+                first = list(menu).index(quant[0])
+                self.stacks = {n: stacks[n][first:first + len(quant)] for n in self.weights}
         self.per_layer = learn == "layer"
         self.logits = nn.ParameterDict()
         self.shifts = nn.ParameterDict()
@@ -218,7 +228,10 @@ def diffq_allocate(model: nn.Module, targets: list[Target], batch: torch.Tensor,
     start = problem.widths(greedy_choice)
     dev = next(model.parameters()).device
     gs = problem.group_size
-    nw = NoisyWidths(model, targets, gs, problem.bits, start, learn=settings.learn, relax=settings.relax)
+    # the held-out judge's rounded weights are also the rtn relaxation's: one copy for both
+    val = PlanKL(model, targets, validation, problem.bits, gs, micro_batch) if validation is not None else None
+    nw = NoisyWidths(model, targets, gs, problem.bits, start, learn=settings.learn, relax=settings.relax,
+                     stacks=val.stack if val is not None else None)
     start_learned = _learned(nw, targets)[0]     # the warm start as the sigmoid represents it
     overhead = {t.name: float(n_groups(t.in_features, gs) * 3) for t in targets}
     opt = torch.optim.Adam([p for p in nw.parameters() if p.requires_grad], lr=settings.lr)
@@ -255,10 +268,7 @@ def diffq_allocate(model: nn.Module, targets: list[Target], batch: torch.Tensor,
     if not rounded:                       # steps = 0: the rounded warm start
         rounded[0] = greedy_choice
     validated = {}
-    if validation is not None:
-        from .kl import PlanKL
-
-        val = PlanKL(model, targets, validation, problem.bits, problem.group_size, micro_batch)
+    if val is not None:
         validated = {k: val(problem.widths(c)) for k, c in rounded.items()}
         chosen = min(validated, key=validated.get)
     else:

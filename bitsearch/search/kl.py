@@ -20,7 +20,12 @@ from torch import nn
 from ..models import Target
 from ..quant.grid import fake_quantize
 
-__all__ = ["PlanKL"]
+__all__ = ["PlanKL", "rounded_stack"]
+
+
+def rounded_stack(w: torch.Tensor, bits: list[int], group_size: int) -> torch.Tensor:
+    """(len(bits), out, in): ``w``'s round-to-nearest weight at every width of ``bits``, in w's dtype."""
+    return torch.stack([fake_quantize(w.float(), b, group_size).to(w.dtype) for b in bits])
 
 
 class PlanKL:
@@ -42,8 +47,7 @@ class PlanKL:
             self.float_w, self.stack = share.float_w, share.stack
         else:
             self.float_w = {n: w.detach().clone() for n, w in self.weights.items()}
-            self.stack = {n: torch.stack([fake_quantize(w.float(), b, group_size).to(w.dtype) for b in self.bits])
-                          for n, w in self.float_w.items()}
+            self.stack = {n: rounded_stack(w, self.bits, group_size) for n, w in self.float_w.items()}
         self.ref = [lp.to(torch.bfloat16) if lp.numel() > 2 ** 27 else lp for lp in self._logprobs()]
         self.calls = 0
 

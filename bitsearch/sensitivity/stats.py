@@ -77,7 +77,10 @@ class InputStats:
             dist.all_reduce(self.sums[name])
             self.counts[name] = int(dist.sum_float(float(self.counts[name])))
 
+    def total(self, name: str) -> torch.Tensor:
+        """Summed statistic of target ``name`` over every token seen (X^T X for "full")."""
+        return self.sums[self.alias.get(name, name)]
+
     def mean(self, name: str) -> torch.Tensor:
         """Mean statistic of target ``name`` (token frequencies for an embedding)."""
-        key = self.alias.get(name, name)
-        return self.sums[key] / max(self.counts[key], 1)
+        return self.total(name) / max(self.counts[self.alias.get(name, name)], 1)
