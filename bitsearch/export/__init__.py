@@ -1,0 +1,5 @@
+"""Exporters: write a planned model in the files a runtime loads (found through a registry)."""
+
+from .base import EXPORTERS, Exporter, get_exporter, register_exporter
+
+__all__ = ["EXPORTERS", "Exporter", "get_exporter", "register_exporter"]
