@@ -75,7 +75,7 @@ from bitsearch.cost import budget_to_bytes  # noqa: E402
 from bitsearch.data import calibration_batches, read_text  # noqa: E402
 from bitsearch.models import find_targets, load_model, load_tokenizer  # noqa: E402
 from bitsearch.search.uniform import uniform_plan  # noqa: E402
-from gptq import gptq_quantize  # noqa: E402
+from bitsearch.finalize.gptq import gptq_quantize  # noqa: E402
 from llamacpp_mixes import best_rule_mix, per_tensor_bytes, rule_mix_plan  # noqa: E402
 from peers import storage_bits  # noqa: E402
 

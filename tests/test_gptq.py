@@ -1,4 +1,4 @@
-"""GPTQ (studies/gptq.py) on bitsearch's grid: the fast ``fasterquant`` loop (lazy batches, upper
+"""GPTQ (bitsearch.finalize.gptq, CLI in studies/gptq.py) on bitsearch's grid: the fast ``fasterquant`` loop (lazy batches, upper
 Cholesky factor of H^-1, static groups, act order) gives the same codes as a plain per-column
 OBS loop with explicit inverse-Hessian updates; it beats round-to-nearest on a layer's output
 error and on the whole tiny Llama's KL; its results pack to the plan's bytes and back to the
@@ -17,15 +17,18 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "studies"))
 
-from gptq import GPTQResult, gptq_layer, gptq_quantize, main, sequential_groups, uniform_plan  # noqa: E402
+from gptq import main  # noqa: E402
 
 from bitsearch.apply import fake_quantize_model, load_packed, pack_model, plan_targets  # noqa: E402
 from bitsearch.couplings import find_couplings  # noqa: E402
 from bitsearch.errors import BitsearchError  # noqa: E402
+from bitsearch.finalize.gptq import (GPTQResult, GPTQSettings, gptq_layer, gptq_quantize,  # noqa: E402
+                                     sequential_groups)
 from bitsearch.finalize.signround import minmax_qparams  # noqa: E402
 from bitsearch.models import find_targets, load_model  # noqa: E402
 from bitsearch.packed import _PackedRows  # noqa: E402
 from bitsearch.quant.grid import choose_qparams, fake_quantize  # noqa: E402
+from bitsearch.search.uniform import uniform_plan  # noqa: E402
 from bitsearch.sensitivity.streaming import BlockRunner  # noqa: E402
 from plans import MIXED_WIDTHS, mixed_plan  # noqa: E402
 
@@ -185,7 +188,7 @@ def quantized(request, llama_dir):
     else:
         plan = mixed_plan(ref, r"embed_tokens|layers\.")       # tied embedding: round-to-nearest
     model = load_model(llama_dir)
-    res = gptq_quantize(model, plan, tokens(model, 48, 1), micro_batch=16, show_progress=False)
+    res = gptq_quantize(model, plan, tokens(model, 48, 1), GPTQSettings(micro_batch=16), show_progress=False)
     return dict(kind=request.param, ref=ref, plan=plan, model=model, res=res)
 
 
@@ -277,7 +280,8 @@ def test_sequential_groups_and_options(tiny_models):
                     "dynamic": dict(act_order=False, static_groups=False),
                     "offload": dict(offload=True)}.items():
         m = load_model(path)
-        res = gptq_quantize(m, plan, x, micro_batch=8, show_progress=False, **kw)
+        offload = kw.pop("offload", False)
+        res = gptq_quantize(m, plan, x, GPTQSettings(micro_batch=8, **kw), offload=offload, show_progress=False)
         outs[key] = (m, res)
         if key == "one_pass":
             assert all(len(g) == 1 for g in res.groups)
@@ -305,7 +309,7 @@ def test_refusals(llama_dir):
     with pytest.raises(BitsearchError, match="token ids"):
         gptq_quantize(model, plan, torch.zeros(5, dtype=torch.long), show_progress=False)
     with pytest.raises(BitsearchError, match="static groups"):
-        gptq_quantize(model, plan, tokens(model, 4, 0), static_groups=False, show_progress=False)
+        gptq_quantize(model, plan, tokens(model, 4, 0), GPTQSettings(static_groups=False), show_progress=False)
     plan_targets(model, plan)             # the model was not touched by the refusals
 
 
