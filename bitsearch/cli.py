@@ -135,10 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--plan", required=True, help="plan file from `bitsearch search`")
     _add_calib(p)
-    p.add_argument("--method", default="qat", choices=["qat", "signround"],
-                   help="qat (trained weights, step sizes, zeros) | signround (learned rounding only) (default: qat)")
-    p.add_argument("--init", default="rtn", choices=["rtn", "signround"],
-                   help="QAT starts from round-to-nearest or from SignRound's rounding (default: rtn)")
+    p.add_argument("--method", default="qat", choices=["qat", "signround", "gptq"],
+                   help="qat (trained weights, step sizes, zeros) | signround (learned rounding only) | "
+                        "gptq (error-feedback rounding) (default: qat)")
+    p.add_argument("--init", default="rtn", choices=["rtn", "signround", "gptq"],
+                   help="QAT or SignRound starts from round-to-nearest, SignRound's or GPTQ's rounding (default: rtn)")
     p.add_argument("--mode", default="tiled", choices=["e2e", "tiled", "tiled+e2e"],
                    help="forward-tiled block training, e2e distillation, or tiled then a short e2e pass "
                         "(default: tiled, the best in the README's study)")
@@ -163,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ce-weight", type=float, default=0.0, help="add this x cross-entropy to the e2e KL (default: 0)")
     p.add_argument("--signround-steps", type=int, default=200, help="SignRound steps per block (default: 200)")
     p.add_argument("--signround-lr", type=float, default=None, help="SignRound learning rate (default: 1/steps)")
+    p.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ damping, a fraction of mean(diag H) "
+                   "(default: 0.01)")
+    p.add_argument("--no-gptq-act-order", dest="gptq_act_order", action="store_false",
+                   help="GPTQ in column order instead of decreasing diag H")
     p.add_argument("--checkpoint-every", type=float, default=300.0,
                    help="seconds between QAT checkpoints OUT.qat-checkpoint.pt (default: 300)")
     p.add_argument("--resume", action="store_true", help="continue from OUT.qat-checkpoint.pt")
@@ -268,7 +273,7 @@ def _run(args: argparse.Namespace) -> int:
         keys = ("plan", "calib", "method", "init", "mode", "round_mode", "temperature", "anneal", "clamp_mode", "beta",
                 "soft_warmup", "steps", "e2e_steps", "lr", "qparam_lr", "batch_size", "tile_size", "tile_loss",
                 "tile_guard", "ce_weight", "samples", "seq_len", "seed", "signround_steps", "signround_lr", "resume",
-                "checkpoint_every", "device", "dtype", "out")
+                "checkpoint_every", "device", "dtype", "out", "gptq_damp", "gptq_act_order")
         info = api.finalize(model=args.model, show_progress=show, **{k: getattr(args, k) for k in keys},
                             **_data_free_args(args))
         qat = info.get("qat") or {}

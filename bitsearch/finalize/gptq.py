@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -63,12 +63,14 @@ __all__ = ["GPTQSettings", "GPTQResult", "gptq_layer", "gptq_quantize", "sequent
 class GPTQSettings:
     """Options of :func:`gptq_quantize` (defaults: the reference's, with act order and static groups)."""
 
-    percdamp: float = 0.01        # damping, a fraction of mean(diag H)
-    act_order: bool = True        # columns by decreasing diag H
-    static_groups: bool = True    # every group's grid chosen before the loop (needed with act order)
-    blocksize: int = 128          # columns per lazy batch update
-    micro_batch: int = 8          # calibration samples per block forward
-    true_sequential: bool = True  # Hessians of later layer groups after the earlier ones are quantized
+    percdamp: float = field(default=0.01, metadata={"help": "damping, a fraction of mean(diag H)"})
+    act_order: bool = field(default=True, metadata={"help": "columns by decreasing diag H"})
+    static_groups: bool = field(default=True, metadata={
+        "help": "every group's grid chosen before the loop on the float weights (needed with act order)"})
+    blocksize: int = field(default=128, metadata={"help": "columns per lazy batch update"})
+    micro_batch: int = field(default=8, metadata={"help": "calibration samples per block forward"})
+    true_sequential: bool = field(default=True, metadata={
+        "help": "Hessians of each layer group taken after the earlier groups of the block are quantized"})
 
     def __post_init__(self):
         if not (0 <= self.percdamp < math.inf) or self.micro_batch < 1 or self.blocksize < 1:

@@ -3,8 +3,9 @@ Quantization of LLMs", arXiv 2309.05516; Intel's AutoRound) under a bit plan's p
 
 Per target ``nn.Linear`` inside a decoder block, for each row at a width b in 2..8 (q_max =
 2^b - 1) and each group of G input weights with lo = min(min(w), 0), hi = max(max(w), 0) as
-in :mod:`bitsearch.quant.grid`, SignRound learns rounding offsets V (R, K) in [-0.5, 0.5]
-(init 0) and per-group clipping factors a, c in [0.5, 1] (init 1):
+in :mod:`bitsearch.quant.grid`, SignRound learns rounding offsets V (R, K) (init 0, or the
+offsets V0 that reproduce a given start such as GPTQ's codes) and per-group clipping factors
+a, c in [0.5, 1] (init 1):
 
     s = f16((c hi - a lo) / q_max),   z = clamp(round(-a lo / s), 0, q_max)
     q = clamp(round(w / s + V) + z, 0, q_max),      w_hat = (q - z) s
@@ -16,19 +17,20 @@ width 0 are 0 and rows at 16 the weight rounded to float16; neither is trained.
 Block-wise reconstruction: blocks are tuned in order. The target of block i is the float
 block's output on the float model's inputs to block i; the quantized block's input is the
 output of the already quantized blocks 0..i-1 (AutoRound's default; ``float_inputs=True``
-feeds the float inputs instead). Each step draws ``batch_size`` calibration samples with a
-seeded generator, takes the MSE between the quantized and target outputs, and moves every
-parameter by signed gradient descent, p -= lr_t sign(dL/dp) with lr_t = lr (1 - t / steps)
-(linear decay to 0), then clamps V to [-0.5, 0.5] and the factors to [0.5, 1]. As AutoRound,
-the parameters with the lowest mini-batch loss seen (measured before each update) are kept.
-With ``guard`` (not in AutoRound) the block's whole-batch loss under them is compared with
-round-to-nearest's and RTN is kept where it is lower.
+feeds the float inputs instead). Each step takes ``batch_size`` calibration samples (a seeded
+shuffle consumed without replacement, reshuffled when fewer than a batch remain, as AutoRound's
+sampler), the MSE between the quantized and target outputs, and moves every parameter by signed
+gradient descent, p -= lr_t sign(dL/dp) with lr_t = lr (1 - t / steps) (linear decay to 0),
+then clamps the factors to [0.5, 1] (V is not clamped, as in AutoRound: with the decaying lr it
+moves by at most sum_t lr_t = lr (steps + 1) / 2, about 0.5 at the default). As AutoRound, the
+parameters with the lowest mini-batch loss seen (measured before each update) are kept.
+With ``guard`` (not in AutoRound) the block's whole-batch loss under them is compared with the
+start's (round-to-nearest, or the given start) and the start is kept where it is lower.
 
 Defaults follow AutoRound: 200 steps, batch 8, lr = 1 / steps (5e-3 at 200 steps, AutoRound's
 default for both V and the min/max factors). AutoRound clamps the factors to [0, 1]; with the
-decaying lr a parameter moves by at most sum_t lr_t = lr (steps + 1) / 2, about 0.5 at the
-default, so [0.5, 1] binds only with a larger lr. Only one block's training state exists at a time,
-the model's own weights are frozen, and with ``offload`` the blocks live on the CPU and move to
+decaying lr, [0.5, 1] binds only with a larger lr. Only one block's training state exists at a
+time, the model's own weights are frozen, and with ``offload`` the blocks live on the CPU and move to
 the device one at a time (:class:`~bitsearch.sensitivity.streaming.BlockRunner`).
 
 Targets outside the decoder blocks (embeddings, a tied or untied lm_head) get plain
@@ -62,7 +64,7 @@ from .surrogates import round_ste, straight_through
 __all__ = ["SignRoundSettings", "SignRoundResult", "signround", "minmax_qparams"]
 
 _F16_MAX = torch.finfo(torch.float16).max
-V_BOUND = 0.5                 # |V| <= 0.5
+_START_MARGIN = 1e-3          # how far inside the start code's rounding interval V0 puts w / s
 FACTOR_RANGE = (0.5, 1.0)     # clipping factors of the group min and max
 
 
@@ -93,8 +95,8 @@ class SignRoundSettings:
 class SignRoundResult(dict):
     """{layer name: (scales float16 (R, n_groups), zeros uint8 (R, n_groups))} on the CPU (rows
     not at a width 2..8 get 1 and 0), plus ``block_losses``: per decoder block a dict with the
-    whole-batch MSE under round-to-nearest (``rtn``) and under the kept parameters (``final``),
-    the step of the kept parameters (``best_step``; -1 = RTN) and ``targets``; and, with
+    whole-batch MSE under the start (``rtn``: round-to-nearest or the given start) and under the
+    kept parameters (``final``), the step of the kept parameters (``best_step``; -1 = the start) and ``targets``; and, with
     ``return_state``, ``state``: {layer: {"offsets" (R, K), "min_factor", "max_factor"
     (R, n_groups)}} (0 and 1 on rows not trained)."""
 
@@ -122,7 +124,7 @@ def minmax_qparams(weight: torch.Tensor, bits, group_size: int) -> tuple[torch.T
 class _RowQuant:
     """The SignRound state of one Linear: offsets and clipping factors of its rows at 2..8."""
 
-    def __init__(self, weight: torch.Tensor, bits, group_size: int):
+    def __init__(self, weight: torch.Tensor, bits, group_size: int, start: torch.Tensor | None = None):
         w = weight.detach().float()
         dev = w.device
         self.dtype, self.group_size, self.shape = weight.dtype, group_size, tuple(w.shape)
@@ -137,17 +139,40 @@ class _RowQuant:
         self.hi = wg.amax(dim=-1).clamp(min=0)
         self.qmax = (2.0 ** self.bits[self.rows].float() - 1)
         rq, ng = self.lo.shape
+        self.v0 = torch.zeros(rq, w.shape[1], device=dev)
         self.v = torch.zeros(rq, w.shape[1], device=dev, requires_grad=True)
         self.min_factor = torch.ones(rq, ng, device=dev, requires_grad=True)
         self.max_factor = torch.ones(rq, ng, device=dev, requires_grad=True)
+        if start is not None and self.rows.numel():
+            self.v0 = self._start_offsets(start.detach().float().to(dev)[self.rows])
+            self.reset()
+
+    @torch.no_grad()
+    def _start_offsets(self, start: torch.Tensor) -> torch.Tensor:
+        """The smallest offsets V0 with which the min-max grid rounds w to the codes of ``start``
+        (a dequantized weight, e.g. GPTQ's): x = w / s moved just inside the rounding interval
+        of the start code nearest to it (V0 = 0 where the codes agree), so that the signed steps
+        can move back as easily as round-to-nearest's."""
+        s, z = self.qparams()
+        s = _grouped_like(torch.where(s > 0, s, torch.ones_like(s)), self.w.shape[1], self.group_size)
+        z = _grouped_like(z, self.w.shape[1], self.group_size)
+        qmax = self.qmax.unsqueeze(-1)
+        code = torch.minimum((torch.round(start / s) + z).clamp(min=0), qmax)    # start's codes on this grid
+        x = self.w / s
+        margin = 0.5 - _START_MARGIN
+        lo, hi = code - z - margin, code - z + margin
+        lo = torch.where(code <= 0, torch.full_like(lo, -math.inf), lo)          # clamped codes: any x beyond
+        hi = torch.where(code >= qmax, torch.full_like(hi, math.inf), hi)
+        return torch.minimum(torch.maximum(x, lo), hi) - x
 
     @property
     def params(self) -> list[torch.Tensor]:
         return [self.v, self.min_factor, self.max_factor] if self.rows.numel() else []
 
     def reset(self) -> None:
+        """Back to the start: offsets V0 (0 = round-to-nearest), factors 1."""
         with torch.no_grad():
-            self.v.zero_()
+            self.v.copy_(self.v0)
             self.min_factor.fill_(1.0)
             self.max_factor.fill_(1.0)
 
@@ -197,25 +222,33 @@ def _run(block: nn.Module, h: torch.Tensor, kw: dict, weights: dict[str, torch.T
     return out[0] if isinstance(out, tuple) else out
 
 
+def _grouped_like(t: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
+    """Per-group values (R, n_groups) spread over the K columns (R, K)."""
+    g = k if group_size == -1 or group_size >= k else group_size
+    return t.repeat_interleave(g, dim=1)[:, :k]
+
+
 def _sign_step(params: list[torch.Tensor], lr: float) -> None:
-    """p -= lr sign(grad), then V to [-0.5, 0.5] and the factors to [0.5, 1]."""
+    """p -= lr sign(grad), then the factors to [0.5, 1] (V unbounded, as AutoRound's)."""
     with torch.no_grad():
         for k, p in enumerate(params):
             if p.grad is not None:
                 p.sub_(lr * torch.sign(p.grad))
-            if k % 3 == 0:
-                p.clamp_(-V_BOUND, V_BOUND)
-            else:
+            if k % 3:
                 p.clamp_(*FACTOR_RANGE)
             p.grad = None
 
 
 def signround(model: nn.Module, plan: BitPlan, batch: torch.Tensor, settings: SignRoundSettings | None = None,
-              show_progress: bool = True, offload: bool = False, return_state: bool = False) -> SignRoundResult:
+              show_progress: bool = True, offload: bool = False, return_state: bool = False,
+              start: dict[str, torch.Tensor] | None = None) -> SignRoundResult:
     """Quantize ``model`` under ``plan`` with SignRound on the calibration token ids ``batch``
     (N, T), in place (each target weight becomes its dequantized values); returns the scales
     and zeros to pack each target with (see :class:`SignRoundResult`). ``offload``: the decoder
-    blocks are on the CPU and run on the device of the embeddings one at a time."""
+    blocks are on the CPU and run on the device of the embeddings one at a time. ``start``
+    {layer: dequantized weight} (e.g. GPTQ's; the model keeps its float weights): the rounding
+    starts from these codes on the min-max grid instead of round-to-nearest (offsets V0, see
+    ``_RowQuant._start_offsets``); the guard then compares with that start."""
     settings = settings or SignRoundSettings()
     if getattr(plan, "couplings", None):
         raise BitsearchError("signround: plans with coupled pruning are not supported yet")
@@ -250,13 +283,13 @@ def signround(model: nn.Module, plan: BitPlan, batch: torch.Tensor, settings: Si
             q_h = torch.cat([runner.capture(x)[0] for x in chunks])
         else:
             q_h = f_h
-        gen = torch.Generator().manual_seed(int(settings.seed))
+        sampler = _EpochSampler(n, bs, int(settings.seed))
         bar = progress(range(runner.n_blocks), desc="signround", enable=show_progress)
         for i in bar:
             names = by_block.get(i, [])
             with runner.on_device(i) as block:
                 f_h, q_h, info = _tune_block(block, runner.prefix + f".{i}.", names, plan, f_h, q_h, kws,
-                                             settings, gen, result, return_state, modules)
+                                             settings, sampler, result, return_state, modules, start or {})
             info["block"] = i
             result.block_losses.append(info)
             if hasattr(bar, "set_postfix_str") and names:
@@ -268,9 +301,26 @@ def signround(model: nn.Module, plan: BitPlan, batch: torch.Tensor, settings: Si
     return result
 
 
+class _EpochSampler:
+    """Mini-batches of ``bs`` sample indices drawn without replacement from a seeded shuffle,
+    reshuffled when fewer than ``bs`` remain (AutoRound's order of sampling)."""
+
+    def __init__(self, n: int, bs: int, seed: int):
+        self.n, self.bs, self.pos = n, bs, n
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order = torch.arange(n)
+
+    def next(self) -> torch.Tensor:
+        if self.pos + self.bs > self.n:
+            self.order, self.pos = torch.randperm(self.n, generator=self.gen), 0
+        self.pos += self.bs
+        return self.order[self.pos - self.bs:self.pos]
+
+
 def _tune_block(block: nn.Module, prefix: str, names: list[str], plan: BitPlan, f_h: torch.Tensor,
-                q_h: torch.Tensor | None, kws: list[dict], settings: SignRoundSettings, gen: torch.Generator,
-                result: SignRoundResult, return_state: bool, modules: dict[str, nn.Module]):
+                q_h: torch.Tensor | None, kws: list[dict], settings: SignRoundSettings, sampler: _EpochSampler,
+                result: SignRoundResult, return_state: bool, modules: dict[str, nn.Module],
+                start: dict[str, torch.Tensor]):
     """Tune one block (on its device); returns (float outputs, quantized outputs or None, losses)."""
     dev = f_h.device
     n = f_h.shape[0]
@@ -294,7 +344,8 @@ def _tune_block(block: nn.Module, prefix: str, names: list[str], plan: BitPlan, 
     if not names:
         q_out = None if q_h is None else (f_out if q_h is f_h else run_all(q_h, {})[0])
         return f_out, q_out, {"targets": 0, "rtn": 0.0, "final": 0.0, "best_step": -1}
-    states = {name: _RowQuant(modules[name].weight, plan.bits[name], plan.group_size) for name in names}
+    states = {name: _RowQuant(modules[name].weight, plan.bits[name], plan.group_size, start.get(name))
+              for name in names}
     keys = {name: name[len(prefix):] + ".weight" for name in names}
 
     def weights() -> dict[str, torch.Tensor]:
@@ -309,7 +360,7 @@ def _tune_block(block: nn.Module, prefix: str, names: list[str], plan: BitPlan, 
         lr0 = settings.learning_rate
         best_loss, best = math.inf, None
         for step in range(steps):
-            idx = torch.randperm(n, generator=gen)[:bs].to(inp.device)
+            idx = sampler.next().to(inp.device)
             with torch.enable_grad():
                 y = _run(block, inp[idx].to(dev), kws[0], weights())
                 loss = F.mse_loss(y.float(), f_out[idx.to(f_out.device)].float())
