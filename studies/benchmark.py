@@ -74,8 +74,9 @@ from bitsearch.atomic import write_text_atomic  # noqa: E402
 from bitsearch.cost import budget_to_bytes  # noqa: E402
 from bitsearch.data import calibration_batches, read_text  # noqa: E402
 from bitsearch.models import find_targets, load_model, load_tokenizer  # noqa: E402
-from bitsearch.search.uniform import uniform_plan  # noqa: E402
+from bitsearch.plan import BitPlan  # noqa: E402
 from bitsearch.finalize.gptq import gptq_quantize  # noqa: E402
+from bitsearch.search.uniform import uniform_plan  # noqa: E402
 from llamacpp_mixes import best_rule_mix, per_tensor_bytes, rule_mix_plan  # noqa: E402
 from peers import storage_bits  # noqa: E402
 
@@ -86,11 +87,15 @@ WIDTHS = (2, 3, 4, 5, 6, 8)
 GROUPS = (32, 64, 128)
 METHODS = ("rtn-g128", "rtn-channel", "gptq", "hqq", "autoround", "autoround-sym", "autoscheme", "llamacpp", "hawq",
            "bitsearch-rtn", "bitsearch-signround", "bitsearch-qat", "bitsearch-optuna-qat",
-           "bitsearch-uniform-signround", "bitsearch-uniform-qat")
-QUICK_SKIP = ("bitsearch-optuna-qat",)
+           "bitsearch-uniform-signround", "bitsearch-uniform-qat", "bitsearch-uniform-gptq",
+           "bitsearch-uniform-gptq-signround", "bitsearch-gptq-signround", "bitsearch-file-signround",
+           "bitsearch-file-gptq-signround", "bitsearch-file-gptq-qat")
+QUICK_SKIP = ("bitsearch-optuna-qat", "bitsearch-file-signround", "bitsearch-file-gptq-signround",
+              "bitsearch-file-gptq-qat")
 COLORS = dict(zip(METHODS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "mediumpurple",
                             "tab:brown", "tab:pink",
-                            "tab:olive", "0.45", "gold", "tab:cyan", "navy", "darkgoldenrod", "teal")))
+                            "tab:olive", "0.45", "gold", "tab:cyan", "navy", "darkgoldenrod", "teal", "salmon",
+                            "crimson", "darkorange", "slategray", "darkgreen", "indigo")))
 LABELS = {"rtn-g128": "RTN g128", "rtn-channel": "RTN per-channel", "gptq": "GPTQ", "hqq": "HQQ",
           "autoround": "AutoRound", "autoround-sym": "AutoRound symmetric", "autoscheme": "AutoRound AutoScheme",
           "llamacpp": "llama.cpp rule mix",
@@ -98,6 +103,12 @@ LABELS = {"rtn-g128": "RTN g128", "rtn-channel": "RTN per-channel", "gptq": "GPT
           "bitsearch-rtn": "bitsearch plan + RTN", "bitsearch-signround": "bitsearch plan + SignRound",
           "bitsearch-qat": "bitsearch plan + tiled QAT", "bitsearch-optuna-qat": "bitsearch optuna plan + tiled QAT",
           "bitsearch-uniform-signround": "bitsearch uniform + SignRound",
+          "bitsearch-uniform-gptq": "bitsearch uniform + GPTQ",
+          "bitsearch-uniform-gptq-signround": "bitsearch uniform + GPTQ + SignRound",
+          "bitsearch-gptq-signround": "bitsearch plan + GPTQ + SignRound",
+          "bitsearch-file-signround": "--plan-file + SignRound",
+          "bitsearch-file-gptq-signround": "--plan-file + GPTQ + SignRound",
+          "bitsearch-file-gptq-qat": "--plan-file + GPTQ + tiled QAT",
           "bitsearch-uniform-qat": "bitsearch uniform + tiled QAT"}
 
 
@@ -264,17 +275,23 @@ def uniform_bitsearch_plan(bench: Bench, budget: float):
 
 
 def finalize_plan(model, tok, plan, batch: torch.Tensor, finalizer: str, a) -> None:
-    """Quantize ``model`` in place to ``plan`` with ``finalizer`` (``rtn``, ``signround`` or tiled
-    ``qat``) on the calibration ``batch``, with the finalizer settings in ``a`` (``SETTINGS``);
-    ``a.out`` holds the finalizer's scratch checkpoint."""
+    """Quantize ``model`` in place to ``plan`` with ``finalizer`` (``rtn``, or a registered finalizer
+    ``signround``, ``gptq``, ``qat`` (tiled), or ``INIT-METHOD`` such as ``gptq-signround``: METHOD
+    starting from INIT's rounding) on the calibration ``batch``, with the finalizer settings in
+    ``a`` (``SETTINGS``); ``a.out`` holds the finalizer's scratch checkpoint. The rounding
+    finalizers see the calibration batch as AutoRound does ([samples, seq_len]); QAT sees it in
+    windows of ``a.qat_seq_len``."""
     if finalizer == "rtn":
         fake_quantize_model(model, plan)
         return
-    qat = dict(method="qat", mode="tiled", steps=a.qat_steps, lr=a.qat_lr, batch_size=a.qat_batch_size)
-    opts = qat if finalizer == "qat" else dict(method="signround", signround_steps=a.signround_steps)
-    train = batch.reshape(-1, a.qat_seq_len) if batch.shape[1] % a.qat_seq_len == 0 else batch
+    init, _, method = finalizer.rpartition("-")
+    opts = dict(method=method, init=init or "rtn", signround_steps=a.signround_steps)
+    if method == "qat":
+        opts.update(mode="tiled", steps=a.qat_steps, lr=a.qat_lr, batch_size=a.qat_batch_size)
+        if batch.shape[1] % a.qat_seq_len == 0:
+            batch = batch.reshape(-1, a.qat_seq_len)
     api.finalize(model=a.model, plan=plan, out=os.path.join(a.out, "tmp-finalized"), _loaded=(model, tok),
-                 _batch=train, seq_len=train.shape[1], device=a.device, show_progress=False, **opts)
+                 _batch=batch, seq_len=batch.shape[1], device=a.device, show_progress=False, **opts)
 
 
 def bitsearch_pipeline(bench: Bench, budget: float, finalizer: str, search: str = "greedy"):
@@ -283,11 +300,18 @@ def bitsearch_pipeline(bench: Bench, budget: float, finalizer: str, search: str 
         kw = dict(n_trials=bench.args.optuna_trials, sampler="tpe", span=0.0, kl_samples=48)
     if search == "uniform":
         plan, secs, m = uniform_bitsearch_plan(bench, budget)
+    elif search == "file":
+        if not bench.args.plan_file:
+            raise Skip("no --plan-file given")
+        plan, secs, m = BitPlan.load(bench.args.plan_file), 0.0, bench.fresh()
+        if plan.n_bytes() > bench.budget_bytes(budget):
+            raise Skip(f"--plan-file stores {plan.n_bytes()} bytes, over the budget")
     else:
         plan, secs, m = bench.plan(budget, method=search, **kw)
     t0 = time.time()
     finalize_plan(m, bench.tok, plan, bench.batch, finalizer, bench.args)
-    config = (plan.provenance["allocator"] if search == "uniform" else f"{search}, imatrix") + f", {finalizer}"
+    config = (plan.provenance["allocator"] if search == "uniform" else
+              os.path.basename(bench.args.plan_file) if search == "file" else f"{search}, imatrix") + f", {finalizer}"
     return m, {"bytes": plan.n_bytes(), "config": config,
                "seconds": secs + time.time() - t0}
 
@@ -308,6 +332,12 @@ RUNNERS = {
     "bitsearch-optuna-qat": lambda b, x: bitsearch_pipeline(b, x, "qat", search="optuna"),
     "bitsearch-uniform-signround": lambda b, x: bitsearch_pipeline(b, x, "signround", search="uniform"),
     "bitsearch-uniform-qat": lambda b, x: bitsearch_pipeline(b, x, "qat", search="uniform"),
+    "bitsearch-uniform-gptq": lambda b, x: bitsearch_pipeline(b, x, "gptq", search="uniform"),
+    "bitsearch-uniform-gptq-signround": lambda b, x: bitsearch_pipeline(b, x, "gptq-signround", search="uniform"),
+    "bitsearch-gptq-signround": lambda b, x: bitsearch_pipeline(b, x, "gptq-signround"),
+    "bitsearch-file-signround": lambda b, x: bitsearch_pipeline(b, x, "signround", search="file"),
+    "bitsearch-file-gptq-signround": lambda b, x: bitsearch_pipeline(b, x, "gptq-signround", search="file"),
+    "bitsearch-file-gptq-qat": lambda b, x: bitsearch_pipeline(b, x, "gptq-qat", search="file"),
 }
 
 
@@ -493,6 +523,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--signround-steps", type=int, default=None, help="default 200; --quick 100")
     ap.add_argument("--autoround-iters", type=int, default=None, help="default 200; --quick 50")
     ap.add_argument("--optuna-trials", type=int, default=60)
+    ap.add_argument("--plan-file", default=None, help="the plan of the bitsearch-file-* methods")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--redo", action="store_true", help="recompute cached points")
     ap.add_argument("--table-only", action="store_true",

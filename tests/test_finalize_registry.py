@@ -1,0 +1,109 @@
+"""The finalizer registry: every registered finalizer (and every chain from a rounding finalizer)
+turns a tiny Llama and a plan with every width (0, 2, 3, 4, 16) into a packed model of exactly the
+plan's bytes, which saves, loads back and applies to the same outputs, and is deterministic."""
+
+import copy
+
+import pytest
+import torch
+
+from bitsearch.apply import load_packed, save_packed
+from bitsearch.errors import BitsearchError
+from bitsearch.finalize.gptq import GPTQSettings
+from bitsearch.finalize.registry import FINALIZERS, finalize_model, get_finalizer, register_finalizer
+from bitsearch.finalize.signround import SignRoundSettings
+from bitsearch.finalize.train import QatSettings
+from bitsearch.models import load_model
+from bitsearch.packed import _PackedRows
+from plans import mixed_plan
+
+
+def tokens(model, n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, model.config.vocab_size, (n, 32), generator=torch.Generator().manual_seed(seed))
+
+
+def settings(name: str, seed: int = 0):
+    return {"gptq": GPTQSettings(micro_batch=8),
+            "signround": SignRoundSettings(steps=6, batch_size=4, seed=seed),
+            "qat": QatSettings(steps=4, batch_size=4, seed=seed, checkpoint=None)}[name]
+
+
+CHAINS = [("rtn", "gptq"), ("rtn", "signround"), ("rtn", "qat"), ("gptq", "signround"), ("gptq", "qat"),
+          ("signround", "qat")]
+
+
+def test_builtin_finalizers_are_registered():
+    assert {"gptq", "signround", "qat"} <= set(FINALIZERS)
+    assert get_finalizer("gptq").rounds and not get_finalizer("qat").rounds
+    with pytest.raises(BitsearchError, match="unknown finalizer"):
+        get_finalizer("nope")
+    with pytest.raises(ValueError, match="twice"):
+        register_finalizer("gptq", GPTQSettings, rounds=True, accepts_start=False)(lambda *a, **k: None)
+
+
+@pytest.mark.parametrize("init,method", CHAINS)
+def test_contract(llama_dir, tmp_path, init, method):
+    ref = load_model(llama_dir)
+    plan = mixed_plan(ref, r"embed_tokens|layers\.")        # tied embedding: round-to-nearest everywhere
+    x, held = tokens(ref, 16, 1), tokens(ref, 4, 9)
+    runs = []
+    for _ in range(2):
+        m = load_model(llama_dir)
+        info = {}
+        out = finalize_model(m, plan, x, method, settings(method), init=init,
+                             init_settings=settings(init) if init != "rtn" else None, show_progress=False, info=info)
+        assert out is m and method in info and (init == "rtn" or init in info)
+        runs.append(m)
+    a, b = runs
+    for (k, t), (k2, u) in zip(a.state_dict().items(), b.state_dict().items()):    # deterministic
+        assert k == k2 and torch.equal(t, u), k
+    total = 0
+    for name in plan.bits:
+        mod = a.get_submodule(name)
+        assert isinstance(mod, _PackedRows), name
+        total += mod.packed_bytes()
+    assert total == plan.n_bytes()                                               # bytes exact
+    written = save_packed(a, plan, str(tmp_path / "packed"), None)
+    assert written == plan.n_bytes()
+    loaded = load_packed(str(tmp_path / "packed"))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=held).logits, a(input_ids=held).logits)   # loads and applies
+        assert not torch.equal(a(input_ids=held).logits, ref(input_ids=held).logits)
+
+
+def test_refused_chains(llama_dir):
+    m = load_model(llama_dir)
+    plan = mixed_plan(m)
+    x = tokens(m, 4, 0)
+    before = copy.deepcopy(m.state_dict())
+    with pytest.raises(BitsearchError, match="only a rounding finalizer"):
+        finalize_model(m, plan, x, "signround", init="qat", show_progress=False)
+    with pytest.raises(BitsearchError, match="cannot start from"):
+        finalize_model(m, plan, x, "gptq", init="signround", show_progress=False)
+    assert all(torch.equal(t, before[k]) for k, t in m.state_dict().items())
+
+
+@pytest.mark.parametrize("width", [2, 3])
+def test_signround_from_gptq_starts_at_gptq(llama_dir, width):
+    """Zero SignRound steps from GPTQ's start give GPTQ's weights and grid bit for bit (the offsets
+    V0 reproduce its codes); some of those codes differ from round-to-nearest's."""
+    from bitsearch.finalize.gptq import gptq_quantize
+    from bitsearch.finalize.signround import signround
+    from bitsearch.search.uniform import uniform_plan
+
+    g = load_model(llama_dir)
+    plan = uniform_plan(g, width, 16)
+    x = tokens(g, 16, 1)
+    gq = gptq_quantize(g, plan, x, GPTQSettings(micro_batch=8), show_progress=False)
+    start = {n: g.get_submodule(n).weight.detach().clone() for n in plan.bits}
+    s = load_model(llama_dir)
+    floats = {n: s.get_submodule(n).weight.detach().clone() for n in plan.bits}
+    res = signround(s, plan, x, SignRoundSettings(steps=0), show_progress=False, start=start)
+    differs = 0
+    for n in plan.bits:
+        assert torch.equal(s.get_submodule(n).weight, start[n]), n
+        assert torch.equal(res[n][0], gq[n][0]) and torch.equal(res[n][1], gq[n][1]), n
+        sc = res[n][0].float().repeat_interleave(16, dim=1)
+        differs += int((torch.round(floats[n] / sc) != torch.round(start[n] / sc)).sum())
+    assert differs > 0
+    assert all(b["best_step"] == -1 for b in res.block_losses)
