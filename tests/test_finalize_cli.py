@@ -36,6 +36,9 @@ def _kl(capsys, made, model) -> float:
     ["--method", "qat", "--mode", "e2e", "--round", "sigmoid", "--temperature", "5", "--clamp", "soft"],
     ["--method", "qat", "--mode", "tiled+e2e", "--tile-size", "1", "--init", "signround", "--signround-steps", "10"],
     ["--method", "signround", "--signround-steps", "20"],
+    ["--method", "gptq", "--gptq-damp", "0.02"],
+    ["--method", "signround", "--init", "gptq", "--signround-steps", "20"],
+    ["--method", "qat", "--init", "gptq", "--tile-size", "1"],
 ])
 def test_finalize_beats_round_to_nearest(made, capsys, extra):
     d = made["dir"]
@@ -66,6 +69,7 @@ def test_finalize_data_free_and_mistakes(made, capsys, tmp_path):
         (base + ["--calib", made["text"], "--data-free", "4"], r"not both"),
         (base + ["--calib", made["text"], "--lr", "-1"], r"--lr and --beta must be positive"),
         (base + ["--calib", made["text"], "--resume"], r"no checkpoint"),
+        (base + ["--calib", made["text"], "--method", "gptq", "--init", "gptq"], r"--init 'gptq' is not one of"),
     ]:
         code, _, err = run_cli(capsys, *argv)
         assert_one_line_error(code, err, pattern)
