@@ -329,7 +329,8 @@ def _autoround_in_place(model: nn.Module, tokenizer, batch: torch.LongTensor, sc
         ar = AutoRound(model, tokenizer=tokenizer, scheme=scheme, alg_configs=config, dataset=data,
                        nsamples=n_samples, seqlen=seq_len, batch_size=batch_size, seed=seed,
                        device_map=str(dev) if dev.type != "cuda" else (dev.index or 0),
-                       enable_torch_compile=False, low_gpu_mem_usage=False, layer_config=layer_config)
+                       enable_torch_compile=False, low_gpu_mem_usage=False, layer_config=layer_config,
+                       amp=False)
         if setup is not None:
             setup(ar, data)
         quantized, _ = ar.quantize()
@@ -361,7 +362,9 @@ def autoround_quantize(model: nn.Module, tokenizer, batch: torch.LongTensor, bit
     the rows of ``batch`` ([n_samples, seq_len] token ids; nsamples = n_samples, seqlen = seq_len;
     no dataset is downloaded). AutoRound's other settings are its defaults (lr = 1 / iters,
     min-max tuning, best-MSE rounding kept, quantized inputs to later blocks, mini-batches of
-    ``batch_size`` = 8 samples); torch.compile is off. lm_head and the embeddings stay float.
+    ``batch_size`` = 8 samples); torch.compile is off, and so is its mixed precision (``amp``:
+    on a CPU with bf16 support AutoRound >= 0.16 would cast the model to bfloat16 and leave it so),
+    so it tunes in float32 as bitsearch's finalizers do. lm_head and the embeddings stay float.
 
     AutoRound is run without export (``AutoRound(...).quantize()``): it leaves each quantized
     ``nn.Linear`` holding its quantize-dequantized weight, with the float16 ``scale`` and
