@@ -347,7 +347,7 @@ def measure(bench: Bench, model) -> dict:
     """Perplexity on the evaluation text, with the mean entropy of the predictions there and (for a
     quantized model) KL(float || model) there; KL(float || model) on the held-out text."""
     a = bench.args
-    ref = None if model is bench.float_model else bench.float_model
+    ref = None if model is bench.float_model or a.no_eval_kl else bench.float_model
     ev = api.evaluate(model="m", text=a.eval_text, max_tokens=a.max_tokens, seq_len=512, device=a.device,
                       show_progress=False, _loaded=(model, bench.tok), _reference_loaded=ref)
     kl = api.evaluate(model="m", text=bench.kl_path, max_tokens=a.kl_tokens, seq_len=512, device=a.device,
@@ -356,6 +356,38 @@ def measure(bench: Bench, model) -> dict:
     if ref is not None:
         out["eval_kl"] = ev.kl
     return out
+
+
+def _target_weights(model) -> dict[str, torch.Tensor]:
+    """Every target's weight as the model computes with it (a packed layer's dequantized one)."""
+    out = {}
+    for t in find_targets(model):
+        mod = model.get_submodule(t.name)
+        w = mod.dequantized_weight() if hasattr(mod, "dequantized_weight") else mod.weight
+        out[t.name] = w.detach().float().cpu().clone()
+    return out
+
+
+def save_model(bench: Bench, model, method: str, budget: float) -> None:
+    """The quantized model's target weights (--save-models), for a later --from-run measurement."""
+    os.makedirs(os.path.join(bench.args.out, "models"), exist_ok=True)
+    torch.save(_target_weights(model), os.path.join(bench.args.out, "models", f"{method}@{budget}.pt"))
+
+
+def saved_model(bench: Bench, method: str, budget: float):
+    """(the float model with the target weights --save-models kept in the --from-run folder, the
+    run's point without its measurements)."""
+    base = bench.args.from_run
+    weights = os.path.join(base, "models", f"{method}@{budget}.pt")
+    point = os.path.join(base, "points", f"{method}@{budget}.json")
+    if not os.path.exists(weights) or not os.path.exists(point):
+        raise Skip(f"not saved in {base}")
+    m = bench.fresh()
+    with torch.no_grad():
+        for name, w in torch.load(weights).items():
+            m.get_submodule(name).weight.copy_(w.to(m.get_submodule(name).weight.dtype))
+    info = {k: v for k, v in json.load(open(point)).items() if k in ("bytes", "config", "seconds")}
+    return m, dict(info, measured_from=base)
 
 
 def run_point(bench: Bench, method: str, budget: float) -> dict:
@@ -367,7 +399,12 @@ def run_point(bench: Bench, method: str, budget: float) -> dict:
     if bench.args.table_only:
         return dict(row, missing=True)
     try:
-        model, info = RUNNERS[method](bench, budget)
+        if bench.args.from_run:
+            model, info = saved_model(bench, method, budget)
+        else:
+            model, info = RUNNERS[method](bench, budget)
+            if bench.args.save_models:
+                save_model(bench, model, method, budget)
         row.update(info, avg_bits=8 * info["bytes"] / bench.n_weights, **measure(bench, model))
         row["seconds"] = round(row["seconds"], 1)
     except Skip as e:
@@ -524,6 +561,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--autoround-iters", type=int, default=None, help="default 200; --quick 50")
     ap.add_argument("--optuna-trials", type=int, default=60)
     ap.add_argument("--plan-file", default=None, help="the plan of the bitsearch-file-* methods")
+    ap.add_argument("--no-eval-kl", action="store_true",
+                    help="perplexity only on the evaluation text (no KL to the float model there: half the time)")
+    ap.add_argument("--save-models", action="store_true",
+                    help="keep each point's quantized target weights in --out/TAG/models (for --from-run)")
+    ap.add_argument("--from-run", default=None,
+                    help="measure the models an earlier --save-models run (its --out/TAG folder) kept, instead "
+                         "of quantizing again (e.g. on the whole evaluation text)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--redo", action="store_true", help="recompute cached points")
     ap.add_argument("--table-only", action="store_true",
