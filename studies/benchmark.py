@@ -42,8 +42,15 @@ Methods (``--methods``, default all):
   instead (one width and group for every row, the largest that fits): bitsearch's finalizers
   on the configuration the uniform peers get, which separates what the plan adds from what
   the finalizer adds.
+  ``-gptq`` and ``-gptq-signround`` (after ``bitsearch-uniform`` or ``bitsearch``) round with
+  GPTQ, or with SignRound starting from GPTQ's rounding (``finalize --method signround --init
+  gptq``); ``bitsearch-file-*`` finalize the plan given by ``--plan-file``. The rounding
+  finalizers see the calibration batch as AutoRound does (``--samples`` x ``--seq-len``).
 
 Every point is cached as JSON in ``--out/points`` (a killed run resumes; ``--redo`` recomputes).
+With ``--save-models`` each point's quantized weights are kept too, and a later run with
+``--from-run`` that folder measures them again (e.g. on the whole evaluation text) without
+quantizing again.
 The results go to ``--out/benchmark-<tag>.json``, ``.md`` (the table the README includes) and
 ``.png`` (perplexity against stored bits, every method, the float model as a line).
 
