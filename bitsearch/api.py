@@ -132,8 +132,8 @@ def calibration_tokens(loaded: Loaded, calib, config: CalibConfig, n: int | None
 
     n = config.samples if n is None else n
     if (calib is None) == (config.data_free is None):
-        raise BitsearchError(f"{what} needs `calib` (a text file, texts or token ids) or `data_free` (N generated "
-                             f"samples), one of them, not both")
+        raise BitsearchError(f"{what} needs calibration data: give `calib` FILE or `data_free` N (not both; "
+                             f"`calib` may also be a list of texts or token ids)")
     if config.data_free is not None:
         from .datafree import default_cache_path, load_or_generate
 
