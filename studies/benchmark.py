@@ -78,11 +78,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bitsearch import api  # noqa: E402
 from bitsearch.apply import fake_quantize_model  # noqa: E402
 from bitsearch.atomic import write_text_atomic  # noqa: E402
+from bitsearch.config import EvalConfig, FinalizeConfig, SearchConfig, SensitivityConfig  # noqa: E402
 from bitsearch.cost import budget_to_bytes  # noqa: E402
 from bitsearch.data import calibration_batches, read_text  # noqa: E402
 from bitsearch.models import find_targets, load_model, load_tokenizer  # noqa: E402
-from bitsearch.plan import BitPlan  # noqa: E402
 from bitsearch.finalize.gptq import gptq_quantize  # noqa: E402
+from bitsearch.plan import BitPlan  # noqa: E402
 from bitsearch.search.uniform import uniform_plan  # noqa: E402
 from llamacpp_mixes import best_rule_mix, per_tensor_bytes, rule_mix_plan  # noqa: E402
 from peers import storage_bits  # noqa: E402
@@ -164,9 +165,11 @@ class Bench:
         meta = path + ".seconds"
         if not os.path.exists(path) or not os.path.exists(meta):
             t0 = time.time()
-            api.sensitivity(model=self.args.model, calib=self.calib_path, out=path, samples=self.args.samples,
-                            seq_len=self.args.seq_len, estimators=estimator, calibrate=calibrate,
-                            probes=self.args.probes, device=self.args.device, show_progress=False)
+            api.sensitivity(self.args.model, self.calib_path,
+                            SensitivityConfig(samples=self.args.samples, seq_len=self.args.seq_len,
+                                              estimators=estimator, loss_calibration=calibrate,
+                                              probes=self.args.probes, device=self.args.device,
+                                              show_progress=False), out=path)
             write_text_atomic(meta, f"{time.time() - t0:.1f}\n")
         return path, float(open(meta).read())
 
@@ -176,9 +179,9 @@ class Bench:
         table, secs = self.table(estimator, calibrate)
         m = self.fresh()
         t0 = time.time()
-        plan = api.search(model=self.args.model, budget=str(budget), calib=self.calib_path, sensitivity_table=table,
-                          method=method, mix=estimator, samples=self.args.samples, seq_len=self.args.seq_len,
-                          show_progress=False, _loaded=(m, self.tok), **kw)
+        config = SearchConfig(budget=str(budget), method=method, mix=estimator, samples=self.args.samples,
+                              seq_len=self.args.seq_len, show_progress=False, **kw)
+        plan = api.search(m, self.calib_path, config, tokenizer=self.tok, table=table)
         return plan, secs + time.time() - t0, m
 
 
@@ -285,7 +288,7 @@ def finalize_plan(model, tok, plan, batch: torch.Tensor, finalizer: str, a) -> N
     """Quantize ``model`` in place to ``plan`` with ``finalizer`` (``rtn``, or a registered finalizer
     ``signround``, ``gptq``, ``qat`` (tiled), or ``INIT-METHOD`` such as ``gptq-signround``: METHOD
     starting from INIT's rounding) on the calibration ``batch``, with the finalizer settings in
-    ``a`` (``SETTINGS``); ``a.out`` holds the finalizer's scratch checkpoint. The rounding
+    ``a`` (``SETTINGS``). The rounding
     finalizers see the calibration batch as AutoRound does ([samples, seq_len]); QAT sees it in
     windows of ``a.qat_seq_len``."""
     if finalizer == "rtn":
@@ -297,8 +300,9 @@ def finalize_plan(model, tok, plan, batch: torch.Tensor, finalizer: str, a) -> N
         opts.update(mode="tiled", steps=a.qat_steps, lr=a.qat_lr, batch_size=a.qat_batch_size)
         if batch.shape[1] % a.qat_seq_len == 0:
             batch = batch.reshape(-1, a.qat_seq_len)
-    api.finalize(model=a.model, plan=plan, out=os.path.join(a.out, "tmp-finalized"), _loaded=(model, tok),
-                 _batch=batch, seq_len=batch.shape[1], device=a.device, show_progress=False, **opts)
+    config = FinalizeConfig(seq_len=batch.shape[1], samples=batch.shape[0], device=a.device, show_progress=False,
+                            **opts)
+    api.finalize(model, plan, batch, config, tokenizer=tok)
 
 
 def bitsearch_pipeline(bench: Bench, budget: float, finalizer: str, search: str = "greedy"):
@@ -355,10 +359,11 @@ def measure(bench: Bench, model) -> dict:
     quantized model) KL(float || model) there; KL(float || model) on the held-out text."""
     a = bench.args
     ref = None if model is bench.float_model or a.no_eval_kl else bench.float_model
-    ev = api.evaluate(model="m", text=a.eval_text, max_tokens=a.max_tokens, seq_len=512, device=a.device,
-                      show_progress=False, _loaded=(model, bench.tok), _reference_loaded=ref)
-    kl = api.evaluate(model="m", text=bench.kl_path, max_tokens=a.kl_tokens, seq_len=512, device=a.device,
-                      show_progress=False, _loaded=(model, bench.tok), _reference_loaded=bench.float_model).kl
+    ev = api.evaluate(model, a.eval_text, EvalConfig(max_tokens=a.max_tokens, seq_len=512, device=a.device,
+                                                     show_progress=False), tokenizer=bench.tok, reference=ref)
+    kl = api.evaluate(model, bench.kl_path, EvalConfig(max_tokens=a.kl_tokens, seq_len=512, device=a.device,
+                                                       show_progress=False),
+                      tokenizer=bench.tok, reference=bench.float_model).kl
     out = {"ppl": ev.ppl, "kl": kl, "entropy": ev.entropy}
     if ref is not None:
         out["eval_kl"] = ev.kl

@@ -39,6 +39,7 @@ __all__ = ["GPTQResult", "GPTQSettings", "gptq_layer", "gptq_quantize", "uniform
 
 def main(argv: list[str] | None = None) -> dict:
     from bitsearch import api
+    from bitsearch.config import EvalConfig
     from bitsearch.apply import pack_model, save_packed
     from bitsearch.data import calibration_batches
     from bitsearch.models import load_model, load_tokenizer
@@ -102,8 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"gptq: quantized in {seconds:.1f} s; avg bits {plan.summary['avg_bits']:.4f} ({n_bytes} bytes); "
           f"packed checkpoint in {args.out}", flush=True)
     if args.eval_text:
-        r = api.evaluate(model="m", text=args.eval_text, max_tokens=args.max_tokens, seq_len=args.eval_seq_len,
-                         _loaded=(model, tok), show_progress=False)
+        r = api.evaluate(model, args.eval_text, EvalConfig(max_tokens=args.max_tokens, seq_len=args.eval_seq_len,
+                                                           show_progress=False), tokenizer=tok)
         summary.update(ppl=r.ppl, eval_tokens=r.tokens, eval_text=args.eval_text)
         print(f"gptq: perplexity {r.ppl:.2f} on {r.tokens} tokens of {args.eval_text}", flush=True)
     print(json.dumps(summary))

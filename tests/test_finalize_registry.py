@@ -1,4 +1,4 @@
-"""The finalizer registry: every registered finalizer (and every chain from a rounding finalizer)
+"""The finalizer registry (bitsearch.finalize.base): every registered finalizer (and every chain from a rounding finalizer)
 turns a tiny Llama and a plan with every width (0, 2, 3, 4, 16) into a packed model of exactly the
 plan's bytes, which saves, loads back and applies to the same outputs, and is deterministic."""
 
@@ -8,11 +8,9 @@ import pytest
 import torch
 
 from bitsearch.apply import load_packed, save_packed
+from bitsearch.config import FinalizeConfig
 from bitsearch.errors import BitsearchError
-from bitsearch.finalize.gptq import GPTQSettings
-from bitsearch.finalize.registry import FINALIZERS, finalize_model, get_finalizer, register_finalizer
-from bitsearch.finalize.signround import SignRoundSettings
-from bitsearch.finalize.train import QatSettings
+from bitsearch.finalize import FINALIZERS, GPTQSettings, Rounder, SignRoundSettings, get_finalizer, rounders
 from bitsearch.models import load_model
 from bitsearch.packed import _PackedRows
 from plans import mixed_plan
@@ -22,10 +20,9 @@ def tokens(model, n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, model.config.vocab_size, (n, 32), generator=torch.Generator().manual_seed(seed))
 
 
-def settings(name: str, seed: int = 0):
-    return {"gptq": GPTQSettings(micro_batch=8),
-            "signround": SignRoundSettings(steps=6, batch_size=4, seed=seed),
-            "qat": QatSettings(steps=4, batch_size=4, seed=seed, checkpoint=None)}[name]
+def config(method: str, init: str = "rtn", seed: int = 0) -> FinalizeConfig:
+    return FinalizeConfig(method=method, init=init, signround_steps=6, steps=4, batch_size=4, seed=seed,
+                          show_progress=False)
 
 
 CHAINS = [("rtn", "gptq"), ("rtn", "signround"), ("rtn", "qat"), ("gptq", "signround"), ("gptq", "qat"),
@@ -34,25 +31,23 @@ CHAINS = [("rtn", "gptq"), ("rtn", "signround"), ("rtn", "qat"), ("gptq", "signr
 
 def test_builtin_finalizers_are_registered():
     assert {"gptq", "signround", "qat"} <= set(FINALIZERS)
-    assert get_finalizer("gptq").rounds and not get_finalizer("qat").rounds
-    with pytest.raises(BitsearchError, match="unknown finalizer"):
+    assert set(rounders()) == {"gptq", "signround"}
+    assert isinstance(get_finalizer("gptq"), Rounder) and not isinstance(get_finalizer("qat"), Rounder)
+    with pytest.raises(BitsearchError, match="unknown finalize method"):
         get_finalizer("nope")
-    with pytest.raises(ValueError, match="twice"):
-        register_finalizer("gptq", GPTQSettings, rounds=True, accepts_start=False)(lambda *a, **k: None)
 
 
 @pytest.mark.parametrize("init,method", CHAINS)
 def test_contract(llama_dir, tmp_path, init, method):
+    """Bytes exact, saved and loaded back to the same outputs, the same result twice (seeded)."""
     ref = load_model(llama_dir)
     plan = mixed_plan(ref, r"embed_tokens|layers\.")        # tied embedding: round-to-nearest everywhere
     x, held = tokens(ref, 16, 1), tokens(ref, 4, 9)
     runs = []
     for _ in range(2):
         m = load_model(llama_dir)
-        info = {}
-        out = finalize_model(m, plan, x, method, settings(method), init=init,
-                             init_settings=settings(init) if init != "rtn" else None, show_progress=False, info=info)
-        assert out is m and method in info and (init == "rtn" or init in info)
+        info = get_finalizer(method).finalize(m, plan, x, config(method, init), show_progress=False)
+        assert isinstance(info, dict)
         runs.append(m)
     a, b = runs
     for (k, t), (k2, u) in zip(a.state_dict().items(), b.state_dict().items()):    # deterministic
@@ -76,10 +71,10 @@ def test_refused_chains(llama_dir):
     plan = mixed_plan(m)
     x = tokens(m, 4, 0)
     before = copy.deepcopy(m.state_dict())
-    with pytest.raises(BitsearchError, match="only a rounding finalizer"):
-        finalize_model(m, plan, x, "signround", init="qat", show_progress=False)
-    with pytest.raises(BitsearchError, match="cannot start from"):
-        finalize_model(m, plan, x, "gptq", init="signround", show_progress=False)
+    with pytest.raises(BitsearchError, match="not a rounding method"):
+        get_finalizer("signround").finalize(m, plan, x, config("signround", "qat"), show_progress=False)
+    with pytest.raises(BitsearchError, match="does not start from"):
+        get_finalizer("gptq").finalize(m, plan, x, config("gptq", "signround"), show_progress=False)
     assert all(torch.equal(t, before[k]) for k, t in m.state_dict().items())
 
 

@@ -54,6 +54,7 @@ from ..quant.grid import KEEP_WIDTH, QUANT_WIDTHS, choose_qparams, dequantize, n
 from ..sensitivity.calibrate import names_by_block
 from ..sensitivity.stats import InputStats
 from ..sensitivity.streaming import BlockRunner
+from .base import Rounder, register_finalizer
 from .signround import minmax_qparams
 
 __all__ = ["GPTQSettings", "GPTQResult", "gptq_layer", "gptq_quantize", "sequential_groups"]
@@ -337,3 +338,19 @@ def gptq_quantize(model: nn.Module, plan: BitPlan, batch: torch.Tensor, settings
         model.train(was_training)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+@register_finalizer
+class GPTQFinalizer(Rounder):
+    """GPTQ's rounding (``config``: gptq_damp, gptq_act_order); the other settings are
+    :class:`GPTQSettings`' defaults."""
+
+    name = "gptq"
+
+    def round(self, model, plan, batch, config, show_progress=True) -> dict:
+        init = getattr(config, "init", "rtn")
+        if init not in ("rtn", self.name) and getattr(config, "method", self.name) == self.name:
+            raise BitsearchError(f"gptq does not start from another rounding (init '{init}'; use rtn)")
+        settings = GPTQSettings(percdamp=getattr(config, "gptq_damp", 0.01),
+                                act_order=getattr(config, "gptq_act_order", True))
+        return gptq_quantize(model, plan, batch, settings, show_progress=show_progress)

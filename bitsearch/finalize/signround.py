@@ -58,6 +58,7 @@ from ..progress import progress
 from ..quant.grid import KEEP_WIDTH, QUANT_WIDTHS, _grouped, choose_qparams, n_groups
 from ..sensitivity.calibrate import names_by_block
 from ..sensitivity.streaming import BlockRunner
+from .base import Rounder, get_finalizer, register_finalizer, rounders
 from .quantizer import fake_quant_rows
 from .surrogates import round_ste, straight_through
 
@@ -388,3 +389,29 @@ def _tune_block(block: nn.Module, prefix: str, names: list[str], plan: BitPlan, 
     del states, params
     info = {"targets": len(names), "rtn": rtn_loss, "final": final_loss, "best_step": best_step}
     return f_out, (final_out if q_h is not None else None), info
+
+
+@register_finalizer
+class SignRoundFinalizer(Rounder):
+    """SignRound's learned rounding, block by block (``config``: signround_steps, signround_lr,
+    batch_size, seed), from round-to-nearest or from another rounder's codes (``config.init``)."""
+
+    name = "signround"
+
+    def round(self, model, plan, batch, config, show_progress=True) -> dict:
+        settings = SignRoundSettings(steps=config.signround_steps, lr=config.signround_lr,
+                                     batch_size=config.batch_size, seed=config.seed)
+        init = getattr(config, "init", "rtn")
+        start = None
+        if init not in ("rtn", self.name):       # start from another rounder's codes
+            first = get_finalizer(init)
+            if not isinstance(first, Rounder):
+                raise BitsearchError(f"init '{init}' is not a rounding method (choose from rtn, "
+                                     f"{', '.join(rounders())})")
+            floats = {n: model.get_submodule(n).weight.detach().clone() for n in plan.bits}
+            first.round(model, plan, batch, config, show_progress)
+            start = {n: model.get_submodule(n).weight.detach().clone() for n in plan.bits}
+            with torch.no_grad():
+                for n, w in floats.items():
+                    model.get_submodule(n).weight.copy_(w)
+        return signround(model, plan, batch, settings, show_progress=show_progress, start=start)
