@@ -96,14 +96,14 @@ GROUPS = (32, 64, 128)
 METHODS = ("rtn-g128", "rtn-channel", "gptq", "hqq", "autoround", "autoround-sym", "autoscheme", "llamacpp", "hawq",
            "bitsearch-rtn", "bitsearch-signround", "bitsearch-qat", "bitsearch-optuna-qat",
            "bitsearch-uniform-signround", "bitsearch-uniform-qat", "bitsearch-uniform-gptq",
-           "bitsearch-uniform-gptq-signround", "bitsearch-gptq-signround", "bitsearch-file-signround",
-           "bitsearch-file-gptq-signround", "bitsearch-file-gptq-qat")
-QUICK_SKIP = ("bitsearch-optuna-qat", "bitsearch-file-signround", "bitsearch-file-gptq-signround",
-              "bitsearch-file-gptq-qat")
+           "bitsearch-uniform-gptq-signround", "bitsearch-gptq-signround", "bitsearch-file-gptq",
+           "bitsearch-file-signround", "bitsearch-file-gptq-signround", "bitsearch-file-gptq-qat")
+QUICK_SKIP = ("bitsearch-optuna-qat", "bitsearch-file-gptq", "bitsearch-file-signround",
+              "bitsearch-file-gptq-signround", "bitsearch-file-gptq-qat")
 COLORS = dict(zip(METHODS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "mediumpurple",
                             "tab:brown", "tab:pink",
                             "tab:olive", "0.45", "gold", "tab:cyan", "navy", "darkgoldenrod", "teal", "salmon",
-                            "crimson", "darkorange", "slategray", "darkgreen", "indigo")))
+                            "crimson", "darkorange", "olivedrab", "slategray", "darkgreen", "indigo")))
 LABELS = {"rtn-g128": "RTN g128", "rtn-channel": "RTN per-channel", "gptq": "GPTQ", "hqq": "HQQ",
           "autoround": "AutoRound", "autoround-sym": "AutoRound symmetric", "autoscheme": "AutoRound AutoScheme",
           "llamacpp": "llama.cpp rule mix",
@@ -114,6 +114,7 @@ LABELS = {"rtn-g128": "RTN g128", "rtn-channel": "RTN per-channel", "gptq": "GPT
           "bitsearch-uniform-gptq": "bitsearch uniform + GPTQ",
           "bitsearch-uniform-gptq-signround": "bitsearch uniform + GPTQ + SignRound",
           "bitsearch-gptq-signround": "bitsearch plan + GPTQ + SignRound",
+          "bitsearch-file-gptq": "--plan-file + GPTQ",
           "bitsearch-file-signround": "--plan-file + SignRound",
           "bitsearch-file-gptq-signround": "--plan-file + GPTQ + SignRound",
           "bitsearch-file-gptq-qat": "--plan-file + GPTQ + tiled QAT",
@@ -346,6 +347,7 @@ RUNNERS = {
     "bitsearch-uniform-gptq": lambda b, x: bitsearch_pipeline(b, x, "gptq", search="uniform"),
     "bitsearch-uniform-gptq-signround": lambda b, x: bitsearch_pipeline(b, x, "gptq-signround", search="uniform"),
     "bitsearch-gptq-signround": lambda b, x: bitsearch_pipeline(b, x, "gptq-signround"),
+    "bitsearch-file-gptq": lambda b, x: bitsearch_pipeline(b, x, "gptq", search="file"),
     "bitsearch-file-signround": lambda b, x: bitsearch_pipeline(b, x, "signround", search="file"),
     "bitsearch-file-gptq-signround": lambda b, x: bitsearch_pipeline(b, x, "gptq-signround", search="file"),
     "bitsearch-file-gptq-qat": lambda b, x: bitsearch_pipeline(b, x, "gptq-qat", search="file"),
