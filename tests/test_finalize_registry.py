@@ -1,6 +1,7 @@
-"""The finalizer registry (bitsearch.finalize.base): every registered finalizer (and every chain from a rounding finalizer)
-turns a tiny Llama and a plan with every width (0, 2, 3, 4, 16) into a packed model of exactly the
-plan's bytes, which saves, loads back and applies to the same outputs, and is deterministic."""
+"""The finalizer registry (bitsearch.finalize.base): every registered finalizer (and every chain
+from a rounding finalizer) turns a tiny Llama and a plan with every width (0, 2, 3, 4, 16) into a
+packed model of exactly the plan's bytes, which saves, loads back and applies to the same
+outputs, and is deterministic."""
 
 import copy
 

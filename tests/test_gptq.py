@@ -1,7 +1,9 @@
-"""GPTQ (bitsearch.finalize.gptq, CLI in studies/gptq.py) on bitsearch's grid: the fast ``fasterquant`` loop (lazy batches, upper
-Cholesky factor of H^-1, static groups, act order) gives the same codes as a plain per-column
-OBS loop with explicit inverse-Hessian updates; it beats round-to-nearest on a layer's output
-error and on the whole tiny Llama's KL; its results pack to the plan's bytes and back to the
+"""GPTQ (bitsearch.finalize.gptq; CLI studies/gptq.py) on bitsearch's grid: the fast
+``fasterquant`` loop (lazy batches, upper Cholesky factor of H^-1, static groups, act order)
+gives the same codes as a plain per-column OBS loop with explicit inverse-Hessian updates, and
+the whole pipeline the same weights as a plain float64 reference on uniform plans; it leaves
+less layer-output error than round-to-nearest on the calibration Gram (per-row widths too) and
+beats it on the whole tiny Llama's KL; its results pack to the plan's bytes and back to the
 in-place weights bit for bit, under mixed widths with 0 and 16 rows and RTN embeddings.
 
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_gptq.py

@@ -30,8 +30,8 @@ start's (round-to-nearest, or the given start) and the start is kept where it is
 Defaults follow AutoRound: 200 steps, batch 8, lr = 1 / steps (5e-3 at 200 steps, AutoRound's
 default for both V and the min/max factors). AutoRound clamps the factors to [0, 1]; with the
 decaying lr, [0.5, 1] binds only with a larger lr. Only one block's training state exists at a
-time, the model's own weights are frozen, and with ``offload`` the blocks live on the CPU and move to
-the device one at a time (:class:`~bitsearch.sensitivity.streaming.BlockRunner`).
+time, the model's own weights are frozen, and with ``offload`` the blocks live on the CPU and
+move to the device one at a time (:class:`~bitsearch.sensitivity.streaming.BlockRunner`).
 
 Targets outside the decoder blocks (embeddings, a tied or untied lm_head) get plain
 round-to-nearest. :func:`signround` writes each target's dequantized weight into the model in
@@ -97,7 +97,8 @@ class SignRoundResult(dict):
     """{layer name: (scales float16 (R, n_groups), zeros uint8 (R, n_groups))} on the CPU (rows
     not at a width 2..8 get 1 and 0), plus ``block_losses``: per decoder block a dict with the
     whole-batch MSE under the start (``rtn``: round-to-nearest or the given start) and under the
-    kept parameters (``final``), the step of the kept parameters (``best_step``; -1 = the start) and ``targets``; and, with
+    kept parameters (``final``), the step of the kept parameters (``best_step``; -1 = the start)
+    and ``targets``; and, with
     ``return_state``, ``state``: {layer: {"offsets" (R, K), "min_factor", "max_factor"
     (R, n_groups)}} (0 and 1 on rows not trained)."""
 
