@@ -372,20 +372,21 @@ def measure(bench: Bench, model) -> dict:
     return out
 
 
-def _target_weights(model) -> dict[str, torch.Tensor]:
-    """Every target's weight as the model computes with it (a packed layer's dequantized one)."""
+def _target_weights(model, names) -> dict[str, torch.Tensor]:
+    """The weight of every target ``names`` as the model computes with it (a packed layer's
+    dequantized one)."""
     out = {}
-    for t in find_targets(model):
-        mod = model.get_submodule(t.name)
+    for name in names:
+        mod = model.get_submodule(name)
         w = mod.dequantized_weight() if hasattr(mod, "dequantized_weight") else mod.weight
-        out[t.name] = w.detach().float().cpu().clone()
+        out[name] = w.detach().float().cpu().clone()
     return out
 
 
 def save_model(bench: Bench, model, method: str, budget: float) -> None:
     """The quantized model's target weights (--save-models), for a later --from-run measurement."""
     os.makedirs(os.path.join(bench.args.out, "models"), exist_ok=True)
-    torch.save(_target_weights(model), os.path.join(bench.args.out, "models", f"{method}@{budget}.pt"))
+    torch.save(_target_weights(model, [t.name for t in bench.targets]), os.path.join(bench.args.out, "models", f"{method}@{budget}.pt"))
 
 
 def saved_model(bench: Bench, method: str, budget: float):
