@@ -67,7 +67,7 @@ def test_finalize_option_applies_the_benchmarks_finalizer_to_each_plan(llama_dir
     from bitsearch.models import load_model, load_tokenizer
     from bitsearch.search.uniform import uniform_plan
 
-    small = dict(seq_len=32, samples=4, signround_steps=3, qat_steps=2, qat_lr=2e-4, qat_batch_size=2, qat_seq_len=32)
+    small = dict(seq_len=32, samples=4, signround_steps=10, qat_steps=2, qat_lr=2e-4, qat_batch_size=2, qat_seq_len=32)
     monkeypatch.setattr(confidence, "settings", lambda quick: small)
     args = SimpleNamespace(finalize="signround", model=llama_dir, calib_text=text_file, out=str(tmp_path))
     quantize = confidence.quantizer(args, load_tokenizer(llama_dir))
