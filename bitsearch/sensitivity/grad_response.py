@@ -1,0 +1,164 @@
+"""Every layer's loss response to a weight perturbation from one forward+backward ("gradient").
+
+The layer-loss calibration (``calibrate.py``) measures, for each target l alone, the loss
+increase dL_l when its weight W_l moves by a perturbation D_l (round-to-nearest at the
+reference width, or some rows pruned). Measured exactly that costs a pass through the later
+blocks per target. Here every target's dL_l is predicted from ONE forward+backward.
+
+Let y = W x be a target's output at token t of calibration sample s, G_st = d(sum of the
+sample's next-token NLLs)/dy_st from the backward, and dy_st = D x_st the change D makes to
+that output (for an Embedding, dy_st = D[id_st]). The per-sample first-order change of the
+sample's summed NLL is
+
+    u_s = sum_t G_st . dy_st                       (= T * g_s . D, g_s = grad of the sample's mean NLL)
+
+and with the empirical Fisher of the per-sample gradients, scaled by the T predicted tokens
+per sample as in ``fisher.py``, H ~ T * mean_s g_s g_s^T, the second-order prediction of the
+mean-NLL increase over N samples is
+
+    dL = g . D + 1/2 D^T H D = (sum_s u_s + 1/2 sum_s u_s^2) / (N T).
+
+Only the output gradients and the inputs every backward has anyway are used; the extra work
+per target is one product D x (one more forward of that layer; a pruning probe costs only its
+rows). Cost does not depend on depth x targets. ``labels="sampled"`` replaces the data's
+next tokens by tokens drawn from the model's own predictions: then E[u_s^2] is exactly the
+Gauss-Newton quadratic form of D (tokens' scores are independent with mean zero) and the
+first-order term averages to zero.
+
+A weight used by several modules (a tied embedding and lm_head) adds the changes of all its
+uses before squaring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..distributed import Dist
+from ..errors import BitsearchError
+from ..models import Target
+from ..progress import progress
+from .fisher import _users
+from .grad_loss import gradient_session
+
+__all__ = ["Probe", "probe_sums", "predicted_increase", "LABELS"]
+
+LABELS = ("data", "sampled")
+
+
+@dataclass
+class Probe:
+    """A perturbation of one target's weight: ``delta`` (len(rows), in) added to ``rows`` of the
+    weight (``rows`` None: every row, ``delta`` of the weight's shape)."""
+
+    delta: torch.Tensor
+    rows: torch.Tensor | None = None
+
+
+def _change(kind: str, inp: torch.Tensor, probe: Probe, n_rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dy restricted to the probe's rows, those rows) for one use of the weight."""
+    if kind == "embedding":
+        if probe.rows is None:
+            return F.embedding(inp, probe.delta), None
+        full = torch.zeros(n_rows, probe.delta.shape[1], dtype=probe.delta.dtype, device=probe.delta.device)
+        full[probe.rows] = probe.delta
+        return F.embedding(inp, full), None
+    return F.linear(inp.to(probe.delta.dtype), probe.delta), probe.rows
+
+
+def _per_sample_nll(model: nn.Module, x: torch.Tensor, labels: str, gen: torch.Generator | None) -> torch.Tensor:
+    """Summed next-token NLL of the rows of ``x`` (one scalar: the rows' sums added; rows of a
+    causal LM do not interact, so its gradient w.r.t. row s's activations is row s's own)."""
+    logits = model(input_ids=x, use_cache=False).logits[:, :-1]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    flat = logits.reshape(-1, logits.shape[-1])
+    if labels == "sampled":
+        with torch.no_grad():
+            tgt = torch.multinomial(flat.detach().softmax(-1).cpu(), 1, generator=gen).view(-1).to(flat.device)
+    else:
+        tgt = x[:, 1:].reshape(-1)
+    return F.cross_entropy(flat, tgt, reduction="sum")
+
+
+def probe_sums(model: nn.Module, targets: list[Target], batch: torch.Tensor, probes: dict[str, list[Probe]],
+               micro_batch: int = 8, labels: str = "data", seed: int = 0, checkpointing: bool = False,
+               show_progress: bool = True, dist: Dist | None = None) -> dict[str, np.ndarray]:
+    """u_s of every probe: {target: (n_probes, N) float64}, N = rows of ``batch`` (all ranks)."""
+    if labels not in LABELS:
+        raise BitsearchError(f"unknown labels '{labels}' (choose from {', '.join(LABELS)})")
+    dist = dist or Dist()
+    names = [t.name for t in targets if probes.get(t.name)]
+    modules = dict(model.named_modules())
+    weights = [modules[n].weight for n in names]
+    dev = weights[0].device if weights else next(model.parameters()).device
+    n = batch.shape[0]
+    sums = {name: torch.zeros(len(probes[name]), n, dtype=torch.float64) for name in names}
+    seen: list[list[tuple[str, torch.Tensor, torch.Tensor]]] = [[] for _ in names]
+    recording = [False]   # off during backward, where checkpointing re-runs the forwards
+    gen = torch.Generator().manual_seed(seed) if labels == "sampled" else None
+
+    def hook(i, kind):
+        def fn(_mod, args, out):
+            if recording[0]:
+                seen[i].append((kind, args[0].detach(), out))
+        return fn
+
+    handles = []
+    n_micro = (n + micro_batch - 1) // micro_batch
+    try:
+        for i, (name, w) in enumerate(zip(names, weights)):
+            for mod, kind in _users(model, w, name):
+                handles.append(mod.register_forward_hook(hook(i, kind)))
+        with gradient_session(model, weights, checkpointing):
+            for j in progress([j for j in range(n_micro) if dist.owns(j)], desc=f"gradient response ({labels})",
+                              enable=show_progress and dist.is_main):
+                x = batch[j * micro_batch:(j + 1) * micro_batch].to(dev)
+                recording[0] = True
+                try:
+                    loss = _per_sample_nll(model, x, labels, gen)
+                finally:
+                    recording[0] = False
+                calls = [list(s) for s in seen]
+                for s in seen:
+                    s.clear()
+                outs = [out for c in calls for _k, _inp, out in c]
+                grads = iter(torch.autograd.grad(loss, outs, allow_unused=True))
+                with torch.no_grad():
+                    for i, c in enumerate(calls):
+                        name = names[i]
+                        acc = torch.zeros(len(probes[name]), x.shape[0], dtype=torch.float64, device=dev)
+                        for kind, inp, _out in c:
+                            gy = next(grads)
+                            if gy is None:
+                                continue
+                            if inp.shape[0] != x.shape[0]:
+                                raise BitsearchError(f"gradient response: target '{name}' does not see the batch "
+                                                     f"as its first dimension (input shape {tuple(inp.shape)})")
+                            gy = gy.reshape(x.shape[0], -1, gy.shape[-1])
+                            for k, p in enumerate(probes[name]):
+                                dy, rows = _change(kind, inp, p, weights[i].shape[0])
+                                dy = dy.reshape(x.shape[0], -1, dy.shape[-1])
+                                g = gy if rows is None else gy[..., rows]
+                                acc[k] += (g.to(dy.dtype) * dy).sum((1, 2)).double()
+                        sums[name][:, j * micro_batch:j * micro_batch + x.shape[0]] += acc.cpu()
+                del loss, grads, calls, outs
+    finally:
+        for h in handles:
+            h.remove()
+        for s in seen:
+            s.clear()
+    return {name: dist.all_reduce(s).numpy() for name, s in sums.items()}
+
+
+def predicted_increase(u: np.ndarray, tokens_per_sample: int, first_order: bool = True) -> np.ndarray:
+    """dL = (sum_s u_s + 1/2 sum_s u_s^2) / (N T) per probe (row of ``u``: (n_probes, N)); without
+    ``first_order`` only the second-order term."""
+    u = np.atleast_2d(u)
+    quad = 0.5 * (u ** 2).sum(-1)
+    lin = u.sum(-1) if first_order else 0.0
+    return (lin + quad) / (u.shape[-1] * tokens_per_sample)
