@@ -60,22 +60,7 @@ def _add_sensitivity(p: argparse.ArgumentParser) -> None:
                    help="activation checkpointing for the gradient estimators (less memory, more time)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .search import ALLOCATORS
-
-    ap = argparse.ArgumentParser(prog="bitsearch", description="Per-channel bit-width search for LLM quantization "
-                                 "under a memory budget (0 bits = pruned).")
-    ap.add_argument("--version", action="version", version=f"bitsearch {__version__}")
-    ap.add_argument("--quiet", action="store_true", help="no progress bars")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    quiet = argparse.ArgumentParser(add_help=False)   # --quiet also after the command
-    quiet.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
-
-    p = sub.add_parser("demo", parents=[quiet], help="run the whole pipeline on the bundled small model, offline")
-    p.add_argument("--out", required=True, help="output folder for plans, results.csv and the plot")
-    p.add_argument("--budgets", default="2.5,3.0,3.5", help="avg-bit budgets to search (default: 2.5,3.0,3.5)")
-
-    p = sub.add_parser("sensitivity", parents=[quiet], help="per-channel error curves -> Parquet table")
+def _add_sensitivity_command(p: argparse.ArgumentParser) -> None:
     _add_model(p)
     _add_calib(p)
     _add_sensitivity(p)
@@ -83,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep decoder blocks on the CPU and move one at a time to --device (imatrix, snr)")
     p.add_argument("--out", required=True, help="output table (.parquet)")
 
-    p = sub.add_parser("search", parents=[quiet], help="a bit plan under a memory budget -> plan JSON")
+
+def _add_search(p: argparse.ArgumentParser) -> None:
+    from .search import ALLOCATORS
+
     _add_model(p)
     _add_calib(p)
     _add_sensitivity(p)
@@ -129,6 +117,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train a width per channel, or one shift per layer on top of the estimator's widths "
                         "(fewer parameters to fit from few samples) (default: channel)")
     p.add_argument("--out", required=True, help="output plan (.json)")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command``, only that subcommand gets its options (the others stay listed), so
+    `bitsearch --help` and light commands do not import torch for the estimator and allocator names."""
+
+    ap = argparse.ArgumentParser(prog="bitsearch", description="Per-channel bit-width search for LLM quantization "
+                                 "under a memory budget (0 bits = pruned).")
+    ap.add_argument("--version", action="version", version=f"bitsearch {__version__}")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    quiet = argparse.ArgumentParser(add_help=False)   # --quiet also after the command
+    quiet.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+
+    p = sub.add_parser("demo", parents=[quiet], help="run the whole pipeline on the bundled small model, offline")
+    p.add_argument("--out", required=True, help="output folder for plans, results.csv and the plot")
+    p.add_argument("--budgets", default="2.5,3.0,3.5", help="avg-bit budgets to search (default: 2.5,3.0,3.5)")
+
+    p = sub.add_parser("sensitivity", parents=[quiet], help="per-channel error curves -> Parquet table")
+    if command in (None, "sensitivity"):
+        _add_sensitivity_command(p)
+
+    p = sub.add_parser("search", parents=[quiet], help="a bit plan under a memory budget -> plan JSON")
+    if command in (None, "search"):
+        _add_search(p)
 
     p = sub.add_parser("finalize", parents=[quiet],
                        help="plan + model -> packed checkpoint after QAT (or SignRound) on calibration or data-free text")
@@ -315,8 +328,14 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", module="transformers")
 
 
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (its first word not starting with '-'), if any."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_of(argv) or "")
     args = parser.parse_args(argv)
     _quiet_libraries()
     try:
