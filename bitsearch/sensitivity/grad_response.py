@@ -42,10 +42,11 @@ from ..distributed import Dist
 from ..errors import BitsearchError
 from ..models import Target
 from ..progress import progress
+from ..quant.grid import fake_quantize
 from .fisher import _users
 from .grad_loss import gradient_session
 
-__all__ = ["Probe", "probe_sums", "predicted_increase", "LABELS"]
+__all__ = ["Probe", "probe_sums", "predicted_increase", "gradient_responses", "LABELS"]
 
 LABELS = ("data", "sampled")
 
@@ -162,3 +163,28 @@ def predicted_increase(u: np.ndarray, tokens_per_sample: int, first_order: bool 
     quad = 0.5 * (u ** 2).sum(-1)
     lin = u.sum(-1) if first_order else 0.0
     return (lin + quad) / (u.shape[-1] * tokens_per_sample)
+
+
+def gradient_responses(model: nn.Module, targets: list[Target], batch: torch.Tensor, ref_bits: int, group_size: int,
+                       prune: dict[str, dict[str, np.ndarray]] | None = None, micro_batch: int = 8,
+                       checkpointing: bool = False, show_progress: bool = True, dist: Dist | None = None
+                       ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Predicted calibration-loss increase of each target alone at ``ref_bits`` (round-to-nearest),
+    and, for each key of ``prune`` ({key: {target: rows}}), of pruning those rows of each target
+    alone: (responses, {key: responses}), all from one forward+backward over ``batch``."""
+    modules = dict(model.named_modules())
+    prune = prune or {}
+    probes: dict[str, list[Probe]] = {}
+    for t in targets:
+        w = modules[t.name].weight.detach()
+        wf = w.float()
+        probes[t.name] = [Probe(fake_quantize(wf, ref_bits, group_size) - wf)]
+        for rows in prune.values():
+            r = torch.as_tensor(rows[t.name], dtype=torch.long, device=w.device)
+            probes[t.name].append(Probe(-wf[r], r))
+    u = probe_sums(model, targets, batch, probes, micro_batch, checkpointing=checkpointing,
+                   show_progress=show_progress, dist=dist)
+    tokens = batch.shape[1] - 1
+    dl = {name: predicted_increase(v, tokens) for name, v in u.items()}
+    return ({t.name: float(dl[t.name][0]) for t in targets},
+            {key: {t.name: float(dl[t.name][1 + k]) for t in targets} for k, key in enumerate(prune)})
