@@ -93,10 +93,12 @@ def fill(choice: np.ndarray, rest: np.ndarray, ch: np.ndarray, to: np.ndarray, d
         return
     bought = np.zeros(dc.size, dtype=bool)
     bought[taken] = True
-    by_channel = np.lexsort((step, ch))   # each channel's segments in hull order
-    pred = np.full(dc.size, -1, dtype=np.int64)
-    same = ch[by_channel[1:]] == ch[by_channel[:-1]]
-    pred[by_channel[1:][same]] = by_channel[:-1][same]
+    pred = np.full(dc.size, -1, dtype=np.int64)   # the same channel's previous hull step
+    last = np.full(choice.size, -1, dtype=np.int64)
+    for t in range(int(step.max()) + 1):
+        idx = np.flatnonzero(step == t)
+        pred[idx] = last[ch[idx]]
+        last[ch[idx]] = idx
     rest_dc = dc[rest]
     cheapest_left = np.minimum.accumulate(rest_dc[::-1])[::-1]
     for i, s in enumerate(rest.tolist()):

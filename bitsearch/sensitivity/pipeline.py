@@ -178,15 +178,17 @@ def compute_sensitivity(model: nn.Module, targets: list[Target], batch: torch.Te
     curves: dict[str, dict[str, LayerCurves]] = {}
     seconds: dict[str, float] = {}
     inputs = [e for e in ests if isinstance(e, InputEstimator)]
+    stages: dict[str, float] = {}
     if inputs:
         t0 = time.time()
         curves.update(collect_input_curves(ctx, inputs, offload))
+        stages["input statistics and curves"] = time.time() - t0
         for e in inputs:   # one shared pass: each input estimator is charged its full time
-            seconds[e.name] = time.time() - t0
+            seconds[e.name] = stages["input statistics and curves"]
     for e in grads:
         t0 = time.time()
         curves[e.name] = e.estimate(ctx)
-        seconds[e.name] = time.time() - t0
+        seconds[e.name] = stages[e.name] = time.time() - t0
     sub = batch[:calib_samples]
     info: dict[str, dict] = {}
     response_seconds = 0.0
@@ -201,7 +203,7 @@ def compute_sensitivity(model: nn.Module, targets: list[Target], batch: torch.Te
                                             ctx.show_progress, dist, offload)
             prune_responses = {k: prune_loss_response(model, targets, sub, r, micro_batch, ctx.show_progress, dist,
                                                       offload) for k, r in rows.items()}
-        response_seconds = time.time() - t0
+        response_seconds = stages[f"calibration ({method})"] = time.time() - t0
     for e in ests:
         if e not in calibrated:
             info[e.name] = {"calibration": "native" if e.loss_units else "none",
@@ -250,6 +252,7 @@ def compute_sensitivity(model: nn.Module, targets: list[Target], batch: torch.Te
         "model": model_fingerprint(model, targets),
         "calibration_data": calib_info or {},
         "seconds": round(time.time() - t_start, 2),
+        "stage_seconds": {k: round(v, 3) for k, v in stages.items()},
         "package_version": __version__,
     }
     return SensitivityTable(df=df, meta=meta)
