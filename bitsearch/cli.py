@@ -50,10 +50,13 @@ def _add_sensitivity(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", default=None, help="regex of target module names (default: every nn.Linear in the decoder blocks)")
     p.add_argument("--exclude", default=None, help="regex of module names to leave in full precision")
     p.add_argument("--calibrate", default="auto", choices=CALIBRATIONS,
-                   help="map curves to loss units per layer by measured loss responses: auto = the proxies "
-                        "(imatrix, snr), layer-loss = every estimator, none = raw curves (default: auto)")
-    p.add_argument("--calib-loss-samples", type=int, default=16,
-                   help="calibration samples used to measure each layer's loss response (default: 16)")
+                   help="map curves to loss units per layer by each layer's loss response: auto = the proxies "
+                        "(imatrix, snr) by gradient (layer-loss with --offload), gradient = every estimator by "
+                        "responses predicted from one forward+backward, layer-loss = every estimator by responses "
+                        "measured one layer at a time, none = raw curves (default: auto)")
+    p.add_argument("--calib-loss-samples", type=int, default=None,
+                   help="calibration samples used for each layer's loss response (default: all of them for the "
+                        "gradient calibration, 16 for layer-loss)")
     p.add_argument("--probes", type=int, default=8, help="Hutchinson probe rounds (default: 8)")
     p.add_argument("--micro-batch", type=int, default=8, help="calibration samples per forward pass (default: 8)")
     p.add_argument("--checkpointing", action="store_true",
