@@ -124,7 +124,7 @@ def test_offload_gives_the_same_table(llama_dir, text_file):
     from bitsearch import api
 
     kw = dict(samples=4, seq_len=32, group_size=16, calib_loss_samples=2, estimators="imatrix,snr",
-              bits="0,2,4", show_progress=False)
+              bits="0,2,4", calibrate="layer-loss", show_progress=False)
     a = api.sensitivity(model=llama_dir, calib=text_file, **kw)
     b = api.sensitivity(model=llama_dir, calib=text_file, offload=True, **kw)
     assert b.meta["offload"] is True

@@ -137,7 +137,7 @@ def probe_sums(model: nn.Module, targets: list[Target], batch: torch.Tensor, pro
                             gy = next(grads)
                             if gy is None:
                                 continue
-                            if inp.shape[0] != x.shape[0]:
+                            if inp.shape[0] not in (x.shape[0], x.numel()):   # (B, T, ..) or (B * T, ..)
                                 raise BitsearchError(f"gradient response: target '{name}' does not see the batch "
                                                      f"as its first dimension (input shape {tuple(inp.shape)})")
                             gy = gy.reshape(x.shape[0], -1, gy.shape[-1])
