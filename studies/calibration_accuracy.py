@@ -2,10 +2,10 @@
 
 The layer-loss calibration measures dL_l, the calibration-loss increase when target l alone is
 round-to-nearest quantized at 2 bits (groups of 128), by running the later blocks once per
-target (``calibrate.layer_loss_response``). This study measures that exactly on the first 16
-calibration samples (what the pipeline's ``--calibrate layer-loss`` uses) and, to show the
-measurement's own sampling noise, on the next 16; and predicts it from one forward+backward
-(``grad_response.py``) with:
+target (``calibrate.layer_loss_response``) on the first 16 calibration samples. This study
+takes those exact responses from a table made with ``--calibrate layer-loss`` (``--exact-table``,
+its ``layer_response`` metric), or measures them (``--measure-exact``, slow), and predicts them
+from one forward+backward (``grad_response.py``) with:
 
 * ``ef``: first + second order, empirical Fisher of per-sample gradients (data labels);
 * ``ef-quad``: the second-order term alone;
@@ -18,6 +18,7 @@ standard deviation of that ratio (the calibration's allocation is unchanged by o
 factor, so the spread of the ratio across layers is what matters).
 
     OMP_NUM_THREADS=1 nice -n 10 python studies/calibration_accuracy.py --threads 1 \\
+        --exact-table studies/results/slm_budget_table/sensitivity.parquet \\
         --out studies/results/calibration_accuracy
 """
 
@@ -39,6 +40,7 @@ from bitsearch.models import find_targets, load_model, load_tokenizer  # noqa: E
 from bitsearch.quant.grid import fake_quantize  # noqa: E402
 from bitsearch.sensitivity.calibrate import layer_loss_response  # noqa: E402
 from bitsearch.sensitivity.grad_response import Probe, predicted_increase, probe_sums  # noqa: E402
+from bitsearch.sensitivity.table import SensitivityTable  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared")
 
@@ -63,6 +65,8 @@ def main(argv=None) -> None:
     ap.add_argument("--subset", type=int, default=16, help="samples of the exact measurement")
     ap.add_argument("--bits", type=int, default=2)
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--exact-table", default=None, help="a layer-loss table of the same model and calibration")
+    ap.add_argument("--measure-exact", action="store_true", help="measure the exact responses here instead")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
@@ -80,12 +84,19 @@ def main(argv=None) -> None:
     T = args.seq_len - 1
     k = args.subset
     cols, secs = {}, {}
-    for tag, sub in (("exact", batch[:k]), ("exact-b", batch[k:2 * k])):
+    if args.measure_exact:
         t0 = time.time()
-        r = layer_loss_response(model, targets, sub, args.bits, args.group_size, show_progress=False)
-        secs[tag] = time.time() - t0
-        cols[tag] = np.array([r[n] for n in names])
-        print(f"{tag}: {secs[tag]:.1f} s", flush=True)
+        r = layer_loss_response(model, targets, batch[:k], args.bits, args.group_size, show_progress=False)
+        secs["exact"] = time.time() - t0
+        cols["exact"] = np.array([r[n] for n in names])
+    else:
+        table = SensitivityTable.load(args.exact_table)
+        if table.meta["calibration"] != "layer-loss" or table.meta["calib_loss_samples"] != k \
+                or table.meta["calib_ref_bits"] != args.bits or table.group_size != args.group_size:
+            sys.exit("calibration_accuracy: --exact-table must be a layer-loss table at the same width, group size "
+                     "and --subset samples")
+        first = table.df.groupby("layer", sort=False)[f"{table.estimators[0]}.layer_response"].first()
+        cols["exact"] = np.array([first[n] for n in names])
     for tag, sub in ((f"{k}", batch[:k]), (f"{args.samples}", batch)):
         t0 = time.time()
         u = probe_sums(model, targets, sub, probes, show_progress=False)
