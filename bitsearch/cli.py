@@ -54,9 +54,8 @@ def _add_sensitivity(p: argparse.ArgumentParser) -> None:
                         "(imatrix, snr) by gradient (layer-loss with --offload), gradient = every estimator by "
                         "responses predicted from one forward+backward, layer-loss = every estimator by responses "
                         "measured one layer at a time, none = raw curves (default: auto)")
-    p.add_argument("--calib-loss-samples", type=int, default=None,
-                   help="calibration samples used for each layer's loss response (default: all of them for the "
-                        "gradient calibration, 16 for layer-loss)")
+    p.add_argument("--calib-loss-samples", type=int, default=16,
+                   help="calibration samples used for each layer's loss response (default: 16)")
     p.add_argument("--probes", type=int, default=8, help="Hutchinson probe rounds (default: 8)")
     p.add_argument("--micro-batch", type=int, default=8, help="calibration samples per forward pass (default: 8)")
     p.add_argument("--checkpointing", action="store_true",

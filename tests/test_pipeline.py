@@ -188,7 +188,7 @@ def test_calibrations_scale_curves_to_their_responses(calibrate, llama_dir, text
     from bitsearch.sensitivity.calibrate import layer_loss_response, prune_loss_response, prune_rows
     from bitsearch.sensitivity.grad_response import gradient_responses
 
-    kw = dict(SMALL, calib_loss_samples=None if calibrate != "layer-loss" else 2)
+    kw = dict(SMALL, calib_loss_samples=4 if calibrate != "layer-loss" else 2)
     table = api.sensitivity(model=llama_dir, calib=text_file, bits="0,2,4", calibrate=calibrate, **kw)
     method = "layer-loss" if calibrate == "layer-loss" else "gradient"
     assert table.meta["calibration_method"] == method
