@@ -98,9 +98,8 @@ class SensitivityConfig(CalibConfig):
                                         "forward+backward, layer-loss = every estimator by responses measured one "
                                         "layer at a time (a pass through the later blocks per layer), none = raw "
                                         "curves")
-    loss_calibration_samples: int | None = option(None, aliases=("--calib-loss-samples",),
-                                                  help="calibration samples used for each layer's loss response "
-                                                       "(default: all of them for gradient, 16 for layer-loss)")
+    loss_calibration_samples: int = option(16, aliases=("--calib-loss-samples",),
+                                           help="calibration samples used for each layer's loss response")
     probes: int = option(8, help="Hutchinson probe rounds")
     micro_batch: int = option(8, help="calibration samples per forward pass")
     checkpointing: bool = option(False, help="activation checkpointing for the gradient estimators (less "

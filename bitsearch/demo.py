@@ -29,7 +29,7 @@ from .search import build_problem
 __all__ = ["demo_paths", "run_demo", "DEMO_SETTINGS"]
 
 #: settings of the demo run (small enough for 2 CPU cores in well under 3 minutes)
-DEMO_SETTINGS = dict(samples=16, seq_len=256, group_size=64, loss_calibration_samples=None, bits="2,3,4,5,6,8",
+DEMO_SETTINGS = dict(samples=16, seq_len=256, group_size=64, loss_calibration_samples=16, bits="2,3,4,5,6,8",
                      eval_seq_len=256, eval_max_tokens=8192, uniform_widths=(2, 3, 4))
 
 

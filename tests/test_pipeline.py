@@ -186,7 +186,7 @@ def test_calibrations_scale_curves_to_their_responses(calibrate, llama_dir, text
     from bitsearch.sensitivity.calibrate import layer_loss_response, prune_loss_response, prune_rows
     from bitsearch.sensitivity.grad_response import gradient_responses
 
-    kw = dict(SMALL, loss_calibration_samples=None if calibrate != "layer-loss" else 2, bits="0,2,4")
+    kw = dict(SMALL, loss_calibration_samples=4 if calibrate != "layer-loss" else 2, bits="0,2,4")
     table = api.sensitivity(llama_dir, text_file, SensitivityConfig(loss_calibration=calibrate, **kw))
     method = "layer-loss" if calibrate == "layer-loss" else "gradient"
     assert table.meta["calibration_method"] == method

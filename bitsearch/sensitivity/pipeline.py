@@ -37,8 +37,6 @@ __all__ = ["DEFAULT_BITS", "CALIBRATIONS", "check_bits", "check_group_size", "co
 DEFAULT_BITS = [0, 2, 3, 4, 5, 6, 8]
 #: width at which layer-loss calibration measures each layer's response
 CALIB_REF_BITS = 2
-#: calibration samples of the layer-loss measurement (a model pass per target on each)
-LAYER_LOSS_SAMPLES = 16
 #: auto: calibrate the proxies by "gradient" ("layer-loss" with offload), keep estimators already in
 #: loss units; gradient / layer-loss: calibrate every estimator by that method; none: raw curves
 CALIBRATIONS = ("auto", "gradient", "layer-loss", "none")
@@ -127,15 +125,14 @@ def collect_input_curves(ctx: SensitivityContext, estimators: list[InputEstimato
 def compute_sensitivity(model: nn.Module, targets: list[Target], batch: torch.Tensor, *,
                         estimators: str | list[str] = "imatrix", bits: list[int] | None = None,
                         group_size: int = 128, calibrate: str = "auto", calib_ref_bits: int = CALIB_REF_BITS,
-                        calib_samples: int | None = None, prune_fraction: float = 0.125, micro_batch: int = 8,
+                        calib_samples: int = 16, prune_fraction: float = 0.125, micro_batch: int = 8,
                         probes: int = 8, seed: int = 0, mix: str | dict | None = None,
                         offload: bool = False, checkpointing: bool = False, dist: Dist | None = None,
                         calib_info: dict | None = None, show_progress: bool = True) -> SensitivityTable:
     """Per-channel error curves of every target from each estimator, in one table.
 
     ``calibrate``: "auto" rescales curves not already in loss units by each layer's loss
-    response at ``calib_ref_bits`` (on the first ``calib_samples`` calibration samples; default:
-    all of them for "gradient", :data:`LAYER_LOSS_SAMPLES` for "layer-loss") and,
+    response at ``calib_ref_bits`` (on the first ``calib_samples`` calibration samples) and,
     when 0 is in the menu, their pruning column by the response to pruning ``prune_fraction``
     of each layer's rows, both predicted from one forward+backward ("gradient"; measured layer
     by layer with ``offload``, where the whole model is never on the device); "gradient" and
@@ -192,8 +189,6 @@ def compute_sensitivity(model: nn.Module, targets: list[Target], batch: torch.Te
         t0 = time.time()
         curves[e.name] = e.estimate(ctx)
         seconds[e.name] = stages[e.name] = time.time() - t0
-    if calib_samples is None:
-        calib_samples = batch.shape[0] if method == "gradient" else LAYER_LOSS_SAMPLES
     if calib_samples < 1:
         raise BitsearchError(f"loss_calibration_samples must be at least 1 (got {calib_samples})")
     sub = batch[:calib_samples]
