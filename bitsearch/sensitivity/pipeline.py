@@ -5,8 +5,8 @@ they need (``stats.py``, ``streaming.py``); gradient estimators (fisher, hutchin
 own passes. Curves not already in loss units are calibrated per layer (``calibrate.py``): each
 layer's loss response at the reference width (and to pruning its cheapest rows) is predicted
 for every layer from one forward+backward (``grad_response.py``, "gradient") or measured
-layer by layer ("layer-loss"), once for all calibrated estimators. Under ``torchrun`` every pass covers
-this rank's micro-batches and the sums are all-reduced (``distributed.py``).
+layer by layer ("layer-loss"), once for all calibrated estimators. Under ``torchrun`` every
+pass covers this rank's micro-batches and the sums are all-reduced (``distributed.py``).
 """
 
 from __future__ import annotations
@@ -163,11 +163,14 @@ def compute_sensitivity(model: nn.Module, targets: list[Target], batch: torch.Te
     if grads and offload:
         raise BitsearchError(f"`offload` streams blocks and works only with imatrix and snr, "
                              f"not {', '.join(e.name for e in grads)}")
-    calibrated = [e for e in ests if calibrate in ("gradient", "layer-loss") or (calibrate == "auto" and not e.loss_units)]
+    calibrated = [e for e in ests
+                  if calibrate in ("gradient", "layer-loss") or (calibrate == "auto" and not e.loss_units)]
     method = "layer-loss" if calibrate == "layer-loss" or (calibrate == "auto" and offload) else "gradient"
     if calibrated and method == "gradient" and offload:
         raise BitsearchError("loss_calibration gradient runs the whole model at once and cannot be combined with "
                              "`offload` (use loss_calibration layer-loss)")
+    if calibrated and calib_samples < 1:
+        raise BitsearchError(f"loss_calibration_samples must be at least 1 (got {calib_samples})")
     if calibrated and calib_ref_bits not in bits:
         raise BitsearchError(f"calibration width {calib_ref_bits} must be in the bit menu {bits}")
     if calibrated and 0 in bits and not 0 < prune_fraction <= 1:
@@ -189,8 +192,6 @@ def compute_sensitivity(model: nn.Module, targets: list[Target], batch: torch.Te
         t0 = time.time()
         curves[e.name] = e.estimate(ctx)
         seconds[e.name] = stages[e.name] = time.time() - t0
-    if calib_samples < 1:
-        raise BitsearchError(f"loss_calibration_samples must be at least 1 (got {calib_samples})")
     sub = batch[:calib_samples]
     info: dict[str, dict] = {}
     response_seconds = 0.0
