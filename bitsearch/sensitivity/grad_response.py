@@ -31,6 +31,8 @@ uses before squaring.
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,8 +45,7 @@ from ..errors import BitsearchError
 from ..models import Target
 from ..progress import progress
 from ..quant.grid import fake_quantize
-from .fisher import _users
-from .grad_loss import gradient_session
+from .grad_loss import output_gradients
 
 __all__ = ["Probe", "probe_sums", "predicted_increase", "gradient_responses", "LABELS"]
 
@@ -94,65 +95,34 @@ def probe_sums(model: nn.Module, targets: list[Target], batch: torch.Tensor, pro
         raise BitsearchError(f"unknown labels '{labels}' (choose from {', '.join(LABELS)})")
     dist = dist or Dist()
     names = [t.name for t in targets if probes.get(t.name)]
-    modules = dict(model.named_modules())
-    weights = [modules[n].weight for n in names]
-    dev = weights[0].device if weights else next(model.parameters()).device
+    n_rows = [model.get_submodule(name).weight.shape[0] for name in names]
+    dev = next(model.parameters()).device
     n = batch.shape[0]
     sums = {name: torch.zeros(len(probes[name]), n, dtype=torch.float64) for name in names}
-    seen: list[list[tuple[str, torch.Tensor, torch.Tensor]]] = [[] for _ in names]
-    recording = [False]   # off during backward, where checkpointing re-runs the forwards
     gen = torch.Generator().manual_seed(seed) if labels == "sampled" else None
-
-    def hook(i, kind):
-        def fn(_mod, args, out):
-            if recording[0]:
-                seen[i].append((kind, args[0].detach(), out))
-        return fn
-
-    handles = []
-    n_micro = (n + micro_batch - 1) // micro_batch
-    try:
-        for i, (name, w) in enumerate(zip(names, weights)):
-            for mod, kind in _users(model, w, name):
-                handles.append(mod.register_forward_hook(hook(i, kind)))
-        with gradient_session(model, weights, checkpointing):
-            for j in progress([j for j in range(n_micro) if dist.owns(j)], desc=f"gradient response ({labels})",
-                              enable=show_progress and dist.is_main):
-                x = batch[j * micro_batch:(j + 1) * micro_batch].to(dev)
-                recording[0] = True
-                try:
-                    loss = _per_sample_nll(model, x, labels, gen)
-                finally:
-                    recording[0] = False
-                calls = [list(s) for s in seen]
-                for s in seen:
-                    s.clear()
-                outs = [out for c in calls for _k, _inp, out in c]
-                grads = iter(torch.autograd.grad(loss, outs, allow_unused=True))
-                with torch.no_grad():
-                    for i, c in enumerate(calls):
-                        name = names[i]
-                        acc = torch.zeros(len(probes[name]), x.shape[0], dtype=torch.float64, device=dev)
-                        for kind, inp, _out in c:
-                            gy = next(grads)
-                            if gy is None:
-                                continue
-                            if inp.shape[0] not in (x.shape[0], x.numel()):   # (B, T, ..) or (B * T, ..)
-                                raise BitsearchError(f"gradient response: target '{name}' does not see the batch "
-                                                     f"as its first dimension (input shape {tuple(inp.shape)})")
-                            gy = gy.reshape(x.shape[0], -1, gy.shape[-1])
-                            for k, p in enumerate(probes[name]):
-                                dy, rows = _change(kind, inp, p, weights[i].shape[0])
-                                dy = dy.reshape(x.shape[0], -1, dy.shape[-1])
-                                g = gy if rows is None else gy[..., rows]
-                                acc[k] += (g.to(dy.dtype) * dy).sum((1, 2)).double()
-                        sums[name][:, j * micro_batch:j * micro_batch + x.shape[0]] += acc.cpu()
-                del loss, grads, calls, outs
-    finally:
-        for h in handles:
-            h.remove()
-        for s in seen:
-            s.clear()
+    owned = [j for j in range(0, n, micro_batch) if dist.owns(j // micro_batch)]
+    starts = iter(owned)
+    batches = (batch[j:j + micro_batch].to(dev) for j in progress(owned, desc=f"gradient response ({labels})",
+                                                                  enable=show_progress and dist.is_main))
+    passes = output_gradients(model, names, batches, lambda x: _per_sample_nll(model, x, labels, gen), checkpointing)
+    with contextlib.closing(passes):   # hooks removed even when a check below raises
+        for x, calls in passes:
+            j = next(starts)
+            with torch.no_grad():
+                for i, uses in enumerate(calls):
+                    name = names[i]
+                    acc = torch.zeros(len(probes[name]), x.shape[0], dtype=torch.float64, device=dev)
+                    for kind, inp, gy in uses:
+                        if inp.shape[0] not in (x.shape[0], x.numel()):   # (B, T, ..) or (B * T, ..)
+                            raise BitsearchError(f"gradient response: target '{name}' does not see the batch "
+                                                 f"as its first dimension (input shape {tuple(inp.shape)})")
+                        gy = gy.reshape(x.shape[0], -1, gy.shape[-1])
+                        for k, p in enumerate(probes[name]):
+                            dy, rows = _change(kind, inp, p, n_rows[i])
+                            dy = dy.reshape(x.shape[0], -1, dy.shape[-1])
+                            g = gy if rows is None else gy[..., rows]
+                            acc[k] += (g.to(dy.dtype) * dy).sum((1, 2)).double()
+                    sums[name][:, j:j + x.shape[0]] += acc.cpu()
     return {name: dist.all_reduce(s).numpy() for name, s in sums.items()}
 
 
