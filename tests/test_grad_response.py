@@ -13,30 +13,8 @@ from bitsearch.quant.grid import fake_quantize
 from bitsearch.sensitivity.calibrate import _response
 from bitsearch.sensitivity.grad_response import Probe, gradient_responses, predicted_increase, probe_sums
 
-from exact_models import tiny_llama
+from exact_models import per_sample_grads, tiny_llama
 from test_fisher import conftest_llama
-
-
-def per_sample_grads(m, targets, batch):
-    """{target: (N, out, in)} gradients of each sample's summed next-token NLL, one autograd.grad each."""
-    ws = [m.get_submodule(t.name).weight for t in targets]
-    flags = [p.requires_grad for p in m.parameters()]
-    for p in m.parameters():
-        p.requires_grad_(False)
-    for w in ws:
-        w.requires_grad_(True)
-    try:
-        out = {t.name: [] for t in targets}
-        for s in range(batch.shape[0]):
-            x = batch[s:s + 1]
-            logits = m(input_ids=x).logits[0, :-1]
-            loss = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum")
-            for t, g in zip(targets, torch.autograd.grad(loss, ws)):
-                out[t.name].append(g.double())
-    finally:
-        for p, f in zip(m.parameters(), flags):
-            p.requires_grad_(f)
-    return {k: torch.stack(v) for k, v in out.items()}
 
 
 @pytest.fixture(scope="module")
