@@ -9,7 +9,8 @@
    two units (both are saved: on a shared machine the speed drifts). ``--calibrations`` adds
    other calibrations to compare (``layer-loss``: the exact per-layer measurement).
 2. ``--part depth``: the same ratios on random-initialised Llama models of the 1B shape
-   (``scale.py``'s ``1b``) at 2, 4, 8 and 16 blocks, random token ids, a reduced token count.
+   (``scale.py``'s ``1b``; ``--depth-shape``) at 2, 4, 8 and 16 blocks, random token ids, a
+   reduced token count.
 3. ``--part overheads``: wall time of ``python -m bitsearch --help`` (a fresh interpreter) and of
    the greedy allocation on a random 518,144-channel problem (menu 2..8).
 
@@ -20,7 +21,7 @@
     OMP_NUM_THREADS=1 nice -n 10 python studies/sensitivity_cost.py --threads 1 --part overheads \\
         --out studies/results/sensitivity_cost
 
-Each part writes ``<part>.json`` and ``<part>.md`` (a markdown table) in ``--out``.
+Each part writes ``<part>.json`` and ``<part>.md`` (a markdown table; depth: ``depth-<shape>``) in ``--out``.
 """
 
 from __future__ import annotations
@@ -114,14 +115,14 @@ def part_depth(args) -> None:
     rows = []
     g = torch.Generator().manual_seed(0)
     for layers in [int(n) for n in args.depths.split(",")]:
-        cfg = build_config("1b", layers)
+        cfg = build_config(args.depth_shape, layers)
         model = build_model(cfg, torch.device("cpu"), torch.float32)
         batch = torch.randint(0, cfg.vocab_size, (args.depth_samples, args.depth_seq_len), generator=g)
         row = measure(model, batch, "auto", args.micro_batch, args.budget)
         row["layers"] = layers
         rows.append(row)
         print(json.dumps(row), flush=True)
-        save(args.out, "depth", args, rows, markdown(rows, "layers"))
+        save(args.out, f"depth-{args.depth_shape}", args, rows, markdown(rows, "layers"))
         del model
 
 
@@ -164,7 +165,8 @@ def main(argv=None) -> None:
     ap.add_argument("--samples", default="128,32", help="sample counts of --part slm")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--calibrations", default="auto", help="--calibrate values to measure (comma-separated)")
-    ap.add_argument("--depths", default="2,4,8,16", help="decoder blocks of the 1B-shape models (--part depth)")
+    ap.add_argument("--depths", default="2,4,8,16", help="decoder blocks of the models of --part depth")
+    ap.add_argument("--depth-shape", default="1b", help="scale.py's shape of those models (1b, small, ...)")
     ap.add_argument("--depth-samples", type=int, default=8)
     ap.add_argument("--depth-seq-len", type=int, default=64)
     ap.add_argument("--micro-batch", type=int, default=8)
