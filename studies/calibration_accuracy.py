@@ -97,7 +97,8 @@ def main(argv=None) -> None:
                      "and --subset samples")
         first = table.df.groupby("layer", sort=False)[f"{table.estimators[0]}.layer_response"].first()
         cols["exact"] = np.array([first[n] for n in names])
-    for tag, sub in ((f"{k}", batch[:k]), (f"{args.samples}", batch)):
+    subsets = {f"{k}": batch[:k], f"{args.samples}": batch}   # one entry when --samples is --subset
+    for tag, sub in subsets.items():
         t0 = time.time()
         u = probe_sums(model, targets, sub, probes, show_progress=False)
         secs[f"data-{tag}"] = time.time() - t0
