@@ -20,6 +20,9 @@ factor, so the spread of the ratio across layers is what matters).
     OMP_NUM_THREADS=1 nice -n 10 python studies/calibration_accuracy.py --threads 1 \\
         --exact-table studies/results/slm_budget_table/sensitivity.parquet \\
         --out studies/results/calibration_accuracy
+
+``--compare-tables T1 T2 ...`` compares the responses saved in calibrated tables (their
+``layer_response`` and ``prune_response`` metrics) with those of ``--exact-table`` instead.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import sys
 import time
 
 import numpy as np
+import pandas as pd
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -56,6 +60,42 @@ def agreement(pred: np.ndarray, exact: np.ndarray) -> dict:
             "median_ratio": float(np.exp(np.median(ratio))), "geo_std_ratio": float(np.exp(ratio.std()))}
 
 
+def responses(path: str) -> tuple[dict, pd.Series, pd.Series | None]:
+    """(meta, 2-bit response per layer, pruning response per layer or None) of a calibrated table."""
+    table = SensitivityTable.load(path)
+    est = next(e for e in table.estimators if table.meta["estimator_info"][e]["calibration"] in ("gradient", "layer-loss"))
+    first = table.df.groupby("layer", sort=False).first()
+    prune = first[f"{est}.prune_response"] if f"{est}.prune_response" in first else None
+    return table.meta, first[f"{est}.layer_response"], prune
+
+
+def compare_tables(exact_path: str, paths: list[str], out: str) -> None:
+    """Agreement of each table's calibration responses with those of the layer-loss table."""
+    meta, exact, exact_prune = responses(exact_path)
+    rows = {}
+    for path in paths:
+        m, r, pr = responses(path)
+        row = {"table": path, "calibration": m["estimator_info"], "calib_loss_samples": m["calib_loss_samples"],
+               "2-bit": agreement(r[exact.index].to_numpy(), exact.to_numpy())}
+        if pr is not None and exact_prune is not None:
+            row["pruning"] = agreement(pr[exact_prune.index].to_numpy(), exact_prune.to_numpy())
+        rows[path] = row
+    lines = ["| table | response | layers | pearson log | spearman | median pred/exact | geo std of ratio |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for path, row in rows.items():
+        for what in ("2-bit", "pruning"):
+            if what in row:
+                a = row[what]
+                lines.append(f"| {os.path.basename(path)} | {what} | {a['layers']} | {a['pearson_log']:.3f} | "
+                             f"{a['spearman']:.3f} | {a['median_ratio']:.3g} | {a['geo_std_ratio']:.3f} |")
+    table = "\n".join(lines)
+    print(table)
+    with open(os.path.join(out, "tables.json"), "w") as f:
+        json.dump({"exact_table": exact_path, "rows": rows}, f, indent=1)
+    with open(os.path.join(out, "tables.md"), "w") as f:
+        f.write(table + "\n")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=os.path.join(SHARED, "models", "slm-llama-17m"))
@@ -67,12 +107,17 @@ def main(argv=None) -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--exact-table", default=None, help="a layer-loss table of the same model and calibration")
     ap.add_argument("--measure-exact", action="store_true", help="measure the exact responses here instead")
+    ap.add_argument("--compare-tables", nargs="*", default=None,
+                    help="only compare these calibrated tables' responses with --exact-table's (no model pass)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
+    if args.compare_tables:
+        compare_tables(args.exact_table, args.compare_tables, args.out)
+        return
     model = load_model(args.model)
     tok = load_tokenizer(args.model)
     batch, _ = calibration_batches(tok, args.calib, args.samples, args.seq_len, 0)
