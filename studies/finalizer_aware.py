@@ -90,7 +90,7 @@ def main(argv=None):
     targets = find_targets(model)
     table = SensitivityTable.load(args.table)
     config = SearchConfig(budget=args.budget, method="greedy", min_bits=2, mix=args.mix)
-    with invoked_as(" ".join(sys.argv)):
+    with invoked_as(" ".join(["python -m studies.finalizer_aware"] + sys.argv[1:])):
         plan = search_plan(table, targets, model_fingerprint(model, targets), config,
                            allocator=FinalizerAwareGreedy(ratios),
                            provenance={"model_name": args.model,
