@@ -150,7 +150,7 @@ class Bench:
                             SensitivityConfig(samples=self.args.samples, seq_len=self.args.seq_len,
                                               estimators=estimator, loss_calibration=calibrate,
                                               probes=self.args.probes, device=self.args.device,
-                                              show_progress=False), out=path)
+                                              show_progress=False), out=path, overwrite=True)
             write_text_atomic(meta, f"{time.time() - t0:.1f}\n")
         return path, float(open(meta).read())
 
@@ -277,7 +277,7 @@ def finalize_plan(model, tok, plan, batch: torch.Tensor, finalizer: str, a) -> N
     train = batch.reshape(-1, a.qat_seq_len) if batch.shape[1] % a.qat_seq_len == 0 else batch
     config = FinalizeConfig(samples=train.shape[0], seq_len=train.shape[1], device=a.device, show_progress=False,
                             **opts)
-    api.finalize(model, plan, train, config, tokenizer=tok, out=os.path.join(a.out, "tmp-finalized"))
+    api.finalize(model, plan, train, config, tokenizer=tok, out=os.path.join(a.out, "tmp-finalized"), overwrite=True)
 
 
 def bitsearch_pipeline(bench: Bench, budget: float, finalizer: str, search: str = "greedy"):

@@ -98,7 +98,7 @@ def main() -> None:
         t0 = time.time()
         config = FinalizeConfig(samples=args.samples, data_free=data, device=args.device, **dict(common, **kw))
         api.finalize(m, plans[plan_name], batch if data is None else None, config, tokenizer=tok,
-                     out=os.path.join(args.out, "tmp-model"))
+                     out=os.path.join(args.out, "tmp-model"), overwrite=True)
         qat = m.bitsearch_plan.provenance["finalize"].get("qat") or {}
         record(plan_name, run, evaluate(m), time.time() - t0, **{f"last_loss_{k}": v for k, v in
                                                                  (qat.get("last_loss") or {}).items()})

@@ -335,7 +335,7 @@ class Run:
                                    group_size=self.a.group_size, probes=self.a.probes,
                                    loss_calibration="none" if raw else "auto", micro_batch=self.a.micro_batch,
                                    show_progress=False, device=self.a.device)
-        t = api.sensitivity(m, self.calib, config, tokenizer=self.tok, out=path)
+        t = api.sensitivity(m, self.calib, config, tokenizer=self.tok, out=path, overwrite=True)
         res = self.meter.stop()
         if est == "imatrix" and not raw:
             self.table_path = path

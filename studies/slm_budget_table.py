@@ -60,7 +60,7 @@ def main() -> None:
         config = SensitivityConfig(samples=args.samples, seq_len=args.seq_len, group_size=args.group_size,
                                    loss_calibration_samples=args.calib_loss_samples, device=args.device)
         table = api.sensitivity(model, args.calib, config, tokenizer=tok,
-                                out=os.path.join(args.out, "sensitivity.parquet"))
+                                out=os.path.join(args.out, "sensitivity.parquet"), overwrite=True)
     t_sens = time.time() - t0
     print(f"sensitivity: {t_sens:.0f} s", flush=True)
     targets = find_targets(model)
