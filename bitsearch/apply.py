@@ -33,7 +33,7 @@ from .plan import BitPlan
 from .quant.grid import fake_quantize
 
 __all__ = ["PACKED_FORMAT", "PACKED_VERSION", "plan_targets", "fake_quantize_model", "pack_model",
-           "save_packed", "save_fake", "load_packed", "packed_tensor_bytes"]
+           "save_packed", "save_fake", "load_packed", "packed_tensor_bytes", "parameters_on_meta"]
 
 PACKED_FORMAT = "bitsearch-packed"
 PACKED_VERSION = 1
@@ -202,7 +202,7 @@ def save_fake(model: nn.Module, out: str, tokenizer=None) -> None:
 
 
 @contextlib.contextmanager
-def _parameters_on_meta():
+def parameters_on_meta():
     """Build modules whose parameters live on the meta device (no memory, no initialisation),
     while buffers (e.g. rotary frequencies, which no checkpoint stores) are computed for real."""
     register = nn.Module.register_parameter
@@ -251,7 +251,7 @@ def load_packed(path: str, device: str = "cpu", dtype: torch.dtype | None = None
         dtype = next((t.dtype for t in rest.values() if t.is_floating_point()), torch.float32)
     rest = {k: v.to(dtype) if v.is_floating_point() else v for k, v in rest.items()}
     config = AutoConfig.from_pretrained(path)
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     packed_embedding_tied = False
     bits = {k[:-len(".qbits")]: v.numpy() for k, v in quant.items() if k.endswith(".qbits")}

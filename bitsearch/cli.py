@@ -208,6 +208,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default: 512)")
     p.add_argument("--json", default=None, help="write {ppl, nll, entropy, tokens, seq_len, model[, kl]} to this file")
     p.add_argument("--reference", default=None, help="reference model: also report KL(reference || model)")
+
+    from dataclasses import fields
+
+    from .generate import GenerateConfig
+
+    helps = {f.name: f.metadata["help"] for f in fields(GenerateConfig)}
+    p = sub.add_parser("generate", parents=[quiet], help="batch-1 greedy generation, with tokens/s")
+    p.add_argument("--model", required=True, help="HF hub id, local model folder or packed checkpoint folder")
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=GenerateConfig.max_new_tokens, help=helps["max_new_tokens"])
+    p.add_argument("--threads", type=int, default=None, help=helps["threads"])
+    p.add_argument("--no-stop-at-eos", dest="stop_at_eos", action="store_false", help="generate all the tokens")
+    p.add_argument("--device", default="cpu", help=helps["device"])
+    p.add_argument("--dtype", default=None, help=helps["dtype"])
     return ap
 
 
@@ -293,6 +307,16 @@ def _run(args: argparse.Namespace) -> int:
         else:
             path = api.plot_sensitivity(table=args.table, out=args.out, estimator=args.estimator, width=args.width)
         print(f"wrote {path}")
+    elif args.command == "generate":
+        from .generate import GenerateConfig, generate
+
+        config = GenerateConfig(max_new_tokens=args.max_new_tokens, threads=args.threads,
+                                stop_at_eos=args.stop_at_eos, device=args.device, dtype=args.dtype)
+        r = generate(args.model, args.prompt, config)
+        print(args.prompt + r.text)
+        t = r.timing
+        print(f"{len(t.tokens)} new tokens; prompt {r.prompt_tokens} tokens in {t.prefill_seconds:.3f} s; "
+              f"decoding {r.tokens_per_s:.1f} tokens/s", file=sys.stderr)
     elif args.command == "eval":
         r = api.evaluate(model=args.model, text=args.text, max_tokens=args.max_tokens, seq_len=args.seq_len,
                          json_out=args.json, reference=args.reference, device=args.device, dtype=args.dtype,

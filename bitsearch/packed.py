@@ -22,6 +22,8 @@ derived from the bit maps and the couplings, not stored.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -91,6 +93,20 @@ def unpack_weight(tensors: dict[str, torch.Tensor], in_features: int, group_size
     return w
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(rows: int, cols: int) -> torch.Tensor:
+    """A (rows, cols) float32 CPU buffer reused by every packed layer of this thread: the weight
+    a product dequantizes lives only until its matmul ends, and one buffer of the largest layer's
+    size serves them all (a fresh allocation per layer costs page faults as large as a matmul's
+    few percent)."""
+    buf = getattr(_SCRATCH, "buffer", None)
+    if buf is None or buf.numel() < rows * cols:
+        buf = _SCRATCH.buffer = torch.empty(rows * cols, dtype=torch.float32)
+    return buf[:rows * cols].view(rows, cols)
+
+
 def _kernel_for(x: torch.Tensor, device: torch.device):
     """The compiled kernel when it can serve ``x`` (CPU tensors, no gradient needed), else None."""
     if x.device.type != "cpu" or device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
@@ -146,12 +162,17 @@ class _PackedRows(nn.Module):
     def packed_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.packed_tensors().values())
 
-    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The (output rows, K) weight, pruned rows 0, in ``dtype`` (default: the compute dtype)."""
+    def dequantized_weight(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The (output rows, K) weight, pruned rows 0, in ``dtype`` (default: the compute dtype);
+        written into ``out`` (float32, that shape) when given."""
         dtype = dtype or self.compute_dtype
         kernel = _kernel_for(self.qbits, self.qbits.device)
-        w = (torch.empty if self.dense and kernel is not None else torch.zeros)(
-            self.n_out, self.in_features, dtype=torch.float32, device=self.qbits.device)
+        shape = (self.n_out, self.in_features)
+        if out is not None:
+            w = out if self.dense and kernel is not None else out.zero_()
+        else:
+            w = (torch.empty if self.dense and kernel is not None else torch.zeros)(
+                shape, dtype=torch.float32, device=self.qbits.device)
         group = _group(self.in_features, self.group_size)
         for b in self.widths:
             codes, scales, zeros = getattr(self, f"codes_b{b}"), getattr(self, f"scales_b{b}"), \
@@ -171,8 +192,10 @@ class _PackedRows(nn.Module):
         on the CPU, else the dequantized weight (a temporary, freed on return) and a matmul."""
         flat = x.reshape(-1, self.in_features)
         kernel = _kernel_for(flat, self.qbits.device)
-        if kernel is None or flat.shape[0] > GEMV_MAX_ROWS:
-            w = self.dequantized_weight(x.dtype if x.is_floating_point() else self.compute_dtype)
+        if kernel is None:
+            return F.linear(x, self.dequantized_weight(x.dtype))
+        if flat.shape[0] > GEMV_MAX_ROWS:
+            w = self.dequantized_weight(x.dtype, out=_scratch(self.n_out, self.in_features))
             return F.linear(x, w)
         xf = flat.float().contiguous()
         y = torch.zeros(xf.shape[0], self.n_out, dtype=torch.float32)
