@@ -34,13 +34,22 @@ class GenerateConfig:
 class DecodeTiming:
     tokens: list[int]            # the new tokens (the first one comes from the prefill)
     choices: list[int]           # the model's argmax at each step (= tokens unless forced)
-    prefill_seconds: float       # the prompt's forward pass
-    decode_seconds: float        # the forward passes of the tokens after the first
+    prefill_seconds: float       # the prompt's forward pass (wall clock)
+    decode_seconds: float        # the forward passes of the tokens after the first (wall clock)
+    prefill_cpu_seconds: float   # the same in CPU time of this process (all its threads), which
+    decode_cpu_seconds: float    # other jobs on a shared machine do not inflate
 
     @property
     def decode_tokens_per_s(self) -> float:
+        return self._rate(self.decode_seconds)
+
+    @property
+    def decode_tokens_per_cpu_s(self) -> float:
+        return self._rate(self.decode_cpu_seconds)
+
+    def _rate(self, seconds: float) -> float:
         steps = len(self.tokens) - 1
-        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else float("nan")
+        return steps / seconds if steps > 0 and seconds > 0 else float("nan")
 
 
 @dataclass
@@ -74,14 +83,14 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, new_tokens: int, fo
     key = _cache_keyword(model)
     device = next(iter(model.parameters()), torch.empty(0)).device
     ids = input_ids.to(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = model(input_ids=ids, use_cache=True)
     choice = out.logits[:, -1].argmax(-1)
     token = choice if forced is None else forced[:1].to(device)
-    prefill = time.perf_counter() - t0
+    prefill, prefill_cpu = time.perf_counter() - t0, time.process_time() - c0
     tokens, choices = [int(token)], [int(choice)]
     cache = getattr(out, key)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i in range(1, new_tokens):
         if forced is None and eos_token_id is not None and tokens[-1] == eos_token_id:
             break
@@ -91,7 +100,7 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, new_tokens: int, fo
         token = choice if forced is None else forced[i:i + 1].to(device)
         tokens.append(int(token))
         choices.append(int(choice))
-    return DecodeTiming(tokens, choices, prefill, time.perf_counter() - t0)
+    return DecodeTiming(tokens, choices, prefill, time.perf_counter() - t0, prefill_cpu, time.process_time() - c0)
 
 
 def generate(model: nn.Module | str, prompt: str, config: GenerateConfig | None = None,

@@ -103,7 +103,8 @@ def _scratch(rows: int, cols: int) -> torch.Tensor:
     few percent)."""
     buf = getattr(_SCRATCH, "buffer", None)
     if buf is None or buf.numel() < rows * cols:
-        buf = _SCRATCH.buffer = torch.empty(rows * cols, dtype=torch.float32)
+        with torch.inference_mode(False):   # a normal tensor: writable inside and outside inference mode
+            buf = _SCRATCH.buffer = torch.empty(rows * cols, dtype=torch.float32)
     return buf[:rows * cols].view(rows, cols)
 
 

@@ -17,6 +17,8 @@ in one run:
 
 The models run in turn, --rounds times, in a rotating order; a ratio is the median over rounds of
 the per-round ratio packed / float (the machine's load changes less within a round than across).
+Speeds are given per CPU second of the process (what other jobs on a shared machine do not
+inflate) and per wall-clock second.
 
     PYTHONPATH=. python studies/decode_bench.py --model ../shared/models/slm-llama-17m \\
         --plan studies/results/search_methods_v4/greedy_2.5.json --threads 1 --out studies/results/decode_bench
@@ -124,10 +126,11 @@ def stored_bytes(path: str) -> tuple[int, int]:
                  for name in (QUANT_FILE, REST_FILE))
 
 
-def timed(fn) -> float:
-    t = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of ``fn()``."""
+    t, c = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def main(argv=None) -> int:
@@ -189,24 +192,28 @@ def main(argv=None) -> int:
             k: sum(a == b for a, b in zip(v, choices["float"])) / len(v) for k, v in choices.items()}
         prefill_ids = ids[None, 1000:1000 + args.prefill_tokens]
         eval_ids = ids[20000:20000 + args.eval_tokens]
-        runs = {k: {"decode": [], "prefill": [], "eval": []} for k in models}
+        kinds = ("decode", "prefill", "eval")
+        runs = {k: {f"{w}_{clock}": [] for w in kinds for clock in ("cpu", "wall")} for k in models}
         order = list(models)
         for r in range(args.rounds):
             for key in order[r % len(order):] + order[:r % len(order)]:
-                m = models[key]
+                m, v = models[key], runs[key]
                 t = greedy_decode(m, prompt, args.new_tokens, forced=forced)
-                runs[key]["decode"].append(t.decode_tokens_per_s)
+                v["decode_wall"].append(t.decode_tokens_per_s)
+                v["decode_cpu"].append(t.decode_tokens_per_cpu_s)
                 with torch.no_grad():
-                    runs[key]["prefill"].append(prefill_ids.shape[1] / timed(lambda: m(input_ids=prefill_ids)))
-                n_eval = eval_ids.numel()
-                runs[key]["eval"].append(n_eval / timed(lambda: perplexity(m, eval_ids, seq_len=512,
-                                                                          micro_batch=4, show_progress=False)))
-            print(f"round {r + 1}/{args.rounds}: " + ", ".join(
-                f"{k} decode {v['decode'][-1]:.1f} prefill {v['prefill'][-1]:.0f} eval {v['eval'][-1]:.0f} tok/s"
+                    wall, cpu = timed(lambda: m(input_ids=prefill_ids))
+                v["prefill_wall"].append(prefill_ids.shape[1] / wall)
+                v["prefill_cpu"].append(prefill_ids.shape[1] / cpu)
+                wall, cpu = timed(lambda: perplexity(m, eval_ids, seq_len=512, micro_batch=4, show_progress=False))
+                v["eval_wall"].append(eval_ids.numel() / wall)
+                v["eval_cpu"].append(eval_ids.numel() / cpu)
+            print(f"round {r + 1}/{args.rounds} (tokens per CPU second): " + ", ".join(
+                f"{k} decode {v['decode_cpu'][-1]:.1f} prefill {v['prefill_cpu'][-1]:.0f} eval {v['eval_cpu'][-1]:.0f}"
                 for k, v in runs.items()), flush=True)
         speed = {}
         for key, v in runs.items():
-            speed[key] = {f"{what}_tokens_per_s": statistics.median(xs) for what, xs in v.items()}
+            speed[key] = {f"{what}_per_s": statistics.median(xs) for what, xs in v.items()}
             speed[key]["runs"] = v
             if key != "float":
                 for what in v:
@@ -236,16 +243,19 @@ def _cpu_name() -> str:
 def markdown(r: dict) -> str:
     mb = 1e6
     lines = [f"Command: `{r['command']}`", "",
-             f"CPU: {r['cpu']}, {r['threads']} thread(s), kernel: {r['kernel']}, torch {r['torch']}", "",
-             "| model | decode tok/s | x float | prefill tok/s | x float | eval tok/s | x float | top-1 = float |",
-             "|---|---|---|---|---|---|---|---|"]
-    for key, name in r["models"].items():
-        s = r["speed"][key]
-        ratio = (lambda w: f"{s[w + '_ratio']:.2f}") if key != "float" else (lambda w: "1")
-        lines.append(f"| {name} | {s['decode_tokens_per_s']:.1f} | {ratio('decode')} | {s['prefill_tokens_per_s']:.0f} "
-                     f"| {ratio('prefill')} | {s['eval_tokens_per_s']:.0f} | {ratio('eval')} "
-                     f"| {100 * r['top1_agreement_with_float'][key]:.0f} % |")
-    lines += ["", "| model | tensors MB | plan + untouched MB | tensors / stored | RSS added, cold MB | / stored "
+             f"CPU: {r['cpu']}, {r['threads']} thread(s), kernel: {r['kernel']}, torch {r['torch']}", ""]
+    for clock, title in (("cpu", "tokens per CPU second of the process"), ("wall", "tokens per wall-clock second")):
+        lines += [f"Speed, {title} (median of {r['args']['rounds']} rounds; x float: median of the rounds' ratios):",
+                  "", "| model | decode | x float | prefill | x float | eval | x float | top-1 = float |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for key, name in r["models"].items():
+            s = r["speed"][key]
+            ratio = (lambda w: f"{s[w + '_ratio']:.2f}") if key != "float" else (lambda w: "1")
+            cells = " | ".join(f"{s[f'{w}_{clock}_per_s']:.1f} | {ratio(f'{w}_{clock}')}"
+                               for w in ("decode", "prefill", "eval"))
+            lines.append(f"| {name} | {cells} | {100 * r['top1_agreement_with_float'][key]:.0f} % |")
+        lines.append("")
+    lines += ["Memory:", "", "| model | tensors MB | plan + untouched MB | tensors / stored | RSS added, cold MB | / stored "
               "| RSS added, warm MB | / stored |", "|---|---|---|---|---|---|---|---|"]
     for key, name in r["models"].items():
         m = r["memory"][key]

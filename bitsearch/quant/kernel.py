@@ -16,9 +16,9 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
+import warnings
 
 import torch
 
@@ -76,8 +76,8 @@ def _build(mode: str) -> str | None:
     try:
         done = subprocess.run([cc, *_FLAGS[mode], _SOURCE, "-o", tmp], capture_output=True, text=True)
         if done.returncode != 0:
-            print(f"bitsearch: the packed-row kernel did not compile ({cc}); using the torch path:\n"
-                  f"{done.stderr.strip()[:2000]}", file=sys.stderr)
+            warnings.warn(f"bitsearch: the packed-row kernel did not compile ({cc}); packed layers use the torch "
+                          f"path (same outputs, slower): {done.stderr.strip()[:2000]}", RuntimeWarning, stacklevel=3)
             return None
         os.replace(tmp, lib)   # atomic: concurrent builders each write their own temporary file
         return lib
