@@ -10,24 +10,15 @@ from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .config import GenerateConfig
 from .errors import BitsearchError
 
-__all__ = ["GenerateConfig", "GenerateResult", "DecodeTiming", "greedy_decode", "generate"]
-
-
-@dataclass
-class GenerateConfig:
-    max_new_tokens: int = field(default=64, metadata={"help": "tokens to generate (default: 64)"})
-    threads: int | None = field(default=None, metadata={"help": "CPU threads for torch (default: torch's own choice)"})
-    stop_at_eos: bool = field(default=True, metadata={"help": "stop at the tokenizer's end-of-sequence token"})
-    device: str = field(default="cpu", metadata={"help": "torch device (default: cpu)"})
-    dtype: str | None = field(default=None, metadata={
-        "help": "float32 | bfloat16 | float16 (default: float32; a packed checkpoint: the dtype it was saved in)"})
+__all__ = ["GenerateResult", "DecodeTiming", "greedy_decode", "generate"]
 
 
 @dataclass
@@ -79,7 +70,7 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, new_tokens: int, fo
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise BitsearchError("greedy_decode: input_ids must have shape (1, L)")
     if new_tokens < 1:
-        raise BitsearchError("max_new_tokens must be at least 1")
+        raise BitsearchError(f"max_new_tokens must be at least 1 (got {new_tokens})")
     key = _cache_keyword(model)
     device = next(iter(model.parameters()), torch.empty(0)).device
     ids = input_ids.to(device)
@@ -103,24 +94,20 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, new_tokens: int, fo
     return DecodeTiming(tokens, choices, prefill, time.perf_counter() - t0, prefill_cpu, time.process_time() - c0)
 
 
-def generate(model: nn.Module | str, prompt: str, config: GenerateConfig | None = None,
-             tokenizer=None) -> GenerateResult:
-    """Greedy batch-1 generation from ``prompt``; ``model`` a module or a path (HF or packed)."""
-    from .models import load_model, load_tokenizer
+def generate(model, prompt: str, config: GenerateConfig | None = None, *, tokenizer=None) -> GenerateResult:
+    """Greedy batch-1 generation from ``prompt``; ``model`` an ``nn.Module`` or a folder / hub id
+    (a HF model or a packed checkpoint)."""
+    from .api import _threads, resolve_model
 
     config = config or GenerateConfig()
-    if config.threads is not None:
-        if config.threads < 1:
-            raise BitsearchError(f"--threads must be at least 1, not {config.threads}")
-        torch.set_num_threads(config.threads)
-    if isinstance(model, str):
-        tokenizer = tokenizer or load_tokenizer(model)
-        model = load_model(model, config.device, config.dtype)
-    if tokenizer is None:
-        raise BitsearchError("generate: pass tokenizer= with a model object")
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    _threads(config)
+    if config.max_new_tokens < 1:
+        raise BitsearchError(f"max_new_tokens must be at least 1 (got {config.max_new_tokens})")
+    loaded = resolve_model(model, config, tokenizer)
+    tok = loaded.tok()
+    ids = tok(prompt, return_tensors="pt").input_ids
     if ids.numel() == 0:
         raise BitsearchError("the prompt has no tokens")
-    eos = tokenizer.eos_token_id if config.stop_at_eos else None
-    timing = greedy_decode(model, ids, config.max_new_tokens, eos_token_id=eos)
-    return GenerateResult(tokenizer.decode(timing.tokens, skip_special_tokens=True), int(ids.shape[1]), timing)
+    eos = tok.eos_token_id if config.stop_at_eos else None
+    timing = greedy_decode(loaded.model, ids, config.max_new_tokens, eos_token_id=eos)
+    return GenerateResult(tok.decode(timing.tokens, skip_special_tokens=True), int(ids.shape[1]), timing)

@@ -68,6 +68,11 @@ class BitPlan:
     def shapes(self) -> dict[str, tuple[int, int]]:
         return {k: (int(v[0]), int(v[1])) for k, v in self.model["targets"].items()}
 
+    @property
+    def avg_bits(self) -> float:
+        """Avg bits all-in of the plan's targets (codes, scales, zeros, bit map)."""
+        return avg_bits(self.n_bytes(), self.n_weights())
+
     def n_weights(self) -> int:
         return sum(o * i for o, i in self.shapes.values())
 
@@ -194,7 +199,7 @@ class BitPlan:
         for name, shape in self.shapes.items():
             if name not in theirs:
                 raise BitsearchError(f"{where}: layer '{name}' is not a target layer of this model "
-                                     f"(plan for another model or other --targets?)")
+                                     f"(plan for another model or other `targets`?)")
             if tuple(theirs[name]) != shape:
                 raise BitsearchError(f"{where}: layer '{name}' is {shape[0]}x{shape[1]} in the plan but "
                                      f"{theirs[name][0]}x{theirs[name][1]} in the model")

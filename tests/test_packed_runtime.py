@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from bitsearch.apply import fake_quantize_model, load_packed, pack_model, packed_tensor_bytes, save_packed
 from bitsearch import packed as packed_mod
 from bitsearch.cli import main
-from bitsearch.generate import GenerateConfig, generate, greedy_decode
+from bitsearch.config import GenerateConfig
+from bitsearch.generate import generate, greedy_decode
 from bitsearch.models import load_model, load_tokenizer
 from bitsearch.packed import GEMV_MAX_ROWS, PackedEmbedding, PackedLinear, PackedTiedHead, unpack_weight
 from bitsearch.quant import kernel as kernel_mod
@@ -210,6 +211,7 @@ def test_generate_cli(llama_dir, capsys):
     assert main(["generate", "--model", llama_dir, "--prompt", "x", "--threads", "0"]) == 2
     assert "--threads must be at least 1" in capsys.readouterr().err
     assert main(["generate", "--model", llama_dir, "--prompt", "x", "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens must be at least 1" in capsys.readouterr().err
 
 
 

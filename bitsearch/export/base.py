@@ -41,7 +41,7 @@ def register_exporter(cls: type[Exporter]) -> type[Exporter]:
 
 
 def get_exporter(name: str, **options) -> Exporter:
-    """An exporter by ``--format`` name; ``options`` go to its constructor."""
+    """An exporter by ```format``` name; ``options`` go to its constructor."""
     try:
         cls = EXPORTERS[name]
     except KeyError:
