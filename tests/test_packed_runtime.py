@@ -209,7 +209,7 @@ def test_generate_cli(llama_dir, capsys):
     out, err = capsys.readouterr()
     assert out.startswith("the quick") and "4 new tokens" in err and "tokens/s" in err
     assert main(["generate", "--model", llama_dir, "--prompt", "x", "--threads", "0"]) == 2
-    assert "--threads must be at least 1" in capsys.readouterr().err
+    assert "threads must be at least 1" in capsys.readouterr().err
     assert main(["generate", "--model", llama_dir, "--prompt", "x", "--max-new-tokens", "0"]) == 2
     assert "--max-new-tokens must be at least 1" in capsys.readouterr().err
 
