@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .quant.grid import KEEP_WIDTH, PRUNE_WIDTH, QUANT_WIDTHS, choose_qparams, dequantize, quantize
-from .quant.kernel import get_kernel
+from .quant.kernel import LayerSlices, get_kernel
 from .quant.packing import pack_codes, unpack_codes
 
 __all__ = ["PackedLinear", "PackedEmbedding", "PackedTiedHead", "pack_module", "pack_weight", "unpack_weight",
@@ -199,14 +199,33 @@ class _PackedRows(nn.Module):
             w = self.dequantized_weight(x.dtype, out=_scratch(self.n_out, self.in_features))
             return F.linear(x, w)
         xf = flat.float().contiguous()
-        y = torch.zeros(xf.shape[0], self.n_out, dtype=torch.float32)
-        group = _group(self.in_features, self.group_size)
-        for b in self.widths:
-            kernel.gemv(b, getattr(self, f"codes_b{b}"), getattr(self, f"scales_b{b}"), getattr(self, f"zeros_b{b}"),
-                        getattr(self, f"out_b{b}"), group, self.in_features, xf, y)
-        if hasattr(self, "weight_f16"):
-            kernel.gemv_f16(self.weight_f16, getattr(self, f"out_b{KEEP_WIDTH}"), xf, y)
+        y = (torch.empty if self.dense else torch.zeros)(xf.shape[0], self.n_out, dtype=torch.float32)
+        kernel.gemv_layer(self._layer_slices(), xf, y)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.n_out)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._slices = None             # points into the old tensors
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state["_slices"] = None         # C pointers: neither copied nor pickled
+        return state
+
+    def _layer_slices(self) -> LayerSlices:
+        """The kernel's view of this layer's slices, rebuilt when a buffer was replaced (``.to()``,
+        assignment)."""
+        buffers = self._buffers
+        cached = getattr(self, "_slices", None)
+        if cached is not None and all(buffers[n] is t for n, t in cached[0]):
+            return cached[1]
+        slices = [(b, buffers[f"codes_b{b}"], buffers[f"scales_b{b}"], buffers[f"zeros_b{b}"], buffers[f"out_b{b}"])
+                  for b in self.widths]
+        if "weight_f16" in buffers:
+            slices.append((KEEP_WIDTH, buffers["weight_f16"], None, None, buffers[f"out_b{KEEP_WIDTH}"]))
+        layer = LayerSlices(slices, _group(self.in_features, self.group_size), self.in_features)
+        self._slices = ([(n, t) for n, t in buffers.items() if t is not None], layer)
+        return layer
 
     @property
     def n_rows(self) -> int:

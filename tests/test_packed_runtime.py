@@ -225,3 +225,22 @@ def test_scratch_made_in_inference_mode_serves_later_calls(mode, monkeypatch):
         torch.testing.assert_close(p(x), expect)
     with torch.no_grad():
         torch.testing.assert_close(p(x), expect)
+
+
+def test_copies_and_moves_do_not_share_kernel_pointers(mode):
+    import copy
+    import pickle
+
+    lin, bits = _random_layer(32, 24, 16, seed=13)
+    p = PackedLinear.from_linear(lin, bits, 16)
+    x = torch.randn(1, 32)
+    with torch.no_grad():
+        y = p(x)                                       # builds the layer's kernel view
+        twin = copy.deepcopy(p)
+        torch.testing.assert_close(twin(x), y)
+        for t in twin.packed_tensors().values():      # the copy computes from its own tensors
+            t.zero_()
+        assert torch.equal(twin(x), lin.bias.detach().expand_as(y)) and torch.equal(p(x), y)
+        torch.testing.assert_close(pickle.loads(pickle.dumps(p))(x), y)
+        moved = p.to(torch.float64)                    # buffers replaced (float16 scales become float64)
+        assert moved._slices is None

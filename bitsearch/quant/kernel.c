@@ -6,9 +6,10 @@
  * ``out_index[r]`` is the output position of slice row r, so the rows of every width are
  * written straight to their channel positions (no permutation pass afterwards).
  *
- *   bs_gemv      y[i, out_index[r]] = sum_k x[i, k] * (q[r, k] - zero[r, g]) * scale[r, g]
- *   bs_gemv_f16  the same for rows kept in float16
- *   bs_dequant   w[out_index[r], k] = (q[r, k] - zero[r, g]) * scale[r, g]   (float32)
+ *   bs_gemv        y[i, out_index[r]] = sum_k x[i, k] * (q[r, k] - zero[r, g]) * scale[r, g]
+ *   bs_gemv_f16    the same for rows kept in float16
+ *   bs_gemv_layer  every slice of a layer (``bs_slice`` array) in one call
+ *   bs_dequant     w[out_index[r], k] = (q[r, k] - zero[r, g]) * scale[r, g]   (float32)
  *
  * Eight codes of b bits fill exactly b bytes, so a block of 8 codes starts on a byte. With AVX2
  * a block is unpacked by one byte shuffle (two bytes per code into a 32-bit lane), one variable
@@ -214,4 +215,24 @@ void bs_dequant(int bits, int64_t rows, int64_t K, int64_t G, int64_t ng, const 
 #if BS_AVX2
     free(last);
 #endif
+}
+
+/* One width slice of a layer: bits 2..8 (packed codes) or 16 (``codes`` holds float16 rows). */
+typedef struct {
+    int64_t bits, rows, K, G, ng, row_bytes;
+    const uint8_t *codes;
+    const uint16_t *scales;
+    const uint8_t *zeros;
+    const int32_t *out_index;
+} bs_slice;
+
+void bs_gemv_layer(const bs_slice *slices, int64_t n_slices, const float *x, int64_t n, float *y, int64_t y_stride) {
+    for (int64_t s = 0; s < n_slices; s++) {
+        const bs_slice *c = slices + s;
+        if (c->bits == 16)
+            bs_gemv_f16(c->rows, c->K, (const uint16_t *)c->codes, c->out_index, x, n, y, y_stride);
+        else
+            bs_gemv((int)c->bits, c->rows, c->K, c->G, c->ng, c->codes, c->row_bytes, c->scales, c->zeros,
+                    c->out_index, x, n, y, y_stride);
+    }
 }

@@ -22,7 +22,7 @@ import warnings
 
 import torch
 
-__all__ = ["PackedKernel", "get_kernel", "kernel_mode"]
+__all__ = ["PackedKernel", "LayerSlices", "get_kernel", "kernel_mode"]
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel.c")
 _FLAGS = {"native": ["-O3", "-march=native", "-fPIC", "-shared", "-std=c99"],
@@ -88,33 +88,47 @@ def _build(mode: str) -> str | None:
             os.remove(tmp)
 
 
+class Slice(ctypes.Structure):
+    """``bs_slice``: one width slice of a layer (``bits`` 16: ``codes`` points at float16 rows)."""
+
+    _fields_ = [("bits", _I), ("rows", _I), ("K", _I), ("G", _I), ("ng", _I), ("row_bytes", _I),
+                ("codes", _P), ("scales", _P), ("zeros", _P), ("out_index", _P)]
+
+
+class LayerSlices:
+    """The slices of one layer as a C array, with the tensors it points into (kept alive here)."""
+
+    def __init__(self, slices: list[tuple], group: int, in_features: int):
+        """``slices``: (bits, codes, scales, zeros, out_index) per width; scales/zeros None for 16."""
+        self.tensors = [tuple(t.contiguous() if t is not None else None for t in s[1:]) for s in slices]
+        items = []
+        for (bits, *_), (codes, scales, zeros, index) in zip(slices, self.tensors):
+            ng = scales.shape[1] if scales is not None else 0
+            items.append(Slice(bits, codes.shape[0], in_features, group, ng, codes.shape[1] if bits != 16 else 0,
+                               codes.data_ptr(), scales.data_ptr() if scales is not None else None,
+                               zeros.data_ptr() if zeros is not None else None, index.data_ptr()))
+        self.array = (Slice * len(items))(*items)
+        self.count = len(items)
+
+
 class PackedKernel:
     """ctypes bindings of ``kernel.c``; every tensor argument must be contiguous and on the CPU."""
 
     def __init__(self, path: str):
         lib = ctypes.CDLL(path)
-        lib.bs_gemv.argtypes = [ctypes.c_int, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P, _I, _P, _I]
-        lib.bs_gemv.restype = None
-        lib.bs_gemv_f16.argtypes = [_I, _I, _P, _P, _P, _I, _P, _I]
-        lib.bs_gemv_f16.restype = None
         lib.bs_dequant.argtypes = [ctypes.c_int, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P]
         lib.bs_dequant.restype = None
+        lib.bs_gemv_layer.argtypes = [_P, _I, _P, _I, _P, _I]
+        lib.bs_gemv_layer.restype = None
         lib.bs_has_avx2.restype = ctypes.c_int
         self.lib = lib
         self.path = path
         self.vector = bool(lib.bs_has_avx2())
 
-    def gemv(self, bits: int, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-             out_index: torch.Tensor, group: int, in_features: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        """y[:, out_index] = x @ dequantized(codes)^T for one width slice; x (n, K), y (n, N) float32."""
-        rows, ng = scales.shape
-        self.lib.bs_gemv(bits, rows, in_features, group, ng, codes.data_ptr(), codes.shape[1], scales.data_ptr(),
-                         zeros.data_ptr(), out_index.data_ptr(), x.data_ptr(), x.shape[0], y.data_ptr(), y.shape[1])
-
-    def gemv_f16(self, weight: torch.Tensor, out_index: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
-        """y[:, out_index] = x @ weight^T for rows kept in float16 (weight (rows, K) float16)."""
-        self.lib.bs_gemv_f16(weight.shape[0], weight.shape[1], weight.data_ptr(), out_index.data_ptr(),
-                             x.data_ptr(), x.shape[0], y.data_ptr(), y.shape[1])
+    def gemv_layer(self, layer: LayerSlices, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Every slice of a layer in one call: y[:, out_index] = x @ slice^T; x (n, K), y (n, N) float32."""
+        self.lib.bs_gemv_layer(ctypes.addressof(layer.array), layer.count, x.data_ptr(), x.shape[0], y.data_ptr(),
+                               y.shape[1])
 
     def dequant(self, bits: int, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                 out_index: torch.Tensor, group: int, w: torch.Tensor) -> None:
