@@ -167,7 +167,7 @@ class _PackedRows(nn.Module):
         """The (output rows, K) weight, pruned rows 0, in ``dtype`` (default: the compute dtype);
         written into ``out`` (float32, that shape) when given."""
         dtype = dtype or self.compute_dtype
-        kernel = _kernel_for(self.qbits, self.qbits.device)
+        kernel = _kernel_for(self.qbits, self.qbits.device) if self._kernel_storage() else None
         shape = (self.n_out, self.in_features)
         if out is not None:
             w = out if self.dense and kernel is not None else out.zero_()
@@ -193,15 +193,23 @@ class _PackedRows(nn.Module):
         on the CPU, else the dequantized weight (a temporary, freed on return) and a matmul."""
         flat = x.reshape(-1, self.in_features)
         kernel = _kernel_for(flat, self.qbits.device)
-        if kernel is None:
+        if kernel is not None and flat.shape[0] <= GEMV_MAX_ROWS:
+            layer = self._layer_slices()
+            if layer is not None:
+                xf = flat.float().contiguous()
+                y = (torch.empty if self.dense else torch.zeros)(xf.shape[0], self.n_out, dtype=torch.float32)
+                kernel.gemv_layer(layer, xf, y)
+                return y.to(x.dtype).reshape(*x.shape[:-1], self.n_out)
+        if kernel is None or not self._kernel_storage():
             return F.linear(x, self.dequantized_weight(x.dtype))
-        if flat.shape[0] > GEMV_MAX_ROWS:
-            w = self.dequantized_weight(x.dtype, out=_scratch(self.n_out, self.in_features))
-            return F.linear(x, w)
-        xf = flat.float().contiguous()
-        y = (torch.empty if self.dense else torch.zeros)(xf.shape[0], self.n_out, dtype=torch.float32)
-        kernel.gemv_layer(self._layer_slices(), xf, y)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.n_out)
+        return F.linear(x, self.dequantized_weight(x.dtype, out=_scratch(self.n_out, self.in_features)))
+
+    def _kernel_storage(self) -> bool:
+        """The stored tensors have the dtypes the kernel reads (``.to(dtype)`` converts the float16 ones)."""
+        b = self._buffers
+        return all(b[f"scales_b{w}"].dtype == torch.float16 and b[f"codes_b{w}"].dtype == torch.uint8
+                   and b[f"zeros_b{w}"].dtype == torch.uint8 for w in self.widths) \
+            and ("weight_f16" not in b or b["weight_f16"].dtype == torch.float16)
 
     def _apply(self, fn, *args, **kwargs):
         self._slices = None             # points into the old tensors
@@ -212,13 +220,16 @@ class _PackedRows(nn.Module):
         state["_slices"] = None         # C pointers: neither copied nor pickled
         return state
 
-    def _layer_slices(self) -> LayerSlices:
+    def _layer_slices(self) -> LayerSlices | None:
         """The kernel's view of this layer's slices, rebuilt when a buffer was replaced (``.to()``,
-        assignment)."""
+        assignment); None when the stored dtypes are not the kernel's."""
         buffers = self._buffers
         cached = getattr(self, "_slices", None)
         if cached is not None and all(buffers[n] is t for n, t in cached[0]):
             return cached[1]
+        if not self._kernel_storage():
+            self._slices = ([(n, t) for n, t in buffers.items() if t is not None], None)
+            return None
         slices = [(b, buffers[f"codes_b{b}"], buffers[f"scales_b{b}"], buffers[f"zeros_b{b}"], buffers[f"out_b{b}"])
                   for b in self.widths]
         if "weight_f16" in buffers:

@@ -244,3 +244,7 @@ def test_copies_and_moves_do_not_share_kernel_pointers(mode):
         torch.testing.assert_close(pickle.loads(pickle.dumps(p))(x), y)
         moved = p.to(torch.float64)                    # buffers replaced (float16 scales become float64)
         assert moved._slices is None
+        for n in (1, GEMV_MAX_ROWS + 1):               # the kernel reads float16 scales: the torch path runs
+            xd = torch.randn(n, 32, dtype=torch.float64)
+            torch.testing.assert_close(moved(xd), F.linear(xd, unpack_weight(p.packed_tensors(), 32, 16).double(),
+                                                           lin.bias.detach().double()))
