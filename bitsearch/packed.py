@@ -10,9 +10,10 @@ nothing and produce 0 (plus the bias, if any). Rows of one width appear in chann
 Runtime: weights stay packed in memory. For a few input rows (batch-1 decoding) on the CPU,
 ``quant/kernel.c`` multiplies each width slice straight from its packed codes (one uniform-width
 loop per slice, results written to the rows' channel positions); for more input rows (prefill,
-evaluation) or without a C compiler, the layer dequantizes into a temporary float weight that is
-freed after the matmul. Both give the outputs of the dequantized weight (up to float summation
-order for the fused path).
+evaluation) the layer dequantizes into one float buffer shared by every packed layer (the size of
+the largest), then calls the matmul; without a C compiler, on a GPU or when gradients are needed,
+a pure-torch path dequantizes into a fresh tensor. All give the outputs of the dequantized weight
+(up to float summation order for the fused path).
 
 Coupled pruning (``couplings.py``): a producer of dead units keeps only ``rows`` in its output
 (the rows of its live units; the model sees a smaller matrix), and a consumer is simply packed
@@ -190,7 +191,7 @@ class _PackedRows(nn.Module):
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ weight^T`` (no bias) for x (..., K): fused unpack-and-multiply for a few rows of x
-        on the CPU, else the dequantized weight (a temporary, freed on return) and a matmul."""
+        on the CPU, else the weight dequantized into a buffer shared by all packed layers, and a matmul."""
         flat = x.reshape(-1, self.in_features)
         kernel = _kernel_for(flat, self.qbits.device)
         if kernel is not None and flat.shape[0] <= GEMV_MAX_ROWS:

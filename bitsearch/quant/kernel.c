@@ -85,17 +85,24 @@ static inline __m256i unpack8(const uint8_t *p, const unpacker *u) {
     return _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(v, u->shuffle), u->shifts), u->mask);
 }
 
-/* Rows are read 16 bytes at a time, which may run past the end of the last row: that row is
- * read from a zero-padded copy instead. */
-static inline const uint8_t *row_at(const uint8_t *codes, int64_t r, int64_t rows, int64_t row_bytes,
-                                    const uint8_t *last) {
-    return r + 1 < rows ? codes + r * row_bytes : last;
+/* Rows are read 16 bytes at a time, which may run past the end of the buffer for the last rows
+ * (several when rows are shorter than 16 bytes): those are read from a zero-padded copy. */
+typedef struct { const uint8_t *codes; int64_t row_bytes, first_copied; uint8_t *copy; } row_reader;
+
+static int open_rows(row_reader *rd, const uint8_t *codes, int64_t rows, int64_t row_bytes) {
+    int64_t tail = row_bytes > 0 ? 16 / row_bytes + 1 : rows;
+    if (tail > rows) tail = rows;
+    rd->codes = codes;
+    rd->row_bytes = row_bytes;
+    rd->first_copied = rows - tail;
+    rd->copy = (uint8_t *)calloc((size_t)(tail * row_bytes + 16), 1);
+    if (rd->copy == NULL) return 0;
+    if (tail > 0) memcpy(rd->copy, codes + rd->first_copied * row_bytes, (size_t)(tail * row_bytes));
+    return 1;
 }
 
-static uint8_t *padded_last_row(const uint8_t *codes, int64_t rows, int64_t row_bytes) {
-    uint8_t *last = (uint8_t *)calloc((size_t)row_bytes + 16, 1);
-    if (last && rows > 0) memcpy(last, codes + (rows - 1) * row_bytes, (size_t)row_bytes);
-    return last;
+static inline const uint8_t *row_at(const row_reader *rd, int64_t r) {
+    return r < rd->first_copied ? rd->codes + r * rd->row_bytes : rd->copy + (r - rd->first_copied) * rd->row_bytes;
 }
 
 static inline float hsum(__m256 v) {
@@ -110,8 +117,8 @@ void bs_gemv(int bits, int64_t rows, int64_t K, int64_t G, int64_t ng, const uin
              const uint16_t *scales, const uint8_t *zeros, const int32_t *out_index,
              const float *x, int64_t n, float *y, int64_t y_stride) {
 #if BS_AVX2
-    uint8_t *last = padded_last_row(codes, rows, row_bytes);
-    const int vector = (G % 8 == 0) && (K % 8 == 0) && last != NULL;
+    row_reader rd;
+    const int vector = (G % 8 == 0) && (K % 8 == 0) && open_rows(&rd, codes, rows, row_bytes);
     const unpacker u = make_unpacker(bits);
 #endif
     for (int64_t i = 0; i < n; i++) {
@@ -120,7 +127,7 @@ void bs_gemv(int bits, int64_t rows, int64_t K, int64_t G, int64_t ng, const uin
         for (int64_t r = 0; r < rows; r++) {
             const uint8_t *row = codes + r * row_bytes;
 #if BS_AVX2
-            const uint8_t *vrow = row_at(codes, r, rows, row_bytes, last);
+            const uint8_t *vrow = vector ? row_at(&rd, r) : row;
 #endif
             float acc = 0.0f;
             for (int64_t g = 0; g < ng; g++) {
@@ -155,7 +162,7 @@ void bs_gemv(int bits, int64_t rows, int64_t K, int64_t G, int64_t ng, const uin
         }
     }
 #if BS_AVX2
-    free(last);
+    if (vector) free(rd.copy);
 #endif
 }
 
@@ -183,14 +190,14 @@ void bs_gemv_f16(int64_t rows, int64_t K, const uint16_t *w, const int32_t *out_
 void bs_dequant(int bits, int64_t rows, int64_t K, int64_t G, int64_t ng, const uint8_t *codes, int64_t row_bytes,
                 const uint16_t *scales, const uint8_t *zeros, const int32_t *out_index, float *w) {
 #if BS_AVX2
-    uint8_t *last = padded_last_row(codes, rows, row_bytes);
-    const int vector = (G % 8 == 0) && (K % 8 == 0) && last != NULL;
+    row_reader rd;
+    const int vector = (G % 8 == 0) && (K % 8 == 0) && open_rows(&rd, codes, rows, row_bytes);
     const unpacker u = make_unpacker(bits);
 #endif
     for (int64_t r = 0; r < rows; r++) {
         const uint8_t *row = codes + r * row_bytes;
 #if BS_AVX2
-        const uint8_t *vrow = row_at(codes, r, rows, row_bytes, last);
+        const uint8_t *vrow = vector ? row_at(&rd, r) : row;
 #endif
         float *out = w + (int64_t)out_index[r] * K;
         for (int64_t g = 0; g < ng; g++) {
@@ -213,7 +220,7 @@ void bs_dequant(int bits, int64_t rows, int64_t K, int64_t G, int64_t ng, const 
         }
     }
 #if BS_AVX2
-    free(last);
+    if (vector) free(rd.copy);
 #endif
 }
 
