@@ -20,8 +20,9 @@ the per-round ratio packed / float (the machine's load changes less within a rou
 Speeds are given per CPU second of the process (what other jobs on a shared machine do not
 inflate) and per wall-clock second.
 
-    PYTHONPATH=. python studies/decode_bench.py --model ../shared/models/slm-llama-17m \\
-        --plan studies/results/search_methods_v4/greedy_2.5.json --threads 1 --out studies/results/decode_bench
+    OMP_NUM_THREADS=1 python -m studies.decode_bench --model ../shared/models/slm-llama-17m \\
+        --plan studies/results/search_methods_v4/greedy_2.5.json --threads 1 --rounds 7 \\
+        --out studies/results/decode_bench
 """
 
 from __future__ import annotations
@@ -37,18 +38,17 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
 
-import torch  # noqa: E402
-
-from bitsearch.apply import QUANT_FILE, REST_FILE, load_packed, parameters_on_meta, save_packed  # noqa: E402
-from bitsearch.data import read_text, tokenize_text  # noqa: E402
-from bitsearch.evaluate import perplexity  # noqa: E402
-from bitsearch.generate import greedy_decode  # noqa: E402
-from bitsearch.models import load_model, load_tokenizer  # noqa: E402
-from bitsearch.plan import BitPlan  # noqa: E402
-from bitsearch.quant.kernel import get_kernel  # noqa: E402
-from bitsearch.search.uniform import uniform_plan  # noqa: E402
+from bitsearch.apply import QUANT_FILE, REST_FILE, load_packed, parameters_on_meta, save_packed
+from bitsearch.atomic import write_text_atomic
+from bitsearch.data import read_text, tokenize_text
+from bitsearch.evaluate import perplexity
+from bitsearch.generate import greedy_decode
+from bitsearch.models import load_model, load_tokenizer
+from bitsearch.plan import BitPlan
+from bitsearch.quant.kernel import get_kernel
+from bitsearch.search.uniform import uniform_plan
 
 
 def _rss() -> int:
@@ -113,8 +113,9 @@ def memory_probe(path: str, cold: bool) -> dict:
 
 def probe_in_subprocess(path: str, threads: int, cold: bool) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    cmd = [sys.executable, os.path.abspath(__file__), "--memory-probe", path] + (["--cold"] if cold else [])
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    cmd = [sys.executable, "-m", "studies.decode_bench", "--memory-probe", path] + (["--cold"] if cold else [])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
     uniform = uniform_plan(float_model, args.uniform_bits, args.group_size)
     names = {"float": "float32", "plan": f"packed {plan.summary['avg_bits']:.2f}-bit plan",
              "uniform": f"packed uniform W{args.uniform_bits} g{args.group_size} ({uniform.summary['avg_bits']:.2f} bits)"}
-    result = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "threads": args.threads,
+    result = {"command": " ".join(["python -m studies.decode_bench"] + sys.argv[1:]), "threads": args.threads,
               "kernel": None if kernel is None else ("avx2" if kernel.vector else "scalar"),
               "torch": torch.__version__, "cpu": _cpu_name(), "models": names, "args": vars(args)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -221,10 +222,8 @@ def main(argv=None) -> int:
                         a / b for a, b in zip(v[what], runs["float"][what]))
         result["speed"] = speed
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "decode_bench.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, "decode_bench.md"), "w") as f:
-        f.write(markdown(result))
+    write_text_atomic(os.path.join(args.out, "decode_bench.json"), json.dumps(result, indent=1))
+    write_text_atomic(os.path.join(args.out, "decode_bench.md"), markdown(result))
     print(markdown(result))
     return 0
 
