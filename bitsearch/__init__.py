@@ -10,8 +10,8 @@ model (an ``nn.Module`` or a folder / hub id), their inputs and a config object;
 ``import bitsearch`` stays light.
 
 Four stage functions share their names with subpackages (``bitsearch.search``, ``.sensitivity``,
-``.finalize``, ``.export``) and three with modules (``.apply``, ``.evaluate``, ``.generate``): the attribute is the
-function, and the subpackage is reached by ``from bitsearch.search import ...``.
+``.finalize``, ``.export``) and three with modules (``.apply``, ``.evaluate``, ``.generate``): the
+attribute is the function, and the subpackage is reached by ``from bitsearch.search import ...``.
 """
 
 import sys

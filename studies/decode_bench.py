@@ -7,8 +7,9 @@ in one run:
 * memory, each model loaded in fresh processes: resident set size added by ``load_model`` once
   every tensor has been read (safetensors may map a file and read it only on use), in a process
   that has only imported the model's code (cold) and in one that has paid its one-time costs
-  first (warm, see :func:`memory_probe`); bytes of the loaded model's tensors (parameters and buffers, shared ones once), against the
-  packed checkpoint's plan bytes plus its untouched tensors' bytes;
+  first (warm, see :func:`memory_probe`); bytes of the loaded model's tensors (parameters and
+  buffers, shared ones once); both against the packed checkpoint's plan bytes plus its untouched
+  tensors' bytes;
 * batch-1 greedy decoding with a key-value cache: tokens/s over --new-tokens tokens after a
   --prompt-tokens prompt; every model is fed the same tokens (the float model's greedy ones);
 * prefill: tokens/s of one forward pass over a --prefill-tokens prompt;
@@ -162,7 +163,8 @@ def main(argv=None) -> int:
     plan = BitPlan.load(args.plan)
     uniform = uniform_plan(float_model, args.uniform_bits, args.group_size)
     names = {"float": "float32", "plan": f"packed {plan.summary['avg_bits']:.2f}-bit plan",
-             "uniform": f"packed uniform W{args.uniform_bits} g{args.group_size} ({uniform.summary['avg_bits']:.2f} bits)"}
+             "uniform": f"packed uniform W{args.uniform_bits} g{args.group_size} "
+                        f"({uniform.summary['avg_bits']:.2f} bits)"}
     result = {"command": " ".join(["python -m studies.decode_bench"] + sys.argv[1:]), "threads": args.threads,
               "kernel": None if kernel is None else ("avx2" if kernel.vector else "scalar"),
               "torch": torch.__version__, "cpu": _cpu_name(), "models": names, "args": vars(args)}
@@ -254,7 +256,8 @@ def markdown(r: dict) -> str:
                                for w in ("decode", "prefill", "eval"))
             lines.append(f"| {name} | {cells} | {100 * r['top1_agreement_with_float'][key]:.0f} % |")
         lines.append("")
-    lines += ["Memory:", "", "| model | tensors MB | plan + untouched MB | tensors / stored | RSS added, cold MB | / stored "
+    lines += ["Memory:", "", "| model | tensors MB | plan + untouched MB | tensors / stored "
+              "| RSS added, cold MB | / stored "
               "| RSS added, warm MB | / stored |", "|---|---|---|---|---|---|---|---|"]
     for key, name in r["models"].items():
         m = r["memory"][key]
@@ -263,7 +266,8 @@ def markdown(r: dict) -> str:
                          f"| {m['warm']['rss_added'] / mb:.1f} | - |")
             continue
         stored = m["plan_bytes"] + m["untouched_bytes"]
-        lines.append(f"| {name} | {m['tensor_bytes'] / mb:.2f} | {stored / mb:.2f} | {m['tensor_bytes_over_stored']:.3f} "
+        lines.append(f"| {name} | {m['tensor_bytes'] / mb:.2f} | {stored / mb:.2f} "
+                     f"| {m['tensor_bytes_over_stored']:.3f} "
                      f"| {m['cold']['rss_added'] / mb:.1f} | {m['cold']['rss_added_over_stored']:.2f} "
                      f"| {m['warm']['rss_added'] / mb:.1f} | {m['warm']['rss_added_over_stored']:.2f} |")
     return "\n".join(lines) + "\n"

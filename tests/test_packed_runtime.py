@@ -3,13 +3,13 @@ loading on the meta device, and batch-1 generation."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from plans import mixed_plan
 
-from bitsearch.apply import fake_quantize_model, load_packed, pack_model, packed_tensor_bytes, save_packed
 from bitsearch import packed as packed_mod
+from bitsearch.apply import fake_quantize_model, load_packed, pack_model, packed_tensor_bytes, save_packed
 from bitsearch.cli import main
 from bitsearch.config import GenerateConfig
 from bitsearch.generate import generate, greedy_decode
@@ -18,8 +18,6 @@ from bitsearch.packed import GEMV_MAX_ROWS, PackedEmbedding, PackedLinear, Packe
 from bitsearch.quant import kernel as kernel_mod
 from bitsearch.quant.grid import QUANT_WIDTHS
 from bitsearch.quant.packing import pack_codes, packed_row_bytes, unpack_codes
-
-from plans import mixed_plan
 
 MODES = ["native", "scalar", "off"]
 WIDTHS = torch.tensor([0, 2, 3, 4, 5, 6, 7, 8, 16])
