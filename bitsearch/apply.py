@@ -175,7 +175,8 @@ def save_fake(model: nn.Module, out: str, tokenizer=None) -> None:
 @contextlib.contextmanager
 def parameters_on_meta():
     """Build modules whose parameters live on the meta device (no memory, no initialisation),
-    while buffers (e.g. rotary frequencies, which no checkpoint stores) are computed for real."""
+    while buffers (e.g. rotary frequencies, which no checkpoint stores) are computed for real.
+    Patches ``nn.Module.register_parameter`` while open: every thread's new modules are affected."""
     register = nn.Module.register_parameter
 
     def on_meta(module, name, param):
