@@ -412,7 +412,7 @@ def apply(model, plan, config: ApplyConfig | None = None, *, tokenizer=None, out
     check_output(out, "folder", inputs=_inputs(model, plan), overwrite=overwrite, what="model folder")
     loaded = resolve_model(model, config, tokenizer)
     m = loaded.model
-    plan_targets(m, p, where=f"plan '{plan}'" if isinstance(plan, (str, os.PathLike)) else "plan", force=force)
+    plan_targets(m, p, where=f"plan '{plan}'" if isinstance(plan, (str, os.PathLike)) else "plan", check_weights=not force)
     if config.fake:
         fake_quantize_model(m, p)
         if out:
@@ -445,6 +445,7 @@ def finalize(model, plan, calib=None, config: FinalizeConfig | None = None, *, t
     check_output(out, "folder", inputs=_inputs(model, plan, calib, config.data_free_cache), overwrite=overwrite,
                  what="packed model folder")
     checkpoint = out.rstrip("/") + ".qat-checkpoint.pt" if out else None
+    finalizer.check(config, checkpoint)
     if checkpoint and os.path.exists(checkpoint) and not (config.resume or overwrite):
         raise BitsearchError(f"a checkpoint of an earlier run is at '{checkpoint}': pass `resume` to continue it "
                              f"or `overwrite` to start again")
@@ -454,7 +455,7 @@ def finalize(model, plan, calib=None, config: FinalizeConfig | None = None, *, t
                              "round-to-nearest (bitsearch apply)")
     loaded = resolve_model(model, config, tokenizer)
     m = loaded.model
-    plan_targets(m, p, where=f"plan '{plan}'" if isinstance(plan, (str, os.PathLike)) else "plan", force=force)
+    plan_targets(m, p, where=f"plan '{plan}'" if isinstance(plan, (str, os.PathLike)) else "plan", check_weights=not force)
     batch, spec = calibration_tokens(loaded, calib, config, out=out, what="finalize")
     if checkpoint and config.method == "qat":
         keep_on_interrupt(f"QAT progress is kept in '{checkpoint}' (written every {config.checkpoint_every:g} s): rerun "
@@ -533,7 +534,7 @@ def export(model, plan, out: str, config: ExportConfig | None = None, *, tokeniz
     if not any(isinstance(mod, PackedLinear) for mod in loaded.model.modules()):   # a float model
         from .apply import plan_targets
 
-        plan_targets(loaded.model, p, where="plan", force=force)
+        plan_targets(loaded.model, p, where="plan", check_weights=not force)
     return exporter.export(loaded.model, loaded.tokenizer, p, out)
 
 

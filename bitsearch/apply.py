@@ -45,9 +45,10 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def plan_targets(model: nn.Module, plan: BitPlan, where: str = "plan", force: bool = False) -> list[Target]:
-    """The plan's layers as targets of ``model``, checked against the model's fingerprint
-    (``force``: accept other weights of the same config and shapes)."""
+def plan_targets(model: nn.Module, plan: BitPlan, where: str = "plan", check_weights: bool = True) -> list[Target]:
+    """The plan's layers as targets of ``model``, checked against the model's fingerprint (config
+    and shapes; with ``check_weights`` also the digest of the float weights the plan was made on,
+    which the stages' entry points check once, before any weight is changed)."""
     modules = dict(model.named_modules())
     targets = []
     for name, (out_f, in_f) in plan.shapes.items():
@@ -55,7 +56,7 @@ def plan_targets(model: nn.Module, plan: BitPlan, where: str = "plan", force: bo
         if not isinstance(mod, (nn.Linear, nn.Embedding)):
             raise BitsearchError(f"{where}: layer '{name}' is not a linear or embedding layer of this model")
         targets.append(target_of(name, mod, tied_linears(model, name) if isinstance(mod, nn.Embedding) else ()))
-    plan.check_model(model_fingerprint(model, targets), where, force)
+    plan.check_model(model_fingerprint(model, targets), where, force=not check_weights)
     return targets
 
 

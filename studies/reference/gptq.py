@@ -352,7 +352,7 @@ def gptq_quantize(model: nn.Module, plan: BitPlan, batch: torch.Tensor, *, percd
             and any(n_groups(i, plan.group_size) > 1 for _, i in plan.shapes.values()):
         raise BitsearchError("gptq: act order needs static groups to be stored in bitsearch's format")
     opts = dict(percdamp=percdamp, act_order=act_order, static_groups=static_groups, blocksize=blocksize)
-    targets = plan_targets(model, plan, "gptq")
+    targets = plan_targets(model, plan, "gptq", check_weights=False)
     runner = BlockRunner(model, offload=offload)
     modules = dict(model.named_modules())
     by_block = names_by_block(runner, [t.name for t in targets])
