@@ -28,11 +28,12 @@ from .evaluate import EvalResult, perplexity
 from .models import find_targets, load_model, load_tokenizer, model_fingerprint
 from .plan import BitPlan
 from .search import build_problem, get_allocator
+from .search.formats import format_bytes, format_problem, module_search_options
 from .sensitivity import DEFAULT_BITS, SensitivityTable, check_bits, compute_sensitivity
 from .sensitivity.table import format_mix
 from .sensitivity.pipeline import CALIB_REF_BITS
 
-__all__ = ["sensitivity", "search", "search_plan", "apply", "evaluate", "plot_sensitivity", "plot_plan", "plot_pareto", "pareto", "parse_bits"]
+__all__ = ["sensitivity", "search", "search_plan", "apply", "export", "evaluate", "plot_sensitivity", "plot_plan", "plot_pareto", "pareto", "parse_bits"]
 
 # Calibration samples on which optuna / diffq measure KL (and as many more held out to choose
 # among their candidates). On slm-llama-17m, 16 were too few: optuna's chosen plan fitted the
@@ -139,17 +140,21 @@ def search_plan(table: SensitivityTable, targets, fingerprint: dict, *, budget: 
                 method: str = "greedy", bits: str | list[int] | None = None, min_bits: int | None = None,
                 max_bits: int | None = None, mix: str | dict | None = None,
                 provenance: dict | None = None, choose=None, allocator_options: dict | None = None,
-                couplings: list | None = None) -> BitPlan:
+                couplings: list | None = None, format: str | None = None) -> BitPlan:
     """Allocate widths for ``targets`` from a table's curves (estimator ``mix``, default the
     table's) under a budget; no model needed. ``choose(problem, budget_bytes) -> (choice, info)``
     replaces the registered allocator (model-in-the-loop methods). With ``couplings`` (and 0 in
-    the menu) the registered allocator prunes whole units (``search/coupled.py``)."""
+    the menu) the registered allocator prunes whole units (``search/coupled.py``). With ``format``
+    (an exporter whose unit is the module) widths are priced and budgeted in that format's bytes
+    (``search/formats.py``); the allocator options then say how modules share widths."""
     menu = parse_bits(bits) if bits is not None else table.bits
     mix = table.resolve_mix(mix)
     problem = build_problem(table, targets, menu, min_bits, max_bits, mix)
+    if format is not None:
+        problem = format_problem(problem, {t.name: (t.out_features, t.in_features) for t in targets}, format)
     budget_bytes = budget_to_bytes(budget, problem.n_weights)
     t0 = time.time()
-    couplings = list(couplings or []) if 0 in problem.bits else []
+    couplings = list(couplings or []) if 0 in problem.bits and format is None else []
     if choose is None:
         allocator = get_allocator(method, **(allocator_options or {}))
         info = {"allocator_options": allocator_options} if allocator_options else {}
@@ -171,7 +176,10 @@ def search_plan(table: SensitivityTable, targets, fingerprint: dict, *, budget: 
     plan = BitPlan(model=fingerprint, group_size=table.group_size, menu=problem.bits, bits=widths,
                    couplings=[c for c in couplings if c.dead_units(widths).any()])
     plan.fill_summary(predicted_error=predicted)
-    if plan.summary["bytes"] > budget_bytes:
+    if format is not None:
+        n_bytes = format_bytes(plan, format)
+        plan.summary["format"] = {"name": format, "bytes": n_bytes, "avg_bits": avg_bits(n_bytes, problem.n_weights)}
+    if plan.summary.get("format", plan.summary)["bytes"] > budget_bytes:
         raise AssertionError("allocator went over budget")
     plan.provenance = dict(provenance or {}, allocator=method, budget=str(budget), budget_bytes=budget_bytes,
                            budget_avg_bits=avg_bits(budget_bytes, problem.n_weights),
@@ -182,12 +190,19 @@ def search_plan(table: SensitivityTable, targets, fingerprint: dict, *, budget: 
     return plan
 
 
-def _check_budget_early(targets, budget: str, lowest: int, group_size: int) -> None:
+def _check_budget_early(targets, budget: str, lowest: int, group_size: int, format: str | None = None) -> None:
     """A budget that does not parse, or that every row at the ``lowest`` width allowed already
-    exceeds, refused before minutes of sensitivity pass (the allocators check it again, exactly)."""
+    exceeds (in ``format``'s bytes if given), refused before minutes of sensitivity pass (the
+    allocators check it again, exactly)."""
     n_weights = sum(t.numel for t in targets)
-    need = plan_bytes({t.name: (t.out_features, t.in_features) for t in targets},
-                      {t.name: [lowest] * t.out_features for t in targets}, group_size)
+    if format is not None:
+        from .export import get_exporter
+
+        exp = get_exporter(format)
+        need = sum(exp.module_bytes(t.out_features, t.in_features, max(lowest, 2), group_size) for t in targets)
+    else:
+        need = plan_bytes({t.name: (t.out_features, t.in_features) for t in targets},
+                          {t.name: [lowest] * t.out_features for t in targets}, group_size)
     check_budget_fits(budget_to_bytes(budget, n_weights), need, n_weights, lowest)
 
 
@@ -225,7 +240,7 @@ def search(*, model: str, budget: str, out: str | None = None, calib: str | None
            granularity: str = "channel", share: list[str] | None = None, layer_min_bits: list[str] | None = None,
            time_limit: float | None = None, coupling: bool = True, data_free: int | None = None,
            data_free_cache: str | None = None, overwrite_data_free: bool = False, show_progress: bool = True,
-           _loaded=None) -> BitPlan:
+           format: str | None = None, fused: bool = True, _loaded=None) -> BitPlan:
     """A bit plan under ``budget`` ("2.5" avg bits or "12MB"/"12MiB"), saved as JSON when ``out`` is set.
 
     ``method``: an allocator on the table's curves (greedy, ilp with ``granularity``/``share``/
@@ -236,10 +251,22 @@ def search(*, model: str, budget: str, out: str | None = None, calib: str | None
     because the calibrated imatrix estimate still under-predicts what pruning costs (README).
     With pruning on, ``coupling`` (default) prunes whole MLP channels and key-value head groups,
     freeing the consumer's columns too (``couplings.py``); only table-driven allocators do so.
+    ``format`` (e.g. "compressed-tensors"): a per-module plan for that runtime format, priced in its
+    bytes, by ilp at layer granularity with q/k/v and gate/up sharing one width when ``fused``
+    (``share`` replaces those sets).
     """
     _check_out(out, "plan")
     options = None
-    if method == "ilp":
+    if format is not None:
+        if method not in ("greedy", "ilp") or granularity != "channel":
+            raise BitsearchError("--format plans one width per module with --method ilp; "
+                                 "--method and --granularity cannot change that")
+        method = "ilp"
+        options = dict(module_search_options(fused), min_bits=_parse_layer_min_bits(layer_min_bits),
+                       time_limit=time_limit)
+        if share:
+            options["share"] = share
+    elif method == "ilp":
         options = {"granularity": granularity, "share": share or None,
                    "min_bits": _parse_layer_min_bits(layer_min_bits), "time_limit": time_limit}
     elif granularity != "channel" or share or layer_min_bits:
@@ -273,7 +300,7 @@ def search(*, model: str, budget: str, out: str | None = None, calib: str | None
         allowed = [b for b in parse_bits(bits) if lo <= b <= hi]
         if not allowed:
             raise BitsearchError(f"no width of the menu lies in [--min-bits {lo}, --max-bits {hi}]")
-        _check_budget_early(tgts, budget, min(allowed), group_size)   # before the sensitivity pass
+        _check_budget_early(tgts, budget, min(allowed), group_size, format)   # before the sensitivity pass
         menu = sorted(set(allowed) | {CALIB_REF_BITS})
         table = sensitivity(model=model, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
                             estimators=estimators, bits=menu, group_size=group_size, targets=targets,
@@ -322,7 +349,7 @@ def search(*, model: str, budget: str, out: str | None = None, calib: str | None
                                       show_progress, validation=both[kl_samples:])
         plan = search_plan(table, tgts, fp, budget=budget, method=method, bits=bits, min_bits=min_bits,
                            max_bits=max_bits, mix=mix, provenance={"command": _command_line(), "model_name": model},
-                           choose=choose, allocator_options=options,
+                           choose=choose, allocator_options=options, format=format,
                            couplings=find_couplings(m, [t.name for t in tgts]) if coupling else None)
     if out:
         plan.save(out)
@@ -345,6 +372,23 @@ def apply(*, model: str, plan: str | BitPlan, out: str, fake: bool = False, devi
     written = save_packed(m, p, out, tok)
     return {"out": out, "fake": False, "plan_bytes": p.n_bytes(), "written_bytes": written,
             "file_bytes": packed_tensor_bytes(out), "avg_bits": p.summary.get("avg_bits")}
+
+
+def export(*, model: str, plan: str | BitPlan, out: str, format: str = "compressed-tensors",
+           layout: str = "block", device: str = "cpu", dtype: str = "float32", _loaded=None) -> dict:
+    """Write the planned model to ``out`` in a runtime's format (``bitsearch.export`` registry).
+
+    ``model`` may be a packed checkpoint (``apply`` or ``finalize`` output): its stored codes,
+    scales and zero points are exported as they are. ``layout``: compressed-tensors' zero-point
+    layout ("block", loaded by transformers; "group", the llm-compressor / vLLM one).
+    """
+    from .export import get_exporter
+
+    exporter = get_exporter(format, **({"layout": layout} if format == "compressed-tensors" else {}))
+    p = BitPlan.load(plan) if isinstance(plan, str) else plan
+    _check_out(out, "export")
+    m, tok = _loaded if _loaded is not None else (load_model(model, device, dtype), load_tokenizer(model))
+    return exporter.export(m, tok, p, out)
 
 
 def finalize(*, model: str, plan: str | BitPlan, out: str, calib: str | None = None, data_free: int | None = None,

@@ -61,6 +61,7 @@ def _add_sensitivity(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .export import EXPORTERS
     from .search import ALLOCATORS
 
     ap = argparse.ArgumentParser(prog="bitsearch", description="Per-channel bit-width search for LLM quantization "
@@ -128,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--learn", default="channel", choices=["channel", "layer"],
                    help="train a width per channel, or one shift per layer on top of the estimator's widths "
                         "(fewer parameters to fit from few samples) (default: channel)")
+    f = p.add_argument_group("--format")
+    f.add_argument("--format", default=None, choices=sorted(EXPORTERS),
+                   help="plan for a runtime format: one width per module, priced in the format's bytes "
+                        "(exact ilp; q/k/v and gate/up share a width)")
+    f.add_argument("--no-fused", action="store_true",
+                   help="with --format: let q/k/v and gate/up take their own widths")
     p.add_argument("--out", required=True, help="output plan (.json)")
 
     p = sub.add_parser("finalize", parents=[quiet],
@@ -180,6 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", required=True, help="plan file from `bitsearch search`")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--fake", action="store_true", help="write a plain HF checkpoint of dequantized weights")
+
+    p = sub.add_parser("export", parents=[quiet], help="per-module plan + model -> checkpoint a runtime loads")
+    _add_model(p, "HF hub id, local model folder or packed checkpoint (its learned scales are kept)")
+    p.add_argument("--plan", required=True, help="per-module plan (`bitsearch search --format ...`)")
+    p.add_argument("--format", default="compressed-tensors", choices=sorted(EXPORTERS),
+                   help="output format (default: compressed-tensors)")
+    p.add_argument("--layout", default="block", choices=["block", "group"],
+                   help="compressed-tensors zero points: block (unpacked; transformers loads it) | group "
+                        "(packed; the llm-compressor/vLLM layout, which transformers 5.25 cannot load) (default: block)")
+    p.add_argument("--out", required=True, help="output folder")
 
     p = sub.add_parser("plot", parents=[quiet], help="figures: plot sensitivity|plan ... --out P.png")
     kinds = p.add_subparsers(dest="plot", required=True, metavar="WHAT")
@@ -249,12 +266,15 @@ def _run(args: argparse.Namespace) -> int:
                           kl_samples=args.kl_samples, steps=args.steps, lr=args.lr, learn=args.learn, relax=args.relax,
                           granularity=args.granularity,
                           share=args.share, layer_min_bits=args.layer_min_bits, time_limit=args.time_limit,
-                          coupling=not args.no_coupling, show_progress=show, **_data_free_args(args))
+                          coupling=not args.no_coupling, show_progress=show, format=args.format,
+                          fused=not args.no_fused, **_data_free_args(args))
         s = plan.summary
         dead = f" ({s['dead_units']} whole units: smaller matrices)" if s.get("dead_units") else ""
         print(f"wrote {args.out}: {s['avg_bits']:.4f} avg bits, {s['bytes']} bytes, "
               f"{s['pruned_channels']} of {s['n_channels']} channels pruned{dead}, widths {s['histogram']}, "
               f"predicted loss increase {s['predicted_error']:.4g}")
+        if "format" in s:
+            print(f"in {s['format']['name']}: {s['format']['bytes']} bytes, {s['format']['avg_bits']:.4f} avg bits")
     elif args.command == "pareto":
         rows, plan = api.pareto(storage=args.storage, study_name=args.study_name, export=args.export, out=args.out,
                                 csv=args.csv)
@@ -284,6 +304,11 @@ def _run(args: argparse.Namespace) -> int:
         else:
             print(f"wrote {args.out}: {info['written_bytes']} bytes of packed target tensors "
                   f"(plan: {info['plan_bytes']}), {info['avg_bits']:.4f} avg bits")
+    elif args.command == "export":
+        info = api.export(model=args.model, plan=args.plan, out=args.out, format=args.format, layout=args.layout,
+                          device=args.device, dtype=args.dtype)
+        print(f"wrote {args.out}: {args.format}, {info['config_groups']} config groups, "
+              f"{info['target_bytes']} bytes of target tensors (plan: {info['predicted_target_bytes']})")
     elif args.command == "plot":
         if args.plot == "plan":
             path = api.plot_plan(plan=args.plan, out=args.out, title=args.title)

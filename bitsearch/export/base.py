@@ -25,6 +25,10 @@ class Exporter(ABC):
     #: the finest unit the format stores one scheme for: "channel", "tensor" or "module"
     plan_unit: str = "channel"
 
+    def module_bytes(self, out_features: int, in_features: int, bits: int, group_size: int) -> int:
+        """Bytes the format stores for one module at one width (formats with ``plan_unit`` "module")."""
+        raise BitsearchError(f"format '{self.name}' has no per-module price")
+
     @abstractmethod
     def export(self, model: nn.Module, tokenizer, plan, out: str) -> dict:
         """Write ``model`` quantized by ``plan`` to ``out``; return what was written (paths, bytes)."""
