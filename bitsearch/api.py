@@ -151,6 +151,8 @@ def search_plan(table: SensitivityTable, targets, fingerprint: dict, *, budget: 
     mix = table.resolve_mix(mix)
     problem = build_problem(table, targets, menu, min_bits, max_bits, mix)
     if format is not None:
+        if choose is not None or method != "ilp" or (allocator_options or {}).get("granularity") != "layer":
+            raise BitsearchError("a --format plan takes one width per module: ilp at granularity layer")
         problem = format_problem(problem, {t.name: (t.out_features, t.in_features) for t in targets}, format)
     budget_bytes = budget_to_bytes(budget, problem.n_weights)
     t0 = time.time()

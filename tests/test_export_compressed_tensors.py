@@ -285,3 +285,41 @@ def test_cli_refuses_a_per_channel_plan(tiny_models, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--format compressed-tensors" in err[0]
     assert not (tmp_path / "e").exists()
+
+
+def test_fused_module_search_is_the_brute_force_optimum(tiny_models, text_file):
+    """ilp at layer granularity with the fused sets, on format prices, finds the best assignment of
+    one width per fused set that fits the budget (checked by enumerating all of them)."""
+    import itertools
+
+    from bitsearch.search.formats import module_search_options
+
+    src = tiny_models["llama"]
+    m, tok = load_model(src), load_tokenizer(src)
+    table = api.sensitivity(model=src, calib=text_file, samples=4, seq_len=32, group_size=GS, bits="2,3,4,8",
+                            calib_loss_samples=2, show_progress=False, _loaded=(m, tok))
+    targets = find_targets(m)
+    fp = model_fingerprint(m, targets)
+    shapes = {t.name: (t.out_features, t.in_features) for t in targets}
+    err = {t.name: table.curves(layer=t.name, bits=[2, 3, 4, 8]).sum(axis=0) for t in targets}
+    sets: dict[str, list[str]] = {}
+    for t in targets:
+        kind = t.name.rsplit(".", 1)[1]
+        key = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gu", "up_proj": "gu"}.get(kind, kind)
+        sets.setdefault(".".join(t.name.split(".")[:3]) + key, []).append(t.name)   # model.layers.i + set
+    assert len(sets) == 8
+    n_weights = sum(t.numel for t in targets)
+    for budget in ("3.9", "4.6", "6.0"):
+        limit = int(float(budget) * n_weights / 8)
+        best = None
+        for choice in itertools.product(range(4), repeat=len(sets)):
+            widths = {n: [2, 3, 4, 8][c] for c, names in zip(choice, sets.values()) for n in names}
+            cost = sum(module_bytes(*shapes[n], b, GS) for n, b in widths.items())
+            if cost <= limit:
+                e = sum(err[n][[2, 3, 4, 8].index(b)] for n, b in widths.items())
+                best = e if best is None or e < best else best
+        plan = api.search_plan(table, targets, fp, budget=budget, method="ilp", bits=[2, 3, 4, 8],
+                               allocator_options=dict(module_search_options(True), mip_rel_gap=0),
+                               format="compressed-tensors")
+        assert plan.summary["format"]["bytes"] <= limit
+        assert plan.summary["predicted_error"] == pytest.approx(best, rel=1e-9), budget
