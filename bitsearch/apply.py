@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -130,6 +131,19 @@ def _tmp_dir(out: str) -> str:
     return tempfile.mkdtemp(prefix="." + os.path.basename(out.rstrip("/")) + ".", dir=parent)
 
 
+@contextmanager
+def staged_dir(out: str):
+    """A temporary folder beside ``out`` to write into; it becomes ``out`` when the block ends
+    without error, and is removed otherwise (a half-written ``out`` never appears)."""
+    tmp = _tmp_dir(out)
+    try:
+        yield tmp
+        _finish_dir(tmp, out)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save_packed(model: nn.Module, plan: BitPlan, out: str, tokenizer=None) -> int:
     """Write a packed checkpoint of ``model`` under ``plan`` to ``out``; the model is not changed.
 
@@ -171,8 +185,7 @@ def save_packed(model: nn.Module, plan: BitPlan, out: str, tokenizer=None) -> in
         "plan_summary": plan.summary, "model": plan.model, "plan_provenance": plan.provenance,
         "couplings": [c.to_dict() for c in plan.couplings],
     }
-    tmp = _tmp_dir(out)
-    try:
+    with staged_dir(out) as tmp:
         save_file(quant, os.path.join(tmp, QUANT_FILE))
         save_file(rest, os.path.join(tmp, REST_FILE))
         model.config.save_pretrained(tmp)
@@ -180,24 +193,15 @@ def save_packed(model: nn.Module, plan: BitPlan, out: str, tokenizer=None) -> in
             tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, PACKED_CONFIG), "w") as f:
             json.dump(meta, f, indent=1)
-        _finish_dir(tmp, out)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
     return sum(t.numel() * t.element_size() for t in quant.values())
 
 
 def save_fake(model: nn.Module, out: str, tokenizer=None) -> None:
     """Write ``model`` (fake-quantized in place) as a plain HF checkpoint."""
-    tmp = _tmp_dir(out)
-    try:
+    with staged_dir(out) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _finish_dir(tmp, out)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_packed(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -35,12 +35,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 
 import torch
 from torch import nn
 
-from ..apply import _finish_dir, _tmp_dir
+from ..apply import staged_dir
 from ..errors import BitsearchError
 from ..models import model_fingerprint, Target
 from ..packed import PackedLinear, pack_weight
@@ -228,8 +227,7 @@ class CompressedTensorsExporter(Exporter):
             tensors.update(part)
         tensors.update(_rest(model, set(modules)))
         dtype = str(getattr(model, "dtype", torch.float32)).replace("torch.", "")
-        tmp = _tmp_dir(out)
-        try:
+        with staged_dir(out) as tmp:
             save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
             model.config.save_pretrained(tmp)
             cfg_path = os.path.join(tmp, "config.json")
@@ -244,10 +242,6 @@ class CompressedTensorsExporter(Exporter):
                 gen.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            _finish_dir(tmp, out)
-        finally:
-            if os.path.isdir(tmp):
-                shutil.rmtree(tmp, ignore_errors=True)
         predicted = sum(self.module_bytes(*plan.shapes[n], widths[n], plan.group_size) for n in widths)
         return {"out": out, "weights": os.path.join(out, WEIGHTS_FILE), "target_bytes": quant_bytes,
                 "predicted_target_bytes": predicted, "config_groups": len(qcfg["config_groups"])}
