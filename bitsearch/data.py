@@ -79,17 +79,21 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def calibration_batches(tokenizer, source: str, samples: int = 128, seq_len: int = 512,
+def calibration_batches(tokenizer, source: str | list[str], samples: int = 128, seq_len: int = 512,
                         seed: int = 0) -> tuple[torch.Tensor, CalibSpec]:
-    """(samples, seq_len) token windows at seeded offsets, and their :class:`CalibSpec`."""
+    """(samples, seq_len) token windows at seeded offsets of a text file (or of a list of texts,
+    joined by blank lines), and their :class:`CalibSpec`."""
     if samples < 1:
-        raise BitsearchError(f"--samples must be at least 1 (got {samples})")
+        raise BitsearchError(f"samples must be at least 1 (got {samples})")
     if seq_len < 2:
-        raise BitsearchError(f"--seq-len must be at least 2 (got {seq_len})")
-    text = read_text(source)
+        raise BitsearchError(f"seq_len must be at least 2 (got {seq_len})")
+    if isinstance(source, str):
+        text = read_text(source)
+    else:
+        text, source = "\n\n".join(source), f"{len(source)} texts"
     ids = tokenize_text(tokenizer, text)
     if ids.numel() < seq_len + 1:
-        raise BitsearchError(f"calibration text '{source}' has {ids.numel()} tokens, fewer than --seq-len {seq_len}")
+        raise BitsearchError(f"calibration text '{source}' has {ids.numel()} tokens, fewer than seq_len {seq_len}")
     n_starts = ids.numel() - seq_len + 1
     g = torch.Generator().manual_seed(seed)
     if n_starts >= samples * seq_len:

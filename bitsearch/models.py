@@ -134,8 +134,8 @@ def find_targets(model: nn.Module, targets: str | None = None, exclude: str | No
     module that is not a target is refused (quantizing it would change the other module too),
     except a tied lm_head: targeting the embedding quantizes both (``Target.tied``).
     """
-    inc = _compile(targets, "--targets")
-    exc = _compile(exclude, "--exclude")
+    inc = _compile(targets, "`targets`")
+    exc = _compile(exclude, "`exclude`")
     prefix = decoder_blocks(model)[0] + "." if inc is None else ""
     kinds = (nn.Linear,) if inc is None else (nn.Linear, nn.Embedding)
     chosen: list[tuple[str, nn.Module]] = []
@@ -147,8 +147,8 @@ def find_targets(model: nn.Module, targets: str | None = None, exclude: str | No
         chosen.append((name, mod))
     if not chosen:
         raise BitsearchError("no target layers match"
-                             + (f" --targets '{targets}'" if targets else "")
-                             + (f" --exclude '{exclude}'" if exclude else ""))
+                             + (f" `targets` '{targets}'" if targets else "")
+                             + (f" `exclude` '{exclude}'" if exclude else ""))
     owners: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(name.rsplit(".", 1)[0])
@@ -165,11 +165,11 @@ def find_targets(model: nn.Module, targets: str | None = None, exclude: str | No
             emb = next(o for o in others if isinstance(modules[o], nn.Embedding))
             if emb not in names:
                 raise BitsearchError(f"target '{name}' shares its weight with the embedding '{emb}' (tied weights): "
-                                     f"target the embedding instead (--targets '{emb}'), which quantizes both, "
-                                     f"or exclude it with --exclude")
+                                     f"target the embedding instead (`targets` '{emb}'), which quantizes both, "
+                                     f"or exclude it with `exclude`")
         else:
             raise BitsearchError(f"target '{name}' shares its weight with '{others[0]}' (tied weights); "
-                                 f"exclude it with --exclude")
+                                 f"exclude it with `exclude`")
     return out
 
 

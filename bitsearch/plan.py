@@ -194,7 +194,7 @@ class BitPlan:
         for name, shape in self.shapes.items():
             if name not in theirs:
                 raise BitsearchError(f"{where}: layer '{name}' is not a target layer of this model "
-                                     f"(plan for another model or other --targets?)")
+                                     f"(plan for another model or other `targets`?)")
             if tuple(theirs[name]) != shape:
                 raise BitsearchError(f"{where}: layer '{name}' is {shape[0]}x{shape[1]} in the plan but "
                                      f"{theirs[name][0]}x{theirs[name][1]} in the model")

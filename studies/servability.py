@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bitsearch import api  # noqa: E402
 from bitsearch.apply import fake_quantize_model  # noqa: E402
+from bitsearch.config import EvalConfig, ExportConfig, SearchConfig  # noqa: E402
 from bitsearch.data import read_text, tokenize_text  # noqa: E402
 from bitsearch.evaluate import perplexity  # noqa: E402
 from bitsearch.models import find_targets, load_model, load_tokenizer, model_fingerprint  # noqa: E402
@@ -76,10 +77,10 @@ print(json.dumps({"ppl": math.exp(nll / count), "tokens": len(ids), "predicted":
 def serving_check(model, tok, plan, args, work: str) -> dict:
     """Export ``plan`` as compressed-tensors, perplexity in plain transformers vs ``bitsearch eval``."""
     ct_dir, packed_dir = os.path.join(work, "ct"), os.path.join(work, "packed")
-    info = api.export(model=args.model, plan=plan, out=ct_dir, format=FORMAT, _loaded=(model, tok))
-    api.apply(model=args.model, plan=plan, out=packed_dir, _loaded=(copy.deepcopy(model), tok))
-    ours = api.evaluate(model=packed_dir, text=args.eval_text, max_tokens=args.max_tokens, seq_len=512,
-                        show_progress=False)
+    info = api.export(model, plan, ct_dir, ExportConfig(format=FORMAT), tokenizer=tok)
+    api.apply(copy.deepcopy(model), plan, out=packed_dir, tokenizer=tok)
+    ours = api.evaluate(packed_dir, args.eval_text, EvalConfig(max_tokens=args.max_tokens, seq_len=512,
+                                                               show_progress=False))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     script = os.path.join(work, "serve.py")
     with open(script, "w") as f:
@@ -121,8 +122,9 @@ def main() -> None:
     plans = {}
     for budget in args.budgets.split(","):
         for gran, (options, fmt) in GRANULARITIES.items():
-            plan = api.search_plan(table, targets, fp, budget=budget, method="ilp", min_bits=2,
-                                   allocator_options=dict(options), format=fmt)
+            config = SearchConfig(budget=budget, method="ilp", min_bits=2, group_size=table.group_size,
+                                  format=fmt, **options)
+            plan = api.search_plan(table, targets, fp, config)
             plan.save(os.path.join(args.out, f"plan-{gran}-{budget}.json"))
             plans[(budget, gran)] = plan
             q = fake_quantize_model(copy.deepcopy(model), plan)

@@ -19,12 +19,14 @@ pytest.importorskip("compressed_tensors")
 from bitsearch import api  # noqa: E402
 from bitsearch.apply import fake_quantize_model, pack_model  # noqa: E402
 from bitsearch.cli import main  # noqa: E402
+from bitsearch.config import ExportConfig, SearchConfig, SensitivityConfig  # noqa: E402
 from bitsearch.errors import BitsearchError  # noqa: E402
 from bitsearch.export import get_exporter  # noqa: E402
 from bitsearch.export.compressed_tensors import module_bytes  # noqa: E402
 from bitsearch.models import find_targets, load_model, load_tokenizer, model_fingerprint  # noqa: E402
 from bitsearch.plan import BitPlan  # noqa: E402
 from bitsearch.search.formats import format_bytes  # noqa: E402
+from bitsearch.search.ilp import IlpAllocator  # noqa: E402
 
 GS = 16
 WIDTHS = [2, 3, 5, 6, 4, 8, 7, 16]   # 2, 3, 5 and 6 first: every tiny model has them
@@ -218,7 +220,7 @@ def test_packed_checkpoint_keeps_its_learned_scales(tiny_models, tmp_path):
     packed = pack_model(m, plan, qparams)
     with torch.no_grad():
         ref = packed(IDS).logits
-    api.export(model=src, plan=plan, out=str(tmp_path / "p"), _loaded=(packed, tok))
+    api.export(packed, plan, str(tmp_path / "p"), ExportConfig(format="compressed-tensors"), tokenizer=tok)
     logits, _ = load_in_transformers([str(tmp_path / "p")], tmp_path)
     torch.testing.assert_close(logits[str(tmp_path / "p")], ref, rtol=1e-5, atol=1e-5)
     rtn = reference_logits(src, plan)
@@ -267,7 +269,8 @@ def test_per_module_search_is_priced_in_the_format(tiny_models, text_file, tmp_p
     assert fmt["bytes"] == format_bytes(plan, "compressed-tensors") <= int(4.0 * n_weights / 8)
     assert fmt["bytes"] == sum(module_bytes(*plan.shapes[n], b, GS) for n, b in w.items())
     assert len(set(w.values())) > 1   # the budget lies between uniform widths: a mix
-    code = main(["--quiet", "export", "--model", src, "--plan", out, "--out", str(tmp_path / "e")])
+    code = main(["--quiet", "export", "--model", src, "--plan", out, "--format", "compressed-tensors",
+                 "--out", str(tmp_path / "e")])
     assert code == 0
     assert target_bytes(str(tmp_path / "e"), plan) == fmt["bytes"]
 
@@ -281,7 +284,7 @@ def test_cli_refuses_a_per_channel_plan(tiny_models, tmp_path, capsys):
     plan.fill_summary()
     plan.save(str(tmp_path / "p.json"))
     code = main(["export", "--model", tiny_models["llama"], "--plan", str(tmp_path / "p.json"),
-                 "--out", str(tmp_path / "e")])
+                 "--format", "compressed-tensors", "--out", str(tmp_path / "e")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--format compressed-tensors" in err[0]
     assert not (tmp_path / "e").exists()
@@ -296,8 +299,9 @@ def test_fused_module_search_is_the_brute_force_optimum(tiny_models, text_file):
 
     src = tiny_models["llama"]
     m, tok = load_model(src), load_tokenizer(src)
-    table = api.sensitivity(model=src, calib=text_file, samples=4, seq_len=32, group_size=GS, bits="2,3,4,8",
-                            calib_loss_samples=2, show_progress=False, _loaded=(m, tok))
+    table = api.sensitivity(m, text_file, SensitivityConfig(samples=4, seq_len=32, group_size=GS, bits="2,3,4,8",
+                                                             loss_calibration_samples=2, show_progress=False),
+                            tokenizer=tok)
     targets = find_targets(m)
     fp = model_fingerprint(m, targets)
     shapes = {t.name: (t.out_features, t.in_features) for t in targets}
@@ -318,8 +322,9 @@ def test_fused_module_search_is_the_brute_force_optimum(tiny_models, text_file):
             if cost <= limit:
                 e = sum(err[n][[2, 3, 4, 8].index(b)] for n, b in widths.items())
                 best = e if best is None or e < best else best
-        plan = api.search_plan(table, targets, fp, budget=budget, method="ilp", bits=[2, 3, 4, 8],
-                               allocator_options=dict(module_search_options(True), mip_rel_gap=0),
-                               format="compressed-tensors")
+        config = SearchConfig(budget=budget, method="ilp", bits="2,3,4,8", group_size=GS,
+                              format="compressed-tensors", **module_search_options(True))
+        plan = api.search_plan(table, targets, fp, config, allocator=IlpAllocator(
+            granularity="layer", share=module_search_options(True)["share"], mip_rel_gap=0))
         assert plan.summary["format"]["bytes"] <= limit
         assert plan.summary["predicted_error"] == pytest.approx(best, rel=1e-9), budget

@@ -24,6 +24,8 @@ class Exporter(ABC):
     description: str = ""
     #: the finest unit the format stores one scheme for: "channel", "tensor" or "module"
     plan_unit: str = "channel"
+    #: ExportConfig fields passed to the constructor (format-specific options)
+    config_options: tuple[str, ...] = ()
 
     def module_bytes(self, out_features: int, in_features: int, bits: int, group_size: int) -> int:
         """Bytes the format stores for one module at one width (formats with ``plan_unit`` "module")."""
@@ -45,7 +47,7 @@ def register_exporter(cls: type[Exporter]) -> type[Exporter]:
 
 
 def get_exporter(name: str, **options) -> Exporter:
-    """An exporter by ``--format`` name; ``options`` go to its constructor."""
+    """An exporter by ```format``` name; ``options`` go to its constructor."""
     try:
         cls = EXPORTERS[name]
     except KeyError:

@@ -200,6 +200,7 @@ class CompressedTensorsExporter(Exporter):
     name = "compressed-tensors"
     description = "HF checkpoint in compressed-tensors pack-quantized (transformers, vLLM); per-module plans"
     plan_unit = "module"
+    config_options = ("layout",)
 
     def __init__(self, layout: str = "block"):
         if layout not in LAYOUTS:

@@ -33,9 +33,9 @@ def _exporter(format: str):
     return exp
 
 
-def module_search_options(fused: bool = True) -> dict:
-    """The ``ilp`` options of a per-module search (fused sets tied when ``fused``)."""
-    return {"granularity": "layer", "share": list(FUSED_SHARE) if fused else None}
+def module_search_options(fused: bool = True, share: list[str] | None = None) -> dict:
+    """The ``ilp`` options of a per-module search: ``share`` patterns, else the fused sets when ``fused``."""
+    return {"granularity": "layer", "share": list(share) if share else (list(FUSED_SHARE) if fused else None)}
 
 
 def format_problem(problem: AllocationProblem, shapes: dict[str, tuple[int, int]], format: str) -> AllocationProblem:

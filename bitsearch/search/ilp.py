@@ -334,6 +334,22 @@ def _knapsack_dp(e: np.ndarray, c: np.ndarray, live: np.ndarray, room: int) -> n
     return pick
 
 
+def parse_layer_min_bits(items: list[str] | None) -> dict[str, int] | None:
+    """["down_proj=3", ...] -> {"down_proj": 3}."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        pattern, sep, width = item.rpartition("=")
+        if not sep or not pattern:
+            raise BitsearchError(f"layer_min_bits '{item}' must look like REGEX=WIDTH, e.g. down_proj=3")
+        try:
+            out[pattern] = int(width)
+        except ValueError:
+            raise BitsearchError(f"layer_min_bits '{item}': width '{width}' is not an integer") from None
+    return out
+
+
 @register_allocator
 class IlpAllocator(Allocator):
     name = "ilp"
@@ -352,6 +368,11 @@ class IlpAllocator(Allocator):
         self.mip_rel_gap = mip_rel_gap
         self.solver = solver
         self.last_info: dict = {}
+
+    @classmethod
+    def from_config(cls, config) -> "IlpAllocator":
+        return cls(granularity=config.granularity, share=config.share or None,
+                   min_bits=parse_layer_min_bits(config.layer_min_bits), time_limit=config.time_limit)
 
     def _left(self, t0):
         return None if self.time_limit is None else self.time_limit - (time.perf_counter() - t0)
