@@ -68,6 +68,11 @@ class BitPlan:
     def shapes(self) -> dict[str, tuple[int, int]]:
         return {k: (int(v[0]), int(v[1])) for k, v in self.model["targets"].items()}
 
+    @property
+    def avg_bits(self) -> float:
+        """Avg bits all-in of the plan's targets (codes, scales, zeros, bit map)."""
+        return avg_bits(self.n_bytes(), self.n_weights())
+
     def n_weights(self) -> int:
         return sum(o * i for o, i in self.shapes.values())
 

@@ -244,5 +244,5 @@ class CompressedTensorsExporter(Exporter):
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
         predicted = sum(self.module_bytes(*plan.shapes[n], widths[n], plan.group_size) for n in widths)
-        return {"out": out, "weights": os.path.join(out, WEIGHTS_FILE), "target_bytes": quant_bytes,
-                "predicted_target_bytes": predicted, "config_groups": len(qcfg["config_groups"])}
+        return {"out": out, "target_bytes": quant_bytes, "predicted_target_bytes": predicted,
+                "config_groups": len(qcfg["config_groups"])}
