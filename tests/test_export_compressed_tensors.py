@@ -44,6 +44,7 @@ for d in job["dirs"]:
     with torch.no_grad():
         logits = m(ids).logits
     torch.save(logits, d + ".logits.pt")
+    torch.save({n: p.detach() for n, p in m.named_parameters() if n.endswith(".weight")}, d + ".weights.pt")
     widths = {}
     for name, mod in m.named_modules():
         scheme = getattr(mod, "quantization_scheme", None)
@@ -65,7 +66,10 @@ def load_in_transformers(dirs: list[str], tmp) -> tuple[dict, dict]:
     res = subprocess.run([sys.executable, str(script), str(job), str(report)], cwd=str(tmp), env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    return {d: torch.load(d + ".logits.pt") for d in dirs}, json.loads(report.read_text())
+    report = json.loads(report.read_text())
+    for d in dirs:
+        report[d]["weights"] = torch.load(d + ".weights.pt")
+    return {d: torch.load(d + ".logits.pt") for d in dirs}, report
 
 
 def module_plan(model, widths=WIDTHS, gs: int = GS) -> BitPlan:
@@ -76,11 +80,13 @@ def module_plan(model, widths=WIDTHS, gs: int = GS) -> BitPlan:
     return plan
 
 
+def reference_model(model_dir: str, plan: BitPlan):
+    return fake_quantize_model(load_model(model_dir), plan)
+
+
 def reference_logits(model_dir: str, plan: BitPlan) -> torch.Tensor:
-    m = load_model(model_dir)
-    fake_quantize_model(m, plan)
     with torch.no_grad():
-        return m(IDS).logits
+        return reference_model(model_dir, plan)(IDS).logits
 
 
 def target_bytes(out: str, plan: BitPlan) -> int:
@@ -120,8 +126,12 @@ def exports(tiny_models, tmp_path_factory):
         json.dump(cfg, open(cfg_path, "w"))
         with torch.no_grad():
             float_logits = m(IDS).logits
-        made[arch] = dict(plan=plan, out=out, shuffled=shuffled, info=info, info_s=info_s,
-                          ref=reference_logits(src, plan), float=float_logits)
+        ref_model = reference_model(src, plan)
+        with torch.no_grad():
+            ref = ref_model(IDS).logits
+        made[arch] = dict(plan=plan, out=out, shuffled=shuffled, info=info, info_s=info_s, ref=ref,
+                          float=float_logits, ref_weights={n + ".weight": ref_model.get_submodule(n).weight.detach()
+                                                           for n in plan.bits})
     dirs = [v[k] for v in made.values() for k in ("out", "shuffled")]
     logits, report = load_in_transformers(dirs, tmp)
     for v in made.values():
@@ -136,6 +146,15 @@ def test_transformers_logits_equal_bitsearch(exports, arch):
     assert e["report"]["dtype"] == "torch.float32"
     assert (e["ref"] - e["float"]).abs().max() > 1e-2   # the plan does change the model
     torch.testing.assert_close(e["logits"], e["ref"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_loaded_weights_are_bitsearchs_bit_for_bit(exports, arch):
+    e = exports[arch]
+    loaded = e["report"]["weights"]
+    assert len(e["ref_weights"]) == len(e["plan"].bits)
+    for name, w in e["ref_weights"].items():
+        assert loaded[name].dtype == torch.float32 and torch.equal(loaded[name], w), name
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
