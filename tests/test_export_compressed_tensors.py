@@ -190,15 +190,17 @@ def test_bytes_on_disk_are_the_formats_price(exports, arch):
     assert on_disk == by_hand
 
 
-def test_group_layout_is_read_by_compressed_tensors(tiny_models, tmp_path):
-    """The llm-compressor / vLLM layout (packed zero points), decompressed by the package itself."""
+@pytest.mark.parametrize("gs", [GS, -1])
+def test_group_layout_is_read_by_compressed_tensors(tiny_models, tmp_path, gs):
+    """The llm-compressor / vLLM layout (packed zero points), decompressed by the package itself
+    (strategy group, or channel for one group a row)."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationScheme
     from safetensors.torch import load_file
 
     src = tiny_models["llama"]
     m = load_model(src)
-    plan = module_plan(m, widths=[2, 3, 5, 6, 7, 4, 8])
+    plan = module_plan(m, widths=[2, 3, 5, 6, 7, 4, 8], gs=gs)
     exp = get_exporter("compressed-tensors", layout="group")
     info = exp.export(m, None, plan, str(tmp_path / "g"))
     assert target_bytes(str(tmp_path / "g"), plan) == info["predicted_target_bytes"] == info["target_bytes"]
@@ -209,7 +211,10 @@ def test_group_layout_is_read_by_compressed_tensors(tiny_models, tmp_path):
     seen = 0
     for group in cfg["config_groups"].values():
         scheme = QuantizationScheme.model_validate(group)
-        assert scheme.weights.strategy == "group" and scheme.weights.group_size == GS
+        if gs == -1:
+            assert scheme.weights.strategy == "channel"
+        else:
+            assert scheme.weights.strategy == "group" and scheme.weights.group_size == gs
         compressor = BaseCompressor.get_value_from_registry(cfg["format"])
         for name in scheme.targets:
             sd = {k: tensors[f"{name}.{k}"] for k in ("weight_packed", "weight_scale", "weight_zero_point",
@@ -221,6 +226,21 @@ def test_group_layout_is_read_by_compressed_tensors(tiny_models, tmp_path):
             assert torch.equal(w, modules[name].weight.detach()), name
             seen += 1
     assert seen == len(plan.bits)
+
+
+def test_one_group_a_row_loads_in_transformers(tiny_models, tmp_path):
+    """group size -1: one block a row, whose width is each module's own input size."""
+    src = tiny_models["llama"]
+    m, tok = load_model(src), load_tokenizer(src)
+    plan = module_plan(m, widths=[3, 5], gs=-1)
+    out = str(tmp_path / "row")
+    info = get_exporter("compressed-tensors").export(m, tok, plan, out)
+    groups = json.load(open(os.path.join(out, "config.json")))["quantization_config"]["config_groups"]
+    assert {tuple(g["weights"]["block_structure"]) for g in groups.values()} == {(1, 64), (1, 128)}
+    assert target_bytes(out, plan) == info["predicted_target_bytes"]
+    logits, report = load_in_transformers([out], tmp_path)
+    assert report[out]["widths"] == {n: int(b[0]) for n, b in plan.bits.items()}
+    torch.testing.assert_close(logits[out], reference_logits(src, plan), rtol=1e-5, atol=1e-5)
 
 
 def test_packed_checkpoint_keeps_its_learned_scales(tiny_models, tmp_path):
