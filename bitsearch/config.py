@@ -76,6 +76,8 @@ class CalibConfig(RunConfig):
                                          "datafree-<model digest>-s<seed>.pt next to the output)")
     overwrite_data_free: bool = option(False, help="regenerate a data-free cache made with another model or "
                                        "settings instead of refusing it")
+    allow_overlap: bool = option(False, help="let calibration windows overlap when the text is too short for "
+                                 "samples x seq-len tokens (otherwise refused, saying how many fit)")
 
 
 @dataclass
@@ -249,5 +251,5 @@ class PlotParetoConfig(RunConfig):
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(RunConfig):
     budgets: str = option("2.5,3.0,3.5", help="avg-bit budgets to search")

@@ -10,7 +10,7 @@ Then the serving check: the fused plan of the first budget is exported as compre
 loaded by transformers in a process that never imports bitsearch (its own windowing and loss
 code), and its perplexity is compared with ``bitsearch eval`` of the same plan's packed checkpoint.
 
-    python studies/servability.py --out studies/results/servability
+    python -m studies.servability --out studies/results/servability
 
 Writes results.csv, results.json (arguments, rows, the serving check) and the plans in --out.
 """
@@ -29,16 +29,14 @@ import time
 import pandas as pd
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from bitsearch import api  # noqa: E402
-from bitsearch.apply import fake_quantize_model  # noqa: E402
-from bitsearch.config import EvalConfig, ExportConfig, SearchConfig  # noqa: E402
-from bitsearch.data import read_text, tokenize_text  # noqa: E402
-from bitsearch.evaluate import perplexity  # noqa: E402
-from bitsearch.models import find_targets, load_model, load_tokenizer, model_fingerprint  # noqa: E402
-from bitsearch.search.formats import module_search_options  # noqa: E402
-from bitsearch.sensitivity import SensitivityTable  # noqa: E402
+from bitsearch import api
+from bitsearch.apply import fake_quantize_model
+from bitsearch.config import EvalConfig, ExportConfig, SearchConfig
+from bitsearch.data import read_text, tokenize_text
+from bitsearch.evaluate import perplexity
+from bitsearch.models import find_targets, load_model, load_tokenizer, model_fingerprint
+from bitsearch.search.formats import module_search_options
+from bitsearch.sensitivity import SensitivityTable
 
 HERE = os.path.dirname(__file__)
 SHARED = os.path.join(HERE, "..", "..", "shared")

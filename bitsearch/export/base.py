@@ -24,6 +24,8 @@ class Exporter(ABC):
     description: str = ""
     #: the finest unit the format stores one scheme for: "channel", "tensor" or "module"
     plan_unit: str = "channel"
+    #: what ``out`` is: a "file" (e.g. one GGUF) or a "folder" (a checkpoint)
+    writes: str = "folder"
     #: ExportConfig fields passed to the constructor (format-specific options)
     config_options: tuple[str, ...] = ()
 

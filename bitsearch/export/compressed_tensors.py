@@ -39,9 +39,8 @@ import os
 import torch
 from torch import nn
 
-from ..apply import staged_dir
+from ..atomic import atomic_dir
 from ..errors import BitsearchError
-from ..models import model_fingerprint, Target
 from ..packed import PackedLinear, pack_weight
 from ..quant.grid import KEEP_WIDTH, QUANT_WIDTHS, n_groups
 from ..quant.packing import pack_codes
@@ -96,10 +95,11 @@ def module_widths(plan) -> dict[str, int]:
 
 
 def _targets(model: nn.Module, plan) -> dict[str, nn.Module]:
-    """The plan's modules in ``model`` (Linear or PackedLinear), checked against the plan."""
+    """The plan's modules in ``model`` (Linear or PackedLinear), of the plan's shapes (which model
+    the plan was made for is ``api.export``'s check)."""
     modules = dict(model.named_modules())
-    found, targets = {}, []
-    for name, (out_f, in_f) in plan.shapes.items():
+    found = {}
+    for name, planned in plan.shapes.items():
         mod = modules.get(name)
         if isinstance(mod, PackedLinear):
             if mod.compact:
@@ -110,9 +110,10 @@ def _targets(model: nn.Module, plan) -> dict[str, nn.Module]:
         else:
             kind = type(mod).__name__ if mod is not None else "missing"
             raise BitsearchError(f"layer '{name}' is {kind}: compressed-tensors export covers Linear targets only")
+        if shape != planned:
+            raise BitsearchError(f"plan: layer '{name}' is {planned[0]}x{planned[1]} in the plan but "
+                                 f"{shape[0]}x{shape[1]} in the model")
         found[name] = mod
-        targets.append(Target(name, shape[0], shape[1]))
-    plan.check_model(model_fingerprint(model, targets), "plan")
     return found
 
 
@@ -228,7 +229,7 @@ class CompressedTensorsExporter(Exporter):
             tensors.update(part)
         tensors.update(_rest(model, set(modules)))
         dtype = str(getattr(model, "dtype", torch.float32)).replace("torch.", "")
-        with staged_dir(out) as tmp:
+        with atomic_dir(out) as tmp:
             save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
             model.config.save_pretrained(tmp)
             cfg_path = os.path.join(tmp, "config.json")
