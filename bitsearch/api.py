@@ -550,13 +550,11 @@ def export(model, plan, out: str, config: ExportConfig | None = None, *, tokeniz
     registered exporter, ``bitsearch.export.EXPORTERS``); returns what was written. ``model`` may
     be a packed checkpoint (``apply`` or ``finalize`` output): exporters that store quantized
     weights keep its codes, scales and zero points."""
-    from .export import get_exporter
+    from .export import EXPORTERS, get_exporter
 
     config = config or ExportConfig()
     check_choices(config)
     _threads(config)
-    from .export import EXPORTERS
-
     exporter = get_exporter(config.format, **{k: getattr(config, k)
                                               for k in getattr(EXPORTERS.get(config.format), "config_options", ())})
     p = _plan(plan)
