@@ -1,6 +1,6 @@
 """compressed-tensors export: a per-module plan as an HF checkpoint that transformers and vLLM load.
 
-Format ``pack-quantized`` (the ``compressed-tensors`` package, >= 0.20 for widths 3, 5, 6, 7),
+Format ``pack-quantized`` (the ``compressed-tensors`` package, >= 0.20.1 for widths 3, 5, 6, 7),
 one config group per (width, group size), each naming its modules exactly. Per quantized Linear
 with R output rows, K inputs, width b and group size G (n_g = K / G groups a row, one for G = -1):
 
