@@ -1,4 +1,4 @@
-"""compressed-tensors export: a per-module plan as an HF checkpoint that transformers and vLLM load.
+"""compressed-tensors export: a per-module plan as an HF checkpoint that transformers loads.
 
 Format ``pack-quantized`` (the ``compressed-tensors`` package, >= 0.20.1 for widths 3, 5, 6, 7),
 one config group per (width, group size), each naming its modules exactly. Per quantized Linear
@@ -199,7 +199,7 @@ def _rest(model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
 @register_exporter
 class CompressedTensorsExporter(Exporter):
     name = "compressed-tensors"
-    description = "HF checkpoint in compressed-tensors pack-quantized (transformers, vLLM); per-module plans"
+    description = "HF checkpoint in compressed-tensors pack-quantized (transformers loads it); per-module plans"
     plan_unit = "module"
     config_options = ("layout",)
 
