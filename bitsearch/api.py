@@ -242,14 +242,21 @@ def sensitivity(model, calib=None, config: SensitivityConfig | None = None, *, t
     return table
 
 
-def _check_budget_early(targets, budget: str, lowest: int, group_size: int) -> None:
+def _check_budget_early(targets, budget: str, lowest: int, group_size: int, format: str | None = None) -> None:
     """A budget that does not parse, or that every row at the ``lowest`` width allowed already
-    exceeds, refused before minutes of sensitivity pass (the allocators check it again, exactly)."""
+    exceeds (in ``format``'s bytes if given), refused before minutes of sensitivity pass (the
+    allocators check it again, exactly)."""
     from .cost import budget_to_bytes, check_budget_fits, plan_bytes
 
     n_weights = sum(t.numel for t in targets)
-    need = plan_bytes({t.name: (t.out_features, t.in_features) for t in targets},
-                      {t.name: [lowest] * t.out_features for t in targets}, group_size)
+    if format is not None:
+        from .export import get_exporter
+
+        exp = get_exporter(format)
+        need = sum(exp.module_bytes(t.out_features, t.in_features, max(lowest, 2), group_size) for t in targets)
+    else:
+        need = plan_bytes({t.name: (t.out_features, t.in_features) for t in targets},
+                          {t.name: [lowest] * t.out_features for t in targets}, group_size)
     check_budget_fits(budget_to_bytes(budget, n_weights), need, n_weights, lowest)
 
 
@@ -258,7 +265,9 @@ def search_plan(table, targets, fingerprint: dict, config: SearchConfig, *, allo
     """The plan of ``config.method`` (or of ``allocator``) from a table's curves, under
     ``config.budget``: the one place where plans and their provenance are built. A
     model-in-the-loop allocator measures candidates through ``context``; with ``couplings`` (and 0
-    in the menu) whole units are pruned (``search/coupled.py``) whatever the allocator."""
+    in the menu) whole units are pruned (``search/coupled.py``) whatever the allocator. With
+    ``config.format`` (an exporter whose unit is the module) widths are priced and budgeted in that
+    format's bytes (``search/formats.py``), one width per module."""
     from .cost import avg_bits, budget_to_bytes
     from .plan import BitPlan
     from .search import allocator_from_config, build_problem
@@ -270,12 +279,18 @@ def search_plan(table, targets, fingerprint: dict, config: SearchConfig, *, allo
     menu = parse_bits(config.bits) if config.bits is not None else table.bits
     mix = table.resolve_mix(config.mix)
     problem = build_problem(table, targets, menu, config.min_bits, config.max_bits, mix)
+    if config.format is not None:
+        from .search.formats import format_problem
+
+        if allocator.name != "ilp" or config.granularity != "layer":
+            raise BitsearchError("a plan for a format takes one width per module: method ilp, granularity layer")
+        problem = format_problem(problem, {t.name: (t.out_features, t.in_features) for t in targets}, config.format)
     budget_bytes = budget_to_bytes(config.budget, problem.n_weights)
     if budget_bytes > problem.max_useful_bytes():
         _note(f"budget {config.budget} is more than the widest plan needs "
               f"({avg_bits(problem.max_useful_bytes(), problem.n_weights):.4f} bits): every channel gets the "
               f"widest width allowed")
-    couplings = list(couplings or []) if 0 in problem.bits else []
+    couplings = list(couplings or []) if 0 in problem.bits and config.format is None else []
     if allocator.needs_model:
         if context is None:
             raise BitsearchError(f"search method '{allocator.name}' measures plans on the model: it needs "
@@ -299,7 +314,13 @@ def search_plan(table, targets, fingerprint: dict, config: SearchConfig, *, allo
     plan = BitPlan(model=fingerprint, group_size=table.group_size, menu=problem.bits, bits=widths,
                    couplings=[c for c in couplings if c.dead_units(widths).any()])
     plan.fill_summary(predicted_error=predicted)
-    if plan.summary["bytes"] > budget_bytes:
+    if config.format is not None:
+        from .search.formats import format_bytes
+
+        n_bytes = format_bytes(plan, config.format)
+        plan.summary["format"] = {"name": config.format, "bytes": n_bytes,
+                                  "avg_bits": avg_bits(n_bytes, problem.n_weights)}
+    if plan.summary.get("format", plan.summary)["bytes"] > budget_bytes:
         raise AssertionError("allocator went over budget")
     plan.provenance = dict(provenance or {}, **_provenance(), allocator=allocator.name, budget=str(config.budget),
                            budget_bytes=budget_bytes, budget_avg_bits=avg_bits(budget_bytes, problem.n_weights),
@@ -335,6 +356,13 @@ def search(model, calib=None, config: SearchConfig | None = None, *, tokenizer=N
     parse_budget(config.budget)                         # a budget that does not parse: before any loading
     check_output(out, "file", inputs=_inputs(model, calib, table, config.data_free_cache), overwrite=overwrite,
                  what="plan")
+    if config.format is not None:
+        from .search.formats import module_search_options
+
+        if config.method not in ("greedy", "ilp") or config.granularity != "channel":
+            raise BitsearchError("a plan for a format takes one width per module with the ilp method: method and "
+                                 "granularity cannot change that")
+        config = replace(config, method="ilp", **module_search_options(config.fused, config.share))
     allocator = allocator_from_config(config)          # fail fast on a typo or a bad option
     if config.method != "ilp" and (config.granularity != "channel" or config.share or config.layer_min_bits):
         raise BitsearchError("granularity, share and layer_min_bits are options of the ilp method")
@@ -365,7 +393,8 @@ def search(model, calib=None, config: SearchConfig | None = None, *, tokenizer=N
         allowed = [b for b in parse_bits(config.bits) if lo <= b <= hi]
         if not allowed:
             raise BitsearchError(f"no width of the menu lies in [min_bits {lo}, max_bits {hi}]")
-        _check_budget_early(tgts, config.budget, min(allowed), config.group_size)   # before the sensitivity pass
+        _check_budget_early(tgts, config.budget, min(allowed), config.group_size,
+                            config.format)   # before the sensitivity pass
         menu = ",".join(map(str, sorted(set(allowed) | {CALIB_REF_BITS})))
         table = sensitivity(loaded, calib, replace(config, bits=menu), out=None)
     fp = model_fingerprint(m, tgts)
@@ -519,13 +548,16 @@ def evaluate(model, text, config: EvalConfig | None = None, *, tokenizer=None, r
 def export(model, plan, out: str, config: ExportConfig | None = None, *, tokenizer=None, overwrite: bool = False,
            force: bool = False) -> dict:
     """Write ``model`` quantized by ``plan`` in the files of a runtime (``config.format``: a
-    registered exporter, ``bitsearch.export.EXPORTERS``); returns what was written."""
-    from .export import get_exporter
+    registered exporter, ``bitsearch.export.EXPORTERS``); returns what was written. ``model`` may
+    be a packed checkpoint (``apply`` or ``finalize`` output): exporters that store quantized
+    weights keep its codes, scales and zero points."""
+    from .export import EXPORTERS, get_exporter
 
     config = config or ExportConfig()
     check_choices(config)
     _threads(config)
-    exporter = get_exporter(config.format)
+    exporter = get_exporter(config.format, **{k: getattr(config, k)
+                                              for k in getattr(EXPORTERS.get(config.format), "config_options", ())})
     p = _plan(plan)
     check_output(out, exporter.writes, inputs=_inputs(model, plan), overwrite=overwrite, what=f"{config.format} export")
     loaded = resolve_model(model, config, tokenizer)

@@ -87,6 +87,8 @@ def _run_search(args, config):
     print(f"wrote {args.out}: {s['avg_bits']:.4f} avg bits, {s['bytes']} bytes, "
           f"{s['pruned_channels']} of {s['n_channels']} channels pruned{dead}, widths {s['histogram']}, "
           f"predicted loss increase {s['predicted_error']:.4g}")
+    if "format" in s:
+        print(f"in {s['format']['name']}: {s['format']['bytes']} bytes, {s['format']['avg_bits']:.4f} avg bits")
 
 
 def _run_finalize(args, config):

@@ -157,6 +157,12 @@ class SearchConfig(SensitivityConfig):
                              "channel's width, interpolated, or pseudo-quantization noise of the width's step")
     learn: str = option("channel", group="--method diffq", choices=["channel", "layer"],
                         help="train a width per channel, or one shift per layer on top of the estimator's widths")
+    format: str | None = option(None, group="--format", choices=lambda: _formats(),
+                                help="plan for a runtime format: one width per module (exact ilp), priced and "
+                                     "budgeted in the format's bytes")
+    fused: bool = option(True, flag="--no-fused", group="--format",
+                         help="with format: let q/k/v and gate/up take their own widths (by default they share "
+                              "one, as serving runtimes fuse them)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -221,6 +227,9 @@ class GenerateConfig(RunConfig):
 @dataclass
 class ExportConfig(RunConfig):
     format: str = option("packed", choices=lambda: _formats(), help="output format")
+    layout: str = option("block", choices=["block", "group"],
+                         help="compressed-tensors zero points: block (unpacked; transformers loads it) | group "
+                              "(packed; the llm-compressor / vLLM layout, which transformers 5.25 cannot load)")
 
 
 @dataclass

@@ -98,7 +98,9 @@ def test_finalizer_contract(name, loaded, text_file, tmp_path):
 def test_exporter_contract(name, loaded, text_file, tmp_path):
     m, tok = loaded
     exporter = EXPORTERS[name]
-    plan = api.search(m, text_file, SearchConfig(budget="4.5", **SMALL), tokenizer=tok)
+    # a plan of the unit the format stores (per-module formats are searched for that format)
+    fmt = name if exporter.plan_unit == "module" else None
+    plan = api.search(m, text_file, SearchConfig(budget="4.5", format=fmt, **SMALL), tokenizer=tok)
     outs = [str(tmp_path / f"e{i}") for i in range(2)]
     infos = [api.export(copy.deepcopy(m), plan, out, ExportConfig(format=name), tokenizer=tok) for out in outs]
     assert all(os.path.exists(o) for o in outs)
