@@ -124,7 +124,7 @@ def test_apply_packs_an_in_memory_model_in_place(llama_dir, text_file, tmp_path)
 
 def test_inline_search_skips_widths_it_cannot_pick(llama_dir, text_file, monkeypatch):
     """With the default --min-bits 2, search computes no 0-bit curves (and no pruning response)."""
-    import bitsearch.sensitivity.pipeline as pipeline
+    from bitsearch.sensitivity import pipeline
 
     called = []
     monkeypatch.setattr(pipeline, "prune_loss_response", lambda *a, **k: called.append(1) or {})
