@@ -63,7 +63,8 @@ def agreement(pred: np.ndarray, exact: np.ndarray) -> dict:
 def responses(path: str) -> tuple[dict, pd.Series, pd.Series | None]:
     """(meta, 2-bit response per layer, pruning response per layer or None) of a calibrated table."""
     table = SensitivityTable.load(path)
-    est = next(e for e in table.estimators if table.meta["estimator_info"][e]["calibration"] in ("gradient", "layer-loss"))
+    info = table.meta["estimator_info"]
+    est = next(e for e in table.estimators if info[e]["calibration"] in ("gradient", "layer-loss"))
     first = table.df.groupby("layer", sort=False).first()
     prune = first[f"{est}.prune_response"] if f"{est}.prune_response" in first else None
     return table.meta, first[f"{est}.layer_response"], prune
