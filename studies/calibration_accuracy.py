@@ -17,7 +17,7 @@ log dL, Spearman rank correlation, the median ratio predicted / exact and the ge
 standard deviation of that ratio (the calibration's allocation is unchanged by one global
 factor, so the spread of the ratio across layers is what matters).
 
-    OMP_NUM_THREADS=1 nice -n 10 python studies/calibration_accuracy.py --threads 1 \\
+    OMP_NUM_THREADS=1 nice -n 10 python -m studies.calibration_accuracy --threads 1 \\
         --exact-table studies/results/slm_budget_table/sensitivity.parquet \\
         --out studies/results/calibration_accuracy
 
@@ -37,14 +37,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bitsearch.data import calibration_batches  # noqa: E402
-from bitsearch.models import find_targets, load_model, load_tokenizer  # noqa: E402
-from bitsearch.quant.grid import fake_quantize  # noqa: E402
-from bitsearch.sensitivity.calibrate import layer_loss_response  # noqa: E402
-from bitsearch.sensitivity.grad_response import Probe, predicted_increase, probe_sums  # noqa: E402
-from bitsearch.sensitivity.table import SensitivityTable  # noqa: E402
+from bitsearch.data import calibration_batches
+from bitsearch.models import find_targets, load_model, load_tokenizer
+from bitsearch.quant.grid import fake_quantize
+from bitsearch.sensitivity.calibrate import layer_loss_response
+from bitsearch.sensitivity.grad_response import Probe, predicted_increase, probe_sums
+from bitsearch.sensitivity.table import SensitivityTable
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared")
 

@@ -15,11 +15,11 @@
    the greedy allocation on a random 518,144-channel problem (menu 2..8), beside the same
    allocation with the fill that visits every remaining segment (the tests' reference).
 
-    OMP_NUM_THREADS=1 nice -n 10 python studies/sensitivity_cost.py --threads 1 --part slm \\
+    OMP_NUM_THREADS=1 nice -n 10 python -m studies.sensitivity_cost --threads 1 --part slm \\
         --out studies/results/sensitivity_cost
-    OMP_NUM_THREADS=1 nice -n 10 python studies/sensitivity_cost.py --threads 1 --part depth \\
+    OMP_NUM_THREADS=1 nice -n 10 python -m studies.sensitivity_cost --threads 1 --part depth \\
         --out studies/results/sensitivity_cost
-    OMP_NUM_THREADS=1 nice -n 10 python studies/sensitivity_cost.py --threads 1 --part overheads \\
+    OMP_NUM_THREADS=1 nice -n 10 python -m studies.sensitivity_cost --threads 1 --part overheads \\
         --out studies/results/sensitivity_cost
 
 Each part writes ``<part>.json`` and ``<part>.md`` (a markdown table; depth: ``depth-<shape>``) in ``--out``.
@@ -37,19 +37,16 @@ import time
 import numpy as np
 import torch
 
+from bitsearch.cost import budget_to_bytes
+from bitsearch.data import calibration_batches
+from bitsearch.models import find_targets, load_model, load_tokenizer
+from bitsearch.search import build_problem, get_allocator
+from bitsearch.search.problem import AllocationProblem
+from bitsearch.sensitivity import compute_sensitivity
+from studies.reference.greedy_walk import fill_walking_every_segment
+from studies.scale import Meter, build_config, build_model, fwd_bwd
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, HERE)
-
-from scale import Meter, build_config, build_model, fwd_bwd  # noqa: E402
-
-from bitsearch.data import calibration_batches  # noqa: E402
-from bitsearch.models import find_targets, load_model, load_tokenizer  # noqa: E402
-from bitsearch.cost import budget_to_bytes  # noqa: E402
-from bitsearch.search import build_problem, get_allocator  # noqa: E402
-from bitsearch.search.problem import AllocationProblem  # noqa: E402
-from bitsearch.sensitivity import compute_sensitivity  # noqa: E402
-
 SHARED = os.path.join(HERE, "..", "..", "shared")
 
 
@@ -144,8 +141,6 @@ def part_overheads(args) -> None:
         * rng.uniform(0.8, 1.2, size=(n, len(bits)))
     p = AllocationProblem(bits=bits, errors=errors, costs=costs, fixed_bytes=n // 8, n_weights=int(ins.sum()),
                           layer_slices={"all": slice(0, n)}, group_size=128)
-    sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-    from test_greedy import _fill_walking_every_segment   # the fill that visits every remaining segment
 
     greedy = get_allocator("greedy")
     secs, walk = [], []
@@ -154,7 +149,7 @@ def part_overheads(args) -> None:
         a = greedy.allocate(p, int(budget * p.n_weights / 8))
         secs.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        b = _fill_walking_every_segment(p, int(budget * p.n_weights / 8))
+        b = fill_walking_every_segment(p, int(budget * p.n_weights / 8))
         walk.append(time.perf_counter() - t0)
         assert np.array_equal(a, b)
     rows = [{"help_seconds": helps, "greedy_seconds_2.5_3.25": secs, "full_walk_seconds_2.5_3.25": walk,

@@ -9,6 +9,7 @@ from bitsearch.errors import BitsearchError
 from bitsearch.search import get_allocator
 from bitsearch.search.greedy import hull_segments
 from bitsearch.search.problem import AllocationProblem
+from studies.reference.greedy_walk import fill_walking_every_segment
 
 
 def random_problem(seed, n=5, bits=(0, 2, 3, 4, 8), convex=False):
@@ -88,28 +89,6 @@ def test_unknown_method():
         get_allocator("nope")
 
 
-def _fill_walking_every_segment(p, budget):
-    """The fill loop as first written: every remaining segment visited, channels blocked."""
-    start, ch, to, dc, de, step = hull_segments(p.costs, p.errors)
-    choice = start.copy()
-    room = budget - p.bytes_of(choice)
-    order = np.lexsort((step, de / dc))
-    cum = np.cumsum(dc[order])
-    k = int(np.searchsorted(cum, room, side="right"))
-    np.maximum.at(choice, ch[order[:k]], to[order[:k]])
-    room -= int(cum[k - 1]) if k else 0
-    blocked = np.zeros(p.n_channels, dtype=bool)
-    for s in order[k:]:
-        if blocked[ch[s]]:
-            continue
-        if dc[s] <= room:
-            choice[ch[s]] = to[s]
-            room -= int(dc[s])
-        else:
-            blocked[ch[s]] = True
-    return choice
-
-
 @pytest.mark.parametrize("seed", range(6))
 def test_fill_equals_walking_every_segment(seed):
     """The fill that visits only fitting segments picks exactly what the full walk picked."""
@@ -118,4 +97,4 @@ def test_fill_equals_walking_every_segment(seed):
     rng = np.random.default_rng(seed)
     lo, hi = p.min_bytes(), p.max_useful_bytes()
     for budget in list(rng.integers(lo, hi, size=25)) + [lo, hi]:
-        np.testing.assert_array_equal(greedy.allocate(p, int(budget)), _fill_walking_every_segment(p, int(budget)))
+        np.testing.assert_array_equal(greedy.allocate(p, int(budget)), fill_walking_every_segment(p, int(budget)))
