@@ -15,15 +15,15 @@ the packed model (smaller matrices; its outputs equal the fake-quantized, masked
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
-import tempfile
 
 import torch
 from torch import nn
 
 from . import __version__
+from .atomic import atomic_dir
 from .errors import BitsearchError
 from .couplings import couplings_from_list, physical_layout
 from .models import PACKED_CONFIG, Target, model_fingerprint, target_of, tied_linears
@@ -32,7 +32,7 @@ from .plan import BitPlan
 from .quant.grid import fake_quantize
 
 __all__ = ["PACKED_FORMAT", "PACKED_VERSION", "plan_targets", "fake_quantize_model", "pack_model",
-           "save_packed", "save_fake", "load_packed", "packed_tensor_bytes"]
+           "save_packed", "save_fake", "load_packed", "packed_tensor_bytes", "parameters_on_meta"]
 
 PACKED_FORMAT = "bitsearch-packed"
 PACKED_VERSION = 1
@@ -45,8 +45,10 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def plan_targets(model: nn.Module, plan: BitPlan, where: str = "plan") -> list[Target]:
-    """The plan's layers as targets of ``model``, checked against the model's fingerprint."""
+def plan_targets(model: nn.Module, plan: BitPlan, where: str = "plan", check_weights: bool = True) -> list[Target]:
+    """The plan's layers as targets of ``model``, checked against the model's fingerprint (config
+    and shapes; with ``check_weights`` also the digest of the float weights the plan was made on,
+    which the stages' entry points check once, before any weight is changed)."""
     modules = dict(model.named_modules())
     targets = []
     for name, (out_f, in_f) in plan.shapes.items():
@@ -54,7 +56,7 @@ def plan_targets(model: nn.Module, plan: BitPlan, where: str = "plan") -> list[T
         if not isinstance(mod, (nn.Linear, nn.Embedding)):
             raise BitsearchError(f"{where}: layer '{name}' is not a linear or embedding layer of this model")
         targets.append(target_of(name, mod, tied_linears(model, name) if isinstance(mod, nn.Embedding) else ()))
-    plan.check_model(model_fingerprint(model, targets), where)
+    plan.check_model(model_fingerprint(model, targets), where, force=not check_weights)
     return targets
 
 
@@ -111,25 +113,6 @@ def packed_tensor_bytes(path: str) -> int:
     return total
 
 
-def _finish_dir(tmp: str, out: str) -> None:
-    """Move a completed temporary folder to ``out`` (replacing an older one)."""
-    if os.path.exists(out):
-        if not os.path.isdir(out):
-            raise BitsearchError(f"output '{out}' exists and is not a folder")
-        old = out.rstrip("/") + ".old-bitsearch"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
-def _tmp_dir(out: str) -> str:
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix="." + os.path.basename(out.rstrip("/")) + ".", dir=parent)
-
-
 def save_packed(model: nn.Module, plan: BitPlan, out: str, tokenizer=None) -> int:
     """Write a packed checkpoint of ``model`` under ``plan`` to ``out``; the model is not changed.
 
@@ -171,8 +154,7 @@ def save_packed(model: nn.Module, plan: BitPlan, out: str, tokenizer=None) -> in
         "plan_summary": plan.summary, "model": plan.model, "plan_provenance": plan.provenance,
         "couplings": [c.to_dict() for c in plan.couplings],
     }
-    tmp = _tmp_dir(out)
-    try:
+    with atomic_dir(out) as tmp:
         save_file(quant, os.path.join(tmp, QUANT_FILE))
         save_file(rest, os.path.join(tmp, REST_FILE))
         model.config.save_pretrained(tmp)
@@ -180,31 +162,37 @@ def save_packed(model: nn.Module, plan: BitPlan, out: str, tokenizer=None) -> in
             tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, PACKED_CONFIG), "w") as f:
             json.dump(meta, f, indent=1)
-        _finish_dir(tmp, out)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
     return sum(t.numel() * t.element_size() for t in quant.values())
 
 
 def save_fake(model: nn.Module, out: str, tokenizer=None) -> None:
     """Write ``model`` (fake-quantized in place) as a plain HF checkpoint."""
-    tmp = _tmp_dir(out)
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _finish_dir(tmp, out)
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Build modules whose parameters live on the meta device (no memory, no initialisation),
+    while buffers (e.g. rotary frequencies, which no checkpoint stores) are computed for real.
+    Patches ``nn.Module.register_parameter`` while open: every thread's new modules are affected."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
     finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+        nn.Module.register_parameter = register
 
 
-def load_packed(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A model whose targets are :class:`PackedLinear` modules, from a packed checkpoint."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+def _read_meta(path: str) -> dict:
     try:
         with open(os.path.join(path, PACKED_CONFIG)) as f:
             meta = json.load(f)
@@ -213,13 +201,31 @@ def load_packed(path: str, device: str = "cpu", dtype: torch.dtype = torch.float
     if meta.get("format") != PACKED_FORMAT or meta.get("version") != PACKED_VERSION:
         raise BitsearchError(f"'{path}' is a {meta.get('format')} v{meta.get('version')} checkpoint; "
                              f"this bitsearch reads {PACKED_FORMAT} v{PACKED_VERSION}")
+    return meta
+
+
+def load_packed(path: str, device: str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """A model whose targets are :class:`PackedLinear` modules, from a packed checkpoint.
+
+    The model is built on the meta device, so the targets' float weights never exist: only the
+    packed tensors and the untouched tensors are allocated. Untouched floating-point tensors keep
+    the dtype they were saved in unless ``dtype`` is given; the packed layers compute in that dtype.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    meta = _read_meta(path)
     try:
         quant = load_file(os.path.join(path, QUANT_FILE))
         rest = load_file(os.path.join(path, REST_FILE))
     except Exception as exc:
         raise BitsearchError(f"packed checkpoint '{path}' is incomplete or corrupt: {exc}") from None
+    if dtype is None:
+        dtype = next((t.dtype for t in rest.values() if t.is_floating_point()), torch.float32)
+    rest = {k: v.to(dtype) if v.is_floating_point() else v for k, v in rest.items()}
     config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     packed_embedding_tied = False
     bits = {k[:-len(".qbits")]: v.numpy() for k, v in quant.items() if k.endswith(".qbits")}
     keep_rows, _ = physical_layout(couplings_from_list(meta.get("couplings")), bits)
@@ -238,14 +244,13 @@ def load_packed(path: str, device: str = "cpu", dtype: torch.dtype = torch.float
         _set_module(model, name, new)
     for alias, target in meta.get("aliases", {}).items():
         rest[alias] = rest[target]
-    missing, unexpected = model.load_state_dict(rest, strict=False)
-    packed_keys = {f"{n}.{k}" for n in meta["layers"] for k in dict(model.get_submodule(n).named_buffers())}
-    missing = [k for k in missing if k not in packed_keys]
+    missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False) and not packed_embedding_tied:
+        model.tie_weights()
+    missing = [k for k, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
     if missing or unexpected:
         raise BitsearchError(f"packed checkpoint '{path}' does not match its config "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    if getattr(config, "tie_word_embeddings", False) and not packed_embedding_tied:
-        model.tie_weights()
     model.to(device)
     model.eval()
     return model

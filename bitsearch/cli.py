@@ -31,6 +31,7 @@ class Input:
     aliases: tuple[str, ...] = ()
     metavar: str | None = None
     name: str | None = None       # the API's name for it, when not the flag's (--sensitivity: table)
+    switch: bool = False          # a flag without a value (store_true)
 
     @property
     def dest(self) -> str:
@@ -55,13 +56,17 @@ CALIB = Input("--calib", "calibration text file, or hf:NAME[:CONFIG]:SPLIT")
 def _run_demo(args, config):
     from .demo import run_demo
 
+    if config.threads is not None:
+        import torch
+
+        torch.set_num_threads(config.threads)
     run_demo(out=args.out, budgets=config.budgets, show_progress=not args.quiet)
 
 
 def _run_sensitivity(args, config):
     from . import api
 
-    table = api.sensitivity(args.model, args.calib, config, out=args.out)
+    table = api.sensitivity(args.model, args.calib, config, out=args.out, overwrite=args.overwrite)
     if table.meta["world_size"] == 1 or os.environ.get("RANK", "0") == "0":
         secs = ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in table.meta["estimator_info"].items())
         print(f"wrote {args.out}: {len(table.df)} channels in {len(table.layers)} layers, "
@@ -76,19 +81,22 @@ def _run_sensitivity(args, config):
 def _run_search(args, config):
     from . import api
 
-    plan = api.search(args.model, args.calib, config, table=args.sensitivity, out=args.out)
+    plan = api.search(args.model, args.calib, config, table=args.sensitivity, out=args.out, overwrite=args.overwrite)
     s = plan.summary
     dead = f" ({s['dead_units']} whole units: smaller matrices)" if s.get("dead_units") else ""
     print(f"wrote {args.out}: {s['avg_bits']:.4f} avg bits, {s['bytes']} bytes, "
           f"{s['pruned_channels']} of {s['n_channels']} channels pruned{dead}, widths {s['histogram']}, "
           f"predicted loss increase {s['predicted_error']:.4g}")
+    if "format" in s:
+        print(f"in {s['format']['name']}: {s['format']['bytes']} bytes, {s['format']['avg_bits']:.4f} avg bits")
 
 
 def _run_finalize(args, config):
     from . import api
     from .apply import packed_tensor_bytes
 
-    m = api.finalize(args.model, args.plan, args.calib, config, out=args.out)
+    m = api.finalize(args.model, args.plan, args.calib, config, out=args.out, overwrite=args.overwrite,
+                     force=args.force)
     info = m.bitsearch_plan.provenance["finalize"]
     last = ((info.get("qat") or {}).get("last_loss") or {})
     losses = ", ".join(f"{k} loss {v:.4g}" for k, v in last.items() if v is not None)
@@ -101,7 +109,7 @@ def _run_apply(args, config):
     from . import api
     from .apply import packed_tensor_bytes
 
-    m = api.apply(args.model, args.plan, config, out=args.out)
+    m = api.apply(args.model, args.plan, config, out=args.out, overwrite=args.overwrite, force=args.force)
     p = m.bitsearch_plan
     if config.fake:
         print(f"wrote {args.out}: HF checkpoint with dequantized target weights")
@@ -113,7 +121,7 @@ def _run_apply(args, config):
 def _run_export(args, config):
     from . import api
 
-    info = api.export(args.model, args.plan, args.out, config)
+    info = api.export(args.model, args.plan, args.out, config, overwrite=args.overwrite, force=args.force)
     extra = ", ".join(f"{k} {v}" for k, v in info.items() if k != "out")
     print(f"wrote {args.out} ({config.format}){': ' + extra if extra else ''}")
 
@@ -121,18 +129,33 @@ def _run_export(args, config):
 def _run_eval(args, config):
     from . import api
 
-    r = api.evaluate(args.model, args.text, config, reference=args.reference, out=args.json)
+    r = api.evaluate(args.model, args.text, config, reference=args.reference, out=args.json,
+                     overwrite=args.overwrite)
     line = f"ppl {r.ppl:.3f}  nll {r.nll:.4f}  entropy {r.entropy:.4f}  tokens {r.tokens}  seq_len {r.seq_len}"
     if r.kl is not None:
         line += f"  KL(ref||model) {r.kl:.5f}"
     print(line)
 
 
+def _run_generate(args, config):
+    from .generate import generate
+
+    r = generate(args.model, args.prompt, config)
+    print(args.prompt + r.text)
+    t = r.timing
+    print(f"{len(t.tokens)} new tokens; prompt {r.prompt_tokens} tokens in {t.prefill_seconds:.3f} s; "
+          f"decoding {r.tokens_per_s:.1f} tokens/s", file=sys.stderr)
+
+
 def _run_pareto(args, config):
     from .search.optuna_study import study_trials
 
+    from .outputs import check_output
+
     if config.export is not None and args.out is None:
         raise BitsearchError("--export needs --out PLAN.json")
+    check_output(args.out, "file", inputs=(args.storage,), overwrite=args.overwrite, what="plan")
+    check_output(config.csv, "file", inputs=(args.storage,), overwrite=args.overwrite, what="trials table")
     rows, plan = study_trials(args.storage, config.study_name, config.export)
     if config.csv:
         import pandas as pd
@@ -149,7 +172,14 @@ def _run_pareto(args, config):
         print(f"wrote {args.out}: trial {config.export}, {plan.summary['avg_bits']:.4f} avg bits")
 
 
+def _check_png(args, *inputs):
+    from .outputs import check_output
+
+    check_output(args.out, "file", inputs=inputs, overwrite=args.overwrite, what="image")
+
+
 def _run_plot_sensitivity(args, config):
+    _check_png(args, args.table)
     from .plots import plot_sensitivity
     from .sensitivity import SensitivityTable
 
@@ -157,6 +187,7 @@ def _run_plot_sensitivity(args, config):
 
 
 def _run_plot_plan(args, config):
+    _check_png(args, args.plan)
     from .plan import BitPlan
     from .plots import plot_plan
 
@@ -164,12 +195,15 @@ def _run_plot_plan(args, config):
 
 
 def _run_plot_pareto(args, config):
+    _check_png(args, args.storage, args.model, args.calib)
     from .plots import pareto_figure
 
     print(f"wrote {pareto_figure(args.storage, args.out, config.study_name, args.model, args.calib, config)}")
 
 
 OUT_DIR = Input("--out", "output folder", required=True)
+OVERWRITE = Input("--overwrite", "replace an existing output (never one of the command's inputs)", switch=True)
+FORCE = Input("--force", "use a plan made for a model of the same shapes but other weights", switch=True)
 PLAN = Input("--plan", "plan file from `bitsearch search`", required=True)
 PNG = Input("--out", "output image (.png)", required=True)
 
@@ -177,37 +211,43 @@ COMMANDS = [
     Command("demo", "run the whole pipeline on the bundled small model, offline", "DemoConfig",
             [Input("--out", "output folder for plans, results.csv and the plot", required=True)], _run_demo),
     Command("sensitivity", "per-channel error curves -> Parquet table", "SensitivityConfig",
-            [MODEL, CALIB, Input("--out", "output table (.parquet)", required=True)], _run_sensitivity),
+            [MODEL, CALIB, Input("--out", "output table (.parquet)", required=True), OVERWRITE], _run_sensitivity),
     Command("search", "a bit plan under a memory budget -> plan JSON", "SearchConfig",
             [MODEL, CALIB, Input("--sensitivity", "precomputed sensitivity table (.parquet); else computed from "
                                  "--calib", aliases=("--table",), name="table"),
-             Input("--out", "output plan (.json)", required=True)], _run_search, required=("budget",)),
+             Input("--out", "output plan (.json)", required=True), OVERWRITE], _run_search, required=("budget",)),
     Command("finalize", "plan + model -> packed checkpoint after QAT (or SignRound) on calibration or data-free "
             "text", "FinalizeConfig", [MODEL, PLAN, CALIB, Input("--out", "output folder (packed checkpoint)",
-                                                                    required=True)], _run_finalize),
+                                                                    required=True), OVERWRITE, FORCE],
+            _run_finalize),
     Command("pareto", "list an optuna search study's trials and front; export a point", "ParetoConfig",
             [Input("--storage", "the study's journal file or database URL", required=True),
-             Input("--out", "plan file for --export")], _run_pareto),
+             Input("--out", "plan file for --export"), OVERWRITE], _run_pareto),
     Command("apply", "plan + model -> packed checkpoint (or --fake HF checkpoint)", "ApplyConfig",
-            [MODEL, PLAN, OUT_DIR], _run_apply),
+            [MODEL, PLAN, OUT_DIR, OVERWRITE, FORCE], _run_apply),
     Command("export", "plan + model -> the files of a runtime (--format)", "ExportConfig",
-            [MODEL, PLAN, Input("--out", "output file or folder", required=True)], _run_export),
+            [MODEL, PLAN, Input("--out", "output file or folder", required=True), OVERWRITE, FORCE], _run_export),
     Command("plot", "figures: plot sensitivity|plan|pareto ... --out P.png", None, [], None, sub=[
         Command("sensitivity", "heatmap per block and layer type, spread per type, SNR vs bits",
-                "PlotSensitivityConfig", [Input("--table", "sensitivity table (.parquet)", required=True), PNG],
+                "PlotSensitivityConfig", [Input("--table", "sensitivity table (.parquet)", required=True), PNG,
+                                          OVERWRITE],
                 _run_plot_sensitivity),
         Command("pareto", "an optuna study's trials, front, budget (and uniform RTN points)", "PlotParetoConfig",
                 [Input("--storage", "the study's journal file or database URL", required=True), PNG,
                  Input("--model", "with --calib: also measure uniform RTN points on this model"),
-                 Input("--calib", "calibration text for the uniform points' KL")], _run_plot_pareto),
+                 Input("--calib", "calibration text for the uniform points' KL"), OVERWRITE], _run_plot_pareto),
         Command("plan", "width of every channel per layer, width mix per layer type, bits per block",
-                "PlotPlanConfig", [Input("--plan", "plan file (.json)", required=True), PNG], _run_plot_plan),
+                "PlotPlanConfig", [Input("--plan", "plan file (.json)", required=True), PNG, OVERWRITE],
+                _run_plot_plan),
     ]),
     Command("eval", "perplexity of a model or packed checkpoint on a text file", "EvalConfig",
             [Input("--model", "HF hub id, local model folder or packed checkpoint folder", required=True),
              Input("--text", "text file to evaluate on", required=True),
              Input("--json", "write {ppl, nll, entropy, tokens, seq_len, model[, kl]} to this file", name="out"),
-             Input("--reference", "reference model: also report KL(reference || model)")], _run_eval),
+             Input("--reference", "reference model: also report KL(reference || model)"), OVERWRITE], _run_eval),
+    Command("generate", "batch-1 greedy generation from a prompt, with tokens/s", "GenerateConfig",
+            [Input("--model", "HF hub id, local model folder or packed checkpoint folder", required=True),
+             Input("--prompt", "the prompt text", required=True)], _run_generate),
 ]
 
 
@@ -230,7 +270,10 @@ def _add_command(sub, cmd: Command, quiet: argparse.ArgumentParser, full: bool) 
     if not full:
         return
     for i in cmd.inputs:
-        p.add_argument(i.flag, *i.aliases, dest=i.dest, required=i.required, help=i.help, metavar=i.metavar)
+        if i.switch:
+            p.add_argument(i.flag, *i.aliases, dest=i.dest, action="store_true", help=i.help)
+        else:
+            p.add_argument(i.flag, *i.aliases, dest=i.dest, required=i.required, help=i.help, metavar=i.metavar)
     cls = _config_class(cmd.config)
     if cls is not None:
         add_options(p, cls)
@@ -289,10 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     from .options import from_args
 
-    _quiet_libraries()
     cmd: Command = args._command
     cls = _config_class(cmd.config)
     try:
+        _quiet_libraries()
         config = None
         if cls is not None:
             extra = {"show_progress": not args.quiet} if "show_progress" in cls.__dataclass_fields__ else {}
@@ -306,7 +349,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bitsearch: error: {_flagify(str(exc), cmd, cls)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("bitsearch: interrupted (nothing half-written was left behind)", file=sys.stderr)
+        from .outputs import kept_on_interrupt
+
+        kept = kept_on_interrupt()
+        print(f"bitsearch: interrupted: {kept or 'nothing was written'} (no file was left half-written)",
+              file=sys.stderr)
         return 130
 
 

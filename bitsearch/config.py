@@ -7,7 +7,7 @@ cannot drift apart.
     SensitivityConfig    + estimators, bit menu, group size, targets, loss calibration
     SearchConfig         + budget, method and each method's options
     FinalizeConfig       + finalizer and its training options
-    ApplyConfig, EvalConfig, ExportConfig, and the small configs of the plotting commands
+    ApplyConfig, EvalConfig, GenerateConfig, ExportConfig, and the small configs of the plotting commands
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .options import option
 
 __all__ = ["RunConfig", "CalibConfig", "SensitivityConfig", "SearchConfig", "FinalizeConfig", "ApplyConfig",
-           "EvalConfig", "ExportConfig", "ParetoConfig", "PlotSensitivityConfig", "PlotPlanConfig",
+           "EvalConfig", "GenerateConfig", "ExportConfig", "ParetoConfig", "PlotSensitivityConfig", "PlotPlanConfig",
            "PlotParetoConfig", "DemoConfig", "KL_SAMPLES"]
 
 # Calibration samples on which optuna / diffq measure KL (and as many more held out to choose
@@ -82,6 +82,8 @@ class CalibConfig(RunConfig):
                                          "datafree-<model digest>-s<seed>.pt next to the output)")
     overwrite_data_free: bool = option(False, help="regenerate a data-free cache made with another model or "
                                        "settings instead of refusing it")
+    allow_overlap: bool = option(False, help="let calibration windows overlap when the text is too short for "
+                                 "samples x seq-len tokens (otherwise refused, saying how many fit)")
 
 
 @dataclass
@@ -98,11 +100,14 @@ class SensitivityConfig(CalibConfig):
     exclude: str | None = option(None, help="regex of module names to leave in full precision")
     loss_calibration: str = option("auto", flag="--loss-calibration", aliases=("--calibrate",),
                                    choices=_calibrations,
-                                   help="map curves to loss units per layer by measured loss responses: auto = "
-                                        "the proxies (imatrix, snr), layer-loss = every estimator, none = raw "
+                                   help="map curves to loss units per layer by each layer's loss response: "
+                                        "auto = the proxies (imatrix, snr) by gradient (layer-loss with offload), "
+                                        "gradient = every estimator by responses predicted from one "
+                                        "forward+backward, layer-loss = every estimator by responses measured one "
+                                        "layer at a time (a pass through the later blocks per layer), none = raw "
                                         "curves")
     loss_calibration_samples: int = option(16, aliases=("--calib-loss-samples",),
-                                           help="calibration samples used to measure each layer's loss response")
+                                           help="calibration samples used for each layer's loss response")
     probes: int = option(8, help="Hutchinson probe rounds")
     micro_batch: int = option(8, help="calibration samples per forward pass")
     checkpointing: bool = option(False, help="activation checkpointing for the gradient estimators (less "
@@ -161,6 +166,12 @@ class SearchConfig(SensitivityConfig):
                              "channel's width, interpolated, or pseudo-quantization noise of the width's step")
     learn: str = option("channel", group="--method diffq", choices=["channel", "layer"],
                         help="train a width per channel, or one shift per layer on top of the estimator's widths")
+    format: str | None = option(None, group="--format", choices=lambda: _formats(),
+                                help="plan for a runtime format: one width per module (exact ilp), priced and "
+                                     "budgeted in the format's bytes")
+    fused: bool = option(True, flag="--no-fused", group="--format",
+                         help="with format: let q/k/v and gate/up take their own widths (by default they share "
+                              "one, as serving runtimes fuse them)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -219,8 +230,20 @@ class EvalConfig(RunConfig):
 
 
 @dataclass
+class GenerateConfig(RunConfig):
+    dtype: str | None = option(None, help="dtype the model is loaded in: float32 | bfloat16 | float16 (default: "
+                               "float32; a packed checkpoint: the dtype its untouched tensors were saved in)")
+    max_new_tokens: int = option(64, help="tokens to generate")
+    stop_at_eos: bool = option(True, flag="--no-stop-at-eos",
+                               help="generate every token, past the tokenizer's end-of-sequence token")
+
+
+@dataclass
 class ExportConfig(RunConfig):
     format: str = option("packed", choices=lambda: _formats(), help="output format")
+    layout: str = option("block", choices=["block", "group"],
+                         help="compressed-tensors zero points: block (unpacked; transformers loads it) | group "
+                              "(packed; the llm-compressor / vLLM layout, which transformers 5.25 cannot load)")
 
 
 @dataclass
@@ -251,5 +274,5 @@ class PlotParetoConfig(RunConfig):
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(RunConfig):
     budgets: str = option("2.5,3.0,3.5", help="avg-bit budgets to search")

@@ -80,9 +80,10 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
 
 
 def calibration_batches(tokenizer, source: str | list[str], samples: int = 128, seq_len: int = 512,
-                        seed: int = 0) -> tuple[torch.Tensor, CalibSpec]:
+                        seed: int = 0, allow_overlap: bool = False) -> tuple[torch.Tensor, CalibSpec]:
     """(samples, seq_len) token windows at seeded offsets of a text file (or of a list of texts,
-    joined by blank lines), and their :class:`CalibSpec`."""
+    joined by blank lines), and their :class:`CalibSpec`. Windows never overlap unless
+    ``allow_overlap``: a text too short for that is refused, saying how many windows fit."""
     if samples < 1:
         raise BitsearchError(f"samples must be at least 1 (got {samples})")
     if seq_len < 2:
@@ -100,6 +101,10 @@ def calibration_batches(tokenizer, source: str | list[str], samples: int = 128, 
         # non-overlapping: pick distinct slots of seq_len tokens
         slots = torch.randperm(n_starts // seq_len, generator=g)[:samples]
         starts = slots * seq_len
+    elif not allow_overlap:
+        fit = n_starts // seq_len
+        raise BitsearchError(f"calibration text '{source}' has {ids.numel()} tokens: {fit} windows of {seq_len} "
+                             f"fit without overlap, {samples} asked; use `samples` {fit} or fewer (or allow_overlap)")
     else:
         starts = torch.randint(0, n_starts, (samples,), generator=g)
     batch = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])

@@ -85,23 +85,12 @@ def model_digest(model: nn.Module) -> dict:
     bfloat16, on any device, has the same digest, while another fine-tune of the same
     architecture does not.
     """
-    from .models import model_fingerprint
+    from .models import model_fingerprint, tensor_digest
 
     fp = model_fingerprint(model, [])
-    h = hashlib.sha256()
     tensors = list(model.named_parameters(remove_duplicate=True)) + list(model.named_buffers(remove_duplicate=True))
-    with torch.no_grad():
-        for name, t in tensors:
-            h.update(f"{name}:{tuple(t.shape)};".encode())
-            if t.is_meta or t.numel() == 0:
-                continue
-            flat = t.detach().reshape(-1)
-            k = min(_DIGEST_VALUES, flat.numel())
-            idx = torch.linspace(0, flat.numel() - 1, k, device=flat.device).round().long()
-            vals = flat[idx].float().to(torch.bfloat16).float().cpu()
-            h.update(vals.numpy().tobytes())
     return {"model_type": fp["model_type"], "config_sha256": fp["config_sha256"],
-            "weights_sha256": h.hexdigest()}
+            "weights_sha256": tensor_digest(tensors, _DIGEST_VALUES)}
 
 
 # --------------------------------------------------------------------------- generation

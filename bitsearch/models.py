@@ -70,17 +70,19 @@ def _is_local(name: str) -> bool:
     return os.path.isdir(name) or name.startswith((".", "/", "~"))
 
 
-def load_model(name_or_path: str, device: str = "cpu", dtype: str | torch.dtype = "float32",
+def load_model(name_or_path: str, device: str = "cpu", dtype: str | torch.dtype | None = "float32",
                attn_implementation: str | None = None) -> nn.Module:
-    """A causal LM from a hub id, a local HF directory or a bitsearch packed checkpoint."""
+    """A causal LM from a hub id, a local HF directory or a bitsearch packed checkpoint.
+
+    ``dtype=None``: float32 for a HF model, the saved dtype of a packed checkpoint's untouched tensors."""
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
     if os.path.isfile(os.path.join(name_or_path, PACKED_CONFIG)):
         from .apply import load_packed
 
-        return load_packed(name_or_path, device=device, dtype=torch_dtype)
+        return load_packed(name_or_path, device=device, dtype=None if dtype is None else resolve_dtype(dtype))
+    torch_dtype = resolve_dtype(dtype or "float32")
     if _is_local(name_or_path) and not os.path.isdir(os.path.expanduser(name_or_path)):
         raise BitsearchError(f"model directory '{name_or_path}' does not exist")
     kwargs = {"dtype": torch_dtype}
@@ -146,6 +148,11 @@ def find_targets(model: nn.Module, targets: str | None = None, exclude: str | No
             continue
         chosen.append((name, mod))
     if not chosen:
+        conv = next((n for n, m in model.named_modules() if type(m).__name__ == "Conv1D" and n.startswith(prefix)), None)
+        if conv is not None:
+            raise BitsearchError(f"no target layers match: this model's layers are transformers Conv1D (e.g. "
+                                 f"'{conv}', GPT-2 style), which bitsearch does not quantize (nn.Linear and "
+                                 f"nn.Embedding only)")
         raise BitsearchError("no target layers match"
                              + (f" `targets` '{targets}'" if targets else "")
                              + (f" `exclude` '{exclude}'" if exclude else ""))
@@ -190,8 +197,45 @@ _VOLATILE = {"transformers_version", "dtype", "torch_dtype", "_name_or_path", "u
              "_commit_hash", "quantization_config"}
 
 
+def tensor_digest(tensors, values: int = 4096) -> str:
+    """A hash of the names, shapes and ``values`` evenly spaced values (rounded to bfloat16, so
+    float32 and bfloat16 loads of one checkpoint agree) of ``tensors``: (name, tensor) pairs."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in tensors:
+            h.update(f"{name}:{tuple(t.shape)};".encode())
+            if t.is_meta or t.numel() == 0:
+                continue
+            flat = t.detach().reshape(-1)
+            k = min(values, flat.numel())
+            idx = torch.linspace(0, flat.numel() - 1, k, device=flat.device).round().long()
+            h.update(flat[idx].float().to(torch.bfloat16).float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_finite(model: nn.Module) -> None:
+    """Refuse a model with a NaN or infinite weight, naming the first such tensor."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and not p.is_meta and not torch.isfinite(p).all():
+                bad = int((~torch.isfinite(p)).sum())
+                raise BitsearchError(f"the model's weight '{name}' holds {bad} NaN or infinite values of "
+                                     f"{p.numel()}: nothing can be measured or quantized on it")
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings allow (None when it does not say)."""
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
 def model_fingerprint(model: nn.Module, targets: list[Target]) -> dict:
-    """What identifies a model for a plan: its config (sans volatile keys) and target shapes."""
+    """What identifies a model for a plan: its config (sans volatile keys), target shapes and a
+    digest of the target weights (``weights_sha256``: another fine-tune of the same shapes differs)."""
     cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE}
     shapes = {t.name: [t.out_features, t.in_features] for t in targets}
     blob = json.dumps({"config": cfg, "targets": shapes}, sort_keys=True, default=str)
@@ -200,5 +244,6 @@ def model_fingerprint(model: nn.Module, targets: list[Target]) -> dict:
         "model_type": cfg.get("model_type"),
         "config_sha256": hashlib.sha256(cfg_blob.encode()).hexdigest(),
         "sha256": hashlib.sha256(blob.encode()).hexdigest(),
+        "weights_sha256": tensor_digest((t.name, model.get_submodule(t.name).weight) for t in targets),
         "targets": shapes,
     }

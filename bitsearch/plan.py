@@ -68,6 +68,11 @@ class BitPlan:
     def shapes(self) -> dict[str, tuple[int, int]]:
         return {k: (int(v[0]), int(v[1])) for k, v in self.model["targets"].items()}
 
+    @property
+    def avg_bits(self) -> float:
+        """Avg bits all-in of the plan's targets (codes, scales, zeros, bit map)."""
+        return avg_bits(self.n_bytes(), self.n_weights())
+
     def n_weights(self) -> int:
         return sum(o * i for o, i in self.shapes.values())
 
@@ -188,8 +193,9 @@ class BitPlan:
         return plan
 
     # ---- model check -----------------------------------------------------------------------
-    def check_model(self, fingerprint: dict, where: str = "plan") -> None:
-        """Raise unless the plan was made for a model with this fingerprint."""
+    def check_model(self, fingerprint: dict, where: str = "plan", force: bool = False) -> None:
+        """Raise unless the plan was made for a model with this fingerprint (with ``force``, a model
+        of the same config and shapes whose weights differ is accepted)."""
         theirs = fingerprint["targets"]
         for name, shape in self.shapes.items():
             if name not in theirs:
@@ -202,3 +208,7 @@ class BitPlan:
             raise BitsearchError(f"{where} was made for another model ({self.model.get('model_type')}, "
                                  f"fingerprint {str(self.model.get('sha256'))[:12]}) than this one "
                                  f"({fingerprint.get('model_type')}, {fingerprint['sha256'][:12]})")
+        mine, theirs_w = self.model.get("weights_sha256"), fingerprint.get("weights_sha256")
+        if not force and mine and theirs_w and mine != theirs_w:
+            raise BitsearchError(f"{where} was made for a model of the same shapes but other weights (weights "
+                                 f"digest {mine[:12]}, this model's {theirs_w[:12]}): pass `force` to apply it anyway")

@@ -125,7 +125,7 @@ def test_offload_gives_the_same_table(llama_dir, text_file):
     from bitsearch import api
 
     kw = dict(samples=4, seq_len=32, group_size=16, loss_calibration_samples=2, estimators="imatrix,snr",
-              bits="0,2,4", show_progress=False)
+              bits="0,2,4", loss_calibration="layer-loss", show_progress=False)
     a = api.sensitivity(llama_dir, text_file, SensitivityConfig(**kw))
     b = api.sensitivity(llama_dir, text_file, SensitivityConfig(offload=True, **kw))
     assert b.meta["offload"] is True

@@ -24,6 +24,14 @@ class Exporter(ABC):
     description: str = ""
     #: the finest unit the format stores one scheme for: "channel", "tensor" or "module"
     plan_unit: str = "channel"
+    #: what ``out`` is: a "file" (e.g. one GGUF) or a "folder" (a checkpoint)
+    writes: str = "folder"
+    #: ExportConfig fields passed to the constructor (format-specific options)
+    config_options: tuple[str, ...] = ()
+
+    def module_bytes(self, out_features: int, in_features: int, bits: int, group_size: int) -> int:
+        """Bytes the format stores for one module at one width (formats with ``plan_unit`` "module")."""
+        raise BitsearchError(f"format '{self.name}' has no per-module price")
 
     @abstractmethod
     def export(self, model: nn.Module, tokenizer, plan, out: str) -> dict:

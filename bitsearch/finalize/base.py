@@ -22,6 +22,9 @@ class Finalizer(ABC):
     #: the ``method`` name
     name: str = ""
 
+    def check(self, config, checkpoint: str | None = None) -> None:
+        """Refuse bad options (one line) before any model or text is loaded."""
+
     @abstractmethod
     def finalize(self, model: nn.Module, plan, batch: torch.Tensor, config, show_progress: bool = True,
                  checkpoint: str | None = None) -> dict:

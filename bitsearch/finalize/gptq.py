@@ -347,10 +347,15 @@ class GPTQFinalizer(Rounder):
 
     name = "gptq"
 
-    def round(self, model, plan, batch, config, show_progress=True) -> dict:
+    def check(self, config, checkpoint=None) -> None:
         init = getattr(config, "init", "rtn")
-        if init not in ("rtn", self.name) and getattr(config, "method", self.name) == self.name:
+        if init not in ("rtn", self.name):
             raise BitsearchError(f"gptq does not start from another rounding (init '{init}'; use rtn)")
+        GPTQSettings(percdamp=getattr(config, "gptq_damp", 0.01))
+
+    def round(self, model, plan, batch, config, show_progress=True) -> dict:
+        if getattr(config, "method", self.name) == self.name:
+            self.check(config)
         settings = GPTQSettings(percdamp=getattr(config, "gptq_damp", 0.01),
                                 act_order=getattr(config, "gptq_act_order", True))
         return gptq_quantize(model, plan, batch, settings, show_progress=show_progress)

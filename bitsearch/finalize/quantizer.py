@@ -184,7 +184,7 @@ def prepare(model: nn.Module, plan: BitPlan, **opts) -> dict[str, QuantLinear]:
     """
     if getattr(plan, "couplings", None):
         raise BitsearchError("finalizing a plan with coupled pruning is not supported yet")
-    targets = plan_targets(model, plan)
+    targets = plan_targets(model, plan, check_weights=False)
     embeddings = {t.name: plan.bits[t.name] for t in targets if t.kind == "embedding"}
     if embeddings:
         pack_model(model, replace(plan, bits=embeddings))

@@ -257,7 +257,7 @@ def signround(model: nn.Module, plan: BitPlan, batch: torch.Tensor, settings: Si
     batch = torch.as_tensor(batch)
     if batch.dim() != 2 or batch.shape[0] == 0 or batch.shape[1] == 0:
         raise BitsearchError(f"signround: the calibration batch must be token ids (N, T), not {tuple(batch.shape)}")
-    targets = plan_targets(model, plan, "signround")
+    targets = plan_targets(model, plan, "signround", check_weights=False)
     runner = BlockRunner(model, offload=offload)
     modules = dict(model.named_modules())
     by_block = names_by_block(runner, [t.name for t in targets])

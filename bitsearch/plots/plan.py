@@ -11,7 +11,7 @@ from ..errors import BitsearchError
 from ..layer_names import layer_types
 from .sensitivity import shorten
 
-__all__ = ["plot_plan"]
+__all__ = ["plot_plan", "plot_layer_bits"]
 
 _COLUMNS = 512          # common row width of the image
 _PRUNED = "#000000"
@@ -248,3 +248,28 @@ def _mb(n: int) -> str:
     if n >= 10**6:
         return f"{n / 1e6:.2f} MB ({n:,} bytes)"
     return f"{n:,} bytes"
+
+
+def plot_layer_bits(layers: list[str], avg_bits: list[float], out: str, title: str = "") -> str:
+    """Bar chart of the all-in average bits of each layer (``layers`` in plan order, names shown
+    without their ``model.layers.`` prefix); returns ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..atomic import atomic_path
+
+    if not layers:
+        raise BitsearchError("the plan has no layers to plot")
+    fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.18), 4), dpi=110)
+    ax.bar(range(len(layers)), avg_bits, color="tab:blue")
+    ax.set_xticks(range(len(layers)), [n.replace("model.layers.", "") for n in layers], rotation=90, fontsize=6)
+    ax.set_ylabel("avg bits (all-in)")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return out

@@ -22,9 +22,8 @@ interpolation). At a menu width it is exactly the round-to-nearest weight that t
 are judged by, and the gradient in b is the first-order change of the loss from moving the
 channel to the next width. It needs a (menu widths, out, in) stack of rounded weights per layer:
 the held-out judge's (PlanKL) when there is one, shared, else its own. It is
-the default: on slm-llama-17m its plans, applied by round-to-nearest, were much closer to the
-float model than the noise's (README, search methods); after SignRound they were worse than
-greedy's, so for a plan that will be finalized greedy is the better start.
+the default (how its plans compare with the noise's and with greedy's, before and after a
+finalizer: docs/search-methods.md).
 
 With ``learn="layer"`` training moves whole layers instead of channels: each channel's logit is
 its warm start's plus one trainable shift per layer, so a layer's channels keep the estimator's

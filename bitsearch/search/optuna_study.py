@@ -36,6 +36,7 @@ from ..cost import avg_bits, budget_to_bytes
 from ..errors import BitsearchError
 from ..layer_names import layer_types
 from ..plan import decode_bits, encode_bits
+from ..outputs import keep_on_interrupt
 from ..progress import progress
 from .base import Allocator, register_allocator
 from .greedy import GreedyAllocator
@@ -170,6 +171,7 @@ def run_study(problems: dict[str, AllocationProblem], kl_of, budget_bytes: int, 
     def finished() -> int:
         return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
 
+    optuna.logging.set_verbosity(optuna.logging.ERROR)   # an interrupted trial: our one line, not its traceback
     # --resume: finish the study to n_trials in all (workers sharing a study stop together);
     # otherwise run n_trials more
     t0 = time.time()
@@ -244,6 +246,9 @@ class OptunaAllocator(Allocator):
         if not settings.study_name:
             settings.study_name = f"bitsearch-{ctx.fingerprint.get('sha256', 'model')[:10]}-{budget_bytes}B"
         problems = ctx.estimator_problems or {"mix": problem}
+        if settings.storage is not None:
+            keep_on_interrupt(f"the study's finished trials are kept in '{settings.storage}': rerun the same command with "
+                      f"--resume to continue it")
         problem.check_budget(budget_bytes)
         kl = PlanKL(ctx.model, ctx.targets, ctx.batch, problem.bits, problem.group_size, ctx.micro_batch)
         study = run_study(problems, kl, budget_bytes, settings, ctx.show_progress,

@@ -5,7 +5,7 @@ script quantizes a uniform plan (or a given one), packs it and evaluates it.
 
 CLI (a uniform plan, every row at --bits, unless --plan is given)::
 
-    python studies/gptq.py --model ../shared/models/slm-llama-17m \\
+    python -m studies.reference.gptq --model ../shared/models/slm-llama-17m \\
         --calib ../shared/data/corpus/heldout.txt --bits 2 --group-size 128 --out runs/gptq_w2 \\
         --eval-text ../shared/data/corpus/wikitext2_test.txt --max-tokens 40000 --threads 1
 
@@ -19,19 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from bitsearch.finalize.gptq import (GPTQResult, GPTQSettings, gptq_layer, gptq_quantize,  # noqa: E402
-                                     sequential_groups)
-from bitsearch.plan import BitPlan  # noqa: E402
-from bitsearch.quant.grid import QUANT_WIDTHS  # noqa: E402
-from bitsearch.search.uniform import uniform_plan  # noqa: E402
+from bitsearch.finalize.gptq import GPTQResult, GPTQSettings, gptq_layer, gptq_quantize, sequential_groups
+from bitsearch.plan import BitPlan
+from bitsearch.quant.grid import QUANT_WIDTHS
+from bitsearch.search.uniform import uniform_plan
 
 __all__ = ["GPTQResult", "GPTQSettings", "gptq_layer", "gptq_quantize", "uniform_plan", "sequential_groups",
            "main"]
