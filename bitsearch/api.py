@@ -36,7 +36,7 @@ from .errors import BitsearchError
 from .options import check_choices
 from .outputs import check_output, keep_on_interrupt
 
-__all__ = ["sensitivity", "search", "search_plan", "apply", "finalize", "evaluate", "export", "generate",
+__all__ = ["sensitivity", "search", "search_plan", "apply", "finalize", "evaluate", "export",
            "parse_bits", "invoked_as", "resolve_model", "calibration_tokens"]
 
 _INVOKED_AS: contextvars.ContextVar[str | None] = contextvars.ContextVar("bitsearch_invoked_as", default=None)
@@ -86,7 +86,7 @@ class Loaded:
     def tok(self):
         """The tokenizer, loaded from the model's folder or hub id when not given."""
         if self.tokenizer is None:
-            from .models import load_tokenizer
+            from .io.loading import load_tokenizer
 
             path = getattr(self.model, "name_or_path", "") or getattr(getattr(self.model, "config", None),
                                                                       "_name_or_path", "")
@@ -107,7 +107,7 @@ def _threads(config: RunConfig) -> None:
 def resolve_model(model, config: RunConfig, tokenizer=None, offload: bool = False) -> Loaded:
     """``model`` as a :class:`Loaded`: an ``nn.Module`` as it is, a path or hub id loaded on
     ``config.device`` in ``config.dtype`` (with ``offload``: blocks kept on the CPU)."""
-    from .models import load_model, load_tokenizer
+    from .io.loading import load_model, load_tokenizer
 
     from .models import check_finite
 
@@ -121,7 +121,7 @@ def resolve_model(model, config: RunConfig, tokenizer=None, offload: bool = Fals
         raise BitsearchError(f"model must be an nn.Module or a model folder / hub id, not {type(model).__name__}")
     path = os.fspath(model)
     if offload:
-        from .sensitivity.streaming import offload_blocks
+        from .blocks import offload_blocks
 
         m = offload_blocks(load_model(path, "cpu", config.dtype), config.device)
     else:
@@ -181,7 +181,7 @@ def calibration_tokens(loaded: Loaded, calib, config: CalibConfig, n: int | None
 
 
 def _plan(plan):
-    from .plan import BitPlan
+    from .io.plan import BitPlan
 
     if isinstance(plan, BitPlan):
         return plan
@@ -269,7 +269,7 @@ def search_plan(table, targets, fingerprint: dict, config: SearchConfig, *, allo
     ``config.format`` (an exporter whose unit is the module) widths are priced and budgeted in that
     format's bytes (``search/formats.py``), one width per module."""
     from .cost import avg_bits, budget_to_bytes
-    from .plan import BitPlan
+    from .io.plan import BitPlan
     from .search import allocator_from_config, build_problem
     from .sensitivity.table import format_mix
 
@@ -332,7 +332,7 @@ def search_plan(table, targets, fingerprint: dict, config: SearchConfig, *, allo
 
 def search(model, calib=None, config: SearchConfig | None = None, *, tokenizer=None, table=None,
            out: str | None = None, overwrite: bool = False):
-    """A :class:`~bitsearch.plan.BitPlan` under ``config.budget`` (avg bits such as 2.5, or bytes
+    """A :class:`~bitsearch.io.plan.BitPlan` under ``config.budget`` (avg bits such as 2.5, or bytes
     such as "12MB"), saved as JSON at ``out``.
 
     The curves come from ``table`` (a SensitivityTable or its Parquet file) or are computed from
@@ -432,7 +432,8 @@ def apply(model, plan, config: ApplyConfig | None = None, *, tokenizer=None, out
     """The model quantized by ``plan``, in place: its targets become packed modules (or, with
     ``config.fake``, keep nn.Linear with dequantized weights). ``out``: write the packed checkpoint
     (or, with ``fake``, a plain HF checkpoint). The plan is kept as ``model.bitsearch_plan``."""
-    from .apply import fake_quantize_model, pack_model, plan_targets, save_fake, save_packed
+    from .quantize import fake_quantize_model, pack_model, plan_targets
+    from .io.checkpoint import save_fake, save_packed
 
     config = config or ApplyConfig()
     check_choices(config)
@@ -462,7 +463,8 @@ def finalize(model, plan, calib=None, config: FinalizeConfig | None = None, *, t
     ``model.bitsearch_plan``. ``out``: write the packed checkpoint; QAT then also keeps a resumable
     checkpoint ``OUT.qat-checkpoint.pt`` every ``checkpoint_every`` seconds (removed once ``out``
     is written)."""
-    from .apply import plan_targets, save_packed
+    from .quantize import plan_targets
+    from .io.checkpoint import save_packed
     from .finalize import get_finalizer, rounders
 
     config = config or FinalizeConfig()
@@ -564,10 +566,8 @@ def export(model, plan, out: str, config: ExportConfig | None = None, *, tokeniz
     from .packed import PackedLinear
 
     if not any(isinstance(mod, PackedLinear) for mod in loaded.model.modules()):   # a float model
-        from .apply import plan_targets
+        from .quantize import plan_targets
 
         plan_targets(loaded.model, p, where="plan", check_weights=not force)
     return exporter.export(loaded.model, loaded.tokenizer, p, out)
 
-
-from .generate import generate  # noqa: E402  (batch-1 generation: its own module, one API with the stages)

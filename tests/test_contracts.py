@@ -19,12 +19,13 @@ import pytest
 import torch
 
 from bitsearch import api
-from bitsearch.apply import packed_tensor_bytes
+from bitsearch.io.checkpoint import packed_tensor_bytes
 from bitsearch.config import ExportConfig, FinalizeConfig, SearchConfig, SensitivityConfig
 from bitsearch.export import EXPORTERS
 from bitsearch.finalize import FINALIZERS
-from bitsearch.models import find_targets, load_model, load_tokenizer
-from bitsearch.plan import BitPlan
+from bitsearch.models import find_targets
+from bitsearch.io.loading import load_model, load_tokenizer
+from bitsearch.io.plan import BitPlan
 from bitsearch.search import ALLOCATORS
 from bitsearch.sensitivity import ESTIMATORS
 

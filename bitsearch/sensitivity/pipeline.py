@@ -1,7 +1,7 @@
 """compute_sensitivity: run estimators on a calibration batch and build a SensitivityTable.
 
 Input estimators (imatrix, snr) share one block-by-block pass that collects the statistics
-they need (``stats.py``, ``streaming.py``); gradient estimators (fisher, hutchinson) run their
+they need (``stats.py``, ``bitsearch.blocks``); gradient estimators (fisher, hutchinson) run their
 own passes. Curves not already in loss units are calibrated per layer (``calibrate.py``): each
 layer's loss response at the reference width (and to pruning its cheapest rows) is predicted
 for every layer from one forward+backward (``grad_response.py``, "gradient") or measured
@@ -25,10 +25,11 @@ from ..models import Target, model_fingerprint
 from ..progress import progress
 from ..quant.grid import VALID_WIDTHS
 from .base import GradientEstimator, InputEstimator, LayerCurves, SensitivityContext, get_estimator
-from .calibrate import block_of, calibrate_layer_loss, layer_loss_response, prune_loss_response, prune_rows
+from ..blocks import block_of
+from .calibrate import calibrate_layer_loss, layer_loss_response, prune_loss_response, prune_rows
 from .grad_response import gradient_responses
 from .stats import InputStats
-from .streaming import BlockRunner
+from ..blocks import BlockRunner
 from .table import SensitivityTable, err_col, format_mix, parse_mix
 
 __all__ = ["DEFAULT_BITS", "CALIBRATIONS", "check_bits", "check_group_size", "compute_sensitivity",

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .atomic import write_text_atomic
-from .cost import avg_bits, plan_bytes
-from .couplings import Coupling, couplings_from_list
-from .errors import BitsearchError
-from .quant.grid import KEEP_WIDTH, VALID_WIDTHS
+from ..atomic import write_text_atomic
+from ..cost import avg_bits, plan_bytes
+from ..couplings import Coupling, couplings_from_list
+from ..errors import BitsearchError
+from ..quant.grid import KEEP_WIDTH, VALID_WIDTHS
 
 __all__ = ["PLAN_FORMAT", "PLAN_VERSION", "BitPlan", "encode_bits", "decode_bits"]
 
