@@ -32,7 +32,7 @@ from .sensitivity import DEFAULT_BITS, SensitivityTable, check_bits, compute_sen
 from .sensitivity.table import format_mix
 from .sensitivity.pipeline import CALIB_REF_BITS
 
-__all__ = ["sensitivity", "search", "search_plan", "apply", "evaluate", "plot_sensitivity", "plot_plan", "plot_pareto", "pareto", "parse_bits"]
+__all__ = ["sensitivity", "search", "search_plan", "search_gguf", "export", "apply", "evaluate", "plot_sensitivity", "plot_plan", "plot_pareto", "pareto", "parse_bits"]
 
 # Calibration samples on which optuna / diffq measure KL (and as many more held out to choose
 # among their candidates). On slm-llama-17m, 16 were too few: optuna's chosen plan fitted the
@@ -98,11 +98,12 @@ def sensitivity(*, model: str, calib: str | None = None, out: str | None = None,
                 probes: int = 8, offload: bool = False, checkpointing: bool = False, device: str = "cpu",
                 dtype: str = "float32", micro_batch: int = 8, data_free: int | None = None,
                 data_free_cache: str | None = None, overwrite_data_free: bool = False, show_progress: bool = True,
-                _loaded=None) -> SensitivityTable:
+                imatrix: str | None = None, _loaded=None) -> SensitivityTable:
     """Per-channel error curves of every target from each of ``estimators`` (comma-separated),
     saved as a Parquet table when ``out`` is set. Under ``torchrun`` the calibration batch is
     shared across processes and rank 0 writes the table. ``data_free`` N: calibrate on N samples
-    the float model generates (``datafree.py``) instead of ``calib`` text."""
+    the float model generates (``datafree.py``) instead of ``calib`` text. ``imatrix``: a llama.cpp
+    imatrix file (GGUF or legacy .dat) used as the importance matrix instead of collecting one."""
     from .distributed import from_env
 
     _check_text(calib, data_free, "sensitivity")
@@ -123,10 +124,23 @@ def sensitivity(*, model: str, calib: str | None = None, out: str | None = None,
             _calib(tok, calib, samples, seq_len, seed, **text)
         dist.barrier()
     batch, calib_info = _calib(tok, calib, samples, seq_len, seed, **text)
+    given = None
+    if imatrix is not None:
+        from .gguf.imatrix import read_imatrix
+        from .gguf.search import imatrix_for
+
+        imat = read_imatrix(imatrix)
+        given = {}
+        for t in tgts:
+            w = imatrix_for(imat, t) if t.kind == "linear" else None
+            if w is None:
+                raise BitsearchError(f"imatrix file '{imatrix}' has no entry for target '{t.name}'")
+            given[t.name] = torch.from_numpy(w)
+        calib_info = dict(calib_info, imatrix=imatrix)
     table = compute_sensitivity(m, tgts, batch, estimators=estimators, bits=menu, group_size=group_size,
                                 calibrate=calibrate, calib_samples=calib_loss_samples, micro_batch=micro_batch,
                                 probes=probes, seed=seed, mix=mix, offload=offload, checkpointing=checkpointing,
-                                dist=dist, calib_info=calib_info, show_progress=show_progress)
+                                dist=dist, calib_info=calib_info, show_progress=show_progress, imatrix=given)
     table.meta["command"] = _command_line()
     table.meta["model_name"] = model
     if out and dist.is_main:
@@ -329,6 +343,53 @@ def search(*, model: str, budget: str, out: str | None = None, calib: str | None
     return plan
 
 
+def search_gguf(*, model: str, budget: str, out: str | None = None, calib: str | None = None, samples: int = 128,
+                seq_len: int = 512, seed: int = 0, types: str | None = None, method: str = "greedy",
+                ref_type: str = "Q2_K", calib_loss_samples: int = 16, micro_batch: int = 8,
+                imatrix: str | None = None, device: str = "cpu", dtype: str = "float32", show_progress: bool = True,
+                _loaded=None):
+    """A per-tensor plan of ggml types (``bitsearch search --format gguf``), saved with its importance
+    matrix (``<out stem>.imatrix.gguf``, a llama.cpp imatrix file) when ``out`` is set. ``imatrix``:
+    score and quantize with a llama.cpp imatrix file instead of collecting one on ``calib``."""
+    import hashlib
+
+    from .gguf.imatrix import read_imatrix, write_imatrix
+    from .gguf.search import search_gguf as _search
+
+    _check_text(calib, None, "search --format gguf")
+    _check_out(out, "plan")
+    m, tok = _loaded if _loaded is not None else (load_model(model, device, dtype), load_tokenizer(model))
+    batch, calib_info = _calib(tok, calib, samples, seq_len, seed)
+    given = read_imatrix(imatrix) if imatrix is not None else None
+    plan, imat = _search(m, batch, budget, types=types, method=method, ref_type=ref_type,
+                         calib_samples=calib_loss_samples, micro_batch=micro_batch, imatrix=given,
+                         calib_info=calib_info, show_progress=show_progress)
+    plan.provenance.update(command=_command_line(), model_name=model, imatrix_file=imatrix)
+    if out:
+        im_path = os.path.splitext(out)[0] + ".imatrix.gguf"
+        write_imatrix(imat, im_path)
+        with open(im_path, "rb") as f:
+            plan.imatrix, plan.imatrix_sha256 = os.path.basename(im_path), hashlib.sha256(f.read()).hexdigest()
+        plan.save(out)
+    return plan
+
+
+def export(*, model: str, plan: str, out: str, format: str = "gguf", device: str = "cpu", dtype: str = "float32",
+           _loaded=None) -> dict:
+    """Write ``model`` quantized by ``plan`` in a runtime's files (``format``: an exporter's name)."""
+    from .export import get_exporter
+    from .plan import load_plan
+
+    exporter = get_exporter(format)
+    p = load_plan(plan)
+    if exporter.plan_unit != "channel" and isinstance(p, BitPlan):
+        raise BitsearchError(f"--format {format} stores one scheme per {exporter.plan_unit} and '{plan}' is a "
+                             f"per-channel plan: make one with `bitsearch search --format {format}`")
+    _check_out(out, "export")
+    m, tok = _loaded if _loaded is not None else (load_model(model, device, dtype), load_tokenizer(model))
+    return exporter.export(m, tok, p, out)
+
+
 def apply(*, model: str, plan: str | BitPlan, out: str, fake: bool = False, device: str = "cpu",
           dtype: str = "float32", _loaded=None) -> dict:
     """Write the planned model to ``out``: a packed checkpoint, or with ``fake`` a plain HF one.
@@ -431,7 +492,14 @@ def evaluate(*, model: str, text: str, max_tokens: int | None = None, seq_len: i
     if max_tokens is not None and max_tokens < 2:
         raise BitsearchError(f"--max-tokens must be at least 2 (got {max_tokens})")
     _check_out(json_out, "results")
-    m, tok = _loaded if _loaded is not None else (load_model(model, device, dtype), load_tokenizer(model))
+    if _loaded is None and model.endswith(".gguf") and os.path.isfile(model):
+        from .gguf.load import load_gguf
+        from .models import resolve_device, resolve_dtype
+
+        m, tok = load_gguf(model, resolve_dtype(dtype))
+        m.to(resolve_device(device))
+    else:
+        m, tok = _loaded if _loaded is not None else (load_model(model, device, dtype), load_tokenizer(model))
     ids = tokenize_text(tok, read_text(text))
     ref = _reference_loaded
     if reference is not None and ref is None:

@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sensitivity(p)
     p.add_argument("--offload", action="store_true",
                    help="keep decoder blocks on the CPU and move one at a time to --device (imatrix, snr)")
+    p.add_argument("--imatrix", default=None,
+                   help="a llama.cpp imatrix file (GGUF or legacy .dat) used as the importance matrix (imatrix only)")
     p.add_argument("--out", required=True, help="output table (.parquet)")
 
     p = sub.add_parser("search", parents=[quiet], help="a bit plan under a memory budget -> plan JSON")
@@ -128,7 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--learn", default="channel", choices=["channel", "layer"],
                    help="train a width per channel, or one shift per layer on top of the estimator's widths "
                         "(fewer parameters to fit from few samples) (default: channel)")
+    g = p.add_argument_group("--format gguf")
+    g.add_argument("--format", default="channel", choices=["channel", "gguf"],
+                   help="channel: a width per channel (bitsearch's packed format); gguf: a ggml type per tensor "
+                        "for llama.cpp, scored by llama.cpp's own quantizers (default: channel)")
+    g.add_argument("--types", default=None, help="ggml type menu, comma-separated (default: IQ2_XXS,IQ2_XS,IQ2_S,"
+                   "Q2_K,IQ3_XXS,Q3_K,IQ3_S,IQ4_XS,Q4_K,Q5_K,Q6_K,Q8_0)")
+    g.add_argument("--ref-type", default="Q2_K", help="type whose measured loss response calibrates each tensor "
+                   "(default: Q2_K)")
+    g.add_argument("--imatrix", default=None, help="score with this llama.cpp imatrix file instead of collecting one")
     p.add_argument("--out", required=True, help="output plan (.json)")
+
+    p = sub.add_parser("export", parents=[quiet], help="plan + model -> a runtime's files (gguf: llama.cpp)")
+    _add_model(p)
+    p.add_argument("--plan", required=True, help="plan file (for gguf: from `bitsearch search --format gguf`)")
+    p.add_argument("--format", default="gguf", choices=["gguf"], help="output format (default: gguf)")
+    p.add_argument("--out", required=True, help="output file (model.gguf; also writes .tensor-types.txt and "
+                   ".imatrix.gguf beside it)")
 
     p = sub.add_parser("finalize", parents=[quiet],
                        help="plan + model -> packed checkpoint after QAT (or SignRound) on calibration or data-free text")
@@ -202,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--title", default=None, help="a title line to add")
 
     p = sub.add_parser("eval", parents=[quiet], help="perplexity of a model or packed checkpoint on a text file")
-    _add_model(p, "HF hub id, local model folder or packed checkpoint folder")
+    _add_model(p, "HF hub id, local model folder, packed checkpoint folder or GGUF file (.gguf)")
     p.add_argument("--text", required=True, help="text file to evaluate on")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens (default: all)")
     p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default: 512)")
@@ -226,7 +244,8 @@ def _run(args: argparse.Namespace) -> int:
                                 calibrate=args.calibrate, calib_loss_samples=args.calib_loss_samples,
                                 mix=args.mix, probes=args.probes, offload=args.offload,
                                 checkpointing=args.checkpointing, micro_batch=args.micro_batch,
-                                device=args.device, dtype=args.dtype, show_progress=show, **_data_free_args(args))
+                                device=args.device, dtype=args.dtype, show_progress=show, imatrix=args.imatrix,
+                                **_data_free_args(args))
         if table.meta["world_size"] == 1 or os.environ.get("RANK", "0") == "0":
             secs = ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in table.meta["estimator_info"].items())
             print(f"wrote {args.out}: {len(table.df)} channels in {len(table.layers)} layers, "
@@ -236,7 +255,24 @@ def _run(args: argparse.Namespace) -> int:
             if "layer_rel_se_median" in hutch:
                 print(f"hutchinson: standard error of a layer's trace, median {100 * hutch['layer_rel_se_median']:.1f} %, "
                       f"worst {100 * hutch['layer_rel_se_max']:.1f} % of the trace (more --probes lower it)")
+    elif args.command == "search" and args.format == "gguf":
+        plan = api.search_gguf(model=args.model, budget=args.budget, out=args.out, calib=args.calib,
+                               samples=args.samples, seq_len=args.seq_len, seed=args.seed, types=args.types,
+                               method=args.method, ref_type=args.ref_type, calib_loss_samples=args.calib_loss_samples,
+                               micro_batch=args.micro_batch, imatrix=args.imatrix, device=args.device,
+                               dtype=args.dtype, show_progress=show)
+        s = plan.summary
+        print(f"wrote {args.out}: {s['avg_bits']:.4f} bits per weight, {s['bytes']} bytes of tensor data, "
+              f"types {s['histogram']}, predicted loss increase {s['predicted_error']:.4g}")
+    elif args.command == "export":
+        info = api.export(model=args.model, plan=args.plan, out=args.out, format=args.format, device=args.device,
+                          dtype=args.dtype)
+        print(f"wrote {args.out}: {info['file_bytes']} bytes ({info['tensor_bytes']} bytes of planned tensor data, "
+              f"plan: {info['plan_bytes']}); {info['tensor_type_file']}"
+              + (f"; {info['imatrix']}" if info.get("imatrix") else ""))
     elif args.command == "search":
+        if args.imatrix or args.types:
+            raise BitsearchError("--imatrix and --types need --format gguf")
         plan = api.search(model=args.model, budget=args.budget, out=args.out, calib=args.calib,
                           sensitivity_table=args.sensitivity, method=args.method, bits=args.bits,
                           group_size=args.group_size, min_bits=args.min_bits, max_bits=args.max_bits,

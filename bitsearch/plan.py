@@ -14,6 +14,9 @@ Layout (format "bitsearch-plan", version 1)::
 
 Version 1 plans have no couplings; a plan with couplings is written as version 2 (its bytes
 count the consumers' freed columns, which a version-1 reader would not). Loading checks everything and names the first problem it finds. Writing is atomic.
+
+Per-tensor plans (one ggml type per tensor, for GGUF) are version 3 with ``"unit": "tensor"``
+(:class:`bitsearch.gguf.plan.TensorPlan`); :func:`load_plan` reads either kind.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from .couplings import Coupling, couplings_from_list
 from .errors import BitsearchError
 from .quant.grid import KEEP_WIDTH, VALID_WIDTHS
 
-__all__ = ["PLAN_FORMAT", "PLAN_VERSION", "BitPlan", "encode_bits", "decode_bits"]
+__all__ = ["PLAN_FORMAT", "PLAN_VERSION", "BitPlan", "encode_bits", "decode_bits", "load_plan"]
 
 PLAN_FORMAT = "bitsearch-plan"
 PLAN_VERSION = 2
@@ -116,22 +119,15 @@ class BitPlan:
 
     @classmethod
     def load(cls, path: str) -> "BitPlan":
-        if not os.path.isfile(path):
-            raise BitsearchError(f"plan file '{path}' does not exist")
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise BitsearchError(f"plan file '{path}' is truncated or not JSON "
-                                 f"(line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
-        except UnicodeDecodeError:
-            raise BitsearchError(f"plan file '{path}' is not a text file") from None
-        return cls.from_dict(d, path)
+        return cls.from_dict(_read_json(path), path)
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "plan") -> "BitPlan":
         if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
             raise BitsearchError(f"'{where}' is not a bitsearch plan (format {d.get('format') if isinstance(d, dict) else None!r})")
+        if d.get("unit") == "tensor":
+            raise BitsearchError(f"'{where}' is a per-tensor plan of ggml types: export it with --format gguf "
+                                 f"(the packed format needs a per-channel plan from `bitsearch search`)")
         if d.get("version") not in _READS:
             raise BitsearchError(f"plan '{where}' has format version {d.get('version')}; "
                                  f"this bitsearch reads versions {', '.join(map(str, _READS))}")
@@ -202,3 +198,26 @@ class BitPlan:
             raise BitsearchError(f"{where} was made for another model ({self.model.get('model_type')}, "
                                  f"fingerprint {str(self.model.get('sha256'))[:12]}) than this one "
                                  f"({fingerprint.get('model_type')}, {fingerprint['sha256'][:12]})")
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise BitsearchError(f"plan file '{path}' does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise BitsearchError(f"plan file '{path}' is truncated or not JSON "
+                             f"(line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except UnicodeDecodeError:
+        raise BitsearchError(f"plan file '{path}' is not a text file") from None
+
+
+def load_plan(path: str):
+    """A per-channel :class:`BitPlan` or a per-tensor ``TensorPlan``, by what the file holds."""
+    d = _read_json(path)
+    if isinstance(d, dict) and d.get("format") == PLAN_FORMAT and d.get("unit") == "tensor":
+        from .gguf.plan import TensorPlan
+
+        return TensorPlan.from_dict(d, path, path)
+    return BitPlan.from_dict(d, path)
