@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from .. import __version__
-from ..cost import avg_bits, budget_to_bytes
+from ..cost import avg_bits, budget_to_bytes, parse_budget
 from ..errors import BitsearchError
 from ..models import Target, find_targets, model_fingerprint
 from ..progress import progress
@@ -39,10 +40,10 @@ from .arch import gguf_arch, gguf_name
 from .imatrix import Imatrix
 from .plan import TensorPlan
 from .quantize import round_trip
-from .types import GGML_TYPES, effective_type, parse_types, tensor_bytes
+from .types import GGML_TYPES, effective_type, ggml_type, parse_types, tensor_bytes
 
-__all__ = ["gguf_targets", "collect_imatrix", "imatrix_for", "token_frequencies", "tensor_curves",
-           "search_gguf", "DEFAULT_REF_TYPE", "GGUF_METHODS"]
+__all__ = ["gguf_targets", "collect_imatrix", "imatrix_for", "token_frequencies", "tensor_curves", "GGUFProblem",
+           "build_gguf_problem", "allocate_gguf", "search_gguf", "DEFAULT_REF_TYPE", "GGUF_METHODS"]
 
 #: type whose measured loss response scales each tensor's curve (as 2 bits does per channel)
 DEFAULT_REF_TYPE = "Q2_K"
@@ -111,10 +112,19 @@ def _raw_error(t: Target, w: np.ndarray, q: np.ndarray, weights: np.ndarray | No
     return float(d2.sum(0) @ (weights if weights is not None else np.ones(w.shape[1])))
 
 
-def _columns(targets: list[Target], menu: list[str]) -> tuple[list[str], dict[str, set[str]]]:
+def _columns(targets: list[Target], menu: list[str], imat: Imatrix | None) -> tuple[list[str], dict[str, set[str]]]:
     """The problem's options (every type some tensor is stored in, by price) and the types each
-    tensor can be stored in (the menu after llama.cpp's fallbacks for its row length)."""
-    allowed = {t.name: {effective_type(m, t.in_features) for m in menu} for t in targets}
+    tensor can be stored in: the menu after llama.cpp's fallbacks for its row length, less the
+    types ggml makes only with importance weights where the tensor has none (an untied
+    ``token_embd``: ``llama-imatrix`` never sees its lookups)."""
+    allowed = {}
+    for t in targets:
+        weighted = imatrix_for(imat, t) is not None
+        allowed[t.name] = {e for e in (effective_type(m, t.in_features) for m in menu)
+                           if weighted or not GGML_TYPES[e].needs_imatrix}
+        if not allowed[t.name]:
+            raise BitsearchError(f"no type of the menu ({','.join(menu)}) can store '{gguf_name(t.name)}' without "
+                                 f"an importance matrix entry")
     stored = sorted(set().union(*allowed.values()), key=lambda n: GGML_TYPES[n].bits_per_weight)
     return stored, allowed
 
@@ -126,10 +136,6 @@ def tensor_curves(model: nn.Module, targets: list[Target], columns: list[str], a
     jobs = [(t, c) for t in targets for c in columns if c in allowed[t.name]]
     weights = {t.name: model.get_submodule(t.name).weight.detach().float().cpu().numpy() for t in targets}
     imw = {t.name: imatrix_for(imat, t) for t in targets}
-    for t in targets:
-        if imw[t.name] is None and any(GGML_TYPES[c].needs_imatrix for c in allowed[t.name]):
-            raise BitsearchError(f"llama.cpp makes {', '.join(c for c in allowed[t.name] if GGML_TYPES[c].needs_imatrix)}"
-                                 f" only with an importance matrix, and there is none for '{gguf_name(t.name)}'")
 
     def one(job):
         t, c = job
@@ -167,24 +173,31 @@ def _problem(targets: list[Target], columns: list[str], errors: dict[str, np.nda
                              layer_slices={t.name: slice(i, i + 1) for i, t in enumerate(targets)}, group_size=0)
 
 
-def search_gguf(model: nn.Module, batch: torch.Tensor, budget: str | float, *, types: str | list[str] | None = None,
-                method: str = "greedy", ref_type: str = DEFAULT_REF_TYPE, calib_samples: int = 16,
-                micro_batch: int = 8, imatrix: Imatrix | None = None, threads: int | None = None,
-                calib_info: dict | None = None, show_progress: bool = True) -> tuple[TensorPlan, Imatrix]:
-    """A per-tensor plan of ggml types within ``budget`` (average bits over the targets, or bytes)
-    and the importance matrix it was scored with (``imatrix``: a llama.cpp one instead of collecting)."""
-    t0 = time.time()
-    if method not in GGUF_METHODS:
-        raise BitsearchError(f"--format gguf searches with {' or '.join(GGUF_METHODS)}, not '{method}'")
+@dataclass
+class GGUFProblem:
+    """The allocation problem of one model: a row per tensor, an option per stored type."""
+
+    problem: AllocationProblem
+    columns: list[str]
+    targets: list[Target]
+    fingerprint: dict
+    imatrix: Imatrix
+    menu: list[str]
+    ref_type: str
+
+
+def build_gguf_problem(model: nn.Module, batch: torch.Tensor, *, types: str | list[str] | None = None,
+                       ref_type: str = DEFAULT_REF_TYPE, calib_samples: int = 16, micro_batch: int = 8,
+                       imatrix: Imatrix | None = None, threads: int | None = None, dataset: str = "",
+                       show_progress: bool = True) -> GGUFProblem:
+    """Loss-calibrated round-trip errors and exact prices of every target in every type of the
+    menu (``imatrix``: a llama.cpp one instead of collecting it on ``batch``)."""
     menu = parse_types(types)
-    ref = effective_type(ref_type, 256)   # checks the name
+    ref = ggml_type(ref_type).name
     targets = gguf_targets(model)
     if imatrix is None:
-        imatrix = collect_imatrix(model, targets, batch, micro_batch, (calib_info or {}).get("source", ""),
-                                  show_progress)
-    n_weights = sum(t.numel for t in targets)
-    budget_bytes = budget_to_bytes(budget, n_weights)
-    columns, allowed = _columns(targets, menu)
+        imatrix = collect_imatrix(model, targets, batch, micro_batch, dataset, show_progress)
+    columns, allowed = _columns(targets, menu, imatrix)
     emb = [t for t in targets if t.kind == "embedding"]
     freq = token_frequencies(batch, emb[0].out_features) if emb else np.zeros(0)
     raw = tensor_curves(model, targets, columns, allowed, imatrix, freq, threads or torch.get_num_threads(),
@@ -211,17 +224,43 @@ def search_gguf(model: nn.Module, batch: torch.Tensor, budget: str | float, *, t
                                        metrics={})
     scaled = calibrate_layer_loss(with_ref, responses, list(range(n + 1)), n)
     curves = {name: np.where(np.isfinite(raw[name]), lc.errors[0, :n], np.nan) for name, lc in scaled.items()}
-    problem = _problem(targets, columns, curves)
+    return GGUFProblem(_problem(targets, columns, curves), columns, targets, model_fingerprint(model, targets),
+                       imatrix, menu, ref)
+
+
+def allocate_gguf(gp: GGUFProblem, budget: str | float, method: str = "greedy") -> TensorPlan:
+    """The plan of ``gp`` within ``budget`` (average bits over the targets, or bytes)."""
+    if method not in GGUF_METHODS:
+        raise BitsearchError(f"--format gguf searches with {' or '.join(GGUF_METHODS)}, not '{method}'")
+    problem = gp.problem
+    budget_bytes = budget_to_bytes(budget, problem.n_weights)
     if budget_bytes < problem.min_bytes():
-        raise BitsearchError(f"budget {budget_bytes} bytes ({avg_bits(budget_bytes, n_weights):.4f} bits) is below "
-                             f"the smallest plan of types {','.join(menu)}: {problem.min_bytes()} bytes "
-                             f"({avg_bits(problem.min_bytes(), n_weights):.4f} bits)")
+        raise BitsearchError(f"budget {budget_bytes} bytes ({avg_bits(budget_bytes, problem.n_weights):.4f} bits) "
+                             f"is below the smallest plan of types {','.join(gp.menu)}: {problem.min_bytes()} bytes "
+                             f"({avg_bits(problem.min_bytes(), problem.n_weights):.4f} bits)")
     choice = get_allocator(method).allocate(problem, budget_bytes)
-    fp = model_fingerprint(model, targets)
-    plan = TensorPlan(model=fp, types={t.name: columns[int(choice[i])] for i, t in enumerate(targets)}, menu=menu)
+    plan = TensorPlan(model=gp.fingerprint, types={t.name: gp.columns[int(choice[i])] for i, t in enumerate(gp.targets)},
+                      menu=gp.menu)
     plan.fill_summary(problem.error_of(choice))
-    plan.provenance = {"estimator": "ggml-imatrix", "allocator": method, "budget": budget, "reference_type": ref,
-                       "calibration": calib_info or {}, "calib_loss_samples": calib_samples,
-                       "package_version": __version__, "seconds": round(time.time() - t0, 2),
+    plan.provenance = {"estimator": "ggml-imatrix", "allocator": method, "budget": budget,
+                       "reference_type": gp.ref_type, "package_version": __version__,
                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    return plan, imatrix
+    return plan
+
+
+def search_gguf(model: nn.Module, batch: torch.Tensor, budget: str | float, *, types: str | list[str] | None = None,
+                method: str = "greedy", ref_type: str = DEFAULT_REF_TYPE, calib_samples: int = 16,
+                micro_batch: int = 8, imatrix: Imatrix | None = None, threads: int | None = None,
+                calib_info: dict | None = None, show_progress: bool = True) -> tuple[TensorPlan, Imatrix]:
+    """A per-tensor plan of ggml types within ``budget`` and the importance matrix it was scored with."""
+    t0 = time.time()
+    if method not in GGUF_METHODS:
+        raise BitsearchError(f"--format gguf searches with {' or '.join(GGUF_METHODS)}, not '{method}'")
+    parse_budget(budget)
+    gp = build_gguf_problem(model, batch, types=types, ref_type=ref_type, calib_samples=calib_samples,
+                            micro_batch=micro_batch, imatrix=imatrix, threads=threads,
+                            dataset=(calib_info or {}).get("source", ""), show_progress=show_progress)
+    plan = allocate_gguf(gp, budget, method)
+    plan.provenance.update(calibration=calib_info or {}, calib_loss_samples=calib_samples,
+                           seconds=round(time.time() - t0, 2))
+    return plan, gp.imatrix

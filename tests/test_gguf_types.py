@@ -1,0 +1,99 @@
+"""ggml types, prices, fallbacks and per-tensor plan files (pure Python; the gguf package where noted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bitsearch.errors import BitsearchError
+from bitsearch.gguf.plan import TensorPlan
+from bitsearch.gguf.types import FALLBACK, GGML_TYPES, SEARCH_TYPES, effective_type, parse_types, tensor_bytes
+from bitsearch.plan import BitPlan, load_plan
+
+# block size / bytes per block that the issue lists from ggml's type traits
+LISTED = {"Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+          "Q8_0": (32, 34), "IQ2_XXS": (256, 66), "IQ2_XS": (256, 74), "IQ2_S": (256, 82), "IQ3_XXS": (256, 98),
+          "IQ3_S": (256, 110), "IQ4_XS": (256, 136), "F16": (1, 2), "Q4_0": (32, 18), "Q5_0": (32, 22)}
+
+
+def test_sizes_match_the_listed_ones_and_the_gguf_package():
+    for name, (block, size) in LISTED.items():
+        assert (GGML_TYPES[name].block, GGML_TYPES[name].type_size) == (block, size)
+    gguf = pytest.importorskip("gguf")
+    for t in GGML_TYPES.values():
+        q = gguf.GGMLQuantizationType(t.id)
+        assert q.name == t.name
+        assert gguf.GGML_QUANT_SIZES[q] == (t.block, t.type_size)
+
+
+def test_fallbacks_follow_llama_quantize():
+    # rows of 384 (slm-llama-17m's width): 256-blocks fall back, 32-blocks stay
+    assert effective_type("Q2_K", 384) == "Q4_0"
+    assert effective_type("Q3_K", 384) == "Q4_0"
+    assert effective_type("IQ2_XXS", 384) == "IQ4_NL"
+    assert effective_type("IQ4_XS", 384) == "IQ4_NL"
+    assert effective_type("Q4_K", 384) == "Q5_0"
+    assert effective_type("Q5_K", 384) == "Q5_1"
+    assert effective_type("Q6_K", 384) == "Q8_0"
+    assert effective_type("Q8_0", 384) == "Q8_0"
+    assert effective_type("Q4_K", 1024) == "Q4_K"
+    # rows no 32-block divides: F16
+    assert effective_type("Q4_K", 100) == "F16"
+    assert effective_type("Q8_0", 100) == "F16"
+    # every fallback is a 32-block type that costs at least as much per weight as the type it replaces
+    for src, dst in FALLBACK.items():
+        assert GGML_TYPES[dst].block == 32
+        assert GGML_TYPES[dst].bits_per_weight >= GGML_TYPES[src].bits_per_weight
+
+
+def test_prices_are_exact():
+    assert tensor_bytes("Q4_K", (3, 512)) == 3 * 2 * 144
+    assert tensor_bytes("Q8_0", (2, 64)) == 2 * 2 * 34
+    assert tensor_bytes("F16", (5, 7)) == 70
+    with pytest.raises(BitsearchError, match="cannot be stored as Q4_K"):
+        tensor_bytes("Q4_K", (1, 384))
+
+
+def test_type_menu():
+    assert parse_types(None) == SEARCH_TYPES
+    assert parse_types("q8_0, Q2_K") == ["Q2_K", "Q8_0"]
+    with pytest.raises(BitsearchError, match="unknown ggml type 'Q9_K'"):
+        parse_types("Q4_K,Q9_K")
+
+
+def _plan_dict():
+    return {"format": "bitsearch-plan", "version": 3, "unit": "tensor",
+            "model": {"model_type": "llama", "sha256": "x", "targets": {"a": [4, 256], "b": [8, 384]}},
+            "quantizer": {"scheme": "ggml", "types": ["Q2_K", "Q4_K"]},
+            "types": {"a": "Q2_K", "b": "Q4_0"}, "summary": {}, "provenance": {}}
+
+
+def test_plan_file_round_trip_and_dispatch(tmp_path):
+    plan = TensorPlan.from_dict(_plan_dict())
+    plan.fill_summary(0.5)
+    assert plan.n_bytes() == 4 * 84 + 8 * 12 * 18
+    path = str(tmp_path / "p.json")
+    plan.save(path)
+    back = load_plan(path)
+    assert isinstance(back, TensorPlan) and back.types == plan.types and back.summary["bytes"] == plan.n_bytes()
+    with pytest.raises(BitsearchError, match="per-tensor plan of ggml types: export it with --format gguf"):
+        BitPlan.load(path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["types"].__setitem__("a", "Q9_K"), "has type 'Q9_K', not a ggml type"),
+    (lambda d: d["types"].__setitem__("b", "Q4_K"), "rows of 384 weights, which Q4_K"),
+    (lambda d: d["types"].pop("b"), "target 'b' has no type"),
+    (lambda d: d["types"].__setitem__("c", "Q8_0"), "tensor 'c' has a type but is not among its targets"),
+    (lambda d: d["summary"].__setitem__("bytes", 1), "says 1 bytes but its types cost"),
+    (lambda d: d["quantizer"].__setitem__("scheme", "asym"), "unknown quantizer scheme"),
+])
+def test_plan_file_errors_are_one_line(tmp_path, edit, message):
+    d = _plan_dict()
+    edit(d)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(BitsearchError, match=message) as err:
+        load_plan(str(path))
+    assert "\n" not in str(err.value)
