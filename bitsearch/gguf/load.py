@@ -78,7 +78,7 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32):
         w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         if arch == "llama" and (".attn_q." in t.name or ".attn_k." in t.name):
             w = unpermute_rows(w, heads if ".attn_q." in t.name else kv_heads)
-        state[hf_name(t.name)] = torch.from_numpy(np.ascontiguousarray(w)).to(dtype)
+        state[hf_name(t.name)] = torch.from_numpy(np.array(w, dtype=np.float32)).to(dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
