@@ -72,11 +72,24 @@ def exported(gguf_models, text_file, tmp_path_factory) -> dict[str, dict]:
     for arch, d in gguf_models.items():
         root = tmp_path_factory.mktemp(f"{arch}-gguf")
         plan_path, gguf_path = str(root / "plan.json"), str(root / "model.gguf")
-        plan = api.search_gguf(model=d, budget="4.0", out=plan_path, calib=text_file, samples=8, seq_len=64,
-                               calib_loss_samples=4, show_progress=False)
-        info = api.export(model=d, plan=plan_path, out=gguf_path)
+        if arch == "llama":   # through the command line
+            assert main(["search", "--format", "gguf", "--model", d, "--budget", "4.0", "--out", plan_path,
+                         "--calib", text_file, "--samples", "8", "--seq-len", "64", "--calib-loss-samples", "4",
+                         "--quiet"]) == 0
+            assert main(["export", "--model", d, "--plan", plan_path, "--out", gguf_path, "--quiet"]) == 0
+        else:
+            api.search_gguf(model=d, budget="4.0", out=plan_path, calib=text_file, samples=8, seq_len=64,
+                            calib_loss_samples=4, show_progress=False)
+        info = {"tensor_bytes": planned_bytes(gguf_path), "tensor_type_file": gguf_path + ".tensor-types.txt",
+                "imatrix": gguf_path + ".imatrix.gguf"} if arch == "llama" else \
+            api.export(model=d, plan=plan_path, out=gguf_path)
+        plan = load_plan(plan_path)
         out[arch] = {"dir": d, "plan": plan, "plan_path": plan_path, "gguf": gguf_path, "info": info}
     return out
+
+
+def planned_bytes(path: str) -> int:
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors if len(t.shape) == 2)
 
 
 def _ids(d: str, text_file: str, n: int = 48) -> list[int]:
