@@ -33,7 +33,7 @@ from .couplings import Coupling, couplings_from_list
 from .errors import BitsearchError
 from .quant.grid import KEEP_WIDTH, VALID_WIDTHS
 
-__all__ = ["PLAN_FORMAT", "PLAN_VERSION", "BitPlan", "encode_bits", "decode_bits", "load_plan"]
+__all__ = ["PLAN_FORMAT", "PLAN_VERSION", "PlanTargets", "BitPlan", "encode_bits", "decode_bits", "load_plan"]
 
 PLAN_FORMAT = "bitsearch-plan"
 PLAN_VERSION = 2
@@ -55,8 +55,26 @@ def decode_bits(text: str, where: str) -> np.ndarray:
                              f"(0-8 or F for 16)") from None
 
 
+class PlanTargets:
+    """What every plan file knows of its model (``self.model``): target shapes and fingerprint."""
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {k: (int(v[0]), int(v[1])) for k, v in self.model["targets"].items()}
+
+    def n_weights(self) -> int:
+        return sum(o * i for o, i in self.shapes.values())
+
+    def check_fingerprint(self, fingerprint: dict, where: str = "plan") -> None:
+        """Raise unless the plan was made for a model with this fingerprint."""
+        if self.model.get("sha256") != fingerprint["sha256"]:
+            raise BitsearchError(f"{where} was made for another model ({self.model.get('model_type')}, "
+                                 f"fingerprint {str(self.model.get('sha256'))[:12]}) than this one "
+                                 f"({fingerprint.get('model_type')}, {fingerprint['sha256'][:12]})")
+
+
 @dataclass
-class BitPlan:
+class BitPlan(PlanTargets):
     model: dict
     group_size: int
     menu: list[int]
@@ -67,13 +85,6 @@ class BitPlan:
     couplings: list[Coupling] = field(default_factory=list)
 
     # ---- derived -------------------------------------------------------------------------
-    @property
-    def shapes(self) -> dict[str, tuple[int, int]]:
-        return {k: (int(v[0]), int(v[1])) for k, v in self.model["targets"].items()}
-
-    def n_weights(self) -> int:
-        return sum(o * i for o, i in self.shapes.values())
-
     def n_bytes(self) -> int:
         return plan_bytes(self.shapes, self.bits, self.group_size, self.couplings)
 
@@ -194,10 +205,7 @@ class BitPlan:
             if tuple(theirs[name]) != shape:
                 raise BitsearchError(f"{where}: layer '{name}' is {shape[0]}x{shape[1]} in the plan but "
                                      f"{theirs[name][0]}x{theirs[name][1]} in the model")
-        if self.model.get("sha256") != fingerprint["sha256"]:
-            raise BitsearchError(f"{where} was made for another model ({self.model.get('model_type')}, "
-                                 f"fingerprint {str(self.model.get('sha256'))[:12]}) than this one "
-                                 f"({fingerprint.get('model_type')}, {fingerprint['sha256'][:12]})")
+        self.check_fingerprint(fingerprint, where)
 
 
 def _read_json(path: str) -> dict:

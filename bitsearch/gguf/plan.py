@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from ..atomic import write_text_atomic
 from ..cost import avg_bits
 from ..errors import BitsearchError
+from ..plan import PlanTargets
 from .types import GGML_TYPES, tensor_bytes
 
 __all__ = ["TENSOR_PLAN_VERSION", "TensorPlan", "is_tensor_plan"]
@@ -37,7 +38,7 @@ def is_tensor_plan(d: dict) -> bool:
 
 
 @dataclass
-class TensorPlan:
+class TensorPlan(PlanTargets):
     model: dict
     types: dict[str, str]
     menu: list[str]
@@ -48,13 +49,6 @@ class TensorPlan:
     path: str | None = None             # where it was loaded from (to find the imatrix)
 
     unit = "tensor"
-
-    @property
-    def shapes(self) -> dict[str, tuple[int, int]]:
-        return {k: (int(v[0]), int(v[1])) for k, v in self.model["targets"].items()}
-
-    def n_weights(self) -> int:
-        return sum(o * i for o, i in self.shapes.values())
 
     def n_bytes(self) -> int:
         return sum(tensor_bytes(self.types[n], s) for n, s in self.shapes.items())
@@ -121,7 +115,4 @@ class TensorPlan:
 
     def check_model(self, fingerprint: dict, where: str = "plan") -> None:
         """Raise unless the plan was made for a model with this fingerprint."""
-        if self.model.get("sha256") != fingerprint["sha256"]:
-            raise BitsearchError(f"{where} was made for another model ({self.model.get('model_type')}, "
-                                 f"fingerprint {str(self.model.get('sha256'))[:12]}) than this one "
-                                 f"({fingerprint.get('model_type')}, {fingerprint['sha256'][:12]})")
+        self.check_fingerprint(fingerprint, where)
