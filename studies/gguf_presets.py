@@ -82,23 +82,14 @@ def main() -> None:
     exporter.export(model, tok, f32, f32_path)
     gp = build_gguf_problem(model, batch, imatrix=imat, threads=args.threads, show_progress=False)
 
-    files = [("f32", "F32", f32_path)]
-    for preset in args.presets.split(","):
-        path = os.path.join(args.out, f"preset-{preset}.gguf")
-        llama_quantize(f32_path, path, preset, imatrix=imat, threads=args.threads)
-        files.append(("llama.cpp", preset, path))
-        plan = allocate_gguf(gp, f"{planned_bytes(path)}B")
-        plan.imatrix, plan.path = "imatrix.gguf", os.path.join(args.out, f"bitsearch-{preset}.json")
-        plan.save(plan.path)
-        out = os.path.join(args.out, f"bitsearch-{preset}.gguf")
-        exporter.export(model, tok, plan, out)
-        files.append(("bitsearch", preset, out))
-
     ids = tokenize_text(tok, read_text(args.text))
     if args.max_tokens:
         ids = ids[:args.max_tokens]
+    meta = {"model": args.model, "calibration": spec.to_dict(), "text": args.text, "max_tokens": args.max_tokens,
+            "n_weights": n_weights, "command": " ".join(sys.argv)}
     rows = []
-    for method, label, path in files:
+
+    def measure(method: str, label: str, path: str) -> None:
         with LlamaCpp(path, n_ctx=512, threads=args.threads) as llm:
             ppl_cpp, n = llm.perplexity(ids.numpy(), 512)
         ours = evaluate(model=path, text=args.text, max_tokens=args.max_tokens, seq_len=512, show_progress=False)
@@ -107,10 +98,20 @@ def main() -> None:
                      "bpw": 8 * b / n_weights, "file_bytes": os.path.getsize(path), "ppl_llama_cpp": ppl_cpp,
                      "ppl_bitsearch_eval": ours.ppl, "tokens": n})
         print(json.dumps(rows[-1]), flush=True)
-    meta = {"model": args.model, "calibration": spec.to_dict(), "text": args.text, "max_tokens": args.max_tokens,
-            "n_weights": n_weights, "seconds": round(time.time() - t0, 1), "command": " ".join(sys.argv)}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        with open(os.path.join(args.out, "results.json"), "w") as f:   # after every file: partial runs count
+            json.dump({"meta": dict(meta, seconds=round(time.time() - t0, 1)), "rows": rows}, f, indent=1)
+
+    measure("f32", "F32", f32_path)
+    for preset in args.presets.split(","):
+        path = os.path.join(args.out, f"preset-{preset}.gguf")
+        llama_quantize(f32_path, path, preset, imatrix=imat, threads=args.threads)
+        measure("llama.cpp", preset, path)
+        plan = allocate_gguf(gp, f"{planned_bytes(path)}B")
+        plan.imatrix, plan.path = "imatrix.gguf", os.path.join(args.out, f"bitsearch-{preset}.json")
+        plan.save(plan.path)
+        out = os.path.join(args.out, f"bitsearch-{preset}.gguf")
+        exporter.export(model, tok, plan, out)
+        measure("bitsearch", preset, out)
     import pandas as pd
 
     pd.DataFrame(rows).to_csv(os.path.join(args.out, "results.csv"), index=False)
