@@ -1,21 +1,19 @@
 """Per-layer summary of a saved plan: avg width, pruned channels, width histogram; optional PNG.
 
-    python analysis/plan_report.py plan.json [--csv layers.csv] [--png widths.png]
+    python -m analysis.plan_report plan.json [--csv layers.csv] [--png widths.png]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from bitsearch.cost import layer_bytes  # noqa: E402
-from bitsearch.plan import BitPlan  # noqa: E402
+from bitsearch.cost import layer_bytes
+from bitsearch.plan import BitPlan
+from bitsearch.plots import plot_layer_bits
 
 
 def layer_table(plan: BitPlan) -> pd.DataFrame:
@@ -29,12 +27,12 @@ def layer_table(plan: BitPlan) -> pd.DataFrame:
     return pd.DataFrame(rows).fillna(0)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("plan", help="plan JSON")
     ap.add_argument("--csv", default=None, help="write the table as CSV")
     ap.add_argument("--png", default=None, help="bar chart of avg bits per layer")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     plan = BitPlan.load(args.plan)
     df = layer_table(plan)
     with pd.option_context("display.width", 200, "display.max_rows", 500):
@@ -44,19 +42,8 @@ def main() -> None:
     if args.csv:
         df.to_csv(args.csv, index=False)
     if args.png:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(max(6, len(df) * 0.18), 4), dpi=110)
-        ax.bar(range(len(df)), df["avg_bits_all_in"], color="tab:blue")
-        ax.set_xticks(range(len(df)), [n.replace("model.layers.", "") for n in df["layer"]], rotation=90, fontsize=6)
-        ax.set_ylabel("avg bits (all-in)")
-        ax.set_title(os.path.basename(args.plan))
-        fig.tight_layout()
-        fig.savefig(args.png)
-        print(args.png)
+        print(plot_layer_bits(list(df["layer"]), list(df["avg_bits_all_in"]), args.png,
+                              title=os.path.basename(args.plan)))
 
 
 if __name__ == "__main__":

@@ -1,19 +1,15 @@
 """Plot perplexity against avg bits from a saved results.csv (demo or studies/slm_budget_table.py).
 
-    python analysis/plot_results.py demo_out/results.csv --out ppl_vs_bits.png [--float-ppl 223.7]
+    python -m analysis.plot_results demo_out/results.csv --out ppl_vs_bits.png [--float-ppl 223.7]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import pandas as pd
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from bitsearch.plots import plot_ppl_vs_bits  # noqa: E402
+from bitsearch.plots import plot_ppl_vs_bits
 
 
 def main() -> None:

@@ -1,372 +1,358 @@
-"""One entry point per stage; keyword arguments mirror the CLI flags (the CLI does no math).
+"""The Python API: one function per stage, each taking a model (an ``nn.Module`` or a path / hub
+id), its inputs and one config object (``bitsearch.config``); each returns an object and writes a
+file only when ``out`` is given.
 
-    sensitivity(model=..., calib=..., out=...)      -> SensitivityTable   (writes Parquet)
-    search(model=..., calib=..., budget=..., out=...) -> BitPlan          (writes plan JSON)
-    apply(model=..., plan=..., out=...)             -> dict               (writes a checkpoint)
-    evaluate(model=..., text=...)                   -> EvalResult         (optionally JSON)
+    table = sensitivity(model, calib, SensitivityConfig())              -> SensitivityTable
+    plan  = search(model, calib, SearchConfig(budget="2.5"))            -> BitPlan
+    model = apply(model, plan, ApplyConfig(), out=None)                 -> nn.Module (packed, in place)
+    model = finalize(model, plan, calib, FinalizeConfig())              -> nn.Module (packed, in place)
+    res   = evaluate(model, text, EvalConfig(), reference=None)         -> EvalResult
+    info  = export(model, plan, out, ExportConfig(format="packed"))     -> dict
+
+Calibration data (``calib``) is a text file (or ``hf:NAME[:CONFIG]:SPLIT``), a list of texts, or a
+LongTensor of token ids (N, L); with ``config.data_free = N`` the float model generates it. A model
+given as an ``nn.Module`` is used as it is (``apply`` and ``finalize`` change it in place, as
+torchao's ``quantize_`` does); its tokenizer is ``tokenizer=`` or loaded from its
+``name_or_path``, and only when text has to be tokenized.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
-import shlex
 import sys
 import time
+from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
+from torch import nn
 
 from . import __version__
-from .apply import fake_quantize_model, pack_model, packed_tensor_bytes, plan_targets, save_fake, save_packed
-from .atomic import write_text_atomic
-from .cost import avg_bits, budget_to_bytes, check_budget_fits, plan_bytes
-from .couplings import find_couplings
-from .data import calibration_batches, read_text, tokenize_text
+from .config import (ApplyConfig, CalibConfig, EvalConfig, ExportConfig, FinalizeConfig, RunConfig,
+                     SearchConfig, SensitivityConfig)
 from .errors import BitsearchError
-from .evaluate import EvalResult, perplexity
-from .models import find_targets, load_model, load_tokenizer, model_fingerprint
-from .plan import BitPlan
-from .search import build_problem, get_allocator
-from .sensitivity import DEFAULT_BITS, SensitivityTable, check_bits, compute_sensitivity
-from .sensitivity.table import format_mix
-from .sensitivity.pipeline import CALIB_REF_BITS
+from .options import check_choices
+from .outputs import check_output, keep_on_interrupt
 
-__all__ = ["sensitivity", "search", "search_plan", "search_gguf", "export", "apply", "evaluate", "plot_sensitivity", "plot_plan", "plot_pareto", "pareto", "parse_bits"]
+__all__ = ["sensitivity", "search", "search_plan", "apply", "finalize", "evaluate", "export", "parse_bits",
+           "invoked_as", "resolve_model", "calibration_tokens"]
 
-# Calibration samples on which optuna / diffq measure KL (and as many more held out to choose
-# among their candidates). On slm-llama-17m, 16 were too few: optuna's chosen plan fitted the
-# search samples and lost to greedy's; with 48 it beat greedy's (README, search methods).
-KL_SAMPLES = 48
+_INVOKED_AS: contextvars.ContextVar[str | None] = contextvars.ContextVar("bitsearch_invoked_as", default=None)
+def _note(message: str) -> None:
+    print(f"bitsearch: note: {message}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def invoked_as(command_line: str):
+    """Record ``command_line`` (the CLI's) in the provenance of what is made inside the block."""
+    token = _INVOKED_AS.set(command_line)
+    try:
+        yield
+    finally:
+        _INVOKED_AS.reset(token)
+
+
+def _provenance() -> dict:
+    return {"command": _INVOKED_AS.get() or "python API", "package_version": __version__,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def parse_bits(bits: str | list[int] | None) -> list[int]:
+    from .sensitivity import DEFAULT_BITS, check_bits
+
     if bits is None:
         return list(DEFAULT_BITS)
     if isinstance(bits, str):
         try:
             bits = [int(b) for b in bits.split(",") if b.strip()]
         except ValueError:
-            raise BitsearchError(f"--bits '{bits}' must be comma-separated integers, e.g. 0,2,3,4,5,6,8") from None
+            raise BitsearchError(f"bit menu '{bits}' must be comma-separated integers, e.g. 0,2,3,4,5,6,8") from None
     return check_bits(list(bits))
 
 
-def _command_line() -> str:
-    return " ".join(shlex.quote(a) for a in [os.path.basename(sys.argv[0])] + sys.argv[1:])
+# ---- models and data ------------------------------------------------------------------------------
 
 
-def _check_out(out: str | None, what: str) -> None:
-    if out is not None:
-        parent = os.path.dirname(os.path.abspath(out))
-        if os.path.exists(parent) and not os.path.isdir(parent):
-            raise BitsearchError(f"cannot write {what} '{out}': '{parent}' is not a folder")
+@dataclass
+class Loaded:
+    """A model, the tokenizer it came with (if any) and a name for provenance."""
+
+    model: nn.Module
+    tokenizer: object | None
+    name: str
+
+    def tok(self):
+        """The tokenizer, loaded from the model's folder or hub id when not given."""
+        if self.tokenizer is None:
+            from .models import load_tokenizer
+
+            path = getattr(self.model, "name_or_path", "") or getattr(getattr(self.model, "config", None),
+                                                                      "_name_or_path", "")
+            if not path:
+                raise BitsearchError("text needs a tokenizer: pass tokenizer= (the model has no name_or_path to "
+                                     "load one from)")
+            self.tokenizer = load_tokenizer(path)
+        return self.tokenizer
 
 
-def _calib(tokenizer, calib, samples, seq_len, seed, *, model=None, data_free: int | None = None,
-           out: str | None = None, cache: str | None = None, overwrite: bool = False, show_progress: bool = True):
-    """(token batch, spec) from calibration text, or with ``data_free`` N samples generated by the
-    float ``model``, cached at ``cache`` (default: next to ``out``; no cache without either)."""
-    if data_free is None:
-        batch, spec = calibration_batches(tokenizer, calib, samples, seq_len, seed)
-        return batch, spec.to_dict()
-    from .datafree import default_cache_path, load_or_generate
-
-    if data_free < 1:
-        raise BitsearchError(f"--data-free {data_free}: the number of samples must be at least 1")
-    cache = cache or (default_cache_path(out, model, seed) if out else None)
-    return load_or_generate(model, tokenizer, data_free, seq_len, cache, seed=seed, overwrite=overwrite,
-                            show_progress=show_progress, log=lambda m: print(m, file=sys.stderr))
+def _threads(config: RunConfig) -> None:
+    if config.threads is not None:
+        if config.threads < 1:
+            raise BitsearchError(f"threads must be at least 1 (got {config.threads})")
+        torch.set_num_threads(config.threads)
 
 
-def _check_text(calib, data_free, what: str) -> None:
-    if (calib is None) == (data_free is None):
-        raise BitsearchError(f"{what} needs calibration text: give --calib FILE or --data-free N (not both)")
+def resolve_model(model, config: RunConfig, tokenizer=None, offload: bool = False) -> Loaded:
+    """``model`` as a :class:`Loaded`: an ``nn.Module`` as it is, a path or hub id loaded on
+    ``config.device`` in ``config.dtype`` (with ``offload``: blocks kept on the CPU)."""
+    from .models import load_model, load_tokenizer
+
+    from .models import check_finite
+
+    if isinstance(model, Loaded):
+        return model
+    if isinstance(model, nn.Module):
+        check_finite(model)
+        name = getattr(model, "name_or_path", "") or type(model).__name__
+        return Loaded(model, tokenizer, str(name))
+    if not isinstance(model, (str, os.PathLike)):
+        raise BitsearchError(f"model must be an nn.Module or a model folder / hub id, not {type(model).__name__}")
+    path = os.fspath(model)
+    if path.endswith(".gguf") and os.path.isfile(path):   # dequantized through the gguf package
+        from .gguf.load import load_gguf
+        from .models import resolve_device, resolve_dtype
+
+        m, tok = load_gguf(path, resolve_dtype(config.dtype))
+        return Loaded(m.to(resolve_device(config.device)), tokenizer or tok, path)
+    if offload:
+        from .sensitivity.streaming import offload_blocks
+
+        m = offload_blocks(load_model(path, "cpu", config.dtype), config.device)
+    else:
+        m = load_model(path, config.device, config.dtype)
+    check_finite(m)
+    return Loaded(m, tokenizer or load_tokenizer(path), path)
 
 
-def _load_for_sensitivity(model: str, device: str, dtype: str, offload: bool):
-    if not offload:
-        return load_model(model, device, dtype), load_tokenizer(model)
-    from .sensitivity.streaming import offload_blocks
+def calibration_tokens(loaded: Loaded, calib, config: CalibConfig, n: int | None = None, *, out: str | None = None,
+                       what: str = "this stage") -> tuple[torch.Tensor, dict]:
+    """(n, seq_len) token windows and a record of where they came from: from ``calib`` (a file,
+    a list of texts, or token ids, whose first ``n`` rows are used) or, with ``config.data_free``,
+    generated by the model (cached at ``config.data_free_cache`` or next to ``out``). Windows
+    longer than the model's positions are refused."""
+    from .data import calibration_batches
+    from .models import max_positions
 
-    return offload_blocks(load_model(model, "cpu", dtype), device), load_tokenizer(model)
+    n = config.samples if n is None else n
+    limit = max_positions(loaded.model)
+
+    def fits(length: int) -> None:
+        if limit is not None and length > limit:
+            raise BitsearchError(f"seq_len {length} exceeds the model's {limit} positions")
+
+    if (calib is None) == (config.data_free is None):
+        raise BitsearchError(f"{what} needs calibration data: give `calib` FILE or `data_free` N (not both; "
+                             f"`calib` may also be a list of texts or token ids)")
+    if config.data_free is not None:
+        from .datafree import default_cache_path, load_or_generate
+
+        fits(config.seq_len)
+        if config.data_free < 1:
+            raise BitsearchError(f"data_free {config.data_free}: the number of samples must be at least 1")
+        cache = config.data_free_cache or (default_cache_path(out, loaded.model, config.seed) if out else None)
+        return load_or_generate(loaded.model, loaded.tok(), n, config.seq_len, cache, seed=config.seed,
+                                overwrite=config.overwrite_data_free, show_progress=config.show_progress,
+                                log=lambda m: print(m, file=sys.stderr))
+    if isinstance(calib, torch.Tensor):
+        if calib.dim() != 2 or calib.dtype not in (torch.long, torch.int32, torch.int64) or calib.shape[1] < 2:
+            raise BitsearchError(f"calibration token ids must be an integer tensor (samples, tokens), not "
+                                 f"{calib.dtype} {tuple(calib.shape)}")
+        fits(calib.shape[1])
+        if calib.shape[0] < n:
+            raise BitsearchError(f"{what} needs {n} calibration samples; the token tensor has {calib.shape[0]}")
+        return calib[:n].long(), {"source": "token ids", "samples": n, "seq_len": int(calib.shape[1])}
+    if isinstance(calib, (list, tuple)):
+        if not calib or not all(isinstance(t, str) for t in calib):
+            raise BitsearchError("calibration texts must be a non-empty list of strings")
+        source = list(calib)
+    elif isinstance(calib, (str, os.PathLike)):
+        source = os.fspath(calib)
+    else:
+        raise BitsearchError(f"calibration data must be a file, a list of texts or token ids, not {type(calib).__name__}")
+    batch, spec = calibration_batches(loaded.tok(), source, n, config.seq_len, config.seed, config.allow_overlap)
+    fits(config.seq_len)
+    return batch, spec.to_dict()
 
 
-def sensitivity(*, model: str, calib: str | None = None, out: str | None = None, samples: int = 128, seq_len: int = 512,
-                seed: int = 0, estimators: str = "imatrix", bits: str | list[int] | None = None,
-                group_size: int = 128, targets: str | None = None, exclude: str | None = None,
-                calibrate: str = "auto", calib_loss_samples: int = 16, mix: str | None = None,
-                probes: int = 8, offload: bool = False, checkpointing: bool = False, device: str = "cpu",
-                dtype: str = "float32", micro_batch: int = 8, data_free: int | None = None,
-                data_free_cache: str | None = None, overwrite_data_free: bool = False, show_progress: bool = True,
-                imatrix: str | None = None, _loaded=None) -> SensitivityTable:
-    """Per-channel error curves of every target from each of ``estimators`` (comma-separated),
-    saved as a Parquet table when ``out`` is set. Under ``torchrun`` the calibration batch is
-    shared across processes and rank 0 writes the table. ``data_free`` N: calibrate on N samples
-    the float model generates (``datafree.py``) instead of ``calib`` text. ``imatrix``: a llama.cpp
-    imatrix file (GGUF or legacy .dat) used as the importance matrix instead of collecting one."""
+def _plan(plan, per_tensor: bool = False):
+    """A plan object from a plan or its file; a per-tensor (GGUF) plan only where ``per_tensor``."""
+    from .gguf.plan import TensorPlan
+    from .plan import BitPlan, load_plan
+
+    if isinstance(plan, (str, os.PathLike)):
+        plan = load_plan(os.fspath(plan)) if per_tensor else BitPlan.load(os.fspath(plan))
+    if isinstance(plan, BitPlan) or (per_tensor and isinstance(plan, TensorPlan)):
+        return plan
+    raise BitsearchError(f"plan must be a BitPlan or a plan file, not {type(plan).__name__}")
+
+
+def _inputs(*items) -> tuple:
+    """The paths among a stage's inputs (models, plans, texts, tables) that its output must spare."""
+    return tuple(os.fspath(i) for i in items if isinstance(i, (str, os.PathLike)))
+
+
+# ---- stages ---------------------------------------------------------------------------------------
+
+
+def sensitivity(model, calib=None, config: SensitivityConfig | None = None, *, tokenizer=None,
+                out: str | None = None, overwrite: bool = False, imatrix: str | None = None):
+    """Per-channel error curves of every target from each of ``config.estimators``, as a
+    :class:`~bitsearch.sensitivity.SensitivityTable` (saved as Parquet at ``out``). Under
+    ``torchrun`` the calibration batch is shared across processes and rank 0 writes the table.
+    ``imatrix``: a llama.cpp imatrix file (GGUF or legacy .dat) used as the importance matrix
+    instead of collecting the imatrix estimator's statistics."""
     from .distributed import from_env
+    from .models import find_targets
+    from .sensitivity import compute_sensitivity
 
-    _check_text(calib, data_free, "sensitivity")
-    if data_free is not None and offload:
-        raise BitsearchError("--data-free generates with the whole model on the device: it cannot be combined "
-                             "with --offload (generate the cache once without --offload, then reuse it)")
-    _check_out(out, "sensitivity table")
-    menu = parse_bits(bits)
-    dist, device = from_env(device)
-    m, tok = _loaded if _loaded is not None else _load_for_sensitivity(model, device, dtype, offload)
-    tgts = find_targets(m, targets, exclude)
-    text = dict(model=m, data_free=data_free, out=out, cache=data_free_cache, overwrite=overwrite_data_free,
-                show_progress=show_progress and dist.is_main)
-    if data_free is not None and dist.world > 1:      # rank 0 generates, the others read its cache
-        if not (data_free_cache or out):
-            raise BitsearchError("--data-free under torchrun needs --out or --data-free-cache (a shared cache file)")
+    config = config or SensitivityConfig()
+    check_choices(config)
+    _threads(config)
+    if config.data_free is not None and config.offload:
+        raise BitsearchError("data-free samples are generated with the whole model on the device: they cannot be "
+                             "combined with offload (generate the cache once without offload, then reuse it)")
+    check_output(out, "file", inputs=_inputs(model, calib, config.data_free_cache), overwrite=overwrite,
+                 what="sensitivity table")
+    menu = parse_bits(config.bits)
+    dist, device = from_env(config.device)
+    loaded = resolve_model(model, replace(config, device=device), tokenizer, offload=config.offload)
+    m = loaded.model
+    tgts = find_targets(m, config.targets, config.exclude)
+    if config.data_free is not None and dist.world > 1:      # rank 0 generates, the others read its cache
+        if not (config.data_free_cache or out):
+            raise BitsearchError("data-free samples under torchrun need out or data_free_cache (a shared cache file)")
         if dist.is_main:
-            _calib(tok, calib, samples, seq_len, seed, **text)
+            calibration_tokens(loaded, calib, replace(config, show_progress=config.show_progress and dist.is_main),
+                               out=out, what="sensitivity")
         dist.barrier()
-    batch, calib_info = _calib(tok, calib, samples, seq_len, seed, **text)
+    batch, calib_info = calibration_tokens(loaded, calib, replace(config, show_progress=config.show_progress and
+                                                                  dist.is_main), out=out, what="sensitivity")
     given = None
     if imatrix is not None:
         from .gguf.imatrix import read_imatrix
         from .gguf.search import imatrix_for
 
-        imat = read_imatrix(imatrix)
+        imat = read_imatrix(os.fspath(imatrix))
         given = {}
         for t in tgts:
             w = imatrix_for(imat, t) if t.kind == "linear" else None
             if w is None:
-                raise BitsearchError(f"imatrix file '{imatrix}' has no entry for target '{t.name}'")
+                raise BitsearchError(f"imatrix file '{os.fspath(imatrix)}' has no entry for target '{t.name}'")
             given[t.name] = torch.from_numpy(w)
-        calib_info = dict(calib_info, imatrix=imatrix)
-    table = compute_sensitivity(m, tgts, batch, estimators=estimators, bits=menu, group_size=group_size,
-                                calibrate=calibrate, calib_samples=calib_loss_samples, micro_batch=micro_batch,
-                                probes=probes, seed=seed, mix=mix, offload=offload, checkpointing=checkpointing,
-                                dist=dist, calib_info=calib_info, show_progress=show_progress, imatrix=given)
-    table.meta["command"] = _command_line()
-    table.meta["model_name"] = model
+        calib_info = dict(calib_info, imatrix=os.fspath(imatrix))
+    table = compute_sensitivity(m, tgts, batch, estimators=config.estimators, bits=menu, group_size=config.group_size,
+                                calibrate=config.loss_calibration, calib_samples=config.loss_calibration_samples,
+                                micro_batch=config.micro_batch, probes=config.probes, seed=config.seed, mix=config.mix,
+                                offload=config.offload, checkpointing=config.checkpointing, dist=dist,
+                                calib_info=calib_info, show_progress=config.show_progress, imatrix=given)
+    table.meta["command"] = _provenance()["command"]
+    table.meta["model_name"] = loaded.name
     if out and dist.is_main:
         table.save(out)
     dist.barrier()
     return table
 
 
-def search_plan(table: SensitivityTable, targets, fingerprint: dict, *, budget: str | float,
-                method: str = "greedy", bits: str | list[int] | None = None, min_bits: int | None = None,
-                max_bits: int | None = None, mix: str | dict | None = None,
-                provenance: dict | None = None, choose=None, allocator_options: dict | None = None,
-                couplings: list | None = None) -> BitPlan:
-    """Allocate widths for ``targets`` from a table's curves (estimator ``mix``, default the
-    table's) under a budget; no model needed. ``choose(problem, budget_bytes) -> (choice, info)``
-    replaces the registered allocator (model-in-the-loop methods). With ``couplings`` (and 0 in
-    the menu) the registered allocator prunes whole units (``search/coupled.py``)."""
-    menu = parse_bits(bits) if bits is not None else table.bits
-    mix = table.resolve_mix(mix)
-    problem = build_problem(table, targets, menu, min_bits, max_bits, mix)
-    budget_bytes = budget_to_bytes(budget, problem.n_weights)
-    t0 = time.time()
-    couplings = list(couplings or []) if 0 in problem.bits else []
-    if choose is None:
-        allocator = get_allocator(method, **(allocator_options or {}))
-        info = {"allocator_options": allocator_options} if allocator_options else {}
-        if couplings:
-            from .search.coupled import allocate_coupled
-
-            shapes = {t.name: (t.out_features, t.in_features) for t in targets}
-            widths, predicted, cinfo = allocate_coupled(problem, allocator, budget_bytes, couplings, shapes)
-            info.update(cinfo)
-        else:
-            choice = allocator.allocate(problem, budget_bytes)
-            widths, predicted = problem.widths(choice), problem.error_of(choice)
-        if getattr(allocator, "last_info", None):
-            info["allocator_info"] = {k: v for k, v in allocator.last_info.items()
-                                      if isinstance(v, (int, float, str, type(None)))}
-    else:
-        choice, info = choose(problem, budget_bytes)
-        widths, predicted, couplings = problem.widths(choice), problem.error_of(choice), []
-    plan = BitPlan(model=fingerprint, group_size=table.group_size, menu=problem.bits, bits=widths,
-                   couplings=[c for c in couplings if c.dead_units(widths).any()])
-    plan.fill_summary(predicted_error=predicted)
-    if plan.summary["bytes"] > budget_bytes:
-        raise AssertionError("allocator went over budget")
-    plan.provenance = dict(provenance or {}, allocator=method, budget=str(budget), budget_bytes=budget_bytes,
-                           budget_avg_bits=avg_bits(budget_bytes, problem.n_weights),
-                           estimator_mix=format_mix(mix), table_calibration=table.meta.get("calibration"),
-                           calibration=table.meta.get("calibration_data"), min_bits=min_bits, max_bits=max_bits,
-                           search_seconds=round(time.time() - t0, 3), package_version=__version__,
-                           time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info)
-    return plan
-
-
 def _check_budget_early(targets, budget: str, lowest: int, group_size: int) -> None:
     """A budget that does not parse, or that every row at the ``lowest`` width allowed already
     exceeds, refused before minutes of sensitivity pass (the allocators check it again, exactly)."""
+    from .cost import budget_to_bytes, check_budget_fits, plan_bytes
+
     n_weights = sum(t.numel for t in targets)
     need = plan_bytes({t.name: (t.out_features, t.in_features) for t in targets},
                       {t.name: [lowest] * t.out_features for t in targets}, group_size)
     check_budget_fits(budget_to_bytes(budget, n_weights), need, n_weights, lowest)
 
 
-def _parse_layer_min_bits(items: list[str] | None) -> dict[str, int] | None:
-    """["down_proj=3", ...] -> {"down_proj": 3}."""
-    if not items:
-        return None
-    out = {}
-    for item in items:
-        pattern, sep, width = item.rpartition("=")
-        if not sep or not pattern:
-            raise BitsearchError(f"--layer-min-bits '{item}' must look like REGEX=WIDTH, e.g. down_proj=3")
-        try:
-            out[pattern] = int(width)
-        except ValueError:
-            raise BitsearchError(f"--layer-min-bits '{item}': width '{width}' is not an integer") from None
-    return out
+def search_plan(table, targets, fingerprint: dict, config: SearchConfig, *, allocator=None, couplings=None,
+                context=None, provenance: dict | None = None):
+    """The plan of ``config.method`` (or of ``allocator``) from a table's curves, under
+    ``config.budget``: the one place where plans and their provenance are built. A
+    model-in-the-loop allocator measures candidates through ``context``; with ``couplings`` (and 0
+    in the menu) whole units are pruned (``search/coupled.py``) whatever the allocator."""
+    from .cost import avg_bits, budget_to_bytes
+    from .plan import BitPlan
+    from .search import allocator_from_config, build_problem
+    from .sensitivity.table import format_mix
 
+    if config.budget is None:
+        raise BitsearchError("search needs a budget: avg bits (e.g. 2.5) or bytes (12MB, 12MiB)")
+    allocator = allocator or allocator_from_config(config)
+    menu = parse_bits(config.bits) if config.bits is not None else table.bits
+    mix = table.resolve_mix(config.mix)
+    problem = build_problem(table, targets, menu, config.min_bits, config.max_bits, mix)
+    budget_bytes = budget_to_bytes(config.budget, problem.n_weights)
+    if budget_bytes > problem.max_useful_bytes():
+        _note(f"budget {config.budget} is more than the widest plan needs "
+              f"({avg_bits(problem.max_useful_bytes(), problem.n_weights):.4f} bits): every channel gets the "
+              f"widest width allowed")
+    couplings = list(couplings or []) if 0 in problem.bits else []
+    if allocator.needs_model:
+        if context is None:
+            raise BitsearchError(f"search method '{allocator.name}' measures plans on the model: it needs "
+                                 f"calibration data")
+        allocator.context = context
+    t0 = time.time()
+    info = {}
+    if couplings:
+        from .search.coupled import allocate_coupled
 
-#: search methods that run the model (the others need only a sensitivity table)
-MODEL_METHODS = ("optuna", "diffq")
-
-
-def search(*, model: str, budget: str, out: str | None = None, calib: str | None = None,
-           sensitivity_table: str | None = None, method: str = "greedy", bits: str | None = None,
-           group_size: int = 128, min_bits: int | None = 2, max_bits: int | None = None,
-           samples: int = 128, seq_len: int = 512, seed: int = 0, estimators: str = "imatrix",
-           targets: str | None = None, exclude: str | None = None, calibrate: str = "auto",
-           calib_loss_samples: int = 16, mix: str | None = None, probes: int = 8,
-           checkpointing: bool = False, device: str = "cpu", dtype: str = "float32",
-           micro_batch: int = 8, n_trials: int = 50, timeout: float | None = None, sampler: str = "nsga2",
-           storage: str | None = None, study_name: str | None = None, resume: bool = False,
-           span: float = 0.25, kl_samples: int = KL_SAMPLES, steps: int = 100, lr: float = 0.05, learn: str = "channel",
-           relax: str = "rtn",
-           granularity: str = "channel", share: list[str] | None = None, layer_min_bits: list[str] | None = None,
-           time_limit: float | None = None, coupling: bool = True, data_free: int | None = None,
-           data_free_cache: str | None = None, overwrite_data_free: bool = False, show_progress: bool = True,
-           _loaded=None) -> BitPlan:
-    """A bit plan under ``budget`` ("2.5" avg bits or "12MB"/"12MiB"), saved as JSON when ``out`` is set.
-
-    ``method``: an allocator on the table's curves (greedy, ilp with ``granularity``/``share``/
-    ``layer_min_bits``/``time_limit``, snr, uniform) or a model-in-the-loop search that needs
-    ``calib`` (optuna: ``n_trials``, ``timeout``, ``sampler``, ``storage``, ``study_name``,
-    ``resume``, ``span``, ``kl_samples``; diffq: ``steps``, ``lr``, ``learn``, ``relax``, ``kl_samples``).
-    ``min_bits`` defaults to 2: pruning (width 0) is off unless asked for with ``min_bits=0``,
-    because the calibrated imatrix estimate still under-predicts what pruning costs (README).
-    With pruning on, ``coupling`` (default) prunes whole MLP channels and key-value head groups,
-    freeing the consumer's columns too (``couplings.py``); only table-driven allocators do so.
-    """
-    _check_out(out, "plan")
-    options = None
-    if method == "ilp":
-        options = {"granularity": granularity, "share": share or None,
-                   "min_bits": _parse_layer_min_bits(layer_min_bits), "time_limit": time_limit}
-    elif granularity != "channel" or share or layer_min_bits:
-        raise BitsearchError("--granularity, --share and --layer-min-bits need --method ilp")
-    if (learn != "channel" or relax != "rtn") and method != "diffq":
-        raise BitsearchError("--learn and --relax need --method diffq")
-    if method not in MODEL_METHODS:
-        get_allocator(method, **(options or {}))  # fail fast on a typo or a bad option
-    elif calib is None and data_free is None:
-        raise BitsearchError(f"--method {method} measures plans on calibration text: give --calib FILE "
-                             f"or --data-free N")
-    if sensitivity_table is not None:
-        table = SensitivityTable.load(sensitivity_table)
-        if group_size != table.group_size:
-            raise BitsearchError(f"--group-size {group_size} differs from the sensitivity table's "
-                                 f"{table.group_size}: recompute the table or pass --group-size {table.group_size}")
-    elif calib is None and data_free is None:
-        raise BitsearchError("search needs --calib FILE or --data-free N (or a precomputed --sensitivity table)")
-    if calib is not None and data_free is not None:
-        raise BitsearchError("give --calib FILE or --data-free N, not both")
-    text = dict(data_free=data_free, out=out, cache=data_free_cache, overwrite=overwrite_data_free,
-                show_progress=show_progress)
-    m, tok = _loaded if _loaded is not None else (load_model(model, device, dtype), None)
-    tgts = find_targets(m, targets, exclude)
-    if sensitivity_table is None:
-        tok = tok or load_tokenizer(model)
-        # curves only for widths this search may pick (plus the calibration width): with the
-        # default --min-bits 2 that skips the pruning response, a second forward pass per layer
-        lo = -1 if min_bits is None else min_bits
-        hi = 99 if max_bits is None else max_bits
-        allowed = [b for b in parse_bits(bits) if lo <= b <= hi]
-        if not allowed:
-            raise BitsearchError(f"no width of the menu lies in [--min-bits {lo}, --max-bits {hi}]")
-        _check_budget_early(tgts, budget, min(allowed), group_size)   # before the sensitivity pass
-        menu = sorted(set(allowed) | {CALIB_REF_BITS})
-        table = sensitivity(model=model, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
-                            estimators=estimators, bits=menu, group_size=group_size, targets=targets,
-                            exclude=exclude, calibrate=calibrate, calib_loss_samples=calib_loss_samples,
-                            mix=mix, probes=probes, checkpointing=checkpointing, micro_batch=micro_batch,
-                            data_free=data_free, data_free_cache=data_free_cache,
-                            overwrite_data_free=overwrite_data_free, show_progress=show_progress, _loaded=(m, tok))
-    # model-in-the-loop methods measure KL on kl_samples samples (a prefix of the data-free cache)
-    text.update(model=m, data_free=kl_samples if data_free is not None else None)
-    fp = model_fingerprint(m, tgts)
-    if table.meta.get("model", {}).get("config_sha256") not in (None, fp["config_sha256"]):
-        raise BitsearchError(f"sensitivity table '{sensitivity_table}' was computed for another model")
-    if method == "optuna":
-        from .search.optuna_study import StudySettings, default_storage, optuna_plan
-
-        tok = tok or load_tokenizer(model)
-        # the search samples, then as many held-out ones to choose among the best trials
-        both, _ = _calib(tok, calib, 2 * kl_samples, seq_len, seed, **dict(text, data_free=(
-            2 * kl_samples if data_free is not None else None)))
-        batch, validation = both[:kl_samples], both[kl_samples:]
-        settings = StudySettings(storage=storage or default_storage(out), n_trials=n_trials, timeout=timeout,
-                                 study_name=study_name or f"bitsearch-{fp['sha256'][:10]}-{budget}",
-                                 sampler=sampler, seed=seed, span=span, resume=resume)
-        plan, rows = optuna_plan(m, table, tgts, fp, batch, budget=budget, settings=settings,
-                                 bits=parse_bits(bits) if bits is not None else None, min_bits=min_bits,
-                                 max_bits=max_bits, mix=mix, micro_batch=micro_batch, show_progress=show_progress,
-                                 validation=validation)
-        plan.provenance.update(command=_command_line(), model_name=model, budget=str(budget),
-                               package_version=__version__, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        if out:
-            import pandas as pd
-
-            write_text_atomic(os.path.splitext(out)[0] + ".trials.csv", pd.DataFrame(rows).to_csv(index=False))
+        shapes = {t.name: (t.out_features, t.in_features) for t in targets}
+        widths, predicted, info = allocate_coupled(problem, allocator, budget_bytes, couplings, shapes)
     else:
-        choose = None
-        if method == "diffq":
-            from .search.diffq import DiffqSettings, diffq_allocate
-
-            tok = tok or load_tokenizer(model)
-            both, _ = _calib(tok, calib, 2 * kl_samples, seq_len, seed, **dict(text, data_free=(
-                2 * kl_samples if data_free is not None else None)))
-            settings = DiffqSettings(steps=steps, lr=lr, seed=seed, learn=learn, relax=relax)
-
-            def choose(problem, budget_bytes):
-                return diffq_allocate(m, tgts, both[:kl_samples], problem, budget_bytes, settings, micro_batch,
-                                      show_progress, validation=both[kl_samples:])
-        plan = search_plan(table, tgts, fp, budget=budget, method=method, bits=bits, min_bits=min_bits,
-                           max_bits=max_bits, mix=mix, provenance={"command": _command_line(), "model_name": model},
-                           choose=choose, allocator_options=options,
-                           couplings=find_couplings(m, [t.name for t in tgts]) if coupling else None)
-    if out:
-        plan.save(out)
+        choice = allocator.allocate(problem, budget_bytes)
+        widths, predicted = problem.widths(choice), problem.error_of(choice)
+    last = getattr(allocator, "last_info", None) or {}
+    if allocator.needs_model:
+        info.update(last)
+    elif last:
+        info["allocator_info"] = {k: v for k, v in last.items() if isinstance(v, (int, float, str, type(None)))}
+    plan = BitPlan(model=fingerprint, group_size=table.group_size, menu=problem.bits, bits=widths,
+                   couplings=[c for c in couplings if c.dead_units(widths).any()])
+    plan.fill_summary(predicted_error=predicted)
+    if plan.summary["bytes"] > budget_bytes:
+        raise AssertionError("allocator went over budget")
+    plan.provenance = dict(provenance or {}, **_provenance(), allocator=allocator.name, budget=str(config.budget),
+                           budget_bytes=budget_bytes, budget_avg_bits=avg_bits(budget_bytes, problem.n_weights),
+                           estimator_mix=format_mix(mix), table_calibration=table.meta.get("calibration"),
+                           calibration=table.meta.get("calibration_data"), min_bits=config.min_bits,
+                           max_bits=config.max_bits, search_seconds=round(time.time() - t0, 3), **info)
     return plan
 
 
-def search_gguf(*, model: str, budget: str, out: str | None = None, calib: str | None = None, samples: int = 128,
-                seq_len: int = 512, seed: int = 0, types: str | None = None, method: str = "greedy",
-                ref_type: str = "Q2_K", calib_loss_samples: int = 16, micro_batch: int = 8,
-                imatrix: str | None = None, device: str = "cpu", dtype: str = "float32", show_progress: bool = True,
-                _loaded=None):
-    """A per-tensor plan of ggml types (``bitsearch search --format gguf``), saved with its importance
-    matrix (``<out stem>.imatrix.gguf``, a llama.cpp imatrix file) when ``out`` is set. ``imatrix``:
-    score and quantize with a llama.cpp imatrix file instead of collecting one on ``calib``."""
+def _search_gguf(model, calib, config: SearchConfig, tokenizer, imatrix, out, overwrite):
+    """``search`` with ``format="gguf"``: a per-tensor plan of ggml types, saved with its importance
+    matrix beside it (``<out stem>.imatrix.gguf``, a llama.cpp imatrix file)."""
     import hashlib
 
     from .gguf.imatrix import read_imatrix, write_imatrix
-    from .gguf.search import search_gguf as _search
+    from .gguf.search import search_gguf
 
-    _check_text(calib, None, "search --format gguf")
-    _check_out(out, "plan")
-    m, tok = _loaded if _loaded is not None else (load_model(model, device, dtype), load_tokenizer(model))
-    batch, calib_info = _calib(tok, calib, samples, seq_len, seed)
-    given = read_imatrix(imatrix) if imatrix is not None else None
-    plan, imat = _search(m, batch, budget, types=types, method=method, ref_type=ref_type,
-                         calib_samples=calib_loss_samples, micro_batch=micro_batch, imatrix=given,
-                         calib_info=calib_info, show_progress=show_progress)
-    plan.provenance.update(command=_command_line(), model_name=model, imatrix_file=imatrix)
+    check_output(out, "file", inputs=_inputs(model, calib, imatrix), overwrite=overwrite, what="plan")
+    im_path = os.path.splitext(out)[0] + ".imatrix.gguf" if out else None
+    check_output(im_path, "file", inputs=_inputs(model, calib, imatrix), overwrite=overwrite, what="imatrix")
+    loaded = resolve_model(model, config, tokenizer)
+    batch, calib_info = calibration_tokens(loaded, calib, config, out=out, what="search")
+    plan, imat = search_gguf(loaded.model, batch, config.budget, types=config.types, method=config.method,
+                             ref_type=config.ref_type, calib_samples=config.loss_calibration_samples,
+                             micro_batch=config.micro_batch,
+                             imatrix=read_imatrix(os.fspath(imatrix)) if imatrix is not None else None,
+                             calib_info=calib_info, show_progress=config.show_progress)
+    plan.provenance.update(_provenance(), model_name=loaded.name,
+                           imatrix_file=os.fspath(imatrix) if imatrix is not None else None)
     if out:
-        im_path = os.path.splitext(out)[0] + ".imatrix.gguf"
         write_imatrix(imat, im_path)
         with open(im_path, "rb") as f:
             plan.imatrix, plan.imatrix_sha256 = os.path.basename(im_path), hashlib.sha256(f.read()).hexdigest()
@@ -374,233 +360,238 @@ def search_gguf(*, model: str, budget: str, out: str | None = None, calib: str |
     return plan
 
 
-def export(*, model: str, plan: str, out: str, format: str = "gguf", device: str = "cpu", dtype: str = "float32",
-           _loaded=None) -> dict:
-    """Write ``model`` quantized by ``plan`` in a runtime's files (``format``: an exporter's name)."""
-    from .export import get_exporter
-    from .plan import load_plan
+def search(model, calib=None, config: SearchConfig | None = None, *, tokenizer=None, table=None,
+           out: str | None = None, overwrite: bool = False, imatrix: str | None = None):
+    """A :class:`~bitsearch.plan.BitPlan` under ``config.budget`` (avg bits such as 2.5, or bytes
+    such as "12MB"), saved as JSON at ``out``.
 
-    exporter = get_exporter(format)
-    p = load_plan(plan)
-    if exporter.plan_unit != "channel" and isinstance(p, BitPlan):
-        raise BitsearchError(f"--format {format} stores one scheme per {exporter.plan_unit} and '{plan}' is a "
-                             f"per-channel plan: make one with `bitsearch search --format {format}`")
-    _check_out(out, "export")
-    m, tok = _loaded if _loaded is not None else (load_model(model, device, dtype), load_tokenizer(model))
-    return exporter.export(m, tok, p, out)
+    The curves come from ``table`` (a SensitivityTable or its Parquet file) or are computed from
+    ``calib``; ``config.method`` is any registered allocator (``bitsearch.search.ALLOCATORS``);
+    the model-in-the-loop ones (optuna, diffq) measure candidates on ``2 × kl_samples`` calibration
+    samples (half to search, half held out to choose). ``min_bits`` defaults to 2: pruning (width
+    0) is off unless asked for with ``min_bits=0``. With pruning on, ``coupling`` (default) prunes
+    whole MLP channels and key-value head groups, freeing the consumer's columns too.
+
+    ``format="gguf"``: a per-tensor :class:`~bitsearch.gguf.plan.TensorPlan` of ggml types for
+    llama.cpp instead (``types``, ``ref_type``; ``imatrix``: a llama.cpp imatrix file to score with)."""
+    from .cost import parse_budget
+    from .couplings import find_couplings
+    from .models import find_targets, model_fingerprint
+    from .search import AllocationContext, allocator_from_config, build_problem
+    from .sensitivity import SensitivityTable
+    from .sensitivity.pipeline import CALIB_REF_BITS
+
+    config = config or SearchConfig()
+    check_choices(config)
+    _threads(config)
+    if config.budget is None:
+        raise BitsearchError("search needs a budget: avg bits (e.g. 2.5) or bytes (12MB, 12MiB)")
+    parse_budget(config.budget)                         # a budget that does not parse: before any loading
+    if config.format == "gguf":
+        if table is not None:
+            raise BitsearchError("format gguf scores ggml types itself: it takes no sensitivity `table`")
+        return _search_gguf(model, calib, config, tokenizer, imatrix, out, overwrite)
+    if imatrix is not None or config.types is not None:
+        raise BitsearchError("`imatrix` and `types` are options of format gguf")
+    check_output(out, "file", inputs=_inputs(model, calib, table, config.data_free_cache), overwrite=overwrite,
+                 what="plan")
+    allocator = allocator_from_config(config)          # fail fast on a typo or a bad option
+    if config.method != "ilp" and (config.granularity != "channel" or config.share or config.layer_min_bits):
+        raise BitsearchError("granularity, share and layer_min_bits are options of the ilp method")
+    if config.method != "diffq" and (config.learn != "channel" or config.relax != "rtn"):
+        raise BitsearchError("learn and relax are options of the diffq method")
+    if allocator.needs_model and calib is None and config.data_free is None:
+        raise BitsearchError(f"search method '{config.method}' measures plans on calibration data: give a text "
+                             f"file, texts or token ids, or data-free samples")
+    if table is None and calib is None and config.data_free is None:
+        raise BitsearchError("search needs `calib` (a text file, texts or token ids) or `data_free` (N generated "
+                             "samples), or a precomputed sensitivity `table`")
+    if isinstance(table, (str, os.PathLike)):
+        where = os.fspath(table)
+        table = SensitivityTable.load(where)
+    else:
+        where = "given"
+    if table is not None and config.group_size != table.group_size:
+        raise BitsearchError(f"group_size {config.group_size} differs from the sensitivity table's "
+                             f"{table.group_size}: recompute the table or pass group_size {table.group_size}")
+    loaded = resolve_model(model, config, tokenizer, offload=config.offload and not allocator.needs_model)
+    m = loaded.model
+    tgts = find_targets(m, config.targets, config.exclude)
+    if table is None:
+        # curves only for widths this search may pick (plus the calibration width): with the
+        # default min_bits 2 that skips the pruning response, a second forward pass per layer
+        lo = -1 if config.min_bits is None else config.min_bits
+        hi = 99 if config.max_bits is None else config.max_bits
+        allowed = [b for b in parse_bits(config.bits) if lo <= b <= hi]
+        if not allowed:
+            raise BitsearchError(f"no width of the menu lies in [min_bits {lo}, max_bits {hi}]")
+        _check_budget_early(tgts, config.budget, min(allowed), config.group_size)   # before the sensitivity pass
+        menu = ",".join(map(str, sorted(set(allowed) | {CALIB_REF_BITS})))
+        table = sensitivity(loaded, calib, replace(config, bits=menu), out=None)
+    fp = model_fingerprint(m, tgts)
+    if table.meta.get("model", {}).get("config_sha256") not in (None, fp["config_sha256"]):
+        raise BitsearchError(f"sensitivity table '{where}' was computed for another model")
+    couplings = find_couplings(m, [t.name for t in tgts]) if config.coupling else None
+    context = None
+    if allocator.needs_model:
+        k = config.kl_samples
+        both, _ = calibration_tokens(loaded, calib, config, 2 * k, out=out, what=f"search method '{config.method}'")
+        estimator_problems = None
+        if config.mix is None and len(table.estimators) > 1 and not (couplings and 0 in parse_bits(config.bits)):
+            menu = parse_bits(config.bits) if config.bits is not None else None
+            estimator_problems = {e: build_problem(table, tgts, menu, config.min_bits, config.max_bits, {e: 1.0})
+                                  for e in table.estimators}
+        context = AllocationContext(model=m, targets=tgts, batch=both[:k], validation=both[k:], table=table,
+                                    fingerprint=fp, out=out, estimator_problems=estimator_problems,
+                                    micro_batch=config.micro_batch, show_progress=config.show_progress)
+    plan = search_plan(table, tgts, fp, config, allocator=allocator, couplings=couplings, context=context,
+                       provenance={"model_name": loaded.name})
+    if out:
+        trials = getattr(allocator, "trials", None)
+        if trials:
+            import pandas as pd
+
+            from .atomic import write_text_atomic
+
+            write_text_atomic(os.path.splitext(out)[0] + ".trials.csv", pd.DataFrame(trials).to_csv(index=False))
+        plan.save(out)
+    return plan
 
 
-def apply(*, model: str, plan: str | BitPlan, out: str, fake: bool = False, device: str = "cpu",
-          dtype: str = "float32", _loaded=None) -> dict:
-    """Write the planned model to ``out``: a packed checkpoint, or with ``fake`` a plain HF one.
+def apply(model, plan, config: ApplyConfig | None = None, *, tokenizer=None, out: str | None = None,
+          overwrite: bool = False, force: bool = False) -> nn.Module:
+    """The model quantized by ``plan``, in place: its targets become packed modules (or, with
+    ``config.fake``, keep nn.Linear with dequantized weights). ``out``: write the packed checkpoint
+    (or, with ``fake``, a plain HF checkpoint). The plan is kept as ``model.bitsearch_plan``."""
+    from .apply import fake_quantize_model, pack_model, plan_targets, save_fake, save_packed
 
-    With ``fake`` the (loaded) model's target weights are replaced in place by their quantized values.
-    """
-    p = BitPlan.load(plan) if isinstance(plan, str) else plan
-    m, tok = _loaded if _loaded is not None else (load_model(model, device, dtype), load_tokenizer(model))
-    plan_targets(m, p, where=f"plan '{plan}'" if isinstance(plan, str) else "plan")
-    if fake:
+    config = config or ApplyConfig()
+    check_choices(config)
+    _threads(config)
+    p = _plan(plan)
+    check_output(out, "folder", inputs=_inputs(model, plan), overwrite=overwrite, what="model folder")
+    loaded = resolve_model(model, config, tokenizer)
+    m = loaded.model
+    plan_targets(m, p, where=f"plan '{plan}'" if isinstance(plan, (str, os.PathLike)) else "plan", force=force)
+    if config.fake:
         fake_quantize_model(m, p)
-        save_fake(m, out, tok)
-        return {"out": out, "fake": True, "plan_bytes": p.n_bytes()}
-    written = save_packed(m, p, out, tok)
-    return {"out": out, "fake": False, "plan_bytes": p.n_bytes(), "written_bytes": written,
-            "file_bytes": packed_tensor_bytes(out), "avg_bits": p.summary.get("avg_bits")}
+        if out:
+            save_fake(m, out, loaded.tokenizer)
+    else:
+        pack_model(m, p)
+        if out:
+            save_packed(m, p, out, loaded.tokenizer)
+    m.bitsearch_plan = p
+    return m
 
 
-def finalize(*, model: str, plan: str | BitPlan, out: str, calib: str | None = None, data_free: int | None = None,
-             method: str = "qat", init: str = "rtn", mode: str = "tiled", round_mode: str = "ste",
-             temperature: float = 0.0, anneal: bool = False, clamp_mode: str = "hard", beta: float = 1.0,
-             soft_warmup: int = 0, steps: int = 200, e2e_steps: int | None = None, lr: float = 1e-4,
-             qparam_lr: float | None = None, batch_size: int = 8, tile_size: int = 3, tile_loss: str = "l2",
-             tile_guard: bool = True, ce_weight: float = 0.0, samples: int = 128, seq_len: int = 512, seed: int = 0,
-             signround_steps: int = 200, signround_lr: float | None = None, resume: bool = False,
-             checkpoint_every: float = 300.0, data_free_cache: str | None = None, overwrite_data_free: bool = False,
-             device: str = "cpu", dtype: str = "float32", show_progress: bool = True, _loaded=None,
-             _batch=None) -> dict:
-    """Finalize a plan: train the quantized model (``method`` "qat", initialised by round-to-nearest
-    or by SignRound with ``init="signround"``) or round it with SignRound alone (``method``
-    "signround"), then write the packed checkpoint to ``out`` (exactly the plan's bytes).
+def finalize(model, plan, calib=None, config: FinalizeConfig | None = None, *, tokenizer=None,
+             out: str | None = None, overwrite: bool = False, force: bool = False) -> nn.Module:
+    """Finalize a plan with ``config.method`` (a registered finalizer: QAT, SignRound, ...) on
+    calibration data or data-free samples; the model is packed in place (exactly the plan's bytes)
+    and returned, its plan (with the finalizer's record in ``provenance["finalize"]``) kept as
+    ``model.bitsearch_plan``. ``out``: write the packed checkpoint; QAT then also keeps a resumable
+    checkpoint ``OUT.qat-checkpoint.pt`` every ``checkpoint_every`` seconds (removed once ``out``
+    is written)."""
+    from .apply import plan_targets, save_packed
+    from .finalize import get_finalizer, rounders
 
-    Training text: ``calib`` (a file or hf:dataset spec), or ``data_free`` N samples generated by
-    the float model (cached next to ``out``). QAT options: see ``finalize.train.QatSettings``; a
-    checkpoint ``OUT.qat-checkpoint.pt`` is written every ``checkpoint_every`` seconds and
-    ``resume`` continues from it (it is removed once ``out`` is written).
-    """
-    from .finalize.quantizer import convert
-    from .finalize.train import QatSettings, finalize_qat
-
-    if method not in ("qat", "signround"):
-        raise BitsearchError(f"--method '{method}' is not qat or signround")
-    if init not in ("rtn", "signround"):
-        raise BitsearchError(f"--init '{init}' is not rtn or signround")
-    if _batch is None:
-        _check_text(calib, data_free, "finalize")
-    _check_out(out, "packed model")
-    p = BitPlan.load(plan) if isinstance(plan, str) else plan
+    config = config or FinalizeConfig()
+    check_choices(config)
+    _threads(config)
+    finalizer = get_finalizer(config.method)
+    if config.init not in ["rtn"] + rounders():
+        raise BitsearchError(f"init '{config.init}' is not one of rtn, {', '.join(rounders())}")
+    check_output(out, "folder", inputs=_inputs(model, plan, calib, config.data_free_cache), overwrite=overwrite,
+                 what="packed model folder")
+    checkpoint = out.rstrip("/") + ".qat-checkpoint.pt" if out else None
+    if checkpoint and os.path.exists(checkpoint) and not (config.resume or overwrite):
+        raise BitsearchError(f"a checkpoint of an earlier run is at '{checkpoint}': pass `resume` to continue it "
+                             f"or `overwrite` to start again")
+    p = _plan(plan)
     if p.couplings:
-        raise BitsearchError("finalizing a plan with coupled pruning is not supported yet: "
-                             "apply it with round-to-nearest (bitsearch apply)")
-    settings = QatSettings(mode=mode, steps=steps, e2e_steps=e2e_steps, lr=lr, qparam_lr=qparam_lr,
-                           batch_size=batch_size, round_mode=round_mode, temperature=temperature, anneal=anneal,
-                           clamp_mode=clamp_mode, beta=beta, soft_warmup=soft_warmup, tile_size=tile_size,
-                           tile_loss=tile_loss, tile_guard=tile_guard, ce_weight=ce_weight, seed=seed,
-                           checkpoint=out.rstrip("/") + ".qat-checkpoint.pt", checkpoint_every=checkpoint_every,
-                           resume=resume)
-    settings.check()
-    m, tok = _loaded if _loaded is not None else (load_model(model, device, dtype), load_tokenizer(model))
-    plan_targets(m, p, where=f"plan '{plan}'" if isinstance(plan, str) else "plan")
-    if _batch is not None:
-        batch, spec = _batch, {"source": "given"}
-    else:
-        batch, spec = _calib(tok, calib, samples, seq_len, seed, model=m, data_free=data_free, out=out,
-                             cache=data_free_cache, overwrite=overwrite_data_free, show_progress=show_progress)
+        raise BitsearchError("finalizing a plan with coupled pruning is not supported yet: apply it with "
+                             "round-to-nearest (bitsearch apply)")
+    loaded = resolve_model(model, config, tokenizer)
+    m = loaded.model
+    plan_targets(m, p, where=f"plan '{plan}'" if isinstance(plan, (str, os.PathLike)) else "plan", force=force)
+    batch, spec = calibration_tokens(loaded, calib, config, out=out, what="finalize")
+    if checkpoint and config.method == "qat":
+        keep_on_interrupt(f"QAT progress is kept in '{checkpoint}' (written every {config.checkpoint_every:g} s): rerun "
+                  f"the same command with --resume to continue")
     t0 = time.time()
-    info = {"method": method, "init": init if method == "qat" else None, "training_data": spec}
-    qparams = float_weights = None
-    if method == "signround" or init == "signround":
-        if method == "qat":           # QAT after SignRound still matches the float model
-            float_weights = {n: m.get_submodule(n).weight.detach().clone() for n in p.bits}
-        from .finalize.signround import SignRoundSettings, signround
-
-        sr = SignRoundSettings(steps=signround_steps, batch_size=batch_size, seed=seed)
-        if signround_lr is not None:
-            sr.lr = signround_lr
-        qparams = signround(m, p, batch, sr, show_progress=show_progress)
-        info["signround"] = {"steps": signround_steps, "seconds": round(time.time() - t0, 1)}
-    if method == "qat":
-        info["qat"] = finalize_qat(m, p, batch, settings, show_progress=show_progress, init_qparams=qparams,
-                                   float_weights=float_weights)
-        convert(m, p)
-    else:
-        pack_model(m, p, qparams)
+    info = {"method": config.method, "init": config.init if config.method == "qat" else None, "training_data": spec}
+    info.update(finalizer.finalize(m, p, batch, config, show_progress=config.show_progress, checkpoint=checkpoint))
     info["seconds"] = round(time.time() - t0, 1)
-    p.provenance = dict(p.provenance, finalize=dict(info, command=_command_line(), package_version=__version__))
-    written = save_packed(m, p, out, tok)
-    if os.path.exists(settings.checkpoint):
-        os.remove(settings.checkpoint)
-    return dict(info, out=out, written_bytes=written, plan_bytes=p.n_bytes())
+    p.provenance = dict(p.provenance, finalize=dict(info, **_provenance()))
+    if out:
+        save_packed(m, p, out, loaded.tokenizer)
+        if checkpoint and os.path.exists(checkpoint):
+            os.remove(checkpoint)
+    m.bitsearch_plan = p
+    return m
 
 
-def evaluate(*, model: str, text: str, max_tokens: int | None = None, seq_len: int = 512,
-             json_out: str | None = None, reference: str | None = None, device: str = "cpu",
-             dtype: str = "float32", micro_batch: int = 4, show_progress: bool = True,
-             _loaded=None, _reference_loaded=None) -> EvalResult:
-    """Perplexity (and KL to ``reference``) of a model or packed checkpoint on a text file."""
-    if seq_len < 2:
-        raise BitsearchError(f"--seq-len must be at least 2 (got {seq_len})")
-    if max_tokens is not None and max_tokens < 2:
-        raise BitsearchError(f"--max-tokens must be at least 2 (got {max_tokens})")
-    _check_out(json_out, "results")
-    if _loaded is None and model.endswith(".gguf") and os.path.isfile(model):
-        from .gguf.load import load_gguf
-        from .models import resolve_device, resolve_dtype
+def evaluate(model, text, config: EvalConfig | None = None, *, tokenizer=None, reference=None,
+             out: str | None = None, overwrite: bool = False):
+    """Perplexity (and, with ``reference``, KL to it) of a model or packed checkpoint on ``text``
+    (a text file, a list of texts, or a 1-D tensor of token ids); ``out``: also write the result
+    as JSON."""
+    from .atomic import write_text_atomic
+    from .data import read_text, tokenize_text
+    from .evaluate import perplexity
+    from .models import max_positions
 
-        m, tok = load_gguf(model, resolve_dtype(dtype))
-        m.to(resolve_device(device))
+    config = config or EvalConfig()
+    check_choices(config)
+    _threads(config)
+    if config.seq_len < 2:
+        raise BitsearchError(f"seq_len must be at least 2 (got {config.seq_len})")
+    if config.max_tokens is not None and config.max_tokens < 2:
+        raise BitsearchError(f"max_tokens must be at least 2 (got {config.max_tokens})")
+    check_output(out, "file", inputs=_inputs(model, text, reference), overwrite=overwrite, what="results")
+    loaded = resolve_model(model, config, tokenizer)
+    if isinstance(text, torch.Tensor):
+        ids = text.reshape(-1).long()
+    elif isinstance(text, (list, tuple)):
+        ids = tokenize_text(loaded.tok(), "\n\n".join(text))
     else:
-        m, tok = _loaded if _loaded is not None else (load_model(model, device, dtype), load_tokenizer(model))
-    ids = tokenize_text(tok, read_text(text))
-    ref = _reference_loaded
-    if reference is not None and ref is None:
-        ref = load_model(reference, device, dtype)
+        ids = tokenize_text(loaded.tok(), read_text(os.fspath(text)))
+    seq_len = config.seq_len
+    limit = max_positions(loaded.model)
+    if limit is not None and seq_len > limit:
+        _note(f"seq_len {seq_len} is more than the model's {limit} positions: evaluating windows of {limit}")
+        seq_len = limit
+    ref = ref_name = None
+    if reference is not None:
+        ref = resolve_model(reference, config).model
+        ref_name = reference if isinstance(reference, (str, os.PathLike)) else type(reference).__name__
     with torch.inference_mode():
-        result = perplexity(m, ids, seq_len, max_tokens, micro_batch, reference=ref, name=model,
-                            reference_name=reference, show_progress=show_progress)
-    if json_out:
-        write_text_atomic(json_out, json.dumps(result.to_dict(), indent=1) + "\n")
+        result = perplexity(loaded.model, ids, seq_len, config.max_tokens, config.micro_batch, reference=ref,
+                            name=loaded.name, reference_name=ref_name and str(ref_name),
+                            show_progress=config.show_progress)
+    if out:
+        write_text_atomic(out, json.dumps(result.to_dict(), indent=1) + "\n")
     return result
 
 
-def plot_sensitivity(*, table: str, out: str, estimator: str | None = None, width: int | None = None) -> str:
-    """A PNG summary of a sensitivity table (heatmap, spread per layer type, SNR against bits)."""
-    from .plot_sensitivity import plot_sensitivity as _plot
+def export(model, plan, out: str, config: ExportConfig | None = None, *, tokenizer=None, overwrite: bool = False,
+           force: bool = False) -> dict:
+    """Write ``model`` quantized by ``plan`` in the files of a runtime (``config.format``: a
+    registered exporter, ``bitsearch.export.EXPORTERS``); returns what was written."""
+    from .export import get_exporter
 
-    _check_out(out, "plot")
-    return _plot(SensitivityTable.load(table), out, estimator=estimator, width=width)
+    config = config or ExportConfig()
+    check_choices(config)
+    _threads(config)
+    exporter = get_exporter(config.format)
+    p = _plan(plan, per_tensor=exporter.plan_unit != "channel")
+    check_output(out, exporter.writes, inputs=_inputs(model, plan), overwrite=overwrite, what=f"{config.format} export")
+    loaded = resolve_model(model, config, tokenizer)
+    from .packed import PackedLinear
 
+    if exporter.plan_unit == "channel" and not any(isinstance(mod, PackedLinear) for mod in loaded.model.modules()):
+        from .apply import plan_targets
 
-def plot_plan(*, plan: str, out: str, title: str | None = None) -> str:
-    """A PNG of a bit plan: width of every channel per layer, width mix per layer type, bits per block."""
-    from .plot_plan import plot_plan as _plot
-
-    _check_out(out, "plot")
-    return _plot(BitPlan.load(plan), out, title=title)
-
-
-def pareto(*, storage: str, study_name: str | None = None, export: int | None = None, out: str | None = None,
-           csv: str | None = None) -> tuple[list[dict], BitPlan | None]:
-    """The trials of an optuna search study (front marked); with ``export`` that trial's plan
-    (saved to ``out``). ``study_name`` may be omitted when the storage holds one study."""
-    import optuna
-
-    from .search.optuna_study import StudySettings, export_trial, open_study, pareto_rows
-
-    if not os.path.exists(storage) and "://" not in storage:
-        raise BitsearchError(f"study storage '{storage}' does not exist")
-    if study_name is None:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        from .search.optuna_study import journal_storage
-
-        names = [s.study_name for s in optuna.get_all_study_summaries(journal_storage(storage))]
-        if len(names) != 1:
-            raise BitsearchError(f"'{storage}' holds {len(names)} studies ({', '.join(names)}): pass --study-name")
-        study_name = names[0]
-    study = open_study(StudySettings(storage=storage, study_name=study_name), create=False)
-    rows = pareto_rows(study, study.user_attrs.get("budget_bytes"))
-    if csv:
-        import pandas as pd
-
-        write_text_atomic(csv, pd.DataFrame(rows).to_csv(index=False))
-    plan = None
-    if export is not None:
-        if out is None:
-            raise BitsearchError("--export needs --out PLAN.json")
-        _check_out(out, "plan")
-        plan = export_trial(study, export)
-        plan.save(out)
-    return rows, plan
-
-
-def plot_pareto(*, storage: str, out: str, study_name: str | None = None, model: str | None = None,
-                calib: str | None = None, kl_samples: int = KL_SAMPLES, seq_len: int = 512, seed: int = 0,
-                device: str = "cpu", dtype: str = "float32") -> str:
-    """A PNG of a study's trials and front; with ``model`` and ``calib`` also uniform RTN points,
-    their KL measured on ``kl_samples`` calibration samples like the study's trials."""
-    from .cost import avg_bits, plan_bytes
-    from .models import target_of
-    from .plot_pareto import plot_pareto as _plot
-    from .quant.grid import QUANT_WIDTHS
-    from .search.kl import PlanKL
-    from .search.optuna_study import StudySettings, open_study
-
-    _check_out(out, "plot")
-    rows, _ = pareto(storage=storage, study_name=study_name)
-    if study_name is None:
-        import optuna
-
-        from .search.optuna_study import journal_storage
-
-        study_name = optuna.get_all_study_summaries(journal_storage(storage))[0].study_name
-    attrs = open_study(StudySettings(storage=storage, study_name=study_name), create=False).user_attrs
-    n_w = attrs["n_weights"]
-    uniform = []
-    if model is not None:
-        if calib is None:
-            raise BitsearchError("uniform points need --calib as well as --model")
-        m, tok = load_model(model, device, dtype), load_tokenizer(model)
-        modules = dict(m.named_modules())
-        if any(n not in modules for n in attrs["layers"]) or \
-                model_fingerprint(m, [target_of(n, modules[n]) for n in attrs["layers"]])["sha256"] != attrs["model"]["sha256"]:
-            raise BitsearchError(f"the study was run on another model than '{model}'")
-        targets = [target_of(n, modules[n]) for n in attrs["layers"]]
-        widths = [b for b in attrs["menu"] if b in QUANT_WIDTHS]
-        batch, _ = _calib(tok, calib, kl_samples, seq_len, seed)
-        kl = PlanKL(m, targets, batch, widths, attrs["group_size"])
-        shapes = {t.name: (t.out_features, t.in_features) for t in targets}
-        for w in widths:
-            bits = {t.name: np.full(t.out_features, w) for t in targets}
-            uniform.append({"label": f"W{w}", "avg_bits": avg_bits(plan_bytes(shapes, bits, attrs["group_size"]), n_w),
-                            "kl": kl(bits)})
-    return _plot(rows, out, budget_bits=avg_bits(attrs["budget_bytes"], n_w), uniform=uniform,
-                 title=f"study {study_name}")
+        plan_targets(loaded.model, p, where="plan", force=force)
+    return exporter.export(loaded.model, loaded.tokenizer, p, out)

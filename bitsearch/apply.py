@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import torch
 from torch import nn
 
 from . import __version__
+from .atomic import atomic_dir
 from .errors import BitsearchError
 from .couplings import couplings_from_list, physical_layout
 from .models import PACKED_CONFIG, Target, model_fingerprint, target_of, tied_linears
@@ -45,8 +44,9 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def plan_targets(model: nn.Module, plan: BitPlan, where: str = "plan") -> list[Target]:
-    """The plan's layers as targets of ``model``, checked against the model's fingerprint."""
+def plan_targets(model: nn.Module, plan: BitPlan, where: str = "plan", force: bool = False) -> list[Target]:
+    """The plan's layers as targets of ``model``, checked against the model's fingerprint
+    (``force``: accept other weights of the same config and shapes)."""
     modules = dict(model.named_modules())
     targets = []
     for name, (out_f, in_f) in plan.shapes.items():
@@ -54,7 +54,7 @@ def plan_targets(model: nn.Module, plan: BitPlan, where: str = "plan") -> list[T
         if not isinstance(mod, (nn.Linear, nn.Embedding)):
             raise BitsearchError(f"{where}: layer '{name}' is not a linear or embedding layer of this model")
         targets.append(target_of(name, mod, tied_linears(model, name) if isinstance(mod, nn.Embedding) else ()))
-    plan.check_model(model_fingerprint(model, targets), where)
+    plan.check_model(model_fingerprint(model, targets), where, force)
     return targets
 
 
@@ -111,25 +111,6 @@ def packed_tensor_bytes(path: str) -> int:
     return total
 
 
-def _finish_dir(tmp: str, out: str) -> None:
-    """Move a completed temporary folder to ``out`` (replacing an older one)."""
-    if os.path.exists(out):
-        if not os.path.isdir(out):
-            raise BitsearchError(f"output '{out}' exists and is not a folder")
-        old = out.rstrip("/") + ".old-bitsearch"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
-def _tmp_dir(out: str) -> str:
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix="." + os.path.basename(out.rstrip("/")) + ".", dir=parent)
-
-
 def save_packed(model: nn.Module, plan: BitPlan, out: str, tokenizer=None) -> int:
     """Write a packed checkpoint of ``model`` under ``plan`` to ``out``; the model is not changed.
 
@@ -171,8 +152,7 @@ def save_packed(model: nn.Module, plan: BitPlan, out: str, tokenizer=None) -> in
         "plan_summary": plan.summary, "model": plan.model, "plan_provenance": plan.provenance,
         "couplings": [c.to_dict() for c in plan.couplings],
     }
-    tmp = _tmp_dir(out)
-    try:
+    with atomic_dir(out) as tmp:
         save_file(quant, os.path.join(tmp, QUANT_FILE))
         save_file(rest, os.path.join(tmp, REST_FILE))
         model.config.save_pretrained(tmp)
@@ -180,24 +160,15 @@ def save_packed(model: nn.Module, plan: BitPlan, out: str, tokenizer=None) -> in
             tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, PACKED_CONFIG), "w") as f:
             json.dump(meta, f, indent=1)
-        _finish_dir(tmp, out)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
     return sum(t.numel() * t.element_size() for t in quant.values())
 
 
 def save_fake(model: nn.Module, out: str, tokenizer=None) -> None:
     """Write ``model`` (fake-quantized in place) as a plain HF checkpoint."""
-    tmp = _tmp_dir(out)
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _finish_dir(tmp, out)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_packed(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:

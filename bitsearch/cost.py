@@ -75,7 +75,8 @@ def check_budget_fits(budget_bytes: int, need: int, n_weights: int, lowest: int)
     if budget_bytes < need:
         raise BitsearchError(
             f"budget {budget_bytes} bytes ({avg_bits(budget_bytes, n_weights):.4f} bits) is below the "
-            f"smallest feasible one with widths >= {lowest}: {need} bytes ({avg_bits(need, n_weights):.4f} bits)")
+            f"smallest feasible one with widths >= {lowest}: {need} bytes ({avg_bits(need, n_weights):.4f} bits)"
+            + ("; give at least that, or allow pruning with `min_bits` 0" if lowest > 0 else ""))
 
 
 _BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(B|KB|MB|GB|KIB|MIB|GIB)\s*$", re.IGNORECASE)

@@ -79,23 +79,32 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def calibration_batches(tokenizer, source: str, samples: int = 128, seq_len: int = 512,
-                        seed: int = 0) -> tuple[torch.Tensor, CalibSpec]:
-    """(samples, seq_len) token windows at seeded offsets, and their :class:`CalibSpec`."""
+def calibration_batches(tokenizer, source: str | list[str], samples: int = 128, seq_len: int = 512,
+                        seed: int = 0, allow_overlap: bool = False) -> tuple[torch.Tensor, CalibSpec]:
+    """(samples, seq_len) token windows at seeded offsets of a text file (or of a list of texts,
+    joined by blank lines), and their :class:`CalibSpec`. Windows never overlap unless
+    ``allow_overlap``: a text too short for that is refused, saying how many windows fit."""
     if samples < 1:
-        raise BitsearchError(f"--samples must be at least 1 (got {samples})")
+        raise BitsearchError(f"samples must be at least 1 (got {samples})")
     if seq_len < 2:
-        raise BitsearchError(f"--seq-len must be at least 2 (got {seq_len})")
-    text = read_text(source)
+        raise BitsearchError(f"seq_len must be at least 2 (got {seq_len})")
+    if isinstance(source, str):
+        text = read_text(source)
+    else:
+        text, source = "\n\n".join(source), f"{len(source)} texts"
     ids = tokenize_text(tokenizer, text)
     if ids.numel() < seq_len + 1:
-        raise BitsearchError(f"calibration text '{source}' has {ids.numel()} tokens, fewer than --seq-len {seq_len}")
+        raise BitsearchError(f"calibration text '{source}' has {ids.numel()} tokens, fewer than seq_len {seq_len}")
     n_starts = ids.numel() - seq_len + 1
     g = torch.Generator().manual_seed(seed)
     if n_starts >= samples * seq_len:
         # non-overlapping: pick distinct slots of seq_len tokens
         slots = torch.randperm(n_starts // seq_len, generator=g)[:samples]
         starts = slots * seq_len
+    elif not allow_overlap:
+        fit = n_starts // seq_len
+        raise BitsearchError(f"calibration text '{source}' has {ids.numel()} tokens: {fit} windows of {seq_len} "
+                             f"fit without overlap, {samples} asked; use `samples` {fit} or fewer (or allow_overlap)")
     else:
         starts = torch.randint(0, n_starts, (samples,), generator=g)
     batch = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])

@@ -85,23 +85,12 @@ def model_digest(model: nn.Module) -> dict:
     bfloat16, on any device, has the same digest, while another fine-tune of the same
     architecture does not.
     """
-    from .models import model_fingerprint
+    from .models import model_fingerprint, tensor_digest
 
     fp = model_fingerprint(model, [])
-    h = hashlib.sha256()
     tensors = list(model.named_parameters(remove_duplicate=True)) + list(model.named_buffers(remove_duplicate=True))
-    with torch.no_grad():
-        for name, t in tensors:
-            h.update(f"{name}:{tuple(t.shape)};".encode())
-            if t.is_meta or t.numel() == 0:
-                continue
-            flat = t.detach().reshape(-1)
-            k = min(_DIGEST_VALUES, flat.numel())
-            idx = torch.linspace(0, flat.numel() - 1, k, device=flat.device).round().long()
-            vals = flat[idx].float().to(torch.bfloat16).float().cpu()
-            h.update(vals.numpy().tobytes())
     return {"model_type": fp["model_type"], "config_sha256": fp["config_sha256"],
-            "weights_sha256": h.hexdigest()}
+            "weights_sha256": tensor_digest(tensors, _DIGEST_VALUES)}
 
 
 # --------------------------------------------------------------------------- generation
@@ -146,7 +135,7 @@ def _check_settings(n_samples: int, seq_len: int, greedy_tokens: int, temperatur
     if n_samples < 1:
         raise BitsearchError(f"data-free samples must be at least 1 (got {n_samples})")
     if seq_len < 2:
-        raise BitsearchError(f"--seq-len must be at least 2 (got {seq_len})")
+        raise BitsearchError(f"seq_len must be at least 2 (got {seq_len})")
     if greedy_tokens < 0:
         raise BitsearchError(f"greedy tokens must be at least 0 (got {greedy_tokens})")
     if not temperature >= 0:
@@ -208,7 +197,7 @@ def generate_samples(model: nn.Module, n_samples: int, seq_len: int, *, seed: in
         raise BitsearchError("no token is left to start a data-free sample with (all ids excluded)")
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if isinstance(max_pos, int) and seq_len > max_pos:
-        raise BitsearchError(f"--seq-len {seq_len} exceeds the model's {max_pos} positions")
+        raise BitsearchError(f"seq_len {seq_len} exceeds the model's {max_pos} positions")
 
     device = _input_device(model)
     u = _uniforms(seed, start, n_samples, seq_len)
@@ -258,16 +247,16 @@ def _read_cache(path: str) -> tuple[torch.Tensor, dict]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, not a torch file, ...
         raise BitsearchError(f"data-free cache '{path}' cannot be read ({type(exc).__name__}): delete it "
-                             f"or regenerate it with overwrite (--overwrite-data-free)") from None
+                             f"or regenerate it with overwrite (overwrite_data_free)") from None
     if not isinstance(obj, dict) or obj.get("format") != CACHE_FORMAT:
         raise BitsearchError(f"'{path}' is not a bitsearch data-free cache: delete it or choose another path")
     if obj.get("version") != CACHE_VERSION:
         raise BitsearchError(f"data-free cache '{path}' has version {obj.get('version')}, this bitsearch "
-                             f"reads {CACHE_VERSION}: regenerate it with overwrite (--overwrite-data-free)")
+                             f"reads {CACHE_VERSION}: regenerate it with overwrite (overwrite_data_free)")
     tokens, meta = obj.get("tokens"), obj.get("meta")
     if not torch.is_tensor(tokens) or tokens.dim() != 2 or not isinstance(meta, dict):
         raise BitsearchError(f"data-free cache '{path}' is malformed: delete it or regenerate it "
-                             f"with overwrite (--overwrite-data-free)")
+                             f"with overwrite (overwrite_data_free)")
     return tokens.long(), meta
 
 
@@ -351,7 +340,7 @@ def load_or_generate(model: nn.Module, tokenizer, n_samples: int, seq_len: int, 
         diff = _mismatch(meta, wanted)
         if diff:
             raise BitsearchError(f"data-free cache '{cache_path}' does not match this run ({'; '.join(diff)}): "
-                                 f"regenerate it with overwrite (--overwrite-data-free) or use another path")
+                                 f"regenerate it with overwrite (overwrite_data_free) or use another path")
         n_c, len_c = cached.shape
         if len_c < seq_len:
             say(f"data-free cache '{cache_path}' holds {len_c}-token samples; regenerating at {seq_len}")

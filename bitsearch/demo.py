@@ -8,6 +8,7 @@ stored the same way. Writes plans, ``results.csv`` (also printed) and ``ppl_vs_b
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from importlib import resources
@@ -17,6 +18,8 @@ import pandas as pd
 import torch
 
 from . import api
+from .apply import packed_tensor_bytes
+from .config import ApplyConfig, EvalConfig, SearchConfig, SensitivityConfig
 from .errors import BitsearchError
 from .evaluate import EvalResult
 from .models import find_targets, load_model, load_tokenizer, model_fingerprint
@@ -26,7 +29,7 @@ from .search import build_problem
 __all__ = ["demo_paths", "run_demo", "DEMO_SETTINGS"]
 
 #: settings of the demo run (small enough for 2 CPU cores in well under 3 minutes)
-DEMO_SETTINGS = dict(samples=16, seq_len=256, group_size=64, calib_loss_samples=4, bits=[2, 3, 4, 5, 6, 8],
+DEMO_SETTINGS = dict(samples=16, seq_len=256, group_size=64, loss_calibration_samples=4, bits="2,3,4,5,6,8",
                      eval_seq_len=256, eval_max_tokens=8192, uniform_widths=(2, 3, 4))
 
 
@@ -42,7 +45,7 @@ def demo_paths() -> dict[str, str]:
 def _parse_budgets(budgets: str) -> list[str]:
     out = [b.strip() for b in budgets.split(",") if b.strip()]
     if not out:
-        raise BitsearchError("--budgets is empty")
+        raise BitsearchError("`budgets` is empty")
     return out
 
 
@@ -55,7 +58,6 @@ def run_demo(out: str, budgets: str = "2.5,3.0,3.5", show_progress: bool = True)
     torch.manual_seed(0)
     model = load_model(paths["model"])
     tok = load_tokenizer(paths["model"])
-    ref_state = {k: v.clone() for k, v in model.state_dict().items()}
 
     def say(msg: str) -> None:
         print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
@@ -63,17 +65,19 @@ def run_demo(out: str, budgets: str = "2.5,3.0,3.5", show_progress: bool = True)
     say(f"demo model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; "
         f"calibration {s['samples']} x {s['seq_len']} tokens of calib.txt; widths {s['bits']}")
     table_path = os.path.join(out, "sensitivity.parquet")
-    table = api.sensitivity(model=paths["model"], calib=paths["calib"], out=table_path, samples=s["samples"],
-                            seq_len=s["seq_len"], group_size=s["group_size"], bits=s["bits"],
-                            calib_loss_samples=s["calib_loss_samples"], show_progress=show_progress,
-                            _loaded=(model, tok))
+    table = api.sensitivity(model, paths["calib"], SensitivityConfig(
+        samples=s["samples"], seq_len=s["seq_len"], group_size=s["group_size"], bits=s["bits"],
+        loss_calibration_samples=s["loss_calibration_samples"], show_progress=show_progress), tokenizer=tok,
+        out=table_path)
     say(f"sensitivity: {len(table.df)} channels in {len(table.layers)} layers -> {table_path}")
     targets = find_targets(model)
     fp = model_fingerprint(model, targets)
 
     def evaluate(name: str, m) -> EvalResult:
-        return api.evaluate(model=name, text=paths["eval"], seq_len=s["eval_seq_len"], max_tokens=s["eval_max_tokens"],
-                            show_progress=show_progress, _loaded=(m, tok))
+        r = api.evaluate(m, paths["eval"], EvalConfig(seq_len=s["eval_seq_len"], max_tokens=s["eval_max_tokens"],
+                                                      show_progress=show_progress), tokenizer=tok)
+        r.model = name
+        return r
 
     float_ppl = evaluate("float", model).ppl
     say(f"float perplexity on the first {s['eval_max_tokens']} tokens of eval.txt: {float_ppl:.2f}")
@@ -85,23 +89,21 @@ def run_demo(out: str, budgets: str = "2.5,3.0,3.5", show_progress: bool = True)
         bytes_w = problem.bytes_of(np.full(problem.n_channels, k))
         runs.append(("uniform", f"{bytes_w}B"))
     for method, budget in runs:
-        plan = api.search_plan(table, targets, fp, budget=budget, method=method,
-                               provenance={"command": "bitsearch demo", "model_name": "bundled demo model"})
+        plan = api.search_plan(table, targets, fp, SearchConfig(budget=budget, method=method),
+                               provenance={"model_name": "bundled demo model"})
         tag = f"{method}_{plan.summary['avg_bits']:.2f}"
         plan_path = os.path.join(out, f"plan_{tag}.json")
         plan.save(plan_path)
         packed_dir = os.path.join(out, f"packed_{tag}")
-        model.load_state_dict(ref_state)
-        info = api.apply(model=paths["model"], plan=plan, out=packed_dir, _loaded=(model, tok))
-        packed = load_model(packed_dir)
-        r = evaluate(tag, packed)
-        model.load_state_dict(ref_state)
+        api.apply(copy.deepcopy(model), plan, ApplyConfig(), tokenizer=tok, out=packed_dir)
+        written = packed_tensor_bytes(packed_dir)
+        r = evaluate(tag, load_model(packed_dir))       # evaluated from the file written
         rows.append({"method": method, "budget": budget, "avg_bits": plan.summary["avg_bits"],
-                     "bytes": info["written_bytes"], "plan_bytes": plan.summary["bytes"],
+                     "bytes": written, "plan_bytes": plan.summary["bytes"],
                      "pruned_channels": plan.summary["pruned_channels"], "ppl": r.ppl,
                      "predicted_loss_increase": plan.summary["predicted_error"], "plan": os.path.basename(plan_path)})
         say(f"{method:7s} budget {budget}: {plan.summary['avg_bits']:.3f} bits, "
-            f"{info['written_bytes']} bytes written (plan {plan.summary['bytes']}), ppl {r.ppl:.2f}")
+            f"{written} bytes written (plan {plan.summary['bytes']}), ppl {r.ppl:.2f}")
     df = pd.DataFrame(rows)
     csv = os.path.join(out, "results.csv")
     df.to_csv(csv, index=False)

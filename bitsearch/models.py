@@ -134,8 +134,8 @@ def find_targets(model: nn.Module, targets: str | None = None, exclude: str | No
     module that is not a target is refused (quantizing it would change the other module too),
     except a tied lm_head: targeting the embedding quantizes both (``Target.tied``).
     """
-    inc = _compile(targets, "--targets")
-    exc = _compile(exclude, "--exclude")
+    inc = _compile(targets, "`targets`")
+    exc = _compile(exclude, "`exclude`")
     prefix = decoder_blocks(model)[0] + "." if inc is None else ""
     kinds = (nn.Linear,) if inc is None else (nn.Linear, nn.Embedding)
     chosen: list[tuple[str, nn.Module]] = []
@@ -146,9 +146,14 @@ def find_targets(model: nn.Module, targets: str | None = None, exclude: str | No
             continue
         chosen.append((name, mod))
     if not chosen:
+        conv = next((n for n, m in model.named_modules() if type(m).__name__ == "Conv1D" and n.startswith(prefix)), None)
+        if conv is not None:
+            raise BitsearchError(f"no target layers match: this model's layers are transformers Conv1D (e.g. "
+                                 f"'{conv}', GPT-2 style), which bitsearch does not quantize (nn.Linear and "
+                                 f"nn.Embedding only)")
         raise BitsearchError("no target layers match"
-                             + (f" --targets '{targets}'" if targets else "")
-                             + (f" --exclude '{exclude}'" if exclude else ""))
+                             + (f" `targets` '{targets}'" if targets else "")
+                             + (f" `exclude` '{exclude}'" if exclude else ""))
     owners: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(name.rsplit(".", 1)[0])
@@ -165,11 +170,11 @@ def find_targets(model: nn.Module, targets: str | None = None, exclude: str | No
             emb = next(o for o in others if isinstance(modules[o], nn.Embedding))
             if emb not in names:
                 raise BitsearchError(f"target '{name}' shares its weight with the embedding '{emb}' (tied weights): "
-                                     f"target the embedding instead (--targets '{emb}'), which quantizes both, "
-                                     f"or exclude it with --exclude")
+                                     f"target the embedding instead (`targets` '{emb}'), which quantizes both, "
+                                     f"or exclude it with `exclude`")
         else:
             raise BitsearchError(f"target '{name}' shares its weight with '{others[0]}' (tied weights); "
-                                 f"exclude it with --exclude")
+                                 f"exclude it with `exclude`")
     return out
 
 
@@ -190,8 +195,45 @@ _VOLATILE = {"transformers_version", "dtype", "torch_dtype", "_name_or_path", "u
              "_commit_hash", "quantization_config"}
 
 
+def tensor_digest(tensors, values: int = 4096) -> str:
+    """A hash of the names, shapes and ``values`` evenly spaced values (rounded to bfloat16, so
+    float32 and bfloat16 loads of one checkpoint agree) of ``tensors``: (name, tensor) pairs."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in tensors:
+            h.update(f"{name}:{tuple(t.shape)};".encode())
+            if t.is_meta or t.numel() == 0:
+                continue
+            flat = t.detach().reshape(-1)
+            k = min(values, flat.numel())
+            idx = torch.linspace(0, flat.numel() - 1, k, device=flat.device).round().long()
+            h.update(flat[idx].float().to(torch.bfloat16).float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_finite(model: nn.Module) -> None:
+    """Refuse a model with a NaN or infinite weight, naming the first such tensor."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and not p.is_meta and not torch.isfinite(p).all():
+                bad = int((~torch.isfinite(p)).sum())
+                raise BitsearchError(f"the model's weight '{name}' holds {bad} NaN or infinite values of "
+                                     f"{p.numel()}: nothing can be measured or quantized on it")
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings allow (None when it does not say)."""
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
 def model_fingerprint(model: nn.Module, targets: list[Target]) -> dict:
-    """What identifies a model for a plan: its config (sans volatile keys) and target shapes."""
+    """What identifies a model for a plan: its config (sans volatile keys), target shapes and a
+    digest of the target weights (``weights_sha256``: another fine-tune of the same shapes differs)."""
     cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE}
     shapes = {t.name: [t.out_features, t.in_features] for t in targets}
     blob = json.dumps({"config": cfg, "targets": shapes}, sort_keys=True, default=str)
@@ -200,5 +242,6 @@ def model_fingerprint(model: nn.Module, targets: list[Target]) -> dict:
         "model_type": cfg.get("model_type"),
         "config_sha256": hashlib.sha256(cfg_blob.encode()).hexdigest(),
         "sha256": hashlib.sha256(blob.encode()).hexdigest(),
+        "weights_sha256": tensor_digest((t.name, model.get_submodule(t.name).weight) for t in targets),
         "targets": shapes,
     }

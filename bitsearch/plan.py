@@ -65,12 +65,17 @@ class PlanTargets:
     def n_weights(self) -> int:
         return sum(o * i for o, i in self.shapes.values())
 
-    def check_fingerprint(self, fingerprint: dict, where: str = "plan") -> None:
-        """Raise unless the plan was made for a model with this fingerprint."""
+    def check_fingerprint(self, fingerprint: dict, where: str = "plan", force: bool = False) -> None:
+        """Raise unless the plan was made for a model with this fingerprint (with ``force``: of the
+        same shapes, whatever its weights)."""
         if self.model.get("sha256") != fingerprint["sha256"]:
             raise BitsearchError(f"{where} was made for another model ({self.model.get('model_type')}, "
                                  f"fingerprint {str(self.model.get('sha256'))[:12]}) than this one "
                                  f"({fingerprint.get('model_type')}, {fingerprint['sha256'][:12]})")
+        mine, theirs_w = self.model.get("weights_sha256"), fingerprint.get("weights_sha256")
+        if not force and mine and theirs_w and mine != theirs_w:
+            raise BitsearchError(f"{where} was made for a model of the same shapes but other weights (weights "
+                                 f"digest {mine[:12]}, this model's {theirs_w[:12]}): pass `force` to apply it anyway")
 
 
 @dataclass
@@ -85,6 +90,11 @@ class BitPlan(PlanTargets):
     couplings: list[Coupling] = field(default_factory=list)
 
     # ---- derived -------------------------------------------------------------------------
+    @property
+    def avg_bits(self) -> float:
+        """Avg bits all-in of the plan's targets (codes, scales, zeros, bit map)."""
+        return avg_bits(self.n_bytes(), self.n_weights())
+
     def n_bytes(self) -> int:
         return plan_bytes(self.shapes, self.bits, self.group_size, self.couplings)
 
@@ -195,17 +205,18 @@ class BitPlan(PlanTargets):
         return plan
 
     # ---- model check -----------------------------------------------------------------------
-    def check_model(self, fingerprint: dict, where: str = "plan") -> None:
-        """Raise unless the plan was made for a model with this fingerprint."""
+    def check_model(self, fingerprint: dict, where: str = "plan", force: bool = False) -> None:
+        """Raise unless the plan was made for a model with this fingerprint (with ``force``, a model
+        of the same config and shapes whose weights differ is accepted)."""
         theirs = fingerprint["targets"]
         for name, shape in self.shapes.items():
             if name not in theirs:
                 raise BitsearchError(f"{where}: layer '{name}' is not a target layer of this model "
-                                     f"(plan for another model or other --targets?)")
+                                     f"(plan for another model or other `targets`?)")
             if tuple(theirs[name]) != shape:
                 raise BitsearchError(f"{where}: layer '{name}' is {shape[0]}x{shape[1]} in the plan but "
                                      f"{theirs[name][0]}x{theirs[name][1]} in the model")
-        self.check_fingerprint(fingerprint, where)
+        self.check_fingerprint(fingerprint, where, force)
 
 
 def _read_json(path: str) -> dict:

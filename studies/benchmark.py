@@ -20,7 +20,7 @@ Methods (``--methods``, default all):
 
 * ``rtn-g128``, ``rtn-channel``: uniform round-to-nearest, groups of 128 / one group per row;
   the largest width that fits.
-* ``gptq``: ``studies/gptq.py`` (act order, static groups, 1 % damping, true-sequential) at the
+* ``gptq``: ``studies/reference/gptq.py`` (act order, static groups, 1 % damping, true-sequential) at the
   largest (width, group 32/64/128) that fits.
 * ``hqq``, ``autoround``: the PyPI packages (optional extras: ``pip install -e .[benchmark]``),
   skipped with a note when missing; same choice of (width, group). AutoRound runs asymmetric,
@@ -29,7 +29,7 @@ Methods (``--methods``, default all):
 * ``autoscheme``: AutoRound's own per-layer mixed-precision search (``AutoScheme``, options W2 /
   W3 / W4 at g128, its layer scores on the same calibration tokens, ``peers.autoscheme_quantize``)
   within the budget by the same byte count, then AutoRound at each layer's width.
-* ``llamacpp``: llama.cpp's per-tensor rule mixes (``studies/llamacpp_mixes.py``), the (mix,
+* ``llamacpp``: llama.cpp's per-tensor rule mixes (``studies/reference/llamacpp_mixes.py``), the (mix,
   group) pair storing the most bytes that fit, round-to-nearest.
 * ``hawq``: HAWQ-style per-layer plan: Hutchinson Hessian trace x quantization error per
   layer (bitsearch's ``hutchinson`` estimator, uncalibrated) and the ``ilp`` allocator at layer
@@ -47,9 +47,9 @@ Every point is cached as JSON in ``--out/points`` (a killed run resumes; ``--red
 The results go to ``--out/benchmark-<tag>.json``, ``.md`` (the table the README includes) and
 ``.png`` (perplexity against stored bits, every method, the float model as a line).
 
-    python studies/benchmark.py --quick --threads 1                         # CPU: 40k eval tokens
-    python studies/benchmark.py --device cuda --out studies/results/benchmark  # full test set
-    python studies/benchmark.py --model meta-llama/Llama-3.2-1B --device cuda --tag llama1b
+    python -m studies.benchmark --quick --threads 1                         # CPU: 40k eval tokens
+    python -m studies.benchmark --device cuda --out studies/results/benchmark  # full test set
+    python -m studies.benchmark --model meta-llama/Llama-3.2-1B --device cuda --tag llama1b
 """
 
 from __future__ import annotations
@@ -61,23 +61,23 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(__file__))
-
-from bitsearch import api  # noqa: E402
-from bitsearch.apply import fake_quantize_model  # noqa: E402
-from bitsearch.atomic import write_text_atomic  # noqa: E402
-from bitsearch.cost import budget_to_bytes  # noqa: E402
-from bitsearch.data import calibration_batches, read_text  # noqa: E402
-from bitsearch.models import find_targets, load_model, load_tokenizer  # noqa: E402
-from bitsearch.search.uniform import uniform_plan  # noqa: E402
-from gptq import gptq_quantize  # noqa: E402
-from llamacpp_mixes import best_rule_mix, per_tensor_bytes, rule_mix_plan  # noqa: E402
-from peers import storage_bits  # noqa: E402
+from bitsearch import api
+from bitsearch.apply import fake_quantize_model
+from bitsearch.atomic import write_text_atomic
+from bitsearch.config import EvalConfig, FinalizeConfig, SearchConfig, SensitivityConfig
+from bitsearch.cost import budget_to_bytes
+from bitsearch.data import calibration_batches, read_text
+from bitsearch.models import find_targets, load_model, load_tokenizer
+from bitsearch.plots import plot_methods
+from bitsearch.search.uniform import uniform_plan
+from studies.reference.gptq import gptq_quantize
+from studies.reference.llamacpp_mixes import best_rule_mix, per_tensor_bytes, rule_mix_plan
+from studies.reference.peers import storage_bits
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -146,9 +146,11 @@ class Bench:
         meta = path + ".seconds"
         if not os.path.exists(path) or not os.path.exists(meta):
             t0 = time.time()
-            api.sensitivity(model=self.args.model, calib=self.calib_path, out=path, samples=self.args.samples,
-                            seq_len=self.args.seq_len, estimators=estimator, calibrate=calibrate,
-                            probes=self.args.probes, device=self.args.device, show_progress=False)
+            api.sensitivity(self.args.model, self.calib_path,
+                            SensitivityConfig(samples=self.args.samples, seq_len=self.args.seq_len,
+                                              estimators=estimator, loss_calibration=calibrate,
+                                              probes=self.args.probes, device=self.args.device,
+                                              show_progress=False), out=path, overwrite=True)
             write_text_atomic(meta, f"{time.time() - t0:.1f}\n")
         return path, float(open(meta).read())
 
@@ -158,9 +160,9 @@ class Bench:
         table, secs = self.table(estimator, calibrate)
         m = self.fresh()
         t0 = time.time()
-        plan = api.search(model=self.args.model, budget=str(budget), calib=self.calib_path, sensitivity_table=table,
-                          method=method, mix=estimator, samples=self.args.samples, seq_len=self.args.seq_len,
-                          show_progress=False, _loaded=(m, self.tok), **kw)
+        plan = api.search(m, self.calib_path, SearchConfig(budget=str(budget), method=method, mix=estimator,
+                                                           samples=self.args.samples, seq_len=self.args.seq_len,
+                                                           show_progress=False, **kw), tokenizer=self.tok, table=table)
         return plan, secs + time.time() - t0, m
 
 
@@ -198,8 +200,8 @@ def gptq(bench: Bench, budget: float):
 
 
 def _peers(package: str):
-    """studies/peers.py, or Skip with the reason ``package`` cannot be imported."""
-    import peers
+    """studies.reference.peers, or Skip with the reason ``package`` cannot be imported."""
+    from studies.reference import peers
 
     why = peers.available().get(package)
     if why:
@@ -273,8 +275,9 @@ def finalize_plan(model, tok, plan, batch: torch.Tensor, finalizer: str, a) -> N
     qat = dict(method="qat", mode="tiled", steps=a.qat_steps, lr=a.qat_lr, batch_size=a.qat_batch_size)
     opts = qat if finalizer == "qat" else dict(method="signround", signround_steps=a.signround_steps)
     train = batch.reshape(-1, a.qat_seq_len) if batch.shape[1] % a.qat_seq_len == 0 else batch
-    api.finalize(model=a.model, plan=plan, out=os.path.join(a.out, "tmp-finalized"), _loaded=(model, tok),
-                 _batch=train, seq_len=train.shape[1], device=a.device, show_progress=False, **opts)
+    config = FinalizeConfig(samples=train.shape[0], seq_len=train.shape[1], device=a.device, show_progress=False,
+                            **opts)
+    api.finalize(model, plan, train, config, tokenizer=tok, out=os.path.join(a.out, "tmp-finalized"), overwrite=True)
 
 
 def bitsearch_pipeline(bench: Bench, budget: float, finalizer: str, search: str = "greedy"):
@@ -318,10 +321,10 @@ def measure(bench: Bench, model) -> dict:
     quantized model) KL(float || model) there; KL(float || model) on the held-out text."""
     a = bench.args
     ref = None if model is bench.float_model else bench.float_model
-    ev = api.evaluate(model="m", text=a.eval_text, max_tokens=a.max_tokens, seq_len=512, device=a.device,
-                      show_progress=False, _loaded=(model, bench.tok), _reference_loaded=ref)
-    kl = api.evaluate(model="m", text=bench.kl_path, max_tokens=a.kl_tokens, seq_len=512, device=a.device,
-                      show_progress=False, _loaded=(model, bench.tok), _reference_loaded=bench.float_model).kl
+    config = EvalConfig(max_tokens=a.max_tokens, seq_len=512, device=a.device, show_progress=False)
+    ev = api.evaluate(model, a.eval_text, config, tokenizer=bench.tok, reference=ref)
+    kl = api.evaluate(model, bench.kl_path, replace(config, max_tokens=a.kl_tokens), tokenizer=bench.tok,
+                      reference=bench.float_model).kl
     out = {"ppl": ev.ppl, "kl": kl, "entropy": ev.entropy}
     if ref is not None:
         out["eval_kl"] = ev.kl
@@ -430,34 +433,6 @@ def verdict(rows: list[dict], ref: dict) -> list[str]:
     return out
 
 
-def plot(rows: list[dict], ref: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    ok = [r for r in rows if "skipped" not in r and not r.get("missing")]
-    for method in dict.fromkeys(r["method"] for r in ok):
-        pts = sorted((r["avg_bits"], r["ppl"]) for r in ok if r["method"] == method)
-        bs = method.startswith("bitsearch")
-        ax.plot(*zip(*pts), marker="o" if bs else "s", lw=2.2 if method == "bitsearch-qat" else 1.0,
-                ls="-" if bs else "--", label=LABELS[method], color=COLORS[method])
-    ax.axhline(ref["ppl"], color="0.3", lw=0.8, ls=":", label=f"float ({ref['ppl']:.1f})")
-    ax.set_yscale("log")
-    from matplotlib.ticker import FuncFormatter
-
-    plain = FuncFormatter(lambda v, _: f"{v:.0f}")
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
-    ax.set_xlabel("stored bits per target weight (all-in)")
-    ax.set_ylabel("perplexity (log scale, lower is better)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 # (setting, full run, --quick) for the options left unset on the command line
 SETTINGS = [("max_tokens", None, 40000), ("kl_tokens", 32768, 8192), ("qat_steps", 200, 80), ("qat_batch_size", 8, 4),
             ("qat_lr", 2e-4, 2e-4), ("qat_seq_len", 512, 256), ("signround_steps", 200, 100), ("samples", 128, 64),
@@ -534,7 +509,7 @@ def main(argv=None) -> dict:
     base = os.path.join(args.out, f"benchmark-{tag}")
     write_text_atomic(base + ".json", json.dumps(result, indent=1) + "\n")
     write_text_atomic(base + ".md", markdown(rows, ref, budgets) + "\n" + "\n".join(f"- {x}" for x in lines) + "\n")
-    plot(rows, ref, base + ".png")
+    plot_methods(rows, ref, base + ".png", labels=LABELS, colors=COLORS, highlight="bitsearch-qat")
     print(markdown(rows, ref, budgets))
     print("\n".join(lines))
     return result

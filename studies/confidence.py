@@ -24,11 +24,11 @@ perplexity change on the evaluation text follows its closeness to the float mode
 
 Nothing here is tuned on the evaluation text: T is a probe, never applied to a model.
 
-    python studies/confidence.py --points studies/results/benchmark/slm-llama-17m-quick-confidence \\
+    python -m studies.confidence --points studies/results/benchmark/slm-llama-17m-quick-confidence \\
         --out studies/results/confidence
-    python studies/confidence.py --out studies/results/confidence-plans \\
+    python -m studies.confidence --out studies/results/confidence-plans \\
         --plans studies/results/search_methods_v4/greedy_2.5.json ...
-    python studies/confidence.py --out studies/results/confidence-plans-qat --finalize qat --plans ...
+    python -m studies.confidence --out studies/results/confidence-plans-qat --finalize qat --plans ...
 """
 
 from __future__ import annotations
@@ -46,16 +46,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(__file__))
-
-from bitsearch.apply import fake_quantize_model  # noqa: E402
-from bitsearch.atomic import write_text_atomic  # noqa: E402
-from bitsearch.data import calibration_batches, read_text, tokenize_text  # noqa: E402
-from bitsearch.evaluate import windows  # noqa: E402
-from bitsearch.models import load_model, load_tokenizer  # noqa: E402
-from bitsearch.plan import BitPlan  # noqa: E402
-from benchmark import finalize_plan, settings  # noqa: E402
+from bitsearch.apply import fake_quantize_model
+from bitsearch.atomic import write_text_atomic
+from bitsearch.data import calibration_batches, read_text, tokenize_text
+from bitsearch.evaluate import windows
+from bitsearch.models import load_model, load_tokenizer
+from bitsearch.plan import BitPlan
+from bitsearch.plots import plot_confidence
+from studies.benchmark import finalize_plan, settings
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -89,7 +87,7 @@ def load_points(folders) -> tuple[list[dict], dict]:
     for folder in folders:
         f = json.load(open(os.path.join(folder, "points", "float.json")))
         if "entropy" not in f:
-            sys.exit(f"confidence: {folder} has no float entropy: rerun studies/benchmark.py on it")
+            sys.exit(f"confidence: {folder} has no float entropy: rerun python -m studies.benchmark on it")
         if ref is not None and abs(f["ppl"] - ref["ppl"]) > 1e-9:
             sys.exit(f"confidence: {folder} was evaluated on other tokens than the other folders")
         ref = f
@@ -120,35 +118,6 @@ def analyse(rows: list[dict], ref: dict) -> dict:
         out[name] = {"coef": coef.tolist(), "r2": r2, "residuals": resid.tolist(),
                      "rms_residual": float(np.sqrt((resid ** 2).mean()))}
     return out
-
-
-def plot(curve: list[dict], rows: list[dict], ref: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    one = next(c for c in curve if c["T"] == 1.0)
-    ax.plot([c["entropy"] - one["entropy"] for c in curve], [100 * (c["ppl"] / one["ppl"] - 1) for c in curve],
-            "k-", lw=1, label="float model, logits / T")
-    for c in curve:
-        ax.annotate(f"T={c['T']:g}", (c["entropy"] - one["entropy"], 100 * (c["ppl"] / one["ppl"] - 1)),
-                    fontsize=7, color="0.3", xytext=(3, 3), textcoords="offset points")
-    for family, marker in (("peer", "s"), ("bitsearch", "o")):
-        pts = [r for r in rows if r["family"] == family]
-        sc = ax.scatter([r["entropy"] - ref["entropy"] for r in pts], [100 * (r["ppl"] / ref["ppl"] - 1) for r in pts],
-                        c=[r["eval_kl"] for r in pts], cmap="viridis", marker=marker, edgecolor="k", lw=0.5,
-                        vmin=0, vmax=max(r["eval_kl"] for r in rows), label=f"{family} points", zorder=3)
-    fig.colorbar(sc, ax=ax, label="KL(float || model) on the evaluation text")
-    ax.axhline(0, color="0.6", lw=0.6)
-    ax.axvline(0, color="0.6", lw=0.6)
-    ax.set_xlabel("change of mean predictive entropy on the evaluation text (nats; > 0: less confident)")
-    ax.set_ylabel("perplexity change against the float model (%)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def _kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -323,7 +292,7 @@ def main(argv=None) -> dict:
         sys.exit("confidence: --temperatures must include 1")
     if args.plans and args.finalize != "rtn" and not os.path.exists(args.calib_text):
         sys.exit(f"confidence: --finalize {args.finalize} needs calibration text: '{args.calib_text}' does not exist "
-                 "(the benchmark writes it: run studies/benchmark.py --quick once, or pass --calib-text)")
+                 "(the benchmark writes it: run python -m studies.benchmark --quick once, or pass --calib-text)")
     os.makedirs(args.out, exist_ok=True)
     tok, model = load_tokenizer(args.model), load_model(args.model, "cpu", "float32").eval()
     ids = {"evaluation text": tokenize_text(tok, read_text(args.eval_text)),
@@ -338,7 +307,7 @@ def main(argv=None) -> dict:
     if len(rows) >= 3:
         fits = analyse(rows, ref)
         result.update(points=rows, float=ref, fits=fits)
-        plot(curves["evaluation text"], rows, ref, os.path.join(args.out, "confidence.png"))
+        plot_confidence(curves["evaluation text"], rows, ref, os.path.join(args.out, "confidence.png"))
     md = markdown(curves, rows if "fits" in result else [], ref, result.get("fits", {}))
     if args.plans:
         result["plans"] = plan_points(args.plans, args.model, model, ids["evaluation text"], ids["held-out text"],

@@ -8,7 +8,7 @@ of all estimators (greedy), the ``snr`` water-filling allocator on the snr curve
 round-to-nearest. Saves ``results.csv``, ``timing.csv``, ``results.json``, the merged table
 ``sensitivity.parquet``, ``ppl_vs_bits.png`` and ``sensitivity.png`` in --out.
 
-    python studies/estimator_study.py --out studies/results/estimator_study
+    python -m studies.estimator_study --out studies/results/estimator_study
 
 ``--shape llama-3.2-1b --timing-only --device cuda`` times the estimators on a random-initialised
 model of that shape instead (speed depends on shape, not trained weights) and records peak GPU
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -28,15 +27,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from bitsearch import api  # noqa: E402
-from bitsearch.apply import fake_quantize_model  # noqa: E402
-from bitsearch.data import calibration_batches  # noqa: E402
-from bitsearch.models import find_targets, load_model, load_tokenizer, model_fingerprint  # noqa: E402
-from bitsearch.plot_sensitivity import plot_sensitivity  # noqa: E402
-from bitsearch.plots import plot_ppl_vs_bits  # noqa: E402
-from bitsearch.sensitivity import SensitivityTable, compute_sensitivity  # noqa: E402
+from bitsearch import api
+from bitsearch.apply import fake_quantize_model
+from bitsearch.config import EvalConfig, SearchConfig
+from bitsearch.data import calibration_batches
+from bitsearch.models import find_targets, load_model, load_tokenizer, model_fingerprint
+from bitsearch.plots import plot_ppl_vs_bits, plot_sensitivity
+from bitsearch.sensitivity import SensitivityTable, compute_sensitivity
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 SHAPES = {  # random-init shapes for timing (weights do not change speed)
@@ -171,16 +168,16 @@ def main() -> None:
         model.load_state_dict(state)
         if plan is not None:
             fake_quantize_model(model, plan)
-        r = api.evaluate(model="m", text=args.eval_text, max_tokens=args.max_tokens, seq_len=512,
-                         show_progress=False, _loaded=(model, tok))
+        r = api.evaluate(model, args.eval_text, EvalConfig(max_tokens=args.max_tokens, seq_len=512,
+                                                           show_progress=False), tokenizer=tok)
         model.load_state_dict(state)
         return r.ppl
 
     float_ppl = ev(None)
     print(f"float ppl {float_ppl:.2f}", flush=True)
-    runs = [(e, "greedy", {e: 1.0}) for e in names] + [("mix", "greedy", None)]
+    runs = [(e, "greedy", e) for e in names] + [("mix", "greedy", None)]
     if "snr" in names:
-        runs.append(("snr", "snr", {"snr": 1.0}))
+        runs.append(("snr", "snr", "snr"))
     # rows are appended to rows.jsonl as they are measured; --reuse keeps the ones already there
     log = os.path.join(args.out, "rows.jsonl")
     done = {}
@@ -205,10 +202,12 @@ def main() -> None:
     rows = []
     for budget in args.budgets.split(","):
         for label, method, mix in runs:
-            plan = api.search_plan(table, targets, fp, budget=budget, method=method, mix=mix)
+            config = SearchConfig(budget=budget, method=method, mix=mix, min_bits=None)
+            plan = api.search_plan(table, targets, fp, config)
             rows.append(measure(label, method, float(budget), plan))
     for w in (2, 3):
-        plan = api.search_plan(table, targets, fp, budget="16", method="uniform", bits=[w])
+        config = SearchConfig(budget="16", method="uniform", bits=[w], min_bits=None)
+        plan = api.search_plan(table, targets, fp, config)
         rows.append(measure(f"W{w}", "uniform", None, plan))
     df = pd.DataFrame(rows)
     df.to_csv(os.path.join(args.out, "results.csv"), index=False)

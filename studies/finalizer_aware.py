@@ -11,7 +11,7 @@ The ratios must come from calibration text (``finalizer_repair.py --calib-text``
 evaluation text. Measured at 2.5 bits with SignRound's ratios, the plan was no better than
 greedy's after SignRound (same wikitext2 KL, higher perplexity; README).
 
-    python studies/finalizer_aware.py --table studies/results/estimator_study/sensitivity.parquet \\
+    python -m studies.finalizer_aware --table studies/results/estimator_study/sensitivity.parquet \\
         --repair studies/results/finalizer_repair-greedy-calib/finalizer_repair.json --label signround \\
         --budget 2.5 --out studies/results/finalizer_aware/greedy-signround-aware_2.5.json
 """
@@ -25,12 +25,11 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from bitsearch.api import search_plan  # noqa: E402
-from bitsearch.models import find_targets, load_model, model_fingerprint  # noqa: E402
-from bitsearch.search import get_allocator  # noqa: E402
-from bitsearch.sensitivity import SensitivityTable  # noqa: E402
+from bitsearch.api import invoked_as, search_plan
+from bitsearch.config import SearchConfig
+from bitsearch.models import find_targets, load_model, model_fingerprint
+from bitsearch.search import Allocator, get_allocator
+from bitsearch.sensitivity import SensitivityTable
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 
@@ -59,6 +58,20 @@ def rescale(problem, ratios: dict[str, dict[int, float]]) -> None:
         problem.errors[rows] = problem.errors[rows] * scale
 
 
+class FinalizerAwareGreedy(Allocator):
+    """The greedy allocator on curves first rescaled by ``ratios`` (:func:`rescale`)."""
+
+    name = "greedy"
+
+    def __init__(self, ratios: dict[str, dict[int, float]]):
+        self.ratios = ratios
+        self.greedy = get_allocator("greedy")
+
+    def allocate(self, problem, budget_bytes: int) -> np.ndarray:
+        rescale(problem, self.ratios)
+        return self.greedy.allocate(problem, budget_bytes)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=os.path.join(SHARED, "models", "slm-llama-17m"))
@@ -76,16 +89,12 @@ def main(argv=None):
     model = load_model(args.model, "cpu", "float32")
     targets = find_targets(model)
     table = SensitivityTable.load(args.table)
-    greedy = get_allocator("greedy")
-
-    def choose(problem, budget_bytes):
-        rescale(problem, ratios)
-        return greedy.allocate(problem, budget_bytes), {"finalizer_aware": {"label": args.label,
-                                                                              "repair": args.repair}}
-
-    plan = search_plan(table, targets, model_fingerprint(model, targets), budget=args.budget, method="greedy",
-                       min_bits=2, mix=args.mix, choose=choose,
-                       provenance={"command": " ".join(sys.argv), "model_name": args.model})
+    config = SearchConfig(budget=args.budget, method="greedy", min_bits=2, mix=args.mix)
+    with invoked_as(" ".join(["python -m studies.finalizer_aware"] + sys.argv[1:])):
+        plan = search_plan(table, targets, model_fingerprint(model, targets), config,
+                           allocator=FinalizerAwareGreedy(ratios),
+                           provenance={"model_name": args.model,
+                                       "finalizer_aware": {"label": args.label, "repair": args.repair}})
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     plan.save(args.out)
     print(f"{args.out}: {plan.n_bytes()} bytes, {8 * plan.n_bytes() / sum(t.numel for t in targets):.4f} bits")

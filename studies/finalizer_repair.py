@@ -6,13 +6,13 @@ moves bits toward the layers round-to-nearest hurts most is optimising error the
 have removed anyway (README, "After finalization").
 
 For one plan and packed checkpoints of it (``bitsearch finalize`` outputs, or the scratch
-checkpoints ``studies/confidence.py --finalize`` leaves in ``<out>/tmp-finalized``), on the float
+checkpoints ``python -m studies.confidence --finalize`` leaves in ``<out>/tmp-finalized``), on the float
 model's inputs to every target layer over calibration tokens: the output error of each row,
 ||(W_q - W) x||^2 summed over tokens, for round-to-nearest and for each checkpoint, summed per
 (layer type, width). Printed and saved as a table: each checkpoint's error as a fraction of
 round-to-nearest's.
 
-    python studies/finalizer_repair.py --plan studies/results/search_methods_v8/diffq_2.5.json \\
+    python -m studies.finalizer_repair --plan studies/results/search_methods_v8/diffq_2.5.json \\
         --packed signround=studies/results/confidence-plans-signround-2.5/tmp-finalized \\
                  qat=studies/results/confidence-plans-qat-2.5/tmp-finalized \\
         --out studies/results/finalizer_repair
@@ -28,14 +28,12 @@ from collections import defaultdict
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from bitsearch.apply import fake_quantize_model  # noqa: E402
-from bitsearch.atomic import write_text_atomic  # noqa: E402
-from bitsearch.data import calibration_batches  # noqa: E402
-from bitsearch.models import load_model, load_tokenizer  # noqa: E402
-from bitsearch.plan import BitPlan  # noqa: E402
-from bitsearch.sensitivity.stats import InputStats  # noqa: E402
+from bitsearch.apply import fake_quantize_model
+from bitsearch.atomic import write_text_atomic
+from bitsearch.data import calibration_batches
+from bitsearch.models import load_model, load_tokenizer
+from bitsearch.plan import BitPlan
+from bitsearch.sensitivity.stats import InputStats
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -10,25 +10,24 @@ outputs compared with the masked (fake-quantized) model's; every plan is evaluat
     python -m bitsearch sensitivity --model ../shared/models/slm-llama-17m \\
         --calib ../shared/data/corpus/heldout.txt --samples 64 --estimators imatrix \\
         --bits 0,2,3,4,5,6,8 --out studies/results/prune_imatrix0.parquet
-    python studies/pruning_study.py --out studies/results/pruning
+    python -m studies.pruning_study --out studies/results/pruning
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
-import sys
 import tempfile
 
 import pandas as pd
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from bitsearch import api  # noqa: E402
-from bitsearch.apply import fake_quantize_model, load_packed  # noqa: E402
-from bitsearch.models import load_model, load_tokenizer  # noqa: E402
+from bitsearch import api
+from bitsearch.apply import fake_quantize_model, load_packed, packed_tensor_bytes
+from bitsearch.config import EvalConfig, SearchConfig
+from bitsearch.models import load_model, load_tokenizer
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -51,8 +50,8 @@ def main() -> None:
     ids = torch.randint(0, model.config.vocab_size, (2, 128), generator=torch.Generator().manual_seed(0))
 
     def ppl_of(m) -> float:
-        return api.evaluate(model="m", text=args.eval_text, max_tokens=args.max_tokens, seq_len=512,
-                            show_progress=False, _loaded=(m, tok)).ppl
+        return api.evaluate(m, args.eval_text, EvalConfig(max_tokens=args.max_tokens, seq_len=512,
+                                                          show_progress=False), tokenizer=tok).ppl
 
     rows = []
     for budget in args.budgets.split(","):
@@ -60,8 +59,8 @@ def main() -> None:
                                           ("coupled pruning", 0, True)):
             model.load_state_dict(state)
             try:
-                plan = api.search(model=args.model, budget=budget, sensitivity_table=args.table, min_bits=min_bits,
-                                  coupling=coupling, show_progress=False, _loaded=(model, tok))
+                config = SearchConfig(budget=budget, min_bits=min_bits, coupling=coupling, show_progress=False)
+                plan = api.search(model, None, config, tokenizer=tok, table=args.table)
             except Exception as exc:   # e.g. below the smallest plan without pruning
                 rows.append({"budget": float(budget), "plan": label, "error": str(exc).split(":")[0]})
                 print(rows[-1], flush=True)
@@ -77,13 +76,14 @@ def main() -> None:
                     masked = model(input_ids=ids).logits
                 model.load_state_dict(state)
                 with tempfile.TemporaryDirectory() as d:
-                    info = api.apply(model=args.model, plan=plan, out=os.path.join(d, "p"), _loaded=(model, tok))
+                    api.apply(copy.deepcopy(model), plan, out=os.path.join(d, "p"))    # packs the copy in place
+                    written = packed_tensor_bytes(os.path.join(d, "p"))
                     packed = load_packed(os.path.join(d, "p"))
                     mods = dict(packed.named_modules())
                     c = plan.couplings[0]
                     with torch.no_grad():
                         diff = (packed(input_ids=ids).logits - masked).abs().max().item()
-                row.update(written_bytes=info["written_bytes"], packed_vs_masked_max_abs=diff,
+                row.update(written_bytes=written, packed_vs_masked_max_abs=diff,
                            example_consumer=f"{c.consumer}: in_features {mods[c.consumer].in_features}")
             rows.append(row)
             print(row, flush=True)

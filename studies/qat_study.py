@@ -7,8 +7,8 @@ the finalized packed model is evaluated on the first --max-tokens tokens of wiki
 (512-token windows). Plans: uniform 4 bits, uniform 3 bits (g128, every row one width) and the
 mixed plan at 2.5 avg bits (greedy on the estimator study's imatrix curves; --mixed-plan).
 
-    python studies/qat_study.py --out studies/results/qat --device cuda             # the full study (GPU)
-    python studies/qat_study.py --out studies/results/qat_cpu --quick --threads 2   # a CPU subset
+    python -m studies.qat_study --out studies/results/qat --device cuda             # the full study (GPU)
+    python -m studies.qat_study --out studies/results/qat_cpu --quick --threads 2   # a CPU subset
 
 Writes results.csv, results.json and qat.png in --out.
 """
@@ -18,20 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import pandas as pd
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from bitsearch import api  # noqa: E402
-from bitsearch.apply import fake_quantize_model  # noqa: E402
-from bitsearch.data import calibration_batches  # noqa: E402
-from bitsearch.models import load_model, load_tokenizer  # noqa: E402
-from bitsearch.plan import BitPlan  # noqa: E402
-from bitsearch.search.uniform import uniform_plan  # noqa: E402
+from bitsearch import api
+from bitsearch.apply import fake_quantize_model
+from bitsearch.config import EvalConfig, FinalizeConfig
+from bitsearch.data import calibration_batches
+from bitsearch.models import load_model, load_tokenizer
+from bitsearch.plan import BitPlan
+from bitsearch.plots import plot_runs
+from bitsearch.search.uniform import uniform_plan
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -80,8 +79,9 @@ def main() -> None:
     rows = []
 
     def evaluate(model) -> float:
-        return api.evaluate(model="m", text=args.eval_text, max_tokens=args.max_tokens, seq_len=512,
-                            show_progress=False, _loaded=(model, tok)).ppl
+        return api.evaluate(model, args.eval_text, EvalConfig(max_tokens=args.max_tokens, seq_len=512,
+                                                              device=args.device, show_progress=False),
+                            tokenizer=tok).ppl
 
     def record(plan_name, run, ppl, seconds, **extra):
         rows.append({"plan": plan_name, "run": run, "avg_bits": plans[plan_name].summary["avg_bits"],
@@ -96,10 +96,10 @@ def main() -> None:
             return
         m = fresh()
         t0 = time.time()
-        info = api.finalize(model=args.model, plan=plans[plan_name], out=os.path.join(args.out, "tmp-model"),
-                            _loaded=(m, tok), _batch=batch if data is None else None, data_free=data,
-                            **dict(common, **kw))
-        qat = info.get("qat") or {}
+        config = FinalizeConfig(samples=args.samples, data_free=data, device=args.device, **dict(common, **kw))
+        api.finalize(m, plans[plan_name], batch if data is None else None, config, tokenizer=tok,
+                     out=os.path.join(args.out, "tmp-model"), overwrite=True)
+        qat = m.bitsearch_plan.provenance["finalize"].get("qat") or {}
         record(plan_name, run, evaluate(m), time.time() - t0, **{f"last_loss_{k}": v for k, v in
                                                                  (qat.get("last_loss") or {}).items()})
 
@@ -122,33 +122,10 @@ def main() -> None:
         finalize(name, "QAT tiled data-free", mode="tiled", data=args.samples)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"args": vars(args), "results": rows}, f, indent=1)
-    plot(pd.DataFrame(rows), os.path.join(args.out, "qat.png"))
+    plot_runs(rows, os.path.join(args.out, "qat.png"), baseline="RTN",
+              color_of=lambda run: "tab:orange" if "Sigmoid" in run or "Soft" in run else "tab:blue",
+              xlabel=f"perplexity, {os.path.splitext(os.path.basename(args.eval_text))[0]} (lower is better)")
     print(pd.DataFrame(rows).to_string(index=False))
-
-
-def plot(df: pd.DataFrame, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plans = list(dict.fromkeys(df["plan"]))
-    fig, axes = plt.subplots(1, len(plans), figsize=(6 * len(plans), 4.5), squeeze=False)
-    for ax, name in zip(axes[0], plans):
-        d = df[df["plan"] == name]
-        colors = ["0.5" if r == "RTN" else ("tab:orange" if "Sigmoid" in r or "Soft" in r else "tab:blue")
-                  for r in d["run"]]
-        ax.barh(d["run"], d["ppl"], color=colors)
-        rtn = d[d["run"] == "RTN"]["ppl"]
-        if len(rtn):
-            ax.axvline(float(rtn.iloc[0]), color="0.3", lw=0.8, ls="--")
-        lo = d["ppl"].min()
-        ax.set_xlim(lo * 0.97, d["ppl"].max() * 1.01)
-        ax.set_title(f"{name} ({d['avg_bits'].iloc[0]:.2f} avg bits)")
-        ax.set_xlabel("perplexity, wikitext2_test (lower is better)")
-        ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

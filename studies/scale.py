@@ -28,16 +28,16 @@ stages see exactly the batch the forward+backward unit is measured on.
 
 GPU (H100), the full measurement:
 
-    python studies/scale.py --device cuda --shapes 1b,8b --tokens 32x512,128x512 --out studies/results/scale
+    python -m studies.scale --device cuda --shapes 1b,8b --tokens 32x512,128x512 --out studies/results/scale
 
 CPU (small shapes, few steps and trials; what ``studies/results/scale_cpu`` holds; on a shared
 machine ``--unit-after`` measures the unit again at the end, to show how much the speed drifted):
 
-    OMP_NUM_THREADS=1 python studies/scale.py --threads 1 --shapes small --tokens 8x256,32x256 \\
+    OMP_NUM_THREADS=1 python -m studies.scale --threads 1 --shapes small --tokens 8x256,32x256 \\
         --unit-after --unit-repeats 3 --out studies/results/scale_cpu
     S=sens_imatrix_raw,sens_fisher,sens_hutchinson,search_greedy,search_ilp,search_optuna,search_diffq
     S=$S,finalize_qat_e2e,finalize_qat_tiled,finalize_signround,apply,load_packed,eval_float,eval_packed
-    OMP_NUM_THREADS=1 python studies/scale.py --threads 1 --shapes 1b --layers 2 --tokens 4x256 --stages $S \\
+    OMP_NUM_THREADS=1 python -m studies.scale --threads 1 --shapes 1b --layers 2 --tokens 4x256 --stages $S \\
         --unit-repeats 1 --unit-after --append --out studies/results/scale_cpu
 
 (the calibrated ``sens_imatrix``/``sens_snr`` are left out at 1b there: 28 passes of the
@@ -67,9 +67,10 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from bitsearch import api  # noqa: E402
+from bitsearch import api
+from bitsearch.apply import packed_tensor_bytes
+from bitsearch.config import ApplyConfig, EvalConfig, FinalizeConfig, SearchConfig, SensitivityConfig
+from bitsearch.plots import plot_stage_costs
 
 SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -300,25 +301,25 @@ class Run:
         if self.table_path is None:
             path = os.path.join(self.tmp, "table_imatrix_raw.parquet")
             if not os.path.isfile(path):
-                api.sensitivity(model=self.name, calib=self.calib, out=path, samples=self.samples,
-                                seq_len=self.seq_len, estimators="imatrix", bits=self.a.bits, calibrate="none",
-                                group_size=self.a.group_size, micro_batch=self.a.micro_batch, show_progress=False,
-                                _loaded=(self.get(), self.tok))
+                config = SensitivityConfig(samples=self.samples, seq_len=self.seq_len, estimators="imatrix",
+                                           bits=self.a.bits, loss_calibration="none", group_size=self.a.group_size,
+                                           micro_batch=self.a.micro_batch, show_progress=False)
+                api.sensitivity(self.get(), self.calib, config, tokenizer=self.tok, out=path)
             self.table_path = path
         return self.table_path
 
     def need_plan(self):
         if self.plan is None:
-            self.plan = api.search(model=self.name, budget=self.a.budget, sensitivity_table=self.need_table(),
-                                   method="greedy", group_size=self.a.group_size, show_progress=False,
-                                   _loaded=(self.get(), self.tok))
+            config = SearchConfig(budget=self.a.budget, method="greedy", group_size=self.a.group_size,
+                                  show_progress=False)
+            self.plan = api.search(self.get(), None, config, tokenizer=self.tok, table=self.need_table())
         return self.plan
 
     def need_packed(self) -> str:
         if self.packed_dir is None:
             out = os.path.join(self.tmp, "packed_setup")
-            api.apply(model=self.name, plan=self.need_plan(), out=out, device=self.a.device,
-                      _loaded=(self.get(), self.tok))
+            api.apply(self.get(), self.need_plan(), ApplyConfig(device=self.a.device), out=out)
+            self.drop()              # the model now holds packed layers
             self.packed_dir = out
         return self.packed_dir
 
@@ -330,10 +331,11 @@ class Run:
         path = os.path.join(self.tmp, f"table_{est}{'_raw' if raw else ''}.parquet")
         m = self.get()
         self.meter.start()
-        t = api.sensitivity(model=self.name, calib=self.calib, out=path, samples=self.samples, seq_len=self.seq_len,
-                            estimators=est, bits=self.a.bits, group_size=self.a.group_size, probes=self.a.probes,
-                            calibrate="none" if raw else "auto", micro_batch=self.a.micro_batch,
-                            show_progress=False, device=self.a.device, _loaded=(m, self.tok))
+        config = SensitivityConfig(samples=self.samples, seq_len=self.seq_len, estimators=est, bits=self.a.bits,
+                                   group_size=self.a.group_size, probes=self.a.probes,
+                                   loss_calibration="none" if raw else "auto", micro_batch=self.a.micro_batch,
+                                   show_progress=False, device=self.a.device)
+        t = api.sensitivity(m, self.calib, config, tokenizer=self.tok, out=path, overwrite=True)
         res = self.meter.stop()
         if est == "imatrix" and not raw:
             self.table_path = path
@@ -349,20 +351,23 @@ class Run:
         for f in (out, os.path.splitext(out)[0] + ".optuna.journal", os.path.splitext(out)[0] + ".trials.csv"):
             if os.path.exists(f):
                 os.remove(f)
-        kw = dict(model=self.name, budget=self.a.budget, sensitivity_table=table, method=method, out=out,
-                  group_size=self.a.group_size, micro_batch=self.a.micro_batch, seq_len=self.seq_len,
-                  show_progress=False, device=self.a.device, _loaded=(m, self.tok))
+        kw = dict(budget=self.a.budget, method=method, group_size=self.a.group_size, micro_batch=self.a.micro_batch,
+                  seq_len=self.seq_len, show_progress=False, device=self.a.device)
+        calib = None
         units = (None, None)
         if method == "ilp":
             kw.update(granularity="layer")
         elif method == "optuna":
-            kw.update(calib=self.calib, n_trials=self.a.trials, kl_samples=self.kl_samples)
+            calib = self.calib
+            kw.update(n_trials=self.a.trials, kl_samples=self.kl_samples)
             units = (self.a.trials, "trial")
         elif method == "diffq":
-            kw.update(calib=self.calib, steps=self.a.diffq_steps, kl_samples=self.kl_samples)
+            calib = self.calib
+            kw.update(steps=self.a.diffq_steps, kl_samples=self.kl_samples)
             units = (self.a.diffq_steps, "step")
+        config = SearchConfig(**kw)
         self.meter.start()
-        plan = api.search(**kw)
+        plan = api.search(m, calib, config, tokenizer=self.tok, table=table, out=out)
         res = self.meter.stop()
         if method == "greedy":
             self.plan = plan
@@ -376,17 +381,17 @@ class Run:
         m = self.fresh()
         out = os.path.join(self.tmp, f"final_{method}_{mode}")
         shutil.rmtree(out, ignore_errors=True)
-        kw = dict(model=self.name, plan=plan, out=out, method=method, batch_size=self.a.micro_batch,
-                  checkpoint_every=1e12, show_progress=False, device=self.a.device, _loaded=(m, self.tok),
-                  _batch=self.batch)
+        kw = dict(method=method, batch_size=self.a.micro_batch, samples=self.batch.shape[0],
+                  seq_len=self.batch.shape[1], checkpoint_every=1e12, show_progress=False, device=self.a.device)
         if method == "qat":
             kw.update(mode=mode, steps=self.a.qat_steps)
         else:
             kw.update(signround_steps=self.a.signround_steps)
         try:
             self.meter.start()
-            info = api.finalize(**kw)
+            api.finalize(m, plan, self.batch, FinalizeConfig(**kw), tokenizer=self.tok, out=out)
             res = self.meter.stop()
+            info = m.bitsearch_plan.provenance["finalize"]
         finally:
             self.drop()              # the model now holds quantized layers
             shutil.rmtree(out, ignore_errors=True)
@@ -402,10 +407,13 @@ class Run:
         out = os.path.join(self.tmp, "packed")
         shutil.rmtree(out, ignore_errors=True)
         self.meter.start()
-        info = api.apply(model=self.name, plan=plan, out=out, device=self.a.device, _loaded=(m, self.tok))
-        res = self.meter.stop()
+        try:
+            api.apply(m, plan, ApplyConfig(device=self.a.device), out=out)
+            res = self.meter.stop()
+        finally:
+            self.drop()              # the model now holds packed layers
         self.packed_dir = out
-        return res, (None, None), {"written_bytes": info["written_bytes"], "avg_bits": info.get("avg_bits")}
+        return res, (None, None), {"written_bytes": packed_tensor_bytes(out), "avg_bits": plan.summary.get("avg_bits")}
 
     def load_packed(self):
         from bitsearch.models import load_model
@@ -428,9 +436,9 @@ class Run:
         else:
             m = self.get()
         self.meter.start()
-        r = api.evaluate(model=self.name, text=self.calib, max_tokens=self.samples * self.seq_len,
-                         seq_len=self.seq_len, micro_batch=self.a.micro_batch, show_progress=False,
-                         _loaded=(m, self.tok))
+        config = EvalConfig(max_tokens=self.samples * self.seq_len, seq_len=self.seq_len,
+                            micro_batch=self.a.micro_batch, show_progress=False, device=self.a.device)
+        r = api.evaluate(m, self.calib, config, tokenizer=self.tok)
         res = self.meter.stop()
         if packed:
             self.packed = None
@@ -568,36 +576,12 @@ def _ok(v) -> bool:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     good = [r for r in rows if not r.get("error") and not r["stage"].startswith("fwd_bwd") and _ok(r.get("ratio_time"))]
     if not good:
         return
-    groups = list(dict.fromkeys(_group(r) for r in good))
-    stages = list(dict.fromkeys(r["stage"] for r in good))
-    val = {(r["stage"], _group(r)): r["ratio_time"] for r in good}
-    width = 0.8 / len(groups)
-    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(stages) * max(1, len(groups) / 2)), 5))
-    x = np.arange(len(stages))
-    for k, g in enumerate(groups):
-        ys = [val.get((s, g), np.nan) for s in stages]
-        ax.bar(x - 0.4 + width * (k + 0.5), ys, width, label=g)
-    ax.axhline(1.0, color="k", lw=0.8, ls="--")
-    ax.set_yscale("log")
-    ax.set_xticks(x)
-    ax.set_xticklabels(stages, rotation=45, ha="right")
-    ax.set_ylabel("stage time / one forward+backward pass")
     r0 = good[0]
-    ax.set_title(f"bitsearch stage cost ({r0['device_name'][:40]}, {r0['dtype']})")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_stage_costs({(r["stage"], _group(r)): r["ratio_time"] for r in good}, path,
+                     title=f"bitsearch stage cost ({r0['device_name'][:40]}, {r0['dtype']})")
 
 
 def save(rows: list[dict], out: str, args) -> None:

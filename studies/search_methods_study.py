@@ -1,12 +1,12 @@
 """Search methods compared on slm-llama-17m: greedy vs optuna vs diffq from the same estimator.
 
 Uses a saved sensitivity table (default: the estimator study's merged table, which is not
-committed: run ``studies/estimator_study.py`` first, or pass ``--table``), the calibration
+committed: run ``python -m studies.estimator_study`` first, or pass ``--table``), the calibration
 text for the model-in-the-loop methods, and evaluates every plan by fake quantization on the
 first --max-tokens tokens of the evaluation text (512-token windows). Saves ``results.csv`` and
 ``results.json`` in --out; each optuna study's journal lies next to its plan.
 
-    python studies/search_methods_study.py --out studies/results/search_methods
+    python -m studies.search_methods_study --out studies/results/search_methods
 """
 
 from __future__ import annotations
@@ -14,17 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import pandas as pd
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from bitsearch import api  # noqa: E402
-from bitsearch.apply import fake_quantize_model  # noqa: E402
-from bitsearch.models import load_model, load_tokenizer  # noqa: E402
+from bitsearch import api
+from bitsearch.apply import fake_quantize_model
+from bitsearch.config import EvalConfig, SearchConfig
+from bitsearch.models import load_model, load_tokenizer
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -65,16 +63,16 @@ def main() -> None:
                 if os.path.exists(f) and not (args.resume and f.endswith(".journal")):
                     os.remove(f)
             t0 = time.time()
-            plan = api.search(model=args.model, budget=budget, out=out, calib=args.calib,
-                              sensitivity_table=args.table, method=method, mix=args.mix, n_trials=args.n_trials, sampler=args.sampler, span=args.span, resume=args.resume,
-                              steps=args.steps, kl_samples=args.kl_samples, show_progress=False,
-                              **({"learn": args.learn, "relax": args.relax} if method == "diffq" else {}),
-                              _loaded=(model, tok))
+            config = SearchConfig(budget=budget, method=method, mix=args.mix, n_trials=args.n_trials,
+                                  sampler=args.sampler, span=args.span, resume=args.resume, steps=args.steps,
+                                  kl_samples=args.kl_samples, show_progress=False,
+                                  **({"learn": args.learn, "relax": args.relax} if method == "diffq" else {}))
+            plan = api.search(model, args.calib, config, tokenizer=tok, table=args.table, out=out)
             secs = time.time() - t0
             model.load_state_dict(state)
             fake_quantize_model(model, plan)
-            ppl = api.evaluate(model="m", text=args.eval_text, max_tokens=args.max_tokens, seq_len=512,
-                               show_progress=False, _loaded=(model, tok)).ppl
+            ppl = api.evaluate(model, args.eval_text, EvalConfig(max_tokens=args.max_tokens, seq_len=512,
+                                                                 show_progress=False), tokenizer=tok).ppl
             model.load_state_dict(state)
             rows.append({"method": method, "budget": float(budget), "avg_bits": plan.summary["avg_bits"],
                          "bytes": plan.summary["bytes"], "ppl": ppl, "search_seconds": round(secs, 1),

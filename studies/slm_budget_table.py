@@ -6,15 +6,15 @@ against the plan's bytes, and evaluates perplexity on the first --max-tokens tok
 text (512-token windows). Uniform RTN at 2, 3 and 4 bits goes through the same path. Saves
 ``results.csv``, ``results.json`` (with these arguments) and ``ppl_vs_bits.png`` in --out.
 
-    python studies/slm_budget_table.py --out studies/results/slm_budget_table
+    python -m studies.slm_budget_table --out studies/results/slm_budget_table
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -22,13 +22,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from bitsearch import api  # noqa: E402
-from bitsearch.models import find_targets, load_model, load_tokenizer, model_fingerprint  # noqa: E402
-from bitsearch.plots import plot_ppl_vs_bits  # noqa: E402
-from bitsearch.search import build_problem  # noqa: E402
-from bitsearch.sensitivity import SensitivityTable  # noqa: E402
+from bitsearch import api
+from bitsearch.apply import packed_tensor_bytes
+from bitsearch.config import EvalConfig, SearchConfig, SensitivityConfig
+from bitsearch.models import find_targets, load_model, load_tokenizer, model_fingerprint
+from bitsearch.plots import plot_ppl_vs_bits
+from bitsearch.search import build_problem
+from bitsearch.sensitivity import SensitivityTable
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 
@@ -54,23 +54,23 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     model, tok = load_model(args.model, args.device), load_tokenizer(args.model)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
     if args.table:
         table = SensitivityTable.load(args.table)
     else:
-        table = api.sensitivity(model=args.model, calib=args.calib, samples=args.samples, seq_len=args.seq_len,
-                                group_size=args.group_size, calib_loss_samples=args.calib_loss_samples,
-                                out=os.path.join(args.out, "sensitivity.parquet"), _loaded=(model, tok))
+        config = SensitivityConfig(samples=args.samples, seq_len=args.seq_len, group_size=args.group_size,
+                                   loss_calibration_samples=args.calib_loss_samples, device=args.device)
+        table = api.sensitivity(model, args.calib, config, tokenizer=tok,
+                                out=os.path.join(args.out, "sensitivity.parquet"), overwrite=True)
     t_sens = time.time() - t0
     print(f"sensitivity: {t_sens:.0f} s", flush=True)
     targets = find_targets(model)
     fp = model_fingerprint(model, targets)
 
-    def ev(m, name):
-        return api.evaluate(model=name, text=args.eval_text, max_tokens=args.max_tokens, seq_len=512,
-                            show_progress=False, _loaded=(m, tok))
+    def ev(m):
+        return api.evaluate(m, args.eval_text, EvalConfig(max_tokens=args.max_tokens, seq_len=512, device=args.device,
+                                                          show_progress=False), tokenizer=tok)
 
-    float_ppl = ev(model, "float").ppl
+    float_ppl = ev(model).ppl
     print(f"float ppl {float_ppl:.2f}", flush=True)
     problem = build_problem(table, targets)
     runs = []
@@ -82,16 +82,15 @@ def main() -> None:
         runs.append(("uniform", f"{problem.bytes_of(np.full(problem.n_channels, k))}B", None, f"uniform RTN W{w}"))
     rows = []
     for method, budget, min_bits, label in runs:
-        plan = api.search_plan(table, targets, fp, budget=budget, method=method, min_bits=min_bits)
-        model.load_state_dict(state)
+        plan = api.search_plan(table, targets, fp, SearchConfig(budget=budget, method=method, min_bits=min_bits))
         with tempfile.TemporaryDirectory() as tmp:
-            info = api.apply(model=args.model, plan=plan, out=os.path.join(tmp, "packed"), _loaded=(model, tok))
+            api.apply(copy.deepcopy(model), plan, out=os.path.join(tmp, "packed"))    # packs the copy in place
+            written = packed_tensor_bytes(os.path.join(tmp, "packed"))
             packed = load_model(os.path.join(tmp, "packed"), args.device)
-            ppl = ev(packed, label).ppl
-        model.load_state_dict(state)
+            ppl = ev(packed).ppl
         row = {"label": label, "method": "greedy" if method == "greedy" else "uniform", "budget": budget,
                "avg_bits": plan.summary["avg_bits"], "plan_bytes": plan.summary["bytes"],
-               "written_bytes": info["written_bytes"], "bytes_match": info["written_bytes"] == plan.summary["bytes"],
+               "written_bytes": written, "bytes_match": written == plan.summary["bytes"],
                "pruned_channels": plan.summary["pruned_channels"], "histogram": json.dumps(plan.summary["histogram"]),
                "predicted_loss_increase": plan.summary["predicted_error"], "ppl": ppl}
         rows.append(row)

@@ -16,7 +16,7 @@ Reproducible, seeded, CPU-only pipeline:
 
 Example (the command used for ``bitsearch/assets/demo/model``; see the README there)::
 
-    python studies/train_demo_model.py --out bitsearch/assets/demo/model --threads 2 --seed 0
+    python -m studies.train_demo_model --out bitsearch/assets/demo/model --threads 2 --seed 0
 """
 
 from __future__ import annotations
@@ -329,7 +329,7 @@ def main(argv=None) -> int:
 
     record = {
         "description": "Tiny Llama-style causal LM for `bitsearch demo`, trained by studies/train_demo_model.py",
-        "command": "python " + " ".join([os.path.relpath(__file__, REPO_ROOT)] + (argv if argv is not None else sys.argv[1:])),
+        "command": " ".join(["python -m studies.train_demo_model"] + (argv if argv is not None else sys.argv[1:])),
         "args": {k: (_relpath(v) if k in ("train_text", "eval_text", "out") and v else v)
                  for k, v in vars(args).items()},
         "data": {"train_text": os.path.basename(args.train_text), "train_text_sha256": text_sha,

@@ -2,16 +2,12 @@
 largest that fits the budget by bitsearch's byte count, checked against that count written out."""
 
 import math
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "studies"))
-
-import benchmark  # noqa: E402
-from bitsearch.cost import budget_to_bytes  # noqa: E402
-from bitsearch.models import find_targets, load_model  # noqa: E402
+from bitsearch.cost import budget_to_bytes
+from bitsearch.models import find_targets, load_model
+from studies import benchmark
 
 
 def stored(shapes, w, g):

@@ -1,12 +1,7 @@
 """studies/benchmark.py's verdict: which peers beat bitsearch at equal or larger stored size, by
 perplexity (tiled QAT) and by held-out KL (bitsearch's best finalizer), each peer once."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "studies"))
-
-import benchmark  # noqa: E402
+from studies import benchmark
 
 
 def row(method, budget, bits, ppl, kl):

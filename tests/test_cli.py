@@ -126,7 +126,7 @@ def test_bad_budget_refused_before_the_sensitivity_pass(made, capsys, tmp_path, 
     not after the minutes of sensitivity pass (which here would fail the test)."""
     import bitsearch.api
 
-    def no_pass(**kw):
+    def no_pass(*a, **kw):
         raise AssertionError("the sensitivity pass ran")
 
     monkeypatch.setattr(bitsearch.api, "sensitivity", no_pass)

@@ -2,18 +2,14 @@
 figures, and the paired window comparison recovers known differences."""
 
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "studies"))
-
-import confidence  # noqa: E402
-from bitsearch.evaluate import perplexity  # noqa: E402
-from test_evaluate import Bigram  # noqa: E402
+from bitsearch.evaluate import perplexity
+from studies import confidence
+from test_evaluate import Bigram
 
 
 def test_window_stats_add_up_to_perplexity_entropy_and_kl():

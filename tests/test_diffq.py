@@ -7,13 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from bitsearch import api
+from bitsearch.config import SearchConfig
 from bitsearch.errors import BitsearchError
 from bitsearch.models import find_targets
 from bitsearch.search.diffq import NoisyWidths, rounding_problem
 from bitsearch.search.greedy import GreedyAllocator
 from bitsearch.search.problem import AllocationProblem
 
-SMALL = dict(samples=4, seq_len=32, group_size=16, calib_loss_samples=2, show_progress=False)
+SMALL = dict(samples=4, seq_len=32, group_size=16, loss_calibration_samples=2, show_progress=False)
 
 
 def _noisy_kl(m, nw, targets, size_weight: float = 0.0):
@@ -100,8 +101,7 @@ def test_closed_gates_are_pruned():
 
 
 def test_diffq_search_end_to_end(llama_dir, text_file):
-    plan = api.search(model=llama_dir, calib=text_file, budget="4.5", method="diffq", steps=4, kl_samples=2,
-                      **SMALL)
+    plan = api.search(llama_dir, text_file, SearchConfig(budget='4.5', method='diffq', steps=4, kl_samples=2, **SMALL))
     assert plan.summary["avg_bits"] <= 4.5 and plan.provenance["allocator"] == "diffq"
     assert plan.provenance["steps"] == 4 and np.isfinite(plan.provenance["final_kl"])
     # the greedy warm start and roundings at 4 points of training, the lowest held-out KL chosen
@@ -136,11 +136,10 @@ def test_layer_learning_trains_one_shift_per_layer_and_keeps_the_ranking():
 
 
 def test_diffq_layer_search_end_to_end(llama_dir, text_file):
-    plan = api.search(model=llama_dir, calib=text_file, budget="4.5", method="diffq", steps=3, kl_samples=2,
-                      learn="layer", relax="noise", **SMALL)
+    plan = api.search(llama_dir, text_file, SearchConfig(budget='4.5', method='diffq', steps=3, kl_samples=2, learn='layer', relax='noise', **SMALL))
     assert plan.summary["avg_bits"] <= 4.5 and plan.provenance["learn"] == "layer" and plan.provenance["relax"] == "noise"
-    with pytest.raises(BitsearchError, match="--learn and --relax need --method diffq"):
-        api.search(model=llama_dir, calib=text_file, budget="3.5", method="greedy", learn="layer", **SMALL)
+    with pytest.raises(BitsearchError, match="learn and relax are options of the diffq method"):
+        api.search(llama_dir, text_file, SearchConfig(budget='3.5', method='greedy', learn='layer', **SMALL))
 
 
 def _rtn_widths(m, targets, menu, init):
@@ -196,12 +195,11 @@ def test_rtn_relaxation_gradient_matches_finite_differences():
 
 
 def test_diffq_rtn_search_end_to_end(llama_dir, text_file):
-    plan = api.search(model=llama_dir, calib=text_file, budget="4.5", method="diffq", steps=3, kl_samples=2,
-                      relax="rtn", **SMALL)
+    plan = api.search(llama_dir, text_file, SearchConfig(budget='4.5', method='diffq', steps=3, kl_samples=2, relax='rtn', **SMALL))
     assert plan.summary["avg_bits"] <= 4.5 and plan.provenance["relax"] == "rtn"
     assert np.isfinite(plan.provenance["final_kl"])
-    with pytest.raises(BitsearchError, match="relaxes widths by 'noise' or 'rtn'"):
-        api.search(model=llama_dir, calib=text_file, budget="4.5", method="diffq", relax="sharp", **SMALL)
+    with pytest.raises(BitsearchError, match="relax 'sharp' is not one of"):
+        api.search(llama_dir, text_file, SearchConfig(budget='4.5', method='diffq', relax='sharp', **SMALL))
 
 
 def test_rtn_relaxation_shares_the_held_out_judges_rounded_weights():

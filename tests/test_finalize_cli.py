@@ -9,6 +9,7 @@ import json
 import pytest
 
 from bitsearch.cli import main
+from bitsearch.config import FinalizeConfig
 from test_cli import assert_one_line_error, run_cli
 
 
@@ -95,8 +96,7 @@ def test_qat_after_signround_still_matches_the_float_model(made, tmp_path, mode)
     SignRound model it starts as (which would make the first loss 0)."""
     from bitsearch import api
 
-    info = api.finalize(model=made["model"], plan=made["plan"], calib=made["text"], samples=8, seq_len=32,
-                        method="qat", init="signround", signround_steps=5, mode=mode, steps=1, lr=1e-12,
-                        batch_size=4, tile_size=1, out=str(tmp_path / "o"), show_progress=False)
+    finalized = api.finalize(made['model'], made['plan'], made['text'], FinalizeConfig(samples=8, seq_len=32, method='qat', init='signround', signround_steps=5, mode=mode, steps=1, lr=1e-12, batch_size=4, tile_size=1, show_progress=False), out=str(tmp_path / 'o'))
     phase = "e2e" if mode == "e2e" else "tiled"
+    info = finalized.bitsearch_plan.provenance["finalize"]
     assert info["qat"]["first_loss"][phase] > 1e-4

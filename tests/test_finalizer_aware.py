@@ -1,16 +1,11 @@
 """studies/finalizer_aware.py: ratios go to the right (layer type, width) entries, unmeasured
 widths take the nearest measured one, and the greedy allocator moves bytes accordingly."""
 
-import os
-import sys
-
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "studies"))
-
-import finalizer_aware  # noqa: E402
-from bitsearch.search import get_allocator  # noqa: E402
-from bitsearch.search.problem import AllocationProblem  # noqa: E402
+from bitsearch.search import get_allocator
+from bitsearch.search.problem import AllocationProblem
+from studies import finalizer_aware
 
 
 def problem():

@@ -1,18 +1,13 @@
 """studies/finalizer_repair.py: the per-row output error from input Grams equals the error summed
 over the tokens directly, and a checkpoint that is round-to-nearest itself repairs nothing."""
 
-import os
-import sys
-
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "studies"))
-
-import finalizer_repair  # noqa: E402
-from bitsearch.apply import fake_quantize_model, load_packed, pack_model, save_packed  # noqa: E402
-from bitsearch.models import find_targets, load_model, load_tokenizer  # noqa: E402
-from bitsearch.search.uniform import uniform_plan  # noqa: E402
+from bitsearch.apply import fake_quantize_model, load_packed, pack_model, save_packed
+from bitsearch.models import find_targets, load_model, load_tokenizer
+from bitsearch.search.uniform import uniform_plan
+from studies import finalizer_repair
 
 
 def test_row_errors_equal_the_error_summed_over_tokens():

@@ -20,6 +20,7 @@ pytest.importorskip("llama_cpp")
 
 from bitsearch import api  # noqa: E402
 from bitsearch.cli import main  # noqa: E402
+from bitsearch.config import EvalConfig, ExportConfig, SearchConfig, SensitivityConfig  # noqa: E402
 from bitsearch.errors import BitsearchError  # noqa: E402
 from bitsearch.export.gguf import plan_imatrix, tensor_type_lines  # noqa: E402
 from bitsearch.gguf.arch import gguf_name  # noqa: E402
@@ -76,13 +77,14 @@ def exported(gguf_models, text_file, tmp_path_factory) -> dict[str, dict]:
             assert main(["search", "--format", "gguf", "--model", d, "--budget", "4.0", "--out", plan_path,
                          "--calib", text_file, "--samples", "8", "--seq-len", "64", "--calib-loss-samples", "4",
                          "--quiet"]) == 0
-            assert main(["export", "--model", d, "--plan", plan_path, "--out", gguf_path, "--quiet"]) == 0
+            assert main(["export", "--model", d, "--plan", plan_path, "--format", "gguf", "--out", gguf_path,
+                         "--quiet"]) == 0
         else:
-            api.search_gguf(model=d, budget="4.0", out=plan_path, calib=text_file, samples=8, seq_len=64,
-                            calib_loss_samples=4, show_progress=False)
-        info = {"tensor_bytes": planned_bytes(gguf_path), "tensor_type_file": gguf_path + ".tensor-types.txt",
+            api.search(d, text_file, SearchConfig(format="gguf", budget="4.0", samples=8, seq_len=64,
+                                                  loss_calibration_samples=4, show_progress=False), out=plan_path)
+        info = {"bytes": planned_bytes(gguf_path), "tensor_type_file": gguf_path + ".tensor-types.txt",
                 "imatrix": gguf_path + ".imatrix.gguf"} if arch == "llama" else \
-            api.export(model=d, plan=plan_path, out=gguf_path)
+            api.export(d, plan_path, gguf_path, ExportConfig(format="gguf"))
         plan = load_plan(plan_path)
         out[arch] = {"dir": d, "plan": plan, "plan_path": plan_path, "gguf": gguf_path, "info": info}
     return out
@@ -199,7 +201,7 @@ def test_exported_file_runs_in_llama_cpp_like_the_dequantized_model(exported, te
     r = gguf.GGUFReader(e["gguf"])
     sizes = {t.name: int(t.n_bytes) for t in r.tensors}
     targets = gguf_targets(model)
-    assert sum(sizes[gguf_name(t.name)] for t in targets) == plan.summary["bytes"] == e["info"]["tensor_bytes"]
+    assert sum(sizes[gguf_name(t.name)] for t in targets) == plan.summary["bytes"] == e["info"]["bytes"]
     assert len(set(plan.types.values())) > 1   # a mix, not one type
     ids = _ids(e["dir"], text_file)
     deq = dequantized_model(model, plan, plan_imatrix(plan))
@@ -230,7 +232,7 @@ def test_tensor_type_file_and_imatrix_reproduce_the_file_with_llama_quantize(exp
     f32.fill_summary()
     f32_plan = str(tmp_path / "f32.json")
     f32.save(f32_plan)
-    api.export(model=e["dir"], plan=f32_plan, out=str(tmp_path / "f32.gguf"))
+    api.export(e["dir"], f32_plan, str(tmp_path / "f32.gguf"), ExportConfig(format="gguf"))
     overrides = [tuple(line.rsplit("=", 1)) for line in lines]
     out = str(tmp_path / "llama-quantize.gguf")
     llama_quantize(str(tmp_path / "f32.gguf"), out, "Q8_0", overrides=overrides,
@@ -261,29 +263,29 @@ def test_per_channel_plan_is_refused_in_one_line(exported, tmp_path, capsys):
 
 def test_eval_of_a_gguf_file_matches_the_dequantized_model(exported, text_file):
     e = exported["qwen2"]
-    r = api.evaluate(model=e["gguf"], text=text_file, max_tokens=512, seq_len=128, show_progress=False)
+    cfg = EvalConfig(max_tokens=512, seq_len=128, show_progress=False)
+    r = api.evaluate(e["gguf"], text_file, cfg)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(e["dir"], dtype=torch.float32).eval()
     deq = dequantized_model(model, e["plan"], plan_imatrix(load_plan(e["plan_path"])))
-    ref = api.evaluate(model=e["dir"], text=text_file, max_tokens=512, seq_len=128, show_progress=False,
-                       _loaded=(deq, AutoTokenizer.from_pretrained(e["dir"])))
+    ref = api.evaluate(deq, text_file, cfg, tokenizer=AutoTokenizer.from_pretrained(e["dir"]))
     assert abs(r.ppl - ref.ppl) < 1e-3 * ref.ppl
 
 
 def test_sensitivity_reads_a_llama_cpp_imatrix(exported, text_file, tmp_path):
     e = exported["mistral"]
-    kw = dict(model=e["dir"], calib=text_file, samples=8, seq_len=64, bits="2,4", group_size=64,
-              calibrate="none", show_progress=False)
-    collected = api.sensitivity(**kw)
-    from_file = api.sensitivity(**kw, imatrix=e["info"]["imatrix"])
+    cfg = SensitivityConfig(samples=8, seq_len=64, bits="2,4", group_size=64, loss_calibration="none",
+                            show_progress=False)
+    collected = api.sensitivity(e["dir"], text_file, cfg)
+    from_file = api.sensitivity(e["dir"], text_file, cfg, imatrix=e["info"]["imatrix"])
     cols = ["imatrix.e2", "imatrix.e4"]
     np.testing.assert_allclose(from_file.df[cols].to_numpy(), collected.df[cols].to_numpy(), rtol=1e-4)
     assert from_file.meta["calibration_data"]["imatrix"] == e["info"]["imatrix"]
     bad = tmp_path / "other.gguf"
     write_imatrix(Imatrix({"blk.0.attn_q.weight": (np.ones(7, np.float32), 1)}), str(bad))
     with pytest.raises(BitsearchError, match="has no entry for target|values for a tensor"):
-        api.sensitivity(**kw, imatrix=str(bad))
+        api.sensitivity(e["dir"], text_file, cfg, imatrix=str(bad))
 
 
 def test_plans_fit_the_budget_with_types_the_rows_allow(exported):

@@ -1,4 +1,4 @@
-"""GPTQ (studies/gptq.py) on bitsearch's grid: the fast ``fasterquant`` loop (lazy batches, upper
+"""GPTQ (studies/reference/gptq.py) on bitsearch's grid: the fast ``fasterquant`` loop (lazy batches, upper
 Cholesky factor of H^-1, static groups, act order) gives the same codes as a plain per-column
 OBS loop with explicit inverse-Hessian updates; it beats round-to-nearest on a layer's output
 error and on the whole tiny Llama's KL; its results pack to the plan's bytes and back to the
@@ -8,26 +8,22 @@ Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_gptq.py
 """
 
 import copy
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "studies"))
 
-from gptq import GPTQResult, gptq_layer, gptq_quantize, main, sequential_groups, uniform_plan  # noqa: E402
-
-from bitsearch.apply import fake_quantize_model, load_packed, pack_model, plan_targets  # noqa: E402
-from bitsearch.couplings import find_couplings  # noqa: E402
-from bitsearch.errors import BitsearchError  # noqa: E402
-from bitsearch.finalize.signround import minmax_qparams  # noqa: E402
-from bitsearch.models import find_targets, load_model  # noqa: E402
-from bitsearch.packed import _PackedRows  # noqa: E402
-from bitsearch.quant.grid import choose_qparams, fake_quantize  # noqa: E402
-from bitsearch.sensitivity.streaming import BlockRunner  # noqa: E402
-from plans import MIXED_WIDTHS, mixed_plan  # noqa: E402
+from bitsearch.apply import fake_quantize_model, load_packed, pack_model, plan_targets
+from bitsearch.couplings import find_couplings
+from bitsearch.errors import BitsearchError
+from bitsearch.finalize.signround import minmax_qparams
+from bitsearch.models import find_targets, load_model
+from bitsearch.packed import _PackedRows
+from bitsearch.quant.grid import choose_qparams, fake_quantize
+from bitsearch.sensitivity.streaming import BlockRunner
+from studies.reference.gptq import GPTQResult, gptq_layer, gptq_quantize, main, sequential_groups, uniform_plan
+from plans import MIXED_WIDTHS, mixed_plan
 
 GS = 16
 

@@ -8,7 +8,7 @@ import pytest
 from scipy.optimize import OptimizeResult
 from test_greedy import brute_force, random_problem
 
-import bitsearch.search.ilp as ilp_module
+from bitsearch.search import ilp as ilp_module
 from bitsearch.cost import row_bytes
 from bitsearch.errors import BitsearchError
 from bitsearch.search import get_allocator

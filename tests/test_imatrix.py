@@ -1,3 +1,4 @@
+from bitsearch.config import SensitivityConfig
 """Input estimators (imatrix, snr) against direct computations from captured inputs, the
 block-by-block runner against the whole model, and the per-layer loss calibration."""
 
@@ -123,10 +124,10 @@ def test_offload_gives_the_same_table(llama_dir, text_file):
     where blocks live; on a CPU-only machine it exercises the same code path."""
     from bitsearch import api
 
-    kw = dict(samples=4, seq_len=32, group_size=16, calib_loss_samples=2, estimators="imatrix,snr",
+    kw = dict(samples=4, seq_len=32, group_size=16, loss_calibration_samples=2, estimators="imatrix,snr",
               bits="0,2,4", show_progress=False)
-    a = api.sensitivity(model=llama_dir, calib=text_file, **kw)
-    b = api.sensitivity(model=llama_dir, calib=text_file, offload=True, **kw)
+    a = api.sensitivity(llama_dir, text_file, SensitivityConfig(**kw))
+    b = api.sensitivity(llama_dir, text_file, SensitivityConfig(offload=True, **kw))
     assert b.meta["offload"] is True
     np.testing.assert_allclose(b.curves(mix="snr"), a.curves(mix="snr"), rtol=1e-6)
     np.testing.assert_allclose(b.curves(mix="imatrix"), a.curves(mix="imatrix"), rtol=1e-6)

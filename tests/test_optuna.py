@@ -10,29 +10,30 @@ import time
 import pytest
 
 from bitsearch import api
+from bitsearch.config import PlotParetoConfig, SearchConfig, SensitivityConfig
+from bitsearch.plots import pareto_figure
+from bitsearch.search.optuna_study import study_trials
 from bitsearch.errors import BitsearchError
 
-SMALL = dict(samples=4, seq_len=32, group_size=16, calib_loss_samples=2, show_progress=False)
+SMALL = dict(samples=4, seq_len=32, group_size=16, loss_calibration_samples=2, show_progress=False)
 
 
 @pytest.fixture(scope="module")
 def table(tmp_path_factory, llama_dir, text_file):
     path = str(tmp_path_factory.mktemp("t") / "t.parquet")
-    api.sensitivity(model=llama_dir, calib=text_file, out=path, bits="2,3,4,8", **SMALL)
+    api.sensitivity(llama_dir, text_file, SensitivityConfig(bits='2,3,4,8', **SMALL), out=path)
     return path
 
 
 def _search(llama_dir, text_file, table, out, **kw):
-    return api.search(model=llama_dir, calib=text_file, sensitivity_table=table, budget="4.5", out=out,
-                      method="optuna", group_size=16, samples=4, seq_len=32, kl_samples=2, show_progress=False,
-                      **kw)
+    return api.search(llama_dir, text_file, SearchConfig(budget='4.5', method='optuna', group_size=16, samples=4, seq_len=32, kl_samples=2, show_progress=False, **kw), table=table, out=out)
 
 
 def test_optuna_plan_within_budget_and_not_worse_than_greedy(llama_dir, text_file, table, tmp_path):
     out = str(tmp_path / "p.json")
     plan = _search(llama_dir, text_file, table, out, n_trials=6)
     assert plan.summary["avg_bits"] <= 4.5
-    rows, _ = api.pareto(storage=str(tmp_path / "p.optuna.journal"))
+    rows, _ = study_trials(str(tmp_path / "p.optuna.journal"))
     assert len(rows) == 6 and any(r["on_front"] for r in rows)
     # the finalists (lowest search KL within budget) and trial 0, the plain greedy plan, were
     # measured on held-out samples; the chosen one is the best there
@@ -43,15 +44,14 @@ def test_optuna_plan_within_budget_and_not_worse_than_greedy(llama_dir, text_fil
     assert str(plan.provenance["trial"]) == min(val, key=val.get)
     assert os.path.isfile(tmp_path / "p.trials.csv")
     # exporting the chosen trial gives the same widths
-    _, exported = api.pareto(storage=str(tmp_path / "p.optuna.journal"), export=plan.provenance["trial"],
-                             out=str(tmp_path / "x.json"))
+    _, exported = study_trials(str(tmp_path / "p.optuna.journal"), export=plan.provenance["trial"])
     assert all((exported.bits[n] == plan.bits[n]).all() for n in plan.bits)
-    png = api.plot_pareto(storage=str(tmp_path / "p.optuna.journal"), out=str(tmp_path / "front.png"),
-                          model=llama_dir, calib=text_file, kl_samples=2, seq_len=32)
+    png = pareto_figure(str(tmp_path / "p.optuna.journal"), str(tmp_path / "front.png"), model=llama_dir,
+                        calib=text_file, config=PlotParetoConfig(kl_samples=2, seq_len=32))
     assert os.path.getsize(png) > 10000
     with pytest.raises(BitsearchError, match="another model"):
-        api.plot_pareto(storage=str(tmp_path / "p.optuna.journal"), out=str(tmp_path / "x.png"),
-                        model=tiny_models_qwen(llama_dir), calib=text_file, kl_samples=2, seq_len=32)
+        pareto_figure(str(tmp_path / "p.optuna.journal"), str(tmp_path / "x.png"), model=tiny_models_qwen(llama_dir),
+                      calib=text_file, config=PlotParetoConfig(kl_samples=2, seq_len=32))
     with pytest.raises(BitsearchError, match="already exists"):
         _search(llama_dir, text_file, table, out, n_trials=2)
 
@@ -61,7 +61,7 @@ def tiny_models_qwen(llama_dir):
 
 
 def _count(journal):
-    rows, _ = api.pareto(storage=journal)
+    rows, _ = study_trials(journal)
     return len(rows)
 
 
@@ -92,11 +92,11 @@ def test_killed_run_resumes_without_losing_trials(llama_dir, text_file, table, t
         time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    before = api.pareto(storage=journal)[0]
+    before = study_trials(journal)[0]
     assert len(before) >= 3
     r = _worker(llama_dir, text_file, table, out, len(before) + 2)
     assert r.wait(timeout=300) == 0, r.stderr.read()
-    after = {row["trial"]: row for row in api.pareto(storage=journal)[0]}
+    after = {row["trial"]: row for row in study_trials(journal)[0]}
     assert len(after) >= len(before) + 2
     for row in before:   # every trial finished before the kill is still there, unchanged
         assert after[row["trial"]]["kl"] == row["kl"]
@@ -108,7 +108,7 @@ def test_two_workers_share_one_study(llama_dir, text_file, table, tmp_path):
     procs = [_worker(llama_dir, text_file, table, str(tmp_path / f"w{i}.json"), 8, journal) for i in range(2)]
     for p in procs:
         assert p.wait(timeout=600) == 0, p.stderr.read()
-    rows, _ = api.pareto(storage=journal, study_name="shared")
+    rows, _ = study_trials(journal, "shared")
     assert len(rows) >= 8
     import optuna
 

@@ -1,4 +1,4 @@
-"""Peer quantizers (studies/peers.py) on a tiny random Llama: HQQ, AutoRound and AutoScheme write
+"""Peer quantizers (studies/reference/peers.py) on a tiny random Llama: HQQ, AutoRound and AutoScheme write
 b-bit decodes (at most 2^b distinct values per row-group) into the decoder-block linears only,
 keep plain nn.Linear modules, count their bytes as their own storage does, and leave a model
 that runs. HQQ's weights are exactly what ``HQQLinear`` (its default config) decodes;
@@ -10,7 +10,6 @@ Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_peers.py
 import itertools
 import math
 import os
-import sys
 from collections import Counter
 
 import pytest
@@ -18,11 +17,9 @@ import torch
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "studies"))
 
-import peers  # noqa: E402
-
-from bitsearch.models import find_targets  # noqa: E402
+from bitsearch.models import find_targets
+from studies.reference import peers
 
 
 def tiny_llama(seed: int = 0):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bitsearch import api
+from bitsearch.config import ApplyConfig, EvalConfig, SearchConfig, SensitivityConfig
 from bitsearch.errors import BitsearchError
 from bitsearch.apply import fake_quantize_model, load_packed, pack_model, packed_tensor_bytes
 from bitsearch.models import find_targets, load_model
@@ -15,14 +16,14 @@ from bitsearch.sensitivity import SensitivityTable
 
 from conftest import ARCHS
 
-SMALL = dict(samples=4, seq_len=32, group_size=16, calib_loss_samples=2, show_progress=False)
+SMALL = dict(samples=4, seq_len=32, group_size=16, loss_calibration_samples=2, show_progress=False)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_end_to_end(arch, tiny_models, text_file, tmp_path):
     model = tiny_models[arch]
     table_path = str(tmp_path / "t.parquet")
-    table = api.sensitivity(model=model, calib=text_file, out=table_path, **SMALL)
+    table = api.sensitivity(model, text_file, SensitivityConfig(**SMALL), out=table_path)
     assert table.meta["units"].startswith("calibration-loss")
     m = load_model(model)
     targets = find_targets(m)
@@ -39,17 +40,16 @@ def test_end_to_end(arch, tiny_models, text_file, tmp_path):
 
     plan_path = str(tmp_path / "plan.json")
     # groups of 16 cost 1.5 bits of scales and zeros: 2-bit rows cost 3.5 bits all-in
-    plan = api.search(model=model, budget="4.5", sensitivity_table=table_path, out=plan_path, group_size=16,
-                      show_progress=False)
+    plan = api.search(model, None, SearchConfig(budget='4.5', group_size=16, show_progress=False), table=table_path, out=plan_path)
     assert plan.summary["avg_bits"] <= 4.5
     assert plan.summary["avg_bits"] > 4.4  # the budget is used
     loaded = BitPlan.load(plan_path)
     assert loaded.summary == plan.summary
 
     out = str(tmp_path / "packed")
-    info = api.apply(model=model, plan=plan_path, out=out)
+    applied = api.apply(model, plan_path, out=out)
     # the bytes search predicted are the bytes apply wrote, to the byte
-    assert info["written_bytes"] == plan.summary["bytes"] == packed_tensor_bytes(out)
+    assert applied.bitsearch_plan.summary["bytes"] == plan.summary["bytes"] == packed_tensor_bytes(out)
 
     packed = load_packed(out)
     fake = fake_quantize_model(load_model(model), loaded)
@@ -62,8 +62,7 @@ def test_end_to_end(arch, tiny_models, text_file, tmp_path):
     assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
     assert torch.equal(a, c)
 
-    r = api.evaluate(model=out, text=text_file, max_tokens=300, seq_len=64, json_out=str(tmp_path / "r.json"),
-                     reference=model, show_progress=False)
+    r = api.evaluate(out, text_file, EvalConfig(max_tokens=300, seq_len=64, show_progress=False), out=str(tmp_path / 'r.json'), reference=model)
     assert np.isfinite(r.ppl) and r.kl > 0 and r.tokens == 300
     assert os.path.isfile(tmp_path / "r.json")
 
@@ -71,8 +70,8 @@ def test_end_to_end(arch, tiny_models, text_file, tmp_path):
 def test_fake_checkpoint_loads_in_plain_hf(llama_dir, text_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    plan = api.search(model=llama_dir, calib=text_file, budget="4.5", out=str(tmp_path / "p.json"), **SMALL)
-    api.apply(model=llama_dir, plan=str(tmp_path / "p.json"), out=str(tmp_path / "fake"), fake=True)
+    plan = api.search(llama_dir, text_file, SearchConfig(budget='4.5', **SMALL), out=str(tmp_path / 'p.json'))
+    api.apply(llama_dir, str(tmp_path / 'p.json'), ApplyConfig(fake=True), out=str(tmp_path / 'fake'))
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fake"))
     ref = fake_quantize_model(load_model(llama_dir), plan)
     for (n1, p1), (n2, p2) in zip(hf.named_parameters(), ref.named_parameters()):
@@ -82,10 +81,9 @@ def test_fake_checkpoint_loads_in_plain_hf(llama_dir, text_file, tmp_path):
 def test_pruned_channels_output_only_bias(tiny_models, text_file, tmp_path):
     """A plan forced to prune (tiny budget, 0 in the menu) gives zero rows in the packed model."""
     model = tiny_models["opt"]  # OPT linears have biases
-    plan = api.search(model=model, calib=text_file, budget="0.5", bits="0,2", min_bits=0,
-                      out=str(tmp_path / "p.json"), **SMALL)
+    plan = api.search(model, text_file, SearchConfig(budget='0.5', bits='0,2', min_bits=0, **SMALL), out=str(tmp_path / 'p.json'))
     assert plan.summary["pruned_channels"] > 0
-    api.apply(model=model, plan=str(tmp_path / "p.json"), out=str(tmp_path / "packed"))
+    api.apply(model, str(tmp_path / 'p.json'), out=str(tmp_path / 'packed'))
     packed = load_packed(str(tmp_path / "packed"))
     name, bits = next((n, b) for n, b in plan.bits.items() if (b == 0).any())
     w = packed.get_submodule(name).dequantized_weight()
@@ -102,30 +100,35 @@ def test_targets_and_exclude(llama_dir):
 
 
 def test_table_round_trip(llama_dir, text_file, tmp_path):
-    t = api.sensitivity(model=llama_dir, calib=text_file, out=str(tmp_path / "t.parquet"), **SMALL)
+    t = api.sensitivity(llama_dir, text_file, SensitivityConfig(**SMALL), out=str(tmp_path / 't.parquet'))
     back = SensitivityTable.load(str(tmp_path / "t.parquet"))
     assert back.meta["bits"] == t.meta["bits"] and back.group_size == 16
     assert np.array_equal(back.curves(), t.curves())
 
 
-def test_apply_packed_leaves_the_loaded_model_alone(llama_dir, text_file, tmp_path):
+def test_apply_packs_an_in_memory_model_in_place(llama_dir, text_file, tmp_path):
+    """apply on an nn.Module packs it in place (as torchao's quantize_ does) and writes the same
+    model that loading the written checkpoint gives."""
     from bitsearch.models import load_tokenizer
+    from bitsearch.packed import PackedLinear
 
-    plan = api.search(model=llama_dir, calib=text_file, budget="4.5", **SMALL)
+    plan = api.search(llama_dir, text_file, SearchConfig(budget='4.5', **SMALL))
     m, tok = load_model(llama_dir), load_tokenizer(llama_dir)
-    before = {k: v.clone() for k, v in m.state_dict().items()}
-    api.apply(model=llama_dir, plan=plan, out=str(tmp_path / "p"), _loaded=(m, tok))
-    after = m.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    out = api.apply(m, plan, out=str(tmp_path / 'p'), tokenizer=tok)
+    assert out is m and m.bitsearch_plan is plan
+    assert all(isinstance(m.get_submodule(n), PackedLinear) for n in plan.bits)
+    x = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(m(input_ids=x).logits, load_packed(str(tmp_path / 'p'))(input_ids=x).logits)
 
 
 def test_inline_search_skips_widths_it_cannot_pick(llama_dir, text_file, monkeypatch):
     """With the default --min-bits 2, search computes no 0-bit curves (and no pruning response)."""
-    import bitsearch.sensitivity.pipeline as pipeline
+    from bitsearch.sensitivity import pipeline
 
     called = []
     monkeypatch.setattr(pipeline, "prune_loss_response", lambda *a, **k: called.append(1) or {})
-    plan = api.search(model=llama_dir, calib=text_file, budget="4.5", **SMALL)
+    plan = api.search(llama_dir, text_file, SearchConfig(budget='4.5', **SMALL))
     assert not called and plan.menu == [2, 3, 4, 5, 6, 8]
 
 
@@ -135,8 +138,7 @@ def test_multi_estimator_table_search_and_plot(llama_dir, text_file, tmp_path, c
     from bitsearch.cli import main
 
     path = str(tmp_path / "all.parquet")
-    t = api.sensitivity(model=llama_dir, calib=text_file, out=path, estimators="imatrix,snr,fisher,hutchinson",
-                        probes=2, **SMALL)
+    t = api.sensitivity(llama_dir, text_file, SensitivityConfig(estimators='imatrix,snr,fisher,hutchinson', probes=2, **SMALL), out=path)
     assert t.estimators == ["imatrix", "snr", "fisher", "hutchinson"]
     assert t.meta["estimator_info"]["fisher"]["calibration"] == "native"
     assert t.meta["estimator_info"]["snr"]["calibration"] == "layer-loss"
@@ -144,8 +146,7 @@ def test_multi_estimator_table_search_and_plot(llama_dir, text_file, tmp_path, c
     plans = {}
     for mix, method in [("imatrix", "greedy"), ("snr", "greedy"), ("fisher", "greedy"), ("hutchinson", "greedy"),
                         (None, "greedy"), ("snr", "snr")]:
-        p = api.search(model=llama_dir, budget="4.5", sensitivity_table=path, group_size=16, mix=mix, method=method,
-                       show_progress=False)
+        p = api.search(llama_dir, None, SearchConfig(budget='4.5', group_size=16, mix=mix, method=method, show_progress=False), table=path)
         assert 4.3 < p.summary["avg_bits"] <= 4.5
         plans[(mix, method)] = p
     assert plans[(None, "greedy")].provenance["estimator_mix"] == "imatrix=0.25,snr=0.25,fisher=0.25,hutchinson=0.25"
@@ -161,18 +162,15 @@ def test_multi_estimator_table_search_and_plot(llama_dir, text_file, tmp_path, c
 def test_ilp_from_the_cli_with_runtime_constraints(llama_dir, text_file, tmp_path):
     """--method ilp with shared q/k/v widths per layer and a floor for down_proj."""
     path = str(tmp_path / "t.parquet")
-    api.sensitivity(model=llama_dir, calib=text_file, out=path, bits="2,3,4,8", **SMALL)
-    plan = api.search(model=llama_dir, budget="4.5", sensitivity_table=path, group_size=16, method="ilp",
-                      granularity="layer", share=[r"^(.*)\.self_attn\.[qkv]_proj$"],
-                      layer_min_bits=["down_proj=3"], show_progress=False)
+    api.sensitivity(llama_dir, text_file, SensitivityConfig(bits='2,3,4,8', **SMALL), out=path)
+    plan = api.search(llama_dir, None, SearchConfig(budget='4.5', group_size=16, method='ilp', granularity='layer', share=['^(.*)\\.self_attn\\.[qkv]_proj$'], layer_min_bits=['down_proj=3'], show_progress=False), table=path)
     assert plan.summary["avg_bits"] <= 4.5
     for blk in range(2):
         widths = {k: set(plan.bits[f"model.layers.{blk}.self_attn.{k}_proj"].tolist()) for k in "qkv"}
         assert widths["q"] == widths["k"] == widths["v"] and len(widths["q"]) == 1
         assert min(plan.bits[f"model.layers.{blk}.mlp.down_proj"]) >= 3
-    greedy = api.search(model=llama_dir, budget="4.5", sensitivity_table=path, group_size=16, show_progress=False)
-    exact = api.search(model=llama_dir, budget="4.5", sensitivity_table=path, group_size=16, method="ilp",
-                       show_progress=False)
+    greedy = api.search(llama_dir, None, SearchConfig(budget='4.5', group_size=16, show_progress=False), table=path)
+    exact = api.search(llama_dir, None, SearchConfig(budget='4.5', group_size=16, method='ilp', show_progress=False), table=path)
     assert exact.summary["predicted_error"] <= greedy.summary["predicted_error"] + 1e-12
-    with pytest.raises(BitsearchError, match="need --method ilp"):
-        api.search(model=llama_dir, budget="4.5", sensitivity_table=path, group_size=16, granularity="layer")
+    with pytest.raises(BitsearchError, match="options of the ilp method"):
+        api.search(llama_dir, None, SearchConfig(budget='4.5', group_size=16, granularity='layer'), table=path)

@@ -9,7 +9,7 @@ import pytest
 
 from bitsearch.errors import BitsearchError
 from bitsearch.plan import BitPlan
-from bitsearch.plot_plan import plot_plan
+from bitsearch.plots.plan import plot_plan
 
 MENU = [0, 2, 3, 4, 8, 16]
 # llama-like block, hidden 384, intermediate 1024: 3968 channels per block

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from bitsearch.errors import BitsearchError
-from bitsearch.plot_sensitivity import layer_block_and_type, plot_sensitivity
+from bitsearch.plots.sensitivity import layer_block_and_type, plot_sensitivity
 from bitsearch.sensitivity.table import SensitivityTable
 
 BITS = [0, 2, 3, 4, 8]

@@ -1,13 +1,9 @@
 """studies/scale.py: every requested stage gets a row with finite positive ratios to forward+backward."""
 
 import math
-import os
-import sys
 
 import pandas as pd
 import pytest
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "studies"))
 
 STAGES = ["sens_imatrix", "sens_hutchinson", "search_greedy", "search_optuna", "finalize_qat_tiled",
           "finalize_signround", "apply", "eval_packed"]
@@ -16,7 +12,7 @@ STAGES = ["sens_imatrix", "sens_hutchinson", "search_greedy", "search_optuna", "
 def test_scale_study_tiny(tmp_path):
     import torch
 
-    import scale
+    from studies import scale
 
     threads = torch.get_num_threads()
     try:
@@ -44,7 +40,7 @@ def test_scale_study_tiny(tmp_path):
 
 
 def test_failed_stage_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
-    import scale
+    from studies import scale
 
     def boom(self, est):
         raise RuntimeError("CUDA out of memory (simulated)")

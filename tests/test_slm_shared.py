@@ -1,10 +1,13 @@
 """On the trained slm-llama-17m fixture (skips without ../shared): a reduced version of the
 README's results, small enough for CI. The full figures come from studies/slm_budget_table.py."""
 
+import copy
 import numpy as np
 import pytest
 
 from bitsearch import api
+from bitsearch.apply import packed_tensor_bytes
+from bitsearch.config import SearchConfig, SensitivityConfig
 from bitsearch.data import read_text, tokenize_text
 from bitsearch.evaluate import perplexity
 from bitsearch.models import find_targets, load_model, load_tokenizer, model_fingerprint
@@ -25,9 +28,7 @@ def test_reference_perplexity_matches_fixture_readme():
 
 def test_searched_plan_at_2_5_bits_beats_uniform_2_bit(tmp_path):
     m, tok = load_model(SLM), load_tokenizer(SLM)
-    state = {k: v.clone() for k, v in m.state_dict().items()}
-    table = api.sensitivity(model=SLM, calib=f"{CORPUS}/heldout.txt", samples=8, seq_len=256, bits="2,3,4,5,6,8",
-                            calib_loss_samples=4, show_progress=False, _loaded=(m, tok))
+    table = api.sensitivity(m, f'{CORPUS}/heldout.txt', SensitivityConfig(samples=8, seq_len=256, bits='2,3,4,5,6,8', loss_calibration_samples=4, show_progress=False), tokenizer=tok)
     targets = find_targets(m)
     fp = model_fingerprint(m, targets)
     ids = tokenize_text(tok, read_text(f"{CORPUS}/wikitext2_test.txt"))
@@ -35,10 +36,9 @@ def test_searched_plan_at_2_5_bits_beats_uniform_2_bit(tmp_path):
     w2_bytes = problem.bytes_of(np.full(problem.n_channels, problem.bits.index(2)))
     results = {}
     for method, budget in [("uniform", f"{w2_bytes}B"), ("greedy", "2.5")]:
-        plan = api.search_plan(table, targets, fp, budget=budget, method=method)
-        m.load_state_dict(state)
-        info = api.apply(model=SLM, plan=plan, out=str(tmp_path / method), _loaded=(m, tok))
-        assert info["written_bytes"] == plan.summary["bytes"] <= plan.provenance["budget_bytes"]
+        plan = api.search_plan(table, targets, fp, SearchConfig(budget=budget, method=method))
+        api.apply(copy.deepcopy(m), plan, out=str(tmp_path / method), tokenizer=tok)
+        assert packed_tensor_bytes(str(tmp_path / method)) == plan.summary["bytes"] <= plan.provenance["budget_bytes"]
         packed = load_model(str(tmp_path / method))
         results[method] = perplexity(packed, ids, 512, 4096, show_progress=False).ppl
     assert results["greedy"] < 0.9 * results["uniform"], results

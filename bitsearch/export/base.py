@@ -24,6 +24,10 @@ class Exporter(ABC):
     description: str = ""
     #: the finest unit the format stores one scheme for: "channel", "tensor" or "module"
     plan_unit: str = "channel"
+    #: what ``out`` is: a "file" (e.g. one GGUF) or a "folder" (a checkpoint)
+    writes: str = "folder"
+    #: modules the format needs beyond bitsearch's own dependencies (an optional extra)
+    requires: tuple[str, ...] = ()
 
     @abstractmethod
     def export(self, model: nn.Module, tokenizer, plan, out: str) -> dict:
@@ -41,7 +45,7 @@ def register_exporter(cls: type[Exporter]) -> type[Exporter]:
 
 
 def get_exporter(name: str, **options) -> Exporter:
-    """An exporter by ``--format`` name; ``options`` go to its constructor."""
+    """An exporter by ```format``` name; ``options`` go to its constructor."""
     try:
         cls = EXPORTERS[name]
     except KeyError:

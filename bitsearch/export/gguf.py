@@ -55,6 +55,8 @@ class GGUFExporter(Exporter):
     name = "gguf"
     description = "GGUF file for llama.cpp (per-tensor ggml types from `bitsearch search --format gguf`)"
     plan_unit = "tensor"
+    writes = "file"
+    requires = ("gguf", "llama_cpp")
 
     def export(self, model: nn.Module, tokenizer, plan, out: str) -> dict:
         import gguf
@@ -100,7 +102,7 @@ class GGUFExporter(Exporter):
         types_file = f"{out}.tensor-types.txt"
         with open(types_file, "w", encoding="utf-8") as f:
             f.write("\n".join(tensor_type_lines(plan)) + "\n")
-        info = {"path": out, "tensor_bytes": written, "plan_bytes": plan.n_bytes(), "file_bytes": os.path.getsize(out),
+        info = {"out": out, "bytes": written, "plan_bytes": plan.n_bytes(), "file_bytes": os.path.getsize(out),
                 "tensor_type_file": types_file, "imatrix": None}
         if imat is not None:
             info["imatrix"] = f"{out}.imatrix.gguf"

@@ -3,12 +3,13 @@ with trainable weights, step sizes and zero points (:mod:`.quantizer`) under the
 clamping surrogate gradients of :mod:`.surrogates`, or SignRound's learned rounding
 (:mod:`.signround`)."""
 
+from .base import FINALIZERS, Finalizer, Rounder, get_finalizer, register_finalizer, rounders
 from .quantizer import QuantLinear, convert, fake_quant_rows, prepare
 from .signround import SignRoundSettings, signround
 from .surrogates import (CLAMP_MODES, ROUND_MODES, clamp_codes, round_ste, round_surrogate, soft_clamp,
                          soft_clamp_grad, soft_round, soft_round_grad, straight_through)
 from .train import MODES, QatSettings, finalize_qat
 
-__all__ = ["QuantLinear", "convert", "fake_quant_rows", "prepare", "SignRoundSettings", "signround", "MODES",
+__all__ = ["FINALIZERS", "Finalizer", "Rounder", "get_finalizer", "register_finalizer", "rounders", "QuantLinear", "convert", "fake_quant_rows", "prepare", "SignRoundSettings", "signround", "MODES",
            "QatSettings", "finalize_qat", "CLAMP_MODES", "ROUND_MODES", "clamp_codes", "round_ste",
            "round_surrogate", "soft_clamp", "soft_clamp_grad", "soft_round", "soft_round_grad", "straight_through"]

@@ -56,6 +56,7 @@ from ..progress import progress
 from ..quant.grid import KEEP_WIDTH, QUANT_WIDTHS, _grouped, choose_qparams, n_groups
 from ..sensitivity.calibrate import names_by_block
 from ..sensitivity.streaming import BlockRunner
+from .base import Rounder, register_finalizer
 from .quantizer import fake_quant_rows
 from .surrogates import round_ste, straight_through
 
@@ -337,3 +338,16 @@ def _tune_block(block: nn.Module, prefix: str, names: list[str], plan: BitPlan, 
     del states, params
     info = {"targets": len(names), "rtn": rtn_loss, "final": final_loss, "best_step": best_step}
     return f_out, (final_out if q_h is not None else None), info
+
+
+@register_finalizer
+class SignRoundFinalizer(Rounder):
+    """SignRound's learned rounding, block by block (``config``: signround_steps, signround_lr,
+    batch_size, seed)."""
+
+    name = "signround"
+
+    def round(self, model, plan, batch, config, show_progress=True) -> dict:
+        settings = SignRoundSettings(steps=config.signround_steps, lr=config.signround_lr,
+                                     batch_size=config.batch_size, seed=config.seed)
+        return signround(model, plan, batch, settings, show_progress=show_progress)

@@ -47,7 +47,8 @@ from ..models import decoder_blocks
 from ..plan import BitPlan
 from ..progress import progress
 from ..sensitivity.streaming import BlockRunner
-from .quantizer import QuantLinear
+from .base import Finalizer, Rounder, get_finalizer, register_finalizer, rounders
+from .quantizer import QuantLinear, convert
 
 __all__ = ["QatSettings", "MODES", "finalize_qat"]
 
@@ -80,13 +81,13 @@ class QatSettings:
 
     def check(self) -> None:
         if self.mode not in MODES:
-            raise BitsearchError(f"--mode '{self.mode}' is not one of {', '.join(MODES)}")
+            raise BitsearchError(f"`mode` '{self.mode}' is not one of {', '.join(MODES)}")
         if self.tile_loss not in ("l2", "l1"):
-            raise BitsearchError(f"--tile-loss '{self.tile_loss}' is not l2 or l1")
+            raise BitsearchError(f"tile_loss '{self.tile_loss}' is not l2 or l1")
         if self.steps < 0 or self.batch_size < 1 or self.tile_size < 1:
-            raise BitsearchError("--steps must be >= 0, --batch-size and --tile-size >= 1")
+            raise BitsearchError("`steps` must be >= 0, batch_size and tile_size >= 1")
         if self.lr <= 0 or self.temperature < 0 or self.beta <= 0:
-            raise BitsearchError("--lr and --beta must be positive, --temperature >= 0")
+            raise BitsearchError("`lr` and `beta` must be positive, `temperature` >= 0")
 
     def layer_options(self) -> dict:
         return {"round_mode": self.round_mode, "temperature": self.temperature, "clamp_mode": self.clamp_mode,
@@ -178,7 +179,7 @@ def _load_checkpoint(plan: BitPlan, settings: QatSettings) -> dict | None:
     if not settings.resume:
         return None
     if not path or not os.path.isfile(path):
-        raise BitsearchError(f"--resume: no checkpoint at '{path}'")
+        raise BitsearchError(f"`resume`: no checkpoint at '{path}'")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
@@ -409,3 +410,39 @@ def finalize_qat(model: nn.Module, plan: BitPlan, batch: torch.Tensor, settings:
     last = {ph: next((h[3] for h in reversed(hist) if h[0] == ph), None) for ph in ("tiled", "e2e")}
     return {"mode": settings.mode, "seconds": round(time.time() - t0, 1), "steps_run": len(hist),
             "first_loss": first, "last_loss": last, "tile_guard": state["guard"], "settings": asdict(settings)}
+
+
+def qat_settings(config, checkpoint: str | None) -> QatSettings:
+    """The QAT settings of a :class:`bitsearch.config.FinalizeConfig` (checkpoint file: ``checkpoint``)."""
+    keys = ("mode", "steps", "e2e_steps", "lr", "qparam_lr", "batch_size", "round_mode", "temperature", "anneal",
+            "clamp_mode", "beta", "soft_warmup", "tile_size", "tile_loss", "tile_guard", "ce_weight", "seed",
+            "checkpoint_every", "resume")
+    settings = QatSettings(checkpoint=checkpoint, **{k: getattr(config, k) for k in keys})
+    settings.check()
+    return settings
+
+
+@register_finalizer
+class QatFinalizer(Finalizer):
+    """Quantization-aware training (tiled, e2e or both), started from round-to-nearest or from a
+    rounder's result (``config.init``)."""
+
+    name = "qat"
+
+    def finalize(self, model, plan, batch, config, show_progress=True, checkpoint=None) -> dict:
+        settings = qat_settings(config, checkpoint)
+        info, qparams, float_weights = {}, None, None
+        if config.init != "rtn":
+            # QAT after a learned rounding still matches the float model
+            float_weights = {n: model.get_submodule(n).weight.detach().clone() for n in plan.bits}
+            t0 = time.time()
+            init = get_finalizer(config.init)
+            if not isinstance(init, Rounder):
+                raise BitsearchError(f"init '{config.init}' is not a rounding method (choose from rtn, "
+                                     f"{', '.join(rounders())})")
+            qparams = init.round(model, plan, batch, config, show_progress)
+            info[config.init] = {"seconds": round(time.time() - t0, 1)}
+        info["qat"] = finalize_qat(model, plan, batch, settings, show_progress=show_progress, init_qparams=qparams,
+                                   float_weights=float_weights)
+        convert(model, plan)
+        return info

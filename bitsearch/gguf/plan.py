@@ -113,6 +113,6 @@ class TensorPlan(PlanTargets):
                                  f"{plan.n_bytes()} (edited or corrupt file)")
         return plan
 
-    def check_model(self, fingerprint: dict, where: str = "plan") -> None:
+    def check_model(self, fingerprint: dict, where: str = "plan", force: bool = False) -> None:
         """Raise unless the plan was made for a model with this fingerprint."""
-        self.check_fingerprint(fingerprint, where)
+        self.check_fingerprint(fingerprint, where, force)

@@ -161,6 +161,6 @@ def allocate_coupled(problem: AllocationProblem, allocator: Allocator, budget_by
                             budget_bytes)
     if not candidates:
         raise BitsearchError(f"budget {budget_bytes} bytes is below the smallest plan with coupled pruning "
-                             f"(producer rows cannot be pruned one by one; use --no-coupling to allow it)")
+                             f"(producer rows cannot be pruned one by one; turn coupling off (`coupling`) to allow it)")
     loss, widths, n_dead = min(candidates, key=lambda t: t[0])
     return widths, loss, {"dead_units": n_dead, "coupled_candidates": [round(t[0], 6) for t in candidates]}

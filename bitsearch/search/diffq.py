@@ -1,4 +1,4 @@
-"""Differentiable bit widths with noise injection (``--method diffq``), pruning as a gate.
+"""Differentiable bit widths with noise injection (```method` diffq``), pruning as a gate.
 
 Each channel c of each target gets a continuous width b_c = b_lo + (b_hi - b_lo) * sigmoid(l_c)
 (b_lo, b_hi: the smallest and largest quantizing widths of the menu) and, when 0 is in the menu,
@@ -22,9 +22,8 @@ interpolation). At a menu width it is exactly the round-to-nearest weight that t
 are judged by, and the gradient in b is the first-order change of the loss from moving the
 channel to the next width. It needs a (menu widths, out, in) stack of rounded weights per layer:
 the held-out judge's (PlanKL) when there is one, shared, else its own. It is
-the default: on slm-llama-17m its plans, applied by round-to-nearest, were much closer to the
-float model than the noise's (README, search methods); after SignRound they were worse than
-greedy's, so for a plan that will be finalized greedy is the better start.
+the default (how its plans compare with the noise's and with greedy's, before and after a
+finalizer: docs/search-methods.md).
 
 With ``learn="layer"`` training moves whole layers instead of channels: each channel's logit is
 its warm start's plus one trainable shift per layer, so a layer's channels keep the estimator's
@@ -54,11 +53,12 @@ from ..errors import BitsearchError
 from ..models import Target
 from ..progress import progress
 from ..quant.grid import QUANT_WIDTHS, _grouped, n_groups
+from .base import Allocator, register_allocator
 from .greedy import GreedyAllocator
 from .kl import PlanKL, rounded_stack
 from .problem import AllocationProblem
 
-__all__ = ["DiffqSettings", "group_ranges", "NoisyWidths", "diffq_allocate", "rounding_problem"]
+__all__ = ["DiffqAllocator", "DiffqSettings", "group_ranges", "NoisyWidths", "diffq_allocate", "rounding_problem"]
 
 
 @dataclass
@@ -282,3 +282,27 @@ def diffq_allocate(model: nn.Module, targets: list[Target], batch: torch.Tensor,
             "gates_closed": int(sum(int(c.sum()) for c in closed.values())),
             "mean_learned_bits": float(np.mean(np.concatenate(list(learned.values()))))}
     return choice, info
+
+
+@register_allocator
+class DiffqAllocator(Allocator):
+    """Widths trained by distillation through a relaxation of the rounding (see the module docstring)."""
+
+    name = "diffq"
+    needs_model = True
+
+    def __init__(self, settings: DiffqSettings | None = None):
+        self.settings = settings or DiffqSettings()
+        self.last_info: dict = {}
+
+    @classmethod
+    def from_config(cls, config) -> "DiffqAllocator":
+        return cls(DiffqSettings(steps=config.steps, lr=config.lr, seed=config.seed, learn=config.learn,
+                                 relax=config.relax))
+
+    def allocate(self, problem: AllocationProblem, budget_bytes: int) -> np.ndarray:
+        ctx = self.context
+        choice, self.last_info = diffq_allocate(ctx.model, ctx.targets, ctx.batch, problem, budget_bytes,
+                                                self.settings, ctx.micro_batch, ctx.show_progress,
+                                                validation=ctx.validation)
+        return choice

@@ -41,16 +41,9 @@ n_free_units, solver). With ``time_limit`` the best plan found (at worst greedy'
 status "time_limit" and its gap; HiGHS is not started on a model it would likely overrun the limit
 on. The dynamic program has no time limit but its work is capped (about 5 s).
 
-Measured (1 thread, on a 2-core machine busy with another job; synthetic curves
-e_c(b) = s_c 4^-b +-10 %, s_c log-normal, exact byte costs, widths 2..8, 11 budgets 2.2..7 bits):
-37k channels (a 4-block model; 221k binaries) 0.2-0.4 s per solve, mip_rel_gap 0 too; 518k
-channels (22 blocks of 2048/8192, a ~1B model; 3.1M binaries) 3.4-4.8 s and 0.85 GB, about
-twice greedy's time. Real tables (slm-llama-17m, 31.7k channels): 0.2-0.3 s. A degenerate
-problem (all channels of a layer identical) 6 s, 0.3 s with ``solver="highs"``. So channel
-granularity is practical at 1B scale; ``group:K`` and ``layer`` are constraints on the plan,
-not speed-ups needed (their cost is data-dependent: +1.8 % / +3.3 % predicted loss for
-group:16 / layer on slm-17m at 3 bits, +35 % on the synthetic i.i.d. channels).
-Greedy came within 4e-5 of the optimum on all of these (1.0004 on problems of ~1k channels).
+Solve times (up to a ~1B-parameter model's 518k channels, a few seconds), the cost of the
+``group:K`` and ``layer`` constraints and greedy's distance from the optimum are measured in
+docs/search-methods.md.
 """
 
 from __future__ import annotations
@@ -334,6 +327,22 @@ def _knapsack_dp(e: np.ndarray, c: np.ndarray, live: np.ndarray, room: int) -> n
     return pick
 
 
+def parse_layer_min_bits(items: list[str] | None) -> dict[str, int] | None:
+    """["down_proj=3", ...] -> {"down_proj": 3}."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        pattern, sep, width = item.rpartition("=")
+        if not sep or not pattern:
+            raise BitsearchError(f"layer_min_bits '{item}' must look like REGEX=WIDTH, e.g. down_proj=3")
+        try:
+            out[pattern] = int(width)
+        except ValueError:
+            raise BitsearchError(f"layer_min_bits '{item}': width '{width}' is not an integer") from None
+    return out
+
+
 @register_allocator
 class IlpAllocator(Allocator):
     name = "ilp"
@@ -352,6 +361,11 @@ class IlpAllocator(Allocator):
         self.mip_rel_gap = mip_rel_gap
         self.solver = solver
         self.last_info: dict = {}
+
+    @classmethod
+    def from_config(cls, config) -> "IlpAllocator":
+        return cls(granularity=config.granularity, share=config.share or None,
+                   min_bits=parse_layer_min_bits(config.layer_min_bits), time_limit=config.time_limit)
 
     def _left(self, t0):
         return None if self.time_limit is None else self.time_limit - (time.perf_counter() - t0)

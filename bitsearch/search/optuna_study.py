@@ -36,12 +36,14 @@ from ..cost import avg_bits, budget_to_bytes
 from ..errors import BitsearchError
 from ..layer_names import layer_types
 from ..plan import decode_bits, encode_bits
+from ..outputs import keep_on_interrupt
 from ..progress import progress
+from .base import Allocator, register_allocator
 from .greedy import GreedyAllocator
 from .problem import AllocationProblem
 
 __all__ = ["SAMPLERS", "StudySettings", "knob_groups", "run_study", "open_study", "pareto_rows", "trial_widths",
-           "optuna_plan", "export_trial", "default_storage"]
+           "OptunaAllocator", "export_trial", "only_study", "study_trials", "default_storage"]
 
 SAMPLERS = ("nsga2", "tpe")
 LOG2_RANGE = 1.0
@@ -106,7 +108,7 @@ def open_study(settings: StudySettings, create: bool):
         return optuna.load_study(study_name=settings.study_name, storage=storage)
     if settings.study_name in names and not settings.resume:
         raise BitsearchError(f"study '{settings.study_name}' already exists in '{settings.storage}': "
-                             f"pass --resume to continue it (or --study-name for a new one)")
+                             f"pass `resume` to continue it (or study_name for a new one)")
     return optuna.create_study(study_name=settings.study_name, storage=storage, load_if_exists=True,
                                directions=["minimize", "minimize"], sampler=_sampler(settings.sampler, settings.seed))
 
@@ -169,6 +171,7 @@ def run_study(problems: dict[str, AllocationProblem], kl_of, budget_bytes: int, 
     def finished() -> int:
         return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
 
+    optuna.logging.set_verbosity(optuna.logging.ERROR)   # an interrupted trial: our one line, not its traceback
     # --resume: finish the study to n_trials in all (workers sharing a study stop together);
     # otherwise run n_trials more
     t0 = time.time()
@@ -206,57 +209,79 @@ def default_storage(out: str | None) -> str | None:
     return os.path.splitext(out)[0] + ".optuna.journal" if out else None
 
 
-def optuna_plan(model, table, targets, fingerprint: dict, batch, *, budget: str, settings: StudySettings,
-                bits: list[int] | None = None, min_bits: int | None = None, max_bits: int | None = None,
-                mix: str | dict | None = None, micro_batch: int = 8, show_progress: bool = True,
-                validation=None, finalists: int = 5):
-    """Run the study and return (chosen plan, trial rows).
+@register_allocator
+class OptunaAllocator(Allocator):
+    """The study's chosen plan (see the module docstring); ``trials`` keeps the study's rows."""
 
-    Without ``validation`` the chosen plan is the lowest-KL trial within the budget. With a
-    ``validation`` batch (samples the trials never saw), the ``finalists`` lowest-KL trials within
-    the budget and trial 0 (the allocator's own plan) are measured on it and the lowest wins:
-    among many trials the lowest search KL partly fits the search samples (on slm-llama-17m at
-    2.5 bits it evaluated 2 % worse than the greedy plan), the held-out KL does not."""
-    from ..plan import BitPlan
-    from .kl import PlanKL
-    from .problem import build_problem
+    name = "optuna"
+    needs_model = True
+    finalists = 5
 
-    if mix is None and len(table.estimators) > 1:   # tune the estimators' weights too
-        problems = {e: build_problem(table, targets, bits, min_bits, max_bits, {e: 1.0}) for e in table.estimators}
-    else:
-        mixed = table.resolve_mix(mix)
-        problems = {"+".join(mixed): build_problem(table, targets, bits, min_bits, max_bits, mixed)}
-    first = next(iter(problems.values()))
-    budget_bytes = budget_to_bytes(budget, first.n_weights)
-    first.check_budget(budget_bytes)
-    kl = PlanKL(model, targets, batch, first.bits, table.group_size, micro_batch)
-    study = run_study(problems, kl, budget_bytes, settings, show_progress,
-                      attrs={"model": fingerprint, "group_size": table.group_size})
-    rows = pareto_rows(study, budget_bytes)
-    inside = [r for r in rows if r["within_budget"]]
-    if not inside:
-        raise BitsearchError("the study has no finished trial within the budget")
-    best = min(inside, key=lambda r: r["kl"])
-    validated = {}
-    if validation is not None:
-        val = PlanKL(model, targets, validation, first.bits, table.group_size, micro_batch, share=kl)
-        pool = sorted(inside, key=lambda r: r["kl"])[:finalists] + [r for r in inside if r["trial"] == 0]
-        for r in pool:
-            if r["trial"] not in validated:
-                t = next(t for t in study.trials if t.number == r["trial"])
-                validated[r["trial"]] = val(trial_widths(t))
-        best = next(r for r in inside if r["trial"] == min(validated, key=validated.get))
-    trial = next(t for t in study.trials if t.number == best["trial"])
-    plan = BitPlan(model=fingerprint, group_size=table.group_size, menu=first.bits, bits=trial_widths(trial))
-    plan.fill_summary(predicted_error=trial.user_attrs.get("predicted_error"))
-    plan.provenance = {"allocator": "optuna", "study": settings.study_name, "storage": settings.storage,
-                       "trial": best["trial"], "calibration_kl": best["kl"], "trials_finished": len(rows),
-                       "sampler": settings.sampler, "seed": settings.seed, "kl_samples": int(batch.shape[0]),
-                       "kl_evaluations_this_run": kl.calls}
-    if validated:
-        plan.provenance.update(validation_kl=validated[best["trial"]], validation_samples=int(validation.shape[0]),
-                               validated_trials={str(k): v for k, v in validated.items()})
-    return plan, rows
+    def __init__(self, settings: StudySettings | None = None):
+        self.settings = settings
+        self.last_info: dict = {}
+        self.trials: list[dict] = []
+
+    @classmethod
+    def from_config(cls, config) -> "OptunaAllocator":
+        if config.sampler not in SAMPLERS:
+            raise BitsearchError(f"unknown sampler '{config.sampler}' (choose from {', '.join(SAMPLERS)})")
+        return cls(StudySettings(storage=config.storage, study_name=config.study_name or "", n_trials=config.n_trials,
+                                 timeout=config.timeout, sampler=config.sampler, seed=config.seed, span=config.span,
+                                 resume=config.resume))
+
+    def allocate(self, problem: AllocationProblem, budget_bytes: int) -> np.ndarray:
+        """Run the study and return the chosen trial's choice.
+
+        Without a validation batch the chosen plan is the lowest-KL trial within the budget. With
+        one (samples the trials never saw), the ``finalists`` lowest-KL trials within the budget and
+        trial 0 (the allocator's own plan) are measured on it and the lowest wins: among many trials
+        the lowest search KL partly fits the search samples, the held-out KL does not."""
+        from .kl import PlanKL
+
+        ctx = self.context
+        settings = self.settings or StudySettings(storage=None, study_name="")
+        if settings.storage is None and ctx.out:
+            settings.storage = default_storage(ctx.out)
+        if not settings.study_name:
+            settings.study_name = f"bitsearch-{ctx.fingerprint.get('sha256', 'model')[:10]}-{budget_bytes}B"
+        problems = ctx.estimator_problems or {"mix": problem}
+        if settings.storage is not None:
+            keep_on_interrupt(f"the study's finished trials are kept in '{settings.storage}': rerun the same command with "
+                      f"--resume to continue it")
+        problem.check_budget(budget_bytes)
+        kl = PlanKL(ctx.model, ctx.targets, ctx.batch, problem.bits, problem.group_size, ctx.micro_batch)
+        study = run_study(problems, kl, budget_bytes, settings, ctx.show_progress,
+                          attrs={"model": ctx.fingerprint, "group_size": problem.group_size})
+        rows = pareto_rows(study, budget_bytes)
+        inside = [r for r in rows if r["within_budget"]]
+        if not inside:
+            raise BitsearchError("the study has no finished trial within the budget")
+        best = min(inside, key=lambda r: r["kl"])
+        validated = {}
+        if ctx.validation is not None:
+            val = PlanKL(ctx.model, ctx.targets, ctx.validation, problem.bits, problem.group_size, ctx.micro_batch,
+                         share=kl)
+            pool = sorted(inside, key=lambda r: r["kl"])[:self.finalists] + [r for r in inside if r["trial"] == 0]
+            for r in pool:
+                if r["trial"] not in validated:
+                    t = next(t for t in study.trials if t.number == r["trial"])
+                    validated[r["trial"]] = val(trial_widths(t))
+            best = next(r for r in inside if r["trial"] == min(validated, key=validated.get))
+        trial = next(t for t in study.trials if t.number == best["trial"])
+        widths = trial_widths(trial)
+        menu = np.asarray(problem.bits)
+        choice = np.concatenate([np.searchsorted(menu, widths[n]) for n in problem.layer_slices])
+        self.trials = rows
+        self.last_info = {"study": settings.study_name, "storage": settings.storage, "trial": best["trial"],
+                          "calibration_kl": best["kl"], "trials_finished": len(rows), "sampler": settings.sampler,
+                          "seed": settings.seed, "kl_samples": int(ctx.batch.shape[0]),
+                          "kl_evaluations_this_run": kl.calls}
+        if validated:
+            self.last_info.update(validation_kl=validated[best["trial"]],
+                                  validation_samples=int(ctx.validation.shape[0]),
+                                  validated_trials={str(k): v for k, v in validated.items()})
+        return choice
 
 
 def export_trial(study, number: int):
@@ -274,3 +299,25 @@ def export_trial(study, number: int):
     plan.provenance = {"allocator": "optuna", "study": study.study_name, "trial": number,
                        "calibration_kl": trial.values[0]}
     return plan
+
+
+def only_study(storage: str, study_name: str | None) -> str:
+    """``study_name``, or the name of the one study ``storage`` holds."""
+    import optuna
+
+    if not os.path.exists(storage) and "://" not in storage:
+        raise BitsearchError(f"study storage '{storage}' does not exist")
+    if study_name is not None:
+        return study_name
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    names = [s.study_name for s in optuna.get_all_study_summaries(journal_storage(storage))]
+    if len(names) != 1:
+        raise BitsearchError(f"'{storage}' holds {len(names)} studies ({', '.join(names)}): name the study")
+    return names[0]
+
+
+def study_trials(storage: str, study_name: str | None = None, export: int | None = None):
+    """(the trials of a study as rows with its front marked, the plan of trial ``export`` or None)."""
+    study = open_study(StudySettings(storage=storage, study_name=only_study(storage, study_name)), create=False)
+    rows = pareto_rows(study, study.user_attrs.get("budget_bytes"))
+    return rows, (export_trial(study, export) if export is not None else None)

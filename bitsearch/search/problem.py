@@ -68,7 +68,7 @@ def build_problem(table: SensitivityTable, targets: list[Target], bits: list[int
     hi = menu[-1] if max_bits is None else max_bits
     menu = sorted(b for b in menu if lo <= b <= hi)
     if not menu:
-        raise BitsearchError(f"no width of the menu lies in [--min-bits {lo}, --max-bits {hi}]")
+        raise BitsearchError(f"no width of the menu lies in [min_bits {lo}, max_bits {hi}]")
     all_errors = table.curves(mix=mix, bits=menu)
     by_layer = {name: g for name, g in table.df.reset_index(drop=True).groupby("layer", sort=False)}
     errors, costs, slices, start = [], [], {}, 0
@@ -76,7 +76,7 @@ def build_problem(table: SensitivityTable, targets: list[Target], bits: list[int
         g = by_layer.get(t.name)
         if g is None:
             raise BitsearchError(f"the sensitivity table has no rows for target '{t.name}' "
-                                 f"(was it computed with other --targets?)")
+                                 f"(was it computed with other `targets`?)")
         if len(g) != t.out_features or int(g["in_features"].iloc[0]) != t.in_features:
             raise BitsearchError(f"the sensitivity table's layer '{t.name}' has another shape than the model's")
         g = g.sort_values("channel")

@@ -50,7 +50,7 @@ def check_bits(bits: list[int]) -> list[int]:
 
 def check_group_size(group_size: int) -> int:
     if group_size != -1 and group_size < 1:
-        raise BitsearchError(f"--group-size must be -1 (one group per channel) or positive (got {group_size})")
+        raise BitsearchError(f"group_size must be -1 (one group per channel) or positive (got {group_size})")
     return group_size
 
 
@@ -139,26 +139,26 @@ def compute_sensitivity(model: nn.Module, targets: list[Target], batch: torch.Te
     names = [estimators] if isinstance(estimators, str) else list(estimators)
     names = list(dict.fromkeys(n.strip() for n in ",".join(names).split(",") if n.strip()))
     if not names:
-        raise BitsearchError("no estimator given (--estimators imatrix,snr,fisher,hutchinson)")
+        raise BitsearchError("no estimator given (`estimators` imatrix,snr,fisher,hutchinson)")
     ests = [get_estimator(n) for n in names]
     bits = check_bits(list(bits or DEFAULT_BITS))
     group_size = check_group_size(group_size)
     if calibrate not in CALIBRATIONS:
         raise BitsearchError(f"unknown calibration '{calibrate}' (choose from {', '.join(CALIBRATIONS)})")
     if micro_batch < 1:
-        raise BitsearchError(f"--micro-batch must be at least 1 (got {micro_batch})")
+        raise BitsearchError(f"micro_batch must be at least 1 (got {micro_batch})")
     if probes < 1:
-        raise BitsearchError(f"--probes must be at least 1 (got {probes})")
+        raise BitsearchError(f"`probes` must be at least 1 (got {probes})")
     dist = dist or Dist()
     ctx = SensitivityContext(model=model, targets=targets, batch=batch, bits=bits, group_size=group_size,
                              micro_batch=micro_batch, show_progress=show_progress and dist.is_main, dist=dist,
                              seed=seed, probes=probes, checkpointing=checkpointing)
     if ctx.n_micro < dist.world:
         raise BitsearchError(f"{ctx.n_micro} calibration micro-batches cannot be shared by {dist.world} processes "
-                             f"(use more --samples or a smaller --micro-batch)")
+                             f"(use more `samples` or a smaller micro_batch)")
     grads = [e for e in ests if isinstance(e, GradientEstimator)]
     if grads and offload:
-        raise BitsearchError(f"--offload streams blocks and works only with imatrix and snr, "
+        raise BitsearchError(f"`offload` streams blocks and works only with imatrix and snr, "
                              f"not {', '.join(e.name for e in grads)}")
     calibrated = [e for e in ests if calibrate == "layer-loss" or (calibrate == "auto" and not e.loss_units)]
     if calibrated and calib_ref_bits not in bits:

@@ -48,7 +48,7 @@ def parse_mix(mix: str | dict | None, available: list[str]) -> dict[str, float] 
             try:
                 out[name.strip()] = float(w) if w else 1.0
             except ValueError:
-                raise BitsearchError(f"--mix '{mix}': weight '{w}' of '{name}' is not a number") from None
+                raise BitsearchError(f"`mix` '{mix}': weight '{w}' of '{name}' is not a number") from None
         mix = out
     if not mix:
         raise BitsearchError("the estimator mix is empty")

@@ -14,7 +14,7 @@ def plot_ppl_vs_bits(results: pd.DataFrame, out_png: str, title: str = "", float
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .atomic import atomic_path
+    from ..atomic import atomic_path
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     styles = {"greedy": ("o-", "tab:blue", "searched (greedy)"), "uniform": ("s--", "tab:gray", "uniform RTN")}

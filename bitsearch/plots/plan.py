@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cost import layer_bytes
-from .errors import BitsearchError
-from .layer_names import layer_types
-from .plot_sensitivity import _short
+from ..cost import layer_bytes
+from ..errors import BitsearchError
+from ..layer_names import layer_types
+from .sensitivity import shorten
 
-__all__ = ["plot_plan"]
+__all__ = ["plot_plan", "plot_layer_bits"]
 
 _COLUMNS = 512          # common row width of the image
 _PRUNED = "#000000"
@@ -73,7 +73,7 @@ def plot_plan(plan, out: str, title: str | None = None, sort_channels: bool = Tr
     import matplotlib.pyplot as plt
     from matplotlib.colors import BoundaryNorm, ListedColormap
 
-    from .atomic import atomic_path
+    from ..atomic import atomic_path
 
     shapes = plan.shapes
     bits = {name: np.asarray(plan.bits[name]).astype(np.int64) for name in layers}
@@ -130,7 +130,7 @@ def plot_plan(plan, out: str, title: str | None = None, sort_channels: bool = Tr
         ax_i.set_yticks([r for r, _ in ticks])
         ax_i.set_yticklabels([s for _, s in ticks], fontsize=7)
         order = ", ".join(block_types)
-        ax_i.set_ylabel(_short(f"layer in plan order (per block: {order})", 110), fontsize=9)
+        ax_i.set_ylabel(shorten(f"layer in plan order (per block: {order})", 110), fontsize=9)
     # thin separators between blocks
     prev = None
     for r, (b, _) in enumerate(info.values()):
@@ -230,7 +230,7 @@ def plot_plan(plan, out: str, title: str | None = None, sort_channels: bool = Tr
     pruned = int(pruned if pruned is not None else sum(int((b == 0).sum()) for b in bits.values()))
     gsz = "per row" if group == -1 else str(group)
     model = (plan.model or {}).get("model_type")
-    head = f"{_short(title, 60)}: " if title else ""
+    head = f"{shorten(title, 60)}: " if title else ""
     head += f"bit plan{f' for {model}' if model else ''}: {avg:.3f} avg bits all-in, {_mb(n_bytes)}"
     line2 = (f"{pruned:,} of {n_ch:,} channels pruned ({100.0 * pruned / max(n_ch, 1):.1f} %), "
              f"{len(layers)} layers, menu {{{', '.join(map(str, plan.menu))}}}, group size {gsz}")
@@ -248,3 +248,28 @@ def _mb(n: int) -> str:
     if n >= 10**6:
         return f"{n / 1e6:.2f} MB ({n:,} bytes)"
     return f"{n:,} bytes"
+
+
+def plot_layer_bits(layers: list[str], avg_bits: list[float], out: str, title: str = "") -> str:
+    """Bar chart of the all-in average bits of each layer (``layers`` in plan order, names shown
+    without their ``model.layers.`` prefix); returns ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..atomic import atomic_path
+
+    if not layers:
+        raise BitsearchError("the plan has no layers to plot")
+    fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.18), 4), dpi=110)
+    ax.bar(range(len(layers)), avg_bits, color="tab:blue")
+    ax.set_xticks(range(len(layers)), [n.replace("model.layers.", "") for n in layers], rotation=90, fontsize=6)
+    ax.set_ylabel("avg bits (all-in)")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return out

@@ -47,7 +47,7 @@ returns per layer the (scales float16, zeros uint8) to pack it with: for a float
 
 CLI (a uniform plan, every row at --bits, unless --plan is given)::
 
-    python studies/gptq.py --model ../shared/models/slm-llama-17m \\
+    python -m studies.reference.gptq --model ../shared/models/slm-llama-17m \\
         --calib ../shared/data/corpus/heldout.txt --bits 2 --group-size 128 --out runs/gptq_w2 \\
         --eval-text ../shared/data/corpus/wikitext2_test.txt --max-tokens 40000 --threads 1
 
@@ -62,8 +62,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import sys
 import time
 from dataclasses import replace
 
@@ -71,18 +69,16 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from bitsearch.apply import fake_quantize_model, plan_targets  # noqa: E402
-from bitsearch.errors import BitsearchError  # noqa: E402
-from bitsearch.finalize.signround import minmax_qparams  # noqa: E402
-from bitsearch.plan import BitPlan  # noqa: E402
-from bitsearch.progress import progress  # noqa: E402
-from bitsearch.search.uniform import uniform_plan  # noqa: E402
-from bitsearch.quant.grid import (KEEP_WIDTH, QUANT_WIDTHS, choose_qparams, dequantize, n_groups,  # noqa: E402
+from bitsearch.apply import fake_quantize_model, plan_targets
+from bitsearch.errors import BitsearchError
+from bitsearch.finalize.signround import minmax_qparams
+from bitsearch.plan import BitPlan
+from bitsearch.progress import progress
+from bitsearch.search.uniform import uniform_plan
+from bitsearch.quant.grid import (KEEP_WIDTH, QUANT_WIDTHS, choose_qparams, dequantize, n_groups,
                                   quantize)
-from bitsearch.sensitivity.calibrate import names_by_block  # noqa: E402
-from bitsearch.sensitivity.streaming import BlockRunner  # noqa: E402
+from bitsearch.sensitivity.calibrate import names_by_block
+from bitsearch.sensitivity.streaming import BlockRunner
 
 __all__ = ["GPTQResult", "gptq_layer", "gptq_quantize", "uniform_plan", "sequential_groups"]
 
@@ -409,6 +405,7 @@ def gptq_quantize(model: nn.Module, plan: BitPlan, batch: torch.Tensor, *, percd
 def main(argv: list[str] | None = None) -> dict:
     from bitsearch import api
     from bitsearch.apply import pack_model, save_packed
+    from bitsearch.config import EvalConfig
     from bitsearch.data import calibration_batches
     from bitsearch.models import load_model, load_tokenizer
 
@@ -470,8 +467,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"gptq: quantized in {seconds:.1f} s; avg bits {plan.summary['avg_bits']:.4f} ({n_bytes} bytes); "
           f"packed checkpoint in {args.out}", flush=True)
     if args.eval_text:
-        r = api.evaluate(model="m", text=args.eval_text, max_tokens=args.max_tokens, seq_len=args.eval_seq_len,
-                         _loaded=(model, tok), show_progress=False)
+        r = api.evaluate(model, args.eval_text, EvalConfig(max_tokens=args.max_tokens, seq_len=args.eval_seq_len,
+                                                          device=args.device, show_progress=False), tokenizer=tok)
         summary.update(ppl=r.ppl, eval_tokens=r.tokens, eval_text=args.eval_text)
         print(f"gptq: perplexity {r.ppl:.2f} on {r.tokens} tokens of {args.eval_text}", flush=True)
     print(json.dumps(summary))

@@ -10,8 +10,8 @@ import os
 
 import numpy as np
 
-from .errors import BitsearchError
-from .layer_names import layer_block_and_type, layer_types
+from ..errors import BitsearchError
+from ..layer_names import layer_block_and_type, layer_types
 
 __all__ = ["plot_sensitivity", "layer_block_and_type"]  # the latter re-exported from layer_names
 
@@ -27,7 +27,7 @@ def _log10(x: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(y), y, np.nan)
 
 
-def _short(text: str, n: int = 60) -> str:
+def shorten(text: str, n: int = 60) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
@@ -54,7 +54,7 @@ def plot_sensitivity(table, out: str, estimator: str | None = None, width: int |
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .atomic import atomic_path
+    from ..atomic import atomic_path
 
     df = table.df
     layers = table.layers
@@ -115,7 +115,7 @@ def plot_sensitivity(table, out: str, estimator: str | None = None, width: int |
                 ax_h.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7,
                           color="black" if v > mid else "white")
     cb = fig.colorbar(im, ax=ax_h, fraction=0.06, pad=0.02)
-    cb.set_label("log10 mean channel error" + (f" [{_short(units, 45)}]" if units else ""), fontsize=8)
+    cb.set_label("log10 mean channel error" + (f" [{shorten(units, 45)}]" if units else ""), fontsize=8)
     cb.ax.tick_params(labelsize=7)
     ax_h.set_title(f"where the error is: mean channel error at {width} bits", fontsize=10)
 
@@ -200,7 +200,7 @@ def plot_sensitivity(table, out: str, estimator: str | None = None, width: int |
     if os.path.isdir(model):   # a local folder: its name, not the whole path
         model = os.path.basename(os.path.normpath(model))
     n_ch = len(df)
-    fig.suptitle(f"{_short(str(model), 70)}: sensitivity table ({est} at {width} bits, menu "
+    fig.suptitle(f"{shorten(str(model), 70)}: sensitivity table ({est} at {width} bits, menu "
                  f"{{{', '.join(map(str, bits))}}}, group size {table.meta.get('group_size', '?')}, "
                  f"{n_ch:,} channels in {len(layers)} layers)", fontsize=11)
     fig.subplots_adjust(left=0.07, right=0.98, top=0.92, bottom=0.09)

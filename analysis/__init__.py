@@ -1,0 +1,1 @@
+"""Analysis scripts over saved plans and results (run as ``python -m analysis.<script>``)."""
