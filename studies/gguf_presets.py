@@ -16,8 +16,8 @@ For one model:
 Writes ``results.json``, ``results.csv`` and ``ppl_vs_bpw.png`` into ``--out``. Bits per weight
 count the quantized matrices' tensor data (what the plans price), not norms or metadata.
 
-    nice -n 10 python studies/gguf_presets.py --model ../shared/models/slm-llama-17m \\
-        --out studies/results/gguf-presets/slm-llama-17m --max-tokens 19968 --threads 2
+    nice -n 10 python -m studies.gguf_presets --model ../shared/models/slm-llama-17m \\
+        --out studies/results/gguf-presets/slm-llama-17m --max-tokens 19968 --threads 1
 """
 
 from __future__ import annotations
@@ -30,16 +30,16 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from bitsearch.api import evaluate  # noqa: E402
-from bitsearch.data import calibration_batches, read_text, tokenize_text  # noqa: E402
-from bitsearch.export import get_exporter  # noqa: E402
-from bitsearch.gguf.imatrix import write_imatrix  # noqa: E402
-from bitsearch.gguf.plan import TensorPlan  # noqa: E402
-from bitsearch.gguf.runtime import LlamaCpp, llama_quantize  # noqa: E402
-from bitsearch.gguf.search import allocate_gguf, build_gguf_problem, collect_imatrix, gguf_targets  # noqa: E402
-from bitsearch.models import load_model, load_tokenizer, model_fingerprint  # noqa: E402
+from bitsearch.api import evaluate
+from bitsearch.config import EvalConfig
+from bitsearch.data import calibration_batches, read_text, tokenize_text
+from bitsearch.export import get_exporter
+from bitsearch.gguf.imatrix import write_imatrix
+from bitsearch.gguf.plan import TensorPlan
+from bitsearch.gguf.runtime import LlamaCpp, llama_quantize
+from bitsearch.gguf.search import allocate_gguf, build_gguf_problem, collect_imatrix, gguf_targets
+from bitsearch.models import load_model, load_tokenizer, model_fingerprint
+from bitsearch.plots import plot_gguf_presets
 
 PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS"]
 
@@ -92,7 +92,7 @@ def main() -> None:
     def measure(method: str, label: str, path: str) -> None:
         with LlamaCpp(path, n_ctx=512, threads=args.threads) as llm:
             ppl_cpp, n = llm.perplexity(ids.numpy(), 512)
-        ours = evaluate(model=path, text=args.text, max_tokens=args.max_tokens, seq_len=512, show_progress=False)
+        ours = evaluate(path, args.text, EvalConfig(max_tokens=args.max_tokens, seq_len=512, show_progress=False))
         b = planned_bytes(path)
         rows.append({"method": method, "at": label, "file": os.path.basename(path), "tensor_bytes": b,
                      "bpw": 8 * b / n_weights, "file_bytes": os.path.getsize(path), "ppl_llama_cpp": ppl_cpp,
@@ -115,33 +115,7 @@ def main() -> None:
     import pandas as pd
 
     pd.DataFrame(rows).to_csv(os.path.join(args.out, "results.csv"), index=False)
-    plot(rows, os.path.join(args.out, "ppl_vs_bpw.png"), os.path.basename(os.path.normpath(args.model)))
-
-
-def plot(rows: list[dict], out: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    pre = [r for r in rows if r["method"] == "llama.cpp"]
-    ours = sorted((r for r in rows if r["method"] == "bitsearch"), key=lambda r: r["bpw"])
-    ax.scatter([r["bpw"] for r in pre], [r["ppl_llama_cpp"] for r in pre], color="tab:red", label="llama.cpp presets")
-    for r in pre:
-        ax.annotate(r["at"], (r["bpw"], r["ppl_llama_cpp"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.plot([r["bpw"] for r in ours], [r["ppl_llama_cpp"] for r in ours], "o-", color="tab:blue",
-            label="bitsearch GGUF plans (same bytes)")
-    f32 = [r for r in rows if r["method"] == "f32"]
-    if f32:
-        ax.axhline(f32[0]["ppl_llama_cpp"], color="gray", ls="--", label="F32")
-    ax.set_xlabel("bits per weight (quantized matrices' tensor data)")
-    ax.set_ylabel("perplexity (llama.cpp, 512-token windows)")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
+    plot_gguf_presets(rows, os.path.join(args.out, "ppl_vs_bpw.png"), os.path.basename(os.path.normpath(args.model)))
 
 
 if __name__ == "__main__":

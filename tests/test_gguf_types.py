@@ -97,3 +97,14 @@ def test_plan_file_errors_are_one_line(tmp_path, edit, message):
     with pytest.raises(BitsearchError, match=message) as err:
         load_plan(str(path))
     assert "\n" not in str(err.value)
+
+
+def test_presets_figure_is_written(tmp_path):
+    from bitsearch.plots import plot_gguf_presets
+
+    rows = [{"method": "f32", "at": "F32", "bpw": 32.0, "ppl_llama_cpp": 254.4},
+            {"method": "llama.cpp", "at": "Q2_K", "bpw": 3.1, "ppl_llama_cpp": 300.0},
+            {"method": "bitsearch", "at": "Q2_K", "bpw": 3.1, "ppl_llama_cpp": 280.0},
+            {"method": "bitsearch", "at": "Q4_K_M", "bpw": 4.9, "ppl_llama_cpp": 256.0}]
+    out = plot_gguf_presets(rows, str(tmp_path / "f.png"), "t")
+    assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
