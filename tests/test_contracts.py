@@ -20,8 +20,8 @@ import torch
 
 from bitsearch import api
 from bitsearch.apply import packed_tensor_bytes
-from bitsearch.errors import BitsearchError
 from bitsearch.config import ExportConfig, FinalizeConfig, SearchConfig, SensitivityConfig
+from bitsearch.errors import BitsearchError
 from bitsearch.export import EXPORTERS
 from bitsearch.finalize import FINALIZERS
 from bitsearch.models import find_targets, load_model, load_tokenizer

@@ -108,3 +108,43 @@ def test_presets_figure_is_written(tmp_path):
             {"method": "bitsearch", "at": "Q4_K_M", "bpw": 4.9, "ppl_llama_cpp": 256.0}]
     out = plot_gguf_presets(rows, str(tmp_path / "f.png"), "t")
     assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tensor_problem_greedy_and_ilp_against_brute_force():
+    """One row per tensor, an option per stored type; unavailable and same-price-but-worse types are
+    priced out; ilp finds the brute-force optimum, greedy stays in budget with allowed types."""
+    from itertools import product
+
+    import numpy as np
+
+    from bitsearch.gguf.search import _problem
+    from bitsearch.models import Target
+    from bitsearch.search import get_allocator
+
+    rng = np.random.default_rng(0)
+    targets = [Target("a", 8, 256), Target("b", 4, 512), Target("c", 6, 384), Target("d", 3, 256)]
+    menu = ["IQ2_XS", "Q2_K", "Q3_K", "IQ3_S", "Q4_K", "Q8_0"]
+    allowed = {t.name: {effective_type(m, t.in_features) for m in menu} for t in targets}
+    columns = sorted(set().union(*allowed.values()), key=lambda n: GGML_TYPES[n].bits_per_weight)
+    curves = {}
+    for t in targets:
+        scale = rng.uniform(0.5, 5)
+        curves[t.name] = np.array([scale * 2.0 ** -GGML_TYPES[c].bits_per_weight * rng.uniform(0.8, 1.2)
+                                   if c in allowed[t.name] else np.nan for c in columns])
+    problem = _problem(targets, columns, curves)
+    options = [[c for c in columns if c in allowed[t.name]] for t in targets]
+    cost = {(t.name, c): tensor_bytes(c, (t.out_features, t.in_features)) for t in targets for c in columns
+            if c in allowed[t.name]}
+    lo = sum(min(cost[t.name, c] for c in opts) for t, opts in zip(targets, options))
+    hi = sum(max(cost[t.name, c] for c in opts) for t, opts in zip(targets, options))
+    for budget in np.linspace(lo, hi, 7).astype(int):
+        best = min((sum(curves[t.name][columns.index(c)] for t, c in zip(targets, combo)), combo)
+                   for combo in product(*options)
+                   if sum(cost[t.name, c] for t, c in zip(targets, combo)) <= budget)
+        for method in ("greedy", "ilp"):
+            choice = get_allocator(method).allocate(problem, int(budget))
+            types = [columns[k] for k in choice]
+            assert all(c in allowed[t.name] for t, c in zip(targets, types)), method
+            assert sum(cost[t.name, c] for t, c in zip(targets, types)) == problem.bytes_of(choice) <= budget
+            if method == "ilp":
+                assert problem.error_of(choice) == pytest.approx(best[0], rel=1e-9)

@@ -17,12 +17,11 @@ import json
 import re
 
 import numpy as np
-from torch import nn
 
 from ..errors import BitsearchError
 
 __all__ = ["ARCHES", "gguf_arch", "gguf_name", "hf_name", "permute_rows", "unpermute_rows", "rope_permuted",
-           "add_architecture", "add_tokenizer", "weight_tensors"]
+           "add_architecture", "add_tokenizer"]
 
 #: transformers model_type -> llama.cpp architecture
 ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -92,17 +91,6 @@ def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of :func:`permute_rows`."""
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def weight_tensors(model: nn.Module) -> dict[str, np.ndarray]:
-    """Every parameter llama.cpp stores, by transformers name, as float32 (a tied lm_head once)."""
-    out = {}
-    for name, p in model.named_parameters():   # tied weights are listed once
-        if name.endswith("rotary_emb.inv_freq"):
-            continue
-        gguf_name(name)   # refuses what llama.cpp would not know
-        out[name] = p.detach().float().cpu().numpy()
-    return out
 
 
 def _rope_theta(config) -> float:

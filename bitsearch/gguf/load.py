@@ -69,7 +69,8 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32):
     cfg = getattr(transformers, _CONFIGS[arch])(
         vocab_size=int(vocab), hidden_size=hidden, intermediate_size=int(key("feed_forward_length")),
         num_hidden_layers=int(key("block_count")), num_attention_heads=heads, num_key_value_heads=kv_heads,
-        head_dim=int(key("attention.key_length", hidden // heads)), rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        head_dim=int(key("attention.key_length", hidden // heads)),
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
         max_position_embeddings=int(key("context_length")), tie_word_embeddings="output.weight" not in names,
         rope_theta=float(key("rope.freq_base", 10000.0)), hidden_act="silu")
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)

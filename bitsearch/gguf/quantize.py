@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import BitsearchError
 from .types import ggml_type, row_bytes
 
-__all__ = ["ggml_library", "quantize", "dequantize", "round_trip", "have_ggml"]
+__all__ = ["ggml_library", "quantize", "dequantize", "round_trip"]
 
 _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None = None
@@ -67,14 +67,6 @@ def ggml_library() -> ctypes.CDLL:
             lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
             _LIB = lib
         return _LIB
-
-
-def have_ggml() -> bool:
-    try:
-        ggml_library()
-        return True
-    except (BitsearchError, OSError):
-        return False
 
 
 def _check_imatrix(imatrix, n_per_row: int) -> np.ndarray | None:

@@ -35,10 +35,14 @@ def _lib():
     return llama_cpp
 
 
+_SILENT = None   # llama.cpp keeps the log callback: it must outlive every call
+
+
 def _quiet(L) -> None:
-    cb = L.llama_log_callback(lambda level, text, user: None)
-    _quiet.keep = cb   # the callback must outlive the call
-    L.llama_log_set(cb, ctypes.c_void_p(0))
+    global _SILENT
+    if _SILENT is None:
+        _SILENT = L.llama_log_callback(lambda level, text, user: None)
+    L.llama_log_set(_SILENT, ctypes.c_void_p(0))
 
 
 class LlamaCpp:

@@ -239,8 +239,8 @@ def allocate_gguf(gp: GGUFProblem, budget: str | float, method: str = "greedy") 
                              f"is below the smallest plan of types {','.join(gp.menu)}: {problem.min_bytes()} bytes "
                              f"({avg_bits(problem.min_bytes(), problem.n_weights):.4f} bits)")
     choice = get_allocator(method).allocate(problem, budget_bytes)
-    plan = TensorPlan(model=gp.fingerprint, types={t.name: gp.columns[int(choice[i])] for i, t in enumerate(gp.targets)},
-                      menu=gp.menu)
+    types = {t.name: gp.columns[int(choice[i])] for i, t in enumerate(gp.targets)}
+    plan = TensorPlan(model=gp.fingerprint, types=types, menu=gp.menu)
     plan.fill_summary(problem.error_of(choice))
     plan.provenance = {"estimator": "ggml-imatrix", "allocator": method, "budget": budget,
                        "reference_type": gp.ref_type, "package_version": __version__,
