@@ -7,14 +7,28 @@ import pandas as pd
 __all__ = ["plot_ppl_vs_bits", "plot_gguf_presets"]
 
 
+def _finish(fig, ax, out_png: str, title: str) -> str:
+    """Legend, title, layout; write the PNG atomically and close the figure."""
+    import matplotlib.pyplot as plt
+
+    from ..atomic import atomic_path
+
+    ax.legend()
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return out_png
+
+
 def plot_ppl_vs_bits(results: pd.DataFrame, out_png: str, title: str = "", float_ppl: float | None = None) -> str:
     """Perplexity against avg bits all-in: one series per method (searched plans vs uniform RTN)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..atomic import atomic_path
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     styles = {"greedy": ("o-", "tab:blue", "searched (greedy)"), "uniform": ("s--", "tab:gray", "uniform RTN")}
@@ -31,14 +45,7 @@ def plot_ppl_vs_bits(results: pd.DataFrame, out_png: str, title: str = "", float
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return out_png
+    return _finish(fig, ax, out_png, title)
 
 
 def plot_gguf_presets(rows: list[dict], out_png: str, title: str = "") -> str:
@@ -48,8 +55,6 @@ def plot_gguf_presets(rows: list[dict], out_png: str, title: str = "") -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..atomic import atomic_path
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     pre = [r for r in rows if r["method"] == "llama.cpp"]
@@ -65,11 +70,4 @@ def plot_gguf_presets(rows: list[dict], out_png: str, title: str = "") -> str:
     ax.set_xlabel("bits per weight (tensor data of the quantized matrices)")
     ax.set_ylabel("perplexity (llama.cpp, 512-token windows)")
     ax.grid(True, alpha=0.3)
-    ax.legend()
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return out_png
+    return _finish(fig, ax, out_png, title)
