@@ -10,8 +10,8 @@ model (an ``nn.Module`` or a folder / hub id), their inputs and a config object;
 ``import bitsearch`` stays light.
 
 Four stage functions share their names with subpackages (``bitsearch.search``, ``.sensitivity``,
-``.finalize``, ``.export``) and two with modules (``.apply``, ``.evaluate``): the attribute is the
-function, and the subpackage is reached by ``from bitsearch.search import ...``.
+``.finalize``, ``.export``) and three with modules (``.apply``, ``.evaluate``, ``.generate``): the
+attribute is the function, and the subpackage is reached by ``from bitsearch.search import ...``.
 """
 
 import sys
@@ -21,9 +21,9 @@ __version__ = "0.2.0"
 
 from .errors import BitsearchError  # noqa: E402
 
-_API = ("sensitivity", "search", "search_plan", "apply", "finalize", "evaluate", "export")
+_API = ("sensitivity", "search", "search_plan", "apply", "finalize", "evaluate", "export", "generate")
 _CONFIG = ("RunConfig", "CalibConfig", "SensitivityConfig", "SearchConfig", "FinalizeConfig", "ApplyConfig",
-           "EvalConfig", "ExportConfig")
+           "EvalConfig", "ExportConfig", "GenerateConfig")
 _OTHER = {"BitPlan": "plan", "SensitivityTable": "sensitivity", "EvalResult": "evaluate", "load_model": "models"}
 
 __all__ = ["__version__", "BitsearchError", *_API, *_CONFIG, *_OTHER]

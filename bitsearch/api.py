@@ -36,8 +36,8 @@ from .errors import BitsearchError
 from .options import check_choices
 from .outputs import check_output, keep_on_interrupt
 
-__all__ = ["sensitivity", "search", "search_plan", "apply", "finalize", "evaluate", "export", "parse_bits",
-           "invoked_as", "resolve_model", "calibration_tokens"]
+__all__ = ["sensitivity", "search", "search_plan", "apply", "finalize", "evaluate", "export", "generate",
+           "parse_bits", "invoked_as", "resolve_model", "calibration_tokens"]
 
 _INVOKED_AS: contextvars.ContextVar[str | None] = contextvars.ContextVar("bitsearch_invoked_as", default=None)
 def _note(message: str) -> None:
@@ -595,3 +595,6 @@ def export(model, plan, out: str, config: ExportConfig | None = None, *, tokeniz
 
         plan_targets(loaded.model, p, where="plan", force=force)
     return exporter.export(loaded.model, loaded.tokenizer, p, out)
+
+
+from .generate import generate  # noqa: E402  (batch-1 generation: its own module, one API with the stages)

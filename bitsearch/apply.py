@@ -15,6 +15,7 @@ the packed model (smaller matrices; its outputs equal the fake-quantized, masked
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -31,7 +32,7 @@ from .plan import BitPlan
 from .quant.grid import fake_quantize
 
 __all__ = ["PACKED_FORMAT", "PACKED_VERSION", "plan_targets", "fake_quantize_model", "pack_model",
-           "save_packed", "save_fake", "load_packed", "packed_tensor_bytes"]
+           "save_packed", "save_fake", "load_packed", "packed_tensor_bytes", "parameters_on_meta"]
 
 PACKED_FORMAT = "bitsearch-packed"
 PACKED_VERSION = 1
@@ -171,11 +172,26 @@ def save_fake(model: nn.Module, out: str, tokenizer=None) -> None:
             tokenizer.save_pretrained(tmp)
 
 
-def load_packed(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A model whose targets are :class:`PackedLinear` modules, from a packed checkpoint."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Build modules whose parameters live on the meta device (no memory, no initialisation),
+    while buffers (e.g. rotary frequencies, which no checkpoint stores) are computed for real.
+    Patches ``nn.Module.register_parameter`` while open: every thread's new modules are affected."""
+    register = nn.Module.register_parameter
 
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _read_meta(path: str) -> dict:
     try:
         with open(os.path.join(path, PACKED_CONFIG)) as f:
             meta = json.load(f)
@@ -184,13 +200,31 @@ def load_packed(path: str, device: str = "cpu", dtype: torch.dtype = torch.float
     if meta.get("format") != PACKED_FORMAT or meta.get("version") != PACKED_VERSION:
         raise BitsearchError(f"'{path}' is a {meta.get('format')} v{meta.get('version')} checkpoint; "
                              f"this bitsearch reads {PACKED_FORMAT} v{PACKED_VERSION}")
+    return meta
+
+
+def load_packed(path: str, device: str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """A model whose targets are :class:`PackedLinear` modules, from a packed checkpoint.
+
+    The model is built on the meta device, so the targets' float weights never exist: only the
+    packed tensors and the untouched tensors are allocated. Untouched floating-point tensors keep
+    the dtype they were saved in unless ``dtype`` is given; the packed layers compute in that dtype.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    meta = _read_meta(path)
     try:
         quant = load_file(os.path.join(path, QUANT_FILE))
         rest = load_file(os.path.join(path, REST_FILE))
     except Exception as exc:
         raise BitsearchError(f"packed checkpoint '{path}' is incomplete or corrupt: {exc}") from None
+    if dtype is None:
+        dtype = next((t.dtype for t in rest.values() if t.is_floating_point()), torch.float32)
+    rest = {k: v.to(dtype) if v.is_floating_point() else v for k, v in rest.items()}
     config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     packed_embedding_tied = False
     bits = {k[:-len(".qbits")]: v.numpy() for k, v in quant.items() if k.endswith(".qbits")}
     keep_rows, _ = physical_layout(couplings_from_list(meta.get("couplings")), bits)
@@ -209,14 +243,13 @@ def load_packed(path: str, device: str = "cpu", dtype: torch.dtype = torch.float
         _set_module(model, name, new)
     for alias, target in meta.get("aliases", {}).items():
         rest[alias] = rest[target]
-    missing, unexpected = model.load_state_dict(rest, strict=False)
-    packed_keys = {f"{n}.{k}" for n in meta["layers"] for k in dict(model.get_submodule(n).named_buffers())}
-    missing = [k for k in missing if k not in packed_keys]
+    missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False) and not packed_embedding_tied:
+        model.tie_weights()
+    missing = [k for k, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
     if missing or unexpected:
         raise BitsearchError(f"packed checkpoint '{path}' does not match its config "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    if getattr(config, "tie_word_embeddings", False) and not packed_embedding_tied:
-        model.tie_weights()
     model.to(device)
     model.eval()
     return model

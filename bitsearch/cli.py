@@ -141,6 +141,16 @@ def _run_eval(args, config):
     print(line)
 
 
+def _run_generate(args, config):
+    from .generate import generate
+
+    r = generate(args.model, args.prompt, config)
+    print(args.prompt + r.text)
+    t = r.timing
+    print(f"{len(t.tokens)} new tokens; prompt {r.prompt_tokens} tokens in {t.prefill_seconds:.3f} s; "
+          f"decoding {r.tokens_per_s:.1f} tokens/s", file=sys.stderr)
+
+
 def _run_pareto(args, config):
     from .search.optuna_study import study_trials
 
@@ -244,6 +254,9 @@ COMMANDS = [
              Input("--text", "text file to evaluate on", required=True),
              Input("--json", "write {ppl, nll, entropy, tokens, seq_len, model[, kl]} to this file", name="out"),
              Input("--reference", "reference model: also report KL(reference || model)"), OVERWRITE], _run_eval),
+    Command("generate", "batch-1 greedy generation from a prompt, with tokens/s", "GenerateConfig",
+            [Input("--model", "HF hub id, local model folder or packed checkpoint folder", required=True),
+             Input("--prompt", "the prompt text", required=True)], _run_generate),
 ]
 
 

@@ -7,7 +7,7 @@ cannot drift apart.
     SensitivityConfig    + estimators, bit menu, group size, targets, loss calibration
     SearchConfig         + budget, method and each method's options
     FinalizeConfig       + finalizer and its training options
-    ApplyConfig, EvalConfig, ExportConfig, and the small configs of the plotting commands
+    ApplyConfig, EvalConfig, GenerateConfig, ExportConfig, and the small configs of the plotting commands
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .options import option
 
 __all__ = ["RunConfig", "CalibConfig", "SensitivityConfig", "SearchConfig", "FinalizeConfig", "ApplyConfig",
-           "EvalConfig", "ExportConfig", "ParetoConfig", "PlotSensitivityConfig", "PlotPlanConfig",
+           "EvalConfig", "GenerateConfig", "ExportConfig", "ParetoConfig", "PlotSensitivityConfig", "PlotPlanConfig",
            "PlotParetoConfig", "DemoConfig", "KL_SAMPLES"]
 
 # Calibration samples on which optuna / diffq measure KL (and as many more held out to choose
@@ -215,6 +215,15 @@ class EvalConfig(RunConfig):
     max_tokens: int | None = option(None, help="evaluate on the first N tokens (default: all)")
     seq_len: int = option(512, help="window length in tokens")
     micro_batch: int = option(4, help="windows per forward pass")
+
+
+@dataclass
+class GenerateConfig(RunConfig):
+    dtype: str | None = option(None, help="dtype the model is loaded in: float32 | bfloat16 | float16 (default: "
+                               "float32; a packed checkpoint: the dtype its untouched tensors were saved in)")
+    max_new_tokens: int = option(64, help="tokens to generate")
+    stop_at_eos: bool = option(True, flag="--no-stop-at-eos",
+                               help="generate every token, past the tokenizer's end-of-sequence token")
 
 
 @dataclass

@@ -70,17 +70,19 @@ def _is_local(name: str) -> bool:
     return os.path.isdir(name) or name.startswith((".", "/", "~"))
 
 
-def load_model(name_or_path: str, device: str = "cpu", dtype: str | torch.dtype = "float32",
+def load_model(name_or_path: str, device: str = "cpu", dtype: str | torch.dtype | None = "float32",
                attn_implementation: str | None = None) -> nn.Module:
-    """A causal LM from a hub id, a local HF directory or a bitsearch packed checkpoint."""
+    """A causal LM from a hub id, a local HF directory or a bitsearch packed checkpoint.
+
+    ``dtype=None``: float32 for a HF model, the saved dtype of a packed checkpoint's untouched tensors."""
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
     if os.path.isfile(os.path.join(name_or_path, PACKED_CONFIG)):
         from .apply import load_packed
 
-        return load_packed(name_or_path, device=device, dtype=torch_dtype)
+        return load_packed(name_or_path, device=device, dtype=None if dtype is None else resolve_dtype(dtype))
+    torch_dtype = resolve_dtype(dtype or "float32")
     if _is_local(name_or_path) and not os.path.isdir(os.path.expanduser(name_or_path)):
         raise BitsearchError(f"model directory '{name_or_path}' does not exist")
     kwargs = {"dtype": torch_dtype}

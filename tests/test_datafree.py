@@ -114,8 +114,8 @@ def test_vocab_size_caps_every_position(llama):
 
 def test_settings_are_checked_and_training_mode_restored(llama):
     m, _ = llama
-    for kw, msg in [({"n_samples": 0}, "samples"), ({"seq_len": 1}, "seq-len"), ({"seq_len": 10 ** 6}, "positions"),
-                    ({"temperature": -1.0}, "temperature"), ({"top_k": 0}, "top-k"), ({"batch_size": 0}, "batch")]:
+    for kw, msg in [({"n_samples": 0}, "samples"), ({"seq_len": 1}, "seq_len"), ({"seq_len": 10 ** 6}, "positions"),
+                    ({"temperature": -1.0}, "temperature"), ({"top_k": 0}, "top.k"), ({"batch_size": 0}, "batch")]:
         args = {"n_samples": 2, "seq_len": 8} | kw
         with pytest.raises(BitsearchError, match=msg):
             generate_samples(m, args.pop("n_samples"), args.pop("seq_len"), show_progress=False, **args)

@@ -2,12 +2,15 @@
 
 Row r's K codes are written as a little-endian bit stream (bit i of code j is stream bit
 j*b + i; stream bit t lives in byte t // 8 at bit t % 8), so a row takes exactly
-``ceil(K * b / 8)`` bytes. Pure torch functions, usable on any device.
+``ceil(K * b / 8)`` bytes. Eight codes fill exactly b bytes, so both directions work on blocks
+of 8 codes held in one 64-bit integer (no per-bit expansion). Pure torch functions, usable on
+any device.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .grid import QUANT_WIDTHS
 
@@ -24,20 +27,21 @@ def _check(bits: int) -> None:
         raise ValueError(f"packing: width {bits} is not in 2..8")
 
 
+def _shifts(step: int, n: int, device) -> torch.Tensor:
+    return torch.arange(n, device=device, dtype=torch.int64) * step
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack (R, K) codes (< 2^bits) into (R, ceil(K*bits/8)) uint8."""
     _check(bits)
     rows, k = codes.shape
     if bits == 8:
         return codes.to(torch.uint8).contiguous()
-    shifts = torch.arange(bits, device=codes.device, dtype=torch.int32)
-    stream = ((codes.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(rows, k * bits)
-    nbytes = packed_row_bytes(k, bits)
-    pad = nbytes * 8 - k * bits
-    if pad:
-        stream = torch.cat([stream, stream.new_zeros(rows, pad)], dim=1)
-    weights = (1 << torch.arange(8, device=codes.device, dtype=torch.int32))
-    return (stream.reshape(rows, nbytes, 8) * weights).sum(-1).to(torch.uint8)
+    blocks = -(-k // 8)
+    c = F.pad(codes.to(torch.int64), (0, blocks * 8 - k)).reshape(rows, blocks, 8)
+    word = (c << _shifts(bits, 8, codes.device)).sum(-1, keepdim=True)        # 8 codes -> 8*bits bits
+    packed = ((word >> _shifts(8, bits, codes.device)) & 0xFF).reshape(rows, blocks * bits)
+    return packed[:, :packed_row_bytes(k, bits)].to(torch.uint8).contiguous()
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
@@ -46,8 +50,8 @@ def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Ten
     rows = packed.shape[0]
     if bits == 8:
         return packed[:, :in_features].to(torch.uint8)
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int32)
-    stream = ((packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(rows, -1)
-    stream = stream[:, : in_features * bits].reshape(rows, in_features, bits)
-    weights = (1 << torch.arange(bits, device=packed.device, dtype=torch.int32))
-    return (stream * weights).sum(-1).to(torch.uint8)
+    blocks = -(-in_features // 8)
+    p = F.pad(packed.to(torch.int64), (0, blocks * bits - packed.shape[1])).reshape(rows, blocks, bits)
+    word = (p << _shifts(8, bits, packed.device)).sum(-1, keepdim=True)       # b bytes -> 8 codes
+    codes = (word >> _shifts(bits, 8, packed.device)) & ((1 << bits) - 1)
+    return codes.reshape(rows, blocks * 8)[:, :in_features].to(torch.uint8)
