@@ -152,9 +152,7 @@ class BitPlan(PlanTargets):
         if d.get("version") not in _READS:
             raise BitsearchError(f"plan '{where}' has format version {d.get('version')}; "
                                  f"this bitsearch reads versions {', '.join(map(str, _READS))}")
-        for key in ("model", "quantizer", "bits"):
-            if not isinstance(d.get(key), dict):
-                raise BitsearchError(f"plan '{where}' lacks its '{key}' section")
+        shapes = plan_sections(d, ("model", "quantizer", "bits"), where)
         q = d["quantizer"]
         menu = q.get("bits")
         if not isinstance(menu, list) or any(b not in VALID_WIDTHS for b in menu):
@@ -164,9 +162,6 @@ class BitPlan(PlanTargets):
         gs = q.get("group_size")
         if not isinstance(gs, int) or (gs != -1 and gs < 1):
             raise BitsearchError(f"plan '{where}': group size {gs!r} is not -1 or a positive integer")
-        shapes = d["model"].get("targets")
-        if not isinstance(shapes, dict):
-            raise BitsearchError(f"plan '{where}': model section has no target shapes")
         bits = {}
         for name, text in d["bits"].items():
             if name not in shapes:
@@ -217,6 +212,17 @@ class BitPlan(PlanTargets):
                 raise BitsearchError(f"{where}: layer '{name}' is {shape[0]}x{shape[1]} in the plan but "
                                      f"{theirs[name][0]}x{theirs[name][1]} in the model")
         self.check_fingerprint(fingerprint, where, force)
+
+
+def plan_sections(d: dict, keys: tuple[str, ...], where: str) -> dict:
+    """Check that a plan file has these sections; return its target shapes."""
+    for key in keys:
+        if not isinstance(d.get(key), dict):
+            raise BitsearchError(f"plan '{where}' lacks its '{key}' section")
+    shapes = d["model"].get("targets")
+    if not isinstance(shapes, dict):
+        raise BitsearchError(f"plan '{where}': model section has no target shapes")
+    return shapes
 
 
 def _read_json(path: str) -> dict:

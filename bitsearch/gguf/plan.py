@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from ..atomic import write_text_atomic
 from ..cost import avg_bits
 from ..errors import BitsearchError
-from ..plan import PlanTargets
+from ..plan import PlanTargets, plan_sections
 from .types import GGML_TYPES, tensor_bytes
 
 __all__ = ["TENSOR_PLAN_VERSION", "TensorPlan", "is_tensor_plan"]
@@ -80,15 +80,10 @@ class TensorPlan(PlanTargets):
         if d.get("version") != TENSOR_PLAN_VERSION:
             raise BitsearchError(f"per-tensor plan '{where}' has version {d.get('version')}; "
                                  f"this bitsearch reads version {TENSOR_PLAN_VERSION}")
-        for key in ("model", "quantizer", "types"):
-            if not isinstance(d.get(key), dict):
-                raise BitsearchError(f"plan '{where}' lacks its '{key}' section")
+        shapes = plan_sections(d, ("model", "quantizer", "types"), where)
         q = d["quantizer"]
         if q.get("scheme") != "ggml":
             raise BitsearchError(f"per-tensor plan '{where}': unknown quantizer scheme {q.get('scheme')!r}")
-        shapes = d["model"].get("targets")
-        if not isinstance(shapes, dict):
-            raise BitsearchError(f"plan '{where}': model section has no target shapes")
         types = {}
         for name, t in d["types"].items():
             if name not in shapes:
