@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create ./.venv and install bitsearch into it (editable, with the test tools).
+# Create ./.venv and install bitsearch into it (editable, with the test tools and the extras
+# named in BITSEARCH_EXTRAS, comma-separated, e.g. BITSEARCH_EXTRAS=export).
 #
 # PyTorch: an already-installed torch is kept. Otherwise a torch wheel that lies on this
 # machine (pip's find-links, e.g. a CPU build) is preferred; where there is none, pip installs
@@ -19,9 +20,7 @@ if ! python -c "import torch" >/dev/null 2>&1; then
     python -m pip install -q torch
   fi
 fi
-extras="dev"
 for x in $(echo "${BITSEARCH_EXTRAS:-}" | tr ',' ' '); do
-  extras="$extras,$x"
   if [ "$x" = gguf ] && ! python -c "import llama_cpp" >/dev/null 2>&1; then
     wheels="${BITSEARCH_WHEEL_CACHE:-$HOME/.cache/bitsearch/wheels}"
     mkdir -p "$wheels"
@@ -32,5 +31,5 @@ for x in $(echo "${BITSEARCH_EXTRAS:-}" | tr ',' ' '); do
     python -m pip install -q "$(ls -t "$wheels"/llama_cpp_python-*.whl | head -1)"
   fi
 done
-python -m pip install -q -e ".[$extras]"
+python -m pip install -q -e ".[dev${BITSEARCH_EXTRAS:+,$BITSEARCH_EXTRAS}]"
 python -c "import torch, bitsearch; print(f'bitsearch {bitsearch.__version__} with torch {torch.__version__} in .venv')"

@@ -36,7 +36,7 @@ from .errors import BitsearchError
 from .options import check_choices
 from .outputs import check_output, keep_on_interrupt
 
-__all__ = ["sensitivity", "search", "search_plan", "apply", "finalize", "evaluate", "export", "generate",
+__all__ = ["sensitivity", "search", "search_plan", "apply", "finalize", "evaluate", "export",
            "parse_bits", "invoked_as", "resolve_model", "calibration_tokens"]
 
 _INVOKED_AS: contextvars.ContextVar[str | None] = contextvars.ContextVar("bitsearch_invoked_as", default=None)
@@ -86,7 +86,7 @@ class Loaded:
     def tok(self):
         """The tokenizer, loaded from the model's folder or hub id when not given."""
         if self.tokenizer is None:
-            from .models import load_tokenizer
+            from .io.loading import load_tokenizer
 
             path = getattr(self.model, "name_or_path", "") or getattr(getattr(self.model, "config", None),
                                                                       "_name_or_path", "")
@@ -107,7 +107,7 @@ def _threads(config: RunConfig) -> None:
 def resolve_model(model, config: RunConfig, tokenizer=None, offload: bool = False) -> Loaded:
     """``model`` as a :class:`Loaded`: an ``nn.Module`` as it is, a path or hub id loaded on
     ``config.device`` in ``config.dtype`` (with ``offload``: blocks kept on the CPU)."""
-    from .models import load_model, load_tokenizer
+    from .io.loading import load_model, load_tokenizer
 
     from .models import check_finite
 
@@ -122,12 +122,12 @@ def resolve_model(model, config: RunConfig, tokenizer=None, offload: bool = Fals
     path = os.fspath(model)
     if path.endswith(".gguf") and os.path.isfile(path):   # dequantized through the gguf package
         from .gguf.load import load_gguf
-        from .models import resolve_device, resolve_dtype
+        from .io.loading import resolve_device, resolve_dtype
 
         m, tok = load_gguf(path, resolve_dtype(config.dtype))
         return Loaded(m.to(resolve_device(config.device)), tokenizer or tok, path)
     if offload:
-        from .sensitivity.streaming import offload_blocks
+        from .blocks import offload_blocks
 
         m = offload_blocks(load_model(path, "cpu", config.dtype), config.device)
     else:
@@ -189,7 +189,7 @@ def calibration_tokens(loaded: Loaded, calib, config: CalibConfig, n: int | None
 def _plan(plan, per_tensor: bool = False):
     """A plan object from a plan or its file; a per-tensor (GGUF) plan only where ``per_tensor``."""
     from .gguf.plan import TensorPlan
-    from .plan import BitPlan, load_plan
+    from .io.plan import BitPlan, load_plan
 
     if isinstance(plan, (str, os.PathLike)):
         plan = load_plan(os.fspath(plan)) if per_tensor else BitPlan.load(os.fspath(plan))
@@ -265,14 +265,21 @@ def sensitivity(model, calib=None, config: SensitivityConfig | None = None, *, t
     return table
 
 
-def _check_budget_early(targets, budget: str, lowest: int, group_size: int) -> None:
+def _check_budget_early(targets, budget: str, lowest: int, group_size: int, format: str | None = None) -> None:
     """A budget that does not parse, or that every row at the ``lowest`` width allowed already
-    exceeds, refused before minutes of sensitivity pass (the allocators check it again, exactly)."""
+    exceeds (in ``format``'s bytes if given), refused before minutes of sensitivity pass (the
+    allocators check it again, exactly)."""
     from .cost import budget_to_bytes, check_budget_fits, plan_bytes
 
     n_weights = sum(t.numel for t in targets)
-    need = plan_bytes({t.name: (t.out_features, t.in_features) for t in targets},
-                      {t.name: [lowest] * t.out_features for t in targets}, group_size)
+    if format is not None:
+        from .export import get_exporter
+
+        exp = get_exporter(format)
+        need = sum(exp.module_bytes(t.out_features, t.in_features, max(lowest, 2), group_size) for t in targets)
+    else:
+        need = plan_bytes({t.name: (t.out_features, t.in_features) for t in targets},
+                          {t.name: [lowest] * t.out_features for t in targets}, group_size)
     check_budget_fits(budget_to_bytes(budget, n_weights), need, n_weights, lowest)
 
 
@@ -281,9 +288,11 @@ def search_plan(table, targets, fingerprint: dict, config: SearchConfig, *, allo
     """The plan of ``config.method`` (or of ``allocator``) from a table's curves, under
     ``config.budget``: the one place where plans and their provenance are built. A
     model-in-the-loop allocator measures candidates through ``context``; with ``couplings`` (and 0
-    in the menu) whole units are pruned (``search/coupled.py``) whatever the allocator."""
+    in the menu) whole units are pruned (``search/coupled.py``) whatever the allocator. With
+    ``config.format`` (an exporter whose unit is the module) widths are priced and budgeted in that
+    format's bytes (``search/formats.py``), one width per module."""
     from .cost import avg_bits, budget_to_bytes
-    from .plan import BitPlan
+    from .io.plan import BitPlan
     from .search import allocator_from_config, build_problem
     from .sensitivity.table import format_mix
 
@@ -293,12 +302,18 @@ def search_plan(table, targets, fingerprint: dict, config: SearchConfig, *, allo
     menu = parse_bits(config.bits) if config.bits is not None else table.bits
     mix = table.resolve_mix(config.mix)
     problem = build_problem(table, targets, menu, config.min_bits, config.max_bits, mix)
+    if config.format is not None:
+        from .search.formats import format_problem
+
+        if allocator.name != "ilp" or config.granularity != "layer":
+            raise BitsearchError("a plan for a format takes one width per module: method ilp, granularity layer")
+        problem = format_problem(problem, {t.name: (t.out_features, t.in_features) for t in targets}, config.format)
     budget_bytes = budget_to_bytes(config.budget, problem.n_weights)
     if budget_bytes > problem.max_useful_bytes():
         _note(f"budget {config.budget} is more than the widest plan needs "
               f"({avg_bits(problem.max_useful_bytes(), problem.n_weights):.4f} bits): every channel gets the "
               f"widest width allowed")
-    couplings = list(couplings or []) if 0 in problem.bits else []
+    couplings = list(couplings or []) if 0 in problem.bits and config.format is None else []
     if allocator.needs_model:
         if context is None:
             raise BitsearchError(f"search method '{allocator.name}' measures plans on the model: it needs "
@@ -322,7 +337,13 @@ def search_plan(table, targets, fingerprint: dict, config: SearchConfig, *, allo
     plan = BitPlan(model=fingerprint, group_size=table.group_size, menu=problem.bits, bits=widths,
                    couplings=[c for c in couplings if c.dead_units(widths).any()])
     plan.fill_summary(predicted_error=predicted)
-    if plan.summary["bytes"] > budget_bytes:
+    if config.format is not None:
+        from .search.formats import format_bytes
+
+        n_bytes = format_bytes(plan, config.format)
+        plan.summary["format"] = {"name": config.format, "bytes": n_bytes,
+                                  "avg_bits": avg_bits(n_bytes, problem.n_weights)}
+    if plan.summary.get("format", plan.summary)["bytes"] > budget_bytes:
         raise AssertionError("allocator went over budget")
     plan.provenance = dict(provenance or {}, **_provenance(), allocator=allocator.name, budget=str(config.budget),
                            budget_bytes=budget_bytes, budget_avg_bits=avg_bits(budget_bytes, problem.n_weights),
@@ -362,7 +383,7 @@ def _search_gguf(model, calib, config: SearchConfig, tokenizer, imatrix, out, ov
 
 def search(model, calib=None, config: SearchConfig | None = None, *, tokenizer=None, table=None,
            out: str | None = None, overwrite: bool = False, imatrix: str | None = None):
-    """A :class:`~bitsearch.plan.BitPlan` under ``config.budget`` (avg bits such as 2.5, or bytes
+    """A :class:`~bitsearch.io.plan.BitPlan` under ``config.budget`` (avg bits such as 2.5, or bytes
     such as "12MB"), saved as JSON at ``out``.
 
     The curves come from ``table`` (a SensitivityTable or its Parquet file) or are computed from
@@ -395,6 +416,13 @@ def search(model, calib=None, config: SearchConfig | None = None, *, tokenizer=N
         raise BitsearchError("`imatrix` and `types` are options of format gguf")
     check_output(out, "file", inputs=_inputs(model, calib, table, config.data_free_cache), overwrite=overwrite,
                  what="plan")
+    if config.format is not None:
+        from .search.formats import module_search_options
+
+        if config.method not in ("greedy", "ilp") or config.granularity != "channel":
+            raise BitsearchError("a plan for a format takes one width per module with the ilp method: method and "
+                                 "granularity cannot change that")
+        config = replace(config, method="ilp", **module_search_options(config.fused, config.share))
     allocator = allocator_from_config(config)          # fail fast on a typo or a bad option
     if config.method != "ilp" and (config.granularity != "channel" or config.share or config.layer_min_bits):
         raise BitsearchError("granularity, share and layer_min_bits are options of the ilp method")
@@ -425,7 +453,8 @@ def search(model, calib=None, config: SearchConfig | None = None, *, tokenizer=N
         allowed = [b for b in parse_bits(config.bits) if lo <= b <= hi]
         if not allowed:
             raise BitsearchError(f"no width of the menu lies in [min_bits {lo}, max_bits {hi}]")
-        _check_budget_early(tgts, config.budget, min(allowed), config.group_size)   # before the sensitivity pass
+        _check_budget_early(tgts, config.budget, min(allowed), config.group_size,
+                            config.format)   # before the sensitivity pass
         menu = ",".join(map(str, sorted(set(allowed) | {CALIB_REF_BITS})))
         table = sensitivity(loaded, calib, replace(config, bits=menu), out=None)
     fp = model_fingerprint(m, tgts)
@@ -463,7 +492,8 @@ def apply(model, plan, config: ApplyConfig | None = None, *, tokenizer=None, out
     """The model quantized by ``plan``, in place: its targets become packed modules (or, with
     ``config.fake``, keep nn.Linear with dequantized weights). ``out``: write the packed checkpoint
     (or, with ``fake``, a plain HF checkpoint). The plan is kept as ``model.bitsearch_plan``."""
-    from .apply import fake_quantize_model, pack_model, plan_targets, save_fake, save_packed
+    from .quantize import fake_quantize_model, pack_model, plan_targets
+    from .io.checkpoint import save_fake, save_packed
 
     config = config or ApplyConfig()
     check_choices(config)
@@ -472,7 +502,7 @@ def apply(model, plan, config: ApplyConfig | None = None, *, tokenizer=None, out
     check_output(out, "folder", inputs=_inputs(model, plan), overwrite=overwrite, what="model folder")
     loaded = resolve_model(model, config, tokenizer)
     m = loaded.model
-    plan_targets(m, p, where=f"plan '{plan}'" if isinstance(plan, (str, os.PathLike)) else "plan", force=force)
+    plan_targets(m, p, where=f"plan '{plan}'" if isinstance(plan, (str, os.PathLike)) else "plan", check_weights=not force)
     if config.fake:
         fake_quantize_model(m, p)
         if out:
@@ -493,7 +523,8 @@ def finalize(model, plan, calib=None, config: FinalizeConfig | None = None, *, t
     ``model.bitsearch_plan``. ``out``: write the packed checkpoint; QAT then also keeps a resumable
     checkpoint ``OUT.qat-checkpoint.pt`` every ``checkpoint_every`` seconds (removed once ``out``
     is written)."""
-    from .apply import plan_targets, save_packed
+    from .quantize import plan_targets
+    from .io.checkpoint import save_packed
     from .finalize import get_finalizer, rounders
 
     config = config or FinalizeConfig()
@@ -505,6 +536,7 @@ def finalize(model, plan, calib=None, config: FinalizeConfig | None = None, *, t
     check_output(out, "folder", inputs=_inputs(model, plan, calib, config.data_free_cache), overwrite=overwrite,
                  what="packed model folder")
     checkpoint = out.rstrip("/") + ".qat-checkpoint.pt" if out else None
+    finalizer.check(config, checkpoint)
     if checkpoint and os.path.exists(checkpoint) and not (config.resume or overwrite):
         raise BitsearchError(f"a checkpoint of an earlier run is at '{checkpoint}': pass `resume` to continue it "
                              f"or `overwrite` to start again")
@@ -514,7 +546,7 @@ def finalize(model, plan, calib=None, config: FinalizeConfig | None = None, *, t
                              "round-to-nearest (bitsearch apply)")
     loaded = resolve_model(model, config, tokenizer)
     m = loaded.model
-    plan_targets(m, p, where=f"plan '{plan}'" if isinstance(plan, (str, os.PathLike)) else "plan", force=force)
+    plan_targets(m, p, where=f"plan '{plan}'" if isinstance(plan, (str, os.PathLike)) else "plan", check_weights=not force)
     batch, spec = calibration_tokens(loaded, calib, config, out=out, what="finalize")
     if checkpoint and config.method == "qat":
         keep_on_interrupt(f"QAT progress is kept in '{checkpoint}' (written every {config.checkpoint_every:g} s): rerun "
@@ -578,23 +610,24 @@ def evaluate(model, text, config: EvalConfig | None = None, *, tokenizer=None, r
 def export(model, plan, out: str, config: ExportConfig | None = None, *, tokenizer=None, overwrite: bool = False,
            force: bool = False) -> dict:
     """Write ``model`` quantized by ``plan`` in the files of a runtime (``config.format``: a
-    registered exporter, ``bitsearch.export.EXPORTERS``); returns what was written."""
-    from .export import get_exporter
+    registered exporter, ``bitsearch.export.EXPORTERS``); returns what was written. ``model`` may
+    be a packed checkpoint (``apply`` or ``finalize`` output): exporters that store quantized
+    weights keep its codes, scales and zero points."""
+    from .export import EXPORTERS, get_exporter
 
     config = config or ExportConfig()
     check_choices(config)
     _threads(config)
-    exporter = get_exporter(config.format)
-    p = _plan(plan, per_tensor=exporter.plan_unit != "channel")
+    exporter = get_exporter(config.format, **{k: getattr(config, k)
+                                              for k in getattr(EXPORTERS.get(config.format), "config_options", ())})
+    p = _plan(plan, per_tensor=exporter.plan_unit == "tensor")
     check_output(out, exporter.writes, inputs=_inputs(model, plan), overwrite=overwrite, what=f"{config.format} export")
     loaded = resolve_model(model, config, tokenizer)
     from .packed import PackedLinear
 
-    if exporter.plan_unit == "channel" and not any(isinstance(mod, PackedLinear) for mod in loaded.model.modules()):
-        from .apply import plan_targets
+    if exporter.plan_unit != "tensor" and not any(isinstance(mod, PackedLinear) for mod in loaded.model.modules()):
+        from .quantize import plan_targets
 
-        plan_targets(loaded.model, p, where="plan", force=force)
+        plan_targets(loaded.model, p, where="plan", check_weights=not force)
     return exporter.export(loaded.model, loaded.tokenizer, p, out)
 
-
-from .generate import generate  # noqa: E402  (batch-1 generation: its own module, one API with the stages)

@@ -93,11 +93,13 @@ def _run_search(args, config):
     print(f"wrote {args.out}: {s['avg_bits']:.4f} avg bits, {s['bytes']} bytes, "
           f"{s['pruned_channels']} of {s['n_channels']} channels pruned{dead}, widths {s['histogram']}, "
           f"predicted loss increase {s['predicted_error']:.4g}")
+    if "format" in s:
+        print(f"in {s['format']['name']}: {s['format']['bytes']} bytes, {s['format']['avg_bits']:.4f} avg bits")
 
 
 def _run_finalize(args, config):
     from . import api
-    from .apply import packed_tensor_bytes
+    from .io.checkpoint import packed_tensor_bytes
 
     m = api.finalize(args.model, args.plan, args.calib, config, out=args.out, overwrite=args.overwrite,
                      force=args.force)
@@ -111,7 +113,7 @@ def _run_finalize(args, config):
 
 def _run_apply(args, config):
     from . import api
-    from .apply import packed_tensor_bytes
+    from .io.checkpoint import packed_tensor_bytes
 
     m = api.apply(args.model, args.plan, config, out=args.out, overwrite=args.overwrite, force=args.force)
     p = m.bitsearch_plan
@@ -192,7 +194,7 @@ def _run_plot_sensitivity(args, config):
 
 def _run_plot_plan(args, config):
     _check_png(args, args.plan)
-    from .plan import BitPlan
+    from .io.plan import BitPlan
     from .plots import plot_plan
 
     print(f"wrote {plot_plan(BitPlan.load(args.plan), args.out, title=config.title)}")

@@ -94,11 +94,14 @@ class SensitivityConfig(CalibConfig):
     exclude: str | None = option(None, help="regex of module names to leave in full precision")
     loss_calibration: str = option("auto", flag="--loss-calibration", aliases=("--calibrate",),
                                    choices=_calibrations,
-                                   help="map curves to loss units per layer by measured loss responses: auto = "
-                                        "the proxies (imatrix, snr), layer-loss = every estimator, none = raw "
+                                   help="map curves to loss units per layer by each layer's loss response: "
+                                        "auto = the proxies (imatrix, snr) by gradient (layer-loss with offload), "
+                                        "gradient = every estimator by responses predicted from one "
+                                        "forward+backward, layer-loss = every estimator by responses measured one "
+                                        "layer at a time (a pass through the later blocks per layer), none = raw "
                                         "curves")
     loss_calibration_samples: int = option(16, aliases=("--calib-loss-samples",),
-                                           help="calibration samples used to measure each layer's loss response")
+                                           help="calibration samples used for each layer's loss response")
     probes: int = option(8, help="Hutchinson probe rounds")
     micro_batch: int = option(8, help="calibration samples per forward pass")
     checkpointing: bool = option(False, help="activation checkpointing for the gradient estimators (less "
@@ -157,9 +160,12 @@ class SearchConfig(SensitivityConfig):
                              "channel's width, interpolated, or pseudo-quantization noise of the width's step")
     learn: str = option("channel", group="--method diffq", choices=["channel", "layer"],
                         help="train a width per channel, or one shift per layer on top of the estimator's widths")
-    format: str = option("channel", group="--format gguf", choices=["channel", "gguf"],
-                         help="channel: a width per channel (bitsearch's packed format); gguf: a ggml type per tensor "
-                              "for llama.cpp, scored by llama.cpp's own quantizers (method greedy or ilp)")
+    format: str | None = option(None, group="--format", choices=lambda: _formats(),
+                                help="plan for a runtime format: one width per module (exact ilp), priced and "
+                                     "budgeted in the format's bytes")
+    fused: bool = option(True, flag="--no-fused", group="--format",
+                         help="with format: let q/k/v and gate/up take their own widths (by default they share "
+                              "one, as serving runtimes fuse them)")
     types: str | None = option(None, group="--format gguf", metavar="LIST",
                                help="ggml type menu, comma-separated (default: IQ2_XXS,IQ2_XS,IQ2_S,Q2_K,IQ3_XXS,"
                                     "Q3_K,IQ3_S,IQ4_XS,Q4_K,Q5_K,Q6_K,Q8_0)")
@@ -229,6 +235,9 @@ class GenerateConfig(RunConfig):
 @dataclass
 class ExportConfig(RunConfig):
     format: str = option("packed", choices=lambda: _formats(), help="output format")
+    layout: str = option("block", choices=["block", "group"],
+                         help="compressed-tensors zero points: block (unpacked; transformers loads it) | group "
+                              "(packed; the llm-compressor / vLLM layout, which transformers 5.25 cannot load)")
 
 
 @dataclass

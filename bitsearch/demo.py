@@ -1,7 +1,7 @@
 """``bitsearch demo``: the whole pipeline on the small model and public-domain texts that ship
 inside the package, offline, in a few minutes on 2 CPU cores.
 
-sensitivity (imatrix, layer-loss calibrated) -> greedy plans at a few budgets -> packed
+sensitivity (imatrix, gradient calibrated) -> greedy plans at a few budgets -> packed
 checkpoints -> perplexity on held-out text, beside uniform round-to-nearest at 2, 3 and 4 bits
 stored the same way. Writes plans, ``results.csv`` (also printed) and ``ppl_vs_bits.png``.
 """
@@ -18,18 +18,19 @@ import pandas as pd
 import torch
 
 from . import api
-from .apply import packed_tensor_bytes
+from .io.checkpoint import packed_tensor_bytes
 from .config import ApplyConfig, EvalConfig, SearchConfig, SensitivityConfig
 from .errors import BitsearchError
 from .evaluate import EvalResult
-from .models import find_targets, load_model, load_tokenizer, model_fingerprint
+from .models import find_targets, model_fingerprint
+from .io.loading import load_model, load_tokenizer
 from .plots import plot_ppl_vs_bits
 from .search import build_problem
 
 __all__ = ["demo_paths", "run_demo", "DEMO_SETTINGS"]
 
 #: settings of the demo run (small enough for 2 CPU cores in well under 3 minutes)
-DEMO_SETTINGS = dict(samples=16, seq_len=256, group_size=64, loss_calibration_samples=4, bits="2,3,4,5,6,8",
+DEMO_SETTINGS = dict(samples=16, seq_len=256, group_size=64, loss_calibration_samples=16, bits="2,3,4,5,6,8",
                      eval_seq_len=256, eval_max_tokens=8192, uniform_widths=(2, 3, 4))
 
 

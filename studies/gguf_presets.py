@@ -38,7 +38,8 @@ from bitsearch.gguf.imatrix import write_imatrix
 from bitsearch.gguf.plan import TensorPlan
 from bitsearch.gguf.runtime import LlamaCpp, llama_quantize
 from bitsearch.gguf.search import allocate_gguf, build_gguf_problem, collect_imatrix, gguf_targets
-from bitsearch.models import load_model, load_tokenizer, model_fingerprint
+from bitsearch.io.loading import load_model, load_tokenizer
+from bitsearch.models import model_fingerprint
 from bitsearch.plots import plot_gguf_presets
 
 PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS"]

@@ -1,5 +1,6 @@
 """Shared by the exact-reference tests: a tiny float64 Llama whose every op runs in float64, and
-a pair of fake ranks that let one process check the distributed sum."""
+a pair of fake ranks that let one process check the distributed sum, and per-sample weight
+gradients by one autograd.grad per sample."""
 
 from __future__ import annotations
 
@@ -55,3 +56,25 @@ class ReceivingRank(Dist):
     def all_reduce(self, t):
         t += self.received.pop(0).to(t.device)
         return t
+
+
+def per_sample_grads(m, targets, batch):
+    """{target: (N, out, in)} gradients of each sample's summed next-token NLL, one autograd.grad each."""
+    ws = [m.get_submodule(t.name).weight for t in targets]
+    flags = [p.requires_grad for p in m.parameters()]
+    for p in m.parameters():
+        p.requires_grad_(False)
+    for w in ws:
+        w.requires_grad_(True)
+    try:
+        out = {t.name: [] for t in targets}
+        for s in range(batch.shape[0]):
+            x = batch[s:s + 1]
+            logits = m(input_ids=x).logits[0, :-1]
+            loss = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum")
+            for t, g in zip(targets, torch.autograd.grad(loss, ws)):
+                out[t.name].append(g.double())
+    finally:
+        for p, f in zip(m.parameters(), flags):
+            p.requires_grad_(f)
+    return {k: torch.stack(v) for k, v in out.items()}

@@ -19,13 +19,14 @@ import pytest
 import torch
 
 from bitsearch import api
-from bitsearch.apply import packed_tensor_bytes
 from bitsearch.config import ExportConfig, FinalizeConfig, SearchConfig, SensitivityConfig
 from bitsearch.errors import BitsearchError
 from bitsearch.export import EXPORTERS
 from bitsearch.finalize import FINALIZERS
-from bitsearch.models import find_targets, load_model, load_tokenizer
-from bitsearch.plan import BitPlan
+from bitsearch.io.checkpoint import packed_tensor_bytes
+from bitsearch.io.loading import load_model, load_tokenizer
+from bitsearch.io.plan import BitPlan
+from bitsearch.models import find_targets
 from bitsearch.search import ALLOCATORS
 from bitsearch.sensitivity import ESTIMATORS
 
@@ -101,8 +102,10 @@ def test_exporter_contract(name, loaded, text_file, tmp_path):
     exporter = EXPORTERS[name]
     for module in exporter.requires:
         pytest.importorskip(module)
-    plan = api.search(m, text_file, SearchConfig(budget="4.5", **SMALL), tokenizer=tok)
-    if exporter.plan_unit != "channel":   # its own plan; a per-channel one is refused in one line
+    # a plan of the unit the format stores (per-module formats are searched for that format)
+    fmt = name if exporter.plan_unit == "module" else None
+    plan = api.search(m, text_file, SearchConfig(budget="4.5", format=fmt, **SMALL), tokenizer=tok)
+    if exporter.plan_unit == "tensor":   # its own plan; a per-channel one is refused in one line
         with pytest.raises(BitsearchError, match=f"search --format {name}") as err:
             api.export(copy.deepcopy(m), plan, str(tmp_path / "refused"), ExportConfig(format=name), tokenizer=tok)
         assert "\n" not in str(err.value)

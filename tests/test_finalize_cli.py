@@ -28,7 +28,7 @@ def made(tiny_models, text_file, tmp_path_factory):
 def _kl(capsys, made, model) -> float:
     out = str(made["dir"] / "e.json")
     code, _, _ = run_cli(capsys, "--quiet", "eval", "--model", model, "--text", made["text"], "--max-tokens", "600",
-                         "--seq-len", "60", "--reference", made["model"], "--json", out)
+                         "--seq-len", "60", "--reference", made["model"], "--json", out, "--overwrite")
     assert code == 0
     return json.load(open(out))["kl"]
 
@@ -41,7 +41,7 @@ def _kl(capsys, made, model) -> float:
 def test_finalize_beats_round_to_nearest(made, capsys, extra):
     d = made["dir"]
     code, _, _ = run_cli(capsys, "--quiet", "apply", "--model", made["model"], "--plan", made["plan"],
-                         "--out", str(d / "rtn"))
+                         "--out", str(d / "rtn"), "--overwrite")
     assert code == 0
     out = str(d / ("fin-" + "-".join(extra[1::2])))
     code, stdout, err = run_cli(capsys, "--quiet", "finalize", "--model", made["model"], "--plan", made["plan"],

@@ -16,7 +16,7 @@ from bitsearch.sensitivity.base import ESTIMATORS, SensitivityContext
 from bitsearch.sensitivity.fisher import FisherEstimator, collect_fisher
 
 from conftest import tiny_config
-from exact_models import ReceivingRank, SendingRank, tiny_llama
+from exact_models import ReceivingRank, SendingRank, per_sample_grads, tiny_llama
 
 BITS = [0, 2, 4, 8]
 
@@ -38,24 +38,8 @@ def conftest_llama(tie: bool = True):
 
 def brute_force_fisher(m, targets, batch):
     """(1/N) sum_s (dL_s/dW)^2 with one autograd.grad per sample s (L_s: its mean next-token CE)."""
-    ws = [m.get_submodule(t.name).weight for t in targets]
-    flags = [p.requires_grad for p in m.parameters()]
-    for p in m.parameters():
-        p.requires_grad_(False)
-    for w in ws:
-        w.requires_grad_(True)
-    try:
-        acc = [torch.zeros(w.shape, dtype=torch.float64) for w in ws]
-        for s in range(batch.shape[0]):
-            x = batch[s:s + 1]
-            logits = m(input_ids=x).logits[0, :-1]
-            loss = torch.nn.functional.cross_entropy(logits, x[0, 1:])
-            for a, g in zip(acc, torch.autograd.grad(loss, ws)):
-                a += g.double().pow(2)
-    finally:
-        for p, f in zip(m.parameters(), flags):
-            p.requires_grad_(f)
-    return {t.name: a / batch.shape[0] for t, a in zip(targets, acc)}
+    grads = per_sample_grads(m, targets, batch)
+    return {t.name: (grads[t.name] / (batch.shape[1] - 1)).pow(2).mean(0) for t in targets}
 
 
 def _ctx(m, targets, batch, **kw):

@@ -31,7 +31,7 @@ from bitsearch.gguf.quantize import dequantize, quantize, round_trip  # noqa: E4
 from bitsearch.gguf.runtime import LlamaCpp, llama_quantize  # noqa: E402
 from bitsearch.gguf.search import gguf_targets  # noqa: E402
 from bitsearch.gguf.types import GGML_TYPES, SEARCH_TYPES  # noqa: E402
-from bitsearch.plan import load_plan  # noqa: E402
+from bitsearch.io.plan import load_plan  # noqa: E402
 
 
 def _gguf_config(arch: str, vocab: int):
@@ -245,7 +245,7 @@ def test_tensor_type_file_and_imatrix_reproduce_the_file_with_llama_quantize(exp
 
 
 def test_per_channel_plan_is_refused_in_one_line(exported, tmp_path, capsys):
-    from bitsearch.plan import BitPlan
+    from bitsearch.io.plan import BitPlan
 
     e = exported["llama"]
     model_targets = json.load(open(e["plan_path"]))["model"]["targets"]

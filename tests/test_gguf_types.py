@@ -9,7 +9,7 @@ import pytest
 from bitsearch.errors import BitsearchError
 from bitsearch.gguf.plan import TensorPlan
 from bitsearch.gguf.types import FALLBACK, GGML_TYPES, SEARCH_TYPES, effective_type, parse_types, tensor_bytes
-from bitsearch.plan import BitPlan, load_plan
+from bitsearch.io.plan import BitPlan, load_plan
 
 # block size / bytes per block that the issue lists from ggml's type traits
 LISTED = {"Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),

@@ -14,14 +14,16 @@ import pytest
 import torch
 
 
-from bitsearch.apply import fake_quantize_model, load_packed, pack_model, plan_targets
+from bitsearch.quantize import fake_quantize_model, pack_model, plan_targets
+from bitsearch.io.checkpoint import load_packed
 from bitsearch.couplings import find_couplings
 from bitsearch.errors import BitsearchError
 from bitsearch.finalize.signround import minmax_qparams
-from bitsearch.models import find_targets, load_model
+from bitsearch.models import find_targets
+from bitsearch.io.loading import load_model
 from bitsearch.packed import _PackedRows
 from bitsearch.quant.grid import choose_qparams, fake_quantize
-from bitsearch.sensitivity.streaming import BlockRunner
+from bitsearch.blocks import BlockRunner
 from studies.reference.gptq import GPTQResult, gptq_layer, gptq_quantize, main, sequential_groups, uniform_plan
 from plans import MIXED_WIDTHS, mixed_plan
 

@@ -9,6 +9,7 @@ from bitsearch.errors import BitsearchError
 from bitsearch.search import get_allocator
 from bitsearch.search.greedy import hull_segments
 from bitsearch.search.problem import AllocationProblem
+from studies.reference.greedy_walk import fill_walking_every_segment
 
 
 def random_problem(seed, n=5, bits=(0, 2, 3, 4, 8), convex=False):
@@ -86,3 +87,14 @@ def test_uniform_picks_widest_fitting_width():
 def test_unknown_method():
     with pytest.raises(BitsearchError, match="unknown search method"):
         get_allocator("nope")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fill_equals_walking_every_segment(seed):
+    """The fill that visits only fitting segments picks exactly what the full walk picked."""
+    p = random_problem(seed, n=400, bits=(0, 2, 3, 4, 5, 6, 8))
+    greedy = get_allocator("greedy")
+    rng = np.random.default_rng(seed)
+    lo, hi = p.min_bytes(), p.max_useful_bytes()
+    for budget in list(rng.integers(lo, hi, size=25)) + [lo, hi]:
+        np.testing.assert_array_equal(greedy.allocate(p, int(budget)), fill_walking_every_segment(p, int(budget)))

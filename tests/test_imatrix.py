@@ -7,14 +7,15 @@ import pytest
 import torch
 
 from bitsearch.evaluate import batch_nll
-from bitsearch.models import find_targets, load_model
+from bitsearch.models import find_targets
+from bitsearch.io.loading import load_model
 from bitsearch.quant import fake_quantize
 from bitsearch.sensitivity import layer_loss_response
 from bitsearch.sensitivity.base import SensitivityContext
 from bitsearch.sensitivity.imatrix import ImatrixEstimator, weighted_error_curves
 from bitsearch.sensitivity.pipeline import collect_input_curves
 from bitsearch.sensitivity.snr import SnrEstimator, db_slope, snr_db
-from bitsearch.sensitivity.streaming import BlockRunner
+from bitsearch.blocks import BlockRunner
 
 from conftest import ARCHS
 
@@ -125,7 +126,7 @@ def test_offload_gives_the_same_table(llama_dir, text_file):
     from bitsearch import api
 
     kw = dict(samples=4, seq_len=32, group_size=16, loss_calibration_samples=2, estimators="imatrix,snr",
-              bits="0,2,4", show_progress=False)
+              bits="0,2,4", loss_calibration="layer-loss", show_progress=False)
     a = api.sensitivity(llama_dir, text_file, SensitivityConfig(**kw))
     b = api.sensitivity(llama_dir, text_file, SensitivityConfig(offload=True, **kw))
     assert b.meta["offload"] is True

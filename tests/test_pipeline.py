@@ -9,9 +9,11 @@ import torch
 from bitsearch import api
 from bitsearch.config import ApplyConfig, EvalConfig, SearchConfig, SensitivityConfig
 from bitsearch.errors import BitsearchError
-from bitsearch.apply import fake_quantize_model, load_packed, pack_model, packed_tensor_bytes
-from bitsearch.models import find_targets, load_model
-from bitsearch.plan import BitPlan
+from bitsearch.quantize import fake_quantize_model, pack_model
+from bitsearch.io.checkpoint import load_packed, packed_tensor_bytes
+from bitsearch.models import find_targets
+from bitsearch.io.loading import load_model
+from bitsearch.io.plan import BitPlan
 from bitsearch.sensitivity import SensitivityTable
 
 from conftest import ARCHS
@@ -109,7 +111,7 @@ def test_table_round_trip(llama_dir, text_file, tmp_path):
 def test_apply_packs_an_in_memory_model_in_place(llama_dir, text_file, tmp_path):
     """apply on an nn.Module packs it in place (as torchao's quantize_ does) and writes the same
     model that loading the written checkpoint gives."""
-    from bitsearch.models import load_tokenizer
+    from bitsearch.io.loading import load_tokenizer
     from bitsearch.packed import PackedLinear
 
     plan = api.search(llama_dir, text_file, SearchConfig(budget='4.5', **SMALL))
@@ -141,7 +143,7 @@ def test_multi_estimator_table_search_and_plot(llama_dir, text_file, tmp_path, c
     t = api.sensitivity(llama_dir, text_file, SensitivityConfig(estimators='imatrix,snr,fisher,hutchinson', probes=2, **SMALL), out=path)
     assert t.estimators == ["imatrix", "snr", "fisher", "hutchinson"]
     assert t.meta["estimator_info"]["fisher"]["calibration"] == "native"
-    assert t.meta["estimator_info"]["snr"]["calibration"] == "layer-loss"
+    assert t.meta["estimator_info"]["snr"]["calibration"] == "gradient"
     assert all(np.isfinite(t.curves(mix=e)).all() for e in t.estimators)
     plans = {}
     for mix, method in [("imatrix", "greedy"), ("snr", "greedy"), ("fisher", "greedy"), ("hutchinson", "greedy"),
@@ -174,3 +176,44 @@ def test_ilp_from_the_cli_with_runtime_constraints(llama_dir, text_file, tmp_pat
     assert exact.summary["predicted_error"] <= greedy.summary["predicted_error"] + 1e-12
     with pytest.raises(BitsearchError, match="options of the ilp method"):
         api.search(llama_dir, None, SearchConfig(budget='4.5', group_size=16, granularity='layer'), table=path)
+
+
+@pytest.mark.parametrize("calibrate", ["auto", "gradient", "layer-loss"])
+def test_calibrations_scale_curves_to_their_responses(calibrate, llama_dir, text_file):
+    """auto and gradient calibrate by the responses predicted from one forward+backward on every
+    calibration sample, layer-loss by the per-layer measurement on its subset; either way a
+    layer's 2-bit curves sum to its response and its cheapest rows' 0-bit curves to the pruning one."""
+    from bitsearch.data import calibration_batches
+    from bitsearch.io.loading import load_tokenizer
+    from bitsearch.sensitivity.calibrate import layer_loss_response, prune_loss_response, prune_rows
+    from bitsearch.sensitivity.grad_response import gradient_responses
+
+    kw = dict(SMALL, loss_calibration_samples=4 if calibrate != "layer-loss" else 2, bits="0,2,4")
+    table = api.sensitivity(llama_dir, text_file, SensitivityConfig(loss_calibration=calibrate, **kw))
+    method = "layer-loss" if calibrate == "layer-loss" else "gradient"
+    assert table.meta["calibration_method"] == method
+    assert table.meta["estimator_info"]["imatrix"]["calibration"] == method
+    m = load_model(llama_dir)
+    targets = find_targets(m)
+    batch, _ = calibration_batches(load_tokenizer(llama_dir), text_file, 4, 32, 0)
+    raw = api.sensitivity(llama_dir, text_file, SensitivityConfig(loss_calibration="none", **kw))
+    from bitsearch.sensitivity.base import LayerCurves
+
+    curves = {name: LayerCurves(errors=g[["imatrix.e0", "imatrix.e2", "imatrix.e4"]].to_numpy(), metrics={})
+              for name, g in raw.df.groupby("layer", sort=False)}
+    rows = prune_rows(curves, [0, 2, 4], 0.125)
+    if method == "gradient":
+        want, prune = gradient_responses(m, targets, batch, 2, 16, {"imatrix": rows}, show_progress=False)
+        prune = prune["imatrix"]
+    else:
+        want = layer_loss_response(m, targets, batch[:2], 2, 16, show_progress=False)
+        prune = prune_loss_response(m, targets, batch[:2], rows, show_progress=False)
+    for name, g in table.df.groupby("layer"):
+        assert g["imatrix.layer_response"].iloc[0] == pytest.approx(want[name], rel=1e-6, abs=1e-12)
+        assert g["imatrix.e2"].sum() == pytest.approx(max(want[name], 1e-6), rel=1e-6)
+        assert g["imatrix.prune_response"].iloc[0] == pytest.approx(prune[name], rel=1e-6, abs=1e-12)
+
+
+def test_gradient_calibration_refuses_offload(llama_dir, text_file):
+    with pytest.raises(BitsearchError, match="cannot be combined with `offload`"):
+        api.sensitivity(llama_dir, text_file, SensitivityConfig(loss_calibration="gradient", offload=True, **SMALL))

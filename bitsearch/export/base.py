@@ -28,6 +28,12 @@ class Exporter(ABC):
     writes: str = "folder"
     #: modules the format needs beyond bitsearch's own dependencies (an optional extra)
     requires: tuple[str, ...] = ()
+    #: ExportConfig fields passed to the constructor (format-specific options)
+    config_options: tuple[str, ...] = ()
+
+    def module_bytes(self, out_features: int, in_features: int, bits: int, group_size: int) -> int:
+        """Bytes the format stores for one module at one width (formats with ``plan_unit`` "module")."""
+        raise BitsearchError(f"format '{self.name}' has no per-module price")
 
     @abstractmethod
     def export(self, model: nn.Module, tokenizer, plan, out: str) -> dict:

@@ -22,6 +22,9 @@ class Finalizer(ABC):
     #: the ``method`` name
     name: str = ""
 
+    def check(self, config, checkpoint: str | None = None) -> None:
+        """Refuse bad options (one line) before any model or text is loaded."""
+
     @abstractmethod
     def finalize(self, model: nn.Module, plan, batch: torch.Tensor, config, show_progress: bool = True,
                  checkpoint: str | None = None) -> dict:
@@ -39,7 +42,7 @@ class Rounder(Finalizer):
         """{layer: (scales, zeros)}; the model's target weights are left at their rounded values."""
 
     def finalize(self, model, plan, batch, config, show_progress=True, checkpoint=None) -> dict:
-        from ..apply import pack_model
+        from ..quantize import pack_model
 
         pack_model(model, plan, self.round(model, plan, batch, config, show_progress))
         return {}

@@ -29,7 +29,7 @@ default for both V and the min/max factors). AutoRound clamps the factors to [0,
 decaying lr a parameter moves by at most sum_t lr_t = lr (steps + 1) / 2, about 0.5 at the
 default, so [0.5, 1] binds only with a larger lr. Only one block's training state exists at a time,
 the model's own weights are frozen, and with ``offload`` the blocks live on the CPU and move to
-the device one at a time (:class:`~bitsearch.sensitivity.streaming.BlockRunner`).
+the device one at a time (:class:`~bitsearch.blocks.BlockRunner`).
 
 Targets outside the decoder blocks (embeddings, a tied or untied lm_head) get plain
 round-to-nearest. :func:`signround` writes each target's dequantized weight into the model in
@@ -49,13 +49,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..apply import fake_quantize_model, plan_targets
+from ..quantize import fake_quantize_model, plan_targets
 from ..errors import BitsearchError
-from ..plan import BitPlan
+from ..io.plan import BitPlan
 from ..progress import progress
 from ..quant.grid import KEEP_WIDTH, QUANT_WIDTHS, _grouped, choose_qparams, n_groups
-from ..sensitivity.calibrate import names_by_block
-from ..sensitivity.streaming import BlockRunner
+from ..blocks import names_by_block
+from ..blocks import BlockRunner
 from .base import Rounder, register_finalizer
 from .quantizer import fake_quant_rows
 from .surrogates import round_ste, straight_through
@@ -223,7 +223,7 @@ def signround(model: nn.Module, plan: BitPlan, batch: torch.Tensor, settings: Si
     batch = torch.as_tensor(batch)
     if batch.dim() != 2 or batch.shape[0] == 0 or batch.shape[1] == 0:
         raise BitsearchError(f"signround: the calibration batch must be token ids (N, T), not {tuple(batch.shape)}")
-    targets = plan_targets(model, plan, "signround")
+    targets = plan_targets(model, plan, "signround", check_weights=False)
     runner = BlockRunner(model, offload=offload)
     modules = dict(model.named_modules())
     by_block = names_by_block(runner, [t.name for t in targets])

@@ -41,12 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..apply import pack_model, plan_targets
+from ..quantize import pack_model, plan_targets
 from ..errors import BitsearchError
 from ..models import decoder_blocks
-from ..plan import BitPlan
+from ..io.plan import BitPlan
 from ..progress import progress
-from ..sensitivity.streaming import BlockRunner
+from ..blocks import BlockRunner
 from .base import Finalizer, Rounder, get_finalizer, register_finalizer, rounders
 from .quantizer import QuantLinear, convert
 
@@ -377,7 +377,7 @@ def finalize_qat(model: nn.Module, plan: BitPlan, batch: torch.Tensor, settings:
     settings.check()
     if plan.couplings:
         raise BitsearchError("finalizing a plan with coupled pruning is not supported yet")
-    targets = plan_targets(model, plan)
+    targets = plan_targets(model, plan, check_weights=False)
     linear_names = [t.name for t in targets if t.kind == "linear"]
     ckpt = _load_checkpoint(plan, settings)
     for p in model.parameters():
@@ -428,6 +428,11 @@ class QatFinalizer(Finalizer):
     rounder's result (``config.init``)."""
 
     name = "qat"
+
+    def check(self, config, checkpoint=None) -> None:
+        qat_settings(config, checkpoint)
+        if config.resume and not (checkpoint and os.path.exists(checkpoint)):
+            raise BitsearchError(f"`resume`: no checkpoint at '{checkpoint}'")
 
     def finalize(self, model, plan, batch, config, show_progress=True, checkpoint=None) -> dict:
         settings = qat_settings(config, checkpoint)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from ..atomic import write_text_atomic
 from ..cost import avg_bits
 from ..errors import BitsearchError
-from ..plan import PlanTargets, plan_sections
+from ..io.plan import PlanTargets, plan_sections
 from .types import GGML_TYPES, tensor_bytes
 
 __all__ = ["TENSOR_PLAN_VERSION", "TensorPlan", "is_tensor_plan"]

@@ -7,7 +7,8 @@ allows traces the Lagrangian relaxation min sum e + lambda * bytes for decreasin
 at every budget equal to a prefix of that order the choice is exactly optimal. Past the first
 segment that no longer fits, the remaining segments are tried in the same order (a channel's
 later segments only after its earlier ones), so no byte that can still buy an improvement is
-left unused. Never over budget. O(N * n_bits) to build the hulls, O(S log S) to sort.
+left unused (only segments that fit the remaining bytes are visited, and the walk stops when
+none of the rest fits). Never over budget. O(N * n_bits) to build the hulls, O(S log S) to sort.
 """
 
 from __future__ import annotations
@@ -77,14 +78,35 @@ class GreedyAllocator(Allocator):
         # a channel's hull steps move to ever higher options: its furthest taken step wins
         np.maximum.at(choice, ch[taken], to[taken])
         room -= int(cum[k - 1]) if k else 0
-        blocked = np.zeros(problem.n_channels, dtype=bool)
-        for s in order[k:]:
-            c = ch[s]
-            if blocked[c]:
-                continue
-            if dc[s] <= room:
-                choice[c] = to[s]
-                room -= int(dc[s])
-            else:
-                blocked[c] = True
+        fill(choice, order[k:], ch, to, dc, step, order[:k], room)
         return choice
+
+
+def fill(choice: np.ndarray, rest: np.ndarray, ch: np.ndarray, to: np.ndarray, dc: np.ndarray, step: np.ndarray,
+         taken: np.ndarray, room: int) -> None:
+    """Spend ``room`` bytes on the segments ``rest`` in order (``taken``: the segments already
+    bought): a segment is bought when its channel's previous hull step was bought and it fits
+    (a step that did not fit rules out its channel's later steps). Only segments that fit the
+    initial room are visited, and the walk stops once none of the remaining ones fits."""
+    rest = rest[dc[rest] <= room]
+    if rest.size == 0:
+        return
+    bought = np.zeros(dc.size, dtype=bool)
+    bought[taken] = True
+    pred = np.full(dc.size, -1, dtype=np.int64)   # the same channel's previous hull step
+    last = np.full(choice.size, -1, dtype=np.int64)
+    for t in range(int(step.max()) + 1):
+        idx = np.flatnonzero(step == t)
+        pred[idx] = last[ch[idx]]
+        last[ch[idx]] = idx
+    rest_dc = dc[rest]
+    cheapest_left = np.minimum.accumulate(rest_dc[::-1])[::-1]
+    for i, s in enumerate(rest.tolist()):
+        if room < cheapest_left[i]:
+            break
+        p = pred[s]
+        if (p >= 0 and not bought[p]) or rest_dc[i] > room:
+            continue
+        bought[s] = True
+        choice[ch[s]] = to[s]
+        room -= int(rest_dc[i])

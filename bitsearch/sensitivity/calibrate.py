@@ -34,28 +34,12 @@ from ..models import Target
 from ..progress import progress
 from ..quant.grid import fake_quantize
 from .base import LayerCurves
-from .streaming import BlockRunner
+from ..blocks import BlockRunner, block_of
 
-__all__ = ["loss_response", "layer_loss_response", "prune_rows", "prune_loss_response", "calibrate_layer_loss", "block_of"]
+__all__ = ["loss_response", "layer_loss_response", "prune_rows", "prune_loss_response", "calibrate_layer_loss"]
 
 #: response floor in nats: a layer whose measured response is below it counts as this small.
 RESPONSE_FLOOR = 1e-6
-
-
-def block_of(runner: BlockRunner, name: str) -> int | None:
-    """Index of the decoder block holding module ``name`` (None outside the blocks)."""
-    head = runner.prefix + "."
-    if not name.startswith(head):
-        return None
-    return int(name[len(head):].split(".", 1)[0])
-
-
-def names_by_block(runner: BlockRunner, names) -> dict[int | None, list[str]]:
-    """Module names grouped by :func:`block_of` (None: outside the blocks), in the given order."""
-    out: dict[int | None, list[str]] = {}
-    for name in names:
-        out.setdefault(block_of(runner, name), []).append(name)
-    return out
 
 
 @torch.no_grad()

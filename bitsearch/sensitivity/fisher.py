@@ -25,13 +25,14 @@ gradients before squaring. Accumulators are summed over micro-batches and ranks 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
-from torch import nn
 
 from ..errors import BitsearchError
 from ..progress import progress
 from .base import GradientEstimator, LayerCurves, SensitivityContext, register_estimator
-from .grad_loss import gradient_session, per_sample_loss_sum, target_weights
+from .grad_loss import output_gradients, per_sample_loss_sum, target_weights
 from .residuals import weighted_sq_errors
 
 __all__ = ["FisherEstimator", "collect_fisher", "linear_sq_grad_sum", "embedding_sq_grad_sum", "dense_sq_grad_sum"]
@@ -88,80 +89,29 @@ def dense_sq_grad_sum(uses: list[tuple[str, torch.Tensor, torch.Tensor]], acc: t
         acc += g.pow(2).sum(0).to(acc.dtype)
 
 
-def _users(model: nn.Module, weight: nn.Parameter, name: str) -> list[tuple[nn.Module, str]]:
-    """Every module using ``weight`` (the target and, e.g., a tied lm_head), with its kind."""
-    out, seen = [], set()
-    for mname, mod in model.named_modules(remove_duplicate=False):
-        if getattr(mod, "weight", None) is not weight or id(mod) in seen:
-            continue
-        seen.add(id(mod))
-        if isinstance(mod, nn.Embedding):
-            out.append((mod, "embedding"))
-        elif isinstance(mod, nn.Linear):
-            out.append((mod, "linear"))
-        else:
-            raise BitsearchError(f"fisher: the weight of target '{name}' is also used by '{mname}', "
-                                 f"a {type(mod).__name__} (only Linear and Embedding users are supported)")
-    return out
-
-
 def collect_fisher(ctx: SensitivityContext) -> dict[str, torch.Tensor]:
     """The diagonal empirical Fisher (out, in) of every target weight, float64 on the CPU,
     summed over ranks. A weight used by several modules (a tied lm_head) gets the Fisher of
     the weight itself: per-sample gradients of all its uses are added before squaring."""
     names = [t.name for t in ctx.targets]
-    weights = target_weights(ctx.model, names)
     dev = ctx.device
-    acc = [torch.zeros(w.shape, dtype=torch.float64, device=dev) for w in weights]
-    seen: list[list[tuple[str, torch.Tensor, torch.Tensor]]] = [[] for _ in names]
-    recording = [False]  # off during backward, where checkpointing re-runs the forwards
-
-    def hook(i, kind):
-        def fn(_mod, args, out):
-            if recording[0]:
-                seen[i].append((kind, args[0].detach(), out))
-        return fn
-
-    handles = []
-    try:
-        for i, (name, w) in enumerate(zip(names, weights)):
-            for mod, kind in _users(ctx.model, w, name):
-                handles.append(mod.register_forward_hook(hook(i, kind)))
-        with gradient_session(ctx.model, weights, ctx.checkpointing):
-            for _j, x in progress(ctx.micro_batches(), desc="fisher", enable=ctx.show_progress):
-                x = x.to(dev)
-                recording[0] = True
-                try:
-                    loss = per_sample_loss_sum(ctx.model, x)
-                finally:
-                    recording[0] = False
-                calls = [list(s) for s in seen]
-                for s in seen:
-                    s.clear()
-                outs = [out for c in calls for _k, _inp, out in c]
-                grads = iter(torch.autograd.grad(loss, outs, allow_unused=True))
-                for i, c in enumerate(calls):
-                    uses = []
-                    for kind, inp, _out in c:
-                        gy = next(grads)
-                        if gy is None:
-                            continue
-                        if inp.shape[0] != x.shape[0]:
-                            raise BitsearchError(f"fisher: target '{names[i]}' does not see the batch as its "
-                                                 f"first dimension (input shape {tuple(inp.shape)})")
-                        uses.append((kind, inp, gy))
-                    if len(uses) > 1:
-                        dense_sq_grad_sum(uses, acc[i])
-                    elif uses and uses[0][0] == "embedding":
-                        embedding_sq_grad_sum(uses[0][1], uses[0][2], acc[i])
-                    elif uses:
-                        linear_sq_grad_sum(uses[0][1], uses[0][2], acc[i])
-                del loss, grads, calls, outs
-    finally:
-        for h in handles:
-            h.remove()
-        for s in seen:
-            s.clear()
+    acc = [torch.zeros(w.shape, dtype=torch.float64, device=dev) for w in target_weights(ctx.model, names)]
+    batches = (x.to(dev) for _j, x in progress(ctx.micro_batches(), desc="fisher", enable=ctx.show_progress))
+    passes = output_gradients(ctx.model, names, batches, lambda x: per_sample_loss_sum(ctx.model, x),
+                              ctx.checkpointing)
+    with contextlib.closing(passes):   # hooks removed even when a check below raises
+        for x, calls in passes:
+            for i, uses in enumerate(calls):
+                for _kind, inp, _gy in uses:
+                    if inp.shape[0] != x.shape[0]:
+                        raise BitsearchError(f"fisher: target '{names[i]}' does not see the batch as its "
+                                             f"first dimension (input shape {tuple(inp.shape)})")
+                if len(uses) > 1:
+                    dense_sq_grad_sum(uses, acc[i])
+                elif uses and uses[0][0] == "embedding":
+                    embedding_sq_grad_sum(uses[0][1], uses[0][2], acc[i])
+                elif uses:
+                    linear_sq_grad_sum(uses[0][1], uses[0][2], acc[i])
     n = ctx.batch.shape[0]
     return {name: ctx.dist.all_reduce(a).cpu() / n for name, a in zip(names, acc)}
 

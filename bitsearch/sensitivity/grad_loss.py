@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from torch import nn
 from ..errors import BitsearchError
 
 __all__ = ["micro_batch_loss", "per_sample_loss_sum", "gradient_session", "math_sdpa",
-           "target_weights"]
+           "target_weights", "weight_users", "output_gradients"]
 
 
 def _logits_targets(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,3 +110,70 @@ def gradient_session(model: nn.Module, weights: list[nn.Parameter], checkpointin
             p.requires_grad_(flag)
         for m, mode in modes:
             m.training = mode
+
+
+def weight_users(model: nn.Module, weight: nn.Parameter, name: str) -> list[tuple[nn.Module, str]]:
+    """Every module using ``weight`` (the target and, e.g., a tied lm_head), with its kind
+    ("linear" or "embedding")."""
+    out, seen = [], set()
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        if getattr(mod, "weight", None) is not weight or id(mod) in seen:
+            continue
+        seen.add(id(mod))
+        if isinstance(mod, nn.Embedding):
+            out.append((mod, "embedding"))
+        elif isinstance(mod, nn.Linear):
+            out.append((mod, "linear"))
+        else:
+            raise BitsearchError(f"the weight of target '{name}' is also used by '{mname}', a "
+                                 f"{type(mod).__name__} (only Linear and Embedding users are supported)")
+    return out
+
+
+UseGrads = list[tuple[str, torch.Tensor, torch.Tensor]]
+
+
+def output_gradients(model: nn.Module, names: list[str], batches, loss_fn: Callable[[torch.Tensor], torch.Tensor],
+                     checkpointing: bool = False) -> Iterator[tuple[torch.Tensor, list[UseGrads]]]:
+    """For each micro-batch x of ``batches`` (already on the model's device): (x, uses), where
+    uses[i] lists (kind, input, d loss_fn(x) / d output) for every call of target ``names[i]``'s
+    weight in the forward (a tied weight: each of its modules). One forward and one backward per
+    micro-batch; only the targets' outputs get gradients. Hooks removed and the model's state
+    restored (``gradient_session``) when the iteration ends."""
+    weights = target_weights(model, names)
+    seen: list[UseGrads] = [[] for _ in names]
+    recording = [False]  # off during backward, where checkpointing re-runs the forwards
+
+    def hook(i, kind):
+        def fn(_mod, args, out):
+            if recording[0]:
+                seen[i].append((kind, args[0].detach(), out))
+        return fn
+
+    handles = []
+    try:
+        for i, (name, w) in enumerate(zip(names, weights)):
+            for mod, kind in weight_users(model, w, name):
+                handles.append(mod.register_forward_hook(hook(i, kind)))
+        with gradient_session(model, weights, checkpointing):
+            for x in batches:
+                recording[0] = True
+                try:
+                    loss = loss_fn(x)
+                finally:
+                    recording[0] = False
+                calls = [list(s) for s in seen]
+                for s in seen:
+                    s.clear()
+                outs = [out for c in calls for _k, _inp, out in c]
+                grads = iter(torch.autograd.grad(loss, outs, allow_unused=True))
+                del loss
+                uses = [[(kind, inp, g) for kind, inp, _out in c for g in [next(grads)] if g is not None]
+                        for c in calls]
+                del calls, outs, grads
+                yield x, uses
+    finally:
+        for h in handles:
+            h.remove()
+        for s in seen:
+            s.clear()

@@ -1,10 +1,12 @@
 """compute_sensitivity: run estimators on a calibration batch and build a SensitivityTable.
 
 Input estimators (imatrix, snr) share one block-by-block pass that collects the statistics
-they need (``stats.py``, ``streaming.py``); gradient estimators (fisher, hutchinson) run their
-own passes. Curves not already in loss units are calibrated per layer (``calibrate.py``; the
-reference-width response is measured once and shared). Under ``torchrun`` every pass covers
-this rank's micro-batches and the sums are all-reduced (``distributed.py``).
+they need (``stats.py``, ``bitsearch.blocks``); gradient estimators (fisher, hutchinson) run their
+own passes. Curves not already in loss units are calibrated per layer (``calibrate.py``): each
+layer's loss response at the reference width (and to pruning its cheapest rows) is predicted
+for every layer from one forward+backward (``grad_response.py``, "gradient") or measured
+layer by layer ("layer-loss"), once for all calibrated estimators. Under ``torchrun`` every
+pass covers this rank's micro-batches and the sums are all-reduced (``distributed.py``).
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from ..models import Target, model_fingerprint
 from ..progress import progress
 from ..quant.grid import VALID_WIDTHS
 from .base import GradientEstimator, InputEstimator, LayerCurves, SensitivityContext, get_estimator
-from .calibrate import block_of, calibrate_layer_loss, layer_loss_response, prune_loss_response, prune_rows
+from ..blocks import block_of
+from .calibrate import calibrate_layer_loss, layer_loss_response, prune_loss_response, prune_rows
+from .grad_response import gradient_responses
 from .stats import InputStats
-from .streaming import BlockRunner
+from ..blocks import BlockRunner
 from .table import SensitivityTable, err_col, format_mix, parse_mix
 
 __all__ = ["DEFAULT_BITS", "CALIBRATIONS", "check_bits", "check_group_size", "compute_sensitivity",
@@ -34,8 +38,9 @@ __all__ = ["DEFAULT_BITS", "CALIBRATIONS", "check_bits", "check_group_size", "co
 DEFAULT_BITS = [0, 2, 3, 4, 5, 6, 8]
 #: width at which layer-loss calibration measures each layer's response
 CALIB_REF_BITS = 2
-#: auto: calibrate proxies, keep estimators already in loss units; layer-loss: calibrate all
-CALIBRATIONS = ("auto", "layer-loss", "none")
+#: auto: calibrate the proxies by "gradient" ("layer-loss" with offload), keep estimators already in
+#: loss units; gradient / layer-loss: calibrate every estimator by that method; none: raw curves
+CALIBRATIONS = ("auto", "gradient", "layer-loss", "none")
 
 
 def check_bits(bits: list[int]) -> list[int]:
@@ -128,11 +133,13 @@ def compute_sensitivity(model: nn.Module, targets: list[Target], batch: torch.Te
                         imatrix: dict[str, torch.Tensor] | None = None) -> SensitivityTable:
     """Per-channel error curves of every target from each estimator, in one table.
 
-    ``calibrate``: "auto" rescales curves not already in loss units by each layer's measured
-    loss response at ``calib_ref_bits`` (on the first ``calib_samples`` calibration samples)
-    and, when 0 is in the menu, their pruning column by the response to pruning
-    ``prune_fraction`` of each layer's rows; "layer-loss" does so for every estimator; "none"
-    keeps raw curves. ``mix`` is the table's default estimator mix (default: equal weights).
+    ``calibrate``: "auto" rescales curves not already in loss units by each layer's loss
+    response at ``calib_ref_bits`` (on the first ``calib_samples`` calibration samples) and,
+    when 0 is in the menu, their pruning column by the response to pruning ``prune_fraction``
+    of each layer's rows, both predicted from one forward+backward ("gradient"; measured layer
+    by layer with ``offload``, where the whole model is never on the device); "gradient" and
+    "layer-loss" (the exact per-layer measurement) do so for every estimator; "none" keeps raw
+    curves. ``mix`` is the table's default estimator mix (default: equal weights).
     ``imatrix`` ({target: mean x_j^2}, e.g. from a llama.cpp imatrix file) replaces the statistics
     pass of the imatrix estimator.
     """
@@ -160,7 +167,14 @@ def compute_sensitivity(model: nn.Module, targets: list[Target], batch: torch.Te
     if grads and offload:
         raise BitsearchError(f"`offload` streams blocks and works only with imatrix and snr, "
                              f"not {', '.join(e.name for e in grads)}")
-    calibrated = [e for e in ests if calibrate == "layer-loss" or (calibrate == "auto" and not e.loss_units)]
+    calibrated = [e for e in ests
+                  if calibrate in ("gradient", "layer-loss") or (calibrate == "auto" and not e.loss_units)]
+    method = "layer-loss" if calibrate == "layer-loss" or (calibrate == "auto" and offload) else "gradient"
+    if calibrated and method == "gradient" and offload:
+        raise BitsearchError("loss_calibration gradient runs the whole model at once and cannot be combined with "
+                             "`offload` (use loss_calibration layer-loss)")
+    if calibrated and calib_samples < 1:
+        raise BitsearchError(f"loss_calibration_samples must be at least 1 (got {calib_samples})")
     if calibrated and calib_ref_bits not in bits:
         raise BitsearchError(f"calibration width {calib_ref_bits} must be in the bit menu {bits}")
     if calibrated and 0 in bits and not 0 < prune_fraction <= 1:
@@ -171,6 +185,7 @@ def compute_sensitivity(model: nn.Module, targets: list[Target], batch: torch.Te
     curves: dict[str, dict[str, LayerCurves]] = {}
     seconds: dict[str, float] = {}
     inputs = [e for e in ests if isinstance(e, InputEstimator)]
+    stages: dict[str, float] = {}
     if imatrix is not None:
         if names != ["imatrix"]:
             raise BitsearchError(f"an imatrix file replaces the imatrix estimator's statistics only, not "
@@ -180,38 +195,42 @@ def compute_sensitivity(model: nn.Module, targets: list[Target], batch: torch.Te
         curves["imatrix"] = {t.name: ests[0].layer_curves(t, modules[t.name].weight,
                                                           imatrix[t.name].to(modules[t.name].weight.device),
                                                           bits, group_size) for t in targets}
-        seconds["imatrix"] = time.time() - t0
+        seconds["imatrix"] = stages["imatrix file"] = time.time() - t0
         inputs = []
     if inputs:
         t0 = time.time()
         curves.update(collect_input_curves(ctx, inputs, offload))
+        stages["input statistics and curves"] = time.time() - t0
         for e in inputs:   # one shared pass: each input estimator is charged its full time
-            seconds[e.name] = time.time() - t0
+            seconds[e.name] = stages["input statistics and curves"]
     for e in grads:
         t0 = time.time()
         curves[e.name] = e.estimate(ctx)
-        seconds[e.name] = time.time() - t0
+        seconds[e.name] = stages[e.name] = time.time() - t0
     sub = batch[:calib_samples]
     info: dict[str, dict] = {}
-    responses, response_seconds = None, 0.0
-    if calibrated:   # measured once, shared (and charged in full to each calibrated estimator)
+    response_seconds = 0.0
+    if calibrated:   # once for every calibrated estimator (and charged in full to each)
         t0 = time.time()
-        responses = layer_loss_response(model, targets, sub, calib_ref_bits, group_size, micro_batch,
-                                        ctx.show_progress, dist, offload)
-        response_seconds = time.time() - t0
+        rows = {e.name: prune_rows(curves[e.name], bits, prune_fraction) for e in calibrated} if 0 in bits else {}
+        if method == "gradient":
+            responses, prune_responses = gradient_responses(model, targets, sub, calib_ref_bits, group_size, rows,
+                                                            micro_batch, checkpointing, ctx.show_progress, dist)
+        else:
+            responses = layer_loss_response(model, targets, sub, calib_ref_bits, group_size, micro_batch,
+                                            ctx.show_progress, dist, offload)
+            prune_responses = {k: prune_loss_response(model, targets, sub, r, micro_batch, ctx.show_progress, dist,
+                                                      offload) for k, r in rows.items()}
+        response_seconds = stages[f"calibration ({method})"] = time.time() - t0
     for e in ests:
         if e not in calibrated:
             info[e.name] = {"calibration": "native" if e.loss_units else "none",
                             "units": "calibration-loss increase (nats/token)" if e.loss_units else "layer-local proxy"}
             continue
-        t0 = time.time()
-        prune = None
-        if 0 in bits:
-            rows = prune_rows(curves[e.name], bits, prune_fraction)
-            prune = (rows, prune_loss_response(model, targets, sub, rows, micro_batch, ctx.show_progress, dist, offload))
+        prune = (rows[e.name], prune_responses[e.name]) if 0 in bits else None
         curves[e.name] = calibrate_layer_loss(curves[e.name], responses, bits, calib_ref_bits, prune)
-        seconds[e.name] += time.time() - t0 + response_seconds
-        info[e.name] = {"calibration": "layer-loss", "units": "calibration-loss increase (nats/token)"}
+        seconds[e.name] += response_seconds
+        info[e.name] = {"calibration": method, "units": "calibration-loss increase (nats/token)"}
     for e in ests:
         info[e.name]["seconds"] = round(seconds[e.name], 2)
         info[e.name].update(e.summary or {})
@@ -236,8 +255,9 @@ def compute_sensitivity(model: nn.Module, targets: list[Target], batch: torch.Te
         "bits": bits,
         "group_size": group_size,
         "calibration": calibrate,
+        "calibration_method": method if calibrated else None,
         "calib_ref_bits": calib_ref_bits,
-        "calib_loss_samples": calib_samples,
+        "calib_loss_samples": min(calib_samples, batch.shape[0]),
         "prune_fraction": prune_fraction if 0 in bits else None,
         "probes": probes if any(e.name == "hutchinson" for e in ests) else None,
         "seed": seed,
@@ -250,6 +270,7 @@ def compute_sensitivity(model: nn.Module, targets: list[Target], batch: torch.Te
         "model": model_fingerprint(model, targets),
         "calibration_data": calib_info or {},
         "seconds": round(time.time() - t_start, 2),
+        "stage_seconds": {k: round(v, 3) for k, v in stages.items()},
         "package_version": __version__,
     }
     return SensitivityTable(df=df, meta=meta)

@@ -35,7 +35,7 @@ with AutoGPTQ's static groups:
 The grid is bitsearch's (:mod:`bitsearch.quant.grid`): per row and group, lo = min(min(w), 0),
 hi = max(max(w), 0), scale = f16((hi - lo) / (2^b - 1)), zero = clamp(round(-lo / scale)) as a
 uint8, codes clamp(round(w / scale) + zero, 0, 2^b - 1); 0 is exactly representable. Every row
-has its own width from a :class:`~bitsearch.plan.BitPlan` (its own q_max; rows of different
+has its own width from a :class:`~bitsearch.io.plan.BitPlan` (its own q_max; rows of different
 widths share H and are quantized in one pass), rows at width 0 become 0 and rows at 16 the
 weight rounded to float16 (neither takes part in the error feedback). Targets outside the
 decoder blocks (embeddings, a tied or untied lm_head) get round-to-nearest, before the blocks'
@@ -69,16 +69,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from bitsearch.apply import fake_quantize_model, plan_targets
+from bitsearch.quantize import fake_quantize_model, plan_targets
 from bitsearch.errors import BitsearchError
 from bitsearch.finalize.signround import minmax_qparams
-from bitsearch.plan import BitPlan
+from bitsearch.io.plan import BitPlan
 from bitsearch.progress import progress
 from bitsearch.search.uniform import uniform_plan
 from bitsearch.quant.grid import (KEEP_WIDTH, QUANT_WIDTHS, choose_qparams, dequantize, n_groups,
                                   quantize)
-from bitsearch.sensitivity.calibrate import names_by_block
-from bitsearch.sensitivity.streaming import BlockRunner
+from bitsearch.blocks import names_by_block
+from bitsearch.blocks import BlockRunner
 
 __all__ = ["GPTQResult", "gptq_layer", "gptq_quantize", "uniform_plan", "sequential_groups"]
 
@@ -352,7 +352,7 @@ def gptq_quantize(model: nn.Module, plan: BitPlan, batch: torch.Tensor, *, percd
             and any(n_groups(i, plan.group_size) > 1 for _, i in plan.shapes.values()):
         raise BitsearchError("gptq: act order needs static groups to be stored in bitsearch's format")
     opts = dict(percdamp=percdamp, act_order=act_order, static_groups=static_groups, blocksize=blocksize)
-    targets = plan_targets(model, plan, "gptq")
+    targets = plan_targets(model, plan, "gptq", check_weights=False)
     runner = BlockRunner(model, offload=offload)
     modules = dict(model.named_modules())
     by_block = names_by_block(runner, [t.name for t in targets])
@@ -404,10 +404,11 @@ def gptq_quantize(model: nn.Module, plan: BitPlan, batch: torch.Tensor, *, percd
 
 def main(argv: list[str] | None = None) -> dict:
     from bitsearch import api
-    from bitsearch.apply import pack_model, save_packed
+    from bitsearch.quantize import pack_model
+    from bitsearch.io.checkpoint import save_packed
     from bitsearch.config import EvalConfig
     from bitsearch.data import calibration_batches
-    from bitsearch.models import load_model, load_tokenizer
+    from bitsearch.io.loading import load_model, load_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)

@@ -19,9 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import decoder_blocks
+from .models import decoder_blocks
 
-__all__ = ["BlockRunner", "offload_blocks"]
+__all__ = ["BlockRunner", "offload_blocks", "block_of", "names_by_block"]
+
+#: logits formed at once by :meth:`BlockRunner.nll_sum` (tokens x vocabulary)
+_HEAD_CHUNK_ELEMENTS = 1 << 21
 
 
 class _Captured(Exception):
@@ -85,6 +88,7 @@ class BlockRunner:
         emb = model.get_input_embeddings()
         self.device = next(iter(list(emb.parameters()) + list(emb.buffers()))).device
         self._as_tuple: bool | None = None
+        self._head_ok: bool | None = None
 
     @property
     def n_blocks(self) -> int:
@@ -131,25 +135,72 @@ class BlockRunner:
             self._as_tuple = isinstance(out, tuple)
         return out[0] if isinstance(out, tuple) else out
 
-    @torch.no_grad()
-    def logits(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The model's logits given the hidden states ``h`` leaving the last block (``x``: the
-        token ids, used only for the embedding pass the model's forward makes)."""
+    def _forward_from(self, h: torch.Tensor, x: torch.Tensor):
+        """The model's forward with the decoder blocks replaced by ``h`` (the last block's output)."""
         parent = self.model.get_submodule(self.prefix.rpartition(".")[0]) if "." in self.prefix else self.model
         attr = self.prefix.rpartition(".")[2]
         saved = getattr(parent, attr)
         setattr(parent, attr, nn.ModuleList([_Inject(h, saved[-1], bool(self._as_tuple))]))
         try:
-            return self.model(input_ids=x.to(self.device), use_cache=False).logits
+            return self.model(input_ids=x.to(self.device), use_cache=False)
         finally:
             setattr(parent, attr, saved)
 
     @torch.no_grad()
+    def logits(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits given the hidden states ``h`` leaving the last block (``x``: the
+        token ids, used only for the embedding pass the model's forward makes)."""
+        return self._forward_from(h, x).logits
+
+    @torch.no_grad()
+    def head_inputs(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """What the output embedding receives (the final norm's output) given ``h``."""
+        store = {}
+
+        def hook(_mod, args):
+            store["h"] = args[0]
+            raise _Captured
+
+        handle = self.model.get_output_embeddings().register_forward_pre_hook(hook)
+        try:
+            self._forward_from(h, x)
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
+        return store["h"]
+
+    def _head_is_logits(self, h: torch.Tensor, x: torch.Tensor) -> bool:
+        """Whether the output embedding alone turns its inputs into the model's logits (no logit
+        scaling or soft-capping after it); checked once, on the first call's tokens."""
+        if self._head_ok is None:
+            head = self.model.get_output_embeddings()
+            self._head_ok = isinstance(head, nn.Linear)
+            if self._head_ok:
+                want = self.logits(h, x)
+                got = head(self.head_inputs(h, x))
+                self._head_ok = got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+        return self._head_ok
+
+    @torch.no_grad()
     def nll_sum(self, h: torch.Tensor, x: torch.Tensor) -> float:
-        """Summed next-token NLL of ``x`` given the last block's output ``h``."""
-        logits = self.logits(h, x)[:, :-1].float()
-        tgt = x[:, 1:].to(logits.device)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum").item()
+        """Summed next-token NLL of ``x`` given the last block's output ``h``. The output
+        embedding and the cross-entropy run over chunks of tokens, so no (tokens, vocab) logits
+        tensor is formed or copied (when the model's logits are its output embedding's output)."""
+        tgt = x[:, 1:].to(self.device)
+        if not self._head_is_logits(h, x):
+            logits = self.logits(h, x)[:, :-1]
+            return sum(F.cross_entropy(logits[b].float(), tgt[b], reduction="sum").item()
+                       for b in range(x.shape[0]))
+        head = self.model.get_output_embeddings()
+        hid = self.head_inputs(h, x)
+        chunk = max(1, _HEAD_CHUNK_ELEMENTS // head.out_features)
+        total = 0.0
+        for b in range(x.shape[0]):
+            for i in range(0, tgt.shape[1], chunk):
+                logits = head(hid[b, i:min(i + chunk, tgt.shape[1])])
+                total += F.cross_entropy(logits.float(), tgt[b, i:i + chunk], reduction="sum").item()
+        return total
 
     @torch.no_grad()
     def nll_from(self, i: int, hs: list[torch.Tensor], kws: list[dict], xs: list[torch.Tensor]) -> float:
@@ -159,3 +210,19 @@ class BlockRunner:
             with self.on_device(k) as block:
                 hs = [self.run_block(block, h, kw) for h, kw in zip(hs, kws)]
         return sum(self.nll_sum(h, x) for h, x in zip(hs, xs))
+
+
+def block_of(runner: BlockRunner, name: str) -> int | None:
+    """Index of the decoder block holding module ``name`` (None outside the blocks)."""
+    head = runner.prefix + "."
+    if not name.startswith(head):
+        return None
+    return int(name[len(head):].split(".", 1)[0])
+
+
+def names_by_block(runner: BlockRunner, names) -> dict[int | None, list[str]]:
+    """Module names grouped by :func:`block_of` (None: outside the blocks), in the given order."""
+    out: dict[int | None, list[str]] = {}
+    for name in names:
+        out.setdefault(block_of(runner, name), []).append(name)
+    return out

@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .atomic import write_text_atomic
-from .cost import avg_bits, plan_bytes
-from .couplings import Coupling, couplings_from_list
-from .errors import BitsearchError
-from .quant.grid import KEEP_WIDTH, VALID_WIDTHS
+from ..atomic import write_text_atomic
+from ..cost import avg_bits, plan_bytes
+from ..couplings import Coupling, couplings_from_list
+from ..errors import BitsearchError
+from ..quant.grid import KEEP_WIDTH, VALID_WIDTHS
 
 __all__ = ["PLAN_FORMAT", "PLAN_VERSION", "PlanTargets", "BitPlan", "encode_bits", "decode_bits", "load_plan"]
 
@@ -242,7 +242,7 @@ def load_plan(path: str):
     """A per-channel :class:`BitPlan` or a per-tensor ``TensorPlan``, by what the file holds."""
     d = _read_json(path)
     if isinstance(d, dict) and d.get("format") == PLAN_FORMAT and d.get("unit") == "tensor":
-        from .gguf.plan import TensorPlan
+        from ..gguf.plan import TensorPlan
 
         return TensorPlan.from_dict(d, path, path)
     return BitPlan.from_dict(d, path)
