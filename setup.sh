@@ -6,9 +6,8 @@
 # machine (pip's find-links, e.g. a CPU build) is preferred; where there is none, pip installs
 # its usual torch build. Nothing here pins an old or a CPU-only torch for anyone else.
 #
-# Extras: BITSEARCH_EXTRAS=gguf,hf ./setup.sh also installs those pyproject extras. For gguf,
-# llama-cpp-python is built from source once (several minutes; AMX repacking off, it crashes on some
-# CPUs) into ~/.cache/bitsearch/wheels, and the cached wheel is reused afterwards.
+# For the gguf extra, llama-cpp-python is built from source once (several minutes; AMX repacking
+# off, it crashes on some CPUs) into ~/.cache/bitsearch/wheels, and that wheel is reused afterwards.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
