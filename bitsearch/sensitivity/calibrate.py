@@ -36,14 +36,14 @@ from ..quant.grid import fake_quantize
 from .base import LayerCurves
 from ..blocks import BlockRunner, block_of
 
-__all__ = ["layer_loss_response", "prune_rows", "prune_loss_response", "calibrate_layer_loss"]
+__all__ = ["loss_response", "layer_loss_response", "prune_rows", "prune_loss_response", "calibrate_layer_loss"]
 
 #: response floor in nats: a layer whose measured response is below it counts as this small.
 RESPONSE_FLOOR = 1e-6
 
 
 @torch.no_grad()
-def _response(model: nn.Module, targets: list[Target], batch: torch.Tensor,
+def loss_response(model: nn.Module, targets: list[Target], batch: torch.Tensor,
               perturb: Callable[[str, torch.Tensor], torch.Tensor], desc: str, micro_batch: int,
               show_progress: bool, dist: Dist | None = None, offload: bool = False) -> dict[str, float]:
     """Mean-loss increase when ``perturb(name, weight)`` replaces one target's weight at a time."""
@@ -87,7 +87,7 @@ def layer_loss_response(model: nn.Module, targets: list[Target], batch: torch.Te
                         group_size: int, micro_batch: int = 8, show_progress: bool = True,
                         dist: Dist | None = None, offload: bool = False) -> dict[str, float]:
     """Calibration-loss increase when each target alone is fake-quantized at ``bits``."""
-    return _response(model, targets, batch, lambda _n, w: fake_quantize(w, bits, group_size),
+    return loss_response(model, targets, batch, lambda _n, w: fake_quantize(w, bits, group_size),
                      f"layer response @{bits}b", micro_batch, show_progress, dist, offload)
 
 
@@ -107,7 +107,7 @@ def prune_loss_response(model: nn.Module, targets: list[Target], batch: torch.Te
         w[torch.as_tensor(rows[name], dtype=torch.long, device=w.device)] = 0
         return w
 
-    return _response(model, targets, batch, prune, "prune response", micro_batch, show_progress, dist, offload)
+    return loss_response(model, targets, batch, prune, "prune response", micro_batch, show_progress, dist, offload)
 
 
 def calibrate_layer_loss(curves: dict[str, LayerCurves], responses: dict[str, float], bits: list[int],
