@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from bitsearch.cost import layer_bytes
-from bitsearch.plan import BitPlan
+from bitsearch.io.plan import BitPlan
 from bitsearch.plots import plot_layer_bits
 
 

@@ -10,7 +10,7 @@ model (an ``nn.Module`` or a folder / hub id), their inputs and a config object;
 ``import bitsearch`` stays light.
 
 Four stage functions share their names with subpackages (``bitsearch.search``, ``.sensitivity``,
-``.finalize``, ``.export``) and three with modules (``.apply``, ``.evaluate``, ``.generate``): the
+``.finalize``, ``.export``) and two with modules (``.evaluate``, ``.generate``): the
 attribute is the function, and the subpackage is reached by ``from bitsearch.search import ...``.
 """
 
@@ -24,7 +24,7 @@ from .errors import BitsearchError  # noqa: E402
 _API = ("sensitivity", "search", "search_plan", "apply", "finalize", "evaluate", "export", "generate")
 _CONFIG = ("RunConfig", "CalibConfig", "SensitivityConfig", "SearchConfig", "FinalizeConfig", "ApplyConfig",
            "EvalConfig", "ExportConfig", "GenerateConfig")
-_OTHER = {"BitPlan": "plan", "SensitivityTable": "sensitivity", "EvalResult": "evaluate", "load_model": "models"}
+_OTHER = {"BitPlan": "io.plan", "SensitivityTable": "sensitivity", "EvalResult": "evaluate", "load_model": "io.loading"}
 
 __all__ = ["__version__", "BitsearchError", *_API, *_CONFIG, *_OTHER]
 
@@ -44,7 +44,7 @@ def __getattr__(name: str):
     import importlib
 
     if name in _API:
-        return getattr(importlib.import_module(".api", __name__), name)
+        return getattr(importlib.import_module(".generate" if name == "generate" else ".api", __name__), name)
     if name in _CONFIG:
         return getattr(importlib.import_module(".config", __name__), name)
     if name in _OTHER:

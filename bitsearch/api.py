@@ -36,7 +36,7 @@ from .errors import BitsearchError
 from .options import check_choices
 from .outputs import check_output, keep_on_interrupt
 
-__all__ = ["sensitivity", "search", "search_plan", "apply", "finalize", "evaluate", "export", "generate",
+__all__ = ["sensitivity", "search", "search_plan", "apply", "finalize", "evaluate", "export",
            "parse_bits", "invoked_as", "resolve_model", "calibration_tokens"]
 
 _INVOKED_AS: contextvars.ContextVar[str | None] = contextvars.ContextVar("bitsearch_invoked_as", default=None)
@@ -86,7 +86,7 @@ class Loaded:
     def tok(self):
         """The tokenizer, loaded from the model's folder or hub id when not given."""
         if self.tokenizer is None:
-            from .models import load_tokenizer
+            from .io.loading import load_tokenizer
 
             path = getattr(self.model, "name_or_path", "") or getattr(getattr(self.model, "config", None),
                                                                       "_name_or_path", "")
@@ -107,7 +107,7 @@ def _threads(config: RunConfig) -> None:
 def resolve_model(model, config: RunConfig, tokenizer=None, offload: bool = False) -> Loaded:
     """``model`` as a :class:`Loaded`: an ``nn.Module`` as it is, a path or hub id loaded on
     ``config.device`` in ``config.dtype`` (with ``offload``: blocks kept on the CPU)."""
-    from .models import load_model, load_tokenizer
+    from .io.loading import load_model, load_tokenizer
 
     from .models import check_finite
 
@@ -120,8 +120,14 @@ def resolve_model(model, config: RunConfig, tokenizer=None, offload: bool = Fals
     if not isinstance(model, (str, os.PathLike)):
         raise BitsearchError(f"model must be an nn.Module or a model folder / hub id, not {type(model).__name__}")
     path = os.fspath(model)
+    if path.endswith(".gguf") and os.path.isfile(path):   # dequantized through the gguf package
+        from .gguf.load import load_gguf
+        from .io.loading import resolve_device, resolve_dtype
+
+        m, tok = load_gguf(path, resolve_dtype(config.dtype))
+        return Loaded(m.to(resolve_device(config.device)), tokenizer or tok, path)
     if offload:
-        from .sensitivity.streaming import offload_blocks
+        from .blocks import offload_blocks
 
         m = offload_blocks(load_model(path, "cpu", config.dtype), config.device)
     else:
@@ -180,13 +186,15 @@ def calibration_tokens(loaded: Loaded, calib, config: CalibConfig, n: int | None
     return batch, spec.to_dict()
 
 
-def _plan(plan):
-    from .plan import BitPlan
+def _plan(plan, per_tensor: bool = False):
+    """A plan object from a plan or its file; a per-tensor (GGUF) plan only where ``per_tensor``."""
+    from .gguf.plan import TensorPlan
+    from .io.plan import BitPlan, load_plan
 
-    if isinstance(plan, BitPlan):
-        return plan
     if isinstance(plan, (str, os.PathLike)):
-        return BitPlan.load(os.fspath(plan))
+        plan = load_plan(os.fspath(plan)) if per_tensor else BitPlan.load(os.fspath(plan))
+    if isinstance(plan, BitPlan) or (per_tensor and isinstance(plan, TensorPlan)):
+        return plan
     raise BitsearchError(f"plan must be a BitPlan or a plan file, not {type(plan).__name__}")
 
 
@@ -199,10 +207,12 @@ def _inputs(*items) -> tuple:
 
 
 def sensitivity(model, calib=None, config: SensitivityConfig | None = None, *, tokenizer=None,
-                out: str | None = None, overwrite: bool = False):
+                out: str | None = None, overwrite: bool = False, imatrix: str | None = None):
     """Per-channel error curves of every target from each of ``config.estimators``, as a
     :class:`~bitsearch.sensitivity.SensitivityTable` (saved as Parquet at ``out``). Under
-    ``torchrun`` the calibration batch is shared across processes and rank 0 writes the table."""
+    ``torchrun`` the calibration batch is shared across processes and rank 0 writes the table.
+    ``imatrix``: a llama.cpp imatrix file (GGUF or legacy .dat) used as the importance matrix
+    instead of collecting the imatrix estimator's statistics."""
     from .distributed import from_env
     from .models import find_targets
     from .sensitivity import compute_sensitivity
@@ -229,11 +239,24 @@ def sensitivity(model, calib=None, config: SensitivityConfig | None = None, *, t
         dist.barrier()
     batch, calib_info = calibration_tokens(loaded, calib, replace(config, show_progress=config.show_progress and
                                                                   dist.is_main), out=out, what="sensitivity")
+    given = None
+    if imatrix is not None:
+        from .gguf.imatrix import read_imatrix
+        from .gguf.search import imatrix_for
+
+        imat = read_imatrix(os.fspath(imatrix))
+        given = {}
+        for t in tgts:
+            w = imatrix_for(imat, t) if t.kind == "linear" else None
+            if w is None:
+                raise BitsearchError(f"imatrix file '{os.fspath(imatrix)}' has no entry for target '{t.name}'")
+            given[t.name] = torch.from_numpy(w)
+        calib_info = dict(calib_info, imatrix=os.fspath(imatrix))
     table = compute_sensitivity(m, tgts, batch, estimators=config.estimators, bits=menu, group_size=config.group_size,
                                 calibrate=config.loss_calibration, calib_samples=config.loss_calibration_samples,
                                 micro_batch=config.micro_batch, probes=config.probes, seed=config.seed, mix=config.mix,
                                 offload=config.offload, checkpointing=config.checkpointing, dist=dist,
-                                calib_info=calib_info, show_progress=config.show_progress)
+                                calib_info=calib_info, show_progress=config.show_progress, imatrix=given)
     table.meta["command"] = _provenance()["command"]
     table.meta["model_name"] = loaded.name
     if out and dist.is_main:
@@ -269,7 +292,7 @@ def search_plan(table, targets, fingerprint: dict, config: SearchConfig, *, allo
     ``config.format`` (an exporter whose unit is the module) widths are priced and budgeted in that
     format's bytes (``search/formats.py``), one width per module."""
     from .cost import avg_bits, budget_to_bytes
-    from .plan import BitPlan
+    from .io.plan import BitPlan
     from .search import allocator_from_config, build_problem
     from .sensitivity.table import format_mix
 
@@ -330,9 +353,37 @@ def search_plan(table, targets, fingerprint: dict, config: SearchConfig, *, allo
     return plan
 
 
+def _search_gguf(model, calib, config: SearchConfig, tokenizer, imatrix, out, overwrite):
+    """``search`` with ``format="gguf"``: a per-tensor plan of ggml types, saved with its importance
+    matrix beside it (``<out stem>.imatrix.gguf``, a llama.cpp imatrix file)."""
+    import hashlib
+
+    from .gguf.imatrix import read_imatrix, write_imatrix
+    from .gguf.search import search_gguf
+
+    check_output(out, "file", inputs=_inputs(model, calib, imatrix), overwrite=overwrite, what="plan")
+    im_path = os.path.splitext(out)[0] + ".imatrix.gguf" if out else None
+    check_output(im_path, "file", inputs=_inputs(model, calib, imatrix), overwrite=overwrite, what="imatrix")
+    loaded = resolve_model(model, config, tokenizer)
+    batch, calib_info = calibration_tokens(loaded, calib, config, out=out, what="search")
+    plan, imat = search_gguf(loaded.model, batch, config.budget, types=config.types, method=config.method,
+                             ref_type=config.ref_type, calib_samples=config.loss_calibration_samples,
+                             micro_batch=config.micro_batch,
+                             imatrix=read_imatrix(os.fspath(imatrix)) if imatrix is not None else None,
+                             calib_info=calib_info, show_progress=config.show_progress)
+    plan.provenance.update(_provenance(), model_name=loaded.name,
+                           imatrix_file=os.fspath(imatrix) if imatrix is not None else None)
+    if out:
+        write_imatrix(imat, im_path)
+        with open(im_path, "rb") as f:
+            plan.imatrix, plan.imatrix_sha256 = os.path.basename(im_path), hashlib.sha256(f.read()).hexdigest()
+        plan.save(out)
+    return plan
+
+
 def search(model, calib=None, config: SearchConfig | None = None, *, tokenizer=None, table=None,
-           out: str | None = None, overwrite: bool = False):
-    """A :class:`~bitsearch.plan.BitPlan` under ``config.budget`` (avg bits such as 2.5, or bytes
+           out: str | None = None, overwrite: bool = False, imatrix: str | None = None):
+    """A :class:`~bitsearch.io.plan.BitPlan` under ``config.budget`` (avg bits such as 2.5, or bytes
     such as "12MB"), saved as JSON at ``out``.
 
     The curves come from ``table`` (a SensitivityTable or its Parquet file) or are computed from
@@ -340,7 +391,10 @@ def search(model, calib=None, config: SearchConfig | None = None, *, tokenizer=N
     the model-in-the-loop ones (optuna, diffq) measure candidates on ``2 × kl_samples`` calibration
     samples (half to search, half held out to choose). ``min_bits`` defaults to 2: pruning (width
     0) is off unless asked for with ``min_bits=0``. With pruning on, ``coupling`` (default) prunes
-    whole MLP channels and key-value head groups, freeing the consumer's columns too."""
+    whole MLP channels and key-value head groups, freeing the consumer's columns too.
+
+    ``format="gguf"``: a per-tensor :class:`~bitsearch.gguf.plan.TensorPlan` of ggml types for
+    llama.cpp instead (``types``, ``ref_type``; ``imatrix``: a llama.cpp imatrix file to score with)."""
     from .cost import parse_budget
     from .couplings import find_couplings
     from .models import find_targets, model_fingerprint
@@ -354,6 +408,12 @@ def search(model, calib=None, config: SearchConfig | None = None, *, tokenizer=N
     if config.budget is None:
         raise BitsearchError("search needs a budget: avg bits (e.g. 2.5) or bytes (12MB, 12MiB)")
     parse_budget(config.budget)                         # a budget that does not parse: before any loading
+    if config.format == "gguf":
+        if table is not None:
+            raise BitsearchError("format gguf scores ggml types itself: it takes no sensitivity `table`")
+        return _search_gguf(model, calib, config, tokenizer, imatrix, out, overwrite)
+    if imatrix is not None or config.types is not None:
+        raise BitsearchError("`imatrix` and `types` are options of format gguf")
     check_output(out, "file", inputs=_inputs(model, calib, table, config.data_free_cache), overwrite=overwrite,
                  what="plan")
     if config.format is not None:
@@ -432,7 +492,8 @@ def apply(model, plan, config: ApplyConfig | None = None, *, tokenizer=None, out
     """The model quantized by ``plan``, in place: its targets become packed modules (or, with
     ``config.fake``, keep nn.Linear with dequantized weights). ``out``: write the packed checkpoint
     (or, with ``fake``, a plain HF checkpoint). The plan is kept as ``model.bitsearch_plan``."""
-    from .apply import fake_quantize_model, pack_model, plan_targets, save_fake, save_packed
+    from .quantize import fake_quantize_model, pack_model, plan_targets
+    from .io.checkpoint import save_fake, save_packed
 
     config = config or ApplyConfig()
     check_choices(config)
@@ -462,7 +523,8 @@ def finalize(model, plan, calib=None, config: FinalizeConfig | None = None, *, t
     ``model.bitsearch_plan``. ``out``: write the packed checkpoint; QAT then also keeps a resumable
     checkpoint ``OUT.qat-checkpoint.pt`` every ``checkpoint_every`` seconds (removed once ``out``
     is written)."""
-    from .apply import plan_targets, save_packed
+    from .quantize import plan_targets
+    from .io.checkpoint import save_packed
     from .finalize import get_finalizer, rounders
 
     config = config or FinalizeConfig()
@@ -558,16 +620,14 @@ def export(model, plan, out: str, config: ExportConfig | None = None, *, tokeniz
     _threads(config)
     exporter = get_exporter(config.format, **{k: getattr(config, k)
                                               for k in getattr(EXPORTERS.get(config.format), "config_options", ())})
-    p = _plan(plan)
+    p = _plan(plan, per_tensor=exporter.plan_unit == "tensor")
     check_output(out, exporter.writes, inputs=_inputs(model, plan), overwrite=overwrite, what=f"{config.format} export")
     loaded = resolve_model(model, config, tokenizer)
     from .packed import PackedLinear
 
-    if not any(isinstance(mod, PackedLinear) for mod in loaded.model.modules()):   # a float model
-        from .apply import plan_targets
+    if exporter.plan_unit != "tensor" and not any(isinstance(mod, PackedLinear) for mod in loaded.model.modules()):
+        from .quantize import plan_targets
 
         plan_targets(loaded.model, p, where="plan", check_weights=not force)
     return exporter.export(loaded.model, loaded.tokenizer, p, out)
 
-
-from .generate import generate  # noqa: E402  (batch-1 generation: its own module, one API with the stages)

@@ -66,7 +66,8 @@ def _run_demo(args, config):
 def _run_sensitivity(args, config):
     from . import api
 
-    table = api.sensitivity(args.model, args.calib, config, out=args.out, overwrite=args.overwrite)
+    table = api.sensitivity(args.model, args.calib, config, out=args.out, overwrite=args.overwrite,
+                            imatrix=args.imatrix)
     if table.meta["world_size"] == 1 or os.environ.get("RANK", "0") == "0":
         secs = ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in table.meta["estimator_info"].items())
         print(f"wrote {args.out}: {len(table.df)} channels in {len(table.layers)} layers, "
@@ -81,8 +82,13 @@ def _run_sensitivity(args, config):
 def _run_search(args, config):
     from . import api
 
-    plan = api.search(args.model, args.calib, config, table=args.sensitivity, out=args.out, overwrite=args.overwrite)
+    plan = api.search(args.model, args.calib, config, table=args.sensitivity, out=args.out, overwrite=args.overwrite,
+                      imatrix=args.imatrix)
     s = plan.summary
+    if config.format == "gguf":
+        print(f"wrote {args.out}: {s['avg_bits']:.4f} bits per weight, {s['bytes']} bytes of tensor data, "
+              f"types {s['histogram']}, predicted loss increase {s['predicted_error']:.4g}")
+        return
     dead = f" ({s['dead_units']} whole units: smaller matrices)" if s.get("dead_units") else ""
     print(f"wrote {args.out}: {s['avg_bits']:.4f} avg bits, {s['bytes']} bytes, "
           f"{s['pruned_channels']} of {s['n_channels']} channels pruned{dead}, widths {s['histogram']}, "
@@ -93,7 +99,7 @@ def _run_search(args, config):
 
 def _run_finalize(args, config):
     from . import api
-    from .apply import packed_tensor_bytes
+    from .io.checkpoint import packed_tensor_bytes
 
     m = api.finalize(args.model, args.plan, args.calib, config, out=args.out, overwrite=args.overwrite,
                      force=args.force)
@@ -107,7 +113,7 @@ def _run_finalize(args, config):
 
 def _run_apply(args, config):
     from . import api
-    from .apply import packed_tensor_bytes
+    from .io.checkpoint import packed_tensor_bytes
 
     m = api.apply(args.model, args.plan, config, out=args.out, overwrite=args.overwrite, force=args.force)
     p = m.bitsearch_plan
@@ -188,7 +194,7 @@ def _run_plot_sensitivity(args, config):
 
 def _run_plot_plan(args, config):
     _check_png(args, args.plan)
-    from .plan import BitPlan
+    from .io.plan import BitPlan
     from .plots import plot_plan
 
     print(f"wrote {plot_plan(BitPlan.load(args.plan), args.out, title=config.title)}")
@@ -206,16 +212,20 @@ OVERWRITE = Input("--overwrite", "replace an existing output (never one of the c
 FORCE = Input("--force", "use a plan made for a model of the same shapes but other weights", switch=True)
 PLAN = Input("--plan", "plan file from `bitsearch search`", required=True)
 PNG = Input("--out", "output image (.png)", required=True)
+IMATRIX = Input("--imatrix", "a llama.cpp imatrix file (GGUF or legacy .dat) used as the importance matrix "
+                "instead of collecting one (imatrix estimator; search: format gguf)")
 
 COMMANDS = [
     Command("demo", "run the whole pipeline on the bundled small model, offline", "DemoConfig",
             [Input("--out", "output folder for plans, results.csv and the plot", required=True)], _run_demo),
     Command("sensitivity", "per-channel error curves -> Parquet table", "SensitivityConfig",
-            [MODEL, CALIB, Input("--out", "output table (.parquet)", required=True), OVERWRITE], _run_sensitivity),
+            [MODEL, CALIB, Input("--out", "output table (.parquet)", required=True), IMATRIX, OVERWRITE],
+            _run_sensitivity),
     Command("search", "a bit plan under a memory budget -> plan JSON", "SearchConfig",
             [MODEL, CALIB, Input("--sensitivity", "precomputed sensitivity table (.parquet); else computed from "
                                  "--calib", aliases=("--table",), name="table"),
-             Input("--out", "output plan (.json)", required=True), OVERWRITE], _run_search, required=("budget",)),
+             Input("--out", "output plan (.json)", required=True), IMATRIX, OVERWRITE], _run_search,
+            required=("budget",)),
     Command("finalize", "plan + model -> packed checkpoint after QAT (or SignRound) on calibration or data-free "
             "text", "FinalizeConfig", [MODEL, PLAN, CALIB, Input("--out", "output folder (packed checkpoint)",
                                                                     required=True), OVERWRITE, FORCE],
@@ -241,7 +251,8 @@ COMMANDS = [
                 _run_plot_plan),
     ]),
     Command("eval", "perplexity of a model or packed checkpoint on a text file", "EvalConfig",
-            [Input("--model", "HF hub id, local model folder or packed checkpoint folder", required=True),
+            [Input("--model", "HF hub id, local model folder, packed checkpoint folder or GGUF file (.gguf)",
+                   required=True),
              Input("--text", "text file to evaluate on", required=True),
              Input("--json", "write {ppl, nll, entropy, tokens, seq_len, model[, kl]} to this file", name="out"),
              Input("--reference", "reference model: also report KL(reference || model)"), OVERWRITE], _run_eval),

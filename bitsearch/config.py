@@ -172,6 +172,11 @@ class SearchConfig(SensitivityConfig):
     fused: bool = option(True, flag="--no-fused", group="--format",
                          help="with format: let q/k/v and gate/up take their own widths (by default they share "
                               "one, as serving runtimes fuse them)")
+    types: str | None = option(None, group="--format gguf", metavar="LIST",
+                               help="ggml type menu, comma-separated (default: IQ2_XXS,IQ2_XS,IQ2_S,Q2_K,IQ3_XXS,"
+                                    "Q3_K,IQ3_S,IQ4_XS,Q4_K,Q5_K,Q6_K,Q8_0)")
+    ref_type: str = option("Q2_K", group="--format gguf",
+                           help="type whose measured loss response calibrates each tensor's curve")
 
     def __post_init__(self):
         super().__post_init__()

@@ -18,11 +18,12 @@ import pandas as pd
 import torch
 
 from . import api
-from .apply import packed_tensor_bytes
+from .io.checkpoint import packed_tensor_bytes
 from .config import ApplyConfig, EvalConfig, SearchConfig, SensitivityConfig
 from .errors import BitsearchError
 from .evaluate import EvalResult
-from .models import find_targets, load_model, load_tokenizer, model_fingerprint
+from .models import find_targets, model_fingerprint
+from .io.loading import load_model, load_tokenizer
 from .plots import plot_ppl_vs_bits
 from .search import build_problem
 

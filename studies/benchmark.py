@@ -74,14 +74,15 @@ import numpy as np
 import torch
 
 from bitsearch import api
-from bitsearch.apply import fake_quantize_model
+from bitsearch.quantize import fake_quantize_model
 from bitsearch.atomic import write_text_atomic
 from bitsearch.config import EvalConfig, FinalizeConfig, SearchConfig, SensitivityConfig
 from bitsearch.cost import budget_to_bytes
 from bitsearch.data import calibration_batches, read_text
 from bitsearch.finalize.gptq import gptq_quantize
-from bitsearch.models import find_targets, load_model, load_tokenizer
-from bitsearch.plan import BitPlan
+from bitsearch.io.loading import load_model, load_tokenizer
+from bitsearch.io.plan import BitPlan
+from bitsearch.models import find_targets
 from bitsearch.plots import plot_methods
 from bitsearch.search.uniform import uniform_plan
 from studies.reference.llamacpp_mixes import best_rule_mix, per_tensor_bytes, rule_mix_plan

@@ -39,7 +39,8 @@ import torch
 
 
 from bitsearch.data import calibration_batches
-from bitsearch.models import find_targets, load_model, load_tokenizer
+from bitsearch.models import find_targets
+from bitsearch.io.loading import load_model, load_tokenizer
 from bitsearch.quant.grid import fake_quantize
 from bitsearch.sensitivity.calibrate import layer_loss_response
 from bitsearch.sensitivity.grad_response import Probe, predicted_increase, probe_sums

@@ -46,12 +46,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bitsearch.apply import fake_quantize_model
+from bitsearch.quantize import fake_quantize_model
 from bitsearch.atomic import write_text_atomic
 from bitsearch.data import calibration_batches, read_text, tokenize_text
 from bitsearch.evaluate import windows
-from bitsearch.models import load_model, load_tokenizer
-from bitsearch.plan import BitPlan
+from bitsearch.io.loading import load_model, load_tokenizer
+from bitsearch.io.plan import BitPlan
 from bitsearch.plots import plot_confidence
 from studies.benchmark import finalize_plan, settings
 

@@ -41,13 +41,13 @@ import time
 
 import torch
 
-from bitsearch.apply import QUANT_FILE, REST_FILE, load_packed, parameters_on_meta, save_packed
+from bitsearch.io.checkpoint import QUANT_FILE, REST_FILE, load_packed, parameters_on_meta, save_packed
 from bitsearch.atomic import write_text_atomic
 from bitsearch.data import read_text, tokenize_text
 from bitsearch.evaluate import perplexity
 from bitsearch.generate import greedy_decode
-from bitsearch.models import load_model, load_tokenizer
-from bitsearch.plan import BitPlan
+from bitsearch.io.loading import load_model, load_tokenizer
+from bitsearch.io.plan import BitPlan
 from bitsearch.quant.kernel import get_kernel
 from bitsearch.search.uniform import uniform_plan
 

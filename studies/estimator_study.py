@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from bitsearch import api
-from bitsearch.apply import fake_quantize_model
+from bitsearch.quantize import fake_quantize_model
 from bitsearch.config import EvalConfig, SearchConfig
 from bitsearch.data import calibration_batches
-from bitsearch.models import find_targets, load_model, load_tokenizer, model_fingerprint
+from bitsearch.models import find_targets, model_fingerprint
+from bitsearch.io.loading import load_model, load_tokenizer
 from bitsearch.plots import plot_ppl_vs_bits, plot_sensitivity
 from bitsearch.sensitivity import SensitivityTable, compute_sensitivity
 
@@ -141,7 +142,7 @@ def main() -> None:
         for offload in (False, True):
             m = AutoModelForCausalLM.from_config(cfg).eval()
             m = m.to(args.device) if not offload else __import__(
-                "bitsearch.sensitivity.streaming", fromlist=["offload_blocks"]).offload_blocks(m, args.device)
+                "bitsearch.blocks", fromlist=["offload_blocks"]).offload_blocks(m, args.device)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             t0 = time.time()

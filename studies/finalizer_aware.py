@@ -27,7 +27,8 @@ import numpy as np
 
 from bitsearch.api import invoked_as, search_plan
 from bitsearch.config import SearchConfig
-from bitsearch.models import find_targets, load_model, model_fingerprint
+from bitsearch.models import find_targets, model_fingerprint
+from bitsearch.io.loading import load_model
 from bitsearch.search import Allocator, get_allocator
 from bitsearch.sensitivity import SensitivityTable
 

@@ -28,11 +28,11 @@ from collections import defaultdict
 
 import torch
 
-from bitsearch.apply import fake_quantize_model
+from bitsearch.quantize import fake_quantize_model
 from bitsearch.atomic import write_text_atomic
 from bitsearch.data import calibration_batches
-from bitsearch.models import load_model, load_tokenizer
-from bitsearch.plan import BitPlan
+from bitsearch.io.loading import load_model, load_tokenizer
+from bitsearch.io.plan import BitPlan
 from bitsearch.sensitivity.stats import InputStats
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")

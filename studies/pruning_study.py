@@ -25,9 +25,10 @@ import pandas as pd
 import torch
 
 from bitsearch import api
-from bitsearch.apply import fake_quantize_model, load_packed, packed_tensor_bytes
+from bitsearch.quantize import fake_quantize_model
+from bitsearch.io.checkpoint import load_packed, packed_tensor_bytes
 from bitsearch.config import EvalConfig, SearchConfig
-from bitsearch.models import load_model, load_tokenizer
+from bitsearch.io.loading import load_model, load_tokenizer
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 HERE = os.path.dirname(os.path.abspath(__file__))

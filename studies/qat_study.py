@@ -24,11 +24,11 @@ import pandas as pd
 import torch
 
 from bitsearch import api
-from bitsearch.apply import fake_quantize_model
+from bitsearch.quantize import fake_quantize_model
 from bitsearch.config import EvalConfig, FinalizeConfig
 from bitsearch.data import calibration_batches
-from bitsearch.models import load_model, load_tokenizer
-from bitsearch.plan import BitPlan
+from bitsearch.io.loading import load_model, load_tokenizer
+from bitsearch.io.plan import BitPlan
 from bitsearch.plots import plot_runs
 from bitsearch.search.uniform import uniform_plan
 

@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 
 from bitsearch import api
-from bitsearch.apply import packed_tensor_bytes
+from bitsearch.io.checkpoint import packed_tensor_bytes
 from bitsearch.config import ApplyConfig, EvalConfig, FinalizeConfig, SearchConfig, SensitivityConfig
 from bitsearch.plots import plot_stage_costs
 
@@ -416,7 +416,7 @@ class Run:
         return res, (None, None), {"written_bytes": packed_tensor_bytes(out), "avg_bits": plan.summary.get("avg_bits")}
 
     def load_packed(self):
-        from bitsearch.models import load_model
+        from bitsearch.io.loading import load_model
 
         path = self.need_packed()
         self.packed = None
@@ -429,7 +429,7 @@ class Run:
     def eval(self, packed: bool):
         if packed:
             if self.packed is None:
-                from bitsearch.models import load_model
+                from bitsearch.io.loading import load_model
 
                 self.packed = load_model(self.need_packed(), self.a.device, self.a.dtype)
             m = self.packed

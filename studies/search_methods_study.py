@@ -20,9 +20,9 @@ import pandas as pd
 import torch
 
 from bitsearch import api
-from bitsearch.apply import fake_quantize_model
+from bitsearch.quantize import fake_quantize_model
 from bitsearch.config import EvalConfig, SearchConfig
-from bitsearch.models import load_model, load_tokenizer
+from bitsearch.io.loading import load_model, load_tokenizer
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 HERE = os.path.dirname(os.path.abspath(__file__))

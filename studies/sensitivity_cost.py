@@ -39,7 +39,8 @@ import torch
 
 from bitsearch.cost import budget_to_bytes
 from bitsearch.data import calibration_batches
-from bitsearch.models import find_targets, load_model, load_tokenizer
+from bitsearch.models import find_targets
+from bitsearch.io.loading import load_model, load_tokenizer
 from bitsearch.search import build_problem, get_allocator
 from bitsearch.search.problem import AllocationProblem
 from bitsearch.sensitivity import compute_sensitivity

@@ -30,11 +30,12 @@ import pandas as pd
 import torch
 
 from bitsearch import api
-from bitsearch.apply import fake_quantize_model
+from bitsearch.quantize import fake_quantize_model
 from bitsearch.config import EvalConfig, ExportConfig, SearchConfig
 from bitsearch.data import read_text, tokenize_text
 from bitsearch.evaluate import perplexity
-from bitsearch.models import find_targets, load_model, load_tokenizer, model_fingerprint
+from bitsearch.models import find_targets, model_fingerprint
+from bitsearch.io.loading import load_model, load_tokenizer
 from bitsearch.search.formats import module_search_options
 from bitsearch.sensitivity import SensitivityTable
 

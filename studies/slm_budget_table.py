@@ -23,9 +23,10 @@ import pandas as pd
 import torch
 
 from bitsearch import api
-from bitsearch.apply import packed_tensor_bytes
+from bitsearch.io.checkpoint import packed_tensor_bytes
 from bitsearch.config import EvalConfig, SearchConfig, SensitivityConfig
-from bitsearch.models import find_targets, load_model, load_tokenizer, model_fingerprint
+from bitsearch.models import find_targets, model_fingerprint
+from bitsearch.io.loading import load_model, load_tokenizer
 from bitsearch.plots import plot_ppl_vs_bits
 from bitsearch.search import build_problem
 from bitsearch.sensitivity import SensitivityTable

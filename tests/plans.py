@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from bitsearch.models import find_targets, model_fingerprint
-from bitsearch.plan import BitPlan
+from bitsearch.io.plan import BitPlan
 
 MIXED_WIDTHS = [0, 2, 3, 4, 16]
 

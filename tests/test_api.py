@@ -10,7 +10,7 @@ import torch
 import bitsearch
 from bitsearch.cli import main
 from bitsearch.data import calibration_batches
-from bitsearch.plan import BitPlan
+from bitsearch.io.plan import BitPlan
 
 OPTIONS = dict(samples=4, seq_len=32, group_size=16, loss_calibration_samples=2, show_progress=False)
 FLAGS = ["--samples", "4", "--seq-len", "32", "--group-size", "16", "--loss-calibration-samples", "2"]

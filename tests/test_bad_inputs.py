@@ -55,7 +55,7 @@ def made(llama_dir, text_file, tmp_path_factory):
 
 
 def test_apply_never_replaces_the_source_model(made, capsys, monkeypatch):
-    monkeypatch.setattr(importlib.import_module("bitsearch.apply"), "pack_model", lambda *a, **k: pytest.fail("computed before refusing"))
+    monkeypatch.setattr(importlib.import_module("bitsearch.quantize"), "pack_model", lambda *a, **k: pytest.fail("computed before refusing"))
     for extra in ([], ["--overwrite"]):
         one_line(capsys, ["apply", "--model", made["model"], "--plan", made["plan"], "--out", made["model"], *extra],
                  r"is \(or holds\) .* an input of this command", roots=[made["dir"]])
@@ -158,7 +158,7 @@ def test_sequence_lengths_and_short_texts(made, tiny_models, capsys, tmp_path):
 
 
 def test_budgets(made, capsys, tmp_path, monkeypatch):
-    models = importlib.import_module("bitsearch.models")
+    models = importlib.import_module("bitsearch.io.loading")
     one_line(capsys, ["search", "--model", made["model"], "--sensitivity", str(made["dir"] / "none.parquet"),
                       "--budget", "0.5", "--out", str(tmp_path / "p.json"), "--calib", made["text"],
                       "--samples", "4", "--seq-len", "32", "--group-size", "16", "--loss-calibration-samples", "2"],

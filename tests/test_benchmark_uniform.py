@@ -6,7 +6,8 @@ import math
 import pytest
 
 from bitsearch.cost import budget_to_bytes
-from bitsearch.models import find_targets, load_model
+from bitsearch.models import find_targets
+from bitsearch.io.loading import load_model
 from studies import benchmark
 
 

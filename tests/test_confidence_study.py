@@ -59,8 +59,8 @@ def test_finalize_option_applies_the_benchmarks_finalizer_to_each_plan(llama_dir
     levels per group, not the float weights, and not round-to-nearest's weights."""
     from types import SimpleNamespace
 
-    from bitsearch.apply import fake_quantize_model
-    from bitsearch.models import load_model, load_tokenizer
+    from bitsearch.quantize import fake_quantize_model
+    from bitsearch.io.loading import load_model, load_tokenizer
     from bitsearch.search.uniform import uniform_plan
 
     small = dict(seq_len=32, samples=4, signround_steps=10, qat_steps=2, qat_lr=2e-4, qat_batch_size=2, qat_seq_len=32)

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from bitsearch.apply import fake_quantize_model, load_packed, pack_model, packed_tensor_bytes, save_packed
+from bitsearch.quantize import fake_quantize_model, pack_model
+from bitsearch.io.checkpoint import load_packed, packed_tensor_bytes, save_packed
 from bitsearch.cost import plan_bytes, row_bytes
 from bitsearch.couplings import find_couplings, live_columns
-from bitsearch.models import find_targets, load_model, model_fingerprint
-from bitsearch.plan import BitPlan
+from bitsearch.models import find_targets, model_fingerprint
+from bitsearch.io.loading import load_model
+from bitsearch.io.plan import BitPlan
 from bitsearch.search import get_allocator
 from bitsearch.search.coupled import allocate_coupled
 from bitsearch.search.problem import AllocationProblem

@@ -14,7 +14,7 @@ from bitsearch import datafree
 from bitsearch.datafree import (CACHE_FORMAT, _choose, default_cache_path, generate_samples, load_or_generate,
                                 model_digest, special_token_ids, vocab_limit)
 from bitsearch.errors import BitsearchError
-from bitsearch.models import load_model, load_tokenizer
+from bitsearch.io.loading import load_model, load_tokenizer
 
 from conftest import ARCHS, SLM
 

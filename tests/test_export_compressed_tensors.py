@@ -17,14 +17,15 @@ import torch
 pytest.importorskip("compressed_tensors")
 
 from bitsearch import api  # noqa: E402
-from bitsearch.apply import fake_quantize_model, pack_model  # noqa: E402
+from bitsearch.quantize import fake_quantize_model, pack_model  # noqa: E402
 from bitsearch.cli import main  # noqa: E402
 from bitsearch.config import ExportConfig, SearchConfig, SensitivityConfig  # noqa: E402
 from bitsearch.errors import BitsearchError  # noqa: E402
 from bitsearch.export import get_exporter  # noqa: E402
 from bitsearch.export.compressed_tensors import module_bytes  # noqa: E402
-from bitsearch.models import find_targets, load_model, load_tokenizer, model_fingerprint  # noqa: E402
-from bitsearch.plan import BitPlan  # noqa: E402
+from bitsearch.models import find_targets, model_fingerprint
+from bitsearch.io.loading import load_model, load_tokenizer  # noqa: E402
+from bitsearch.io.plan import BitPlan  # noqa: E402
 from bitsearch.search.formats import format_bytes  # noqa: E402
 from bitsearch.search.ilp import IlpAllocator  # noqa: E402
 

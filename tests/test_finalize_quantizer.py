@@ -8,12 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from bitsearch.apply import fake_quantize_model, load_packed, save_packed
+from bitsearch.quantize import fake_quantize_model
+from bitsearch.io.checkpoint import load_packed, save_packed
 from bitsearch.errors import BitsearchError
 from bitsearch.finalize import QuantLinear, convert, fake_quant_rows, prepare
 from bitsearch.models import find_targets, model_fingerprint
 from bitsearch.packed import PackedEmbedding, PackedLinear, PackedTiedHead
-from bitsearch.plan import BitPlan
+from bitsearch.io.plan import BitPlan
 from bitsearch.quant.grid import QUANT_WIDTHS, choose_qparams, fake_quantize, n_groups
 from conftest import tiny_config
 

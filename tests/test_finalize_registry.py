@@ -8,11 +8,11 @@ import copy
 import pytest
 import torch
 
-from bitsearch.apply import load_packed, save_packed
+from bitsearch.io.checkpoint import load_packed, save_packed
 from bitsearch.config import FinalizeConfig
 from bitsearch.errors import BitsearchError
 from bitsearch.finalize import FINALIZERS, GPTQSettings, Rounder, SignRoundSettings, get_finalizer, rounders
-from bitsearch.models import load_model
+from bitsearch.io.loading import load_model
 from bitsearch.packed import _PackedRows
 from plans import mixed_plan
 

@@ -8,13 +8,14 @@ Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_finalize_signround.py
 import pytest
 import torch
 
-from bitsearch.apply import fake_quantize_model
+from bitsearch.quantize import fake_quantize_model
 from bitsearch.couplings import find_couplings
 from bitsearch.errors import BitsearchError
 from bitsearch.finalize.signround import SignRoundSettings, minmax_qparams, signround
-from bitsearch.models import find_targets, load_model
+from bitsearch.models import find_targets
+from bitsearch.io.loading import load_model
 from bitsearch.packed import pack_weight, unpack_weight
-from bitsearch.sensitivity.streaming import BlockRunner
+from bitsearch.blocks import BlockRunner
 from plans import MIXED_WIDTHS, mixed_plan
 
 GS = 32

@@ -8,14 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bitsearch.apply import fake_quantize_model
+from bitsearch.quantize import fake_quantize_model
 from bitsearch.errors import BitsearchError
 from bitsearch.finalize import train as train_mod
 from bitsearch.finalize.quantizer import QuantLinear, convert
 from bitsearch.finalize.train import QatSettings, finalize_qat
-from bitsearch.models import find_targets, load_model, model_fingerprint
+from bitsearch.models import find_targets, model_fingerprint
+from bitsearch.io.loading import load_model
 from bitsearch.packed import PackedLinear
-from bitsearch.plan import BitPlan
+from bitsearch.io.plan import BitPlan
 
 GS = 32
 

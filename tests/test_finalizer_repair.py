@@ -4,8 +4,10 @@ over the tokens directly, and a checkpoint that is round-to-nearest itself repai
 import numpy as np
 import torch
 
-from bitsearch.apply import fake_quantize_model, load_packed, pack_model, save_packed
-from bitsearch.models import find_targets, load_model, load_tokenizer
+from bitsearch.quantize import fake_quantize_model, pack_model
+from bitsearch.io.checkpoint import load_packed, save_packed
+from bitsearch.models import find_targets
+from bitsearch.io.loading import load_model, load_tokenizer
 from bitsearch.search.uniform import uniform_plan
 from studies import finalizer_repair
 

@@ -15,17 +15,19 @@ import numpy as np
 import pytest
 import torch
 
-from bitsearch.apply import fake_quantize_model, load_packed, pack_model, plan_targets
+from bitsearch.io.checkpoint import load_packed
+from bitsearch.quantize import fake_quantize_model, pack_model, plan_targets
 from bitsearch.couplings import find_couplings
 from bitsearch.errors import BitsearchError
 from bitsearch.finalize.gptq import (GPTQResult, GPTQSettings, gptq_layer, gptq_quantize,
                                      sequential_groups)
 from bitsearch.finalize.signround import minmax_qparams
-from bitsearch.models import find_targets, load_model
+from bitsearch.models import find_targets
+from bitsearch.io.loading import load_model
 from bitsearch.packed import _PackedRows
 from bitsearch.quant.grid import choose_qparams, fake_quantize
+from bitsearch.blocks import BlockRunner
 from bitsearch.search.uniform import uniform_plan
-from bitsearch.sensitivity.streaming import BlockRunner
 from plans import MIXED_WIDTHS, mixed_plan
 from studies.reference.gptq import main
 

@@ -10,7 +10,6 @@ import torch
 
 from bitsearch.models import Target, find_targets
 from bitsearch.quant.grid import fake_quantize
-from bitsearch.sensitivity.calibrate import _response
 from bitsearch.sensitivity.grad_response import Probe, gradient_responses, predicted_increase, probe_sums
 
 from exact_models import per_sample_grads, tiny_llama

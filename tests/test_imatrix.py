@@ -7,14 +7,15 @@ import pytest
 import torch
 
 from bitsearch.evaluate import batch_nll
-from bitsearch.models import find_targets, load_model
+from bitsearch.models import find_targets
+from bitsearch.io.loading import load_model
 from bitsearch.quant import fake_quantize
 from bitsearch.sensitivity import layer_loss_response
 from bitsearch.sensitivity.base import SensitivityContext
 from bitsearch.sensitivity.imatrix import ImatrixEstimator, weighted_error_curves
 from bitsearch.sensitivity.pipeline import collect_input_curves
 from bitsearch.sensitivity.snr import SnrEstimator, db_slope, snr_db
-from bitsearch.sensitivity.streaming import BlockRunner
+from bitsearch.blocks import BlockRunner
 
 from conftest import ARCHS
 

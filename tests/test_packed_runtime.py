@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from plans import mixed_plan
 
 from bitsearch import packed as packed_mod
-from bitsearch.apply import fake_quantize_model, load_packed, pack_model, packed_tensor_bytes, save_packed
+from bitsearch.quantize import fake_quantize_model, pack_model
+from bitsearch.io.checkpoint import load_packed, packed_tensor_bytes, save_packed
 from bitsearch.cli import main
 from bitsearch.config import GenerateConfig
 from bitsearch.generate import generate, greedy_decode
-from bitsearch.models import load_model, load_tokenizer
+from bitsearch.io.loading import load_model, load_tokenizer
 from bitsearch.packed import GEMV_MAX_ROWS, PackedEmbedding, PackedLinear, PackedTiedHead, unpack_weight
 from bitsearch.quant import kernel as kernel_mod
 from bitsearch.quant.grid import QUANT_WIDTHS

@@ -9,9 +9,11 @@ import torch
 from bitsearch import api
 from bitsearch.config import ApplyConfig, EvalConfig, SearchConfig, SensitivityConfig
 from bitsearch.errors import BitsearchError
-from bitsearch.apply import fake_quantize_model, load_packed, pack_model, packed_tensor_bytes
-from bitsearch.models import find_targets, load_model
-from bitsearch.plan import BitPlan
+from bitsearch.quantize import fake_quantize_model, pack_model
+from bitsearch.io.checkpoint import load_packed, packed_tensor_bytes
+from bitsearch.models import find_targets
+from bitsearch.io.loading import load_model
+from bitsearch.io.plan import BitPlan
 from bitsearch.sensitivity import SensitivityTable
 
 from conftest import ARCHS
@@ -109,7 +111,7 @@ def test_table_round_trip(llama_dir, text_file, tmp_path):
 def test_apply_packs_an_in_memory_model_in_place(llama_dir, text_file, tmp_path):
     """apply on an nn.Module packs it in place (as torchao's quantize_ does) and writes the same
     model that loading the written checkpoint gives."""
-    from bitsearch.models import load_tokenizer
+    from bitsearch.io.loading import load_tokenizer
     from bitsearch.packed import PackedLinear
 
     plan = api.search(llama_dir, text_file, SearchConfig(budget='4.5', **SMALL))
@@ -182,7 +184,7 @@ def test_calibrations_scale_curves_to_their_responses(calibrate, llama_dir, text
     calibration sample, layer-loss by the per-layer measurement on its subset; either way a
     layer's 2-bit curves sum to its response and its cheapest rows' 0-bit curves to the pruning one."""
     from bitsearch.data import calibration_batches
-    from bitsearch.models import load_tokenizer
+    from bitsearch.io.loading import load_tokenizer
     from bitsearch.sensitivity.calibrate import layer_loss_response, prune_loss_response, prune_rows
     from bitsearch.sensitivity.grad_response import gradient_responses
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bitsearch.errors import BitsearchError
-from bitsearch.plan import BitPlan, decode_bits, encode_bits
+from bitsearch.io.plan import BitPlan, decode_bits, encode_bits
 
 
 def make_plan() -> BitPlan:

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bitsearch.apply import fake_quantize_model
-from bitsearch.models import find_targets, load_model, model_fingerprint
-from bitsearch.plan import BitPlan
+from bitsearch.quantize import fake_quantize_model
+from bitsearch.models import find_targets, model_fingerprint
+from bitsearch.io.loading import load_model
+from bitsearch.io.plan import BitPlan
 from bitsearch.search.kl import PlanKL
 
 MENU = [2, 3, 4, 8]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bitsearch.errors import BitsearchError
-from bitsearch.plan import BitPlan
+from bitsearch.io.plan import BitPlan
 from bitsearch.plots.plan import plot_plan
 
 MENU = [0, 2, 3, 4, 8, 16]

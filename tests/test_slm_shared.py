@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from bitsearch import api
-from bitsearch.apply import packed_tensor_bytes
+from bitsearch.io.checkpoint import packed_tensor_bytes
 from bitsearch.config import SearchConfig, SensitivityConfig
 from bitsearch.data import read_text, tokenize_text
 from bitsearch.evaluate import perplexity
-from bitsearch.models import find_targets, load_model, load_tokenizer, model_fingerprint
+from bitsearch.models import find_targets, model_fingerprint
+from bitsearch.io.loading import load_model, load_tokenizer
 from bitsearch.search import build_problem
 
 from conftest import CORPUS, SLM

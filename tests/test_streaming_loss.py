@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bitsearch.models import load_model
-from bitsearch.sensitivity import streaming
-from bitsearch.sensitivity.streaming import BlockRunner
+from bitsearch.io.loading import load_model
+from bitsearch import blocks as streaming
+from bitsearch.blocks import BlockRunner
 
 from conftest import ARCHS
 

@@ -26,6 +26,8 @@ class Exporter(ABC):
     plan_unit: str = "channel"
     #: what ``out`` is: a "file" (e.g. one GGUF) or a "folder" (a checkpoint)
     writes: str = "folder"
+    #: modules the format needs beyond bitsearch's own dependencies (an optional extra)
+    requires: tuple[str, ...] = ()
     #: ExportConfig fields passed to the constructor (format-specific options)
     config_options: tuple[str, ...] = ()
 

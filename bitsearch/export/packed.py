@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from ..apply import packed_tensor_bytes, save_packed
+from ..io.checkpoint import packed_tensor_bytes, save_packed
 from .base import Exporter, register_exporter
 
 __all__ = ["PackedExporter"]

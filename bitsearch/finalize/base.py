@@ -42,7 +42,7 @@ class Rounder(Finalizer):
         """{layer: (scales, zeros)}; the model's target weights are left at their rounded values."""
 
     def finalize(self, model, plan, batch, config, show_progress=True, checkpoint=None) -> dict:
-        from ..apply import pack_model
+        from ..quantize import pack_model
 
         pack_model(model, plan, self.round(model, plan, batch, config, show_progress))
         return {}

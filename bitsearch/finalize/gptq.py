@@ -6,7 +6,7 @@ The algorithm is the reference ``fasterquant`` loop with static groups:
 * Hessian: H = 2 X X^T / n over the calibration tokens entering each target ``nn.Linear``
   (the scale of H does not change the result), collected by
   :class:`~bitsearch.sensitivity.stats.InputStats` (``kind="full"``). Blocks are processed in
-  order (:class:`~bitsearch.sensitivity.streaming.BlockRunner`), each on the outputs of the
+  order (:class:`~bitsearch.blocks.BlockRunner`), each on the outputs of the
   already quantized blocks before it; inside a block, with ``true_sequential`` the layers are
   quantized in groups of layers that read the same input tensor (Llama: q/k/v, o, gate/up,
   down), each group's Hessians taken with the earlier groups already quantized. The groups are
@@ -46,14 +46,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..apply import fake_quantize_model, plan_targets
+from ..blocks import BlockRunner, names_by_block
 from ..errors import BitsearchError
-from ..plan import BitPlan
+from ..io.plan import BitPlan
 from ..progress import progress
+from ..quantize import fake_quantize_model, plan_targets
 from ..quant.grid import KEEP_WIDTH, QUANT_WIDTHS, choose_qparams, dequantize, n_groups, quantize
-from ..sensitivity.calibrate import names_by_block
 from ..sensitivity.stats import InputStats
-from ..sensitivity.streaming import BlockRunner
 from .base import Rounder, register_finalizer
 from .signround import minmax_qparams
 

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..apply import pack_model, plan_targets
+from ..quantize import pack_model, plan_targets
 from ..errors import BitsearchError
 from ..packed import PackedEmbedding, PackedLinear, pack_weight
-from ..plan import BitPlan
+from ..io.plan import BitPlan
 from ..quant.grid import (KEEP_WIDTH, PRUNE_WIDTH, QUANT_WIDTHS, VALID_WIDTHS, _grouped, _ungrouped, choose_qparams,
                           n_groups)
 from .surrogates import CLAMP_MODES, ROUND_MODES, clamp_codes, round_ste, round_surrogate, straight_through

@@ -31,7 +31,7 @@ Defaults follow AutoRound: 200 steps, batch 8, lr = 1 / steps (5e-3 at 200 steps
 default for both V and the min/max factors). AutoRound clamps the factors to [0, 1]; with the
 decaying lr, [0.5, 1] binds only with a larger lr. Only one block's training state exists at a
 time, the model's own weights are frozen, and with ``offload`` the blocks live on the CPU and
-move to the device one at a time (:class:`~bitsearch.sensitivity.streaming.BlockRunner`).
+move to the device one at a time (:class:`~bitsearch.blocks.BlockRunner`).
 
 Targets outside the decoder blocks (embeddings, a tied or untied lm_head) get plain
 round-to-nearest. :func:`signround` writes each target's dequantized weight into the model in
@@ -51,13 +51,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..apply import fake_quantize_model, plan_targets
+from ..quantize import fake_quantize_model, plan_targets
 from ..errors import BitsearchError
-from ..plan import BitPlan
+from ..io.plan import BitPlan
 from ..progress import progress
 from ..quant.grid import KEEP_WIDTH, QUANT_WIDTHS, _grouped, choose_qparams, n_groups
-from ..sensitivity.calibrate import names_by_block
-from ..sensitivity.streaming import BlockRunner
+from ..blocks import BlockRunner, names_by_block
 from .base import Rounder, get_finalizer, register_finalizer, rounders
 from .quantizer import fake_quant_rows
 from .surrogates import round_ste, straight_through

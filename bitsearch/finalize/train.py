@@ -41,12 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..apply import pack_model, plan_targets
+from ..quantize import pack_model, plan_targets
 from ..errors import BitsearchError
 from ..models import decoder_blocks
-from ..plan import BitPlan
+from ..io.plan import BitPlan
 from ..progress import progress
-from ..sensitivity.streaming import BlockRunner
+from ..blocks import BlockRunner
 from .base import Finalizer, Rounder, get_finalizer, register_finalizer, rounders
 from .quantizer import QuantLinear, convert
 

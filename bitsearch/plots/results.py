@@ -4,7 +4,23 @@ from __future__ import annotations
 
 import pandas as pd
 
-__all__ = ["plot_ppl_vs_bits"]
+__all__ = ["plot_ppl_vs_bits", "plot_gguf_presets"]
+
+
+def _finish(fig, ax, out_png: str, title: str) -> str:
+    """Legend, title, layout; write the PNG atomically and close the figure."""
+    import matplotlib.pyplot as plt
+
+    from ..atomic import atomic_path
+
+    ax.legend()
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return out_png
 
 
 def plot_ppl_vs_bits(results: pd.DataFrame, out_png: str, title: str = "", float_ppl: float | None = None) -> str:
@@ -13,8 +29,6 @@ def plot_ppl_vs_bits(results: pd.DataFrame, out_png: str, title: str = "", float
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..atomic import atomic_path
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     styles = {"greedy": ("o-", "tab:blue", "searched (greedy)"), "uniform": ("s--", "tab:gray", "uniform RTN")}
@@ -31,11 +45,29 @@ def plot_ppl_vs_bits(results: pd.DataFrame, out_png: str, title: str = "", float
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return out_png
+    return _finish(fig, ax, out_png, title)
+
+
+def plot_gguf_presets(rows: list[dict], out_png: str, title: str = "") -> str:
+    """Perplexity (llama.cpp's) against bits per weight: llama.cpp's preset mixes as labelled points,
+    bitsearch's GGUF plans at the same bytes as a curve, the F32 file as a line (``studies.gguf_presets``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    pre = [r for r in rows if r["method"] == "llama.cpp"]
+    ours = sorted((r for r in rows if r["method"] == "bitsearch"), key=lambda r: r["bpw"])
+    ax.scatter([r["bpw"] for r in pre], [r["ppl_llama_cpp"] for r in pre], color="tab:red",
+               label="llama.cpp presets (imatrix)")
+    for r in pre:
+        ax.annotate(r["at"], (r["bpw"], r["ppl_llama_cpp"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.plot([r["bpw"] for r in ours], [r["ppl_llama_cpp"] for r in ours], "o-", color="tab:blue",
+            label="bitsearch GGUF plans (same bytes)")
+    for r in (r for r in rows if r["method"] == "f32"):
+        ax.axhline(r["ppl_llama_cpp"], color="gray", ls="--", label=f"F32 ({r['ppl_llama_cpp']:.1f})")
+    ax.set_xlabel("bits per weight (tensor data of the quantized matrices)")
+    ax.set_ylabel("perplexity (llama.cpp, 512-token windows)")
+    ax.grid(True, alpha=0.3)
+    return _finish(fig, ax, out_png, title)

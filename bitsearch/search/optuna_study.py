@@ -35,7 +35,7 @@ import numpy as np
 from ..cost import avg_bits, budget_to_bytes
 from ..errors import BitsearchError
 from ..layer_names import layer_types
-from ..plan import decode_bits, encode_bits
+from ..io.plan import decode_bits, encode_bits
 from ..outputs import keep_on_interrupt
 from ..progress import progress
 from .base import Allocator, register_allocator
@@ -288,7 +288,7 @@ def export_trial(study, number: int):
     """The plan of finished trial ``number`` of a study (no model needed)."""
     import optuna
 
-    from ..plan import BitPlan
+    from ..io.plan import BitPlan
 
     trial = next((t for t in study.trials if t.number == number), None)
     if trial is None or trial.state != optuna.trial.TrialState.COMPLETE:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..models import find_targets, model_fingerprint
-from ..plan import BitPlan
+from ..io.plan import BitPlan
 from .base import Allocator, register_allocator
 from .problem import AllocationProblem
 

@@ -4,7 +4,7 @@ Every estimator yields per-channel error curves e_c(b) for each width b of the m
 
 * :class:`InputEstimator` needs only each target's inputs (``imatrix``, ``snr``): the pipeline
   collects input statistics (the diagonal or the full second moment of the inputs) in one
-  shared pass, whole-model or block by block (``streaming.py``), and asks the estimator for a
+  shared pass, whole-model or block by block (``bitsearch.blocks``), and asks the estimator for a
   layer's curves from its weight and statistics.
 * :class:`GradientEstimator` needs the loss's gradients (``fisher``, ``hutchinson``) and runs
   its own passes over the calibration micro-batches.

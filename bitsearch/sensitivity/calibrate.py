@@ -34,32 +34,16 @@ from ..models import Target
 from ..progress import progress
 from ..quant.grid import fake_quantize
 from .base import LayerCurves
-from .streaming import BlockRunner
+from ..blocks import BlockRunner, block_of
 
-__all__ = ["layer_loss_response", "prune_rows", "prune_loss_response", "calibrate_layer_loss", "block_of"]
+__all__ = ["loss_response", "layer_loss_response", "prune_rows", "prune_loss_response", "calibrate_layer_loss"]
 
 #: response floor in nats: a layer whose measured response is below it counts as this small.
 RESPONSE_FLOOR = 1e-6
 
 
-def block_of(runner: BlockRunner, name: str) -> int | None:
-    """Index of the decoder block holding module ``name`` (None outside the blocks)."""
-    head = runner.prefix + "."
-    if not name.startswith(head):
-        return None
-    return int(name[len(head):].split(".", 1)[0])
-
-
-def names_by_block(runner: BlockRunner, names) -> dict[int | None, list[str]]:
-    """Module names grouped by :func:`block_of` (None: outside the blocks), in the given order."""
-    out: dict[int | None, list[str]] = {}
-    for name in names:
-        out.setdefault(block_of(runner, name), []).append(name)
-    return out
-
-
 @torch.no_grad()
-def _response(model: nn.Module, targets: list[Target], batch: torch.Tensor,
+def loss_response(model: nn.Module, targets: list[Target], batch: torch.Tensor,
               perturb: Callable[[str, torch.Tensor], torch.Tensor], desc: str, micro_batch: int,
               show_progress: bool, dist: Dist | None = None, offload: bool = False) -> dict[str, float]:
     """Mean-loss increase when ``perturb(name, weight)`` replaces one target's weight at a time."""
@@ -103,7 +87,7 @@ def layer_loss_response(model: nn.Module, targets: list[Target], batch: torch.Te
                         group_size: int, micro_batch: int = 8, show_progress: bool = True,
                         dist: Dist | None = None, offload: bool = False) -> dict[str, float]:
     """Calibration-loss increase when each target alone is fake-quantized at ``bits``."""
-    return _response(model, targets, batch, lambda _n, w: fake_quantize(w, bits, group_size),
+    return loss_response(model, targets, batch, lambda _n, w: fake_quantize(w, bits, group_size),
                      f"layer response @{bits}b", micro_batch, show_progress, dist, offload)
 
 
@@ -123,7 +107,7 @@ def prune_loss_response(model: nn.Module, targets: list[Target], batch: torch.Te
         w[torch.as_tensor(rows[name], dtype=torch.long, device=w.device)] = 0
         return w
 
-    return _response(model, targets, batch, prune, "prune response", micro_batch, show_progress, dist, offload)
+    return loss_response(model, targets, batch, prune, "prune response", micro_batch, show_progress, dist, offload)
 
 
 def calibrate_layer_loss(curves: dict[str, LayerCurves], responses: dict[str, float], bits: list[int],

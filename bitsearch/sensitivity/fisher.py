@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch import nn
 
 from ..errors import BitsearchError
 from ..progress import progress

@@ -1,7 +1,7 @@
 """compute_sensitivity: run estimators on a calibration batch and build a SensitivityTable.
 
 Input estimators (imatrix, snr) share one block-by-block pass that collects the statistics
-they need (``stats.py``, ``streaming.py``); gradient estimators (fisher, hutchinson) run their
+they need (``stats.py``, ``bitsearch.blocks``); gradient estimators (fisher, hutchinson) run their
 own passes. Curves not already in loss units are calibrated per layer (``calibrate.py``): each
 layer's loss response at the reference width (and to pruning its cheapest rows) is predicted
 for every layer from one forward+backward (``grad_response.py``, "gradient") or measured
@@ -25,10 +25,11 @@ from ..models import Target, model_fingerprint
 from ..progress import progress
 from ..quant.grid import VALID_WIDTHS
 from .base import GradientEstimator, InputEstimator, LayerCurves, SensitivityContext, get_estimator
-from .calibrate import block_of, calibrate_layer_loss, layer_loss_response, prune_loss_response, prune_rows
+from ..blocks import block_of
+from .calibrate import calibrate_layer_loss, layer_loss_response, prune_loss_response, prune_rows
 from .grad_response import gradient_responses
 from .stats import InputStats
-from .streaming import BlockRunner
+from ..blocks import BlockRunner
 from .table import SensitivityTable, err_col, format_mix, parse_mix
 
 __all__ = ["DEFAULT_BITS", "CALIBRATIONS", "check_bits", "check_group_size", "compute_sensitivity",
@@ -128,7 +129,8 @@ def compute_sensitivity(model: nn.Module, targets: list[Target], batch: torch.Te
                         calib_samples: int = 16, prune_fraction: float = 0.125, micro_batch: int = 8,
                         probes: int = 8, seed: int = 0, mix: str | dict | None = None,
                         offload: bool = False, checkpointing: bool = False, dist: Dist | None = None,
-                        calib_info: dict | None = None, show_progress: bool = True) -> SensitivityTable:
+                        calib_info: dict | None = None, show_progress: bool = True,
+                        imatrix: dict[str, torch.Tensor] | None = None) -> SensitivityTable:
     """Per-channel error curves of every target from each estimator, in one table.
 
     ``calibrate``: "auto" rescales curves not already in loss units by each layer's loss
@@ -138,6 +140,8 @@ def compute_sensitivity(model: nn.Module, targets: list[Target], batch: torch.Te
     by layer with ``offload``, where the whole model is never on the device); "gradient" and
     "layer-loss" (the exact per-layer measurement) do so for every estimator; "none" keeps raw
     curves. ``mix`` is the table's default estimator mix (default: equal weights).
+    ``imatrix`` ({target: mean x_j^2}, e.g. from a llama.cpp imatrix file) replaces the statistics
+    pass of the imatrix estimator.
     """
     names = [estimators] if isinstance(estimators, str) else list(estimators)
     names = list(dict.fromkeys(n.strip() for n in ",".join(names).split(",") if n.strip()))
@@ -182,6 +186,17 @@ def compute_sensitivity(model: nn.Module, targets: list[Target], batch: torch.Te
     seconds: dict[str, float] = {}
     inputs = [e for e in ests if isinstance(e, InputEstimator)]
     stages: dict[str, float] = {}
+    if imatrix is not None:
+        if names != ["imatrix"]:
+            raise BitsearchError(f"an imatrix file replaces the imatrix estimator's statistics only, not "
+                                 f"{', '.join(n for n in names if n != 'imatrix') or 'others'}")
+        t0 = time.time()
+        modules = dict(model.named_modules())
+        curves["imatrix"] = {t.name: ests[0].layer_curves(t, modules[t.name].weight,
+                                                          imatrix[t.name].to(modules[t.name].weight.device),
+                                                          bits, group_size) for t in targets}
+        seconds["imatrix"] = stages["imatrix file"] = time.time() - t0
+        inputs = []
     if inputs:
         t0 = time.time()
         curves.update(collect_input_curves(ctx, inputs, offload))

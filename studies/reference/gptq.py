@@ -24,7 +24,7 @@ import time
 import torch
 
 from bitsearch.finalize.gptq import GPTQResult, GPTQSettings, gptq_layer, gptq_quantize, sequential_groups
-from bitsearch.plan import BitPlan
+from bitsearch.io.plan import BitPlan
 from bitsearch.quant.grid import QUANT_WIDTHS
 from bitsearch.search.uniform import uniform_plan
 
@@ -35,9 +35,10 @@ __all__ = ["GPTQResult", "GPTQSettings", "gptq_layer", "gptq_quantize", "uniform
 def main(argv: list[str] | None = None) -> dict:
     from bitsearch import api
     from bitsearch.config import EvalConfig
-    from bitsearch.apply import pack_model, save_packed
+    from bitsearch.io.checkpoint import save_packed
+    from bitsearch.quantize import pack_model
     from bitsearch.data import calibration_batches
-    from bitsearch.models import load_model, load_tokenizer
+    from bitsearch.io.loading import load_model, load_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)

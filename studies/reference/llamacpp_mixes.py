@@ -33,7 +33,7 @@ import numpy as np
 from bitsearch.cost import row_bytes
 from bitsearch.layer_names import layer_types
 from bitsearch.models import find_targets, model_fingerprint
-from bitsearch.plan import BitPlan
+from bitsearch.io.plan import BitPlan
 
 __all__ = ["MIXES", "rule_widths", "rule_mix_plan", "per_tensor_bytes", "best_rule_mix"]
 

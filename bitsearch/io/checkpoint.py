@@ -1,4 +1,5 @@
-"""Apply a plan to a model: fake-quantize in place, write a packed checkpoint, load one back.
+"""bitsearch's packed checkpoint: write one (atomically, exactly the plan's bytes of quantized
+tensors), load one back without ever building the targets' float weights, and count its bytes.
 
 Packed checkpoint directory::
 
@@ -10,7 +11,7 @@ Packed checkpoint directory::
 The bytes of ``quantized.safetensors``' tensors equal the plan's predicted bytes exactly.
 With coupled pruning the producers' pruned rows and the consumers' freed columns are gone from
 the packed model (smaller matrices; its outputs equal the fake-quantized, masked model's).
-``--fake`` instead writes a plain HF checkpoint whose target weights are dequantized values.
+``save_fake`` instead writes a plain HF checkpoint whose target weights are dequantized values.
 """
 
 from __future__ import annotations
@@ -22,83 +23,23 @@ import os
 import torch
 from torch import nn
 
-from . import __version__
-from .atomic import atomic_dir
-from .errors import BitsearchError
-from .couplings import couplings_from_list, physical_layout
-from .models import PACKED_CONFIG, Target, model_fingerprint, target_of, tied_linears
-from .packed import PackedEmbedding, PackedLinear, PackedTiedHead, _PackedRows, pack_module
+from .. import __version__
+from ..atomic import atomic_dir
+from ..couplings import couplings_from_list, physical_layout
+from ..errors import BitsearchError
+from ..models import tied_linears
+from ..packed import PackedEmbedding, PackedLinear, PackedTiedHead, _PackedRows, pack_module
+from ..quantize import set_module
 from .plan import BitPlan
-from .quant.grid import fake_quantize
 
-__all__ = ["PACKED_FORMAT", "PACKED_VERSION", "plan_targets", "fake_quantize_model", "pack_model",
-           "save_packed", "save_fake", "load_packed", "packed_tensor_bytes", "parameters_on_meta"]
+__all__ = ["PACKED_CONFIG", "PACKED_FORMAT", "PACKED_VERSION", "save_packed", "save_fake", "load_packed",
+           "packed_tensor_bytes", "parameters_on_meta"]
 
+PACKED_CONFIG = "bitsearch_quant.json"
 PACKED_FORMAT = "bitsearch-packed"
 PACKED_VERSION = 1
 QUANT_FILE = "quantized.safetensors"
 REST_FILE = "model.safetensors"
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
-def plan_targets(model: nn.Module, plan: BitPlan, where: str = "plan", check_weights: bool = True) -> list[Target]:
-    """The plan's layers as targets of ``model``, checked against the model's fingerprint (config
-    and shapes; with ``check_weights`` also the digest of the float weights the plan was made on,
-    which the stages' entry points check once, before any weight is changed)."""
-    modules = dict(model.named_modules())
-    targets = []
-    for name, (out_f, in_f) in plan.shapes.items():
-        mod = modules.get(name)
-        if not isinstance(mod, (nn.Linear, nn.Embedding)):
-            raise BitsearchError(f"{where}: layer '{name}' is not a linear or embedding layer of this model")
-        targets.append(target_of(name, mod, tied_linears(model, name) if isinstance(mod, nn.Embedding) else ()))
-    plan.check_model(model_fingerprint(model, targets), where, force=not check_weights)
-    return targets
-
-
-@torch.no_grad()
-def fake_quantize_model(model: nn.Module, plan: BitPlan) -> nn.Module:
-    """Replace each target weight, in place, by its planned quantize-dequantize values (a
-    coupled consumer: its live columns quantized as stored, its freed columns zero)."""
-    modules = dict(model.named_modules())
-    _, columns = physical_layout(plan.couplings, plan.bits)
-    for name, bits in plan.bits.items():
-        w = modules[name].weight
-        live = torch.as_tensor(columns[name]).to(w.device) if name in columns else None
-        src = w.detach().float()
-        src = src[:, live] if live is not None else src.clone()
-        b_t = torch.as_tensor(bits)
-        for b in sorted(set(bits.tolist())):
-            rows = (b_t == b).nonzero().flatten().to(w.device)
-            src[rows] = fake_quantize(src[rows], int(b), plan.group_size)
-        if live is not None:
-            new = torch.zeros_like(w, dtype=torch.float32)
-            new[:, live] = src
-            src = new
-        w.copy_(src.to(w.dtype))
-    return model
-
-
-def pack_model(model: nn.Module, plan: BitPlan, qparams: dict | None = None) -> nn.Module:
-    """Replace each target, in place, by a :class:`PackedLinear` / :class:`PackedEmbedding` at
-    its planned widths; ``qparams`` {name: (scales, zeros)} replaces the min-max grids of those
-    layers (weights already rounded by SignRound or trained by QAT)."""
-    qparams = qparams or {}
-    modules = dict(model.named_modules())
-    rows, columns = physical_layout(plan.couplings, plan.bits)
-    for name, bits in plan.bits.items():
-        mod = modules[name]
-        heads = tied_linears(model, name) if isinstance(mod, nn.Embedding) else ()
-        packed = pack_module(mod, torch.as_tensor(bits), plan.group_size, rows=rows.get(name),
-                             columns=columns.get(name), qparams=qparams.get(name)).to(mod.weight.device)
-        _set_module(model, name, packed)
-        for h in heads:
-            _set_module(model, h, PackedTiedHead(packed, modules[h].bias))
-    return model
 
 
 def packed_tensor_bytes(path: str) -> int:
@@ -236,12 +177,12 @@ def load_packed(path: str, device: str = "cpu", dtype: torch.dtype | None = None
             new = PackedEmbedding(info["in_features"], info["out_features"], meta["group_size"], tensors,
                                   info.get("padding_idx"), compute_dtype=dtype)
             for h in info.get("tied", []):
-                _set_module(model, h, PackedTiedHead(new, rest.get(h + ".bias")))
+                set_module(model, h, PackedTiedHead(new, rest.get(h + ".bias")))
                 packed_embedding_tied = True
         else:
             new = PackedLinear(info["in_features"], info["out_features"], meta["group_size"], tensors,
                                rest.get(prefix + "bias"), compute_dtype=dtype, rows=keep_rows.get(name))
-        _set_module(model, name, new)
+        set_module(model, name, new)
     for alias, target in meta.get("aliases", {}).items():
         rest[alias] = rest[target]
     missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import decoder_blocks
+from .models import decoder_blocks
 
-__all__ = ["BlockRunner", "offload_blocks"]
+__all__ = ["BlockRunner", "offload_blocks", "block_of", "names_by_block"]
 
 #: logits formed at once by :meth:`BlockRunner.nll_sum` (tokens x vocabulary)
 _HEAD_CHUNK_ELEMENTS = 1 << 21
@@ -210,3 +210,19 @@ class BlockRunner:
             with self.on_device(k) as block:
                 hs = [self.run_block(block, h, kw) for h, kw in zip(hs, kws)]
         return sum(self.nll_sum(h, x) for h, x in zip(hs, xs))
+
+
+def block_of(runner: BlockRunner, name: str) -> int | None:
+    """Index of the decoder block holding module ``name`` (None outside the blocks)."""
+    head = runner.prefix + "."
+    if not name.startswith(head):
+        return None
+    return int(name[len(head):].split(".", 1)[0])
+
+
+def names_by_block(runner: BlockRunner, names) -> dict[int | None, list[str]]:
+    """Module names grouped by :func:`block_of` (None: outside the blocks), in the given order."""
+    out: dict[int | None, list[str]] = {}
+    for name in names:
+        out.setdefault(block_of(runner, name), []).append(name)
+    return out

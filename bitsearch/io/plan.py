@@ -14,6 +14,9 @@ Layout (format "bitsearch-plan", version 1)::
 
 Version 1 plans have no couplings; a plan with couplings is written as version 2 (its bytes
 count the consumers' freed columns, which a version-1 reader would not). Loading checks everything and names the first problem it finds. Writing is atomic.
+
+Per-tensor plans (one ggml type per tensor, for GGUF) are version 3 with ``"unit": "tensor"``
+(:class:`bitsearch.gguf.plan.TensorPlan`); :func:`load_plan` reads either kind.
 """
 
 from __future__ import annotations
@@ -24,13 +27,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .atomic import write_text_atomic
-from .cost import avg_bits, plan_bytes
-from .couplings import Coupling, couplings_from_list
-from .errors import BitsearchError
-from .quant.grid import KEEP_WIDTH, VALID_WIDTHS
+from ..atomic import write_text_atomic
+from ..cost import avg_bits, plan_bytes
+from ..couplings import Coupling, couplings_from_list
+from ..errors import BitsearchError
+from ..quant.grid import KEEP_WIDTH, VALID_WIDTHS
 
-__all__ = ["PLAN_FORMAT", "PLAN_VERSION", "BitPlan", "encode_bits", "decode_bits"]
+__all__ = ["PLAN_FORMAT", "PLAN_VERSION", "PlanTargets", "BitPlan", "encode_bits", "decode_bits", "load_plan"]
 
 PLAN_FORMAT = "bitsearch-plan"
 PLAN_VERSION = 2
@@ -52,8 +55,31 @@ def decode_bits(text: str, where: str) -> np.ndarray:
                              f"(0-8 or F for 16)") from None
 
 
+class PlanTargets:
+    """What every plan file knows of its model (``self.model``): target shapes and fingerprint."""
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {k: (int(v[0]), int(v[1])) for k, v in self.model["targets"].items()}
+
+    def n_weights(self) -> int:
+        return sum(o * i for o, i in self.shapes.values())
+
+    def check_fingerprint(self, fingerprint: dict, where: str = "plan", force: bool = False) -> None:
+        """Raise unless the plan was made for a model with this fingerprint (with ``force``: of the
+        same shapes, whatever its weights)."""
+        if self.model.get("sha256") != fingerprint["sha256"]:
+            raise BitsearchError(f"{where} was made for another model ({self.model.get('model_type')}, "
+                                 f"fingerprint {str(self.model.get('sha256'))[:12]}) than this one "
+                                 f"({fingerprint.get('model_type')}, {fingerprint['sha256'][:12]})")
+        mine, theirs_w = self.model.get("weights_sha256"), fingerprint.get("weights_sha256")
+        if not force and mine and theirs_w and mine != theirs_w:
+            raise BitsearchError(f"{where} was made for a model of the same shapes but other weights (weights "
+                                 f"digest {mine[:12]}, this model's {theirs_w[:12]}): pass `force` to apply it anyway")
+
+
 @dataclass
-class BitPlan:
+class BitPlan(PlanTargets):
     model: dict
     group_size: int
     menu: list[int]
@@ -65,16 +91,9 @@ class BitPlan:
 
     # ---- derived -------------------------------------------------------------------------
     @property
-    def shapes(self) -> dict[str, tuple[int, int]]:
-        return {k: (int(v[0]), int(v[1])) for k, v in self.model["targets"].items()}
-
-    @property
     def avg_bits(self) -> float:
         """Avg bits all-in of the plan's targets (codes, scales, zeros, bit map)."""
         return avg_bits(self.n_bytes(), self.n_weights())
-
-    def n_weights(self) -> int:
-        return sum(o * i for o, i in self.shapes.values())
 
     def n_bytes(self) -> int:
         return plan_bytes(self.shapes, self.bits, self.group_size, self.couplings)
@@ -121,28 +140,19 @@ class BitPlan:
 
     @classmethod
     def load(cls, path: str) -> "BitPlan":
-        if not os.path.isfile(path):
-            raise BitsearchError(f"plan file '{path}' does not exist")
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise BitsearchError(f"plan file '{path}' is truncated or not JSON "
-                                 f"(line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
-        except UnicodeDecodeError:
-            raise BitsearchError(f"plan file '{path}' is not a text file") from None
-        return cls.from_dict(d, path)
+        return cls.from_dict(_read_json(path), path)
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "plan") -> "BitPlan":
         if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
             raise BitsearchError(f"'{where}' is not a bitsearch plan (format {d.get('format') if isinstance(d, dict) else None!r})")
+        if d.get("unit") == "tensor":
+            raise BitsearchError(f"'{where}' is a per-tensor plan of ggml types: export it with --format gguf "
+                                 f"(the packed format needs a per-channel plan from `bitsearch search`)")
         if d.get("version") not in _READS:
             raise BitsearchError(f"plan '{where}' has format version {d.get('version')}; "
                                  f"this bitsearch reads versions {', '.join(map(str, _READS))}")
-        for key in ("model", "quantizer", "bits"):
-            if not isinstance(d.get(key), dict):
-                raise BitsearchError(f"plan '{where}' lacks its '{key}' section")
+        shapes = plan_sections(d, ("model", "quantizer", "bits"), where)
         q = d["quantizer"]
         menu = q.get("bits")
         if not isinstance(menu, list) or any(b not in VALID_WIDTHS for b in menu):
@@ -152,9 +162,6 @@ class BitPlan:
         gs = q.get("group_size")
         if not isinstance(gs, int) or (gs != -1 and gs < 1):
             raise BitsearchError(f"plan '{where}': group size {gs!r} is not -1 or a positive integer")
-        shapes = d["model"].get("targets")
-        if not isinstance(shapes, dict):
-            raise BitsearchError(f"plan '{where}': model section has no target shapes")
         bits = {}
         for name, text in d["bits"].items():
             if name not in shapes:
@@ -204,11 +211,38 @@ class BitPlan:
             if tuple(theirs[name]) != shape:
                 raise BitsearchError(f"{where}: layer '{name}' is {shape[0]}x{shape[1]} in the plan but "
                                      f"{theirs[name][0]}x{theirs[name][1]} in the model")
-        if self.model.get("sha256") != fingerprint["sha256"]:
-            raise BitsearchError(f"{where} was made for another model ({self.model.get('model_type')}, "
-                                 f"fingerprint {str(self.model.get('sha256'))[:12]}) than this one "
-                                 f"({fingerprint.get('model_type')}, {fingerprint['sha256'][:12]})")
-        mine, theirs_w = self.model.get("weights_sha256"), fingerprint.get("weights_sha256")
-        if not force and mine and theirs_w and mine != theirs_w:
-            raise BitsearchError(f"{where} was made for a model of the same shapes but other weights (weights "
-                                 f"digest {mine[:12]}, this model's {theirs_w[:12]}): pass `force` to apply it anyway")
+        self.check_fingerprint(fingerprint, where, force)
+
+
+def plan_sections(d: dict, keys: tuple[str, ...], where: str) -> dict:
+    """Check that a plan file has these sections; return its target shapes."""
+    for key in keys:
+        if not isinstance(d.get(key), dict):
+            raise BitsearchError(f"plan '{where}' lacks its '{key}' section")
+    shapes = d["model"].get("targets")
+    if not isinstance(shapes, dict):
+        raise BitsearchError(f"plan '{where}': model section has no target shapes")
+    return shapes
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise BitsearchError(f"plan file '{path}' does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise BitsearchError(f"plan file '{path}' is truncated or not JSON "
+                             f"(line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except UnicodeDecodeError:
+        raise BitsearchError(f"plan file '{path}' is not a text file") from None
+
+
+def load_plan(path: str):
+    """A per-channel :class:`BitPlan` or a per-tensor ``TensorPlan``, by what the file holds."""
+    d = _read_json(path)
+    if isinstance(d, dict) and d.get("format") == PLAN_FORMAT and d.get("unit") == "tensor":
+        from ..gguf.plan import TensorPlan
+
+        return TensorPlan.from_dict(d, path, path)
+    return BitPlan.from_dict(d, path)
