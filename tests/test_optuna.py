@@ -25,8 +25,10 @@ def table(tmp_path_factory, llama_dir, text_file):
     return path
 
 
-def _search(llama_dir, text_file, table, out, **kw):
-    return api.search(llama_dir, text_file, SearchConfig(budget='4.5', method='optuna', group_size=16, samples=4, seq_len=32, kl_samples=2, show_progress=False, **kw), table=table, out=out)
+def _search(llama_dir, text_file, table, out, overwrite=False, **kw):
+    config = SearchConfig(budget="4.5", method="optuna", group_size=16, samples=4, seq_len=32, kl_samples=2,
+                          show_progress=False, **kw)
+    return api.search(llama_dir, text_file, config, table=table, out=out, overwrite=overwrite)
 
 
 def test_optuna_plan_within_budget_and_not_worse_than_greedy(llama_dir, text_file, table, tmp_path):
@@ -52,8 +54,8 @@ def test_optuna_plan_within_budget_and_not_worse_than_greedy(llama_dir, text_fil
     with pytest.raises(BitsearchError, match="another model"):
         pareto_figure(str(tmp_path / "p.optuna.journal"), str(tmp_path / "x.png"), model=tiny_models_qwen(llama_dir),
                       calib=text_file, config=PlotParetoConfig(kl_samples=2, seq_len=32))
-    with pytest.raises(BitsearchError, match="already exists"):
-        _search(llama_dir, text_file, table, out, n_trials=2)
+    with pytest.raises(BitsearchError, match="already exists"):     # the study, even when the plan may go
+        _search(llama_dir, text_file, table, out, overwrite=True, n_trials=2)
 
 
 def tiny_models_qwen(llama_dir):
