@@ -1,6 +1,6 @@
 """Per-layer summary of a saved plan: avg width, pruned channels, width histogram; optional PNG.
 
-    python -m analysis.plan_report plan.json [--csv layers.csv] [--png widths.png]
+python -m analysis.plan_report plan.json [--csv layers.csv] [--png widths.png]
 """
 
 from __future__ import annotations
@@ -21,9 +21,17 @@ def layer_table(plan: BitPlan) -> pd.DataFrame:
     for name, bits in plan.bits.items():
         out_f, in_f = plan.shapes[name]
         hist = {f"w{int(b)}": int(c) for b, c in zip(*np.unique(bits, return_counts=True))}
-        rows.append({"layer": name, "channels": out_f, "in_features": in_f,
-                     "avg_bits_all_in": 8 * layer_bytes(in_f, bits, plan.group_size) / (out_f * in_f),
-                     "mean_width": float(bits.mean()), "pruned": int((bits == 0).sum()), **hist})
+        rows.append(
+            {
+                "layer": name,
+                "channels": out_f,
+                "in_features": in_f,
+                "avg_bits_all_in": 8 * layer_bytes(in_f, bits, plan.group_size) / (out_f * in_f),
+                "mean_width": float(bits.mean()),
+                "pruned": int((bits == 0).sum()),
+                **hist,
+            }
+        )
     return pd.DataFrame(rows).fillna(0)
 
 
@@ -37,13 +45,16 @@ def main(argv=None) -> None:
     df = layer_table(plan)
     with pd.option_context("display.width", 200, "display.max_rows", 500):
         print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"total: {plan.summary['avg_bits']:.4f} avg bits, {plan.summary['bytes']} bytes, "
-          f"{plan.summary['pruned_channels']} pruned")
+    print(
+        f"total: {plan.summary['avg_bits']:.4f} avg bits, {plan.summary['bytes']} bytes, "
+        f"{plan.summary['pruned_channels']} pruned"
+    )
     if args.csv:
         df.to_csv(args.csv, index=False)
     if args.png:
-        print(plot_layer_bits(list(df["layer"]), list(df["avg_bits_all_in"]), args.png,
-                              title=os.path.basename(args.plan)))
+        print(
+            plot_layer_bits(list(df["layer"]), list(df["avg_bits_all_in"]), args.png, title=os.path.basename(args.plan))
+        )
 
 
 if __name__ == "__main__":

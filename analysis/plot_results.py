@@ -1,6 +1,6 @@
 """Plot perplexity against avg bits from a saved results.csv (demo or studies/slm_budget_table.py).
 
-    python -m analysis.plot_results demo_out/results.csv --out ppl_vs_bits.png [--float-ppl 223.7]
+python -m analysis.plot_results demo_out/results.csv --out ppl_vs_bits.png [--float-ppl 223.7]
 """
 
 from __future__ import annotations

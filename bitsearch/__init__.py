@@ -22,8 +22,17 @@ __version__ = "0.2.0"
 from .errors import BitsearchError  # noqa: E402
 
 _API = ("sensitivity", "search", "search_plan", "apply", "finalize", "evaluate", "export", "generate")
-_CONFIG = ("RunConfig", "CalibConfig", "SensitivityConfig", "SearchConfig", "FinalizeConfig", "ApplyConfig",
-           "EvalConfig", "ExportConfig", "GenerateConfig")
+_CONFIG = (
+    "RunConfig",
+    "CalibConfig",
+    "SensitivityConfig",
+    "SearchConfig",
+    "FinalizeConfig",
+    "ApplyConfig",
+    "EvalConfig",
+    "ExportConfig",
+    "GenerateConfig",
+)
 _OTHER = {"BitPlan": "io.plan", "SensitivityTable": "sensitivity", "EvalResult": "evaluate", "load_model": "io.loading"}
 
 __all__ = ["__version__", "BitsearchError", *_API, *_CONFIG, *_OTHER]

@@ -190,16 +190,15 @@ class BlockRunner:
         tgt = x[:, 1:].to(self.device)
         if not self._head_is_logits(h, x):
             logits = self.logits(h, x)[:, :-1]
-            return sum(F.cross_entropy(logits[b].float(), tgt[b], reduction="sum").item()
-                       for b in range(x.shape[0]))
+            return sum(F.cross_entropy(logits[b].float(), tgt[b], reduction="sum").item() for b in range(x.shape[0]))
         head = self.model.get_output_embeddings()
         hid = self.head_inputs(h, x)
         chunk = max(1, _HEAD_CHUNK_ELEMENTS // head.out_features)
         total = 0.0
         for b in range(x.shape[0]):
             for i in range(0, tgt.shape[1], chunk):
-                logits = head(hid[b, i:min(i + chunk, tgt.shape[1])])
-                total += F.cross_entropy(logits.float(), tgt[b, i:i + chunk], reduction="sum").item()
+                logits = head(hid[b, i : min(i + chunk, tgt.shape[1])])
+                total += F.cross_entropy(logits.float(), tgt[b, i : i + chunk], reduction="sum").item()
         return total
 
     @torch.no_grad()
@@ -217,7 +216,7 @@ def block_of(runner: BlockRunner, name: str) -> int | None:
     head = runner.prefix + "."
     if not name.startswith(head):
         return None
-    return int(name[len(head):].split(".", 1)[0])
+    return int(name[len(head) :].split(".", 1)[0])
 
 
 def names_by_block(runner: BlockRunner, names) -> dict[int | None, list[str]]:

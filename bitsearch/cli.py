@@ -30,8 +30,8 @@ class Input:
     required: bool = False
     aliases: tuple[str, ...] = ()
     metavar: str | None = None
-    name: str | None = None       # the API's name for it, when not the flag's (--sensitivity: table)
-    switch: bool = False          # a flag without a value (store_true)
+    name: str | None = None  # the API's name for it, when not the flag's (--sensitivity: table)
+    switch: bool = False  # a flag without a value (store_true)
 
     @property
     def dest(self) -> str:
@@ -42,11 +42,11 @@ class Input:
 class Command:
     name: str
     help: str
-    config: str | None                     # the config class's name in bitsearch.config
+    config: str | None  # the config class's name in bitsearch.config
     inputs: list[Input]
-    run: Callable                           # run(args, config) -> None (prints what was made)
-    required: tuple[str, ...] = ()          # config fields the command line must give
-    sub: list["Command"] = field(default_factory=list)   # e.g. plot sensitivity|plan|pareto
+    run: Callable  # run(args, config) -> None (prints what was made)
+    required: tuple[str, ...] = ()  # config fields the command line must give
+    sub: list["Command"] = field(default_factory=list)  # e.g. plot sensitivity|plan|pareto
 
 
 MODEL = Input("--model", "HF hub id or local model folder", required=True)
@@ -66,33 +66,49 @@ def _run_demo(args, config):
 def _run_sensitivity(args, config):
     from . import api
 
-    table = api.sensitivity(args.model, args.calib, config, out=args.out, overwrite=args.overwrite,
-                            imatrix=args.imatrix)
+    table = api.sensitivity(
+        args.model, args.calib, config, out=args.out, overwrite=args.overwrite, imatrix=args.imatrix
+    )
     if table.meta["world_size"] == 1 or os.environ.get("RANK", "0") == "0":
         secs = ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in table.meta["estimator_info"].items())
-        print(f"wrote {args.out}: {len(table.df)} channels in {len(table.layers)} layers, "
-              f"widths {','.join(map(str, table.bits))}, group size {table.group_size}, "
-              f"estimators {secs}; {table.meta['units']}")
+        print(
+            f"wrote {args.out}: {len(table.df)} channels in {len(table.layers)} layers, "
+            f"widths {','.join(map(str, table.bits))}, group size {table.group_size}, "
+            f"estimators {secs}; {table.meta['units']}"
+        )
         hutch = table.meta["estimator_info"].get("hutchinson", {})
         if "layer_rel_se_median" in hutch:
-            print(f"hutchinson: standard error of a layer's trace, median {100 * hutch['layer_rel_se_median']:.1f} %, "
-                  f"worst {100 * hutch['layer_rel_se_max']:.1f} % of the trace (more --probes lower it)")
+            print(
+                f"hutchinson: standard error of a layer's trace, median {100 * hutch['layer_rel_se_median']:.1f} %, "
+                f"worst {100 * hutch['layer_rel_se_max']:.1f} % of the trace (more --probes lower it)"
+            )
 
 
 def _run_search(args, config):
     from . import api
 
-    plan = api.search(args.model, args.calib, config, table=args.sensitivity, out=args.out, overwrite=args.overwrite,
-                      imatrix=args.imatrix)
+    plan = api.search(
+        args.model,
+        args.calib,
+        config,
+        table=args.sensitivity,
+        out=args.out,
+        overwrite=args.overwrite,
+        imatrix=args.imatrix,
+    )
     s = plan.summary
     if config.format == "gguf":
-        print(f"wrote {args.out}: {s['avg_bits']:.4f} bits per weight, {s['bytes']} bytes of tensor data, "
-              f"types {s['histogram']}, predicted loss increase {s['predicted_error']:.4g}")
+        print(
+            f"wrote {args.out}: {s['avg_bits']:.4f} bits per weight, {s['bytes']} bytes of tensor data, "
+            f"types {s['histogram']}, predicted loss increase {s['predicted_error']:.4g}"
+        )
         return
     dead = f" ({s['dead_units']} whole units: smaller matrices)" if s.get("dead_units") else ""
-    print(f"wrote {args.out}: {s['avg_bits']:.4f} avg bits, {s['bytes']} bytes, "
-          f"{s['pruned_channels']} of {s['n_channels']} channels pruned{dead}, widths {s['histogram']}, "
-          f"predicted loss increase {s['predicted_error']:.4g}")
+    print(
+        f"wrote {args.out}: {s['avg_bits']:.4f} avg bits, {s['bytes']} bytes, "
+        f"{s['pruned_channels']} of {s['n_channels']} channels pruned{dead}, widths {s['histogram']}, "
+        f"predicted loss increase {s['predicted_error']:.4g}"
+    )
     if "format" in s:
         print(f"in {s['format']['name']}: {s['format']['bytes']} bytes, {s['format']['avg_bits']:.4f} avg bits")
 
@@ -101,14 +117,17 @@ def _run_finalize(args, config):
     from . import api
     from .io.checkpoint import packed_tensor_bytes
 
-    m = api.finalize(args.model, args.plan, args.calib, config, out=args.out, overwrite=args.overwrite,
-                     force=args.force)
+    m = api.finalize(
+        args.model, args.plan, args.calib, config, out=args.out, overwrite=args.overwrite, force=args.force
+    )
     info = m.bitsearch_plan.provenance["finalize"]
-    last = ((info.get("qat") or {}).get("last_loss") or {})
+    last = (info.get("qat") or {}).get("last_loss") or {}
     losses = ", ".join(f"{k} loss {v:.4g}" for k, v in last.items() if v is not None)
-    print(f"wrote {args.out}: {packed_tensor_bytes(args.out)} bytes of packed target tensors "
-          f"(plan: {m.bitsearch_plan.n_bytes()}), {info['method']}{' ' + losses if losses else ''}, "
-          f"{info['seconds']:.1f} s")
+    print(
+        f"wrote {args.out}: {packed_tensor_bytes(args.out)} bytes of packed target tensors "
+        f"(plan: {m.bitsearch_plan.n_bytes()}), {info['method']}{' ' + losses if losses else ''}, "
+        f"{info['seconds']:.1f} s"
+    )
 
 
 def _run_apply(args, config):
@@ -120,8 +139,10 @@ def _run_apply(args, config):
     if config.fake:
         print(f"wrote {args.out}: HF checkpoint with dequantized target weights")
     else:
-        print(f"wrote {args.out}: {packed_tensor_bytes(args.out)} bytes of packed target tensors "
-              f"(plan: {p.n_bytes()}), {p.summary.get('avg_bits', 0):.4f} avg bits")
+        print(
+            f"wrote {args.out}: {packed_tensor_bytes(args.out)} bytes of packed target tensors "
+            f"(plan: {p.n_bytes()}), {p.summary.get('avg_bits', 0):.4f} avg bits"
+        )
 
 
 def _run_export(args, config):
@@ -135,8 +156,7 @@ def _run_export(args, config):
 def _run_eval(args, config):
     from . import api
 
-    r = api.evaluate(args.model, args.text, config, reference=args.reference, out=args.json,
-                     overwrite=args.overwrite)
+    r = api.evaluate(args.model, args.text, config, reference=args.reference, out=args.json, overwrite=args.overwrite)
     line = f"ppl {r.ppl:.3f}  nll {r.nll:.4f}  entropy {r.entropy:.4f}  tokens {r.tokens}  seq_len {r.seq_len}"
     if r.kl is not None:
         line += f"  KL(ref||model) {r.kl:.5f}"
@@ -149,14 +169,16 @@ def _run_generate(args, config):
     r = generate(args.model, args.prompt, config)
     print(args.prompt + r.text)
     t = r.timing
-    print(f"{len(t.tokens)} new tokens; prompt {r.prompt_tokens} tokens in {t.prefill_seconds:.3f} s; "
-          f"decoding {r.tokens_per_s:.1f} tokens/s", file=sys.stderr)
+    print(
+        f"{len(t.tokens)} new tokens; prompt {r.prompt_tokens} tokens in {t.prefill_seconds:.3f} s; "
+        f"decoding {r.tokens_per_s:.1f} tokens/s",
+        file=sys.stderr,
+    )
 
 
 def _run_pareto(args, config):
-    from .search.optuna_study import study_trials
-
     from .outputs import check_output
+    from .search.optuna_study import study_trials
 
     if config.export is not None and args.out is None:
         raise BitsearchError("--export needs --out PLAN.json")
@@ -171,8 +193,10 @@ def _run_pareto(args, config):
         write_text_atomic(config.csv, pd.DataFrame(rows).to_csv(index=False))
     print(f"{'trial':>6} {'avg bits':>9} {'bytes':>11} {'KL':>10}  front  in budget")
     for r in rows:
-        print(f"{r['trial']:>6} {r['avg_bits']:>9.4f} {r['bytes']:>11} {r['kl']:>10.5f}  "
-              f"{'*' if r['on_front'] else ' ':^5}  {'yes' if r['within_budget'] else 'no'}")
+        print(
+            f"{r['trial']:>6} {r['avg_bits']:>9.4f} {r['bytes']:>11} {r['kl']:>10.5f}  "
+            f"{'*' if r['on_front'] else ' ':^5}  {'yes' if r['within_budget'] else 'no'}"
+        )
     if plan is not None:
         plan.save(args.out)
         print(f"wrote {args.out}: trial {config.export}, {plan.summary['avg_bits']:.4f} avg bits")
@@ -189,7 +213,8 @@ def _run_plot_sensitivity(args, config):
     from .plots import plot_sensitivity
     from .sensitivity import SensitivityTable
 
-    print(f"wrote {plot_sensitivity(SensitivityTable.load(args.table), args.out, estimator=config.estimator, width=config.width)}")
+    table = SensitivityTable.load(args.table)
+    print(f"wrote {plot_sensitivity(table, args.out, estimator=config.estimator, width=config.width)}")
 
 
 def _run_plot_plan(args, config):
@@ -212,53 +237,140 @@ OVERWRITE = Input("--overwrite", "replace an existing output (never one of the c
 FORCE = Input("--force", "use a plan made for a model of the same shapes but other weights", switch=True)
 PLAN = Input("--plan", "plan file from `bitsearch search`", required=True)
 PNG = Input("--out", "output image (.png)", required=True)
-IMATRIX = Input("--imatrix", "a llama.cpp imatrix file (GGUF or legacy .dat) used as the importance matrix "
-                "instead of collecting one (imatrix estimator; search: format gguf)")
+IMATRIX = Input(
+    "--imatrix",
+    "a llama.cpp imatrix file (GGUF or legacy .dat) used as the importance matrix "
+    "instead of collecting one (imatrix estimator; search: format gguf)",
+)
 
 COMMANDS = [
-    Command("demo", "run the whole pipeline on the bundled small model, offline", "DemoConfig",
-            [Input("--out", "output folder for plans, results.csv and the plot", required=True)], _run_demo),
-    Command("sensitivity", "per-channel error curves -> Parquet table", "SensitivityConfig",
-            [MODEL, CALIB, Input("--out", "output table (.parquet)", required=True), IMATRIX, OVERWRITE],
-            _run_sensitivity),
-    Command("search", "a bit plan under a memory budget -> plan JSON", "SearchConfig",
-            [MODEL, CALIB, Input("--sensitivity", "precomputed sensitivity table (.parquet); else computed from "
-                                 "--calib", aliases=("--table",), name="table"),
-             Input("--out", "output plan (.json)", required=True), IMATRIX, OVERWRITE], _run_search,
-            required=("budget",)),
-    Command("finalize", "plan + model -> packed checkpoint after QAT (or SignRound) on calibration or data-free "
-            "text", "FinalizeConfig", [MODEL, PLAN, CALIB, Input("--out", "output folder (packed checkpoint)",
-                                                                    required=True), OVERWRITE, FORCE],
-            _run_finalize),
-    Command("pareto", "list an optuna search study's trials and front; export a point", "ParetoConfig",
-            [Input("--storage", "the study's journal file or database URL", required=True),
-             Input("--out", "plan file for --export"), OVERWRITE], _run_pareto),
-    Command("apply", "plan + model -> packed checkpoint (or --fake HF checkpoint)", "ApplyConfig",
-            [MODEL, PLAN, OUT_DIR, OVERWRITE, FORCE], _run_apply),
-    Command("export", "plan + model -> the files of a runtime (--format)", "ExportConfig",
-            [MODEL, PLAN, Input("--out", "output file or folder", required=True), OVERWRITE, FORCE], _run_export),
-    Command("plot", "figures: plot sensitivity|plan|pareto ... --out P.png", None, [], None, sub=[
-        Command("sensitivity", "heatmap per block and layer type, spread per type, SNR vs bits",
-                "PlotSensitivityConfig", [Input("--table", "sensitivity table (.parquet)", required=True), PNG,
-                                          OVERWRITE],
-                _run_plot_sensitivity),
-        Command("pareto", "an optuna study's trials, front, budget (and uniform RTN points)", "PlotParetoConfig",
-                [Input("--storage", "the study's journal file or database URL", required=True), PNG,
-                 Input("--model", "with --calib: also measure uniform RTN points on this model"),
-                 Input("--calib", "calibration text for the uniform points' KL"), OVERWRITE], _run_plot_pareto),
-        Command("plan", "width of every channel per layer, width mix per layer type, bits per block",
-                "PlotPlanConfig", [Input("--plan", "plan file (.json)", required=True), PNG, OVERWRITE],
-                _run_plot_plan),
-    ]),
-    Command("eval", "perplexity of a model or packed checkpoint on a text file", "EvalConfig",
-            [Input("--model", "HF hub id, local model folder, packed checkpoint folder or GGUF file (.gguf)",
-                   required=True),
-             Input("--text", "text file to evaluate on", required=True),
-             Input("--json", "write {ppl, nll, entropy, tokens, seq_len, model[, kl]} to this file", name="out"),
-             Input("--reference", "reference model: also report KL(reference || model)"), OVERWRITE], _run_eval),
-    Command("generate", "batch-1 greedy generation from a prompt, with tokens/s", "GenerateConfig",
-            [Input("--model", "HF hub id, local model folder or packed checkpoint folder", required=True),
-             Input("--prompt", "the prompt text", required=True)], _run_generate),
+    Command(
+        "demo",
+        "run the whole pipeline on the bundled small model, offline",
+        "DemoConfig",
+        [Input("--out", "output folder for plans, results.csv and the plot", required=True)],
+        _run_demo,
+    ),
+    Command(
+        "sensitivity",
+        "per-channel error curves -> Parquet table",
+        "SensitivityConfig",
+        [MODEL, CALIB, Input("--out", "output table (.parquet)", required=True), IMATRIX, OVERWRITE],
+        _run_sensitivity,
+    ),
+    Command(
+        "search",
+        "a bit plan under a memory budget -> plan JSON",
+        "SearchConfig",
+        [
+            MODEL,
+            CALIB,
+            Input(
+                "--sensitivity",
+                "precomputed sensitivity table (.parquet); else computed from --calib",
+                aliases=("--table",),
+                name="table",
+            ),
+            Input("--out", "output plan (.json)", required=True),
+            IMATRIX,
+            OVERWRITE,
+        ],
+        _run_search,
+        required=("budget",),
+    ),
+    Command(
+        "finalize",
+        "plan + model -> packed checkpoint after QAT (or SignRound) on calibration or data-free text",
+        "FinalizeConfig",
+        [MODEL, PLAN, CALIB, Input("--out", "output folder (packed checkpoint)", required=True), OVERWRITE, FORCE],
+        _run_finalize,
+    ),
+    Command(
+        "pareto",
+        "list an optuna search study's trials and front; export a point",
+        "ParetoConfig",
+        [
+            Input("--storage", "the study's journal file or database URL", required=True),
+            Input("--out", "plan file for --export"),
+            OVERWRITE,
+        ],
+        _run_pareto,
+    ),
+    Command(
+        "apply",
+        "plan + model -> packed checkpoint (or --fake HF checkpoint)",
+        "ApplyConfig",
+        [MODEL, PLAN, OUT_DIR, OVERWRITE, FORCE],
+        _run_apply,
+    ),
+    Command(
+        "export",
+        "plan + model -> the files of a runtime (--format)",
+        "ExportConfig",
+        [MODEL, PLAN, Input("--out", "output file or folder", required=True), OVERWRITE, FORCE],
+        _run_export,
+    ),
+    Command(
+        "plot",
+        "figures: plot sensitivity|plan|pareto ... --out P.png",
+        None,
+        [],
+        None,
+        sub=[
+            Command(
+                "sensitivity",
+                "heatmap per block and layer type, spread per type, SNR vs bits",
+                "PlotSensitivityConfig",
+                [Input("--table", "sensitivity table (.parquet)", required=True), PNG, OVERWRITE],
+                _run_plot_sensitivity,
+            ),
+            Command(
+                "pareto",
+                "an optuna study's trials, front, budget (and uniform RTN points)",
+                "PlotParetoConfig",
+                [
+                    Input("--storage", "the study's journal file or database URL", required=True),
+                    PNG,
+                    Input("--model", "with --calib: also measure uniform RTN points on this model"),
+                    Input("--calib", "calibration text for the uniform points' KL"),
+                    OVERWRITE,
+                ],
+                _run_plot_pareto,
+            ),
+            Command(
+                "plan",
+                "width of every channel per layer, width mix per layer type, bits per block",
+                "PlotPlanConfig",
+                [Input("--plan", "plan file (.json)", required=True), PNG, OVERWRITE],
+                _run_plot_plan,
+            ),
+        ],
+    ),
+    Command(
+        "eval",
+        "perplexity of a model or packed checkpoint on a text file",
+        "EvalConfig",
+        [
+            Input(
+                "--model", "HF hub id, local model folder, packed checkpoint folder or GGUF file (.gguf)", required=True
+            ),
+            Input("--text", "text file to evaluate on", required=True),
+            Input("--json", "write {ppl, nll, entropy, tokens, seq_len, model[, kl]} to this file", name="out"),
+            Input("--reference", "reference model: also report KL(reference || model)"),
+            OVERWRITE,
+        ],
+        _run_eval,
+    ),
+    Command(
+        "generate",
+        "batch-1 greedy generation from a prompt, with tokens/s",
+        "GenerateConfig",
+        [
+            Input("--model", "HF hub id, local model folder or packed checkpoint folder", required=True),
+            Input("--prompt", "the prompt text", required=True),
+        ],
+        _run_generate,
+    ),
 ]
 
 
@@ -295,12 +407,14 @@ def _add_command(sub, cmd: Command, quiet: argparse.ArgumentParser, full: bool) 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser; with ``argv``, only the flags of the command it names are built (fast ``--help``)."""
-    ap = argparse.ArgumentParser(prog="bitsearch", description="Per-channel bit-width search for LLM quantization "
-                                 "under a memory budget (0 bits = pruned).")
+    ap = argparse.ArgumentParser(
+        prog="bitsearch",
+        description="Per-channel bit-width search for LLM quantization under a memory budget (0 bits = pruned).",
+    )
     ap.add_argument("--version", action="version", version=f"bitsearch {__version__}")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    quiet = argparse.ArgumentParser(add_help=False)   # --quiet also after the command
+    quiet = argparse.ArgumentParser(add_help=False)  # --quiet also after the command
     quiet.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     words = set(argv) if argv is not None else None
     for cmd in COMMANDS:
@@ -363,8 +477,9 @@ def main(argv: list[str] | None = None) -> int:
         from .outputs import kept_on_interrupt
 
         kept = kept_on_interrupt()
-        print(f"bitsearch: interrupted: {kept or 'nothing was written'} (no file was left half-written)",
-              file=sys.stderr)
+        print(
+            f"bitsearch: interrupted: {kept or 'nothing was written'} (no file was left half-written)", file=sys.stderr
+        )
         return 130
 
 

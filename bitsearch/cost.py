@@ -25,8 +25,16 @@ from .quant.grid import KEEP_WIDTH, PRUNE_WIDTH, QUANT_WIDTHS, n_groups
 from .quant.packing import packed_row_bytes
 
 __all__ = [
-    "SCALE_BYTES", "ZERO_BYTES", "BITMAP_BYTES_PER_CHANNEL",
-    "row_bytes", "layer_bytes", "plan_bytes", "avg_bits", "check_budget_fits", "parse_budget", "budget_to_bytes",
+    "SCALE_BYTES",
+    "ZERO_BYTES",
+    "BITMAP_BYTES_PER_CHANNEL",
+    "row_bytes",
+    "layer_bytes",
+    "plan_bytes",
+    "avg_bits",
+    "check_budget_fits",
+    "parse_budget",
+    "budget_to_bytes",
 ]
 
 SCALE_BYTES = 2
@@ -53,8 +61,9 @@ def layer_bytes(in_features: int, bits: Sequence[int] | np.ndarray, group_size: 
     return total + BITMAP_BYTES_PER_CHANNEL * len(bits)
 
 
-def plan_bytes(shapes: Mapping[str, tuple[int, int]], bits: Mapping[str, Iterable[int]], group_size: int,
-               couplings: Sequence = ()) -> int:
+def plan_bytes(
+    shapes: Mapping[str, tuple[int, int]], bits: Mapping[str, Iterable[int]], group_size: int, couplings: Sequence = ()
+) -> int:
     """Bytes of a whole plan; ``shapes[name] = (out_features, in_features)``. With ``couplings``
     (``couplings.Coupling``), a consumer is stored without the columns its dead units free."""
     bits = {name: np.asarray(list(b)) for name, b in bits.items()}
@@ -76,7 +85,8 @@ def check_budget_fits(budget_bytes: int, need: int, n_weights: int, lowest: int)
         raise BitsearchError(
             f"budget {budget_bytes} bytes ({avg_bits(budget_bytes, n_weights):.4f} bits) is below the "
             f"smallest feasible one with widths >= {lowest}: {need} bytes ({avg_bits(need, n_weights):.4f} bits)"
-            + ("; give at least that, or allow pruning with `min_bits` 0" if lowest > 0 else ""))
+            + ("; give at least that, or allow pruning with `min_bits` 0" if lowest > 0 else "")
+        )
 
 
 _BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(B|KB|MB|GB|KIB|MIB|GIB)\s*$", re.IGNORECASE)
@@ -96,7 +106,8 @@ def parse_budget(text: str | float) -> tuple[str, float]:
             value = float(text)
         except ValueError:
             raise BitsearchError(
-                f"budget '{text}' is neither average bits (e.g. 2.5) nor a size (e.g. 12MB, 12MiB)") from None
+                f"budget '{text}' is neither average bits (e.g. 2.5) nor a size (e.g. 12MB, 12MiB)"
+            ) from None
         kind = "bits"
     if not (0 < value <= 16):
         raise BitsearchError(f"budget {value} bits is outside (0, 16]")

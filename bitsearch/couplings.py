@@ -25,17 +25,23 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-__all__ = ["Coupling", "find_couplings", "consumer_in_features", "live_columns", "couplings_from_list",
-           "physical_layout"]
+__all__ = [
+    "Coupling",
+    "find_couplings",
+    "consumer_in_features",
+    "live_columns",
+    "couplings_from_list",
+    "physical_layout",
+]
 
 
 @dataclass(frozen=True)
 class Coupling:
-    kind: str                      # "mlp" | "attention"
-    producers: tuple[str, ...]     # layers whose rows form the units
-    consumer: str                  # layer whose columns the units free
-    unit_rows: tuple[int, ...]     # rows of each producer per unit
-    unit_cols: int                 # consumer columns per unit
+    kind: str  # "mlp" | "attention"
+    producers: tuple[str, ...]  # layers whose rows form the units
+    consumer: str  # layer whose columns the units free
+    unit_rows: tuple[int, ...]  # rows of each producer per unit
+    unit_cols: int  # consumer columns per unit
     n_units: int
 
     def rows(self, p: int, unit: int) -> slice:
@@ -53,14 +59,28 @@ class Coupling:
         return dead
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "producers": list(self.producers), "consumer": self.consumer,
-                "unit_rows": list(self.unit_rows), "unit_cols": self.unit_cols, "n_units": self.n_units}
+        return {
+            "kind": self.kind,
+            "producers": list(self.producers),
+            "consumer": self.consumer,
+            "unit_rows": list(self.unit_rows),
+            "unit_cols": self.unit_cols,
+            "n_units": self.n_units,
+        }
 
 
 def couplings_from_list(items: list[dict] | None) -> list[Coupling]:
-    return [Coupling(kind=d["kind"], producers=tuple(d["producers"]), consumer=d["consumer"],
-                     unit_rows=tuple(int(r) for r in d["unit_rows"]), unit_cols=int(d["unit_cols"]),
-                     n_units=int(d["n_units"])) for d in (items or [])]
+    return [
+        Coupling(
+            kind=d["kind"],
+            producers=tuple(d["producers"]),
+            consumer=d["consumer"],
+            unit_rows=tuple(int(r) for r in d["unit_rows"]),
+            unit_cols=int(d["unit_cols"]),
+            n_units=int(d["n_units"]),
+        )
+        for d in (items or [])
+    ]
 
 
 def _linear(mod: nn.Module, attr: str) -> nn.Linear | None:
@@ -77,8 +97,12 @@ def find_couplings(model: nn.Module, target_names) -> list[Coupling]:
         gate, up, down = _linear(mod, "gate_proj"), _linear(mod, "up_proj"), _linear(mod, "down_proj")
         if gate is not None and up is not None and down is not None:
             layers = (full + "gate_proj", full + "up_proj", full + "down_proj")
-            if (set(layers) <= names and gate.bias is None and up.bias is None
-                    and gate.out_features == up.out_features == down.in_features):
+            if (
+                set(layers) <= names
+                and gate.bias is None
+                and up.bias is None
+                and gate.out_features == up.out_features == down.in_features
+            ):
                 out.append(Coupling("mlp", layers[:2], layers[2], (1, 1), 1, gate.out_features))
         q, k, v, o = (_linear(mod, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj"))
         head_dim = getattr(mod, "head_dim", None)
@@ -88,8 +112,13 @@ def find_couplings(model: nn.Module, target_names) -> list[Coupling]:
         if not set(layers) <= names or any(m.bias is not None for m in (q, k, v)):
             continue
         n_kv = k.out_features // head_dim
-        if n_kv < 1 or k.out_features != n_kv * head_dim or v.out_features != k.out_features \
-                or q.out_features % (n_kv * head_dim) or o.in_features != q.out_features:
+        if (
+            n_kv < 1
+            or k.out_features != n_kv * head_dim
+            or v.out_features != k.out_features
+            or q.out_features % (n_kv * head_dim)
+            or o.in_features != q.out_features
+        ):
             continue
         q_rows = q.out_features // n_kv
         out.append(Coupling("attention", layers[:3], layers[3], (q_rows, head_dim, head_dim), q_rows, n_kv))
@@ -101,14 +130,16 @@ def live_columns(coupling: Coupling, bits: dict[str, np.ndarray]) -> np.ndarray:
     return np.repeat(~coupling.dead_units(bits), coupling.unit_cols)
 
 
-def consumer_in_features(couplings: list[Coupling], shapes: dict[str, tuple[int, int]],
-                         bits: dict[str, np.ndarray]) -> dict[str, int]:
+def consumer_in_features(
+    couplings: list[Coupling], shapes: dict[str, tuple[int, int]], bits: dict[str, np.ndarray]
+) -> dict[str, int]:
     """Stored input width of every consumer: K minus its dead units' columns."""
     return {c.consumer: shapes[c.consumer][1] - c.unit_cols * int(c.dead_units(bits).sum()) for c in couplings}
 
 
-def physical_layout(couplings: list[Coupling], bits: dict[str, np.ndarray]
-                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def physical_layout(
+    couplings: list[Coupling], bits: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """({producer: rows that stay}, {consumer: columns that stay}) for the couplings of a plan
     that have dead units: a dead unit's rows and columns go."""
     rows, columns = {}, {}

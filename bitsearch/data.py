@@ -79,8 +79,14 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def calibration_batches(tokenizer, source: str | list[str], samples: int = 128, seq_len: int = 512,
-                        seed: int = 0, allow_overlap: bool = False) -> tuple[torch.Tensor, CalibSpec]:
+def calibration_batches(
+    tokenizer,
+    source: str | list[str],
+    samples: int = 128,
+    seq_len: int = 512,
+    seed: int = 0,
+    allow_overlap: bool = False,
+) -> tuple[torch.Tensor, CalibSpec]:
     """(samples, seq_len) token windows at seeded offsets of a text file (or of a list of texts,
     joined by blank lines), and their :class:`CalibSpec`. Windows never overlap unless
     ``allow_overlap``: a text too short for that is refused, saying how many windows fit."""
@@ -103,11 +109,18 @@ def calibration_batches(tokenizer, source: str | list[str], samples: int = 128, 
         starts = slots * seq_len
     elif not allow_overlap:
         fit = n_starts // seq_len
-        raise BitsearchError(f"calibration text '{source}' has {ids.numel()} tokens: {fit} windows of {seq_len} "
-                             f"fit without overlap, {samples} asked; use `samples` {fit} or fewer (or allow_overlap)")
+        raise BitsearchError(
+            f"calibration text '{source}' has {ids.numel()} tokens: {fit} windows of {seq_len} "
+            f"fit without overlap, {samples} asked; use `samples` {fit} or fewer (or allow_overlap)"
+        )
     else:
         starts = torch.randint(0, n_starts, (samples,), generator=g)
-    batch = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
-    spec = CalibSpec(source=source, samples=samples, seq_len=seq_len, seed=seed,
-                     text_sha256=hashlib.sha256(text.encode()).hexdigest()[:16])
+    batch = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+    spec = CalibSpec(
+        source=source,
+        samples=samples,
+        seq_len=seq_len,
+        seed=seed,
+        text_sha256=hashlib.sha256(text.encode()).hexdigest()[:16],
+    )
     return batch, spec

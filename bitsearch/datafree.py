@@ -39,8 +39,14 @@ from .errors import BitsearchError
 from .progress import progress
 
 __all__ = [
-    "CACHE_FORMAT", "CACHE_VERSION", "special_token_ids", "vocab_limit", "model_digest",
-    "generate_samples", "load_or_generate", "default_cache_path",
+    "CACHE_FORMAT",
+    "CACHE_VERSION",
+    "special_token_ids",
+    "vocab_limit",
+    "model_digest",
+    "generate_samples",
+    "load_or_generate",
+    "default_cache_path",
 ]
 
 CACHE_FORMAT = "bitsearch-datafree"
@@ -51,6 +57,7 @@ _DIGEST_VALUES = 256
 
 
 # --------------------------------------------------------------------------- vocabulary
+
 
 def special_token_ids(tokenizer) -> list[int]:
     """Ids of the tokenizer's special tokens (bos/eos/pad/unk/..., and added tokens marked special)."""
@@ -77,6 +84,7 @@ def vocab_limit(model: nn.Module, tokenizer=None) -> int:
 
 # --------------------------------------------------------------------------- model identity
 
+
 def model_digest(model: nn.Module) -> dict:
     """What identifies a model for a data-free cache: its config hash (as in plans) and a hash of
     ``_DIGEST_VALUES`` evenly spaced values of every parameter and buffer.
@@ -89,11 +97,15 @@ def model_digest(model: nn.Module) -> dict:
 
     fp = model_fingerprint(model, [])
     tensors = list(model.named_parameters(remove_duplicate=True)) + list(model.named_buffers(remove_duplicate=True))
-    return {"model_type": fp["model_type"], "config_sha256": fp["config_sha256"],
-            "weights_sha256": tensor_digest(tensors, _DIGEST_VALUES)}
+    return {
+        "model_type": fp["model_type"],
+        "config_sha256": fp["config_sha256"],
+        "weights_sha256": tensor_digest(tensors, _DIGEST_VALUES),
+    }
 
 
 # --------------------------------------------------------------------------- generation
+
 
 def _sample_seed(seed: int, index: int) -> int:
     digest = hashlib.sha256(f"bitsearch-datafree:{seed}:{index}".encode()).digest()
@@ -102,8 +114,9 @@ def _sample_seed(seed: int, index: int) -> int:
 
 def _uniforms(seed: int, start: int, n: int, seq_len: int) -> torch.Tensor:
     """(n, seq_len) uniforms in [0, 1); row r depends only on (seed, start + r)."""
-    rows = [torch.rand(seq_len, generator=torch.Generator().manual_seed(_sample_seed(seed, start + r)))
-            for r in range(n)]
+    rows = [
+        torch.rand(seq_len, generator=torch.Generator().manual_seed(_sample_seed(seed, start + r))) for r in range(n)
+    ]
     return torch.stack(rows)
 
 
@@ -114,15 +127,14 @@ def _input_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _choose(logits: torch.Tensor, u: torch.Tensor, greedy: bool, temperature: float,
-            top_k: int | None) -> torch.Tensor:
+def _choose(logits: torch.Tensor, u: torch.Tensor, greedy: bool, temperature: float, top_k: int | None) -> torch.Tensor:
     """Next token per row from ``logits`` (rows, V): argmax, or inverse-CDF sampling with ``u``."""
     if greedy or temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
     idx = None
     if top_k is not None and top_k < logits.shape[-1]:
-        logits, idx = logits.topk(top_k, dim=-1)            # sorted, descending
+        logits, idx = logits.topk(top_k, dim=-1)  # sorted, descending
     cdf = torch.softmax(logits, dim=-1).cumsum(-1)
     # right=True never lands on a zero-probability entry (a masked id)
     x = (u * cdf[:, -1]).unsqueeze(-1)
@@ -130,8 +142,9 @@ def _choose(logits: torch.Tensor, u: torch.Tensor, greedy: bool, temperature: fl
     return pick if idx is None else idx.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
 
 
-def _check_settings(n_samples: int, seq_len: int, greedy_tokens: int, temperature: float,
-                    top_k: int | None, batch_size: int) -> None:
+def _check_settings(
+    n_samples: int, seq_len: int, greedy_tokens: int, temperature: float, top_k: int | None, batch_size: int
+) -> None:
     if n_samples < 1:
         raise BitsearchError(f"data-free samples must be at least 1 (got {n_samples})")
     if seq_len < 2:
@@ -161,22 +174,34 @@ def _next_logits(model: nn.Module, tokens: torch.Tensor, t: int, state: dict) ->
     """Logits (rows, V) of position ``t`` given ``tokens[:, :t]``: one new token through the KV
     cache when the model keeps one, else the whole prefix again."""
     if state["cache"]:
-        out = model(input_ids=tokens[:, t - 1:t], past_key_values=state["past"], use_cache=True)
+        out = model(input_ids=tokens[:, t - 1 : t], past_key_values=state["past"], use_cache=True)
         past = getattr(out, "past_key_values", None)
         if past is not None:
             state["past"] = past
             return out.logits[:, -1]
         if t > 1:
             raise RuntimeError("the model stopped returning its KV cache during generation")
-        state["cache"] = False      # no cache from this model: recompute from here on
+        state["cache"] = False  # no cache from this model: recompute from here on
         return out.logits[:, -1]
     return model(input_ids=tokens[:, :t], use_cache=False).logits[:, -1]
 
 
-def generate_samples(model: nn.Module, n_samples: int, seq_len: int, *, seed: int = 0, greedy_tokens: int = 3,
-                     temperature: float = 1.0, top_k: int | None = None, batch_size: int = 16,
-                     vocab_exclude: Iterable[int] | None = None, vocab_size: int | None = None,
-                     start: int = 0, use_cache: bool = True, show_progress: bool = True) -> torch.Tensor:
+def generate_samples(
+    model: nn.Module,
+    n_samples: int,
+    seq_len: int,
+    *,
+    seed: int = 0,
+    greedy_tokens: int = 3,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    batch_size: int = 16,
+    vocab_exclude: Iterable[int] | None = None,
+    vocab_size: int | None = None,
+    start: int = 0,
+    use_cache: bool = True,
+    show_progress: bool = True,
+) -> torch.Tensor:
     """(n_samples, seq_len) token ids generated by ``model``, as a CPU LongTensor.
 
     Token 0 of each sample is uniform over ``range(vocab_size)`` minus ``vocab_exclude`` (pass
@@ -211,8 +236,9 @@ def generate_samples(model: nn.Module, n_samples: int, seq_len: int, *, seed: in
     try:
         with torch.no_grad():
             tokens = state = ub = None
-            for b, t in progress(steps, desc="data-free samples", total=n_batches * (seq_len - 1),
-                                 enable=show_progress):
+            for b, t in progress(
+                steps, desc="data-free samples", total=n_batches * (seq_len - 1), enable=show_progress
+            ):
                 rows = slice(b * batch_size, min((b + 1) * batch_size, n_samples))
                 if t == 1:
                     tokens = torch.empty(rows.stop - rows.start, seq_len, dtype=torch.long, device=device)
@@ -233,6 +259,7 @@ def generate_samples(model: nn.Module, n_samples: int, seq_len: int, *, seed: in
 
 # --------------------------------------------------------------------------- cache
 
+
 def default_cache_path(out: str, model: nn.Module, seed: int = 0) -> str:
     """Where the CLI keeps the cache by default: in the folder of ``out`` (a table, plan or
     checkpoint folder), named by the model's weights digest and the seed, e.g.
@@ -246,24 +273,28 @@ def _read_cache(path: str) -> tuple[torch.Tensor, dict]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, not a torch file, ...
-        raise BitsearchError(f"data-free cache '{path}' cannot be read ({type(exc).__name__}): delete it "
-                             f"or regenerate it with overwrite (overwrite_data_free)") from None
+        raise BitsearchError(
+            f"data-free cache '{path}' cannot be read ({type(exc).__name__}): delete it "
+            f"or regenerate it with overwrite (overwrite_data_free)"
+        ) from None
     if not isinstance(obj, dict) or obj.get("format") != CACHE_FORMAT:
         raise BitsearchError(f"'{path}' is not a bitsearch data-free cache: delete it or choose another path")
     if obj.get("version") != CACHE_VERSION:
-        raise BitsearchError(f"data-free cache '{path}' has version {obj.get('version')}, this bitsearch "
-                             f"reads {CACHE_VERSION}: regenerate it with overwrite (overwrite_data_free)")
+        raise BitsearchError(
+            f"data-free cache '{path}' has version {obj.get('version')}, this bitsearch "
+            f"reads {CACHE_VERSION}: regenerate it with overwrite (overwrite_data_free)"
+        )
     tokens, meta = obj.get("tokens"), obj.get("meta")
     if not torch.is_tensor(tokens) or tokens.dim() != 2 or not isinstance(meta, dict):
-        raise BitsearchError(f"data-free cache '{path}' is malformed: delete it or regenerate it "
-                             f"with overwrite (overwrite_data_free)")
+        raise BitsearchError(
+            f"data-free cache '{path}' is malformed: delete it or regenerate it with overwrite (overwrite_data_free)"
+        )
     return tokens.long(), meta
 
 
 def _write_cache(path: str, tokens: torch.Tensor, meta: dict) -> None:
     with atomic_path(path) as tmp:
-        torch.save({"format": CACHE_FORMAT, "version": CACHE_VERSION, "tokens": tokens.contiguous(),
-                    "meta": meta}, tmp)
+        torch.save({"format": CACHE_FORMAT, "version": CACHE_VERSION, "tokens": tokens.contiguous(), "meta": meta}, tmp)
 
 
 def _mismatch(cached: dict, wanted: dict) -> list[str]:
@@ -289,10 +320,22 @@ def _tokens_sha256(tokens: torch.Tensor) -> str:
     return hashlib.sha256(tokens.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def load_or_generate(model: nn.Module, tokenizer, n_samples: int, seq_len: int, cache_path: str | None, *,
-                     seed: int = 0, greedy_tokens: int = 3, temperature: float = 1.0, top_k: int | None = None,
-                     batch_size: int = 16, overwrite: bool = False, show_progress: bool = True,
-                     log: Callable[[str], None] | None = None) -> tuple[torch.Tensor, dict]:
+def load_or_generate(
+    model: nn.Module,
+    tokenizer,
+    n_samples: int,
+    seq_len: int,
+    cache_path: str | None,
+    *,
+    seed: int = 0,
+    greedy_tokens: int = 3,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    batch_size: int = 16,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> tuple[torch.Tensor, dict]:
     """(n_samples, seq_len) data-free tokens and their spec, through the cache at ``cache_path``
     (None: no cache).
 
@@ -311,11 +354,24 @@ def load_or_generate(model: nn.Module, tokenizer, n_samples: int, seq_len: int, 
     say = log or (lambda msg: None)
     limit = vocab_limit(model, tokenizer)
     exclude = [i for i in special_token_ids(tokenizer) if i < limit]
-    generation = {"greedy_tokens": greedy_tokens, "temperature": float(temperature), "top_k": top_k,
-                  "vocab_size": limit, "vocab_exclude": exclude}
+    generation = {
+        "greedy_tokens": greedy_tokens,
+        "temperature": float(temperature),
+        "top_k": top_k,
+        "vocab_size": limit,
+        "vocab_exclude": exclude,
+    }
     wanted = {"model": model_digest(model), "seed": seed, "generation": generation}
-    gen_kw = dict(seed=seed, greedy_tokens=greedy_tokens, temperature=temperature, top_k=top_k,
-                  batch_size=batch_size, vocab_exclude=exclude, vocab_size=limit, show_progress=show_progress)
+    gen_kw = dict(
+        seed=seed,
+        greedy_tokens=greedy_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        batch_size=batch_size,
+        vocab_exclude=exclude,
+        vocab_size=limit,
+        show_progress=show_progress,
+    )
 
     def make(n: int, length: int, start: int = 0) -> tuple[torch.Tensor, float]:
         t0 = time.time()
@@ -327,10 +383,17 @@ def load_or_generate(model: nn.Module, tokenizer, n_samples: int, seq_len: int, 
 
         dev = _input_device(model)
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-        return dict(wanted, samples=int(tokens.shape[0]), seq_len=int(tokens.shape[1]),
-                    tokens_sha256=_tokens_sha256(tokens), device=str(dev), dtype=dtype,
-                    seconds=round(seconds, 2), package_version=__version__,
-                    time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        return dict(
+            wanted,
+            samples=int(tokens.shape[0]),
+            seq_len=int(tokens.shape[1]),
+            tokens_sha256=_tokens_sha256(tokens),
+            device=str(dev),
+            dtype=dtype,
+            seconds=round(seconds, 2),
+            package_version=__version__,
+            time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
 
     status = "none"
     if cache_path is None:
@@ -339,8 +402,10 @@ def load_or_generate(model: nn.Module, tokenizer, n_samples: int, seq_len: int, 
         cached, meta = _read_cache(cache_path)
         diff = _mismatch(meta, wanted)
         if diff:
-            raise BitsearchError(f"data-free cache '{cache_path}' does not match this run ({'; '.join(diff)}): "
-                                 f"regenerate it with overwrite (overwrite_data_free) or use another path")
+            raise BitsearchError(
+                f"data-free cache '{cache_path}' does not match this run ({'; '.join(diff)}): "
+                f"regenerate it with overwrite (overwrite_data_free) or use another path"
+            )
         n_c, len_c = cached.shape
         if len_c < seq_len:
             say(f"data-free cache '{cache_path}' holds {len_c}-token samples; regenerating at {seq_len}")
@@ -363,8 +428,14 @@ def load_or_generate(model: nn.Module, tokenizer, n_samples: int, seq_len: int, 
         _write_cache(cache_path, tokens, meta_for(tokens, secs))
         status = "generated"
     tokens = tokens[:n_samples, :seq_len].clone()
-    spec = {"source": "data-free", "samples": n_samples, "seq_len": seq_len, "seed": seed,
-            "tokens_sha256": _tokens_sha256(tokens), "generation": dict(generation),
-            "model": wanted["model"],
-            "cache": {"path": None if cache_path is None else os.path.abspath(cache_path), "status": status}}
+    spec = {
+        "source": "data-free",
+        "samples": n_samples,
+        "seq_len": seq_len,
+        "seed": seed,
+        "tokens_sha256": _tokens_sha256(tokens),
+        "generation": dict(generation),
+        "model": wanted["model"],
+        "cache": {"path": None if cache_path is None else os.path.abspath(cache_path), "status": status},
+    }
     return tokens, spec

@@ -18,20 +18,28 @@ import pandas as pd
 import torch
 
 from . import api
-from .io.checkpoint import packed_tensor_bytes
 from .config import ApplyConfig, EvalConfig, SearchConfig, SensitivityConfig
 from .errors import BitsearchError
 from .evaluate import EvalResult
-from .models import find_targets, model_fingerprint
+from .io.checkpoint import packed_tensor_bytes
 from .io.loading import load_model, load_tokenizer
+from .models import find_targets, model_fingerprint
 from .plots import plot_ppl_vs_bits
 from .search import build_problem
 
 __all__ = ["demo_paths", "run_demo", "DEMO_SETTINGS"]
 
 #: settings of the demo run (small enough for 2 CPU cores in well under 3 minutes)
-DEMO_SETTINGS = dict(samples=16, seq_len=256, group_size=64, loss_calibration_samples=16, bits="2,3,4,5,6,8",
-                     eval_seq_len=256, eval_max_tokens=8192, uniform_widths=(2, 3, 4))
+DEMO_SETTINGS = dict(
+    samples=16,
+    seq_len=256,
+    group_size=64,
+    loss_calibration_samples=16,
+    bits="2,3,4,5,6,8",
+    eval_seq_len=256,
+    eval_max_tokens=8192,
+    uniform_widths=(2, 3, 4),
+)
 
 
 def demo_paths() -> dict[str, str]:
@@ -63,20 +71,36 @@ def run_demo(out: str, budgets: str = "2.5,3.0,3.5", show_progress: bool = True)
     def say(msg: str) -> None:
         print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
 
-    say(f"demo model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; "
-        f"calibration {s['samples']} x {s['seq_len']} tokens of calib.txt; widths {s['bits']}")
+    say(
+        f"demo model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; "
+        f"calibration {s['samples']} x {s['seq_len']} tokens of calib.txt; widths {s['bits']}"
+    )
     table_path = os.path.join(out, "sensitivity.parquet")
-    table = api.sensitivity(model, paths["calib"], SensitivityConfig(
-        samples=s["samples"], seq_len=s["seq_len"], group_size=s["group_size"], bits=s["bits"],
-        loss_calibration_samples=s["loss_calibration_samples"], show_progress=show_progress), tokenizer=tok,
-        out=table_path)
+    table = api.sensitivity(
+        model,
+        paths["calib"],
+        SensitivityConfig(
+            samples=s["samples"],
+            seq_len=s["seq_len"],
+            group_size=s["group_size"],
+            bits=s["bits"],
+            loss_calibration_samples=s["loss_calibration_samples"],
+            show_progress=show_progress,
+        ),
+        tokenizer=tok,
+        out=table_path,
+    )
     say(f"sensitivity: {len(table.df)} channels in {len(table.layers)} layers -> {table_path}")
     targets = find_targets(model)
     fp = model_fingerprint(model, targets)
 
     def evaluate(name: str, m) -> EvalResult:
-        r = api.evaluate(m, paths["eval"], EvalConfig(seq_len=s["eval_seq_len"], max_tokens=s["eval_max_tokens"],
-                                                      show_progress=show_progress), tokenizer=tok)
+        r = api.evaluate(
+            m,
+            paths["eval"],
+            EvalConfig(seq_len=s["eval_seq_len"], max_tokens=s["eval_max_tokens"], show_progress=show_progress),
+            tokenizer=tok,
+        )
         r.model = name
         return r
 
@@ -90,26 +114,43 @@ def run_demo(out: str, budgets: str = "2.5,3.0,3.5", show_progress: bool = True)
         bytes_w = problem.bytes_of(np.full(problem.n_channels, k))
         runs.append(("uniform", f"{bytes_w}B"))
     for method, budget in runs:
-        plan = api.search_plan(table, targets, fp, SearchConfig(budget=budget, method=method),
-                               provenance={"model_name": "bundled demo model"})
+        plan = api.search_plan(
+            table,
+            targets,
+            fp,
+            SearchConfig(budget=budget, method=method),
+            provenance={"model_name": "bundled demo model"},
+        )
         tag = f"{method}_{plan.summary['avg_bits']:.2f}"
         plan_path = os.path.join(out, f"plan_{tag}.json")
         plan.save(plan_path)
         packed_dir = os.path.join(out, f"packed_{tag}")
         api.apply(copy.deepcopy(model), plan, ApplyConfig(), tokenizer=tok, out=packed_dir)
         written = packed_tensor_bytes(packed_dir)
-        r = evaluate(tag, load_model(packed_dir))       # evaluated from the file written
-        rows.append({"method": method, "budget": budget, "avg_bits": plan.summary["avg_bits"],
-                     "bytes": written, "plan_bytes": plan.summary["bytes"],
-                     "pruned_channels": plan.summary["pruned_channels"], "ppl": r.ppl,
-                     "predicted_loss_increase": plan.summary["predicted_error"], "plan": os.path.basename(plan_path)})
-        say(f"{method:7s} budget {budget}: {plan.summary['avg_bits']:.3f} bits, "
-            f"{written} bytes written (plan {plan.summary['bytes']}), ppl {r.ppl:.2f}")
+        r = evaluate(tag, load_model(packed_dir))  # evaluated from the file written
+        rows.append(
+            {
+                "method": method,
+                "budget": budget,
+                "avg_bits": plan.summary["avg_bits"],
+                "bytes": written,
+                "plan_bytes": plan.summary["bytes"],
+                "pruned_channels": plan.summary["pruned_channels"],
+                "ppl": r.ppl,
+                "predicted_loss_increase": plan.summary["predicted_error"],
+                "plan": os.path.basename(plan_path),
+            }
+        )
+        say(
+            f"{method:7s} budget {budget}: {plan.summary['avg_bits']:.3f} bits, "
+            f"{written} bytes written (plan {plan.summary['bytes']}), ppl {r.ppl:.2f}"
+        )
     df = pd.DataFrame(rows)
     csv = os.path.join(out, "results.csv")
     df.to_csv(csv, index=False)
-    png = plot_ppl_vs_bits(df, os.path.join(out, "ppl_vs_bits.png"), float_ppl=float_ppl,
-                           title="bitsearch demo: bundled model, eval.txt")
+    png = plot_ppl_vs_bits(
+        df, os.path.join(out, "ppl_vs_bits.png"), float_ppl=float_ppl, title="bitsearch demo: bundled model, eval.txt"
+    )
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(df.drop(columns=["plan", "plan_bytes"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     say(f"float ppl {float_ppl:.2f}; wrote {csv} and {png}")

@@ -32,7 +32,7 @@ class EvalResult:
     model: str
     kl: float | None = None
     reference: str | None = None
-    entropy: float | None = None        # mean entropy of the model's next-token distribution (nats)
+    entropy: float | None = None  # mean entropy of the model's next-token distribution (nats)
 
     def to_dict(self) -> dict:
         d = {"ppl": self.ppl, "nll": self.nll, "tokens": self.tokens, "seq_len": self.seq_len, "model": self.model}
@@ -53,7 +53,7 @@ def windows(ids: torch.Tensor, seq_len: int, max_tokens: int | None = None) -> l
         raise BitsearchError(f"the text has {ids.numel()} tokens: nothing to evaluate")
     n = ids.numel() // seq_len
     out = [ids[: n * seq_len].reshape(n, seq_len)] if n else []
-    rest = ids[n * seq_len:]
+    rest = ids[n * seq_len :]
     if rest.numel() >= 2:
         out.append(rest.reshape(1, -1))
     return out
@@ -69,7 +69,7 @@ def batch_nll(model, batch: torch.Tensor, micro_batch: int = 8) -> float:
     dev = _device_of(model)
     total, count = 0.0, 0
     for i in range(0, batch.shape[0], micro_batch):
-        x = batch[i:i + micro_batch].to(dev)
+        x = batch[i : i + micro_batch].to(dev)
         logits = model(input_ids=x).logits[:, :-1].float()
         tgt = x[:, 1:]
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum").item()
@@ -78,14 +78,24 @@ def batch_nll(model, batch: torch.Tensor, micro_batch: int = 8) -> float:
 
 
 @torch.no_grad()
-def perplexity(model, ids: torch.Tensor, seq_len: int = 512, max_tokens: int | None = None,
-               micro_batch: int = 4, reference=None, name: str = "", reference_name: str | None = None,
-               show_progress: bool = True) -> EvalResult:
+def perplexity(
+    model,
+    ids: torch.Tensor,
+    seq_len: int = 512,
+    max_tokens: int | None = None,
+    micro_batch: int = 4,
+    reference=None,
+    name: str = "",
+    reference_name: str | None = None,
+    show_progress: bool = True,
+) -> EvalResult:
     """Perplexity, the mean entropy of the predictions (how confident the model is, whatever the
     next token) and, when ``reference`` is given, KL(reference || model), on the token ids of a text."""
     dev = _device_of(model)
     nll_sum, kl_sum, ent_sum, count, n_tokens = 0.0, 0.0, 0.0, 0, 0
-    chunks = [w[i:i + micro_batch] for w in windows(ids, seq_len, max_tokens) for i in range(0, w.shape[0], micro_batch)]
+    chunks = [
+        w[i : i + micro_batch] for w in windows(ids, seq_len, max_tokens) for i in range(0, w.shape[0], micro_batch)
+    ]
     for x in progress(chunks, desc=f"eval {name}".strip(), enable=show_progress):
         x = x.to(dev)
         n_tokens += x.numel()
@@ -99,6 +109,13 @@ def perplexity(model, ids: torch.Tensor, seq_len: int = 512, max_tokens: int | N
             ref_logp = ref_logp.to(logp.device)
             kl_sum += (ref_logp.exp() * (ref_logp - logp)).sum().item()
     nll = nll_sum / count
-    return EvalResult(ppl=math.exp(nll), nll=nll, tokens=n_tokens, seq_len=seq_len, model=name,
-                      kl=(kl_sum / count) if reference is not None else None, reference=reference_name,
-                      entropy=ent_sum / count)
+    return EvalResult(
+        ppl=math.exp(nll),
+        nll=nll,
+        tokens=n_tokens,
+        seq_len=seq_len,
+        model=name,
+        kl=(kl_sum / count) if reference is not None else None,
+        reference=reference_name,
+        entropy=ent_sum / count,
+    )

@@ -23,12 +23,12 @@ __all__ = ["GenerateResult", "DecodeTiming", "greedy_decode", "generate"]
 
 @dataclass
 class DecodeTiming:
-    tokens: list[int]            # the new tokens (the first one comes from the prefill)
-    choices: list[int]           # the model's argmax at each step (= tokens unless forced)
-    prefill_seconds: float       # the prompt's forward pass (wall clock)
-    decode_seconds: float        # the forward passes of the tokens after the first (wall clock)
-    prefill_cpu_seconds: float   # the same in CPU time of this process (all its threads), which
-    decode_cpu_seconds: float    # other jobs on a shared machine do not inflate
+    tokens: list[int]  # the new tokens (the first one comes from the prefill)
+    choices: list[int]  # the model's argmax at each step (= tokens unless forced)
+    prefill_seconds: float  # the prompt's forward pass (wall clock)
+    decode_seconds: float  # the forward passes of the tokens after the first (wall clock)
+    prefill_cpu_seconds: float  # the same in CPU time of this process (all its threads), which
+    decode_cpu_seconds: float  # other jobs on a shared machine do not inflate
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -45,7 +45,7 @@ class DecodeTiming:
 
 @dataclass
 class GenerateResult:
-    text: str                    # the generated continuation (prompt excluded)
+    text: str  # the generated continuation (prompt excluded)
     prompt_tokens: int
     timing: DecodeTiming
 
@@ -61,8 +61,13 @@ def _cache_keyword(model: nn.Module) -> str:
 
 
 @torch.no_grad()
-def greedy_decode(model: nn.Module, input_ids: torch.Tensor, new_tokens: int, forced: torch.Tensor | None = None,
-                  eos_token_id: int | None = None) -> DecodeTiming:
+def greedy_decode(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    new_tokens: int,
+    forced: torch.Tensor | None = None,
+    eos_token_id: int | None = None,
+) -> DecodeTiming:
     """Greedy decoding of ``new_tokens`` after ``input_ids`` (1, L), batch 1, with a cache.
 
     ``forced`` (new_tokens,): feed these tokens instead of the argmax (the work is the same for
@@ -88,7 +93,7 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, new_tokens: int, fo
         out = model(input_ids=token.view(1, 1), use_cache=True, **{key: cache})
         cache = getattr(out, key)
         choice = out.logits[:, -1].argmax(-1)
-        token = choice if forced is None else forced[i:i + 1].to(device)
+        token = choice if forced is None else forced[i : i + 1].to(device)
         tokens.append(int(token))
         choices.append(int(choice))
     return DecodeTiming(tokens, choices, prefill, time.perf_counter() - t0, prefill_cpu, time.process_time() - c0)
@@ -97,10 +102,10 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, new_tokens: int, fo
 def generate(model, prompt: str, config: GenerateConfig | None = None, *, tokenizer=None) -> GenerateResult:
     """Greedy batch-1 generation from ``prompt``; ``model`` an ``nn.Module`` or a folder / hub id
     (a HF model or a packed checkpoint)."""
-    from .api import _threads, resolve_model
+    from .api import resolve_model, set_threads
 
     config = config or GenerateConfig()
-    _threads(config)
+    set_threads(config)
     if config.max_new_tokens < 1:
         raise BitsearchError(f"max_new_tokens must be at least 1 (got {config.max_new_tokens})")
     loaded = resolve_model(model, config, tokenizer)

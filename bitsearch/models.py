@@ -19,8 +19,18 @@ from torch import nn
 
 from .errors import BitsearchError
 
-__all__ = ["Target", "decoder_blocks", "find_targets", "model_fingerprint", "target_of", "tied_linears",
-           "tensor_digest", "check_finite", "max_positions"]
+__all__ = [
+    "Target",
+    "decoder_blocks",
+    "find_targets",
+    "model_fingerprint",
+    "target_of",
+    "tied_linears",
+    "tensor_digest",
+    "check_finite",
+    "max_positions",
+]
+
 
 @dataclass(frozen=True)
 class Target:
@@ -79,14 +89,20 @@ def find_targets(model: nn.Module, targets: str | None = None, exclude: str | No
             continue
         chosen.append((name, mod))
     if not chosen:
-        conv = next((n for n, m in model.named_modules() if type(m).__name__ == "Conv1D" and n.startswith(prefix)), None)
+        conv = next(
+            (n for n, m in model.named_modules() if type(m).__name__ == "Conv1D" and n.startswith(prefix)), None
+        )
         if conv is not None:
-            raise BitsearchError(f"no target layers match: this model's layers are transformers Conv1D (e.g. "
-                                 f"'{conv}', GPT-2 style), which bitsearch does not quantize (nn.Linear and "
-                                 f"nn.Embedding only)")
-        raise BitsearchError("no target layers match"
-                             + (f" `targets` '{targets}'" if targets else "")
-                             + (f" `exclude` '{exclude}'" if exclude else ""))
+            raise BitsearchError(
+                f"no target layers match: this model's layers are transformers Conv1D (e.g. "
+                f"'{conv}', GPT-2 style), which bitsearch does not quantize (nn.Linear and "
+                f"nn.Embedding only)"
+            )
+        raise BitsearchError(
+            "no target layers match"
+            + (f" `targets` '{targets}'" if targets else "")
+            + (f" `exclude` '{exclude}'" if exclude else "")
+        )
     owners: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(name.rsplit(".", 1)[0])
@@ -98,16 +114,19 @@ def find_targets(model: nn.Module, targets: str | None = None, exclude: str | No
         if not others:
             out.append(target_of(name, mod))
         elif isinstance(mod, nn.Embedding) and all(isinstance(modules[o], nn.Linear) for o in others):
-            out.append(target_of(name, mod, tuple(others)))   # a tied lm_head goes with its embedding
+            out.append(target_of(name, mod, tuple(others)))  # a tied lm_head goes with its embedding
         elif isinstance(mod, nn.Linear) and any(isinstance(modules[o], nn.Embedding) for o in others):
             emb = next(o for o in others if isinstance(modules[o], nn.Embedding))
             if emb not in names:
-                raise BitsearchError(f"target '{name}' shares its weight with the embedding '{emb}' (tied weights): "
-                                     f"target the embedding instead (`targets` '{emb}'), which quantizes both, "
-                                     f"or exclude it with `exclude`")
+                raise BitsearchError(
+                    f"target '{name}' shares its weight with the embedding '{emb}' (tied weights): "
+                    f"target the embedding instead (`targets` '{emb}'), which quantizes both, "
+                    f"or exclude it with `exclude`"
+                )
         else:
-            raise BitsearchError(f"target '{name}' shares its weight with '{others[0]}' (tied weights); "
-                                 f"exclude it with `exclude`")
+            raise BitsearchError(
+                f"target '{name}' shares its weight with '{others[0]}' (tied weights); exclude it with `exclude`"
+            )
     return out
 
 
@@ -122,10 +141,22 @@ def target_of(name: str, mod: nn.Module, tied: tuple[str, ...] = ()) -> Target:
     return Target(name, int(mod.weight.shape[0]), int(mod.weight.shape[1]), kind, tied)
 
 
-_VOLATILE = {"transformers_version", "dtype", "torch_dtype", "_name_or_path", "use_cache",
-             "architectures", "_attn_implementation", "_attn_implementation_internal",
-             "attn_implementation", "output_attentions", "output_hidden_states", "return_dict",
-             "_commit_hash", "quantization_config"}
+_VOLATILE = {
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "_name_or_path",
+    "use_cache",
+    "architectures",
+    "_attn_implementation",
+    "_attn_implementation_internal",
+    "attn_implementation",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "_commit_hash",
+    "quantization_config",
+}
 
 
 def tensor_digest(tensors, values: int = 4096) -> str:
@@ -150,8 +181,10 @@ def check_finite(model: nn.Module) -> None:
         for name, p in model.named_parameters():
             if p.is_floating_point() and not p.is_meta and not torch.isfinite(p).all():
                 bad = int((~torch.isfinite(p)).sum())
-                raise BitsearchError(f"the model's weight '{name}' holds {bad} NaN or infinite values of "
-                                     f"{p.numel()}: nothing can be measured or quantized on it")
+                raise BitsearchError(
+                    f"the model's weight '{name}' holds {bad} NaN or infinite values of "
+                    f"{p.numel()}: nothing can be measured or quantized on it"
+                )
 
 
 def max_positions(model: nn.Module) -> int | None:

@@ -31,13 +31,32 @@ __all__ = ["option", "add_options", "from_args", "check_choices", "option_flag",
 _MISSING = dataclasses.MISSING
 
 
-def option(default: Any = _MISSING, *, help: str, choices: list | Callable[[], list] | None = None,
-           flag: str | None = None, aliases: tuple[str, ...] = (), metavar: str | None = None,
-           group: str | None = None, cli: bool = True, append: bool = False, show_default: bool = True,
-           default_factory: Callable[[], Any] | None = None) -> Any:
+def option(
+    default: Any = _MISSING,
+    *,
+    help: str,
+    choices: list | Callable[[], list] | None = None,
+    flag: str | None = None,
+    aliases: tuple[str, ...] = (),
+    metavar: str | None = None,
+    group: str | None = None,
+    cli: bool = True,
+    append: bool = False,
+    show_default: bool = True,
+    default_factory: Callable[[], Any] | None = None,
+) -> Any:
     """A dataclass field with its command-line declaration in ``metadata``."""
-    meta = {"help": help, "choices": choices, "flag": flag, "aliases": tuple(aliases), "metavar": metavar,
-            "group": group, "cli": cli, "append": append, "show_default": show_default}
+    meta = {
+        "help": help,
+        "choices": choices,
+        "flag": flag,
+        "aliases": tuple(aliases),
+        "metavar": metavar,
+        "group": group,
+        "cli": cli,
+        "append": append,
+        "show_default": show_default,
+    }
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -75,7 +94,9 @@ def add_options(parser: argparse.ArgumentParser, cls, exclude: tuple[str, ...] =
         meta = f.metadata
         where = parser
         if meta.get("group"):
-            where = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+            where = groups.get(meta["group"]) or groups.setdefault(
+                meta["group"], parser.add_argument_group(meta["group"])
+            )
         flag = option_flag(f)
         default = f.default if f.default is not _MISSING else f.default_factory()
         base = _base_type(hint)
@@ -106,8 +127,11 @@ def add_options(parser: argparse.ArgumentParser, cls, exclude: tuple[str, ...] =
 
 def from_args(cls, args: argparse.Namespace, **overrides):
     """The config object ``cls`` from parsed arguments (fields the parser lacks keep their default)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-              if f.metadata.get("cli", True) and hasattr(args, f.name)}
+    values = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(cls)
+        if f.metadata.get("cli", True) and hasattr(args, f.name)
+    }
     values.update(overrides)
     return cls(**values)
 

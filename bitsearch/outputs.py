@@ -41,8 +41,9 @@ def same_or_inside(path: str, folder: str) -> bool:
     return p == f or p.startswith(f.rstrip(os.sep) + os.sep)
 
 
-def check_output(out: str | None, kind: str, *, inputs: tuple = (), overwrite: bool = False,
-                 what: str = "output") -> None:
+def check_output(
+    out: str | None, kind: str, *, inputs: tuple = (), overwrite: bool = False, what: str = "output"
+) -> None:
     """Refuse, with one line, an output path that cannot or must not be written.
 
     ``kind``: "file" or "folder"; ``inputs``: paths the same command reads (models, plans, texts,
@@ -53,10 +54,14 @@ def check_output(out: str | None, kind: str, *, inputs: tuple = (), overwrite: b
         raise BitsearchError(f"{what} path is empty")
     out = os.fspath(out)
     for src in inputs:
-        if isinstance(src, (str, os.PathLike)) and os.path.exists(os.fspath(src)) and \
-                same_or_inside(os.fspath(src), out):
-            raise BitsearchError(f"{what} '{out}' is (or holds) '{src}', an input of this command: choose another "
-                                 f"output path")
+        if (
+            isinstance(src, (str, os.PathLike))
+            and os.path.exists(os.fspath(src))
+            and same_or_inside(os.fspath(src), out)
+        ):
+            raise BitsearchError(
+                f"{what} '{out}' is (or holds) '{src}', an input of this command: choose another output path"
+            )
     if same_or_inside(os.getcwd(), out):
         raise BitsearchError(f"{what} '{out}' is the current folder or one above it: choose a new folder")
     if os.path.lexists(out):
@@ -66,14 +71,15 @@ def check_output(out: str | None, kind: str, *, inputs: tuple = (), overwrite: b
         if kind == "folder" and not is_dir:
             raise BitsearchError(f"{what} '{out}' exists and is not a folder")
         if not overwrite and (not is_dir or os.listdir(out)):
-            raise BitsearchError(f"{what} '{out}' exists{' and is not empty' if is_dir else ''}: pass `overwrite` to "
-                                 f"replace it")
+            raise BitsearchError(
+                f"{what} '{out}' exists{' and is not empty' if is_dir else ''}: pass `overwrite` to replace it"
+            )
     parent = os.path.dirname(_real(out))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise BitsearchError(f"cannot write {what} '{out}': '{parent}' is a file, not a folder")
-    try:          # a real probe: permission bits say nothing for root or on a read-only mount
+    try:  # a real probe: permission bits say nothing for root or on a read-only mount
         fd, probe = tempfile.mkstemp(prefix=".bitsearch-probe-", dir=parent)
         os.close(fd)
         os.remove(probe)

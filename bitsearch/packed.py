@@ -33,16 +33,28 @@ from .quant.grid import KEEP_WIDTH, PRUNE_WIDTH, QUANT_WIDTHS, choose_qparams, d
 from .quant.kernel import LayerSlices, get_kernel
 from .quant.packing import pack_codes, unpack_codes
 
-__all__ = ["PackedLinear", "PackedEmbedding", "PackedTiedHead", "pack_module", "pack_weight", "unpack_weight",
-           "QUANT_TENSOR_SUFFIXES"]
+__all__ = [
+    "PackedLinear",
+    "PackedEmbedding",
+    "PackedTiedHead",
+    "pack_module",
+    "pack_weight",
+    "unpack_weight",
+    "QUANT_TENSOR_SUFFIXES",
+]
 
 QUANT_TENSOR_SUFFIXES = ("qbits", "codes_b", "scales_b", "zeros_b", "weight_f16")
 #: input rows up to which a product runs the fused kernel (above: one dequantized weight and a matmul)
 GEMV_MAX_ROWS = 4
 
 
-def pack_weight(weight: torch.Tensor, bits: torch.Tensor, group_size: int, scales: torch.Tensor | None = None,
-                zeros: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def pack_weight(
+    weight: torch.Tensor,
+    bits: torch.Tensor,
+    group_size: int,
+    scales: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """The packed tensors of one weight (out, K) under per-row widths ``bits`` (out,).
 
     Scales and zeros are the grid's min-max ones unless given: ``scales`` (out, n_groups) float16
@@ -78,8 +90,9 @@ def _group(in_features: int, group_size: int) -> int:
     return in_features if group_size == -1 or group_size >= in_features else group_size
 
 
-def unpack_weight(tensors: dict[str, torch.Tensor], in_features: int, group_size: int,
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def unpack_weight(
+    tensors: dict[str, torch.Tensor], in_features: int, group_size: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """The dequantized weight (out, K) from the tensors :func:`pack_weight` wrote (pure torch)."""
     bits = tensors["qbits"]
     w = torch.zeros(bits.numel(), in_features, dtype=dtype, device=bits.device)
@@ -104,9 +117,9 @@ def _scratch(rows: int, cols: int) -> torch.Tensor:
     few percent)."""
     buf = getattr(_SCRATCH, "buffer", None)
     if buf is None or buf.numel() < rows * cols:
-        with torch.inference_mode(False):   # a normal tensor: writable inside and outside inference mode
+        with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
             buf = _SCRATCH.buffer = torch.empty(rows * cols, dtype=torch.float32)
-    return buf[:rows * cols].view(rows, cols)
+    return buf[: rows * cols].view(rows, cols)
 
 
 def _kernel_for(x: torch.Tensor, device: torch.device):
@@ -116,7 +129,7 @@ def _kernel_for(x: torch.Tensor, device: torch.device):
     return get_kernel()
 
 
-class _PackedRows(nn.Module):
+class PackedRows(nn.Module):
     """Packed row storage shared by the linear and embedding modules.
 
     Besides the stored tensors, each width's rows get their output positions (``out_b{w}``,
@@ -126,8 +139,15 @@ class _PackedRows(nn.Module):
 
     kind = ""
 
-    def __init__(self, in_features: int, out_features: int, group_size: int, tensors: dict[str, torch.Tensor],
-                 compute_dtype: torch.dtype = torch.float32, keep: torch.Tensor | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        group_size: int,
+        tensors: dict[str, torch.Tensor],
+        compute_dtype: torch.dtype = torch.float32,
+        keep: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -174,15 +194,20 @@ class _PackedRows(nn.Module):
             w = out if self.dense and kernel is not None else out.zero_()
         else:
             w = (torch.empty if self.dense and kernel is not None else torch.zeros)(
-                shape, dtype=torch.float32, device=self.qbits.device)
+                shape, dtype=torch.float32, device=self.qbits.device
+            )
         group = _group(self.in_features, self.group_size)
         for b in self.widths:
-            codes, scales, zeros = getattr(self, f"codes_b{b}"), getattr(self, f"scales_b{b}"), \
-                getattr(self, f"zeros_b{b}")
+            codes, scales, zeros = (
+                getattr(self, f"codes_b{b}"),
+                getattr(self, f"scales_b{b}"),
+                getattr(self, f"zeros_b{b}"),
+            )
             index = getattr(self, f"out_b{b}")
             if kernel is not None:
-                kernel.dequant(b, codes.contiguous(), scales.contiguous(), zeros.contiguous(), index.contiguous(),
-                               group, w)
+                kernel.dequant(
+                    b, codes.contiguous(), scales.contiguous(), zeros.contiguous(), index.contiguous(), group, w
+                )
             else:
                 w[index.long()] = dequantize(unpack_codes(codes, b, self.in_features), scales, zeros, self.group_size)
         if hasattr(self, "weight_f16"):
@@ -208,17 +233,20 @@ class _PackedRows(nn.Module):
     def _kernel_storage(self) -> bool:
         """The stored tensors have the dtypes the kernel reads (``.to(dtype)`` converts the float16 ones)."""
         b = self._buffers
-        return all(b[f"scales_b{w}"].dtype == torch.float16 and b[f"codes_b{w}"].dtype == torch.uint8
-                   and b[f"zeros_b{w}"].dtype == torch.uint8 for w in self.widths) \
-            and ("weight_f16" not in b or b["weight_f16"].dtype == torch.float16)
+        return all(
+            b[f"scales_b{w}"].dtype == torch.float16
+            and b[f"codes_b{w}"].dtype == torch.uint8
+            and b[f"zeros_b{w}"].dtype == torch.uint8
+            for w in self.widths
+        ) and ("weight_f16" not in b or b["weight_f16"].dtype == torch.float16)
 
     def _apply(self, fn, *args, **kwargs):
-        self._slices = None             # points into the old tensors
+        self._slices = None  # points into the old tensors
         return super()._apply(fn, *args, **kwargs)
 
     def __getstate__(self):
         state = dict(super().__getstate__())
-        state["_slices"] = None         # C pointers: neither copied nor pickled
+        state["_slices"] = None  # C pointers: neither copied nor pickled
         return state
 
     def _layer_slices(self) -> LayerSlices | None:
@@ -231,8 +259,10 @@ class _PackedRows(nn.Module):
         if not self._kernel_storage():
             self._slices = ([(n, t) for n, t in buffers.items() if t is not None], None)
             return None
-        slices = [(b, buffers[f"codes_b{b}"], buffers[f"scales_b{b}"], buffers[f"zeros_b{b}"], buffers[f"out_b{b}"])
-                  for b in self.widths]
+        slices = [
+            (b, buffers[f"codes_b{b}"], buffers[f"scales_b{b}"], buffers[f"zeros_b{b}"], buffers[f"out_b{b}"])
+            for b in self.widths
+        ]
         if "weight_f16" in buffers:
             slices.append((KEEP_WIDTH, buffers["weight_f16"], None, None, buffers[f"out_b{KEEP_WIDTH}"]))
         layer = LayerSlices(slices, _group(self.in_features, self.group_size), self.in_features)
@@ -247,18 +277,28 @@ class _PackedRows(nn.Module):
     def extra_repr(self) -> str:
         counts = torch.bincount(self.qbits.long(), minlength=17)
         widths = ", ".join(f"{b}b:{int(counts[b])}" for b in range(17) if counts[b])
-        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, rows=[{widths}]"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+            f"rows=[{widths}]"
+        )
 
 
-class PackedLinear(_PackedRows):
+class PackedLinear(PackedRows):
     """Drop-in for ``nn.Linear`` holding packed rows; ``forward`` multiplies without a float weight
     for a few input rows (batch-1 decoding), else through a temporary dequantized weight."""
 
     kind = "linear"
 
-    def __init__(self, in_features: int, out_features: int, group_size: int, tensors: dict[str, torch.Tensor],
-                 bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.float32,
-                 rows: torch.Tensor | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        group_size: int,
+        tensors: dict[str, torch.Tensor],
+        bias: torch.Tensor | None = None,
+        compute_dtype: torch.dtype = torch.float32,
+        rows: torch.Tensor | None = None,
+    ):
         """``out_features``: rows of the bit map; with ``rows`` (bool mask or index) the output has
         only those rows (every dropped row must be at width 0, and there may be no bias)."""
         if rows is not None and bias is not None:
@@ -269,15 +309,29 @@ class PackedLinear(_PackedRows):
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: torch.Tensor, group_size: int, scales: torch.Tensor | None = None,
-                    zeros: torch.Tensor | None = None, rows: torch.Tensor | None = None,
-                    columns: torch.Tensor | None = None) -> "PackedLinear":
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        bits: torch.Tensor,
+        group_size: int,
+        scales: torch.Tensor | None = None,
+        zeros: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+        columns: torch.Tensor | None = None,
+    ) -> "PackedLinear":
         """Pack ``linear`` at per-row widths ``bits``; ``columns`` (bool or index) keeps only those
         input columns (a coupled consumer), ``rows`` only those output rows (a producer)."""
         weight = linear.weight if columns is None else linear.weight[:, torch.as_tensor(columns)]
         tensors = pack_weight(weight, bits, group_size, scales, zeros)
-        return cls(weight.shape[1], linear.out_features, group_size, tensors, linear.bias,
-                   compute_dtype=linear.weight.dtype, rows=rows)
+        return cls(
+            weight.shape[1],
+            linear.out_features,
+            group_size,
+            tensors,
+            linear.bias,
+            compute_dtype=linear.weight.dtype,
+            rows=rows,
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", compact" if self.compact else "")
@@ -287,14 +341,21 @@ class PackedLinear(_PackedRows):
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
 
-class PackedEmbedding(_PackedRows):
+class PackedEmbedding(PackedRows):
     """Drop-in for ``nn.Embedding`` holding packed token rows (``in_features`` = embedding dim);
     a lookup dequantizes only the rows of the tokens asked for."""
 
     kind = "embedding"
 
-    def __init__(self, in_features: int, out_features: int, group_size: int, tensors: dict[str, torch.Tensor],
-                 padding_idx: int | None = None, compute_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        group_size: int,
+        tensors: dict[str, torch.Tensor],
+        padding_idx: int | None = None,
+        compute_dtype: torch.dtype = torch.float32,
+    ):
         super().__init__(in_features, out_features, group_size, tensors, compute_dtype)
         self.padding_idx = padding_idx
         self.bias = None
@@ -308,11 +369,18 @@ class PackedEmbedding(_PackedRows):
         return self.in_features
 
     @classmethod
-    def from_embedding(cls, emb: nn.Embedding, bits: torch.Tensor, group_size: int, scales: torch.Tensor | None = None,
-                       zeros: torch.Tensor | None = None) -> "PackedEmbedding":
+    def from_embedding(
+        cls,
+        emb: nn.Embedding,
+        bits: torch.Tensor,
+        group_size: int,
+        scales: torch.Tensor | None = None,
+        zeros: torch.Tensor | None = None,
+    ) -> "PackedEmbedding":
         tensors = pack_weight(emb.weight, bits, group_size, scales, zeros)
-        return cls(emb.embedding_dim, emb.num_embeddings, group_size, tensors, emb.padding_idx,
-                   compute_dtype=emb.weight.dtype)
+        return cls(
+            emb.embedding_dim, emb.num_embeddings, group_size, tensors, emb.padding_idx, compute_dtype=emb.weight.dtype
+        )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
@@ -327,8 +395,9 @@ class PackedEmbedding(_PackedRows):
                 rows = self.weight_f16[slot]
             else:
                 codes = unpack_codes(getattr(self, f"codes_b{b}")[slot], b, self.in_features)
-                rows = dequantize(codes, getattr(self, f"scales_b{b}")[slot], getattr(self, f"zeros_b{b}")[slot],
-                                  self.group_size)
+                rows = dequantize(
+                    codes, getattr(self, f"scales_b{b}")[slot], getattr(self, f"zeros_b{b}")[slot], self.group_size
+                )
             out[sel] = rows.to(out.dtype)
         return out.reshape(*ids.shape, self.in_features)
 
@@ -339,7 +408,7 @@ class PackedTiedHead(nn.Module):
 
     def __init__(self, embedding: PackedEmbedding, bias: torch.Tensor | None = None):
         super().__init__()
-        object.__setattr__(self, "_embedding", embedding)   # a reference, not a submodule
+        object.__setattr__(self, "_embedding", embedding)  # a reference, not a submodule
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.in_features = embedding.in_features
         self.out_features = embedding.out_features
@@ -352,8 +421,14 @@ class PackedTiedHead(nn.Module):
         return f"tied to a PackedEmbedding of {self.out_features} rows"
 
 
-def pack_module(mod: nn.Module, bits: torch.Tensor, group_size: int, rows: torch.Tensor | None = None,
-                columns: torch.Tensor | None = None, qparams: tuple | None = None) -> _PackedRows:
+def pack_module(
+    mod: nn.Module,
+    bits: torch.Tensor,
+    group_size: int,
+    rows: torch.Tensor | None = None,
+    columns: torch.Tensor | None = None,
+    qparams: tuple | None = None,
+) -> PackedRows:
     """The packed replacement of a target module (Linear or Embedding; ``rows`` and ``columns``
     as in :meth:`PackedLinear.from_linear`; ``qparams`` = (scales, zeros) as in :func:`pack_weight`)."""
     scales, zeros = qparams if qparams is not None else (None, None)

@@ -37,8 +37,15 @@ class LineProgress:
     """Iterates ``it`` and writes ``desc: n/total (pct), elapsed, ~left, postfix`` to ``stream``
     at most every ``every`` seconds, and a last line when the work took that long at all."""
 
-    def __init__(self, it: Iterable[T], desc: str = "", total: int | None = None, stream: TextIO | None = None,
-                 every: float = LOG_EVERY, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        it: Iterable[T],
+        desc: str = "",
+        total: int | None = None,
+        stream: TextIO | None = None,
+        every: float = LOG_EVERY,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.it, self.desc, self.stream, self.every, self.clock = it, desc, stream or sys.stderr, every, clock
         self.total = total if total is not None else (len(it) if hasattr(it, "__len__") else None)
         self.postfix = ""
@@ -54,8 +61,7 @@ class LineProgress:
 
     def _line(self, n: int, elapsed: float) -> str:
         done = f"{n}/{self.total} ({100 * n / self.total:.0f} %)" if self.total else f"{n}"
-        left = (f", ~{_duration(elapsed * (self.total - n) / n)} left"
-                if self.total and 0 < n < self.total else "")
+        left = f", ~{_duration(elapsed * (self.total - n) / n)} left" if self.total and 0 < n < self.total else ""
         tail = f", {self.postfix}" if self.postfix else ""
         return f"{self.desc}: {done}, {_duration(elapsed)} elapsed{left}{tail}\n"
 
@@ -70,6 +76,6 @@ class LineProgress:
                 last, reported = now, n
                 self.stream.write(self._line(n, now - t0))
                 self.stream.flush()
-        if 0 < reported < n:           # long enough to have reported: say it finished
+        if 0 < reported < n:  # long enough to have reported: say it finished
             self.stream.write(self._line(n, self.clock() - t0))
             self.stream.flush()

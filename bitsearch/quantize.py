@@ -39,8 +39,6 @@ def plan_targets(model: nn.Module, plan: BitPlan, where: str = "plan", check_wei
 
 
 @torch.no_grad()
-
-
 def fake_quantize_model(model: nn.Module, plan: BitPlan) -> nn.Module:
     """Replace each target weight, in place, by its planned quantize-dequantize values (a
     coupled consumer: its live columns quantized as stored, its freed columns zero)."""
@@ -73,8 +71,14 @@ def pack_model(model: nn.Module, plan: BitPlan, qparams: dict | None = None) -> 
     for name, bits in plan.bits.items():
         mod = modules[name]
         heads = tied_linears(model, name) if isinstance(mod, nn.Embedding) else ()
-        packed = pack_module(mod, torch.as_tensor(bits), plan.group_size, rows=rows.get(name),
-                             columns=columns.get(name), qparams=qparams.get(name)).to(mod.weight.device)
+        packed = pack_module(
+            mod,
+            torch.as_tensor(bits),
+            plan.group_size,
+            rows=rows.get(name),
+            columns=columns.get(name),
+            qparams=qparams.get(name),
+        ).to(mod.weight.device)
         set_module(model, name, packed)
         for h in heads:
             set_module(model, h, PackedTiedHead(packed, modules[h].bias))

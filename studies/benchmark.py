@@ -74,7 +74,6 @@ import numpy as np
 import torch
 
 from bitsearch import api
-from bitsearch.quantize import fake_quantize_model
 from bitsearch.atomic import write_text_atomic
 from bitsearch.config import EvalConfig, FinalizeConfig, SearchConfig, SensitivityConfig
 from bitsearch.cost import budget_to_bytes
@@ -84,6 +83,7 @@ from bitsearch.io.loading import load_model, load_tokenizer
 from bitsearch.io.plan import BitPlan
 from bitsearch.models import find_targets
 from bitsearch.plots import plot_methods
+from bitsearch.quantize import fake_quantize_model
 from bitsearch.search.uniform import uniform_plan
 from studies.reference.llamacpp_mixes import best_rule_mix, per_tensor_bytes, rule_mix_plan
 from studies.reference.peers import storage_bits
@@ -93,32 +93,90 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BUDGETS = (2.25, 2.5, 3.0, 3.25, 4.25)
 WIDTHS = (2, 3, 4, 5, 6, 8)
 GROUPS = (32, 64, 128)
-METHODS = ("rtn-g128", "rtn-channel", "gptq", "hqq", "autoround", "autoround-sym", "autoscheme", "llamacpp", "hawq",
-           "bitsearch-rtn", "bitsearch-signround", "bitsearch-qat", "bitsearch-optuna-qat",
-           "bitsearch-uniform-signround", "bitsearch-uniform-qat", "bitsearch-uniform-gptq",
-           "bitsearch-uniform-gptq-signround", "bitsearch-gptq-signround", "bitsearch-file-gptq",
-           "bitsearch-file-signround", "bitsearch-file-gptq-signround", "bitsearch-file-gptq-qat")
-QUICK_SKIP = ("bitsearch-optuna-qat", "bitsearch-file-gptq", "bitsearch-file-signround",
-              "bitsearch-file-gptq-signround", "bitsearch-file-gptq-qat")
-COLORS = dict(zip(METHODS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "mediumpurple",
-                            "tab:brown", "tab:pink",
-                            "tab:olive", "0.45", "gold", "tab:cyan", "navy", "darkgoldenrod", "teal", "salmon",
-                            "crimson", "darkorange", "olivedrab", "slategray", "darkgreen", "indigo")))
-LABELS = {"rtn-g128": "RTN g128", "rtn-channel": "RTN per-channel", "gptq": "GPTQ", "hqq": "HQQ",
-          "autoround": "AutoRound", "autoround-sym": "AutoRound symmetric", "autoscheme": "AutoRound AutoScheme",
-          "llamacpp": "llama.cpp rule mix",
-          "hawq": "HAWQ-style layer ILP",
-          "bitsearch-rtn": "bitsearch plan + RTN", "bitsearch-signround": "bitsearch plan + SignRound",
-          "bitsearch-qat": "bitsearch plan + tiled QAT", "bitsearch-optuna-qat": "bitsearch optuna plan + tiled QAT",
-          "bitsearch-uniform-signround": "bitsearch uniform + SignRound",
-          "bitsearch-uniform-gptq": "bitsearch uniform + GPTQ",
-          "bitsearch-uniform-gptq-signround": "bitsearch uniform + GPTQ + SignRound",
-          "bitsearch-gptq-signround": "bitsearch plan + GPTQ + SignRound",
-          "bitsearch-file-gptq": "--plan-file + GPTQ",
-          "bitsearch-file-signround": "--plan-file + SignRound",
-          "bitsearch-file-gptq-signround": "--plan-file + GPTQ + SignRound",
-          "bitsearch-file-gptq-qat": "--plan-file + GPTQ + tiled QAT",
-          "bitsearch-uniform-qat": "bitsearch uniform + tiled QAT"}
+METHODS = (
+    "rtn-g128",
+    "rtn-channel",
+    "gptq",
+    "hqq",
+    "autoround",
+    "autoround-sym",
+    "autoscheme",
+    "llamacpp",
+    "hawq",
+    "bitsearch-rtn",
+    "bitsearch-signround",
+    "bitsearch-qat",
+    "bitsearch-optuna-qat",
+    "bitsearch-uniform-signround",
+    "bitsearch-uniform-qat",
+    "bitsearch-uniform-gptq",
+    "bitsearch-uniform-gptq-signround",
+    "bitsearch-gptq-signround",
+    "bitsearch-file-gptq",
+    "bitsearch-file-signround",
+    "bitsearch-file-gptq-signround",
+    "bitsearch-file-gptq-qat",
+)
+QUICK_SKIP = (
+    "bitsearch-optuna-qat",
+    "bitsearch-file-gptq",
+    "bitsearch-file-signround",
+    "bitsearch-file-gptq-signround",
+    "bitsearch-file-gptq-qat",
+)
+COLORS = dict(
+    zip(
+        METHODS,
+        (
+            "tab:blue",
+            "tab:orange",
+            "tab:green",
+            "tab:red",
+            "tab:purple",
+            "mediumpurple",
+            "tab:brown",
+            "tab:pink",
+            "tab:olive",
+            "0.45",
+            "gold",
+            "tab:cyan",
+            "navy",
+            "darkgoldenrod",
+            "teal",
+            "salmon",
+            "crimson",
+            "darkorange",
+            "olivedrab",
+            "slategray",
+            "darkgreen",
+            "indigo",
+        ),
+    )
+)
+LABELS = {
+    "rtn-g128": "RTN g128",
+    "rtn-channel": "RTN per-channel",
+    "gptq": "GPTQ",
+    "hqq": "HQQ",
+    "autoround": "AutoRound",
+    "autoround-sym": "AutoRound symmetric",
+    "autoscheme": "AutoRound AutoScheme",
+    "llamacpp": "llama.cpp rule mix",
+    "hawq": "HAWQ-style layer ILP",
+    "bitsearch-rtn": "bitsearch plan + RTN",
+    "bitsearch-signround": "bitsearch plan + SignRound",
+    "bitsearch-qat": "bitsearch plan + tiled QAT",
+    "bitsearch-optuna-qat": "bitsearch optuna plan + tiled QAT",
+    "bitsearch-uniform-signround": "bitsearch uniform + SignRound",
+    "bitsearch-uniform-gptq": "bitsearch uniform + GPTQ",
+    "bitsearch-uniform-gptq-signround": "bitsearch uniform + GPTQ + SignRound",
+    "bitsearch-gptq-signround": "bitsearch plan + GPTQ + SignRound",
+    "bitsearch-file-gptq": "--plan-file + GPTQ",
+    "bitsearch-file-signround": "--plan-file + SignRound",
+    "bitsearch-file-gptq-signround": "--plan-file + GPTQ + SignRound",
+    "bitsearch-file-gptq-qat": "--plan-file + GPTQ + tiled QAT",
+    "bitsearch-uniform-qat": "bitsearch uniform + tiled QAT",
+}
 
 
 class Skip(Exception):
@@ -166,23 +224,44 @@ class Bench:
         meta = path + ".seconds"
         if not os.path.exists(path) or not os.path.exists(meta):
             t0 = time.time()
-            api.sensitivity(self.args.model, self.calib_path,
-                            SensitivityConfig(samples=self.args.samples, seq_len=self.args.seq_len,
-                                              estimators=estimator, loss_calibration=calibrate,
-                                              probes=self.args.probes, device=self.args.device,
-                                              show_progress=False), out=path, overwrite=True)
+            api.sensitivity(
+                self.args.model,
+                self.calib_path,
+                SensitivityConfig(
+                    samples=self.args.samples,
+                    seq_len=self.args.seq_len,
+                    estimators=estimator,
+                    loss_calibration=calibrate,
+                    probes=self.args.probes,
+                    device=self.args.device,
+                    show_progress=False,
+                ),
+                out=path,
+                overwrite=True,
+            )
             write_text_atomic(meta, f"{time.time() - t0:.1f}\n")
         return path, float(open(meta).read())
 
-    def plan(self, budget: float, method: str = "greedy", estimator: str = "imatrix", calibrate: str = "auto",
-             **kw):
+    def plan(self, budget: float, method: str = "greedy", estimator: str = "imatrix", calibrate: str = "auto", **kw):
         """(plan, seconds of table + search, the float model the search loaded: quantize that one)."""
         table, secs = self.table(estimator, calibrate)
         m = self.fresh()
         t0 = time.time()
-        plan = api.search(m, self.calib_path, SearchConfig(budget=str(budget), method=method, mix=estimator,
-                                                           samples=self.args.samples, seq_len=self.args.seq_len,
-                                                           show_progress=False, **kw), tokenizer=self.tok, table=table)
+        plan = api.search(
+            m,
+            self.calib_path,
+            SearchConfig(
+                budget=str(budget),
+                method=method,
+                mix=estimator,
+                samples=self.args.samples,
+                seq_len=self.args.seq_len,
+                show_progress=False,
+                **kw,
+            ),
+            tokenizer=self.tok,
+            table=table,
+        )
         return plan, secs + time.time() - t0, m
 
 
@@ -202,13 +281,17 @@ def split_heldout(path: str, out: str, fraction: float = 0.8) -> tuple[str, str]
 # ---------------------------------------------------------------------------------------------
 # methods: each returns (quantized model, {"bytes", "config", "seconds"})
 
+
 def rtn(bench: Bench, budget: float, per_channel: bool):
     w, g, n = bench.best_uniform(budget, [bench.per_row] if per_channel else [128])
     m = bench.fresh()
     t0 = time.time()
     fake_quantize_model(m, uniform_plan(m, w, g))
-    return m, {"bytes": n, "config": f"W{w} " + ("per-channel" if per_channel else f"g{g}"),
-               "seconds": time.time() - t0}
+    return m, {
+        "bytes": n,
+        "config": f"W{w} " + ("per-channel" if per_channel else f"g{g}"),
+        "seconds": time.time() - t0,
+    }
 
 
 def gptq(bench: Bench, budget: float):
@@ -237,18 +320,23 @@ def peer_package(bench: Bench, budget: float, name: str, sym: bool = False):
     if name == "hqq":
         info = peers.hqq_quantize(m, w, g, device=bench.args.device)
     else:
-        info = peers.autoround_quantize(m, bench.tok, bench.batch, w, g, iters=bench.args.autoround_iters,
-                                        device=bench.args.device, sym=sym)
-    return m, {"bytes": int(info["stored_bytes"]), "config": info.get("config", f"W{w} g{g}"),
-               "seconds": info["seconds"]}
+        info = peers.autoround_quantize(
+            m, bench.tok, bench.batch, w, g, iters=bench.args.autoround_iters, device=bench.args.device, sym=sym
+        )
+    return m, {
+        "bytes": int(info["stored_bytes"]),
+        "config": info.get("config", f"W{w} g{g}"),
+        "seconds": info["seconds"],
+    }
 
 
 def autoscheme(bench: Bench, budget: float):
     peers = _peers("autoround")
     m = bench.fresh()
     try:
-        info = peers.autoscheme_quantize(m, bench.tok, bench.batch, budget, iters=bench.args.autoround_iters,
-                                         device=bench.args.device)
+        info = peers.autoscheme_quantize(
+            m, bench.tok, bench.batch, budget, iters=bench.args.autoround_iters, device=bench.args.device
+        )
     except peers.BudgetTooSmall as e:
         raise Skip(str(e)) from None
     return m, {"bytes": int(info["stored_bytes"]), "config": info["config"], "seconds": info["seconds"]}
@@ -264,8 +352,7 @@ def llamacpp(bench: Bench, budget: float):
     plan, n = best
     fake_quantize_model(m, plan)
     group = "per-channel" if plan.group_size == bench.per_row else f"g{plan.group_size}"
-    return m, {"bytes": n, "config": f"{plan.provenance['allocator'].split()[1]} {group}",
-               "seconds": time.time() - t0}
+    return m, {"bytes": n, "config": f"{plan.provenance['allocator'].split()[1]} {group}", "seconds": time.time() - t0}
 
 
 def hawq(bench: Bench, budget: float):
@@ -273,8 +360,11 @@ def hawq(bench: Bench, budget: float):
     t0 = time.time()
     fake_quantize_model(m, plan)
     widths = {int(np.unique(b)[0]) for b in plan.bits.values()}
-    return m, {"bytes": per_tensor_bytes(plan), "config": f"widths {sorted(widths)} g{plan.group_size}",
-               "seconds": secs + time.time() - t0}
+    return m, {
+        "bytes": per_tensor_bytes(plan),
+        "config": f"widths {sorted(widths)} g{plan.group_size}",
+        "seconds": secs + time.time() - t0,
+    }
 
 
 def uniform_bitsearch_plan(bench: Bench, budget: float):
@@ -301,14 +391,15 @@ def finalize_plan(model, tok, plan, batch: torch.Tensor, finalizer: str, a) -> N
         opts.update(mode="tiled", steps=a.qat_steps, lr=a.qat_lr, batch_size=a.qat_batch_size)
         if batch.shape[1] % a.qat_seq_len == 0:
             batch = batch.reshape(-1, a.qat_seq_len)
-    config = FinalizeConfig(seq_len=batch.shape[1], samples=batch.shape[0], device=a.device, show_progress=False,
-                            **opts)
+    config = FinalizeConfig(
+        seq_len=batch.shape[1], samples=batch.shape[0], device=a.device, show_progress=False, **opts
+    )
     api.finalize(model, plan, batch, config, tokenizer=tok)
 
 
 def bitsearch_pipeline(bench: Bench, budget: float, finalizer: str, search: str = "greedy"):
     kw = {}
-    if search == "optuna":     # no plan file: the study lives in memory, a fresh one per point
+    if search == "optuna":  # no plan file: the study lives in memory, a fresh one per point
         kw = dict(n_trials=bench.args.optuna_trials, sampler="tpe", span=0.0, kl_samples=48)
     if search == "uniform":
         plan, secs, m = uniform_bitsearch_plan(bench, budget)
@@ -322,10 +413,14 @@ def bitsearch_pipeline(bench: Bench, budget: float, finalizer: str, search: str 
         plan, secs, m = bench.plan(budget, method=search, **kw)
     t0 = time.time()
     finalize_plan(m, bench.tok, plan, bench.batch, finalizer, bench.args)
-    config = (plan.provenance["allocator"] if search == "uniform" else
-              os.path.basename(bench.args.plan_file) if search == "file" else f"{search}, imatrix") + f", {finalizer}"
-    return m, {"bytes": plan.n_bytes(), "config": config,
-               "seconds": secs + time.time() - t0}
+    config = (
+        plan.provenance["allocator"]
+        if search == "uniform"
+        else os.path.basename(bench.args.plan_file)
+        if search == "file"
+        else f"{search}, imatrix"
+    ) + f", {finalizer}"
+    return m, {"bytes": plan.n_bytes(), "config": config, "seconds": secs + time.time() - t0}
 
 
 RUNNERS = {
@@ -356,6 +451,7 @@ RUNNERS = {
 
 # ---------------------------------------------------------------------------------------------
 
+
 def measure(bench: Bench, model) -> dict:
     """Perplexity on the evaluation text, with the mean entropy of the predictions there and (for a
     quantized model) KL(float || model) there; KL(float || model) on the held-out text."""
@@ -363,8 +459,9 @@ def measure(bench: Bench, model) -> dict:
     ref = None if model is bench.float_model or a.no_eval_kl else bench.float_model
     config = EvalConfig(max_tokens=a.max_tokens, seq_len=512, device=a.device, show_progress=False)
     ev = api.evaluate(model, a.eval_text, config, tokenizer=bench.tok, reference=ref)
-    kl = api.evaluate(model, bench.kl_path, replace(config, max_tokens=a.kl_tokens), tokenizer=bench.tok,
-                      reference=bench.float_model).kl
+    kl = api.evaluate(
+        model, bench.kl_path, replace(config, max_tokens=a.kl_tokens), tokenizer=bench.tok, reference=bench.float_model
+    ).kl
     out = {"ppl": ev.ppl, "kl": kl, "entropy": ev.entropy}
     if ref is not None:
         out["eval_kl"] = ev.kl
@@ -385,7 +482,10 @@ def _target_weights(model, names) -> dict[str, torch.Tensor]:
 def save_model(bench: Bench, model, method: str, budget: float) -> None:
     """The quantized model's target weights (--save-models), for a later --from-run measurement."""
     os.makedirs(os.path.join(bench.args.out, "models"), exist_ok=True)
-    torch.save(_target_weights(model, [t.name for t in bench.targets]), os.path.join(bench.args.out, "models", f"{method}@{budget}.pt"))
+    torch.save(
+        _target_weights(model, [t.name for t in bench.targets]),
+        os.path.join(bench.args.out, "models", f"{method}@{budget}.pt"),
+    )
 
 
 def saved_model(bench: Bench, method: str, budget: float):
@@ -408,8 +508,12 @@ def run_point(bench: Bench, method: str, budget: float) -> dict:
     path = os.path.join(bench.args.out, "points", f"{method}@{budget}.json")
     if os.path.exists(path) and not bench.args.redo:
         return json.load(open(path))
-    row = {"method": method, "label": LABELS[method], "budget": budget,
-           "family": "bitsearch" if method.startswith("bitsearch") else "peer"}
+    row = {
+        "method": method,
+        "label": LABELS[method],
+        "budget": budget,
+        "family": "bitsearch" if method.startswith("bitsearch") else "peer",
+    }
     if bench.args.table_only:
         return dict(row, missing=True)
     try:
@@ -430,7 +534,7 @@ def run_point(bench: Bench, method: str, budget: float) -> dict:
 def float_point(bench: Bench) -> dict:
     path = os.path.join(bench.args.out, "points", "float.json")
     row = json.load(open(path)) if os.path.exists(path) else {}
-    if "entropy" not in row:     # not measured yet, or measured before points recorded the entropy
+    if "entropy" not in row:  # not measured yet, or measured before points recorded the entropy
         row = {"method": "float", "label": "float", "avg_bits": 32.0, **measure(bench, bench.float_model)}
         write_text_atomic(path, json.dumps(row, indent=1) + "\n")
     return row
@@ -457,19 +561,30 @@ def markdown(rows: list[dict], ref: dict, budgets) -> str:
     out = [head, rule]
     for m in methods:
         out.append(f"| {LABELS[m]} | " + " | ".join(cell(by.get((m, b)), False) for b in budgets) + " |")
-    out += ["", f"Perplexity (stored bits per target weight, all-in); float model {ref['ppl']:.2f}.", "",
-            head.replace("| method |", "| KL, quantization time, configuration |"), rule]
+    out += [
+        "",
+        f"Perplexity (stored bits per target weight, all-in); float model {ref['ppl']:.2f}.",
+        "",
+        head.replace("| method |", "| KL, quantization time, configuration |"),
+        rule,
+    ]
     for m in methods:
         out.append(f"| {LABELS[m]} | " + " | ".join(cell(by.get((m, b)), True) for b in budgets) + " |")
     if "entropy" in ref and any("eval_kl" in r for r in rows):
+
         def confidence(r) -> str:
             if r is None or "eval_kl" not in r:
                 return "—" if r is not None and "skipped" in r else "not measured"
             return f"{r['eval_kl']:.4f}, {r['entropy'] - ref['entropy']:+.4f}"
 
-        out += ["", "On the evaluation text: KL(float || model), and the change of the mean entropy of the "
-                f"predictions against the float model's {ref['entropy']:.4f} nats (positive: less confident).", "",
-                head.replace("| method |", "| evaluation-text KL, entropy change |"), rule]
+        out += [
+            "",
+            "On the evaluation text: KL(float || model), and the change of the mean entropy of the "
+            f"predictions against the float model's {ref['entropy']:.4f} nats (positive: less confident).",
+            "",
+            head.replace("| method |", "| evaluation-text KL, entropy change |"),
+            rule,
+        ]
         for m in (m for m in methods if any("eval_kl" in r for r in rows if r["method"] == m)):
             out.append(f"| {LABELS[m]} | " + " | ".join(confidence(by.get((m, b))) for b in budgets) + " |")
     return "\n".join(out) + "\n"
@@ -483,38 +598,59 @@ def verdict(rows: list[dict], ref: dict) -> list[str]:
     out = []
     ok = [r for r in rows if "skipped" not in r and not r.get("missing")]
 
-    def smallest(points):     # of each peer that does better, its smallest configuration that does
+    def smallest(points):  # of each peer that does better, its smallest configuration that does
         first = {}
         for p in sorted(points, key=lambda p: p["avg_bits"]):
             first.setdefault(p["method"], p)
         return sorted(first.values(), key=lambda p: p["avg_bits"])
 
     for r in (r for r in ok if r["method"] == "bitsearch-qat"):
-        beaten_by = smallest(p for p in ok if p["family"] == "peer" and p["avg_bits"] >= r["avg_bits"] - 1e-9
-                             and p["ppl"] <= r["ppl"])
-        state = ("beats every peer measured at equal or larger size" if not beaten_by else
-                 "beaten by " + ", ".join(f"{p['label']} at {p['avg_bits']:.2f} bits ({p['ppl']:.2f})" for p in beaten_by))
-        out.append(f"{r['budget']} bits: bitsearch {r['ppl']:.2f} ({100 * (r['ppl'] / ref['ppl'] - 1):+.1f} % vs float): "
-                   + state)
+        beaten_by = smallest(
+            p for p in ok if p["family"] == "peer" and p["avg_bits"] >= r["avg_bits"] - 1e-9 and p["ppl"] <= r["ppl"]
+        )
+        state = (
+            "beats every peer measured at equal or larger size"
+            if not beaten_by
+            else "beaten by "
+            + ", ".join(f"{p['label']} at {p['avg_bits']:.2f} bits ({p['ppl']:.2f})" for p in beaten_by)
+        )
+        out.append(
+            f"{r['budget']} bits: bitsearch {r['ppl']:.2f} ({100 * (r['ppl'] / ref['ppl'] - 1):+.1f} % vs float): "
+            + state
+        )
     # the same question by KL to the float model, for bitsearch's best finalizer at each budget: on the
     # held-out text, and (where points have it) on the evaluation text, which perplexity is measured on
     for key, name in (("kl", "by KL"), ("eval_kl", "by evaluation-text KL")):
         have = [r for r in ok if key in r]
         for budget in dict.fromkeys(r["budget"] for r in have if r["family"] == "bitsearch"):
             best = min((r for r in have if r["family"] == "bitsearch" and r["budget"] == budget), key=lambda r: r[key])
-            beaten_by = smallest(p for p in have if p["family"] == "peer" and p["avg_bits"] >= best["avg_bits"] - 1e-9
-                                 and p[key] <= best[key])
-            state = ("lower than every peer measured at equal or larger size" if not beaten_by else
-                     "higher than " + ", ".join(f"{p['label']} at {p['avg_bits']:.2f} bits ({p[key]:.4f})"
-                                                for p in beaten_by))
+            beaten_by = smallest(
+                p
+                for p in have
+                if p["family"] == "peer" and p["avg_bits"] >= best["avg_bits"] - 1e-9 and p[key] <= best[key]
+            )
+            state = (
+                "lower than every peer measured at equal or larger size"
+                if not beaten_by
+                else "higher than "
+                + ", ".join(f"{p['label']} at {p['avg_bits']:.2f} bits ({p[key]:.4f})" for p in beaten_by)
+            )
             out.append(f"{budget} bits, {name}: {best['label']} {best[key]:.4f}: " + state)
     return out
 
 
 # (setting, full run, --quick) for the options left unset on the command line
-SETTINGS = [("max_tokens", None, 40000), ("kl_tokens", 32768, 8192), ("qat_steps", 200, 80), ("qat_batch_size", 8, 4),
-            ("qat_lr", 2e-4, 2e-4), ("qat_seq_len", 512, 256), ("signround_steps", 200, 100), ("samples", 128, 64),
-            ("autoround_iters", 200, 50)]
+SETTINGS = [
+    ("max_tokens", None, 40000),
+    ("kl_tokens", 32768, 8192),
+    ("qat_steps", 200, 80),
+    ("qat_batch_size", 8, 4),
+    ("qat_lr", 2e-4, 2e-4),
+    ("qat_seq_len", 512, 256),
+    ("signround_steps", 200, 100),
+    ("samples", 128, 64),
+    ("autoround_iters", 200, 50),
+]
 
 
 def settings(quick: bool) -> dict:
@@ -525,18 +661,26 @@ def settings(quick: bool) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=os.path.join(SHARED, "models", "slm-llama-17m"))
-    ap.add_argument("--calib", default=os.path.join(SHARED, "data", "corpus", "heldout.txt"),
-                    help="its first 80 %% calibrates, the rest measures KL")
+    ap.add_argument(
+        "--calib",
+        default=os.path.join(SHARED, "data", "corpus", "heldout.txt"),
+        help="its first 80 %% calibrates, the rest measures KL",
+    )
     ap.add_argument("--eval-text", default=os.path.join(SHARED, "data", "corpus", "wikitext2_test.txt"))
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     ap.add_argument("--methods", default=None, help=f"comma-separated, from {', '.join(METHODS)}")
-    ap.add_argument("--quick", action="store_true",
-                    help="CPU: first 40,000 evaluation tokens, shorter finalizers, no optuna pipeline")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="CPU: first 40,000 evaluation tokens, shorter finalizers, no optuna pipeline",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--samples", type=int, default=None, help="calibration samples (default 128; --quick 64)")
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--max-tokens", type=int, default=None, help="evaluation tokens (default: all; --quick 40000; 0: all)")
+    ap.add_argument(
+        "--max-tokens", type=int, default=None, help="evaluation tokens (default: all; --quick 40000; 0: all)"
+    )
     ap.add_argument("--kl-tokens", type=int, default=None, help="default 32768; --quick 8192")
     ap.add_argument("--probes", type=int, default=8, help="Hutchinson probes of the HAWQ-style plan")
     ap.add_argument("--qat-steps", type=int, default=None, help="default 200; --quick 80")
@@ -547,17 +691,29 @@ def main(argv=None) -> dict:
     ap.add_argument("--autoround-iters", type=int, default=None, help="default 200; --quick 50")
     ap.add_argument("--optuna-trials", type=int, default=60)
     ap.add_argument("--plan-file", default=None, help="the plan of the bitsearch-file-* methods")
-    ap.add_argument("--no-eval-kl", action="store_true",
-                    help="perplexity only on the evaluation text (no KL to the float model there: half the time)")
-    ap.add_argument("--save-models", action="store_true",
-                    help="keep each point's quantized target weights in --out/TAG/models (for --from-run)")
-    ap.add_argument("--from-run", default=None,
-                    help="measure the models an earlier --save-models run (its --out/TAG folder) kept, instead "
-                         "of quantizing again (e.g. on the whole evaluation text)")
+    ap.add_argument(
+        "--no-eval-kl",
+        action="store_true",
+        help="perplexity only on the evaluation text (no KL to the float model there: half the time)",
+    )
+    ap.add_argument(
+        "--save-models",
+        action="store_true",
+        help="keep each point's quantized target weights in --out/TAG/models (for --from-run)",
+    )
+    ap.add_argument(
+        "--from-run",
+        default=None,
+        help="measure the models an earlier --save-models run (its --out/TAG folder) kept, instead "
+        "of quantizing again (e.g. on the whole evaluation text)",
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--redo", action="store_true", help="recompute cached points")
-    ap.add_argument("--table-only", action="store_true",
-                    help="compute nothing: write the table and plot from the cached points ('not run yet' for the rest)")
+    ap.add_argument(
+        "--table-only",
+        action="store_true",
+        help="compute nothing: write the table and plot from the cached points ('not run yet' for the rest)",
+    )
     ap.add_argument("--tag", default=None, help="default: the model's folder name, + '-quick'")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "benchmark"))
     args = ap.parse_args(argv)
@@ -586,12 +742,26 @@ def main(argv=None) -> dict:
             t0 = time.time()
             r = run_point(bench, method, budget)
             rows.append(r)
-            what = r.get("skipped") or ("not run yet" if r.get("missing") else None) or f"{r['config']}: {r['avg_bits']:.3f} bits, ppl {r['ppl']:.2f}, KL {r['kl']:.4f}"
+            what = (
+                r.get("skipped")
+                or ("not run yet" if r.get("missing") else None)
+                or f"{r['config']}: {r['avg_bits']:.3f} bits, ppl {r['ppl']:.2f}, KL {r['kl']:.4f}"
+            )
             print(f"[{budget} bits] {LABELS[method]:34s} {what} ({time.time() - t0:.0f} s)", flush=True)
     lines = verdict(rows, ref)
-    result = {"args": vars(args), "float": ref, "results": rows, "verdict": lines,
-              "hardware": {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()
-                           or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__}}
+    result = {
+        "args": vars(args),
+        "float": ref,
+        "results": rows,
+        "verdict": lines,
+        "hardware": {
+            "device": torch.cuda.get_device_name()
+            if args.device.startswith("cuda")
+            else platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+    }
     base = os.path.join(args.out, f"benchmark-{tag}")
     write_text_atomic(base + ".json", json.dumps(result, indent=1) + "\n")
     write_text_atomic(base + ".md", markdown(rows, ref, budgets) + "\n" + "\n".join(f"- {x}" for x in lines) + "\n")

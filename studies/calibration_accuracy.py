@@ -37,10 +37,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-
 from bitsearch.data import calibration_batches
-from bitsearch.models import find_targets
 from bitsearch.io.loading import load_model, load_tokenizer
+from bitsearch.models import find_targets
 from bitsearch.quant.grid import fake_quantize
 from bitsearch.sensitivity.calibrate import layer_loss_response
 from bitsearch.sensitivity.grad_response import Probe, predicted_increase, probe_sums
@@ -54,10 +53,14 @@ def agreement(pred: np.ndarray, exact: np.ndarray) -> dict:
     lp, le = np.log(pred[ok]), np.log(exact[ok])
     rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731
     ratio = lp - le
-    return {"layers": int(ok.sum()), "non_positive": int((~ok).sum()),
-            "pearson_log": float(np.corrcoef(lp, le)[0, 1]),
-            "spearman": float(np.corrcoef(rank(pred[ok]), rank(exact[ok]))[0, 1]),
-            "median_ratio": float(np.exp(np.median(ratio))), "geo_std_ratio": float(np.exp(ratio.std()))}
+    return {
+        "layers": int(ok.sum()),
+        "non_positive": int((~ok).sum()),
+        "pearson_log": float(np.corrcoef(lp, le)[0, 1]),
+        "spearman": float(np.corrcoef(rank(pred[ok]), rank(exact[ok]))[0, 1]),
+        "median_ratio": float(np.exp(np.median(ratio))),
+        "geo_std_ratio": float(np.exp(ratio.std())),
+    }
 
 
 def responses(path: str) -> tuple[dict, pd.Series, pd.Series | None]:
@@ -76,19 +79,27 @@ def compare_tables(exact_path: str, paths: list[str], out: str) -> None:
     rows = {}
     for path in paths:
         m, r, pr = responses(path)
-        row = {"table": path, "calibration": m["estimator_info"], "calib_loss_samples": m["calib_loss_samples"],
-               "2-bit": agreement(r[exact.index].to_numpy(), exact.to_numpy())}
+        row = {
+            "table": path,
+            "calibration": m["estimator_info"],
+            "calib_loss_samples": m["calib_loss_samples"],
+            "2-bit": agreement(r[exact.index].to_numpy(), exact.to_numpy()),
+        }
         if pr is not None and exact_prune is not None:
             row["pruning"] = agreement(pr[exact_prune.index].to_numpy(), exact_prune.to_numpy())
         rows[path] = row
-    lines = ["| table | response | layers | pearson log | spearman | median pred/exact | geo std of ratio |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| table | response | layers | pearson log | spearman | median pred/exact | geo std of ratio |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for path, row in rows.items():
         for what in ("2-bit", "pruning"):
             if what in row:
                 a = row[what]
-                lines.append(f"| {os.path.basename(path)} | {what} | {a['layers']} | {a['pearson_log']:.3f} | "
-                             f"{a['spearman']:.3f} | {a['median_ratio']:.3g} | {a['geo_std_ratio']:.3f} |")
+                lines.append(
+                    f"| {os.path.basename(path)} | {what} | {a['layers']} | {a['pearson_log']:.3f} | "
+                    f"{a['spearman']:.3f} | {a['median_ratio']:.3g} | {a['geo_std_ratio']:.3f} |"
+                )
     table = "\n".join(lines)
     print(table)
     with open(os.path.join(out, "tables.json"), "w") as f:
@@ -108,8 +119,12 @@ def main(argv=None) -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--exact-table", default=None, help="a layer-loss table of the same model and calibration")
     ap.add_argument("--measure-exact", action="store_true", help="measure the exact responses here instead")
-    ap.add_argument("--compare-tables", nargs="*", default=None,
-                    help="only compare these calibrated tables' responses with --exact-table's (no model pass)")
+    ap.add_argument(
+        "--compare-tables",
+        nargs="*",
+        default=None,
+        help="only compare these calibrated tables' responses with --exact-table's (no model pass)",
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
@@ -125,8 +140,15 @@ def main(argv=None) -> None:
     targets = find_targets(model)
     names = [t.name for t in targets]
     modules = dict(model.named_modules())
-    probes = {n: [Probe(fake_quantize(modules[n].weight.detach().float(), args.bits, args.group_size)
-                        - modules[n].weight.detach().float())] for n in names}
+    probes = {
+        n: [
+            Probe(
+                fake_quantize(modules[n].weight.detach().float(), args.bits, args.group_size)
+                - modules[n].weight.detach().float()
+            )
+        ]
+        for n in names
+    }
     T = args.seq_len - 1
     k = args.subset
     cols, secs = {}, {}
@@ -137,13 +159,19 @@ def main(argv=None) -> None:
         cols["exact"] = np.array([r[n] for n in names])
     else:
         table = SensitivityTable.load(args.exact_table)
-        if table.meta["calibration"] != "layer-loss" or table.meta["calib_loss_samples"] != k \
-                or table.meta["calib_ref_bits"] != args.bits or table.group_size != args.group_size:
-            sys.exit("calibration_accuracy: --exact-table must be a layer-loss table at the same width, group size "
-                     "and --subset samples")
+        if (
+            table.meta["calibration"] != "layer-loss"
+            or table.meta["calib_loss_samples"] != k
+            or table.meta["calib_ref_bits"] != args.bits
+            or table.group_size != args.group_size
+        ):
+            sys.exit(
+                "calibration_accuracy: --exact-table must be a layer-loss table at the same width, group size "
+                "and --subset samples"
+            )
         first = table.df.groupby("layer", sort=False)[f"{table.estimators[0]}.layer_response"].first()
         cols["exact"] = np.array([first[n] for n in names])
-    subsets = {f"{k}": batch[:k], f"{args.samples}": batch}   # one entry when --samples is --subset
+    subsets = {f"{k}": batch[:k], f"{args.samples}": batch}  # one entry when --samples is --subset
     for tag, sub in subsets.items():
         t0 = time.time()
         u = probe_sums(model, targets, sub, probes, show_progress=False)
@@ -156,20 +184,33 @@ def main(argv=None) -> None:
         gn = np.array([predicted_increase(us[n], T, first_order=False)[0] for n in names])
         lin = ef - quad
         cols.update({f"ef@{tag}": ef, f"ef-quad@{tag}": quad, f"gn@{tag}": gn, f"gn+lin@{tag}": gn + lin})
-        print(f"passes on {tag} samples: data {secs[f'data-{tag}']:.1f} s, sampled {secs[f'sampled-{tag}']:.1f} s",
-              flush=True)
+        print(
+            f"passes on {tag} samples: data {secs[f'data-{tag}']:.1f} s, sampled {secs[f'sampled-{tag}']:.1f} s",
+            flush=True,
+        )
     rows = {tag: agreement(v, cols["exact"]) for tag, v in cols.items() if tag != "exact"}
-    lines = ["| predictor | layers | pearson log | spearman | median pred/exact | geo std of ratio |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| predictor | layers | pearson log | spearman | median pred/exact | geo std of ratio |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for tag, r in rows.items():
-        lines.append(f"| {tag} | {r['layers']} | {r['pearson_log']:.3f} | {r['spearman']:.3f} | "
-                     f"{r['median_ratio']:.3g} | {r['geo_std_ratio']:.3f} |")
+        lines.append(
+            f"| {tag} | {r['layers']} | {r['pearson_log']:.3f} | {r['spearman']:.3f} | "
+            f"{r['median_ratio']:.3g} | {r['geo_std_ratio']:.3f} |"
+        )
     table = "\n".join(lines)
     print(table)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "seconds": secs, "agreement": rows,
-                   "per_layer": {n: {tag: float(v[i]) for tag, v in cols.items()} for i, n in enumerate(names)}},
-                  f, indent=1)
+        json.dump(
+            {
+                "args": vars(args),
+                "seconds": secs,
+                "agreement": rows,
+                "per_layer": {n: {tag: float(v[i]) for tag, v in cols.items()} for i, n in enumerate(names)},
+            },
+            f,
+            indent=1,
+        )
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table + "\n")
 

@@ -41,11 +41,11 @@ import time
 
 import torch
 
-from bitsearch.io.checkpoint import QUANT_FILE, REST_FILE, load_packed, parameters_on_meta, save_packed
 from bitsearch.atomic import write_text_atomic
 from bitsearch.data import read_text, tokenize_text
 from bitsearch.evaluate import perplexity
 from bitsearch.generate import greedy_decode
+from bitsearch.io.checkpoint import QUANT_FILE, REST_FILE, load_packed, parameters_on_meta, save_packed
 from bitsearch.io.loading import load_model, load_tokenizer
 from bitsearch.io.plan import BitPlan
 from bitsearch.quant.kernel import get_kernel
@@ -79,7 +79,7 @@ def _load_and_read(path: str) -> tuple[dict, object]:
     before = _rss()
     model = load_model(path, dtype=None)
     loaded = _rss()
-    for t in list(model.parameters()) + list(model.buffers()):   # memory-mapped tensors count once read
+    for t in list(model.parameters()) + list(model.buffers()):  # memory-mapped tensors count once read
         t.detach().reshape(-1).view(torch.uint8).sum()
     return {"rss_added": _rss() - before, "rss_added_before_reading": loaded - before}, model
 
@@ -95,7 +95,7 @@ def memory_probe(path: str, cold: bool) -> dict:
 
     get_kernel()
     config = AutoConfig.from_pretrained(path)
-    with torch.device("meta"):   # imports the model's code
+    with torch.device("meta"):  # imports the model's code
         AutoModelForCausalLM.from_config(config)
     if not cold:
         with parameters_on_meta():
@@ -106,10 +106,13 @@ def memory_probe(path: str, cold: bool) -> dict:
     before = _rss()
     model = load_model(path, dtype=None)
     loaded = _rss()
-    for t in list(model.parameters()) + list(model.buffers()):   # memory-mapped tensors count once read
+    for t in list(model.parameters()) + list(model.buffers()):  # memory-mapped tensors count once read
         t.detach().reshape(-1).view(torch.uint8).sum()
-    return {"rss_added": _rss() - before, "rss_added_before_reading": loaded - before,
-            "tensor_bytes": tensor_bytes(model)}
+    return {
+        "rss_added": _rss() - before,
+        "rss_added_before_reading": loaded - before,
+        "tensor_bytes": tensor_bytes(model),
+    }
 
 
 def probe_in_subprocess(path: str, threads: int, cold: bool) -> dict:
@@ -124,8 +127,10 @@ def stored_bytes(path: str) -> tuple[int, int]:
     """(plan bytes, untouched tensors' bytes) of a packed checkpoint: the tensors in its two files."""
     from safetensors.torch import load_file
 
-    return tuple(sum(t.numel() * t.element_size() for t in load_file(os.path.join(path, name)).values())
-                 for name in (QUANT_FILE, REST_FILE))
+    return tuple(
+        sum(t.numel() * t.element_size() for t in load_file(os.path.join(path, name)).values())
+        for name in (QUANT_FILE, REST_FILE)
+    )
 
 
 def timed(fn) -> tuple[float, float]:
@@ -162,12 +167,20 @@ def main(argv=None) -> int:
     float_model = load_model(args.model)
     plan = BitPlan.load(args.plan)
     uniform = uniform_plan(float_model, args.uniform_bits, args.group_size)
-    names = {"float": "float32", "plan": f"packed {plan.summary['avg_bits']:.2f}-bit plan",
-             "uniform": f"packed uniform W{args.uniform_bits} g{args.group_size} "
-                        f"({uniform.summary['avg_bits']:.2f} bits)"}
-    result = {"command": " ".join(["python -m studies.decode_bench"] + sys.argv[1:]), "threads": args.threads,
-              "kernel": None if kernel is None else ("avx2" if kernel.vector else "scalar"),
-              "torch": torch.__version__, "cpu": _cpu_name(), "models": names, "args": vars(args)}
+    names = {
+        "float": "float32",
+        "plan": f"packed {plan.summary['avg_bits']:.2f}-bit plan",
+        "uniform": f"packed uniform W{args.uniform_bits} g{args.group_size} ({uniform.summary['avg_bits']:.2f} bits)",
+    }
+    result = {
+        "command": " ".join(["python -m studies.decode_bench"] + sys.argv[1:]),
+        "threads": args.threads,
+        "kernel": None if kernel is None else ("avx2" if kernel.vector else "scalar"),
+        "torch": torch.__version__,
+        "cpu": _cpu_name(),
+        "models": names,
+        "args": vars(args),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"float": args.model, "plan": os.path.join(tmp, "plan"), "uniform": os.path.join(tmp, "uniform")}
         save_packed(float_model, plan, paths["plan"], tok)
@@ -188,18 +201,19 @@ def main(argv=None) -> int:
 
         models = {"float": float_model, "plan": load_packed(paths["plan"]), "uniform": load_packed(paths["uniform"])}
         ids = tokenize_text(tok, read_text(args.text))
-        prompt = ids[None, :args.prompt_tokens]
+        prompt = ids[None, : args.prompt_tokens]
         forced = torch.tensor(greedy_decode(float_model, prompt, args.new_tokens).tokens)
         choices = {k: greedy_decode(m, prompt, args.new_tokens, forced=forced).choices for k, m in models.items()}
         result["top1_agreement_with_float"] = {
-            k: sum(a == b for a, b in zip(v, choices["float"])) / len(v) for k, v in choices.items()}
-        prefill_ids = ids[None, 1000:1000 + args.prefill_tokens]
-        eval_ids = ids[20000:20000 + args.eval_tokens]
+            k: sum(a == b for a, b in zip(v, choices["float"])) / len(v) for k, v in choices.items()
+        }
+        prefill_ids = ids[None, 1000 : 1000 + args.prefill_tokens]
+        eval_ids = ids[20000 : 20000 + args.eval_tokens]
         kinds = ("decode", "prefill", "eval")
         runs = {k: {f"{w}_{clock}": [] for w in kinds for clock in ("cpu", "wall")} for k in models}
         order = list(models)
         for r in range(args.rounds):
-            for key in order[r % len(order):] + order[:r % len(order)]:
+            for key in order[r % len(order) :] + order[: r % len(order)]:
                 m, v = models[key], runs[key]
                 t = greedy_decode(m, prompt, args.new_tokens, forced=forced)
                 v["decode_wall"].append(t.decode_tokens_per_s)
@@ -211,17 +225,22 @@ def main(argv=None) -> int:
                 wall, cpu = timed(lambda: perplexity(m, eval_ids, seq_len=512, micro_batch=4, show_progress=False))
                 v["eval_wall"].append(eval_ids.numel() / wall)
                 v["eval_cpu"].append(eval_ids.numel() / cpu)
-            print(f"round {r + 1}/{args.rounds} (tokens per CPU second): " + ", ".join(
-                f"{k} decode {v['decode_cpu'][-1]:.1f} prefill {v['prefill_cpu'][-1]:.0f} eval {v['eval_cpu'][-1]:.0f}"
-                for k, v in runs.items()), flush=True)
+            print(
+                f"round {r + 1}/{args.rounds} (tokens per CPU second): "
+                + ", ".join(
+                    f"{k} decode {v['decode_cpu'][-1]:.1f} prefill {v['prefill_cpu'][-1]:.0f} "
+                    f"eval {v['eval_cpu'][-1]:.0f}"
+                    for k, v in runs.items()
+                ),
+                flush=True,
+            )
         speed = {}
         for key, v in runs.items():
             speed[key] = {f"{what}_per_s": statistics.median(xs) for what, xs in v.items()}
             speed[key]["runs"] = v
             if key != "float":
                 for what in v:
-                    speed[key][f"{what}_ratio"] = statistics.median(
-                        a / b for a, b in zip(v[what], runs["float"][what]))
+                    speed[key][f"{what}_ratio"] = statistics.median(a / b for a, b in zip(v[what], runs["float"][what]))
         result["speed"] = speed
     os.makedirs(args.out, exist_ok=True)
     write_text_atomic(os.path.join(args.out, "decode_bench.json"), json.dumps(result, indent=1))
@@ -243,33 +262,50 @@ def _cpu_name() -> str:
 
 def markdown(r: dict) -> str:
     mb = 1e6
-    lines = [f"Command: `{r['command']}`", "",
-             f"CPU: {r['cpu']}, {r['threads']} thread(s), kernel: {r['kernel']}, torch {r['torch']}", ""]
+    lines = [
+        f"Command: `{r['command']}`",
+        "",
+        f"CPU: {r['cpu']}, {r['threads']} thread(s), kernel: {r['kernel']}, torch {r['torch']}",
+        "",
+    ]
     for clock, title in (("cpu", "tokens per CPU second of the process"), ("wall", "tokens per wall-clock second")):
-        lines += [f"Speed, {title} (median of {r['args']['rounds']} rounds; x float: median of the rounds' ratios):",
-                  "", "| model | decode | x float | prefill | x float | eval | x float | top-1 = float |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"Speed, {title} (median of {r['args']['rounds']} rounds; x float: median of the rounds' ratios):",
+            "",
+            "| model | decode | x float | prefill | x float | eval | x float | top-1 = float |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for key, name in r["models"].items():
             s = r["speed"][key]
             ratio = (lambda w: f"{s[w + '_ratio']:.2f}") if key != "float" else (lambda w: "1")
-            cells = " | ".join(f"{s[f'{w}_{clock}_per_s']:.1f} | {ratio(f'{w}_{clock}')}"
-                               for w in ("decode", "prefill", "eval"))
+            cells = " | ".join(
+                f"{s[f'{w}_{clock}_per_s']:.1f} | {ratio(f'{w}_{clock}')}" for w in ("decode", "prefill", "eval")
+            )
             lines.append(f"| {name} | {cells} | {100 * r['top1_agreement_with_float'][key]:.0f} % |")
         lines.append("")
-    lines += ["Memory:", "", "| model | tensors MB | plan + untouched MB | tensors / stored "
-              "| RSS added, cold MB | / stored "
-              "| RSS added, warm MB | / stored |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "Memory:",
+        "",
+        "| model | tensors MB | plan + untouched MB | tensors / stored "
+        "| RSS added, cold MB | / stored "
+        "| RSS added, warm MB | / stored |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for key, name in r["models"].items():
         m = r["memory"][key]
         if key == "float":
-            lines.append(f"| {name} | {m['tensor_bytes'] / mb:.2f} | - | - | {m['cold']['rss_added'] / mb:.1f} | - "
-                         f"| {m['warm']['rss_added'] / mb:.1f} | - |")
+            lines.append(
+                f"| {name} | {m['tensor_bytes'] / mb:.2f} | - | - | {m['cold']['rss_added'] / mb:.1f} | - "
+                f"| {m['warm']['rss_added'] / mb:.1f} | - |"
+            )
             continue
         stored = m["plan_bytes"] + m["untouched_bytes"]
-        lines.append(f"| {name} | {m['tensor_bytes'] / mb:.2f} | {stored / mb:.2f} "
-                     f"| {m['tensor_bytes_over_stored']:.3f} "
-                     f"| {m['cold']['rss_added'] / mb:.1f} | {m['cold']['rss_added_over_stored']:.2f} "
-                     f"| {m['warm']['rss_added'] / mb:.1f} | {m['warm']['rss_added_over_stored']:.2f} |")
+        lines.append(
+            f"| {name} | {m['tensor_bytes'] / mb:.2f} | {stored / mb:.2f} "
+            f"| {m['tensor_bytes_over_stored']:.3f} "
+            f"| {m['cold']['rss_added'] / mb:.1f} | {m['cold']['rss_added_over_stored']:.2f} "
+            f"| {m['warm']['rss_added'] / mb:.1f} | {m['warm']['rss_added_over_stored']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

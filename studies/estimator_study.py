@@ -28,19 +28,27 @@ import torch
 import torch.nn.functional as F
 
 from bitsearch import api
-from bitsearch.quantize import fake_quantize_model
 from bitsearch.config import EvalConfig, SearchConfig
 from bitsearch.data import calibration_batches
-from bitsearch.models import find_targets, model_fingerprint
 from bitsearch.io.loading import load_model, load_tokenizer
+from bitsearch.models import find_targets, model_fingerprint
 from bitsearch.plots import plot_ppl_vs_bits, plot_sensitivity
+from bitsearch.quantize import fake_quantize_model
 from bitsearch.sensitivity import SensitivityTable, compute_sensitivity
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 SHAPES = {  # random-init shapes for timing (weights do not change speed)
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, head_dim=64,
-                         max_position_embeddings=4096),
+    "llama-3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        head_dim=64,
+        max_position_embeddings=4096,
+    ),
 }
 
 
@@ -54,7 +62,7 @@ def fwd_bwd_seconds(model, batch, micro_batch) -> tuple[float, float]:
     sync()
     t0 = time.time()
     for i in range(0, batch.shape[0], micro_batch):
-        x = batch[i:i + micro_batch].to(dev)
+        x = batch[i : i + micro_batch].to(dev)
         logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
         F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).backward()
     sync()
@@ -65,7 +73,7 @@ def fwd_bwd_seconds(model, batch, micro_batch) -> tuple[float, float]:
     t0 = time.time()
     with torch.no_grad():
         for i in range(0, batch.shape[0], micro_batch):
-            model(input_ids=batch[i:i + micro_batch].to(dev), use_cache=False)
+            model(input_ids=batch[i : i + micro_batch].to(dev), use_cache=False)
     sync()
     return fb, time.time() - t0
 
@@ -110,7 +118,7 @@ def main() -> None:
         calib_info = spec.to_dict()
     targets = find_targets(model)
     reused = args.reuse and all(os.path.isfile(os.path.join(args.out, f"table_{e}.parquet")) for e in names)
-    if reused:   # timings stay those of the run that computed the tables (timing.csv)
+    if reused:  # timings stay those of the run that computed the tables (timing.csv)
         fb = float("nan")
     else:
         fb, fwd = fwd_bwd_seconds(model, batch, args.micro_batch)
@@ -126,32 +134,63 @@ def main() -> None:
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.time()
-            t = compute_sensitivity(model, targets, batch, estimators=e, bits=bits, group_size=args.group_size,
-                                    micro_batch=args.micro_batch, probes=args.probes, calib_info=calib_info)
+            t = compute_sensitivity(
+                model,
+                targets,
+                batch,
+                estimators=e,
+                bits=bits,
+                group_size=args.group_size,
+                micro_batch=args.micro_batch,
+                probes=args.probes,
+                calib_info=calib_info,
+            )
             secs = time.time() - t0
             t.meta["model_name"] = args.shape or args.model
             t.save(path)
-        row = {"estimator": e, "seconds": round(secs, 2), "ratio_to_fwd_bwd": round(secs / fb, 2),
-               "fwd_bwd_seconds": round(fb, 2), "device": args.device}
+        row = {
+            "estimator": e,
+            "seconds": round(secs, 2),
+            "ratio_to_fwd_bwd": round(secs / fb, 2),
+            "fwd_bwd_seconds": round(fb, 2),
+            "device": args.device,
+        }
         if torch.cuda.is_available():
-            row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 3)
+            row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         timing.append(row)
         print(row, flush=True)
         tables.append(t)
-    if args.shape and torch.cuda.is_available():   # block-by-block on the GPU, whole model vs offloaded
+    if args.shape and torch.cuda.is_available():  # block-by-block on the GPU, whole model vs offloaded
         for offload in (False, True):
             m = AutoModelForCausalLM.from_config(cfg).eval()
-            m = m.to(args.device) if not offload else __import__(
-                "bitsearch.blocks", fromlist=["offload_blocks"]).offload_blocks(m, args.device)
+            m = (
+                m.to(args.device)
+                if not offload
+                else __import__("bitsearch.blocks", fromlist=["offload_blocks"]).offload_blocks(m, args.device)
+            )
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             t0 = time.time()
-            compute_sensitivity(m, find_targets(m), batch, estimators="imatrix,snr", bits=bits,
-                                group_size=args.group_size, calibrate="none", micro_batch=args.micro_batch,
-                                offload=offload)
-            timing.append({"estimator": "imatrix+snr (inputs only)", "offload": offload,
-                           "seconds": round(time.time() - t0, 2), "peak_gpu_gib":
-                           round(torch.cuda.max_memory_allocated() / 2 ** 30, 3), "device": args.device})
+            compute_sensitivity(
+                m,
+                find_targets(m),
+                batch,
+                estimators="imatrix,snr",
+                bits=bits,
+                group_size=args.group_size,
+                calibrate="none",
+                micro_batch=args.micro_batch,
+                offload=offload,
+            )
+            timing.append(
+                {
+                    "estimator": "imatrix+snr (inputs only)",
+                    "offload": offload,
+                    "seconds": round(time.time() - t0, 2),
+                    "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+                    "device": args.device,
+                }
+            )
             print(timing[-1], flush=True)
             del m
     if not reused:
@@ -169,8 +208,12 @@ def main() -> None:
         model.load_state_dict(state)
         if plan is not None:
             fake_quantize_model(model, plan)
-        r = api.evaluate(model, args.eval_text, EvalConfig(max_tokens=args.max_tokens, seq_len=512,
-                                                           show_progress=False), tokenizer=tok)
+        r = api.evaluate(
+            model,
+            args.eval_text,
+            EvalConfig(max_tokens=args.max_tokens, seq_len=512, show_progress=False),
+            tokenizer=tok,
+        )
         model.load_state_dict(state)
         return r.ppl
 
@@ -192,9 +235,15 @@ def main() -> None:
     def measure(label, method, budget, plan):
         key = (label, method, budget)
         if key not in done:
-            done[key] = {"estimator": label, "method": method, "budget": budget,
-                         "avg_bits": plan.summary["avg_bits"], "bytes": plan.summary["bytes"], "ppl": ev(plan),
-                         "predicted_error": plan.summary["predicted_error"]}
+            done[key] = {
+                "estimator": label,
+                "method": method,
+                "budget": budget,
+                "avg_bits": plan.summary["avg_bits"],
+                "bytes": plan.summary["bytes"],
+                "ppl": ev(plan),
+                "predicted_error": plan.summary["predicted_error"],
+            }
             with open(log, "a") as f:
                 f.write(json.dumps(done[key]) + "\n")
         print(done[key], flush=True)
@@ -215,10 +264,17 @@ def main() -> None:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"args": vars(args), "float_ppl": float_ppl, "results": rows, "timing": timing}, f, indent=1)
     plot = df.copy()
-    plot["method"] = np.where(plot["method"] == "uniform", "uniform",
-                              plot["estimator"] + np.where(plot["method"] == "snr", " (water-filling)", ""))
-    plot_ppl_vs_bits(plot, os.path.join(args.out, "ppl_vs_bits.png"), float_ppl=float_ppl,
-                     title=f"{os.path.basename(os.path.normpath(args.model))}: plans per estimator (greedy) vs uniform RTN")
+    plot["method"] = np.where(
+        plot["method"] == "uniform",
+        "uniform",
+        plot["estimator"] + np.where(plot["method"] == "snr", " (water-filling)", ""),
+    )
+    plot_ppl_vs_bits(
+        plot,
+        os.path.join(args.out, "ppl_vs_bits.png"),
+        float_ppl=float_ppl,
+        title=f"{os.path.basename(os.path.normpath(args.model))}: plans per estimator (greedy) vs uniform RTN",
+    )
     print(df.to_string(index=False))
 
 

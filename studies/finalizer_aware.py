@@ -27,8 +27,8 @@ import numpy as np
 
 from bitsearch.api import invoked_as, search_plan
 from bitsearch.config import SearchConfig
-from bitsearch.models import find_targets, model_fingerprint
 from bitsearch.io.loading import load_model
+from bitsearch.models import find_targets, model_fingerprint
 from bitsearch.search import Allocator, get_allocator
 from bitsearch.sensitivity import SensitivityTable
 
@@ -92,10 +92,14 @@ def main(argv=None):
     table = SensitivityTable.load(args.table)
     config = SearchConfig(budget=args.budget, method="greedy", min_bits=2, mix=args.mix)
     with invoked_as(" ".join(["python -m studies.finalizer_aware"] + sys.argv[1:])):
-        plan = search_plan(table, targets, model_fingerprint(model, targets), config,
-                           allocator=FinalizerAwareGreedy(ratios),
-                           provenance={"model_name": args.model,
-                                       "finalizer_aware": {"label": args.label, "repair": args.repair}})
+        plan = search_plan(
+            table,
+            targets,
+            model_fingerprint(model, targets),
+            config,
+            allocator=FinalizerAwareGreedy(ratios),
+            provenance={"model_name": args.model, "finalizer_aware": {"label": args.label, "repair": args.repair}},
+        )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     plan.save(args.out)
     print(f"{args.out}: {plan.n_bytes()} bytes, {8 * plan.n_bytes() / sum(t.numel for t in targets):.4f} bits")

@@ -28,11 +28,11 @@ from collections import defaultdict
 
 import torch
 
-from bitsearch.quantize import fake_quantize_model
 from bitsearch.atomic import write_text_atomic
 from bitsearch.data import calibration_batches
 from bitsearch.io.loading import load_model, load_tokenizer
 from bitsearch.io.plan import BitPlan
+from bitsearch.quantize import fake_quantize_model
 from bitsearch.sensitivity.stats import InputStats
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
@@ -67,8 +67,9 @@ def repair_table(plan: BitPlan, float_model, rtn_model, packed: dict, grams: dic
     for name, bits in plan.bits.items():
         w = weight_of(float_model, name)
         b = torch.as_tensor(bits.astype("int64"))
-        errs = {label: row_errors(weight_of(m, name) - w, grams[name])
-                for label, m in {"rtn": rtn_model, **packed}.items()}
+        errs = {
+            label: row_errors(weight_of(m, name) - w, grams[name]) for label, m in {"rtn": rtn_model, **packed}.items()
+        }
         kind = name.rsplit(".", 1)[-1]
         for width in torch.unique(b).tolist():
             rows = b == width
@@ -86,12 +87,18 @@ def repair_table(plan: BitPlan, float_model, rtn_model, packed: dict, grams: dic
 
 
 def markdown(rows: list[dict], labels) -> str:
-    head = "| layer type | width | rows | round-to-nearest output error | " + " | ".join(
-        f"{x}: error / round-to-nearest's" for x in labels) + " |"
+    head = (
+        "| layer type | width | rows | round-to-nearest output error | "
+        + " | ".join(f"{x}: error / round-to-nearest's" for x in labels)
+        + " |"
+    )
     out = [head, "|" + " --- |" * (4 + len(labels))]
     for r in rows:
-        out.append(f"| {r['layer type']} | {r['width']} | {r['rows']} | {r['rtn error']:.4g} | "
-                   + " | ".join(f"{r[f'{x} / rtn']:.3f}" for x in labels) + " |")
+        out.append(
+            f"| {r['layer type']} | {r['width']} | {r['rows']} | {r['rtn error']:.4g} | "
+            + " | ".join(f"{r[f'{x} / rtn']:.3f}" for x in labels)
+            + " |"
+        )
     return "\n".join(out) + "\n"
 
 
@@ -100,8 +107,11 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--model", default=os.path.join(SHARED, "models", "slm-llama-17m"))
     ap.add_argument("--plan", required=True)
     ap.add_argument("--packed", nargs="+", required=True, help="LABEL=DIR of packed checkpoints of --plan")
-    ap.add_argument("--calib-text", default=os.path.join(HERE, "results", "benchmark", "slm-llama-17m-quick", "kl.txt"),
-                    help="text for the layers' inputs (default: the benchmark's held-out KL split, no finalizer saw it)")
+    ap.add_argument(
+        "--calib-text",
+        default=os.path.join(HERE, "results", "benchmark", "slm-llama-17m-quick", "kl.txt"),
+        help="text for the layers' inputs (default: the benchmark's held-out KL split, no finalizer saw it)",
+    )
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=None)
@@ -125,8 +135,9 @@ def main(argv=None) -> list[dict]:
     md = markdown(rows, list(packed))
     os.makedirs(args.out, exist_ok=True)
     write_text_atomic(os.path.join(args.out, "finalizer_repair.md"), md)
-    write_text_atomic(os.path.join(args.out, "finalizer_repair.json"),
-                      json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n")
+    write_text_atomic(
+        os.path.join(args.out, "finalizer_repair.json"), json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n"
+    )
     print(md)
     return rows
 

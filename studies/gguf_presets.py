@@ -85,9 +85,15 @@ def main() -> None:
 
     ids = tokenize_text(tok, read_text(args.text))
     if args.max_tokens:
-        ids = ids[:args.max_tokens]
-    meta = {"model": args.model, "calibration": spec.to_dict(), "text": args.text, "max_tokens": args.max_tokens,
-            "n_weights": n_weights, "command": " ".join(sys.argv)}
+        ids = ids[: args.max_tokens]
+    meta = {
+        "model": args.model,
+        "calibration": spec.to_dict(),
+        "text": args.text,
+        "max_tokens": args.max_tokens,
+        "n_weights": n_weights,
+        "command": " ".join(sys.argv),
+    }
     rows = []
 
     def measure(method: str, label: str, path: str) -> None:
@@ -95,11 +101,21 @@ def main() -> None:
             ppl_cpp, n = llm.perplexity(ids.numpy(), 512)
         ours = evaluate(path, args.text, EvalConfig(max_tokens=args.max_tokens, seq_len=512, show_progress=False))
         b = planned_bytes(path)
-        rows.append({"method": method, "at": label, "file": os.path.basename(path), "tensor_bytes": b,
-                     "bpw": 8 * b / n_weights, "file_bytes": os.path.getsize(path), "ppl_llama_cpp": ppl_cpp,
-                     "ppl_bitsearch_eval": ours.ppl, "tokens": n})
+        rows.append(
+            {
+                "method": method,
+                "at": label,
+                "file": os.path.basename(path),
+                "tensor_bytes": b,
+                "bpw": 8 * b / n_weights,
+                "file_bytes": os.path.getsize(path),
+                "ppl_llama_cpp": ppl_cpp,
+                "ppl_bitsearch_eval": ours.ppl,
+                "tokens": n,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
-        with open(os.path.join(args.out, "results.json"), "w") as f:   # after every file: partial runs count
+        with open(os.path.join(args.out, "results.json"), "w") as f:  # after every file: partial runs count
             json.dump({"meta": dict(meta, seconds=round(time.time() - t0, 1)), "rows": rows}, f, indent=1)
 
     measure("f32", "F32", f32_path)

@@ -25,10 +25,10 @@ import pandas as pd
 import torch
 
 from bitsearch import api
-from bitsearch.quantize import fake_quantize_model
-from bitsearch.io.checkpoint import load_packed, packed_tensor_bytes
 from bitsearch.config import EvalConfig, SearchConfig
+from bitsearch.io.checkpoint import load_packed, packed_tensor_bytes
 from bitsearch.io.loading import load_model, load_tokenizer
+from bitsearch.quantize import fake_quantize_model
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -51,25 +51,35 @@ def main() -> None:
     ids = torch.randint(0, model.config.vocab_size, (2, 128), generator=torch.Generator().manual_seed(0))
 
     def ppl_of(m) -> float:
-        return api.evaluate(m, args.eval_text, EvalConfig(max_tokens=args.max_tokens, seq_len=512,
-                                                          show_progress=False), tokenizer=tok).ppl
+        return api.evaluate(
+            m, args.eval_text, EvalConfig(max_tokens=args.max_tokens, seq_len=512, show_progress=False), tokenizer=tok
+        ).ppl
 
     rows = []
     for budget in args.budgets.split(","):
-        for label, min_bits, coupling in (("no pruning", 2, True), ("row pruning", 0, False),
-                                          ("coupled pruning", 0, True)):
+        for label, min_bits, coupling in (
+            ("no pruning", 2, True),
+            ("row pruning", 0, False),
+            ("coupled pruning", 0, True),
+        ):
             model.load_state_dict(state)
             try:
                 config = SearchConfig(budget=budget, min_bits=min_bits, coupling=coupling, show_progress=False)
                 plan = api.search(model, None, config, tokenizer=tok, table=args.table)
-            except Exception as exc:   # e.g. below the smallest plan without pruning
+            except Exception as exc:  # e.g. below the smallest plan without pruning
                 rows.append({"budget": float(budget), "plan": label, "error": str(exc).split(":")[0]})
                 print(rows[-1], flush=True)
                 continue
             s = plan.summary
-            row = {"budget": float(budget), "plan": label, "avg_bits": s["avg_bits"], "bytes": s["bytes"],
-                   "pruned_rows": s["pruned_channels"], "dead_units": s["dead_units"],
-                   "predicted": s["predicted_error"]}
+            row = {
+                "budget": float(budget),
+                "plan": label,
+                "avg_bits": s["avg_bits"],
+                "bytes": s["bytes"],
+                "pruned_rows": s["pruned_channels"],
+                "dead_units": s["dead_units"],
+                "predicted": s["predicted_error"],
+            }
             fake_quantize_model(model, plan)
             row["ppl"] = ppl_of(model)
             if plan.couplings:
@@ -77,15 +87,18 @@ def main() -> None:
                     masked = model(input_ids=ids).logits
                 model.load_state_dict(state)
                 with tempfile.TemporaryDirectory() as d:
-                    api.apply(copy.deepcopy(model), plan, out=os.path.join(d, "p"))    # packs the copy in place
+                    api.apply(copy.deepcopy(model), plan, out=os.path.join(d, "p"))  # packs the copy in place
                     written = packed_tensor_bytes(os.path.join(d, "p"))
                     packed = load_packed(os.path.join(d, "p"))
                     mods = dict(packed.named_modules())
                     c = plan.couplings[0]
                     with torch.no_grad():
                         diff = (packed(input_ids=ids).logits - masked).abs().max().item()
-                row.update(written_bytes=written, packed_vs_masked_max_abs=diff,
-                           example_consumer=f"{c.consumer}: in_features {mods[c.consumer].in_features}")
+                row.update(
+                    written_bytes=written,
+                    packed_vs_masked_max_abs=diff,
+                    example_consumer=f"{c.consumer}: in_features {mods[c.consumer].in_features}",
+                )
             rows.append(row)
             print(row, flush=True)
             pd.DataFrame(rows).to_csv(os.path.join(args.out, "results.csv"), index=False)

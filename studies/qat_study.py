@@ -24,12 +24,12 @@ import pandas as pd
 import torch
 
 from bitsearch import api
-from bitsearch.quantize import fake_quantize_model
 from bitsearch.config import EvalConfig, FinalizeConfig
 from bitsearch.data import calibration_batches
 from bitsearch.io.loading import load_model, load_tokenizer
 from bitsearch.io.plan import BitPlan
 from bitsearch.plots import plot_runs
+from bitsearch.quantize import fake_quantize_model
 from bitsearch.search.uniform import uniform_plan
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
@@ -61,10 +61,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=40000)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true",
-                    help="CPU subset: the mixed plan only; the four surrogates, SignRound, tiled, data-free; no T sweep")
-    ap.add_argument("--only", default=None,
-                    help="comma-separated run names to do (e.g. 'RTN,QAT tiled'); default: all")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="CPU subset: the mixed plan only; the four surrogates, SignRound, tiled, data-free; no T sweep",
+    )
+    ap.add_argument("--only", default=None, help="comma-separated run names to do (e.g. 'RTN,QAT tiled'); default: all")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -72,20 +74,34 @@ def main() -> None:
     tok = load_tokenizer(args.model)
     batch, _ = calibration_batches(tok, args.calib, args.samples, args.seq_len, 0)
     fresh = lambda: load_model(args.model, args.device)  # noqa: E731
-    plans = {"w4": uniform_plan(fresh(), 4, 128), "w3": uniform_plan(fresh(), 3, 128),
-             "mixed2.5": BitPlan.load(args.mixed_plan)}
+    plans = {
+        "w4": uniform_plan(fresh(), 4, 128),
+        "w3": uniform_plan(fresh(), 3, 128),
+        "mixed2.5": BitPlan.load(args.mixed_plan),
+    }
     wanted = ["mixed2.5"] if args.quick else args.plans.split(",")
     common = dict(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len, show_progress=False)
     rows = []
 
     def evaluate(model) -> float:
-        return api.evaluate(model, args.eval_text, EvalConfig(max_tokens=args.max_tokens, seq_len=512,
-                                                              device=args.device, show_progress=False),
-                            tokenizer=tok).ppl
+        return api.evaluate(
+            model,
+            args.eval_text,
+            EvalConfig(max_tokens=args.max_tokens, seq_len=512, device=args.device, show_progress=False),
+            tokenizer=tok,
+        ).ppl
 
     def record(plan_name, run, ppl, seconds, **extra):
-        rows.append({"plan": plan_name, "run": run, "avg_bits": plans[plan_name].summary["avg_bits"],
-                     "ppl": ppl, "seconds": round(seconds, 1), **extra})
+        rows.append(
+            {
+                "plan": plan_name,
+                "run": run,
+                "avg_bits": plans[plan_name].summary["avg_bits"],
+                "ppl": ppl,
+                "seconds": round(seconds, 1),
+                **extra,
+            }
+        )
         print(rows[-1], flush=True)
         pd.DataFrame(rows).to_csv(os.path.join(args.out, "results.csv"), index=False)
 
@@ -97,11 +113,23 @@ def main() -> None:
         m = fresh()
         t0 = time.time()
         config = FinalizeConfig(samples=args.samples, data_free=data, device=args.device, **dict(common, **kw))
-        api.finalize(m, plans[plan_name], batch if data is None else None, config, tokenizer=tok,
-                     out=os.path.join(args.out, "tmp-model"), overwrite=True)
+        api.finalize(
+            m,
+            plans[plan_name],
+            batch if data is None else None,
+            config,
+            tokenizer=tok,
+            out=os.path.join(args.out, "tmp-model"),
+            overwrite=True,
+        )
         qat = m.bitsearch_plan.provenance["finalize"].get("qat") or {}
-        record(plan_name, run, evaluate(m), time.time() - t0, **{f"last_loss_{k}": v for k, v in
-                                                                 (qat.get("last_loss") or {}).items()})
+        record(
+            plan_name,
+            run,
+            evaluate(m),
+            time.time() - t0,
+            **{f"last_loss_{k}": v for k, v in (qat.get("last_loss") or {}).items()},
+        )
 
     for name in wanted:
         t0 = time.time()
@@ -122,9 +150,13 @@ def main() -> None:
         finalize(name, "QAT tiled data-free", mode="tiled", data=args.samples)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"args": vars(args), "results": rows}, f, indent=1)
-    plot_runs(rows, os.path.join(args.out, "qat.png"), baseline="RTN",
-              color_of=lambda run: "tab:orange" if "Sigmoid" in run or "Soft" in run else "tab:blue",
-              xlabel=f"perplexity, {os.path.splitext(os.path.basename(args.eval_text))[0]} (lower is better)")
+    plot_runs(
+        rows,
+        os.path.join(args.out, "qat.png"),
+        baseline="RTN",
+        color_of=lambda run: "tab:orange" if "Sigmoid" in run or "Soft" in run else "tab:blue",
+        xlabel=f"perplexity, {os.path.splitext(os.path.basename(args.eval_text))[0]} (lower is better)",
+    )
     print(pd.DataFrame(rows).to_string(index=False))
 
 

@@ -68,32 +68,100 @@ import torch
 import torch.nn.functional as F
 
 from bitsearch import api
-from bitsearch.io.checkpoint import packed_tensor_bytes
 from bitsearch.config import ApplyConfig, EvalConfig, FinalizeConfig, SearchConfig, SensitivityConfig
+from bitsearch.io.checkpoint import packed_tensor_bytes
 from bitsearch.plots import plot_stage_costs
 
 SHAPES = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, vocab_size=256, tie_word_embeddings=True),
-    "small": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6,
-                  num_key_value_heads=6, head_dim=64, vocab_size=8192, tie_word_embeddings=True),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
-               rope_theta=500000.0),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
-               rope_theta=500000.0),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=256,
+        tie_word_embeddings=True,
+    ),
+    "small": dict(
+        hidden_size=384,
+        intermediate_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=6,
+        num_key_value_heads=6,
+        head_dim=64,
+        vocab_size=8192,
+        tie_word_embeddings=True,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+    ),
+    "8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
+    ),
 }
 
-STAGES = ["sens_imatrix", "sens_imatrix_raw", "sens_snr", "sens_fisher", "sens_hutchinson",
-          "search_greedy", "search_ilp", "search_optuna", "search_diffq",
-          "finalize_qat_e2e", "finalize_qat_tiled", "finalize_signround",
-          "apply", "load_packed", "eval_float", "eval_packed"]
+STAGES = [
+    "sens_imatrix",
+    "sens_imatrix_raw",
+    "sens_snr",
+    "sens_fisher",
+    "sens_hutchinson",
+    "search_greedy",
+    "search_ilp",
+    "search_optuna",
+    "search_diffq",
+    "finalize_qat_e2e",
+    "finalize_qat_tiled",
+    "finalize_signround",
+    "apply",
+    "load_packed",
+    "eval_float",
+    "eval_packed",
+]
 
-COLUMNS = ["shape", "layers", "params", "samples", "seq_len", "tokens", "stage", "seconds", "ratio_time",
-           "units", "unit", "ratio_time_per_unit", "peak_mem_bytes", "ratio_mem", "base_mem_bytes",
-           "fwd_bwd_seconds", "fwd_bwd_peak_mem_bytes", "device", "device_name", "dtype", "torch", "micro_batch",
-           "error", "detail"]
+COLUMNS = [
+    "shape",
+    "layers",
+    "params",
+    "samples",
+    "seq_len",
+    "tokens",
+    "stage",
+    "seconds",
+    "ratio_time",
+    "units",
+    "unit",
+    "ratio_time_per_unit",
+    "peak_mem_bytes",
+    "ratio_mem",
+    "base_mem_bytes",
+    "fwd_bwd_seconds",
+    "fwd_bwd_peak_mem_bytes",
+    "device",
+    "device_name",
+    "dtype",
+    "torch",
+    "micro_batch",
+    "error",
+    "detail",
+]
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -135,9 +203,9 @@ class Meter:
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             self.base = None
-            _malloc_trim()     # free heap pages back to the OS, so that the RSS is what is in use
+            _malloc_trim()  # free heap pages back to the OS, so that the RSS is what is in use
             try:
-                with open("/proc/self/clear_refs", "w") as f:   # resets VmHWM to the current RSS
+                with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
                     f.write("5")
                 st = _proc_status()
                 self.base = st["VmRSS"]
@@ -178,7 +246,7 @@ def fwd_bwd(model, batch: torch.Tensor, micro_batch: int, meter: Meter, repeats:
         for _ in range(max(1, repeats)):
             meter.start()
             for i in range(0, batch.shape[0], micro_batch):
-                one(batch[i:i + micro_batch])
+                one(batch[i : i + micro_batch])
             secs, mem, _ = meter.stop()
             model.zero_grad(set_to_none=True)
             best = min(best, secs)
@@ -301,17 +369,25 @@ class Run:
         if self.table_path is None:
             path = os.path.join(self.tmp, "table_imatrix_raw.parquet")
             if not os.path.isfile(path):
-                config = SensitivityConfig(samples=self.samples, seq_len=self.seq_len, estimators="imatrix",
-                                           bits=self.a.bits, loss_calibration="none", group_size=self.a.group_size,
-                                           micro_batch=self.a.micro_batch, show_progress=False)
+                config = SensitivityConfig(
+                    samples=self.samples,
+                    seq_len=self.seq_len,
+                    estimators="imatrix",
+                    bits=self.a.bits,
+                    loss_calibration="none",
+                    group_size=self.a.group_size,
+                    micro_batch=self.a.micro_batch,
+                    show_progress=False,
+                )
                 api.sensitivity(self.get(), self.calib, config, tokenizer=self.tok, out=path)
             self.table_path = path
         return self.table_path
 
     def need_plan(self):
         if self.plan is None:
-            config = SearchConfig(budget=self.a.budget, method="greedy", group_size=self.a.group_size,
-                                  show_progress=False)
+            config = SearchConfig(
+                budget=self.a.budget, method="greedy", group_size=self.a.group_size, show_progress=False
+            )
             self.plan = api.search(self.get(), None, config, tokenizer=self.tok, table=self.need_table())
         return self.plan
 
@@ -319,7 +395,7 @@ class Run:
         if self.packed_dir is None:
             out = os.path.join(self.tmp, "packed_setup")
             api.apply(self.get(), self.need_plan(), ApplyConfig(device=self.a.device), out=out)
-            self.drop()              # the model now holds packed layers
+            self.drop()  # the model now holds packed layers
             self.packed_dir = out
         return self.packed_dir
 
@@ -331,10 +407,18 @@ class Run:
         path = os.path.join(self.tmp, f"table_{est}{'_raw' if raw else ''}.parquet")
         m = self.get()
         self.meter.start()
-        config = SensitivityConfig(samples=self.samples, seq_len=self.seq_len, estimators=est, bits=self.a.bits,
-                                   group_size=self.a.group_size, probes=self.a.probes,
-                                   loss_calibration="none" if raw else "auto", micro_batch=self.a.micro_batch,
-                                   show_progress=False, device=self.a.device)
+        config = SensitivityConfig(
+            samples=self.samples,
+            seq_len=self.seq_len,
+            estimators=est,
+            bits=self.a.bits,
+            group_size=self.a.group_size,
+            probes=self.a.probes,
+            loss_calibration="none" if raw else "auto",
+            micro_batch=self.a.micro_batch,
+            show_progress=False,
+            device=self.a.device,
+        )
         t = api.sensitivity(m, self.calib, config, tokenizer=self.tok, out=path, overwrite=True)
         res = self.meter.stop()
         if est == "imatrix" and not raw:
@@ -351,8 +435,15 @@ class Run:
         for f in (out, os.path.splitext(out)[0] + ".optuna.journal", os.path.splitext(out)[0] + ".trials.csv"):
             if os.path.exists(f):
                 os.remove(f)
-        kw = dict(budget=self.a.budget, method=method, group_size=self.a.group_size, micro_batch=self.a.micro_batch,
-                  seq_len=self.seq_len, show_progress=False, device=self.a.device)
+        kw = dict(
+            budget=self.a.budget,
+            method=method,
+            group_size=self.a.group_size,
+            micro_batch=self.a.micro_batch,
+            seq_len=self.seq_len,
+            show_progress=False,
+            device=self.a.device,
+        )
         calib = None
         units = (None, None)
         if method == "ilp":
@@ -381,8 +472,15 @@ class Run:
         m = self.fresh()
         out = os.path.join(self.tmp, f"final_{method}_{mode}")
         shutil.rmtree(out, ignore_errors=True)
-        kw = dict(method=method, batch_size=self.a.micro_batch, samples=self.batch.shape[0],
-                  seq_len=self.batch.shape[1], checkpoint_every=1e12, show_progress=False, device=self.a.device)
+        kw = dict(
+            method=method,
+            batch_size=self.a.micro_batch,
+            samples=self.batch.shape[0],
+            seq_len=self.batch.shape[1],
+            checkpoint_every=1e12,
+            show_progress=False,
+            device=self.a.device,
+        )
         if method == "qat":
             kw.update(mode=mode, steps=self.a.qat_steps)
         else:
@@ -393,7 +491,7 @@ class Run:
             res = self.meter.stop()
             info = m.bitsearch_plan.provenance["finalize"]
         finally:
-            self.drop()              # the model now holds quantized layers
+            self.drop()  # the model now holds quantized layers
             shutil.rmtree(out, ignore_errors=True)
         if method == "qat":
             units = (info["qat"]["steps_run"], "step")
@@ -411,7 +509,7 @@ class Run:
             api.apply(m, plan, ApplyConfig(device=self.a.device), out=out)
             res = self.meter.stop()
         finally:
-            self.drop()              # the model now holds packed layers
+            self.drop()  # the model now holds packed layers
         self.packed_dir = out
         return res, (None, None), {"written_bytes": packed_tensor_bytes(out), "avg_bits": plan.summary.get("avg_bits")}
 
@@ -436,8 +534,13 @@ class Run:
         else:
             m = self.get()
         self.meter.start()
-        config = EvalConfig(max_tokens=self.samples * self.seq_len, seq_len=self.seq_len,
-                            micro_batch=self.a.micro_batch, show_progress=False, device=self.a.device)
+        config = EvalConfig(
+            max_tokens=self.samples * self.seq_len,
+            seq_len=self.seq_len,
+            micro_batch=self.a.micro_batch,
+            show_progress=False,
+            device=self.a.device,
+        )
         r = api.evaluate(m, self.calib, config, tokenizer=self.tok)
         res = self.meter.stop()
         if packed:
@@ -467,45 +570,75 @@ class Run:
 
     # ------------------------------------------------------------------ driver
     def run(self, stages: list[str]) -> None:
-        base = {"shape": self.shape, "layers": self.cfg.num_hidden_layers, "samples": self.samples,
-                "seq_len": self.seq_len, "tokens": self.samples * self.seq_len, "device": self.a.device,
-                "device_name": device_name(self.device), "dtype": self.a.dtype, "torch": torch.__version__,
-                "micro_batch": self.a.micro_batch}
+        base = {
+            "shape": self.shape,
+            "layers": self.cfg.num_hidden_layers,
+            "samples": self.samples,
+            "seq_len": self.seq_len,
+            "tokens": self.samples * self.seq_len,
+            "device": self.a.device,
+            "device_name": device_name(self.device),
+            "dtype": self.a.dtype,
+            "torch": torch.__version__,
+            "micro_batch": self.a.micro_batch,
+        }
         tag = f"[{self.shape} L={self.cfg.num_hidden_layers} {self.samples}x{self.seq_len}]"
         try:
             m = self.get()
             base["params"] = sum(p.numel() for p in m.parameters())
             fb_s, fb_m = fwd_bwd(m, self.batch, self.a.micro_batch, self.meter, self.a.unit_repeats)
-        except Exception as exc:   # noqa: BLE001  (no unit: every stage of this configuration is skipped)
+        except Exception as exc:  # noqa: BLE001  (no unit: every stage of this configuration is skipped)
             self.drop()
             row = dict(base, stage="fwd_bwd", error=_error_text(exc))
             print(f"{tag} fwd+bwd FAILED: {row['error']}", flush=True)
             self.emit(row)
             return
         base.update(fwd_bwd_seconds=fb_s, fwd_bwd_peak_mem_bytes=fb_m)
-        print(f"{tag} params {base['params'] / 1e6:.1f}M, fwd+bwd {fb_s:.3f} s"
-              + (f", peak +{fb_m / 2 ** 20:.0f} MiB" if fb_m is not None else ""), flush=True)
-        self.emit(dict(base, stage="fwd_bwd", seconds=fb_s, ratio_time=1.0, peak_mem_bytes=fb_m,
-                       ratio_mem=1.0 if fb_m else None))
+        print(
+            f"{tag} params {base['params'] / 1e6:.1f}M, fwd+bwd {fb_s:.3f} s"
+            + (f", peak +{fb_m / 2**20:.0f} MiB" if fb_m is not None else ""),
+            flush=True,
+        )
+        self.emit(
+            dict(
+                base,
+                stage="fwd_bwd",
+                seconds=fb_s,
+                ratio_time=1.0,
+                peak_mem_bytes=fb_m,
+                ratio_mem=1.0 if fb_m else None,
+            )
+        )
         for stage in stages:
             row = dict(base, stage=stage)
             # on file while it runs: a stage the kernel kills (out of memory) leaves this row behind
-            at = self.emit(dict(row, error="did not finish: the process was killed during this stage "
-                                           "(out of memory?)"))
+            at = self.emit(dict(row, error="did not finish: the process was killed during this stage (out of memory?)"))
             try:
                 (secs, mem, mem0), (units, unit), detail = self.dispatch(stage)
-                row.update(seconds=secs, ratio_time=secs / fb_s, peak_mem_bytes=mem, base_mem_bytes=mem0,
-                           ratio_mem=(mem / fb_m) if (mem is not None and fb_m) else None,
-                           units=units, unit=unit, ratio_time_per_unit=(secs / units / fb_s) if units else None,
-                           detail=json.dumps(detail, default=str))
-                msg = (f"{secs:8.2f} s = {row['ratio_time']:8.2f}x fwd+bwd"
-                       + (f" ({row['ratio_time_per_unit']:.3f}x per {unit})" if units else "")
-                       + (f", peak +{mem / 2 ** 20:.0f} MiB = {row['ratio_mem']:.2f}x"
-                          if row["ratio_mem"] is not None else ""))
-            except Exception as exc:   # noqa: BLE001  (out of memory at 8B and such: recorded, go on)
+                row.update(
+                    seconds=secs,
+                    ratio_time=secs / fb_s,
+                    peak_mem_bytes=mem,
+                    base_mem_bytes=mem0,
+                    ratio_mem=(mem / fb_m) if (mem is not None and fb_m) else None,
+                    units=units,
+                    unit=unit,
+                    ratio_time_per_unit=(secs / units / fb_s) if units else None,
+                    detail=json.dumps(detail, default=str),
+                )
+                msg = (
+                    f"{secs:8.2f} s = {row['ratio_time']:8.2f}x fwd+bwd"
+                    + (f" ({row['ratio_time_per_unit']:.3f}x per {unit})" if units else "")
+                    + (
+                        f", peak +{mem / 2**20:.0f} MiB = {row['ratio_mem']:.2f}x"
+                        if row["ratio_mem"] is not None
+                        else ""
+                    )
+                )
+            except Exception as exc:  # noqa: BLE001  (out of memory at 8B and such: recorded, go on)
                 try:
                     self.meter.stop()
-                except Exception:   # noqa: BLE001
+                except Exception:  # noqa: BLE001
                     pass
                 row["error"] = _error_text(exc)
                 if self.a.verbose:
@@ -517,14 +650,18 @@ class Run:
             self.emit(row, at)
         self.drop()
         self.packed = None
-        if self.a.unit_after:    # the unit again: how much the machine's speed drifted during the stages
+        if self.a.unit_after:  # the unit again: how much the machine's speed drifted during the stages
             row = dict(base, stage="fwd_bwd_after")
             try:
                 s2, m2 = fwd_bwd(self.get(), self.batch, self.a.micro_batch, self.meter, self.a.unit_repeats)
-                row.update(seconds=s2, ratio_time=s2 / fb_s, peak_mem_bytes=m2,
-                           ratio_mem=(m2 / fb_m) if (m2 is not None and fb_m) else None)
+                row.update(
+                    seconds=s2,
+                    ratio_time=s2 / fb_s,
+                    peak_mem_bytes=m2,
+                    ratio_mem=(m2 / fb_m) if (m2 is not None and fb_m) else None,
+                )
                 print(f"{tag} {'fwd_bwd_after':<20} {s2:8.2f} s = {s2 / fb_s:8.2f}x the first measurement", flush=True)
-            except Exception as exc:   # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001
                 row["error"] = _error_text(exc)
             self.emit(row)
             self.drop()
@@ -561,7 +698,7 @@ def markdown(rows: list[dict]) -> str:
                 cells.append("failed: " + str(r["error"]).split(":")[0])
             elif s == "fwd_bwd":
                 mem = r.get("peak_mem_bytes")
-                cells.append(f"{r['seconds']:.3g} s" + (f", +{mem / 2 ** 20:.0f} MiB" if _ok(mem) else ""))
+                cells.append(f"{r['seconds']:.3g} s" + (f", +{mem / 2**20:.0f} MiB" if _ok(mem) else ""))
             else:
                 c = f"{_fmt_ratio(r.get('ratio_time'))}× / {_fmt_ratio(r.get('ratio_mem'))}×"
                 if _ok(r.get("ratio_time_per_unit")):
@@ -580,8 +717,11 @@ def plot(rows: list[dict], path: str) -> None:
     if not good:
         return
     r0 = good[0]
-    plot_stage_costs({(r["stage"], _group(r)): r["ratio_time"] for r in good}, path,
-                     title=f"bitsearch stage cost ({r0['device_name'][:40]}, {r0['dtype']})")
+    plot_stage_costs(
+        {(r["stage"], _group(r)): r["ratio_time"] for r in good},
+        path,
+        title=f"bitsearch stage cost ({r0['device_name'][:40]}, {r0['dtype']})",
+    )
 
 
 def save(rows: list[dict], out: str, args) -> None:
@@ -594,11 +734,15 @@ def save(rows: list[dict], out: str, args) -> None:
     df = df[COLUMNS + [c for c in df.columns if c not in COLUMNS]]
     df.to_csv(os.path.join(out, "scale.csv"), index=False)
     with open(os.path.join(out, "scale.json"), "w") as f:
-        json.dump({"args": vars(args), "command": " ".join(sys.argv), "rows": df.to_dict(orient="records")}, f,
-                  indent=1, default=str)
+        json.dump(
+            {"args": vars(args), "command": " ".join(sys.argv), "rows": df.to_dict(orient="records")},
+            f,
+            indent=1,
+            default=str,
+        )
     try:
         plot(rows, os.path.join(out, "scale.png"))
-    except Exception as exc:   # noqa: BLE001  (a plot never costs the measurements)
+    except Exception as exc:  # noqa: BLE001  (a plot never costs the measurements)
         print(f"plot failed: {_error_text(exc)}", flush=True)
 
 
@@ -636,13 +780,17 @@ def parse_args(argv=None):
     ap.add_argument("--probes", type=int, default=2, help="hutchinson probes")
     ap.add_argument("--trials", type=int, default=4, help="optuna trials")
     ap.add_argument("--diffq-steps", type=int, default=4)
-    ap.add_argument("--kl-samples", type=int, default=8,
-                    help="optuna/diffq KL samples (capped at half the calibration samples)")
+    ap.add_argument(
+        "--kl-samples", type=int, default=8, help="optuna/diffq KL samples (capped at half the calibration samples)"
+    )
     ap.add_argument("--qat-steps", type=int, default=4, help="QAT steps (tiled: per tile)")
     ap.add_argument("--signround-steps", type=int, default=4, help="SignRound steps per block")
     ap.add_argument("--unit-repeats", type=int, default=2, help="forward+backward passes timed (fastest kept)")
-    ap.add_argument("--unit-after", action="store_true",
-                    help="measure the unit again after the stages (row fwd_bwd_after: drift of a shared machine)")
+    ap.add_argument(
+        "--unit-after",
+        action="store_true",
+        help="measure the unit again after the stages (row fwd_bwd_after: drift of a shared machine)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--append", action="store_true", help="keep the rows already in --out/scale.json")
     ap.add_argument("--keep-tmp", action="store_true", help="keep --out/tmp (tables, plans, checkpoints)")
@@ -692,8 +840,10 @@ def main(argv=None) -> list[dict]:
     if not args.keep_tmp:
         shutil.rmtree(os.path.join(args.out, "tmp"), ignore_errors=True)
     print()
-    print("time / memory as multiples of one forward+backward pass over the same tokens"
-          + ("" if device.type == "cuda" else " (memory: peak RSS growth on CPU, a lower bound)"))
+    print(
+        "time / memory as multiples of one forward+backward pass over the same tokens"
+        + ("" if device.type == "cuda" else " (memory: peak RSS growth on CPU, a lower bound)")
+    )
     print(markdown(rows))
     return rows
 

@@ -20,9 +20,9 @@ import pandas as pd
 import torch
 
 from bitsearch import api
-from bitsearch.quantize import fake_quantize_model
 from bitsearch.config import EvalConfig, SearchConfig
 from bitsearch.io.loading import load_model, load_tokenizer
+from bitsearch.quantize import fake_quantize_model
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -39,10 +39,17 @@ def main() -> None:
     ap.add_argument("--methods", default="greedy,optuna,diffq")
     ap.add_argument("--n-trials", type=int, default=30)
     ap.add_argument("--sampler", default="nsga2", help="optuna sampler: nsga2 | tpe")
-    ap.add_argument("--resume", action="store_true",
-                    help="optuna: keep the journals and finish their studies to --n-trials (then choose again)")
-    ap.add_argument("--span", type=float, default=0.25,
-                    help="optuna: trials also try budgets down to budget - span (0: every trial at the budget)")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="optuna: keep the journals and finish their studies to --n-trials (then choose again)",
+    )
+    ap.add_argument(
+        "--span",
+        type=float,
+        default=0.25,
+        help="optuna: trials also try budgets down to budget - span (0: every trial at the budget)",
+    )
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--kl-samples", type=int, default=48)
     ap.add_argument("--learn", default="channel", help="diffq: widths trained per 'channel' or per 'layer'")
@@ -63,22 +70,44 @@ def main() -> None:
                 if os.path.exists(f) and not (args.resume and f.endswith(".journal")):
                     os.remove(f)
             t0 = time.time()
-            config = SearchConfig(budget=budget, method=method, mix=args.mix, n_trials=args.n_trials,
-                                  sampler=args.sampler, span=args.span, resume=args.resume, steps=args.steps,
-                                  kl_samples=args.kl_samples, show_progress=False,
-                                  **({"learn": args.learn, "relax": args.relax} if method == "diffq" else {}))
+            config = SearchConfig(
+                budget=budget,
+                method=method,
+                mix=args.mix,
+                n_trials=args.n_trials,
+                sampler=args.sampler,
+                span=args.span,
+                resume=args.resume,
+                steps=args.steps,
+                kl_samples=args.kl_samples,
+                show_progress=False,
+                **({"learn": args.learn, "relax": args.relax} if method == "diffq" else {}),
+            )
             plan = api.search(model, args.calib, config, tokenizer=tok, table=args.table, out=out)
             secs = time.time() - t0
             model.load_state_dict(state)
             fake_quantize_model(model, plan)
-            ppl = api.evaluate(model, args.eval_text, EvalConfig(max_tokens=args.max_tokens, seq_len=512,
-                                                                 show_progress=False), tokenizer=tok).ppl
+            ppl = api.evaluate(
+                model,
+                args.eval_text,
+                EvalConfig(max_tokens=args.max_tokens, seq_len=512, show_progress=False),
+                tokenizer=tok,
+            ).ppl
             model.load_state_dict(state)
-            rows.append({"method": method, "budget": float(budget), "avg_bits": plan.summary["avg_bits"],
-                         "bytes": plan.summary["bytes"], "ppl": ppl, "search_seconds": round(secs, 1),
-                         "calibration_kl": plan.provenance.get("calibration_kl"),
-                         "validation_kl": plan.provenance.get("validation_kl"), "trial": plan.provenance.get("trial"),
-                         "diffq_chosen_step": plan.provenance.get("chosen_step")})
+            rows.append(
+                {
+                    "method": method,
+                    "budget": float(budget),
+                    "avg_bits": plan.summary["avg_bits"],
+                    "bytes": plan.summary["bytes"],
+                    "ppl": ppl,
+                    "search_seconds": round(secs, 1),
+                    "calibration_kl": plan.provenance.get("calibration_kl"),
+                    "validation_kl": plan.provenance.get("validation_kl"),
+                    "trial": plan.provenance.get("trial"),
+                    "diffq_chosen_step": plan.provenance.get("chosen_step"),
+                }
+            )
             print(rows[-1], flush=True)
     df = pd.DataFrame(rows)
     df.to_csv(os.path.join(args.out, "results.csv"), index=False)

@@ -39,8 +39,8 @@ import torch
 
 from bitsearch.cost import budget_to_bytes
 from bitsearch.data import calibration_batches
-from bitsearch.models import find_targets
 from bitsearch.io.loading import load_model, load_tokenizer
+from bitsearch.models import find_targets
 from bitsearch.search import build_problem, get_allocator
 from bitsearch.search.problem import AllocationProblem
 from bitsearch.sensitivity import compute_sensitivity
@@ -57,8 +57,9 @@ def measure(model, batch: torch.Tensor, calibrate: str, micro_batch: int, budget
     unit_before, _ = fwd_bwd(model, batch, micro_batch, meter)
     targets = find_targets(model)
     t0 = time.perf_counter()
-    table = compute_sensitivity(model, targets, batch, estimators="imatrix", calibrate=calibrate,
-                                micro_batch=micro_batch, show_progress=False)
+    table = compute_sensitivity(
+        model, targets, batch, estimators="imatrix", calibrate=calibrate, micro_batch=micro_batch, show_progress=False
+    )
     sens = time.perf_counter() - t0
     t0 = time.perf_counter()
     problem = build_problem(table, targets, min_bits=2)
@@ -68,22 +69,37 @@ def measure(model, batch: torch.Tensor, calibrate: str, micro_batch: int, budget
     unit = (unit_before + unit_after) / 2
     stages = dict(table.meta["stage_seconds"])
     stages["other (table assembly)"] = max(0.0, table.meta["seconds"] - sum(stages.values()))
-    return {"samples": batch.shape[0], "seq_len": batch.shape[1], "calibrate": calibrate,
-            "calibration_method": table.meta["calibration_method"],
-            "unit_seconds_before": unit_before, "unit_seconds_after": unit_after,
-            "sensitivity_seconds": sens, "allocation_seconds": alloc,
-            "stage_seconds": stages, "sensitivity_ratio": sens / unit,
-            "stage_ratios": {k: v / unit for k, v in stages.items()}, "allocation_ratio": alloc / unit}
+    return {
+        "samples": batch.shape[0],
+        "seq_len": batch.shape[1],
+        "calibrate": calibrate,
+        "calibration_method": table.meta["calibration_method"],
+        "unit_seconds_before": unit_before,
+        "unit_seconds_after": unit_after,
+        "sensitivity_seconds": sens,
+        "allocation_seconds": alloc,
+        "stage_seconds": stages,
+        "sensitivity_ratio": sens / unit,
+        "stage_ratios": {k: v / unit for k, v in stages.items()},
+        "allocation_ratio": alloc / unit,
+    }
 
 
 def markdown(rows: list[dict], first: str) -> str:
     stages = list(dict.fromkeys(k for r in rows for k in r["stage_ratios"]))
-    head = [first, "calibrate", "unit s (before, after)", "sensitivity × unit"] + [f"{s} ×" for s in stages] + \
-        ["allocation ×"]
+    head = (
+        [first, "calibrate", "unit s (before, after)", "sensitivity × unit"]
+        + [f"{s} ×" for s in stages]
+        + ["allocation ×"]
+    )
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(head) - 1)) + " |"]
     for r in rows:
-        cells = [str(r[first]), r["calibrate"], f"{r['unit_seconds_before']:.1f}, {r['unit_seconds_after']:.1f}",
-                 f"**{r['sensitivity_ratio']:.2f}**"]
+        cells = [
+            str(r[first]),
+            r["calibrate"],
+            f"{r['unit_seconds_before']:.1f}, {r['unit_seconds_after']:.1f}",
+            f"**{r['sensitivity_ratio']:.2f}**",
+        ]
         cells += [f"{r['stage_ratios'][s]:.3f}" if s in r["stage_ratios"] else "" for s in stages]
         cells.append(f"{r['allocation_ratio']:.4f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -130,18 +146,29 @@ def part_overheads(args) -> None:
     helps = []
     for _ in range(3):
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "bitsearch", "--help"], env=env, cwd="/", check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "bitsearch", "--help"], env=env, cwd="/", check=True, stdout=subprocess.DEVNULL
+        )
         helps.append(time.perf_counter() - t0)
     rng = np.random.default_rng(0)
     n, bits = 518_144, [2, 3, 4, 5, 6, 8]
     ins = rng.choice([2048, 8192], size=n)
     costs = np.array([[k * b // 8 + 4 * (k // 128) for b in bits] for k in (2048, 8192)], dtype=np.int64)
     costs = costs[(ins == 8192).astype(int)]
-    errors = rng.lognormal(0, 2, size=(n, 1)) * 4.0 ** -np.asarray(bits, dtype=float)[None, :] \
+    errors = (
+        rng.lognormal(0, 2, size=(n, 1))
+        * 4.0 ** -np.asarray(bits, dtype=float)[None, :]
         * rng.uniform(0.8, 1.2, size=(n, len(bits)))
-    p = AllocationProblem(bits=bits, errors=errors, costs=costs, fixed_bytes=n // 8, n_weights=int(ins.sum()),
-                          layer_slices={"all": slice(0, n)}, group_size=128)
+    )
+    p = AllocationProblem(
+        bits=bits,
+        errors=errors,
+        costs=costs,
+        fixed_bytes=n // 8,
+        n_weights=int(ins.sum()),
+        layer_slices={"all": slice(0, n)},
+        group_size=128,
+    )
 
     greedy = get_allocator("greedy")
     secs, walk = [], []
@@ -153,12 +180,26 @@ def part_overheads(args) -> None:
         b = fill_walking_every_segment(p, int(budget * p.n_weights / 8))
         walk.append(time.perf_counter() - t0)
         assert np.array_equal(a, b)
-    rows = [{"help_seconds": helps, "greedy_seconds_2.5_3.25": secs, "full_walk_seconds_2.5_3.25": walk,
-             "greedy_channels": n}]
-    table = "\n".join(["| measure | seconds |", "| --- | ---: |",
-                       f"| `python -m bitsearch --help` (fastest of 3) | {min(helps):.2f} |"]
-                      + [f"| greedy allocation, {n:,} channels, {b} bits (filling by visiting every remaining "
-                         f"segment: {w:.2f} s, same plan) | {s:.2f} |" for b, s, w in zip((2.5, 3.25), secs, walk)])
+    rows = [
+        {
+            "help_seconds": helps,
+            "greedy_seconds_2.5_3.25": secs,
+            "full_walk_seconds_2.5_3.25": walk,
+            "greedy_channels": n,
+        }
+    ]
+    table = "\n".join(
+        [
+            "| measure | seconds |",
+            "| --- | ---: |",
+            f"| `python -m bitsearch --help` (fastest of 3) | {min(helps):.2f} |",
+        ]
+        + [
+            f"| greedy allocation, {n:,} channels, {b} bits (filling by visiting every remaining "
+            f"segment: {w:.2f} s, same plan) | {s:.2f} |"
+            for b, s, w in zip((2.5, 3.25), secs, walk)
+        ]
+    )
     save(args.out, "overheads", args, rows, table)
 
 

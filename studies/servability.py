@@ -30,12 +30,12 @@ import pandas as pd
 import torch
 
 from bitsearch import api
-from bitsearch.quantize import fake_quantize_model
 from bitsearch.config import EvalConfig, ExportConfig, SearchConfig
 from bitsearch.data import read_text, tokenize_text
 from bitsearch.evaluate import perplexity
-from bitsearch.models import find_targets, model_fingerprint
 from bitsearch.io.loading import load_model, load_tokenizer
+from bitsearch.models import find_targets, model_fingerprint
+from bitsearch.quantize import fake_quantize_model
 from bitsearch.search.formats import module_search_options
 from bitsearch.sensitivity import SensitivityTable
 
@@ -78,28 +78,43 @@ def serving_check(model, tok, plan, args, work: str) -> dict:
     ct_dir, packed_dir = os.path.join(work, "ct"), os.path.join(work, "packed")
     info = api.export(model, plan, ct_dir, ExportConfig(format=FORMAT), tokenizer=tok)
     api.apply(copy.deepcopy(model), plan, out=packed_dir, tokenizer=tok)
-    ours = api.evaluate(packed_dir, args.eval_text, EvalConfig(max_tokens=args.max_tokens, seq_len=512,
-                                                               show_progress=False))
+    ours = api.evaluate(
+        packed_dir, args.eval_text, EvalConfig(max_tokens=args.max_tokens, seq_len=512, show_progress=False)
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     script = os.path.join(work, "serve.py")
     with open(script, "w") as f:
         f.write(SERVE)
-    res = subprocess.run([sys.executable, script, ct_dir, args.eval_text, str(args.max_tokens), "512",
-                          str(args.threads)], cwd=work, env=env, capture_output=True, text=True, check=False)
+    res = subprocess.run(
+        [sys.executable, script, ct_dir, args.eval_text, str(args.max_tokens), "512", str(args.threads)],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if res.returncode:
         raise RuntimeError(res.stderr[-2000:])
     theirs = json.loads(res.stdout.strip().splitlines()[-1])
-    return {"budget": plan.provenance.get("budget"), "export_target_bytes": info["target_bytes"],
-            "plan_format_bytes": plan.summary["format"]["bytes"], "bitsearch_eval_ppl": ours.ppl,
-            "transformers_ppl": theirs["ppl"], "tokens": theirs["tokens"],
-            "rel_diff": abs(theirs["ppl"] - ours.ppl) / ours.ppl}
+    return {
+        "budget": plan.provenance.get("budget"),
+        "export_target_bytes": info["target_bytes"],
+        "plan_format_bytes": plan.summary["format"]["bytes"],
+        "bitsearch_eval_ppl": ours.ppl,
+        "transformers_ppl": theirs["ppl"],
+        "tokens": theirs["tokens"],
+        "rel_diff": abs(theirs["ppl"] - ours.ppl) / ours.ppl,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=os.path.join(SHARED, "models", "slm-llama-17m"), help="model folder")
-    ap.add_argument("--sensitivity", default=os.path.join(HERE, "results", "slm_budget_table", "sensitivity.parquet"),
-                    help="sensitivity table (default: slm_budget_table.py's imatrix table of slm-llama-17m)")
+    ap.add_argument(
+        "--sensitivity",
+        default=os.path.join(HERE, "results", "slm_budget_table", "sensitivity.parquet"),
+        help="sensitivity table (default: slm_budget_table.py's imatrix table of slm-llama-17m)",
+    )
     ap.add_argument("--eval-text", default=os.path.join(SHARED, "data", "corpus", "wikitext2_test.txt"))
     ap.add_argument("--budgets", default="2.5,3.25,4.25", help="avg-bit budgets")
     ap.add_argument("--max-tokens", type=int, default=40000, help="evaluation tokens")
@@ -115,24 +130,41 @@ def main() -> None:
     fp = model_fingerprint(model, targets)
     ids = tokenize_text(tok, read_text(args.eval_text))
     float_eval = perplexity(model, ids, 512, args.max_tokens, show_progress=False)
-    rows = [{"budget": None, "granularity": "float", "format": None, "avg_bits": None, "ppl": float_eval.ppl,
-             "kl": 0.0, "predicted_error": 0.0, "widths": ""}]
+    rows = [
+        {
+            "budget": None,
+            "granularity": "float",
+            "format": None,
+            "avg_bits": None,
+            "ppl": float_eval.ppl,
+            "kl": 0.0,
+            "predicted_error": 0.0,
+            "widths": "",
+        }
+    ]
     print(f"float: ppl {float_eval.ppl:.3f}", flush=True)
     plans = {}
     for budget in args.budgets.split(","):
         for gran, (options, fmt) in GRANULARITIES.items():
-            config = SearchConfig(budget=budget, method="ilp", min_bits=2, group_size=table.group_size,
-                                  format=fmt, **options)
+            config = SearchConfig(
+                budget=budget, method="ilp", min_bits=2, group_size=table.group_size, format=fmt, **options
+            )
             plan = api.search_plan(table, targets, fp, config)
             plan.save(os.path.join(args.out, f"plan-{gran}-{budget}.json"))
             plans[(budget, gran)] = plan
             q = fake_quantize_model(copy.deepcopy(model), plan)
             r = perplexity(q, ids, 512, args.max_tokens, reference=model, show_progress=False)
             s = plan.summary
-            row = {"budget": float(budget), "granularity": gran, "format": fmt or "bitsearch-packed",
-                   "avg_bits": s["format"]["avg_bits"] if fmt else s["avg_bits"], "ppl": r.ppl, "kl": r.kl,
-                   "predicted_error": s["predicted_error"],
-                   "widths": " ".join(f"{k}:{v}" for k, v in sorted(s["histogram"].items(), key=lambda kv: int(kv[0])))}
+            row = {
+                "budget": float(budget),
+                "granularity": gran,
+                "format": fmt or "bitsearch-packed",
+                "avg_bits": s["format"]["avg_bits"] if fmt else s["avg_bits"],
+                "ppl": r.ppl,
+                "kl": r.kl,
+                "predicted_error": s["predicted_error"],
+                "widths": " ".join(f"{k}:{v}" for k, v in sorted(s["histogram"].items(), key=lambda kv: int(kv[0]))),
+            }
             rows.append(row)
             print(f"{budget} {gran}: {row['avg_bits']:.4f} bits, ppl {r.ppl:.3f}, kl {r.kl:.4f}", flush=True)
             del q
@@ -141,11 +173,17 @@ def main() -> None:
     first = args.budgets.split(",")[0]
     with tempfile.TemporaryDirectory() as work:
         check = serving_check(model, tok, plans[(first, "fused")], args, work)
-    print(f"serving check ({first} bits, fused): transformers ppl {check['transformers_ppl']:.4f}, "
-          f"bitsearch eval {check['bitsearch_eval_ppl']:.4f}, relative difference {check['rel_diff']:.2e}", flush=True)
+    print(
+        f"serving check ({first} bits, fused): transformers ppl {check['transformers_ppl']:.4f}, "
+        f"bitsearch eval {check['bitsearch_eval_ppl']:.4f}, relative difference {check['rel_diff']:.2e}",
+        flush=True,
+    )
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "rows": rows, "serving_check": check,
-                   "seconds": round(time.time() - t0, 1)}, f, indent=1)
+        json.dump(
+            {"args": vars(args), "rows": rows, "serving_check": check, "seconds": round(time.time() - t0, 1)},
+            f,
+            indent=1,
+        )
     print(df.to_string(index=False))
 
 

@@ -49,11 +49,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Train the small demo Llama model (byte-level BPE tokenizer + LlamaForCausalLM) on CPU.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--train-text", default=str(REPO_ROOT.parent / "shared/data/corpus/train.txt.xz"),
-                   help="training text file (UTF-8; a .xz file is decompressed with lzma)")
-    p.add_argument("--eval-text", default=str(REPO_ROOT / "bitsearch/assets/demo/eval.txt"),
-                   help="held-out text for the final perplexity report (never used for training or model selection); "
-                        "pass an empty string to skip")
+    p.add_argument(
+        "--train-text",
+        default=str(REPO_ROOT.parent / "shared/data/corpus/train.txt.xz"),
+        help="training text file (UTF-8; a .xz file is decompressed with lzma)",
+    )
+    p.add_argument(
+        "--eval-text",
+        default=str(REPO_ROOT / "bitsearch/assets/demo/eval.txt"),
+        help="held-out text for the final perplexity report (never used for training or model selection); "
+        "pass an empty string to skip",
+    )
     p.add_argument("--out", required=True, help="output directory for model, tokenizer and training.json")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (including the special token)")
     p.add_argument("--hidden", type=int, default=192, help="hidden size (multiple of 64)")
@@ -61,8 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=4, help="number of attention heads (head_dim = hidden / heads)")
     p.add_argument("--inter", type=int, default=512, help="SwiGLU intermediate size (multiple of 64)")
     p.add_argument("--seq-len", type=int, default=256, help="training window length in tokens")
-    p.add_argument("--max-positions", type=int, default=512,
-                   help="max_position_embeddings written to the config (>= --seq-len)")
+    p.add_argument(
+        "--max-positions", type=int, default=512, help="max_position_embeddings written to the config (>= --seq-len)"
+    )
     p.add_argument("--batch-size", type=int, default=8, help="windows per optimizer step")
     p.add_argument("--steps", type=int, default=1600, help="number of optimizer steps")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
@@ -70,15 +77,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=50, help="linear warmup steps before the cosine decay")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (not applied to norms)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clipping threshold")
-    p.add_argument("--val-fraction", type=float, default=0.01,
-                   help="fraction of the token stream (taken from its end) held out for validation")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.01,
+        help="fraction of the token stream (taken from its end) held out for validation",
+    )
     p.add_argument("--val-windows", type=int, default=32, help="number of validation windows per evaluation")
     p.add_argument("--eval-every", type=int, default=250, help="validate (and maybe checkpoint) every N steps")
     p.add_argument("--log-every", type=int, default=25, help="print training progress every N steps")
     p.add_argument("--seed", type=int, default=0, help="random seed (torch, window sampling, init)")
     p.add_argument("--threads", type=int, default=2, help="torch / tokenizers thread count")
-    p.add_argument("--max-train-chars", type=int, default=0,
-                   help="use only the first N characters of the training text (0 = all; for quick timing runs)")
+    p.add_argument(
+        "--max-train-chars",
+        type=int,
+        default=0,
+        help="use only the first N characters of the training text (0 = all; for quick timing runs)",
+    )
     args = p.parse_args(argv)
     if args.hidden % args.heads:
         p.error("--hidden must be divisible by --heads")
@@ -149,7 +164,7 @@ def wrap_tokenizer(tok, model_max_length: int):
 def encode(tok, chunks: list[str]):
     ids = []
     for i in range(0, len(chunks), 64):
-        for enc in tok.encode_batch(chunks[i:i + 64], add_special_tokens=False):
+        for enc in tok.encode_batch(chunks[i : i + 64], add_special_tokens=False):
             ids.append(np.asarray(enc.ids, dtype=np.int32))
     return torch.from_numpy(np.concatenate(ids).astype(np.int64))
 
@@ -160,10 +175,11 @@ def window_loss(model, tokens, seq_len: int, starts) -> float:
     total, count = 0.0, 0
     starts = list(starts)
     for i in range(0, len(starts), 16):
-        batch = torch.stack([tokens[s:s + seq_len + 1] for s in starts[i:i + 16]])
+        batch = torch.stack([tokens[s : s + seq_len + 1] for s in starts[i : i + 16]])
         logits = model(input_ids=batch[:, :-1]).logits.float()
         loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum")
+            logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum"
+        )
         total += loss.item()
         count += batch[:, 1:].numel()
     return total / count
@@ -174,7 +190,7 @@ def text_perplexity(model, tokens, window: int) -> dict:
     """Perplexity over non-overlapping windows of ``window`` tokens (every token after a window's first is scored)."""
     total, count = 0.0, 0
     for s in range(0, len(tokens) - 1, window):
-        chunk = tokens[s:s + window]
+        chunk = tokens[s : s + window]
         if len(chunk) < 2:
             break
         logits = model(input_ids=chunk[None]).logits.float()[0]
@@ -187,8 +203,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    import transformers
     import tokenizers
+    import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(args.seed)
@@ -201,7 +217,7 @@ def main(argv=None) -> int:
     # ---------------------------------------------------------------- data + tokenizer
     text, text_sha = read_text(args.train_text)
     if args.max_train_chars:
-        text = text[:args.max_train_chars]
+        text = text[: args.max_train_chars]
     chunks = chunk_text(text)
     print(f"[data] {args.train_text}: {len(text):,} chars, sha256 {text_sha[:16]}…, {len(chunks)} chunks", flush=True)
     t0 = time.time()
@@ -210,8 +226,10 @@ def main(argv=None) -> int:
     t0 = time.time()
     tokens = encode(tok, chunks)
     n_tokens = len(tokens)
-    print(f"[tok] encoded {n_tokens:,} tokens ({len(text) / n_tokens:.2f} chars/token) in {time.time() - t0:.1f}s",
-          flush=True)
+    print(
+        f"[tok] encoded {n_tokens:,} tokens ({len(text) / n_tokens:.2f} chars/token) in {time.time() - t0:.1f}s",
+        flush=True,
+    )
     del text, chunks
     n_val = max(int(n_tokens * args.val_fraction), (args.seq_len + 1) * args.val_windows)
     train_tokens, val_tokens = tokens[:-n_val], tokens[-n_val:]
@@ -241,14 +259,20 @@ def main(argv=None) -> int:
     model = LlamaForCausalLM(config)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"[model] LlamaForCausalLM hidden={args.hidden} layers={args.layers} heads={args.heads} "
-          f"inter={args.inter} vocab={config.vocab_size}: {n_params:,} parameters", flush=True)
+    print(
+        f"[model] LlamaForCausalLM hidden={args.hidden} layers={args.layers} heads={args.heads} "
+        f"inter={args.inter} vocab={config.vocab_size}: {n_params:,} parameters",
+        flush=True,
+    )
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
 
     def lr_at(step: int) -> float:  # step in [0, steps)
         if step < args.warmup_steps:
@@ -267,10 +291,9 @@ def main(argv=None) -> int:
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         starts = torch.randint(0, hi, (args.batch_size,), generator=g_train)
-        batch = torch.stack([train_tokens[s:s + args.seq_len + 1] for s in starts.tolist()])
+        batch = torch.stack([train_tokens[s : s + args.seq_len + 1] for s in starts.tolist()])
         logits = model(input_ids=batch[:, :-1]).logits  # next-token loss over all seq_len targets
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
-                                                 batch[:, 1:].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), batch[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -281,8 +304,11 @@ def main(argv=None) -> int:
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             dt = time.time() - t_log
             last_train_loss = loss_acc / loss_n
-            print(f"[train] step {step + 1:5d}/{args.steps} loss {last_train_loss:.4f} lr {lr_at(step):.2e} "
-                  f"{tok_log / dt:,.0f} tok/s elapsed {time.time() - t_train:.0f}s", flush=True)
+            print(
+                f"[train] step {step + 1:5d}/{args.steps} loss {last_train_loss:.4f} lr {lr_at(step):.2e} "
+                f"{tok_log / dt:,.0f} tok/s elapsed {time.time() - t_train:.0f}s",
+                flush=True,
+            )
             history.append({"step": step + 1, "train_loss": last_train_loss, "tok_per_s": tok_log / dt})
             t_log, tok_log, loss_acc, loss_n = time.time(), 0, 0.0, 0
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
@@ -298,16 +324,22 @@ def main(argv=None) -> int:
     # ---------------------------------------------------------------- save best checkpoint
     model.load_state_dict(best["state"])
     model.eval()
-    print(f"[save] best checkpoint: step {best['step']} val loss {best['val_loss']:.4f} "
-          f"(ppl {math.exp(best['val_loss']):.2f})", flush=True)
+    print(
+        f"[save] best checkpoint: step {best['step']} val loss {best['val_loss']:.4f} "
+        f"(ppl {math.exp(best['val_loss']):.2f})",
+        flush=True,
+    )
 
     eval_report = {}
     if args.eval_text:
         eval_raw = Path(args.eval_text).read_bytes()
         eval_ids = torch.tensor(tok.encode(eval_raw.decode("utf-8"), add_special_tokens=False).ids)
-        eval_report = {"file": _relpath(args.eval_text),
-                       "sha256": hashlib.sha256(eval_raw).hexdigest(), "tokens": len(eval_ids),
-                       "fp32": [text_perplexity(model, eval_ids, w) for w in sorted({args.seq_len, 512})]}
+        eval_report = {
+            "file": _relpath(args.eval_text),
+            "sha256": hashlib.sha256(eval_raw).hexdigest(),
+            "tokens": len(eval_ids),
+            "fp32": [text_perplexity(model, eval_ids, w) for w in sorted({args.seq_len, 512})],
+        }
         for r in eval_report["fp32"]:
             print(f"[eval] {eval_report['file']}: window {r['window']} ppl {r['ppl']:.2f}", flush=True)
 
@@ -330,11 +362,17 @@ def main(argv=None) -> int:
     record = {
         "description": "Tiny Llama-style causal LM for `bitsearch demo`, trained by studies/train_demo_model.py",
         "command": " ".join(["python -m studies.train_demo_model"] + (argv if argv is not None else sys.argv[1:])),
-        "args": {k: (_relpath(v) if k in ("train_text", "eval_text", "out") and v else v)
-                 for k, v in vars(args).items()},
-        "data": {"train_text": os.path.basename(args.train_text), "train_text_sha256": text_sha,
-                 "tokens": n_tokens, "train_tokens": len(train_tokens), "val_tokens": len(val_tokens),
-                 "max_train_chars": args.max_train_chars},
+        "args": {
+            k: (_relpath(v) if k in ("train_text", "eval_text", "out") and v else v) for k, v in vars(args).items()
+        },
+        "data": {
+            "train_text": os.path.basename(args.train_text),
+            "train_text_sha256": text_sha,
+            "tokens": n_tokens,
+            "train_tokens": len(train_tokens),
+            "val_tokens": len(val_tokens),
+            "max_train_chars": args.max_train_chars,
+        },
         "parameters": n_params,
         "steps": args.steps,
         "tokens_seen": args.steps * args.batch_size * args.seq_len,
@@ -346,9 +384,13 @@ def main(argv=None) -> int:
         "total_wall_s": round(time.time() - t_start, 1),
         "eval_text": eval_report,
         "history": history,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
-                     "numpy": np.__version__},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__,
+            "numpy": np.__version__,
+        },
         "machine": {"platform": platform.platform(), "threads": args.threads},
         "saved_dtype": "float16",
     }

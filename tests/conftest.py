@@ -18,8 +18,10 @@ CORPUS = os.path.join(SHARED, "data", "corpus")
 
 ARCHS = ["llama", "qwen2", "mistral", "gpt_neox", "opt"]
 
-_WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches "
-          "in the old town square and every evening the river carries songs from distant hills").split()
+_WORDS = (
+    "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches "
+    "in the old town square and every evening the river carries songs from distant hills"
+).split()
 
 
 def make_text(n_words: int = 6000, seed: int = 0) -> str:
@@ -33,8 +35,14 @@ def make_text(n_words: int = 6000, seed: int = 0) -> str:
 def tiny_config(arch: str, vocab: int):
     from transformers import AutoConfig
 
-    common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  intermediate_size=128, max_position_embeddings=256)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=256,
+    )
     if arch == "llama":
         return AutoConfig.for_model("llama", num_key_value_heads=2, tie_word_embeddings=True, **common)
     if arch == "qwen2":
@@ -44,9 +52,16 @@ def tiny_config(arch: str, vocab: int):
     if arch == "gpt_neox":
         return AutoConfig.for_model("gpt_neox", **common)
     if arch == "opt":
-        return AutoConfig.for_model("opt", vocab_size=vocab, hidden_size=64, num_hidden_layers=2,
-                                    num_attention_heads=4, ffn_dim=128, max_position_embeddings=256,
-                                    word_embed_proj_dim=64)
+        return AutoConfig.for_model(
+            "opt",
+            vocab_size=vocab,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_dim=128,
+            max_position_embeddings=256,
+            word_embed_proj_dim=64,
+        )
     raise ValueError(arch)
 
 
@@ -65,8 +80,9 @@ def tokenizer_dir(tmp_path_factory, text_file) -> str:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train([text_file], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
     out = tmp_path_factory.mktemp("tok")

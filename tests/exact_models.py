@@ -20,9 +20,16 @@ def tiny_llama(seed: int = 0, std: float = 0.5):
         def forward(self, x):
             return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
-    cfg = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False,
-                      max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=32,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(seed)
     m = LlamaForCausalLM(cfg)
     with torch.no_grad():
@@ -69,7 +76,7 @@ def per_sample_grads(m, targets, batch):
     try:
         out = {t.name: [] for t in targets}
         for s in range(batch.shape[0]):
-            x = batch[s:s + 1]
+            x = batch[s : s + 1]
             logits = m(input_ids=x).logits[0, :-1]
             loss = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum")
             for t, g in zip(targets, torch.autograd.grad(loss, ws)):

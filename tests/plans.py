@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bitsearch.models import find_targets, model_fingerprint
 from bitsearch.io.plan import BitPlan
+from bitsearch.models import find_targets, model_fingerprint
 
 MIXED_WIDTHS = [0, 2, 3, 4, 16]
 
@@ -16,8 +16,8 @@ def mixed_plan(model, targets_re: str | None = None, seed: int = 0, gs: int = 32
     rng = np.random.default_rng(seed)
     bits = {}
     for t in targets:
-        b = rng.choice(MIXED_WIDTHS, p=[.1, .3, .3, .2, .1], size=t.out_features).astype(np.uint8)
-        b[:len(MIXED_WIDTHS)] = MIXED_WIDTHS
+        b = rng.choice(MIXED_WIDTHS, p=[0.1, 0.3, 0.3, 0.2, 0.1], size=t.out_features).astype(np.uint8)
+        b[: len(MIXED_WIDTHS)] = MIXED_WIDTHS
         bits[t.name] = b
     plan = BitPlan(model=model_fingerprint(model, targets), group_size=gs, menu=MIXED_WIDTHS, bits=bits)
     plan.fill_summary()

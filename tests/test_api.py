@@ -32,8 +32,10 @@ def test_search_on_an_in_memory_model_equals_the_cli(hf_model, llama_dir, text_f
     assert isinstance(plan, BitPlan) and 4.4 < plan.avg_bits <= 4.5
     assert plan.provenance["command"] == "python API"
     out = str(tmp_path / "cli.json")
-    assert main(["--quiet", "search", "--model", llama_dir, "--calib", text_file, "--budget", "4.5", "--out", out]
-                + FLAGS) == 0
+    assert (
+        main(["--quiet", "search", "--model", llama_dir, "--calib", text_file, "--budget", "4.5", "--out", out] + FLAGS)
+        == 0
+    )
     cli = BitPlan.load(out)
     assert same_plan(plan, cli) and cli.summary["bytes"] == plan.summary["bytes"]
     assert cli.provenance["command"].startswith("bitsearch --quiet search")
@@ -49,7 +51,7 @@ def test_calibration_as_texts_or_token_ids(hf_model, llama_dir, text_file):
     from_texts = bitsearch.search(hf_model, texts, config, tokenizer=tok)
     ids, _ = calibration_batches(tok, text_file, 4, 32, 0)
     from_ids = bitsearch.search(hf_model, ids, config)
-    assert same_plan(from_file, from_ids)          # the same windows, given as tokens
+    assert same_plan(from_file, from_ids)  # the same windows, given as tokens
     assert from_texts.summary["bytes"] <= from_texts.provenance["budget_bytes"]
     with pytest.raises(bitsearch.BitsearchError, match="needs 4 calibration samples"):
         bitsearch.search(hf_model, ids[:2], config)
@@ -62,9 +64,10 @@ def test_apply_and_evaluate_return_objects(hf_model, llama_dir, text_file, tmp_p
 
     plan = bitsearch.search(hf_model, text_file, bitsearch.SearchConfig(budget="4.5", **OPTIONS))
     packed = bitsearch.apply(copy.deepcopy(hf_model), plan)
-    assert packed.bitsearch_plan is plan and not list(tmp_path.iterdir())     # nothing written
-    r = bitsearch.evaluate(packed, text_file, bitsearch.EvalConfig(max_tokens=200, seq_len=50, show_progress=False),
-                           reference=hf_model)
+    assert packed.bitsearch_plan is plan and not list(tmp_path.iterdir())  # nothing written
+    r = bitsearch.evaluate(
+        packed, text_file, bitsearch.EvalConfig(max_tokens=200, seq_len=50, show_progress=False), reference=hf_model
+    )
     assert np.isfinite(r.ppl) and r.kl > 0
     ids = torch.arange(300) % 200
     r2 = bitsearch.evaluate(hf_model, ids, bitsearch.EvalConfig(max_tokens=200, seq_len=50, show_progress=False))

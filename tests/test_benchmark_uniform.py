@@ -6,8 +6,8 @@ import math
 import pytest
 
 from bitsearch.cost import budget_to_bytes
-from bitsearch.models import find_targets
 from bitsearch.io.loading import load_model
+from bitsearch.models import find_targets
 from studies import benchmark
 
 
@@ -33,8 +33,12 @@ def test_uniform_plan_is_the_largest_pair_that_fits(llama_dir, budget):
     n = sum(r * k for r, k in shapes)
     plan, secs, m = benchmark.uniform_bitsearch_plan(bench, budget)
     limit = budget_to_bytes(budget, n)
-    fits = {(w, g): stored(shapes, w, g) for w in benchmark.WIDTHS for g in benchmark.GROUPS
-            if stored(shapes, w, g) <= limit}
+    fits = {
+        (w, g): stored(shapes, w, g)
+        for w in benchmark.WIDTHS
+        for g in benchmark.GROUPS
+        if stored(shapes, w, g) <= limit
+    }
     best = max(fits.values())
     widths = {int(b) for bits in plan.bits.values() for b in bits}
     assert len(widths) == 1 and plan.n_bytes() == best == fits[(widths.pop(), plan.group_size)]

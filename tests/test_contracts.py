@@ -33,8 +33,9 @@ from bitsearch.sensitivity import ESTIMATORS
 SMALL = dict(samples=4, seq_len=32, group_size=16, loss_calibration_samples=2, show_progress=False)
 #: the smallest settings that still exercise each model-in-the-loop method
 METHOD_OPTIONS = {"optuna": dict(n_trials=3, kl_samples=2), "diffq": dict(steps=2, kl_samples=2)}
-FINALIZER_OPTIONS = dict(steps=1, signround_steps=2, batch_size=2, tile_size=1, samples=4, seq_len=32,
-                         show_progress=False)
+FINALIZER_OPTIONS = dict(
+    steps=1, signround_steps=2, batch_size=2, tile_size=1, samples=4, seq_len=32, show_progress=False
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +68,9 @@ def test_estimator_contract(name, loaded, text_file):
 def test_allocator_contract(name, loaded, text_file, table, tmp_path):
     m, tok = loaded
     config = SearchConfig(budget="4.5", method=name, seed=3, **METHOD_OPTIONS.get(name, {}), **SMALL)
-    plans = [api.search(m, text_file, config, tokenizer=tok, table=table, out=str(tmp_path / f"p{i}.json"))
-             for i in range(2)]
+    plans = [
+        api.search(m, text_file, config, tokenizer=tok, table=table, out=str(tmp_path / f"p{i}.json")) for i in range(2)
+    ]
     plan = plans[0]
     assert plan.summary["bytes"] <= plan.provenance["budget_bytes"]
     assert plan.provenance["allocator"] == name
@@ -105,7 +107,7 @@ def test_exporter_contract(name, loaded, text_file, tmp_path):
     # a plan of the unit the format stores (per-module formats are searched for that format)
     fmt = name if exporter.plan_unit == "module" else None
     plan = api.search(m, text_file, SearchConfig(budget="4.5", format=fmt, **SMALL), tokenizer=tok)
-    if exporter.plan_unit == "tensor":   # its own plan; a per-channel one is refused in one line
+    if exporter.plan_unit == "tensor":  # its own plan; a per-channel one is refused in one line
         with pytest.raises(BitsearchError, match=f"search --format {name}") as err:
             api.export(copy.deepcopy(m), plan, str(tmp_path / "refused"), ExportConfig(format=name), tokenizer=tok)
         assert "\n" not in str(err.value)

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from bitsearch.quantize import fake_quantize_model, pack_model
-from bitsearch.io.checkpoint import load_packed, packed_tensor_bytes, save_packed
 from bitsearch.cost import plan_bytes, row_bytes
 from bitsearch.couplings import find_couplings, live_columns
-from bitsearch.models import find_targets, model_fingerprint
+from bitsearch.io.checkpoint import load_packed, packed_tensor_bytes, save_packed
 from bitsearch.io.loading import load_model
 from bitsearch.io.plan import BitPlan
+from bitsearch.models import find_targets, model_fingerprint
+from bitsearch.quantize import fake_quantize_model, pack_model
 from bitsearch.search import get_allocator
 from bitsearch.search.coupled import allocate_coupled
 from bitsearch.search.problem import AllocationProblem
@@ -24,15 +24,23 @@ def _couplings(model):
     return find_couplings(model, [t.name for t in find_targets(model)])
 
 
-@pytest.mark.parametrize("arch,kinds", [("llama", {"mlp", "attention"}), ("mistral", {"mlp", "attention"}),
-                                        ("qwen2", {"mlp"}), ("gpt_neox", set()), ("opt", set())])
+@pytest.mark.parametrize(
+    "arch,kinds",
+    [
+        ("llama", {"mlp", "attention"}),
+        ("mistral", {"mlp", "attention"}),
+        ("qwen2", {"mlp"}),
+        ("gpt_neox", set()),
+        ("opt", set()),
+    ],
+)
 def test_find_couplings(tiny_models, arch, kinds):
     model = load_model(tiny_models[arch])
     cs = _couplings(model)
     assert {c.kind for c in cs} == kinds
-    assert len(cs) == 2 * len(kinds)   # two blocks
+    assert len(cs) == 2 * len(kinds)  # two blocks
     for c in cs:
-        if c.kind == "attention":      # 4 query heads of 16 dims over 2 key-value heads
+        if c.kind == "attention":  # 4 query heads of 16 dims over 2 key-value heads
             assert c.n_units == 2 and c.unit_rows == (32, 16, 16) and c.unit_cols == 32
         else:
             assert c.n_units == 128 and c.unit_rows == (1, 1) and c.unit_cols == 1
@@ -44,15 +52,16 @@ def _plan_with_dead_units(model, rng) -> BitPlan:
     bits = {t.name: rng.choice([2, 3, 4, 8, 16], size=t.out_features).astype(np.uint8) for t in targets}
     for c in cs:
         dead = rng.random(c.n_units) < 0.4
-        dead[0] = c.kind == "attention"      # one dead head group, one alive
+        dead[0] = c.kind == "attention"  # one dead head group, one alive
         dead[-1] = False
         for p, name in enumerate(c.producers):
             bits[name][np.repeat(dead, c.unit_rows[p])] = 0
         # a lone pruned producer row of an alive unit stays an ordinary pruned row
         if c.kind == "mlp":
             bits[c.producers[0]][np.flatnonzero(~dead)[0]] = 0
-    plan = BitPlan(model=model_fingerprint(model, targets), group_size=GS, menu=[0, 2, 3, 4, 8, 16], bits=bits,
-                   couplings=cs)
+    plan = BitPlan(
+        model=model_fingerprint(model, targets), group_size=GS, menu=[0, 2, 3, 4, 8, 16], bits=bits, couplings=cs
+    )
     plan.fill_summary()
     return plan
 
@@ -103,9 +112,15 @@ def _synthetic_problem(rng, model):
         costs.append(np.tile([row_bytes(t.in_features, b, GS) for b in menu], (t.out_features, 1)))
         slices[t.name] = slice(start, start + t.out_features)
         start += t.out_features
-    problem = AllocationProblem(bits=menu, errors=np.concatenate(errors), costs=np.concatenate(costs),
-                                fixed_bytes=start, n_weights=sum(t.numel for t in targets), layer_slices=slices,
-                                group_size=GS)
+    problem = AllocationProblem(
+        bits=menu,
+        errors=np.concatenate(errors),
+        costs=np.concatenate(costs),
+        fixed_bytes=start,
+        n_weights=sum(t.numel for t in targets),
+        layer_slices=slices,
+        group_size=GS,
+    )
     return problem, {t.name: (t.out_features, t.in_features) for t in targets}
 
 
@@ -126,12 +141,18 @@ def test_coupled_allocation_within_budget_and_prunes_where_it_pays(tiny_models, 
             for p, name in enumerate(c.producers):
                 assert np.array_equal(widths[name] == 0, np.repeat(dead, c.unit_rows[p]))
         # never predicts worse than the plan without pruning (when that one fits)
-        no_prune = AllocationProblem(bits=problem.bits[1:], errors=problem.errors[:, 1:], costs=problem.costs[:, 1:],
-                                     fixed_bytes=problem.fixed_bytes, n_weights=problem.n_weights,
-                                     layer_slices=problem.layer_slices, group_size=GS)
+        no_prune = AllocationProblem(
+            bits=problem.bits[1:],
+            errors=problem.errors[:, 1:],
+            costs=problem.costs[:, 1:],
+            fixed_bytes=problem.fixed_bytes,
+            n_weights=problem.n_weights,
+            layer_slices=problem.layer_slices,
+            group_size=GS,
+        )
         if no_prune.min_bytes() <= budget:
             assert loss <= no_prune.error_of(allocator.allocate(no_prune, budget)) * (1 + 1e-9)
-        if avg <= 2.0:   # below 2 bits of quantized rows, only pruning can pay
+        if avg <= 2.0:  # below 2 bits of quantized rows, only pruning can pay
             assert info["dead_units"] > 0
 
 

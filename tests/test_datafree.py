@@ -8,15 +8,22 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ARCHS, SLM
 from torch import nn
 
 from bitsearch import datafree
-from bitsearch.datafree import (CACHE_FORMAT, _choose, default_cache_path, generate_samples, load_or_generate,
-                                model_digest, special_token_ids, vocab_limit)
+from bitsearch.datafree import (
+    CACHE_FORMAT,
+    _choose,
+    default_cache_path,
+    generate_samples,
+    load_or_generate,
+    model_digest,
+    special_token_ids,
+    vocab_limit,
+)
 from bitsearch.errors import BitsearchError
 from bitsearch.io.loading import load_model, load_tokenizer
-
-from conftest import ARCHS, SLM
 
 
 def _nll(model: nn.Module, x: torch.Tensor) -> float:
@@ -31,6 +38,7 @@ def llama(llama_dir):
 
 
 # --------------------------------------------------------------------------- generation
+
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_kv_cache_matches_full_recomputation(tiny_models, arch):
@@ -60,9 +68,10 @@ def test_first_token_is_uniform_over_allowed_ids_and_never_special(llama):
     assert special == [tok.eos_token_id]
     first = generate_samples(m, 400, 2, vocab_exclude=special, show_progress=False)[:, 0]
     assert not set(first.tolist()) & set(special)
-    assert len(set(first.tolist())) > 150          # spread over the vocabulary (320 ids)
-    only = generate_samples(m, 40, 2, vocab_exclude=[i for i in range(len(tok)) if i not in (5, 7)],
-                            show_progress=False)[:, 0]
+    assert len(set(first.tolist())) > 150  # spread over the vocabulary (320 ids)
+    only = generate_samples(
+        m, 40, 2, vocab_exclude=[i for i in range(len(tok)) if i not in (5, 7)], show_progress=False
+    )[:, 0]
     assert set(only.tolist()) == {5, 7}
     with pytest.raises(BitsearchError, match="excluded"):
         generate_samples(m, 1, 2, vocab_exclude=range(len(tok)), show_progress=False)
@@ -83,10 +92,10 @@ def test_greedy_segment_is_the_argmax_and_sampling_stays_in_top_k(llama):
     x = generate_samples(m, 6, 14, seed=2, greedy_tokens=g, top_k=5, show_progress=False)
     with torch.no_grad():
         logits = m(x).logits
-    assert torch.equal(x[:, 1:g + 1], logits[:, :g].argmax(-1))
+    assert torch.equal(x[:, 1 : g + 1], logits[:, :g].argmax(-1))
     top5 = logits[:, g:-1].topk(5, dim=-1).indices
-    assert (top5 == x[:, g + 1:].unsqueeze(-1)).any(-1).all()
-    assert not torch.equal(x[:, g + 1:], logits[:, g:-1].argmax(-1))    # it does sample
+    assert (top5 == x[:, g + 1 :].unsqueeze(-1)).any(-1).all()
+    assert not torch.equal(x[:, g + 1 :], logits[:, g:-1].argmax(-1))  # it does sample
     # temperature 0 and top-1 are greedy throughout
     for kw in ({"temperature": 0.0}, {"top_k": 1}):
         y = generate_samples(m, 3, 10, greedy_tokens=0, show_progress=False, **kw)
@@ -99,7 +108,7 @@ def test_inverse_cdf_sampling_follows_the_softmax():
     u = torch.rand(40000, generator=torch.Generator().manual_seed(0))
     picks = _choose(logits, u, greedy=False, temperature=1.0, top_k=None)
     freq = torch.bincount(picks, minlength=5).float() / picks.numel()
-    assert freq[1] == 0 and freq[4] == 0                 # masked ids never drawn
+    assert freq[1] == 0 and freq[4] == 0  # masked ids never drawn
     assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.01)
     hot = _choose(logits, u, greedy=False, temperature=0.5, top_k=2)
     assert set(hot.unique().tolist()) == {0, 3}
@@ -114,8 +123,14 @@ def test_vocab_size_caps_every_position(llama):
 
 def test_settings_are_checked_and_training_mode_restored(llama):
     m, _ = llama
-    for kw, msg in [({"n_samples": 0}, "samples"), ({"seq_len": 1}, "seq_len"), ({"seq_len": 10 ** 6}, "positions"),
-                    ({"temperature": -1.0}, "temperature"), ({"top_k": 0}, "top.k"), ({"batch_size": 0}, "batch")]:
+    for kw, msg in [
+        ({"n_samples": 0}, "samples"),
+        ({"seq_len": 1}, "seq_len"),
+        ({"seq_len": 10**6}, "positions"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_k": 0}, "top.k"),
+        ({"batch_size": 0}, "batch"),
+    ]:
         args = {"n_samples": 2, "seq_len": 8} | kw
         with pytest.raises(BitsearchError, match=msg):
             generate_samples(m, args.pop("n_samples"), args.pop("seq_len"), show_progress=False, **args)
@@ -151,7 +166,7 @@ def test_falls_back_to_recomputation_without_a_kv_cache(llama):
     wrapped = _NoCache(m)
     x = generate_samples(wrapped, 3, 9, seed=5, show_progress=False)
     assert torch.equal(x, generate_samples(m, 3, 9, seed=5, show_progress=False))
-    assert wrapped.calls == list(range(1, 9))       # whole prefixes after the first step
+    assert wrapped.calls == list(range(1, 9))  # whole prefixes after the first step
 
 
 def test_samples_are_likely_under_their_model(llama):
@@ -174,6 +189,7 @@ def test_slm_samples_beat_uniform_tokens():
 
 # --------------------------------------------------------------------------- cache
 
+
 def _files(folder) -> list[str]:
     return sorted(os.listdir(folder))
 
@@ -183,12 +199,18 @@ def test_cache_round_trip_and_spec(llama, tmp_path):
     path = str(tmp_path / "calib.pt")
     a, spec = load_or_generate(m, tok, 4, 10, path, seed=7, show_progress=False)
     assert spec["cache"]["status"] == "generated" and _files(tmp_path) == ["calib.pt"]
-    assert {k: spec[k] for k in ("source", "samples", "seq_len", "seed")} == \
-        {"source": "data-free", "samples": 4, "seq_len": 10, "seed": 7}
+    assert {k: spec[k] for k in ("source", "samples", "seq_len", "seed")} == {
+        "source": "data-free",
+        "samples": 4,
+        "seq_len": 10,
+        "seed": 7,
+    }
     assert spec["generation"]["vocab_exclude"] == [tok.eos_token_id]
     assert spec["model"] == model_digest(m)
-    assert torch.equal(a, generate_samples(m, 4, 10, seed=7, vocab_exclude=[tok.eos_token_id],
-                                           vocab_size=len(tok), show_progress=False))
+    assert torch.equal(
+        a,
+        generate_samples(m, 4, 10, seed=7, vocab_exclude=[tok.eos_token_id], vocab_size=len(tok), show_progress=False),
+    )
     obj = torch.load(path, weights_only=True)
     assert obj["format"] == CACHE_FORMAT and obj["version"] == 1 and torch.equal(obj["tokens"], a)
     assert obj["meta"]["samples"] == 4 and obj["meta"]["tokens_sha256"] == spec["tokens_sha256"]
@@ -207,7 +229,7 @@ def test_cache_prefix_reuse_and_extension(llama, tmp_path):
     part, spec = load_or_generate(m, tok, 3, 8, path, show_progress=False)
     assert spec["cache"]["status"] == "hit" and torch.equal(part, full[:3, :8])
     assert torch.equal(part, load_or_generate(m, tok, 3, 8, None, show_progress=False)[0])
-    assert torch.load(path, weights_only=True)["tokens"].shape == (6, 12)    # not shrunk
+    assert torch.load(path, weights_only=True)["tokens"].shape == (6, 12)  # not shrunk
     msgs: list[str] = []
     more, spec = load_or_generate(m, tok, 9, 12, path, show_progress=False, log=msgs.append)
     assert spec["cache"]["status"] == "extended" and "3 more" in msgs[0]

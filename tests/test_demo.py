@@ -11,8 +11,9 @@ from bitsearch.demo import DEMO_SETTINGS, demo_paths
 
 def test_bundled_assets_present_and_small():
     paths = demo_paths()
-    total = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(os.path.dirname(paths["calib"]))
-                for f in fs)
+    total = sum(
+        os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(os.path.dirname(paths["calib"])) for f in fs
+    )
     assert total <= 9 * 2**20
     assert os.path.getsize(os.path.join(paths["model"], "model.safetensors")) <= 8 * 2**20
 

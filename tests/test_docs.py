@@ -38,7 +38,7 @@ def broken(page: Path) -> list[str]:
     """The links of ``page`` that do not resolve, as 'target (why)'."""
     out = []
     for target in links(page.read_text(encoding="utf-8")):
-        if re.match(r"[a-z][a-z0-9+.-]*:", target):     # http:, https:, mailto: ...
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto: ...
             continue
         path, _, anchor = target.partition("#")
         dest = (page.parent / path).resolve() if path else page
@@ -59,8 +59,11 @@ def test_links_resolve(page):
 
 def test_link_checker_finds_broken_links(tmp_path):
     page = tmp_path / "p.md"
-    page.write_text("# Top\n[ok](p.md#top) [gone](nothere.md) [bad](p.md#nowhere)\n"
-                    "```\n[in code](skipped.md)\n```\n[web](https://example.com)\n", encoding="utf-8")
+    page.write_text(
+        "# Top\n[ok](p.md#top) [gone](nothere.md) [bad](p.md#nowhere)\n"
+        "```\n[in code](skipped.md)\n```\n[web](https://example.com)\n",
+        encoding="utf-8",
+    )
     assert broken(page) == ["nothere.md (no such file)", "p.md#nowhere (no heading #nowhere)"]
 
 

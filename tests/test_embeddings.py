@@ -6,24 +6,28 @@ import torch
 
 from bitsearch import api
 from bitsearch.config import SearchConfig, SensitivityConfig
-from bitsearch.quantize import fake_quantize_model
-from bitsearch.io.checkpoint import load_packed, packed_tensor_bytes
 from bitsearch.errors import BitsearchError
-from bitsearch.models import find_targets
+from bitsearch.io.checkpoint import load_packed, packed_tensor_bytes
 from bitsearch.io.loading import load_model
+from bitsearch.models import find_targets
 from bitsearch.quant import fake_quantize
+from bitsearch.quantize import fake_quantize_model
 
 SMALL = dict(samples=4, seq_len=32, group_size=16, loss_calibration_samples=2, show_progress=False)
 TARGETS = r"embed_tokens|lm_head|layers\.0\.mlp"
 
 
 def test_embedding_rows_weighted_by_token_frequency(tiny_models, text_file):
-    model = tiny_models["qwen2"]   # untied embeddings
+    model = tiny_models["qwen2"]  # untied embeddings
     m = load_model(model)
     targets = find_targets(m, targets=TARGETS)
     kinds = {t.name: t.kind for t in targets}
     assert kinds["model.embed_tokens"] == "embedding" and kinds["lm_head"] == "linear"
-    table = api.sensitivity(model, text_file, SensitivityConfig(targets=TARGETS, estimators='imatrix,snr', bits='0,2,4', loss_calibration='none', **SMALL))
+    table = api.sensitivity(
+        model,
+        text_file,
+        SensitivityConfig(targets=TARGETS, estimators="imatrix,snr", bits="0,2,4", loss_calibration="none", **SMALL),
+    )
     from bitsearch.data import calibration_batches
     from bitsearch.io.loading import load_tokenizer
 
@@ -42,11 +46,15 @@ def test_embedding_rows_weighted_by_token_frequency(tiny_models, text_file):
 def test_embedding_plan_applies_and_packs(tiny_models, text_file, tmp_path):
     model = tiny_models["qwen2"]
     # the exact per-layer calibration: on this random model the one-pass prediction ranks layers differently
-    plan = api.search(model, text_file, SearchConfig(budget='6', targets=TARGETS, loss_calibration='layer-loss', **SMALL),
-                      out=str(tmp_path / 'p.json'))
+    plan = api.search(
+        model,
+        text_file,
+        SearchConfig(budget="6", targets=TARGETS, loss_calibration="layer-loss", **SMALL),
+        out=str(tmp_path / "p.json"),
+    )
     emb_bits = plan.bits["model.embed_tokens"]
-    assert len(np.unique(emb_bits)) > 1          # tokens get different widths
-    api.apply(model, str(tmp_path / 'p.json'), out=str(tmp_path / 'packed'))
+    assert len(np.unique(emb_bits)) > 1  # tokens get different widths
+    api.apply(model, str(tmp_path / "p.json"), out=str(tmp_path / "packed"))
     assert plan.summary["bytes"] == packed_tensor_bytes(str(tmp_path / "packed"))
     packed = load_packed(str(tmp_path / "packed"))
     fake = fake_quantize_model(load_model(model), plan)
@@ -67,7 +75,17 @@ def test_tied_embedding_counts_both_uses_and_packs_once(llama_dir, text_file, tm
     targets = find_targets(m, targets=r"embed_tokens|lm_head|layers\.1\.mlp")
     emb = next(t for t in targets if t.kind == "embedding")
     assert emb.tied == ("lm_head",) and "lm_head" not in {t.name for t in targets}
-    table = api.sensitivity(llama_dir, text_file, SensitivityConfig(targets='embed_tokens|layers\\.1\\.mlp', estimators='imatrix,snr', bits='0,2,4', loss_calibration='none', **SMALL))
+    table = api.sensitivity(
+        llama_dir,
+        text_file,
+        SensitivityConfig(
+            targets="embed_tokens|layers\\.1\\.mlp",
+            estimators="imatrix,snr",
+            bits="0,2,4",
+            loss_calibration="none",
+            **SMALL,
+        ),
+    )
     from bitsearch.data import calibration_batches
     from bitsearch.io.loading import load_tokenizer
 
@@ -87,8 +105,13 @@ def test_tied_embedding_counts_both_uses_and_packs_once(llama_dir, text_file, tm
     expect_im = freq.numpy() * d.pow(2).sum(1).numpy() + (d.pow(2) * x.pow(2).mean(0)).sum(1).numpy()
     np.testing.assert_allclose(table.df.loc[rows, "imatrix.e2"].to_numpy(), expect_im, rtol=1e-5)
 
-    plan = api.search(llama_dir, text_file, SearchConfig(budget='6', targets='embed_tokens|layers\\.1\\.mlp', **SMALL), out=str(tmp_path / 'p.json'))
-    api.apply(llama_dir, str(tmp_path / 'p.json'), out=str(tmp_path / 'packed'))
+    plan = api.search(
+        llama_dir,
+        text_file,
+        SearchConfig(budget="6", targets="embed_tokens|layers\\.1\\.mlp", **SMALL),
+        out=str(tmp_path / "p.json"),
+    )
+    api.apply(llama_dir, str(tmp_path / "p.json"), out=str(tmp_path / "packed"))
     assert plan.summary["bytes"] == packed_tensor_bytes(str(tmp_path / "packed"))
     from safetensors import safe_open
 

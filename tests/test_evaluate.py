@@ -28,7 +28,7 @@ def direct(model, ref, ids, seq_len):
     nll = ent = kl = 0.0
     n = 0
     for start in range(0, len(ids), seq_len):
-        w = ids[start:start + seq_len]
+        w = ids[start : start + seq_len]
         if len(w) < 2:
             continue
         for t in range(len(w) - 1):
@@ -60,5 +60,8 @@ def test_entropy_is_log_vocab_for_flat_logits_and_falls_as_logits_sharpen():
     flat = Bigram(vocab, 0, scale=0.0)
     assert perplexity(flat, ids, 20, show_progress=False).entropy == pytest.approx(math.log(vocab), rel=1e-6)
     soft, sharp = Bigram(vocab, 4, scale=1.0), Bigram(vocab, 4, scale=3.0)
-    assert (perplexity(sharp, ids, 20, show_progress=False).entropy
-            < perplexity(soft, ids, 20, show_progress=False).entropy < math.log(vocab))
+    assert (
+        perplexity(sharp, ids, 20, show_progress=False).entropy
+        < perplexity(soft, ids, 20, show_progress=False).entropy
+        < math.log(vocab)
+    )

@@ -17,20 +17,20 @@ import torch
 pytest.importorskip("compressed_tensors")
 
 from bitsearch import api  # noqa: E402
-from bitsearch.quantize import fake_quantize_model, pack_model  # noqa: E402
 from bitsearch.cli import main  # noqa: E402
 from bitsearch.config import ExportConfig, SearchConfig, SensitivityConfig  # noqa: E402
 from bitsearch.errors import BitsearchError  # noqa: E402
 from bitsearch.export import get_exporter  # noqa: E402
 from bitsearch.export.compressed_tensors import module_bytes  # noqa: E402
-from bitsearch.models import find_targets, model_fingerprint
 from bitsearch.io.loading import load_model, load_tokenizer  # noqa: E402
 from bitsearch.io.plan import BitPlan  # noqa: E402
+from bitsearch.models import find_targets, model_fingerprint
+from bitsearch.quantize import fake_quantize_model, pack_model  # noqa: E402
 from bitsearch.search.formats import format_bytes  # noqa: E402
 from bitsearch.search.ilp import IlpAllocator  # noqa: E402
 
 GS = 16
-WIDTHS = [2, 3, 5, 6, 4, 8, 7, 16]   # 2, 3, 5 and 6 first: every tiny model has them
+WIDTHS = [2, 3, 5, 6, 4, 8, 7, 16]  # 2, 3, 5 and 6 first: every tiny model has them
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 200, 31]])
 
 # runs in a fresh interpreter: transformers + compressed-tensors only
@@ -64,8 +64,14 @@ def load_in_transformers(dirs: list[str], tmp) -> tuple[dict, dict]:
     script = tmp / "loader.py"
     script.write_text(LOADER)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    res = subprocess.run([sys.executable, str(script), str(job), str(report)], cwd=str(tmp), env=env,
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, str(script), str(job), str(report)],
+        cwd=str(tmp),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(report.read_text())
     for d in dirs:
@@ -97,7 +103,7 @@ def target_bytes(out: str, plan: BitPlan) -> int:
     with safe_open(os.path.join(out, "model.safetensors"), framework="pt") as f:
         for k in f.keys():
             module, leaf = k.rsplit(".", 1)
-            if module in plan.bits and leaf != "bias":   # a target's bias is kept, as in bitsearch's cost
+            if module in plan.bits and leaf != "bias":  # a target's bias is kept, as in bitsearch's cost
                 t = f.get_tensor(k)
                 total += t.numel() * t.element_size()
     return total
@@ -130,9 +136,16 @@ def exports(tiny_models, tmp_path_factory):
         ref_model = reference_model(src, plan)
         with torch.no_grad():
             ref = ref_model(IDS).logits
-        made[arch] = dict(plan=plan, out=out, shuffled=shuffled, info=info, info_s=info_s, ref=ref,
-                          float=float_logits, ref_weights={n + ".weight": ref_model.get_submodule(n).weight.detach()
-                                                           for n in plan.bits})
+        made[arch] = dict(
+            plan=plan,
+            out=out,
+            shuffled=shuffled,
+            info=info,
+            info_s=info_s,
+            ref=ref,
+            float=float_logits,
+            ref_weights={n + ".weight": ref_model.get_submodule(n).weight.detach() for n in plan.bits},
+        )
     dirs = [v[k] for v in made.values() for k in ("out", "shuffled")]
     logits, report = load_in_transformers(dirs, tmp)
     for v in made.values():
@@ -145,7 +158,7 @@ def exports(tiny_models, tmp_path_factory):
 def test_transformers_logits_equal_bitsearch(exports, arch):
     e = exports[arch]
     assert e["report"]["dtype"] == "torch.float32"
-    assert (e["ref"] - e["float"]).abs().max() > 1e-2   # the plan does change the model
+    assert (e["ref"] - e["float"]).abs().max() > 1e-2  # the plan does change the model
     torch.testing.assert_close(e["logits"], e["ref"], rtol=1e-5, atol=1e-5)
 
 
@@ -218,8 +231,10 @@ def test_group_layout_is_read_by_compressed_tensors(tiny_models, tmp_path, gs):
             assert scheme.weights.strategy == "group" and scheme.weights.group_size == gs
         compressor = BaseCompressor.get_value_from_registry(cfg["format"])
         for name in scheme.targets:
-            sd = {k: tensors[f"{name}.{k}"] for k in ("weight_packed", "weight_scale", "weight_zero_point",
-                                                      "weight_shape")}
+            sd = {
+                k: tensors[f"{name}.{k}"]
+                for k in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+            }
             r = sd["weight_shape"][0].item()
             assert sd["weight_zero_point"].shape == (-(-r * scheme.weights.num_bits // 32), sd["weight_scale"].shape[1])
             sd["weight_scale"] = sd["weight_scale"].float()
@@ -256,7 +271,7 @@ def test_packed_checkpoint_keeps_its_learned_scales(tiny_models, tmp_path):
         from bitsearch.quant.grid import choose_qparams
 
         scale, zero = choose_qparams(w, b, GS)
-        qparams[name] = ((scale.float() * 0.8).half(), zero)   # not the min-max grid
+        qparams[name] = ((scale.float() * 0.8).half(), zero)  # not the min-max grid
     packed = pack_model(m, plan, qparams)
     with torch.no_grad():
         ref = packed(IDS).logits
@@ -264,7 +279,7 @@ def test_packed_checkpoint_keeps_its_learned_scales(tiny_models, tmp_path):
     logits, _ = load_in_transformers([str(tmp_path / "p")], tmp_path)
     torch.testing.assert_close(logits[str(tmp_path / "p")], ref, rtol=1e-5, atol=1e-5)
     rtn = reference_logits(src, plan)
-    assert (rtn - ref).abs().max() > 1e-3   # the learned scales made a difference that survived
+    assert (rtn - ref).abs().max() > 1e-3  # the learned scales made a difference that survived
 
 
 def test_refusals(tiny_models, tmp_path):
@@ -292,9 +307,30 @@ def test_per_module_search_is_priced_in_the_format(tiny_models, text_file, tmp_p
     and the export writes exactly those bytes."""
     src = tiny_models["llama"]
     out = str(tmp_path / "plan.json")
-    code = main(["--quiet", "search", "--model", src, "--calib", text_file, "--samples", "4", "--seq-len", "32",
-                 "--group-size", str(GS), "--calib-loss-samples", "2", "--budget", "4.0",
-                 "--format", "compressed-tensors", "--out", out])
+    code = main(
+        [
+            "--quiet",
+            "search",
+            "--model",
+            src,
+            "--calib",
+            text_file,
+            "--samples",
+            "4",
+            "--seq-len",
+            "32",
+            "--group-size",
+            str(GS),
+            "--calib-loss-samples",
+            "2",
+            "--budget",
+            "4.0",
+            "--format",
+            "compressed-tensors",
+            "--out",
+            out,
+        ]
+    )
     assert code == 0
     plan = BitPlan.load(out)
     widths = {n: set(b.tolist()) for n, b in plan.bits.items()}
@@ -308,9 +344,21 @@ def test_per_module_search_is_priced_in_the_format(tiny_models, text_file, tmp_p
     n_weights = plan.n_weights()
     assert fmt["bytes"] == format_bytes(plan, "compressed-tensors") <= int(4.0 * n_weights / 8)
     assert fmt["bytes"] == sum(module_bytes(*plan.shapes[n], b, GS) for n, b in w.items())
-    assert len(set(w.values())) > 1   # the budget lies between uniform widths: a mix
-    code = main(["--quiet", "export", "--model", src, "--plan", out, "--format", "compressed-tensors",
-                 "--out", str(tmp_path / "e")])
+    assert len(set(w.values())) > 1  # the budget lies between uniform widths: a mix
+    code = main(
+        [
+            "--quiet",
+            "export",
+            "--model",
+            src,
+            "--plan",
+            out,
+            "--format",
+            "compressed-tensors",
+            "--out",
+            str(tmp_path / "e"),
+        ]
+    )
     assert code == 0
     assert target_bytes(str(tmp_path / "e"), plan) == fmt["bytes"]
 
@@ -323,8 +371,19 @@ def test_cli_refuses_a_per_channel_plan(tiny_models, tmp_path, capsys):
     plan.bits[name][1] = 2
     plan.fill_summary()
     plan.save(str(tmp_path / "p.json"))
-    code = main(["export", "--model", tiny_models["llama"], "--plan", str(tmp_path / "p.json"),
-                 "--format", "compressed-tensors", "--out", str(tmp_path / "e")])
+    code = main(
+        [
+            "export",
+            "--model",
+            tiny_models["llama"],
+            "--plan",
+            str(tmp_path / "p.json"),
+            "--format",
+            "compressed-tensors",
+            "--out",
+            str(tmp_path / "e"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--format compressed-tensors" in err[0]
     assert not (tmp_path / "e").exists()
@@ -339,9 +398,14 @@ def test_fused_module_search_is_the_brute_force_optimum(tiny_models, text_file):
 
     src = tiny_models["llama"]
     m, tok = load_model(src), load_tokenizer(src)
-    table = api.sensitivity(m, text_file, SensitivityConfig(samples=4, seq_len=32, group_size=GS, bits="2,3,4,8",
-                                                             loss_calibration_samples=2, show_progress=False),
-                            tokenizer=tok)
+    table = api.sensitivity(
+        m,
+        text_file,
+        SensitivityConfig(
+            samples=4, seq_len=32, group_size=GS, bits="2,3,4,8", loss_calibration_samples=2, show_progress=False
+        ),
+        tokenizer=tok,
+    )
     targets = find_targets(m)
     fp = model_fingerprint(m, targets)
     shapes = {t.name: (t.out_features, t.in_features) for t in targets}
@@ -350,7 +414,7 @@ def test_fused_module_search_is_the_brute_force_optimum(tiny_models, text_file):
     for t in targets:
         kind = t.name.rsplit(".", 1)[1]
         key = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gu", "up_proj": "gu"}.get(kind, kind)
-        sets.setdefault(".".join(t.name.split(".")[:3]) + key, []).append(t.name)   # model.layers.i + set
+        sets.setdefault(".".join(t.name.split(".")[:3]) + key, []).append(t.name)  # model.layers.i + set
     assert len(sets) == 8
     n_weights = sum(t.numel for t in targets)
     for budget in ("3.9", "4.6", "6.0"):
@@ -362,9 +426,20 @@ def test_fused_module_search_is_the_brute_force_optimum(tiny_models, text_file):
             if cost <= limit:
                 e = sum(err[n][[2, 3, 4, 8].index(b)] for n, b in widths.items())
                 best = e if best is None or e < best else best
-        config = SearchConfig(budget=budget, method="ilp", bits="2,3,4,8", group_size=GS,
-                              format="compressed-tensors", **module_search_options(True))
-        plan = api.search_plan(table, targets, fp, config, allocator=IlpAllocator(
-            granularity="layer", share=module_search_options(True)["share"], mip_rel_gap=0))
+        config = SearchConfig(
+            budget=budget,
+            method="ilp",
+            bits="2,3,4,8",
+            group_size=GS,
+            format="compressed-tensors",
+            **module_search_options(True),
+        )
+        plan = api.search_plan(
+            table,
+            targets,
+            fp,
+            config,
+            allocator=IlpAllocator(granularity="layer", share=module_search_options(True)["share"], mip_rel_gap=0),
+        )
         assert plan.summary["format"]["bytes"] <= limit
         assert plan.summary["predicted_error"] == pytest.approx(best, rel=1e-9), budget

@@ -6,17 +6,17 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from torch import nn
 
-from bitsearch.quantize import fake_quantize_model
-from bitsearch.io.checkpoint import load_packed, save_packed
 from bitsearch.errors import BitsearchError
 from bitsearch.finalize import QuantLinear, convert, fake_quant_rows, prepare
+from bitsearch.io.checkpoint import load_packed, save_packed
+from bitsearch.io.plan import BitPlan
 from bitsearch.models import find_targets, model_fingerprint
 from bitsearch.packed import PackedEmbedding, PackedLinear, PackedTiedHead
-from bitsearch.io.plan import BitPlan
 from bitsearch.quant.grid import QUANT_WIDTHS, choose_qparams, fake_quantize, n_groups
-from conftest import tiny_config
+from bitsearch.quantize import fake_quantize_model
 
 SURROGATES = [dict(), dict(round_mode="sigmoid", temperature=20.0, clamp_mode="soft", beta=2.0)]
 
@@ -24,8 +24,8 @@ SURROGATES = [dict(), dict(round_mode="sigmoid", temperature=20.0, clamp_mode="s
 def mixed_rows(rows: int, k: int, widths, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, k, generator=g) * 0.05
-    w[1] = 0.0                                     # a group with scale 0 (divided by 1, as the grid does)
-    w[2, 3] = 1.5                                  # an outlier
+    w[1] = 0.0  # a group with scale 0 (divided by 1, as the grid does)
+    w[2, 3] = 1.5  # an outlier
     bits = torch.tensor(widths, dtype=torch.uint8)[torch.randint(len(widths), (rows,), generator=g)]
     return w, bits
 
@@ -52,8 +52,9 @@ def test_fake_quant_rows_equals_grid_bit_for_bit(group_size, opts):
     got = fake_quant_rows(w, scale.float(), zero.float(), qmax, group_size, **opts)
     assert torch.equal(got, grid_rows(w, bits, group_size))
     # zero offsets change nothing; offsets move codes and receive a gradient
-    assert torch.equal(fake_quant_rows(w, scale.float(), zero.float(), qmax, group_size,
-                                       offsets=torch.zeros_like(w), **opts), got)
+    assert torch.equal(
+        fake_quant_rows(w, scale.float(), zero.float(), qmax, group_size, offsets=torch.zeros_like(w), **opts), got
+    )
     offsets = torch.full_like(w, 0.3, requires_grad=True)
     moved = fake_quant_rows(w, scale.float(), zero.float(), qmax, group_size, offsets=offsets, **opts)
     assert not torch.equal(moved, got)
@@ -87,7 +88,7 @@ def test_quant_linear_mixed_widths_at_init_and_pruned_rows(opts):
     torch.testing.assert_close(y, expect, rtol=0, atol=1e-6)
     pruned, keep = bits == 0, bits == 16
     quant = ~pruned & ~keep
-    assert torch.equal(y[:, pruned], lin.bias.detach()[pruned].expand(5, -1))   # 0 plus the bias, exactly
+    assert torch.equal(y[:, pruned], lin.bias.detach()[pruned].expand(5, -1))  # 0 plus the bias, exactly
     (y * torch.randn_like(y)).sum().backward()
     assert (ql.weight.grad[pruned] == 0).all() and ql.weight.grad[keep].abs().sum() > 0
     assert ql.weight.grad[quant].abs().sum() > 0
@@ -133,7 +134,7 @@ def tiny_llama() -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_config(tiny_config("llama", vocab=64))   # tied embeddings
+    m = AutoModelForCausalLM.from_config(tiny_config("llama", vocab=64))  # tied embeddings
     with torch.no_grad():
         for p in m.parameters():
             if p.dim() == 2:
@@ -145,8 +146,10 @@ def make_plan(model: nn.Module, group_size: int = 24) -> BitPlan:
     targets = find_targets(model, targets=r"embed_tokens|layers\.0\.")
     rng = np.random.default_rng(0)
     menu = [0, 2, 3, 4, 5, 8, 16]
-    bits = {t.name: rng.choice(menu, size=t.out_features, p=[.05, .2, .25, .2, .1, .1, .1]).astype(np.uint8)
-            for t in targets}
+    bits = {
+        t.name: rng.choice(menu, size=t.out_features, p=[0.05, 0.2, 0.25, 0.2, 0.1, 0.1, 0.1]).astype(np.uint8)
+        for t in targets
+    }
     plan = BitPlan(model=model_fingerprint(model, targets), group_size=group_size, menu=menu, bits=bits)
     plan.fill_summary()
     return plan
@@ -164,7 +167,7 @@ def test_prepare_train_convert_tiny_llama(tmp_path):
     assert isinstance(model.model.embed_tokens, PackedEmbedding) and isinstance(model.lm_head, PackedTiedHead)
     assert all(model.get_submodule(n) is q for n, q in qls.items())
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=0, atol=1e-5)   # init = the grid
+        torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=0, atol=1e-5)  # init = the grid
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -178,7 +181,7 @@ def test_prepare_train_convert_tiny_llama(tmp_path):
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
     with torch.no_grad():
-        qls["model.layers.0.mlp.up_proj"].zero.add_(1.0)     # move some zero points by whole steps
+        qls["model.layers.0.mlp.up_proj"].zero.add_(1.0)  # move some zero points by whole steps
     assert all(not torch.equal(p, b) for p, b in zip(params, before))
     with torch.no_grad():
         trained = model(input_ids=ids).logits
@@ -194,8 +197,9 @@ def test_prepare_train_convert_tiny_llama(tmp_path):
     # the converted model writes and reloads as a packed checkpoint of the plan's bytes
     assert save_packed(model, plan, str(tmp_path / "packed")) == plan.n_bytes()
     with torch.no_grad():
-        torch.testing.assert_close(load_packed(str(tmp_path / "packed"))(input_ids=ids).logits, trained,
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            load_packed(str(tmp_path / "packed"))(input_ids=ids).logits, trained, rtol=0, atol=1e-5
+        )
 
 
 def test_prepare_and_convert_refuse_mismatches():
@@ -205,7 +209,7 @@ def test_prepare_and_convert_refuse_mismatches():
     other.bits = {k: v[::-1].copy() for k, v in other.bits.items()}
     prepare(model, plan)
     with pytest.raises(BitsearchError, match="not a linear or embedding layer"):
-        prepare(model, plan)                          # already prepared
+        prepare(model, plan)  # already prepared
     with pytest.raises(BitsearchError, match="other widths"):
         convert(model, other)
     with pytest.raises(BitsearchError, match="not prepared for QAT"):

@@ -7,14 +7,14 @@ import copy
 
 import pytest
 import torch
+from plans import mixed_plan
 
-from bitsearch.io.checkpoint import load_packed, save_packed
 from bitsearch.config import FinalizeConfig
 from bitsearch.errors import BitsearchError
 from bitsearch.finalize import FINALIZERS, GPTQSettings, Rounder, SignRoundSettings, get_finalizer, rounders
+from bitsearch.io.checkpoint import load_packed, save_packed
 from bitsearch.io.loading import load_model
-from bitsearch.packed import _PackedRows
-from plans import mixed_plan
+from bitsearch.packed import PackedRows
 
 
 def tokens(model, n: int, seed: int) -> torch.Tensor:
@@ -22,12 +22,19 @@ def tokens(model, n: int, seed: int) -> torch.Tensor:
 
 
 def config(method: str, init: str = "rtn", seed: int = 0) -> FinalizeConfig:
-    return FinalizeConfig(method=method, init=init, signround_steps=6, steps=4, batch_size=4, seed=seed,
-                          show_progress=False)
+    return FinalizeConfig(
+        method=method, init=init, signround_steps=6, steps=4, batch_size=4, seed=seed, show_progress=False
+    )
 
 
-CHAINS = [("rtn", "gptq"), ("rtn", "signround"), ("rtn", "qat"), ("gptq", "signround"), ("gptq", "qat"),
-          ("signround", "qat")]
+CHAINS = [
+    ("rtn", "gptq"),
+    ("rtn", "signround"),
+    ("rtn", "qat"),
+    ("gptq", "signround"),
+    ("gptq", "qat"),
+    ("signround", "qat"),
+]
 
 
 def test_builtin_finalizers_are_registered():
@@ -42,7 +49,7 @@ def test_builtin_finalizers_are_registered():
 def test_contract(llama_dir, tmp_path, init, method):
     """Bytes exact, saved and loaded back to the same outputs, the same result twice (seeded)."""
     ref = load_model(llama_dir)
-    plan = mixed_plan(ref, r"embed_tokens|layers\.")        # tied embedding: round-to-nearest everywhere
+    plan = mixed_plan(ref, r"embed_tokens|layers\.")  # tied embedding: round-to-nearest everywhere
     x, held = tokens(ref, 16, 1), tokens(ref, 4, 9)
     runs = []
     for _ in range(2):
@@ -51,19 +58,19 @@ def test_contract(llama_dir, tmp_path, init, method):
         assert isinstance(info, dict)
         runs.append(m)
     a, b = runs
-    for (k, t), (k2, u) in zip(a.state_dict().items(), b.state_dict().items()):    # deterministic
+    for (k, t), (k2, u) in zip(a.state_dict().items(), b.state_dict().items()):  # deterministic
         assert k == k2 and torch.equal(t, u), k
     total = 0
     for name in plan.bits:
         mod = a.get_submodule(name)
-        assert isinstance(mod, _PackedRows), name
+        assert isinstance(mod, PackedRows), name
         total += mod.packed_bytes()
-    assert total == plan.n_bytes()                                               # bytes exact
+    assert total == plan.n_bytes()  # bytes exact
     written = save_packed(a, plan, str(tmp_path / "packed"), None)
     assert written == plan.n_bytes()
     loaded = load_packed(str(tmp_path / "packed"))
     with torch.no_grad():
-        assert torch.equal(loaded(input_ids=held).logits, a(input_ids=held).logits)   # loads and applies
+        assert torch.equal(loaded(input_ids=held).logits, a(input_ids=held).logits)  # loads and applies
         assert not torch.equal(a(input_ids=held).logits, ref(input_ids=held).logits)
 
 

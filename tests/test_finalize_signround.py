@@ -7,16 +7,16 @@ Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_finalize_signround.py
 
 import pytest
 import torch
+from plans import MIXED_WIDTHS, mixed_plan
 
-from bitsearch.quantize import fake_quantize_model
+from bitsearch.blocks import BlockRunner
 from bitsearch.couplings import find_couplings
 from bitsearch.errors import BitsearchError
 from bitsearch.finalize.signround import SignRoundSettings, minmax_qparams, signround
-from bitsearch.models import find_targets
 from bitsearch.io.loading import load_model
+from bitsearch.models import find_targets
 from bitsearch.packed import pack_weight, unpack_weight
-from bitsearch.blocks import BlockRunner
-from plans import MIXED_WIDTHS, mixed_plan
+from bitsearch.quantize import fake_quantize_model
 
 GS = 32
 WIDTHS = MIXED_WIDTHS
@@ -45,16 +45,20 @@ def block_mse(ref, model, x) -> list[float]:
     return out
 
 
-@pytest.mark.parametrize("arch,targets_re", [("llama", r"embed_tokens|layers\."),            # tied embedding
-                                             ("qwen2", r"embed_tokens|lm_head|layers\.")])   # untied head
+@pytest.mark.parametrize(
+    "arch,targets_re",
+    [
+        ("llama", r"embed_tokens|layers\."),  # tied embedding
+        ("qwen2", r"embed_tokens|lm_head|layers\."),
+    ],
+)  # untied head
 def test_zero_steps_is_round_to_nearest(tiny_models, arch, targets_re):
     path = tiny_models[arch]
     orig = load_model(path)
     plan = mixed_plan(orig, targets_re)
     assert any(t.kind == "embedding" for t in find_targets(orig, targets=targets_re))
     model = load_model(path)
-    res = signround(model, plan, tokens(model, 12, 1), SignRoundSettings(steps=0, batch_size=8),
-                    show_progress=False)
+    res = signround(model, plan, tokens(model, 12, 1), SignRoundSettings(steps=0, batch_size=8), show_progress=False)
     rtn = fake_quantize_model(load_model(path), plan)
     for (k, a), (k2, b) in zip(model.state_dict().items(), rtn.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
@@ -74,8 +78,9 @@ def tuned(request, tiny_models):
     plan = mixed_plan(ref)
     model = load_model(path)
     flags = [p.requires_grad for p in model.parameters()]
-    res = signround(model, plan, tokens(model, 32, 1), SignRoundSettings(steps=STEPS), show_progress=False,
-                    return_state=True)
+    res = signround(
+        model, plan, tokens(model, 32, 1), SignRoundSettings(steps=STEPS), show_progress=False, return_state=True
+    )
     assert [p.requires_grad for p in model.parameters()] == flags and not model.training
     return dict(path=path, ref=ref, plan=plan, model=model, res=res)
 
@@ -83,13 +88,13 @@ def tuned(request, tiny_models):
 def test_signround_beats_round_to_nearest(tuned):
     ref, plan, model, res = tuned["ref"], tuned["plan"], tuned["model"], tuned["res"]
     rtn = fake_quantize_model(load_model(tuned["path"]), plan)
-    held = tokens(ref, 16, 7)                   # not the calibration tokens
+    held = tokens(ref, 16, 7)  # not the calibration tokens
     mse_rtn, mse_sr = block_mse(ref, rtn, held), block_mse(ref, model, held)
     kl_rtn, kl_sr = kl_to(ref, rtn, held), kl_to(ref, model, held)
     print(f"held-out block MSE RTN {mse_rtn} SignRound {mse_sr}; KL RTN {kl_rtn:.4f} SignRound {kl_sr:.4f}")
     assert all(s < 0.9 * r for s, r in zip(mse_sr, mse_rtn))
     assert kl_sr < 0.9 * kl_rtn
-    for b in res.block_losses:                   # whole calibration batch, quantized inputs
+    for b in res.block_losses:  # whole calibration batch, quantized inputs
         assert b["targets"] > 0 and b["final"] < 0.8 * b["rtn"] and b["best_step"] >= 0
 
 
@@ -100,7 +105,7 @@ def test_parameters_in_bounds_and_fixed_rows(tuned):
     for name, bits in plan.bits.items():
         st, b = res.state[name], torch.as_tensor(bits)
         v, lo, hi = st["offsets"], st["min_factor"], st["max_factor"]
-        assert v.abs().max() <= (STEPS + 1) / 2 / STEPS + 1e-6     # at most sum_t lr_t from 0 (unclamped)
+        assert v.abs().max() <= (STEPS + 1) / 2 / STEPS + 1e-6  # at most sum_t lr_t from 0 (unclamped)
         for f in (lo, hi):
             assert f.min() >= 0.5 and f.max() <= 1.0
         quant = (b >= 2) & (b <= 8)
@@ -112,7 +117,7 @@ def test_parameters_in_bounds_and_fixed_rows(tuned):
         assert torch.equal(w[b == 16], w0[b == 16].half().float())
         scales, zeros = res[name]
         assert (scales[~quant] == 1).all() and (zeros[~quant] == 0).all()
-    assert moved_v > 0 and moved_f > 0           # both kinds of parameters were trained
+    assert moved_v > 0 and moved_f > 0  # both kinds of parameters were trained
 
 
 def test_packing_reproduces_weights_and_plan_bytes(tuned):
@@ -143,9 +148,8 @@ def test_offload_float_inputs_and_determinism(tiny_models):
         assert torch.equal(p, q), k
     assert ra.block_losses == rb.block_losses
     m = load_model(path)
-    rf = signround(m, plan, x, SignRoundSettings(steps=5, batch_size=4, seed=2, float_inputs=True),
-                   show_progress=False)
-    assert rf.block_losses[0] == ra.block_losses[0]        # block 0 sees the same inputs either way
+    rf = signround(m, plan, x, SignRoundSettings(steps=5, batch_size=4, seed=2, float_inputs=True), show_progress=False)
+    assert rf.block_losses[0] == ra.block_losses[0]  # block 0 sees the same inputs either way
     assert rf.block_losses[1]["rtn"] != ra.block_losses[1]["rtn"]
     assert all(r["final"] <= r["rtn"] for r in rf.block_losses)
 

@@ -6,8 +6,16 @@ import math
 import pytest
 import torch
 
-from bitsearch.finalize.surrogates import (clamp_codes, round_ste, round_surrogate, soft_clamp, soft_clamp_grad,
-                                           soft_round, soft_round_grad, straight_through)
+from bitsearch.finalize.surrogates import (
+    clamp_codes,
+    round_ste,
+    round_surrogate,
+    soft_clamp,
+    soft_clamp_grad,
+    soft_round,
+    soft_round_grad,
+    straight_through,
+)
 
 
 def paper_soft_round(x: torch.Tensor, t: float) -> torch.Tensor:
@@ -37,7 +45,7 @@ def test_sigmoid_ste_gradient_is_normalised_derivative_of_paper_soft_round(t):
     h = 1e-6
     fd = (paper_soft_round(x + h, t) - paper_soft_round(x - h, t)) / (2 * h)
     half = torch.tensor(t / 2, dtype=torch.float64)
-    expect = fd / (torch.sigmoid(half) - torch.sigmoid(-half))      # the normalisation 1 / c_T
+    expect = fd / (torch.sigmoid(half) - torch.sigmoid(-half))  # the normalisation 1 / c_T
     got = grad_of(lambda v: round_surrogate(v, "sigmoid", t), x)
     torch.testing.assert_close(got, expect, rtol=1e-6, atol=1e-8 * t)
     # float32 agrees too, and the rescaled soft rounding's autograd derivative is the same g_T
@@ -49,7 +57,7 @@ def test_sigmoid_ste_gradient_is_normalised_derivative_of_paper_soft_round(t):
 
 @pytest.mark.parametrize("t", [1.0, 5.0, 20.0])
 def test_normalised_gradient_has_mean_one_per_unit_interval(t):
-    x = (torch.arange(20000, dtype=torch.float64) + 0.5) / 20000 + 3.0   # midpoints of [3, 4]
+    x = (torch.arange(20000, dtype=torch.float64) + 0.5) / 20000 + 3.0  # midpoints of [3, 4]
     assert soft_round_grad(x, t).mean().item() == pytest.approx(1.0, rel=1e-6)
 
 
@@ -57,15 +65,16 @@ def test_temperature_zero_and_ste_give_gradient_exactly_one():
     x = torch.randn(1000, dtype=torch.float32) * 4
     ones = torch.ones_like(x)
     assert torch.equal(grad_of(lambda v: round_surrogate(v, "sigmoid", 0.0), x), ones)
-    assert torch.equal(grad_of(lambda v: round_surrogate(v, "ste", 50.0), x), ones)   # ste ignores T
+    assert torch.equal(grad_of(lambda v: round_surrogate(v, "ste", 50.0), x), ones)  # ste ignores T
     assert torch.equal(grad_of(round_ste, x), ones)
 
 
 @pytest.mark.parametrize("t", [1e-30, 1e-6, 1e-3])
 def test_small_temperature_tends_to_ste(t):
     x = torch.randn(1000) * 4
-    torch.testing.assert_close(grad_of(lambda v: round_surrogate(v, "sigmoid", t), x), torch.ones_like(x),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        grad_of(lambda v: round_surrogate(v, "sigmoid", t), x), torch.ones_like(x), rtol=0, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("t", [1000.0, 1e6])
@@ -82,7 +91,7 @@ def test_large_temperature_is_finite(t):
 def test_forward_is_exact_round_unless_soft():
     x = torch.cat([torch.arange(-4, 4, 0.5), torch.randn(500) * 10])
     for mode, t in (("ste", 0.0), ("sigmoid", 0.0), ("sigmoid", 5.0), ("sigmoid", 1000.0)):
-        assert torch.equal(round_surrogate(x, mode, t), torch.round(x))   # ties to even, as the grid
+        assert torch.equal(round_surrogate(x, mode, t), torch.round(x))  # ties to even, as the grid
     # the soft forward is the rescaled soft rounding: x at T = 0, continuous, n at integers, -> round
     assert torch.equal(round_surrogate(x, "sigmoid", 0.0, soft_forward=True), x)
     assert torch.equal(round_surrogate(x, "sigmoid", 5.0, soft_forward=True), soft_round(x, 5.0))
@@ -121,9 +130,9 @@ def test_soft_clamp_limits():
     assert soft_clamp(torch.tensor(-40.0), a, b).item() == pytest.approx(a, abs=1e-12)
     assert soft_clamp(torch.tensor(40.0), a, b).item() == pytest.approx(b, abs=1e-12)
     x = torch.linspace(0.2, 2.8, 27, dtype=torch.float64)
-    torch.testing.assert_close(soft_clamp(x, a, b, beta=200.0), x, rtol=0, atol=1e-12)   # large beta
+    torch.testing.assert_close(soft_clamp(x, a, b, beta=200.0), x, rtol=0, atol=1e-12)  # large beta
     y = torch.linspace(40, 60, 21, dtype=torch.float64)
-    torch.testing.assert_close(soft_clamp(y, 0.0, 100.0), y, rtol=0, atol=1e-12)          # far from the edges
+    torch.testing.assert_close(soft_clamp(y, 0.0, 100.0), y, rtol=0, atol=1e-12)  # far from the edges
     far = torch.tensor([-1e4, 1e4, -1e30, 1e30])
     torch.testing.assert_close(soft_clamp(far, a, b), torch.tensor([a, b, a, b]))
     assert torch.isfinite(soft_clamp_grad(far, a, b)).all()
@@ -146,7 +155,7 @@ def test_soft_clamp_grad_matches_autograd_with_tensor_bounds():
 
 
 def test_soft_clamp_gives_step_size_a_gradient_where_hard_clamp_does_not():
-    w = torch.tensor([-2.0, -0.6, 3.5, 4.0, 10.0, 1.0, 2.0])        # x = w / s with s = 1; [a, b] = [0, 3]
+    w = torch.tensor([-2.0, -0.6, 3.5, 4.0, 10.0, 1.0, 2.0])  # x = w / s with s = 1; [a, b] = [0, 3]
     outside = (w < 0) | (w > 3)
 
     def step_grad(mode: str) -> torch.Tensor:
@@ -157,4 +166,4 @@ def test_soft_clamp_gives_step_size_a_gradient_where_hard_clamp_does_not():
     hard, soft = step_grad("hard"), step_grad("soft")
     assert (hard[outside] == 0).all() and (hard[~outside] != 0).all()
     assert (soft != 0).all()
-    torch.testing.assert_close(soft, soft_clamp_grad(w, 0.0, 3.0) * -w)     # dx/ds = -w / s^2
+    torch.testing.assert_close(soft, soft_clamp_grad(w, 0.0, 3.0) * -w)  # dx/ds = -w / s^2

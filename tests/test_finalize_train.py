@@ -8,15 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bitsearch.quantize import fake_quantize_model
 from bitsearch.errors import BitsearchError
 from bitsearch.finalize import train as train_mod
 from bitsearch.finalize.quantizer import QuantLinear, convert
 from bitsearch.finalize.train import QatSettings, finalize_qat
-from bitsearch.models import find_targets, model_fingerprint
 from bitsearch.io.loading import load_model
-from bitsearch.packed import PackedLinear
 from bitsearch.io.plan import BitPlan
+from bitsearch.models import find_targets, model_fingerprint
+from bitsearch.packed import PackedLinear
+from bitsearch.quantize import fake_quantize_model
 
 GS = 32
 
@@ -55,8 +55,9 @@ def test_training_lowers_kl_and_converts_to_the_plan_bytes(llama_dir, mode):
     batch = _batch(model)
     held = _batch(model, 8, 32, seed=1)
     rtn = fake_quantize_model(load_model(llama_dir), plan)
-    info = finalize_qat(model, plan, batch, QatSettings(mode=mode, steps=40, lr=1e-3, batch_size=8, tile_size=1),
-                        show_progress=False)
+    info = finalize_qat(
+        model, plan, batch, QatSettings(mode=mode, steps=40, lr=1e-3, batch_size=8, tile_size=1), show_progress=False
+    )
     assert info["steps_run"] == {"e2e": 40, "tiled": 80, "tiled+e2e": 100}[mode]
     # on the training samples clearly, on held-out (random) tokens still, below round-to-nearest
     assert _kl(model, ref, batch) < 0.7 * _kl(rtn, ref, batch)
@@ -85,8 +86,13 @@ def test_tiled_mode_holds_one_tile_of_training_state(llama_dir, monkeypatch):
         seen.append((self.tile, trainable, with_state, quant))
 
     monkeypatch.setattr(train_mod._Trainer, "update", update)
-    finalize_qat(model, plan, _batch(model, 8), QatSettings(mode="tiled", steps=3, tile_size=1, batch_size=4),
-                 show_progress=False)
+    finalize_qat(
+        model,
+        plan,
+        _batch(model, 8),
+        QatSettings(mode="tiled", steps=3, tile_size=1, batch_size=4),
+        show_progress=False,
+    )
     assert {s[0] for s in seen} == {0, 1}
     for tile, trainable, with_state, quant in seen:
         block = f"model.layers.{tile}."
@@ -112,9 +118,19 @@ def test_killed_run_resumes_to_the_same_model(llama_dir, tmp_path, monkeypatch):
                     raise Killed
                 calls["n"] += 1
                 original(self, loss)
+
             monkeypatch.setattr(train_mod._Trainer, "update", update)
-        settings = QatSettings(mode="tiled+e2e", steps=4, e2e_steps=4, tile_size=1, batch_size=4, lr=1e-3,
-                               checkpoint=ckpt, checkpoint_every=0.0, resume=resume)
+        settings = QatSettings(
+            mode="tiled+e2e",
+            steps=4,
+            e2e_steps=4,
+            tile_size=1,
+            batch_size=4,
+            lr=1e-3,
+            checkpoint=ckpt,
+            checkpoint_every=0.0,
+            resume=resume,
+        )
         try:
             finalize_qat(model, plan, batch, settings, show_progress=False)
         finally:
@@ -122,7 +138,7 @@ def test_killed_run_resumes_to_the_same_model(llama_dir, tmp_path, monkeypatch):
         return {n: p.detach().clone() for n, p in model.named_parameters()}
 
     straight = run()
-    for kill_after in (2, 6, 9):         # inside tile 0, inside tile 1, inside the e2e pass
+    for kill_after in (2, 6, 9):  # inside tile 0, inside tile 1, inside the e2e pass
         with pytest.raises(Killed):
             run(kill_after=kill_after)
         resumed = run(resume=True)
@@ -134,11 +150,21 @@ def test_resume_refuses_other_settings(llama_dir, tmp_path):
     model = load_model(llama_dir)
     plan = _plan(model)
     ckpt = str(tmp_path / "c.pt")
-    finalize_qat(model, plan, _batch(model, 4), QatSettings(steps=1, batch_size=2, checkpoint=ckpt,
-                                                            checkpoint_every=0.0), show_progress=False)
+    finalize_qat(
+        model,
+        plan,
+        _batch(model, 4),
+        QatSettings(steps=1, batch_size=2, checkpoint=ckpt, checkpoint_every=0.0),
+        show_progress=False,
+    )
     with pytest.raises(BitsearchError, match="other settings"):
-        finalize_qat(load_model(llama_dir), plan, _batch(model, 4),
-                     QatSettings(steps=1, batch_size=2, lr=1.0, checkpoint=ckpt, resume=True), show_progress=False)
+        finalize_qat(
+            load_model(llama_dir),
+            plan,
+            _batch(model, 4),
+            QatSettings(steps=1, batch_size=2, lr=1.0, checkpoint=ckpt, resume=True),
+            show_progress=False,
+        )
 
 
 def test_tile_guard_keeps_a_tile_that_training_made_worse(llama_dir):
@@ -150,17 +176,20 @@ def test_tile_guard_keeps_a_tile_that_training_made_worse(llama_dir):
 
     def run(guard):
         model = load_model(llama_dir)
-        info = finalize_qat(model, _plan(model), batch, QatSettings(mode="tiled", steps=5, lr=1.0, tile_size=1,
-                                                                   batch_size=4, tile_guard=guard),
-                            show_progress=False)
+        info = finalize_qat(
+            model,
+            _plan(model),
+            batch,
+            QatSettings(mode="tiled", steps=5, lr=1.0, tile_size=1, batch_size=4, tile_guard=guard),
+            show_progress=False,
+        )
         return model, info
 
     guarded, info = run(True)
     assert [g["tile"] for g in info["tile_guard"]] == [0, 1]
     assert all(g["kept_initial"] and g["after"] > g["before"] for g in info["tile_guard"])
     with torch.no_grad():
-        torch.testing.assert_close(guarded(input_ids=batch).logits, rtn(input_ids=batch).logits,
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(guarded(input_ids=batch).logits, rtn(input_ids=batch).logits, rtol=1e-4, atol=1e-4)
     wrecked, info = run(False)
     assert info["tile_guard"] == []
     assert _kl(wrecked, ref, batch) > 2 * _kl(guarded, ref, batch)

@@ -8,15 +8,14 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
+from exact_models import ReceivingRank, SendingRank, per_sample_grads, tiny_llama
 
 from bitsearch.models import Target, find_targets
 from bitsearch.quant.grid import fake_quantize
 from bitsearch.sensitivity import fisher as fisher_mod
 from bitsearch.sensitivity.base import ESTIMATORS, SensitivityContext
 from bitsearch.sensitivity.fisher import FisherEstimator, collect_fisher
-
-from conftest import tiny_config
-from exact_models import ReceivingRank, SendingRank, per_sample_grads, tiny_llama
 
 BITS = [0, 2, 4, 8]
 
@@ -43,15 +42,17 @@ def brute_force_fisher(m, targets, batch):
 
 
 def _ctx(m, targets, batch, **kw):
-    args = dict(model=m, targets=targets, batch=batch, bits=BITS, group_size=4, micro_batch=2,
-                show_progress=False)
+    args = dict(model=m, targets=targets, batch=batch, bits=BITS, group_size=4, micro_batch=2, show_progress=False)
     args.update(kw)
     return SensitivityContext(**args)
 
 
 def _state(m):
-    return ({k: v.clone() for k, v in m.state_dict().items()}, [p.requires_grad for p in m.parameters()],
-            [mod.training for mod in m.modules()])
+    return (
+        {k: v.clone() for k, v in m.state_dict().items()},
+        [p.requires_grad for p in m.parameters()],
+        [mod.training for mod in m.modules()],
+    )
 
 
 def _assert_unchanged(m, state):

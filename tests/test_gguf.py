@@ -37,10 +37,20 @@ from bitsearch.io.plan import load_plan  # noqa: E402
 def _gguf_config(arch: str, vocab: int):
     from transformers import AutoConfig
 
-    common = dict(vocab_size=vocab, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=512, max_position_embeddings=256)
-    extra = {"llama": dict(tie_word_embeddings=True), "qwen2": dict(tie_word_embeddings=False),
-             "mistral": dict(sliding_window=None, tie_word_embeddings=False)}[arch]
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=512,
+        max_position_embeddings=256,
+    )
+    extra = {
+        "llama": dict(tie_word_embeddings=True),
+        "qwen2": dict(tie_word_embeddings=False),
+        "mistral": dict(sliding_window=None, tie_word_embeddings=False),
+    }[arch]
     return AutoConfig.for_model(arch, **common, **extra)
 
 
@@ -73,18 +83,54 @@ def exported(gguf_models, text_file, tmp_path_factory) -> dict[str, dict]:
     for arch, d in gguf_models.items():
         root = tmp_path_factory.mktemp(f"{arch}-gguf")
         plan_path, gguf_path = str(root / "plan.json"), str(root / "model.gguf")
-        if arch == "llama":   # through the command line
-            assert main(["search", "--format", "gguf", "--model", d, "--budget", "4.0", "--out", plan_path,
-                         "--calib", text_file, "--samples", "8", "--seq-len", "64", "--calib-loss-samples", "4",
-                         "--quiet"]) == 0
-            assert main(["export", "--model", d, "--plan", plan_path, "--format", "gguf", "--out", gguf_path,
-                         "--quiet"]) == 0
+        if arch == "llama":  # through the command line
+            assert (
+                main(
+                    [
+                        "search",
+                        "--format",
+                        "gguf",
+                        "--model",
+                        d,
+                        "--budget",
+                        "4.0",
+                        "--out",
+                        plan_path,
+                        "--calib",
+                        text_file,
+                        "--samples",
+                        "8",
+                        "--seq-len",
+                        "64",
+                        "--calib-loss-samples",
+                        "4",
+                        "--quiet",
+                    ]
+                )
+                == 0
+            )
+            assert (
+                main(["export", "--model", d, "--plan", plan_path, "--format", "gguf", "--out", gguf_path, "--quiet"])
+                == 0
+            )
         else:
-            api.search(d, text_file, SearchConfig(format="gguf", budget="4.0", samples=8, seq_len=64,
-                                                  loss_calibration_samples=4, show_progress=False), out=plan_path)
-        info = {"bytes": planned_bytes(gguf_path), "tensor_type_file": gguf_path + ".tensor-types.txt",
-                "imatrix": gguf_path + ".imatrix.gguf"} if arch == "llama" else \
-            api.export(d, plan_path, gguf_path, ExportConfig(format="gguf"))
+            api.search(
+                d,
+                text_file,
+                SearchConfig(
+                    format="gguf", budget="4.0", samples=8, seq_len=64, loss_calibration_samples=4, show_progress=False
+                ),
+                out=plan_path,
+            )
+        info = (
+            {
+                "bytes": planned_bytes(gguf_path),
+                "tensor_type_file": gguf_path + ".tensor-types.txt",
+                "imatrix": gguf_path + ".imatrix.gguf",
+            }
+            if arch == "llama"
+            else api.export(d, plan_path, gguf_path, ExportConfig(format="gguf"))
+        )
         plan = load_plan(plan_path)
         out[arch] = {"dir": d, "plan": plan, "plan_path": plan_path, "gguf": gguf_path, "info": info}
     return out
@@ -103,6 +149,7 @@ def _ids(d: str, text_file: str, n: int = 48) -> list[int]:
 
 # ---- llama.cpp's quantizers ------------------------------------------------------------------
 
+
 def test_quantizer_is_bit_exact_with_gguf_py_and_dequantizers_agree():
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((8, 512)) * rng.uniform(0.01, 1, (8, 1))).astype(np.float32)
@@ -118,7 +165,7 @@ def test_quantizer_is_bit_exact_with_gguf_py_and_dequantizers_agree():
         ref = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[t])
         np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-7, err_msg=t)
         err = float(((ours - w) ** 2).mean())
-        assert err < float((w ** 2).mean()) * (0.2 if t.startswith("IQ2") else 0.1), t
+        assert err < float((w**2).mean()) * (0.2 if t.startswith("IQ2") else 0.1), t
 
 
 def test_imatrix_changes_the_quantization_as_llama_cpp_weighs_it():
@@ -135,6 +182,7 @@ def test_imatrix_changes_the_quantization_as_llama_cpp_weighs_it():
 
 # ---- imatrix files ---------------------------------------------------------------------------
 
+
 def _legacy(path, entries, tail=True):
     with open(path, "wb") as f:
         f.write(struct.pack("<i", len(entries)))
@@ -148,9 +196,15 @@ def _legacy(path, entries, tail=True):
 
 def test_imatrix_gguf_round_trip_is_lossless(tmp_path):
     rng = np.random.default_rng(2)
-    imat = Imatrix({"blk.0.attn_q.weight": (rng.uniform(0, 50, 256).astype(np.float32), 4096),
-                    "output.weight": (rng.uniform(0, 9, 512).astype(np.float32), 17)},
-                   ["heldout.txt"], chunk_count=8, chunk_size=512)
+    imat = Imatrix(
+        {
+            "blk.0.attn_q.weight": (rng.uniform(0, 50, 256).astype(np.float32), 4096),
+            "output.weight": (rng.uniform(0, 9, 512).astype(np.float32), 17),
+        },
+        ["heldout.txt"],
+        chunk_count=8,
+        chunk_size=512,
+    )
     path = str(tmp_path / "im.gguf")
     write_imatrix(imat, path)
     back = read_imatrix(path)
@@ -171,8 +225,12 @@ def test_malformed_imatrix_files_get_one_line(tmp_path):
     good = str(tmp_path / "good.gguf")
     write_imatrix(Imatrix({"a.weight": (np.ones(4, np.float32), 3)}), good)
     blob = open(good, "rb").read()
-    cases = {"truncated.gguf": blob[:len(blob) // 2], "garbage.dat": b"\x00\x10\xff" * 50,
-             "empty.dat": b"", "bad-name.dat": struct.pack("<ii", 1, 10 ** 6) + b"x" * 20}
+    cases = {
+        "truncated.gguf": blob[: len(blob) // 2],
+        "garbage.dat": b"\x00\x10\xff" * 50,
+        "empty.dat": b"",
+        "bad-name.dat": struct.pack("<ii", 1, 10**6) + b"x" * 20,
+    }
     w = gguf.GGUFWriter(str(tmp_path / "model-like.gguf"), arch="llama")
     w.add_tensor("blk.0.attn_q.weight", np.ones((2, 4), np.float32))
     w.write_header_to_file()
@@ -189,6 +247,7 @@ def test_malformed_imatrix_files_get_one_line(tmp_path):
 
 # ---- export ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_exported_file_runs_in_llama_cpp_like_the_dequantized_model(exported, text_file, arch):
     e = exported[arch]
@@ -202,7 +261,7 @@ def test_exported_file_runs_in_llama_cpp_like_the_dequantized_model(exported, te
     sizes = {t.name: int(t.n_bytes) for t in r.tensors}
     targets = gguf_targets(model)
     assert sum(sizes[gguf_name(t.name)] for t in targets) == plan.summary["bytes"] == e["info"]["bytes"]
-    assert len(set(plan.types.values())) > 1   # a mix, not one type
+    assert len(set(plan.types.values())) > 1  # a mix, not one type
     ids = _ids(e["dir"], text_file)
     deq = dequantized_model(model, plan, plan_imatrix(plan))
     with torch.no_grad():
@@ -219,7 +278,7 @@ def test_exported_file_runs_in_llama_cpp_like_the_dequantized_model(exported, te
     back, tok = load_gguf(e["gguf"])
     with torch.no_grad():
         np.testing.assert_allclose(back(torch.tensor([ids])).logits[0].numpy(), ours, rtol=1e-4, atol=1e-4)
-    assert tok(open(text_file).read()[:2000])["input_ids"][:len(ids)] == ids
+    assert tok(open(text_file).read()[:2000])["input_ids"][: len(ids)] == ids
 
 
 def test_tensor_type_file_and_imatrix_reproduce_the_file_with_llama_quantize(exported, tmp_path):
@@ -235,8 +294,9 @@ def test_tensor_type_file_and_imatrix_reproduce_the_file_with_llama_quantize(exp
     api.export(e["dir"], f32_plan, str(tmp_path / "f32.gguf"), ExportConfig(format="gguf"))
     overrides = [tuple(line.rsplit("=", 1)) for line in lines]
     out = str(tmp_path / "llama-quantize.gguf")
-    llama_quantize(str(tmp_path / "f32.gguf"), out, "Q8_0", overrides=overrides,
-                   imatrix=read_imatrix(e["info"]["imatrix"]))
+    llama_quantize(
+        str(tmp_path / "f32.gguf"), out, "Q8_0", overrides=overrides, imatrix=read_imatrix(e["info"]["imatrix"])
+    )
     ours = {t.name: (t.tensor_type, bytes(np.asarray(t.data).tobytes())) for t in gguf.GGUFReader(e["gguf"]).tensors}
     theirs = {t.name: (t.tensor_type, bytes(np.asarray(t.data).tobytes())) for t in gguf.GGUFReader(out).tensors}
     assert ours.keys() == theirs.keys()
@@ -275,8 +335,9 @@ def test_eval_of_a_gguf_file_matches_the_dequantized_model(exported, text_file):
 
 def test_sensitivity_reads_a_llama_cpp_imatrix(exported, text_file, tmp_path):
     e = exported["mistral"]
-    cfg = SensitivityConfig(samples=8, seq_len=64, bits="2,4", group_size=64, loss_calibration="none",
-                            show_progress=False)
+    cfg = SensitivityConfig(
+        samples=8, seq_len=64, bits="2,4", group_size=64, loss_calibration="none", show_progress=False
+    )
     collected = api.sensitivity(e["dir"], text_file, cfg)
     from_file = api.sensitivity(e["dir"], text_file, cfg, imatrix=e["info"]["imatrix"])
     cols = ["imatrix.e2", "imatrix.e4"]

@@ -12,9 +12,23 @@ from bitsearch.gguf.types import FALLBACK, GGML_TYPES, SEARCH_TYPES, effective_t
 from bitsearch.io.plan import BitPlan, load_plan
 
 # block size / bytes per block that the issue lists from ggml's type traits
-LISTED = {"Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
-          "Q8_0": (32, 34), "IQ2_XXS": (256, 66), "IQ2_XS": (256, 74), "IQ2_S": (256, 82), "IQ3_XXS": (256, 98),
-          "IQ3_S": (256, 110), "IQ4_XS": (256, 136), "F16": (1, 2), "Q4_0": (32, 18), "Q5_0": (32, 22)}
+LISTED = {
+    "Q2_K": (256, 84),
+    "Q3_K": (256, 110),
+    "Q4_K": (256, 144),
+    "Q5_K": (256, 176),
+    "Q6_K": (256, 210),
+    "Q8_0": (32, 34),
+    "IQ2_XXS": (256, 66),
+    "IQ2_XS": (256, 74),
+    "IQ2_S": (256, 82),
+    "IQ3_XXS": (256, 98),
+    "IQ3_S": (256, 110),
+    "IQ4_XS": (256, 136),
+    "F16": (1, 2),
+    "Q4_0": (32, 18),
+    "Q5_0": (32, 22),
+}
 
 
 def test_sizes_match_the_listed_ones_and_the_gguf_package():
@@ -63,10 +77,16 @@ def test_type_menu():
 
 
 def _plan_dict():
-    return {"format": "bitsearch-plan", "version": 3, "unit": "tensor",
-            "model": {"model_type": "llama", "sha256": "x", "targets": {"a": [4, 256], "b": [8, 384]}},
-            "quantizer": {"scheme": "ggml", "types": ["Q2_K", "Q4_K"]},
-            "types": {"a": "Q2_K", "b": "Q4_0"}, "summary": {}, "provenance": {}}
+    return {
+        "format": "bitsearch-plan",
+        "version": 3,
+        "unit": "tensor",
+        "model": {"model_type": "llama", "sha256": "x", "targets": {"a": [4, 256], "b": [8, 384]}},
+        "quantizer": {"scheme": "ggml", "types": ["Q2_K", "Q4_K"]},
+        "types": {"a": "Q2_K", "b": "Q4_0"},
+        "summary": {},
+        "provenance": {},
+    }
 
 
 def test_plan_file_round_trip_and_dispatch(tmp_path):
@@ -81,14 +101,17 @@ def test_plan_file_round_trip_and_dispatch(tmp_path):
         BitPlan.load(path)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda d: d["types"].__setitem__("a", "Q9_K"), "has type 'Q9_K', not a ggml type"),
-    (lambda d: d["types"].__setitem__("b", "Q4_K"), "rows of 384 weights, which Q4_K"),
-    (lambda d: d["types"].pop("b"), "target 'b' has no type"),
-    (lambda d: d["types"].__setitem__("c", "Q8_0"), "tensor 'c' has a type but is not among its targets"),
-    (lambda d: d["summary"].__setitem__("bytes", 1), "says 1 bytes but its types cost"),
-    (lambda d: d["quantizer"].__setitem__("scheme", "asym"), "unknown quantizer scheme"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["types"].__setitem__("a", "Q9_K"), "has type 'Q9_K', not a ggml type"),
+        (lambda d: d["types"].__setitem__("b", "Q4_K"), "rows of 384 weights, which Q4_K"),
+        (lambda d: d["types"].pop("b"), "target 'b' has no type"),
+        (lambda d: d["types"].__setitem__("c", "Q8_0"), "tensor 'c' has a type but is not among its targets"),
+        (lambda d: d["summary"].__setitem__("bytes", 1), "says 1 bytes but its types cost"),
+        (lambda d: d["quantizer"].__setitem__("scheme", "asym"), "unknown quantizer scheme"),
+    ],
+)
 def test_plan_file_errors_are_one_line(tmp_path, edit, message):
     d = _plan_dict()
     edit(d)
@@ -102,10 +125,12 @@ def test_plan_file_errors_are_one_line(tmp_path, edit, message):
 def test_presets_figure_is_written(tmp_path):
     from bitsearch.plots import plot_gguf_presets
 
-    rows = [{"method": "f32", "at": "F32", "bpw": 32.0, "ppl_llama_cpp": 254.4},
-            {"method": "llama.cpp", "at": "Q2_K", "bpw": 3.1, "ppl_llama_cpp": 300.0},
-            {"method": "bitsearch", "at": "Q2_K", "bpw": 3.1, "ppl_llama_cpp": 280.0},
-            {"method": "bitsearch", "at": "Q4_K_M", "bpw": 4.9, "ppl_llama_cpp": 256.0}]
+    rows = [
+        {"method": "f32", "at": "F32", "bpw": 32.0, "ppl_llama_cpp": 254.4},
+        {"method": "llama.cpp", "at": "Q2_K", "bpw": 3.1, "ppl_llama_cpp": 300.0},
+        {"method": "bitsearch", "at": "Q2_K", "bpw": 3.1, "ppl_llama_cpp": 280.0},
+        {"method": "bitsearch", "at": "Q4_K_M", "bpw": 4.9, "ppl_llama_cpp": 256.0},
+    ]
     out = plot_gguf_presets(rows, str(tmp_path / "f.png"), "t")
     assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -129,18 +154,30 @@ def test_tensor_problem_greedy_and_ilp_against_brute_force():
     curves = {}
     for t in targets:
         scale = rng.uniform(0.5, 5)
-        curves[t.name] = np.array([scale * 2.0 ** -GGML_TYPES[c].bits_per_weight * rng.uniform(0.8, 1.2)
-                                   if c in allowed[t.name] else np.nan for c in columns])
+        curves[t.name] = np.array(
+            [
+                scale * 2.0 ** -GGML_TYPES[c].bits_per_weight * rng.uniform(0.8, 1.2)
+                if c in allowed[t.name]
+                else np.nan
+                for c in columns
+            ]
+        )
     problem = _problem(targets, columns, curves)
     options = [[c for c in columns if c in allowed[t.name]] for t in targets]
-    cost = {(t.name, c): tensor_bytes(c, (t.out_features, t.in_features)) for t in targets for c in columns
-            if c in allowed[t.name]}
+    cost = {
+        (t.name, c): tensor_bytes(c, (t.out_features, t.in_features))
+        for t in targets
+        for c in columns
+        if c in allowed[t.name]
+    }
     lo = sum(min(cost[t.name, c] for c in opts) for t, opts in zip(targets, options))
     hi = sum(max(cost[t.name, c] for c in opts) for t, opts in zip(targets, options))
     for budget in np.linspace(lo, hi, 7).astype(int):
-        best = min((sum(curves[t.name][columns.index(c)] for t, c in zip(targets, combo)), combo)
-                   for combo in product(*options)
-                   if sum(cost[t.name, c] for t, c in zip(targets, combo)) <= budget)
+        best = min(
+            (sum(curves[t.name][columns.index(c)] for t, c in zip(targets, combo)), combo)
+            for combo in product(*options)
+            if sum(cost[t.name, c] for t, c in zip(targets, combo)) <= budget
+        )
         for method in ("greedy", "ilp"):
             choice = get_allocator(method).allocate(problem, int(budget))
             types = [columns[k] for k in choice]

@@ -14,21 +14,20 @@ import copy
 import numpy as np
 import pytest
 import torch
+from plans import MIXED_WIDTHS, mixed_plan
 
-from bitsearch.io.checkpoint import load_packed
-from bitsearch.quantize import fake_quantize_model, pack_model, plan_targets
+from bitsearch.blocks import BlockRunner
 from bitsearch.couplings import find_couplings
 from bitsearch.errors import BitsearchError
-from bitsearch.finalize.gptq import (GPTQResult, GPTQSettings, gptq_layer, gptq_quantize,
-                                     sequential_groups)
+from bitsearch.finalize.gptq import GPTQResult, GPTQSettings, gptq_layer, gptq_quantize, sequential_groups
 from bitsearch.finalize.signround import minmax_qparams
-from bitsearch.models import find_targets
+from bitsearch.io.checkpoint import load_packed
 from bitsearch.io.loading import load_model
-from bitsearch.packed import _PackedRows
+from bitsearch.models import find_targets
+from bitsearch.packed import PackedRows
 from bitsearch.quant.grid import choose_qparams, fake_quantize
-from bitsearch.blocks import BlockRunner
+from bitsearch.quantize import fake_quantize_model, pack_model, plan_targets
 from bitsearch.search.uniform import uniform_plan
-from plans import MIXED_WIDTHS, mixed_plan
 from studies.reference.gptq import main
 
 GS = 16
@@ -38,12 +37,14 @@ GS = 16
 # one layer
 # ---------------------------------------------------------------------------------------------
 
-def correlated_inputs(n: int, k: int, seed: int, dead: tuple[int, ...] = (), sample_seed: int | None = None
-                      ) -> torch.Tensor:
+
+def correlated_inputs(
+    n: int, k: int, seed: int, dead: tuple[int, ...] = (), sample_seed: int | None = None
+) -> torch.Tensor:
     """(n, k) inputs with correlated columns of unequal scales (float64); the mixing comes from
     ``seed``, the samples from ``sample_seed`` (default: the same seed)."""
     g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(k, k, generator=g, dtype=torch.float64) / k ** 0.5 + torch.eye(k, dtype=torch.float64)
+    mix = torch.randn(k, k, generator=g, dtype=torch.float64) / k**0.5 + torch.eye(k, dtype=torch.float64)
     scale = torch.rand(k, generator=g, dtype=torch.float64).add(0.2)
     if sample_seed is not None:
         g = torch.Generator().manual_seed(sample_seed)
@@ -61,7 +62,7 @@ def row_qparams(w: torch.Tensor, bits: torch.Tensor, gs: int):
     s = torch.empty(w.shape[0], ng, dtype=torch.float16)
     z = torch.empty(w.shape[0], ng, dtype=torch.uint8)
     for r in range(w.shape[0]):
-        s[r], z[r] = choose_qparams(w[r:r + 1], int(bits[r]), gs)
+        s[r], z[r] = choose_qparams(w[r : r + 1], int(bits[r]), gs)
     return s, z
 
 
@@ -74,7 +75,7 @@ def bruteforce_gptq(weight, H, bits, gs, percdamp=0.01, act_order=True, static_g
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    qmax = (2.0 ** bits.double() - 1)
+    qmax = 2.0 ** bits.double() - 1
     if static_groups:
         scales, zeros = row_qparams(W, bits, gs)
     else:
@@ -87,12 +88,12 @@ def bruteforce_gptq(weight, H, bits, gs, percdamp=0.01, act_order=True, static_g
     for t, j in enumerate(order):
         g = j // gs
         if not static_groups and j % gs == 0:
-            scales[:, g], zeros[:, g] = [a[:, 0] for a in row_qparams(W[:, j:j + gs], bits, -1)]
+            scales[:, g], zeros[:, g] = [a[:, 0] for a in row_qparams(W[:, j : j + gs], bits, -1)]
         s, z = scales[:, g].double(), zeros[:, g].double()
         safe = torch.where(s > 0, s, torch.ones_like(s))
         code = torch.minimum((torch.round(W[:, j] / safe) + z).clamp(min=0), qmax)
         Q[:, j] = (code - z) * s
-        rest = order[t + 1:]
+        rest = order[t + 1 :]
         W[:, rest] -= torch.outer((W[:, j] - Q[:, j]) / Hinv[j, j], Hinv[j, rest])
         Hinv = Hinv - torch.outer(Hinv[:, j], Hinv[j, :]) / Hinv[j, j]
     return Q, scales, zeros
@@ -106,19 +107,18 @@ def test_fast_loop_matches_bruteforce(act_order, static_groups, blocksize):
     bits = torch.tensor([2, 3, 4, 2, 3, 8, 2, 5])
     H = hessian(correlated_inputs(200, 48, 2, dead=(5, 30)))
     Qb, sb, zb = bruteforce_gptq(W, H, bits, GS, act_order=act_order, static_groups=static_groups)
-    Qf, sf, zf, info = gptq_layer(W, H, bits, GS, act_order=act_order, static_groups=static_groups,
-                                  blocksize=blocksize)
+    Qf, sf, zf, info = gptq_layer(W, H, bits, GS, act_order=act_order, static_groups=static_groups, blocksize=blocksize)
     assert Qf.dtype == torch.float64 and info["dead"] == 2
     assert torch.equal(sf, sb) and torch.equal(zf, zb)
     assert torch.equal(Qf, Qb)
-    assert (Qf[:, [5, 30]] == 0).all()                     # dead inputs are zeroed
+    assert (Qf[:, [5, 30]] == 0).all()  # dead inputs are zeroed
     # the dequantized values are on the grid: codes = round(w / s) + z exactly, in range
     for r in range(8):
         s = sf[r].double().repeat_interleave(GS)[:48]
         z = zf[r].double().repeat_interleave(GS)[:48]
         codes = Qf[r] / s + z
         assert torch.equal(codes, codes.round()) and codes.min() >= 0 and codes.max() <= 2 ** int(bits[r]) - 1
-    if act_order:     # the permutation changes the result (otherwise the test would not see it)
+    if act_order:  # the permutation changes the result (otherwise the test would not see it)
         Qn, *_ = gptq_layer(W, H, bits, GS, act_order=False, blocksize=blocksize)
         assert not torch.equal(Qn, Qf)
 
@@ -147,7 +147,7 @@ def test_layer_output_error_below_round_to_nearest(width):
     g = torch.Generator().manual_seed(width)
     W = torch.randn(64, 128, generator=g) * 0.05
     x = correlated_inputs(1024, 128, 10 + width).float()
-    held = correlated_inputs(1024, 128, 10 + width, sample_seed=99).float()   # same distribution
+    held = correlated_inputs(1024, 128, 10 + width, sample_seed=99).float()  # same distribution
     H = hessian(x.double()).float()
     rtn = fake_quantize(W, width, 32)
     bits = torch.full((64,), width)
@@ -155,8 +155,10 @@ def test_layer_output_error_below_round_to_nearest(width):
         Q, *_ = gptq_layer(W, H, bits, 32, act_order=act_order)
         err_g, err_r = (x @ (W - Q).T).pow(2).sum().item(), (x @ (W - rtn).T).pow(2).sum().item()
         held_g, held_r = (held @ (W - Q).T).pow(2).sum().item(), (held @ (W - rtn).T).pow(2).sum().item()
-        print(f"W{width} act_order={act_order}: ||WX - QX||^2 GPTQ {err_g:.4g} RTN {err_r:.4g}; "
-              f"held-out GPTQ {held_g:.4g} RTN {held_r:.4g}")
+        print(
+            f"W{width} act_order={act_order}: ||WX - QX||^2 GPTQ {err_g:.4g} RTN {err_r:.4g}; "
+            f"held-out GPTQ {held_g:.4g} RTN {held_r:.4g}"
+        )
         assert err_g < 0.75 * err_r and held_g < 0.8 * held_r
 
 
@@ -185,7 +187,7 @@ def quantized(request, llama_dir):
     elif request.param == "mixed":
         plan = mixed_plan(ref)
     else:
-        plan = mixed_plan(ref, r"embed_tokens|layers\.")       # tied embedding: round-to-nearest
+        plan = mixed_plan(ref, r"embed_tokens|layers\.")  # tied embedding: round-to-nearest
     model = load_model(llama_dir)
     res = gptq_quantize(model, plan, tokens(model, 48, 1), GPTQSettings(micro_batch=16), show_progress=False)
     return dict(kind=request.param, ref=ref, plan=plan, model=model, res=res)
@@ -194,7 +196,7 @@ def quantized(request, llama_dir):
 def test_whole_model_beats_round_to_nearest(quantized, llama_dir):
     ref, plan, model = quantized["ref"], quantized["plan"], quantized["model"]
     rtn = fake_quantize_model(load_model(llama_dir), plan)
-    held = tokens(ref, 16, 7)                   # not the calibration tokens
+    held = tokens(ref, 16, 7)  # not the calibration tokens
     kl_r, kl_g = kl_to(ref, rtn, held), kl_to(ref, model, held)
     print(f"{quantized['kind']}: held-out KL to float: RTN {kl_r:.4f} GPTQ {kl_g:.4f}")
     # pruned rows (and the RTN embedding with its tied head) leave errors GPTQ cannot reduce
@@ -214,7 +216,7 @@ def test_packs_to_plan_bytes_and_round_trips(quantized):
     total = 0
     for name in plan.bits:
         mod = model.get_submodule(name)
-        assert isinstance(mod, _PackedRows)
+        assert isinstance(mod, PackedRows)
         assert torch.equal(mod.dequantized_weight(), weights[name]), name
         total += mod.packed_bytes()
     assert total == plan.n_bytes()
@@ -229,7 +231,7 @@ def test_mixed_widths_rows(quantized, llama_dir):
     if quantized["kind"] == "mixed+embedding":
         assert emb in plan.bits and res.info[emb]["rtn"]
         assert torch.equal(model.get_submodule(emb).weight, rtn.get_submodule(emb).weight)
-        assert model.lm_head.weight is model.get_submodule(emb).weight            # still tied
+        assert model.lm_head.weight is model.get_submodule(emb).weight  # still tied
         s_rtn, z_rtn = minmax_qparams(ref.get_submodule(emb).weight, plan.bits[emb], plan.group_size)
         assert torch.equal(res[emb][0], s_rtn) and torch.equal(res[emb][1], z_rtn)
     changed = 0
@@ -245,25 +247,26 @@ def test_mixed_widths_rows(quantized, llama_dir):
             continue
         rq = rtn.get_submodule(name).weight
         changed += int((w[quant] != rq[quant]).sum())
-        if name.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):   # inputs never dead
+        if name.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):  # inputs never dead
             assert res.info[name]["dead"] == 0
             # static groups: the grid of each row is min-max on the float weights, as RTN's
             s_r, z_r = minmax_qparams(w0, bits, plan.group_size)
             assert torch.equal(s[quant], s_r[quant]) and torch.equal(z[quant], z_r[quant])
-        if name.endswith("down_proj"):   # pruned gate or up rows: dead inputs, zeroed columns
+        if name.endswith("down_proj"):  # pruned gate or up rows: dead inputs, zeroed columns
             mlp = name.rsplit(".", 1)[0]
             pruned = (plan.bits[mlp + ".gate_proj"] == 0) | (plan.bits[mlp + ".up_proj"] == 0)
             assert res.info[name]["dead"] == int(pruned.sum()) > 0
-            assert (w[quant][:, torch.as_tensor(pruned)] == 0).all()     # rows at 16 keep theirs
+            assert (w[quant][:, torch.as_tensor(pruned)] == 0).all()  # rows at 16 keep theirs
             s_r, z_r = minmax_qparams(w0 * torch.as_tensor(~pruned), bits, plan.group_size)
             assert torch.equal(s[quant], s_r[quant]) and torch.equal(z[quant], z_r[quant])
     assert changed > 0
 
 
 def test_sequential_groups_and_options(tiny_models):
-    for arch, want in (("llama", [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"],
-                                  ["down_proj"]]),
-                       ("opt", [["q_proj", "k_proj", "v_proj"], ["out_proj"], ["fc1"], ["fc2"]])):
+    for arch, want in (
+        ("llama", [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]),
+        ("opt", [["q_proj", "k_proj", "v_proj"], ["out_proj"], ["fc1"], ["fc2"]]),
+    ):
         model = load_model(tiny_models[arch])
         runner = BlockRunner(model)
         names = [t.name for t in find_targets(model) if t.name.startswith(runner.prefix + ".0.")]
@@ -275,9 +278,12 @@ def test_sequential_groups_and_options(tiny_models):
     plan = uniform_plan(ref, 3, 32)
     x, held = tokens(ref, 24, 1), tokens(ref, 8, 9)
     outs = {}
-    for key, kw in {"default": {}, "one_pass": dict(true_sequential=False),
-                    "dynamic": dict(act_order=False, static_groups=False),
-                    "offload": dict(offload=True)}.items():
+    for key, kw in {
+        "default": {},
+        "one_pass": dict(true_sequential=False),
+        "dynamic": dict(act_order=False, static_groups=False),
+        "offload": dict(offload=True),
+    }.items():
         m = load_model(path)
         offload = kw.pop("offload", False)
         res = gptq_quantize(m, plan, x, GPTQSettings(micro_batch=8, **kw), offload=offload, show_progress=False)
@@ -286,7 +292,7 @@ def test_sequential_groups_and_options(tiny_models):
             assert all(len(g) == 1 for g in res.groups)
         else:
             assert all(len(g) == 4 for g in res.groups)
-    w = lambda k: outs[k][0].model.layers[1].mlp.down_proj.weight   # noqa: E731
+    w = lambda k: outs[k][0].model.layers[1].mlp.down_proj.weight  # noqa: E731
     assert torch.equal(w("default"), w("offload"))
     assert not torch.equal(w("default"), w("one_pass")) and not torch.equal(w("default"), w("dynamic"))
     kl_rtn = kl_to(ref, fake_quantize_model(load_model(path), plan), held)
@@ -294,7 +300,7 @@ def test_sequential_groups_and_options(tiny_models):
         assert kl_to(ref, m, held) < kl_rtn, k
     s, z = outs["dynamic"][1]["model.layers.0.mlp.down_proj"]
     s_mm, _ = minmax_qparams(ref.model.layers[0].mlp.down_proj.weight, plan.bits["model.layers.0.mlp.down_proj"], 32)
-    assert not torch.equal(s, s_mm)      # dynamic groups: grids of the error-updated weights
+    assert not torch.equal(s, s_mm)  # dynamic groups: grids of the error-updated weights
 
 
 def test_refusals(llama_dir):
@@ -309,24 +315,61 @@ def test_refusals(llama_dir):
         gptq_quantize(model, plan, torch.zeros(5, dtype=torch.long), show_progress=False)
     with pytest.raises(BitsearchError, match="static groups"):
         gptq_quantize(model, plan, tokens(model, 4, 0), GPTQSettings(static_groups=False), show_progress=False)
-    plan_targets(model, plan)             # the model was not touched by the refusals
+    plan_targets(model, plan)  # the model was not touched by the refusals
 
 
 def test_cli(llama_dir, text_file, tmp_path, capsys):
     out = tmp_path / "packed"
-    summary = main(["--model", llama_dir, "--calib", text_file, "--bits", "3", "--group-size", "32",
-                    "--samples", "8", "--seq-len", "32", "--out", str(out), "--eval-text", text_file,
-                    "--max-tokens", "600", "--eval-seq-len", "64", "--json", str(tmp_path / "s.json")])
+    summary = main(
+        [
+            "--model",
+            llama_dir,
+            "--calib",
+            text_file,
+            "--bits",
+            "3",
+            "--group-size",
+            "32",
+            "--samples",
+            "8",
+            "--seq-len",
+            "32",
+            "--out",
+            str(out),
+            "--eval-text",
+            text_file,
+            "--max-tokens",
+            "600",
+            "--eval-seq-len",
+            "64",
+            "--json",
+            str(tmp_path / "s.json"),
+        ]
+    )
     assert summary["bytes"] == summary["plan_bytes"] and 3 < summary["avg_bits"] < 4
     assert np.isfinite(summary["ppl"]) and summary["eval_tokens"] == 600
     m = load_packed(str(out))
-    assert any(isinstance(mod, _PackedRows) for mod in m.modules())
+    assert any(isinstance(mod, PackedRows) for mod in m.modules())
     assert "perplexity" in capsys.readouterr().out
     plan_file = tmp_path / "plan.json"
     plan = mixed_plan(load_model(llama_dir))
     plan.save(str(plan_file))
-    s2 = main(["--model", llama_dir, "--calib", text_file, "--plan", str(plan_file), "--samples", "4",
-               "--seq-len", "32", "--out", str(tmp_path / "p2")])
+    s2 = main(
+        [
+            "--model",
+            llama_dir,
+            "--calib",
+            text_file,
+            "--plan",
+            str(plan_file),
+            "--samples",
+            "4",
+            "--seq-len",
+            "32",
+            "--out",
+            str(tmp_path / "p2"),
+        ]
+    )
     assert s2["bytes"] == plan.n_bytes() and "ppl" not in s2
 
 
@@ -342,6 +385,7 @@ def reference_gptq_model(model, plan, batch):
     """GPTQ of a float64 model written plainly: block by block on the quantized blocks' outputs,
     the layer groups of a Llama block in order, each group's H = 2 X^T X / n from forward hooks
     after the earlier groups are quantized, and ``bruteforce_gptq`` per layer."""
+
     def path(n: str) -> str:
         return ("self_attn." if n[0] in "qkvo" else "mlp.") + n
 
@@ -351,8 +395,10 @@ def reference_gptq_model(model, plan, batch):
         for group in LLAMA_GROUPS:
             mods = {n: block.get_submodule(path(n)) for n in group}
             xs = {}
-            hooks = [m.register_forward_pre_hook((lambda n: lambda _m, a: xs.__setitem__(n, a[0]))(n))
-                     for n, m in mods.items()]
+            hooks = [
+                m.register_forward_pre_hook((lambda n: lambda _m, a: xs.__setitem__(n, a[0]))(n))
+                for n, m in mods.items()
+            ]
             runner.run_block(block, h, kw)
             for hk in hooks:
                 hk.remove()
@@ -376,8 +422,9 @@ def test_matches_plain_reference_on_uniform_plans(llama_dir):
         reference_gptq_model(ref, plan, x)
         m = load_model(llama_dir).double()
         res = gptq_quantize(m, plan, x, GPTQSettings(micro_batch=5), show_progress=False)
-        assert [[sorted(n.rsplit(".", 1)[1] for n in g) for g in b] for b in res.groups] == \
-            [[sorted(g) for g in LLAMA_GROUPS]] * len(res.groups)
+        assert [[sorted(n.rsplit(".", 1)[1] for n in g) for g in b] for b in res.groups] == [
+            [sorted(g) for g in LLAMA_GROUPS]
+        ] * len(res.groups)
         for name in plan.bits:
             a, b = m.get_submodule(name).weight, ref.get_submodule(name).weight
             assert a.dtype == torch.float64 and torch.equal(a, b), (width, name)
@@ -394,9 +441,10 @@ def test_output_error_below_round_to_nearest_per_row_widths():
     bits = torch.tensor([0, 2, 3, 4, 8, 16] * 8)
     x = correlated_inputs(2048, 96, 21).float()
     H = hessian(x.double()).float()
-    Q, s, z, info = _quantize_rows(W, H, bits.numpy(), 32, dict(percdamp=0.01, act_order=True, static_groups=True,
-                                                                 blocksize=128))
-    R = torch.stack([fake_quantize(W[r:r + 1], int(bits[r]), 32)[0] for r in range(48)])
+    Q, s, z, info = _quantize_rows(
+        W, H, bits.numpy(), 32, dict(percdamp=0.01, act_order=True, static_groups=True, blocksize=128)
+    )
+    R = torch.stack([fake_quantize(W[r : r + 1], int(bits[r]), 32)[0] for r in range(48)])
     quant = (bits >= 2) & (bits <= 8)
     assert torch.equal(Q[~quant], R[~quant])
     for width in (2, 3, 4, 8):

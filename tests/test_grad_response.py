@@ -7,13 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from exact_models import per_sample_grads, tiny_llama
+from test_fisher import conftest_llama
 
 from bitsearch.models import Target, find_targets
 from bitsearch.quant.grid import fake_quantize
 from bitsearch.sensitivity.grad_response import Probe, gradient_responses, predicted_increase, probe_sums
-
-from exact_models import per_sample_grads, tiny_llama
-from test_fisher import conftest_llama
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +67,11 @@ def test_first_order_term_matches_central_differences(tiny):
     difference (L(W + D) - L(W - D)) / 2 of the float64 model's loss."""
     m, targets, batch = tiny
     g = torch.Generator().manual_seed(5)
-    deltas = {t.name: 1e-5 * torch.randn(m.get_submodule(t.name).weight.shape, generator=g, dtype=torch.float64)
-              for t in targets}
-    u = probe_sums(m, targets, batch, {n: [Probe(d)] for n, d in deltas.items()}, micro_batch=2,
-                   show_progress=False)
+    deltas = {
+        t.name: 1e-5 * torch.randn(m.get_submodule(t.name).weight.shape, generator=g, dtype=torch.float64)
+        for t in targets
+    }
+    u = probe_sums(m, targets, batch, {n: [Probe(d)] for n, d in deltas.items()}, micro_batch=2, show_progress=False)
     for t in targets:
         w = m.get_submodule(t.name).weight
         saved = w.data.clone()

@@ -21,8 +21,15 @@ def random_problem(seed, n=5, bits=(0, 2, 3, 4, 8), convex=False):
         errors = base * np.array([4.0 ** -(b / 1.0) if b else 3.0 for b in bits])[None, :]
     else:
         errors = np.sort(rng.uniform(0, 10, size=(n, len(bits))), axis=1)[:, ::-1] * base
-    return AllocationProblem(bits=list(bits), errors=errors, costs=costs, fixed_bytes=n, n_weights=int(k.sum()),
-                             layer_slices={"l": slice(0, n)}, group_size=-1)
+    return AllocationProblem(
+        bits=list(bits),
+        errors=errors,
+        costs=costs,
+        fixed_bytes=n,
+        n_weights=int(k.sum()),
+        layer_slices={"l": slice(0, n)},
+        group_size=-1,
+    )
 
 
 def brute_force(p, budget):

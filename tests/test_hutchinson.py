@@ -17,6 +17,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import ARCHS, tiny_config
+from exact_models import ReceivingRank, SendingRank, tiny_llama
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -24,9 +26,6 @@ from bitsearch.models import Target, find_targets
 from bitsearch.quant.grid import fake_quantize
 from bitsearch.sensitivity.base import ESTIMATORS, SensitivityContext
 from bitsearch.sensitivity.hutchinson import HutchinsonEstimator, _rademacher, probe_generator
-
-from conftest import ARCHS, tiny_config
-from exact_models import ReceivingRank, SendingRank, tiny_llama
 
 BITS = [0, 2, 3, 4, 8]
 MICRO = 2
@@ -49,14 +48,18 @@ def exact_hessians(setup):
     n_tok = batch.shape[0] * (batch.shape[1] - 1)
     hs = []
     for j in range(0, batch.shape[0], MICRO):
-        xb = batch[j:j + MICRO]
+        xb = batch[j : j + MICRO]
 
         def f(flat):
             parts = torch.split(flat, sizes)
             d = {t.name + ".weight": p.reshape(w.shape) for t, p, w in zip(targets, parts, ws)}
             logits = functional_call(m, d, (xb,)).logits[:, :-1]
-            return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), xb[:, 1:].reshape(-1),
-                                                     reduction="sum") / n_tok
+            return (
+                torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), xb[:, 1:].reshape(-1), reduction="sum"
+                )
+                / n_tok
+            )
 
         with sdpa_kernel(SDPBackend.MATH):
             hs.append(torch.autograd.functional.hessian(f, torch.cat([w.reshape(-1) for w in ws]), vectorize=True))
@@ -65,8 +68,17 @@ def exact_hessians(setup):
 
 def _ctx(setup, **kw):
     m, targets, batch = setup
-    args = dict(model=m, targets=targets, batch=batch, bits=BITS, group_size=4, micro_batch=MICRO,
-                show_progress=False, probes=4, seed=7)
+    args = dict(
+        model=m,
+        targets=targets,
+        batch=batch,
+        bits=BITS,
+        group_size=4,
+        micro_batch=MICRO,
+        show_progress=False,
+        probes=4,
+        seed=7,
+    )
     args.update(kw)
     return SensitivityContext(**args)
 
@@ -88,7 +100,7 @@ def _exact_rounds(targets, hs, probes, seed):
             v = torch.cat([r.double().reshape(-1) * 2 - 1 for r in _rademacher(shapes, probe_generator(seed, k, j))])
             q = v * (h @ v)
             for t, off in _slices(targets):
-                res[t.name][k] += q[off:off + t.numel].reshape(t.out_features, t.in_features).sum(1)
+                res[t.name][k] += q[off : off + t.numel].reshape(t.out_features, t.in_features).sum(1)
     return res
 
 
@@ -111,16 +123,18 @@ def _exact_trace_and_var(targets, hs):
     tr, var, layer_var = {}, {}, {}
     for t, off in _slices(targets):
         n, k = t.out_features, t.in_features
-        tr[t.name] = h.diagonal()[off:off + t.numel].reshape(n, k).sum(1)
-        var[t.name] = torch.stack([_quad_form_var(hs, torch.arange(off + c * k, off + (c + 1) * k))
-                                   for c in range(n)])
+        tr[t.name] = h.diagonal()[off : off + t.numel].reshape(n, k).sum(1)
+        var[t.name] = torch.stack([_quad_form_var(hs, torch.arange(off + c * k, off + (c + 1) * k)) for c in range(n)])
         layer_var[t.name] = _quad_form_var(hs, torch.arange(off, off + t.numel))
     return tr, var, layer_var
 
 
 def _state(m):
-    return ({k: v.clone() for k, v in m.state_dict().items()}, [p.requires_grad for p in m.parameters()],
-            [mod.training for mod in m.modules()])
+    return (
+        {k: v.clone() for k, v in m.state_dict().items()},
+        [p.requires_grad for p in m.parameters()],
+        [mod.training for mod in m.modules()],
+    )
 
 
 def _assert_unchanged(m, state):
@@ -153,8 +167,8 @@ def test_matches_exact_quadratic_forms(setup, exact_hessians):
         for v in mt.values():
             assert v.shape == (t.out_features,) and v.dtype == np.float64 and np.isfinite(v).all()
         np.testing.assert_allclose(mt["trace"], r.mean(0).numpy(), rtol=1e-8, atol=1e-12)
-        np.testing.assert_allclose(mt["trace_se"], (r.std(0) / probes ** 0.5).numpy(), rtol=1e-8, atol=1e-12)
-        np.testing.assert_allclose(mt["layer_trace_se"], float(r.sum(1).std()) / probes ** 0.5, rtol=1e-8)
+        np.testing.assert_allclose(mt["trace_se"], (r.std(0) / probes**0.5).numpy(), rtol=1e-8, atol=1e-12)
+        np.testing.assert_allclose(mt["layer_trace_se"], float(r.sum(1).std()) / probes**0.5, rtol=1e-8)
         # the curve, by hand
         w = m.get_submodule(t.name).weight.detach()
         assert curves.errors.shape == (t.out_features, len(BITS)) and curves.errors.dtype == np.float64
@@ -244,8 +258,9 @@ def test_checkpointing_same_result_and_restores(arch):
     targets = find_targets(m)
     batch = torch.randint(0, 48, (2, 10), generator=torch.Generator().manual_seed(0))
     state = _state(m)
-    kw = dict(model=m, targets=targets, batch=batch, bits=BITS, group_size=16, micro_batch=1,
-              show_progress=False, probes=2)
+    kw = dict(
+        model=m, targets=targets, batch=batch, bits=BITS, group_size=16, micro_batch=1, show_progress=False, probes=2
+    )
     calls = []
     first = m.get_submodule(targets[0].name)
     with warnings.catch_warnings():
@@ -261,8 +276,12 @@ def test_checkpointing_same_result_and_restores(arch):
     for t in targets:
         assert plain[t.name].errors.shape == (t.out_features, len(BITS))
         assert np.isfinite(plain[t.name].errors).all()
-        np.testing.assert_allclose(ckpt[t.name].metrics["trace"], plain[t.name].metrics["trace"],
-                                   rtol=1e-4, atol=1e-6 * np.abs(plain[t.name].metrics["trace"]).max())
+        np.testing.assert_allclose(
+            ckpt[t.name].metrics["trace"],
+            plain[t.name].metrics["trace"],
+            rtol=1e-4,
+            atol=1e-6 * np.abs(plain[t.name].metrics["trace"]).max(),
+        )
     assert any(np.abs(c.metrics["trace"]).max() > 0 for c in plain.values())
 
 

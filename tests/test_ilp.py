@@ -8,10 +8,10 @@ import pytest
 from scipy.optimize import OptimizeResult
 from test_greedy import brute_force, random_problem
 
-from bitsearch.search import ilp as ilp_module
 from bitsearch.cost import row_bytes
 from bitsearch.errors import BitsearchError
 from bitsearch.search import get_allocator
+from bitsearch.search import ilp as ilp_module
 from bitsearch.search.ilp import IlpAllocator, unit_map
 from bitsearch.search.problem import AllocationProblem
 
@@ -64,11 +64,14 @@ def test_channel_granularity_equals_brute_force(seed, convex, solver):
         assert ilp.last_info.get("solver") in (None, "dp" if solver == "auto" else "highs")
 
 
-@pytest.mark.parametrize("granularity, groups", [
-    ("group:2", [[0, 1], [2, 3], [4], [5, 6], [7]]),
-    ("group:3", [[0, 1, 2], [3, 4], [5, 6, 7]]),
-    ("layer", [[0, 1, 2, 3, 4], [5, 6, 7]]),
-])
+@pytest.mark.parametrize(
+    "granularity, groups",
+    [
+        ("group:2", [[0, 1], [2, 3], [4], [5, 6], [7]]),
+        ("group:3", [[0, 1, 2], [3, 4], [5, 6, 7]]),
+        ("layer", [[0, 1, 2, 3, 4], [5, 6, 7]]),
+    ],
+)
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("solver", ["auto", "highs"])
 def test_groups_and_layers_equal_brute_force(granularity, groups, seed, solver):
@@ -179,18 +182,31 @@ def realistic_problem(seed, shapes, bits=(2, 3, 4, 5, 6, 8), group_size=128, noi
         costs.append(np.tile([row_bytes(k, b, group_size) for b in bits], (rows, 1)))
         slices[name] = slice(start, start + rows)
         start += rows
-    return AllocationProblem(bits=list(bits), errors=np.concatenate(errors),
-                             costs=np.concatenate(costs).astype(np.int64), fixed_bytes=start,
-                             n_weights=sum(r * k for r, k in shapes.values()), layer_slices=slices,
-                             group_size=group_size)
+    return AllocationProblem(
+        bits=list(bits),
+        errors=np.concatenate(errors),
+        costs=np.concatenate(costs).astype(np.int64),
+        fixed_bytes=start,
+        n_weights=sum(r * k for r, k in shapes.values()),
+        layer_slices=slices,
+        group_size=group_size,
+    )
 
 
 def block_shapes(n_blocks, hidden, inter):
     shapes = {}
     for i in range(n_blocks):
-        shapes.update({f"b{i}.q": (hidden, hidden), f"b{i}.k": (hidden // 4, hidden), f"b{i}.v": (hidden // 4, hidden),
-                       f"b{i}.o": (hidden, hidden), f"b{i}.gate": (inter, hidden), f"b{i}.up": (inter, hidden),
-                       f"b{i}.down": (hidden, inter)})
+        shapes.update(
+            {
+                f"b{i}.q": (hidden, hidden),
+                f"b{i}.k": (hidden // 4, hidden),
+                f"b{i}.v": (hidden // 4, hidden),
+                f"b{i}.o": (hidden, hidden),
+                f"b{i}.gate": (inter, hidden),
+                f"b{i}.up": (inter, hidden),
+                f"b{i}.down": (hidden, inter),
+            }
+        )
     return shapes
 
 
@@ -232,8 +248,16 @@ def test_time_limit_returns_best_plan_found(monkeypatch):
 
     def stopped(*args, **kwargs):
         calls.append(kwargs["options"])
-        return OptimizeResult(status=1, x=None, fun=None, message="Time limit reached", mip_dual_bound=None,
-                              mip_gap=None, mip_node_count=0, success=False)
+        return OptimizeResult(
+            status=1,
+            x=None,
+            fun=None,
+            message="Time limit reached",
+            mip_dual_bound=None,
+            mip_gap=None,
+            mip_node_count=0,
+            success=False,
+        )
 
     monkeypatch.setattr(ilp_module, "milp", stopped)
     ilp = IlpAllocator(time_limit=30, mip_rel_gap=0, solver="highs")

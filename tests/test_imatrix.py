@@ -1,23 +1,22 @@
-from bitsearch.config import SensitivityConfig
 """Input estimators (imatrix, snr) against direct computations from captured inputs, the
 block-by-block runner against the whole model, and the per-layer loss calibration."""
 
 import numpy as np
 import pytest
 import torch
+from conftest import ARCHS
 
+from bitsearch.blocks import BlockRunner
+from bitsearch.config import SensitivityConfig
 from bitsearch.evaluate import batch_nll
-from bitsearch.models import find_targets
 from bitsearch.io.loading import load_model
+from bitsearch.models import find_targets
 from bitsearch.quant import fake_quantize
 from bitsearch.sensitivity import layer_loss_response
 from bitsearch.sensitivity.base import SensitivityContext
 from bitsearch.sensitivity.imatrix import ImatrixEstimator, weighted_error_curves
 from bitsearch.sensitivity.pipeline import collect_input_curves
 from bitsearch.sensitivity.snr import SnrEstimator, db_slope, snr_db
-from bitsearch.blocks import BlockRunner
-
-from conftest import ARCHS
 
 BITS = [0, 2, 3, 4, 8]
 
@@ -40,8 +39,9 @@ def test_input_curves_match_captured_inputs(arch, tiny_models):
     targets = find_targets(m)
     torch.manual_seed(0)
     batch = torch.randint(0, 300, (5, 20))
-    ctx = SensitivityContext(model=m, targets=targets, batch=batch, bits=BITS, group_size=16, micro_batch=2,
-                             show_progress=False)
+    ctx = SensitivityContext(
+        model=m, targets=targets, batch=batch, bits=BITS, group_size=16, micro_batch=2, show_progress=False
+    )
     curves = collect_input_curves(ctx, [ImatrixEstimator(), SnrEstimator()])
     xs = _captured_inputs(m, [t.name for t in targets], batch)
     for t in targets:
@@ -57,7 +57,7 @@ def test_input_curves_match_captured_inputs(arch, tiny_models):
             # statistics accumulate float32 products: allow their rounding relative to the layer's scale
             direct = (x @ d.T).pow(2).mean(0).numpy()
             np.testing.assert_allclose(sn.errors[:, k], direct, rtol=1e-5, atol=1e-6 * direct.max())
-        np.testing.assert_allclose(sn.errors[:, 0], signal, rtol=1e-6)   # pruned: the noise is the signal
+        np.testing.assert_allclose(sn.errors[:, 0], signal, rtol=1e-6)  # pruned: the noise is the signal
 
 
 def test_weighted_error_curves_by_hand():
@@ -85,7 +85,7 @@ def test_snr_gains_about_6db_per_bit():
     db = np.stack([lc.metrics[f"db{b}"] for b in bits], 1)
     assert (np.diff(db, axis=1) > 4).all()
     assert db_slope([2, 3], np.array([[1.0, 7.0]]))[0] == pytest.approx(6.0)
-    assert snr_db(np.array([1.0]), np.array([0.0]))[0] > 100   # noiseless: capped, finite
+    assert snr_db(np.array([1.0]), np.array([0.0]))[0] > 100  # noiseless: capped, finite
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -125,8 +125,16 @@ def test_offload_gives_the_same_table(llama_dir, text_file):
     where blocks live; on a CPU-only machine it exercises the same code path."""
     from bitsearch import api
 
-    kw = dict(samples=4, seq_len=32, group_size=16, loss_calibration_samples=2, estimators="imatrix,snr",
-              bits="0,2,4", loss_calibration="layer-loss", show_progress=False)
+    kw = dict(
+        samples=4,
+        seq_len=32,
+        group_size=16,
+        loss_calibration_samples=2,
+        estimators="imatrix,snr",
+        bits="0,2,4",
+        loss_calibration="layer-loss",
+        show_progress=False,
+    )
     a = api.sensitivity(llama_dir, text_file, SensitivityConfig(**kw))
     b = api.sensitivity(llama_dir, text_file, SensitivityConfig(offload=True, **kw))
     assert b.meta["offload"] is True

@@ -11,9 +11,9 @@ import pytest
 
 from bitsearch import api
 from bitsearch.config import PlotParetoConfig, SearchConfig, SensitivityConfig
+from bitsearch.errors import BitsearchError
 from bitsearch.plots import pareto_figure
 from bitsearch.search.optuna_study import study_trials
-from bitsearch.errors import BitsearchError
 
 SMALL = dict(samples=4, seq_len=32, group_size=16, loss_calibration_samples=2, show_progress=False)
 
@@ -21,13 +21,14 @@ SMALL = dict(samples=4, seq_len=32, group_size=16, loss_calibration_samples=2, s
 @pytest.fixture(scope="module")
 def table(tmp_path_factory, llama_dir, text_file):
     path = str(tmp_path_factory.mktemp("t") / "t.parquet")
-    api.sensitivity(llama_dir, text_file, SensitivityConfig(bits='2,3,4,8', **SMALL), out=path)
+    api.sensitivity(llama_dir, text_file, SensitivityConfig(bits="2,3,4,8", **SMALL), out=path)
     return path
 
 
 def _search(llama_dir, text_file, table, out, overwrite=False, **kw):
-    config = SearchConfig(budget="4.5", method="optuna", group_size=16, samples=4, seq_len=32, kl_samples=2,
-                          show_progress=False, **kw)
+    config = SearchConfig(
+        budget="4.5", method="optuna", group_size=16, samples=4, seq_len=32, kl_samples=2, show_progress=False, **kw
+    )
     return api.search(llama_dir, text_file, config, table=table, out=out, overwrite=overwrite)
 
 
@@ -48,13 +49,23 @@ def test_optuna_plan_within_budget_and_not_worse_than_greedy(llama_dir, text_fil
     # exporting the chosen trial gives the same widths
     _, exported = study_trials(str(tmp_path / "p.optuna.journal"), export=plan.provenance["trial"])
     assert all((exported.bits[n] == plan.bits[n]).all() for n in plan.bits)
-    png = pareto_figure(str(tmp_path / "p.optuna.journal"), str(tmp_path / "front.png"), model=llama_dir,
-                        calib=text_file, config=PlotParetoConfig(kl_samples=2, seq_len=32))
+    png = pareto_figure(
+        str(tmp_path / "p.optuna.journal"),
+        str(tmp_path / "front.png"),
+        model=llama_dir,
+        calib=text_file,
+        config=PlotParetoConfig(kl_samples=2, seq_len=32),
+    )
     assert os.path.getsize(png) > 10000
     with pytest.raises(BitsearchError, match="another model"):
-        pareto_figure(str(tmp_path / "p.optuna.journal"), str(tmp_path / "x.png"), model=tiny_models_qwen(llama_dir),
-                      calib=text_file, config=PlotParetoConfig(kl_samples=2, seq_len=32))
-    with pytest.raises(BitsearchError, match="already exists"):     # the study, even when the plan may go
+        pareto_figure(
+            str(tmp_path / "p.optuna.journal"),
+            str(tmp_path / "x.png"),
+            model=tiny_models_qwen(llama_dir),
+            calib=text_file,
+            config=PlotParetoConfig(kl_samples=2, seq_len=32),
+        )
+    with pytest.raises(BitsearchError, match="already exists"):  # the study, even when the plan may go
         _search(llama_dir, text_file, table, out, overwrite=True, n_trials=2)
 
 
@@ -68,13 +79,41 @@ def _count(journal):
 
 
 def _worker(llama_dir, text_file, table, out, n, storage=None):
-    cmd = [sys.executable, "-m", "bitsearch", "--quiet", "search", "--model", llama_dir, "--calib", text_file,
-           "--sensitivity", table, "--budget", "4.5", "--method", "optuna", "--group-size", "16", "--samples", "4",
-           "--seq-len", "32", "--kl-samples", "2", "--n-trials", str(n), "--resume", "--out", out]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bitsearch",
+        "--quiet",
+        "search",
+        "--model",
+        llama_dir,
+        "--calib",
+        text_file,
+        "--sensitivity",
+        table,
+        "--budget",
+        "4.5",
+        "--method",
+        "optuna",
+        "--group-size",
+        "16",
+        "--samples",
+        "4",
+        "--seq-len",
+        "32",
+        "--kl-samples",
+        "2",
+        "--n-trials",
+        str(n),
+        "--resume",
+        "--out",
+        out,
+    ]
     if storage:
         cmd += ["--storage", storage, "--study-name", "shared"]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
 
 
 @pytest.mark.slow
@@ -82,7 +121,7 @@ def test_without_a_plan_file_the_study_stays_in_memory(llama_dir, text_file, tab
     monkeypatch.chdir(tmp_path)
     plan = _search(llama_dir, text_file, table, None, n_trials=2)
     assert plan.summary["avg_bits"] <= 4.5 and plan.provenance["storage"] is None
-    assert os.listdir(tmp_path) == []                       # no journal written anywhere here
+    assert os.listdir(tmp_path) == []  # no journal written anywhere here
 
 
 def test_killed_run_resumes_without_losing_trials(llama_dir, text_file, table, tmp_path):
@@ -100,7 +139,7 @@ def test_killed_run_resumes_without_losing_trials(llama_dir, text_file, table, t
     assert r.wait(timeout=300) == 0, r.stderr.read()
     after = {row["trial"]: row for row in study_trials(journal)[0]}
     assert len(after) >= len(before) + 2
-    for row in before:   # every trial finished before the kill is still there, unchanged
+    for row in before:  # every trial finished before the kill is still there, unchanged
         assert after[row["trial"]]["kl"] == row["kl"]
 
 

@@ -9,16 +9,16 @@ import torch.nn.functional as F
 from plans import mixed_plan
 
 from bitsearch import packed as packed_mod
-from bitsearch.quantize import fake_quantize_model, pack_model
-from bitsearch.io.checkpoint import load_packed, packed_tensor_bytes, save_packed
 from bitsearch.cli import main
 from bitsearch.config import GenerateConfig
 from bitsearch.generate import generate, greedy_decode
+from bitsearch.io.checkpoint import load_packed, packed_tensor_bytes, save_packed
 from bitsearch.io.loading import load_model, load_tokenizer
 from bitsearch.packed import GEMV_MAX_ROWS, PackedEmbedding, PackedLinear, PackedTiedHead, unpack_weight
 from bitsearch.quant import kernel as kernel_mod
 from bitsearch.quant.grid import QUANT_WIDTHS
 from bitsearch.quant.packing import pack_codes, packed_row_bytes, unpack_codes
+from bitsearch.quantize import fake_quantize_model, pack_model
 
 MODES = ["native", "scalar", "off"]
 WIDTHS = torch.tensor([0, 2, 3, 4, 5, 6, 7, 8, 16])
@@ -50,7 +50,7 @@ def _bitstream_reference(codes: torch.Tensor, bits: int) -> torch.Tensor:
 @pytest.mark.parametrize("bits", QUANT_WIDTHS)
 @pytest.mark.parametrize("k", [1, 7, 8, 13, 40])
 def test_block_packing_matches_the_bit_stream(bits, k):
-    codes = torch.randint(0, 2 ** bits, (3, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(k))
+    codes = torch.randint(0, 2**bits, (3, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(k))
     packed = pack_codes(codes, bits)
     assert torch.equal(packed, _bitstream_reference(codes, bits))
     assert torch.equal(unpack_codes(packed, bits, k), codes)
@@ -62,7 +62,7 @@ def _random_layer(k: int, n_rows: int, gs: int, seed: int, bias: bool = True) ->
     with torch.no_grad():
         lin.weight.copy_(torch.randn(n_rows, k, generator=g) * 0.1)
     bits = WIDTHS[torch.randint(0, len(WIDTHS), (n_rows,), generator=g)]
-    bits[:len(WIDTHS)] = WIDTHS                       # every width, pruned (0) and kept (16) included
+    bits[: len(WIDTHS)] = WIDTHS  # every width, pruned (0) and kept (16) included
     return lin, bits
 
 
@@ -74,7 +74,7 @@ def test_linear_equals_the_dequantized_layer(mode, k, gs, n):
     lin, bits = _random_layer(k, 70, gs, seed=k + n)
     p = PackedLinear.from_linear(lin, bits, gs)
     ref_w = unpack_weight(p.packed_tensors(), k, gs)
-    assert torch.equal(p.dequantized_weight(), ref_w)            # bit for bit, every path
+    assert torch.equal(p.dequantized_weight(), ref_w)  # bit for bit, every path
     x = torch.randn(2, n, k)
     with torch.no_grad():
         y = p(x)
@@ -124,7 +124,7 @@ def test_embedding_lookup_and_tied_head(mode):
 def test_no_compiler_falls_back_to_torch(monkeypatch, tmp_path):
     monkeypatch.setattr(kernel_mod, "_LOADED", {})
     monkeypatch.setenv("BITSEARCH_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setenv("CC", "false")                 # a "compiler" that always fails
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
     with pytest.warns(RuntimeWarning, match="did not compile"):
         assert kernel_mod.get_kernel("native") is None
     monkeypatch.setenv("BITSEARCH_KERNEL", "native")
@@ -158,7 +158,7 @@ def test_loading_builds_on_meta_and_keeps_the_saved_dtype(llama_dir, tmp_path, d
     save_packed(m, plan, str(tmp_path / "p"))
     loaded = load_packed(str(tmp_path / "p"))
     assert loaded.model.embed_tokens.weight.dtype == dtype and loaded.model.norm.weight.dtype == dtype
-    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight          # tied again after assignment
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # tied again after assignment
     assert not [n for n, t in loaded.state_dict(keep_vars=True).items() if t.device.type == "meta"]
     packed = [mod for mod in loaded.modules() if isinstance(mod, PackedLinear)]
     assert packed and all(mod.compute_dtype == dtype and not hasattr(mod, "weight") for mod in packed)
@@ -169,8 +169,10 @@ def test_loading_builds_on_meta_and_keeps_the_saved_dtype(llama_dir, tmp_path, d
     rest = sum(t.numel() * t.element_size() for t in load_file(str(tmp_path / "p" / "model.safetensors")).values())
     index = sum(b.numel() * b.element_size() for mod in packed for n, b in mod.named_buffers() if n.startswith("out_b"))
     free = sum(b.numel() * b.element_size() for n, b in loaded.named_buffers() if n.endswith("inv_freq"))
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for t in list(loaded.parameters()) + list(loaded.buffers())}
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for t in list(loaded.parameters()) + list(loaded.buffers())
+    }
     assert sum(storages.values()) == packed_tensor_bytes(str(tmp_path / "p")) + rest + index + free
     ids = torch.randint(0, 300, (1, 10))
     with torch.no_grad():
@@ -190,7 +192,7 @@ def test_generate_matches_transformers_greedy(llama_dir, tmp_path):
     ids = tok("the quick brown fox", return_tensors="pt").input_ids
     with torch.no_grad():
         hf = m.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)
-    assert r.timing.tokens == hf[0, ids.shape[1]:].tolist() and r.prompt_tokens == ids.shape[1]
+    assert r.timing.tokens == hf[0, ids.shape[1] :].tolist() and r.prompt_tokens == ids.shape[1]
     assert r.text == tok.decode(r.timing.tokens, skip_special_tokens=True) and r.tokens_per_s > 0
 
     plan = mixed_plan(m, gs=16)
@@ -199,19 +201,33 @@ def test_generate_matches_transformers_greedy(llama_dir, tmp_path):
     packed = pack_model(load_model(llama_dir), plan)
     with torch.no_grad():
         hf = packed.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)
-    assert from_path.timing.tokens == hf[0, ids.shape[1]:].tolist()
+    assert from_path.timing.tokens == hf[0, ids.shape[1] :].tolist()
 
 
 def test_generate_cli(llama_dir, capsys):
-    assert main(["generate", "--model", llama_dir, "--prompt", "the quick", "--max-new-tokens", "4",
-                 "--no-stop-at-eos", "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                llama_dir,
+                "--prompt",
+                "the quick",
+                "--max-new-tokens",
+                "4",
+                "--no-stop-at-eos",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     assert out.startswith("the quick") and "4 new tokens" in err and "tokens/s" in err
     assert main(["generate", "--model", llama_dir, "--prompt", "x", "--threads", "0"]) == 2
     assert "threads must be at least 1" in capsys.readouterr().err
     assert main(["generate", "--model", llama_dir, "--prompt", "x", "--max-new-tokens", "0"]) == 2
     assert "--max-new-tokens must be at least 1" in capsys.readouterr().err
-
 
 
 def test_scratch_made_in_inference_mode_serves_later_calls(mode, monkeypatch):
@@ -234,16 +250,17 @@ def test_copies_and_moves_do_not_share_kernel_pointers(mode):
     p = PackedLinear.from_linear(lin, bits, 16)
     x = torch.randn(1, 32)
     with torch.no_grad():
-        y = p(x)                                       # builds the layer's kernel view
+        y = p(x)  # builds the layer's kernel view
         twin = copy.deepcopy(p)
         torch.testing.assert_close(twin(x), y)
-        for t in twin.packed_tensors().values():      # the copy computes from its own tensors
+        for t in twin.packed_tensors().values():  # the copy computes from its own tensors
             t.zero_()
         assert torch.equal(twin(x), lin.bias.detach().expand_as(y)) and torch.equal(p(x), y)
         torch.testing.assert_close(pickle.loads(pickle.dumps(p))(x), y)
-        moved = p.to(torch.float64)                    # buffers replaced (float16 scales become float64)
+        moved = p.to(torch.float64)  # buffers replaced (float16 scales become float64)
         assert moved._slices is None
-        for n in (1, GEMV_MAX_ROWS + 1):               # the kernel reads float16 scales: the torch path runs
+        for n in (1, GEMV_MAX_ROWS + 1):  # the kernel reads float16 scales: the torch path runs
             xd = torch.randn(n, 32, dtype=torch.float64)
-            torch.testing.assert_close(moved(xd), F.linear(xd, unpack_weight(p.packed_tensors(), 32, 16).double(),
-                                                           lin.bias.detach().double()))
+            torch.testing.assert_close(
+                moved(xd), F.linear(xd, unpack_weight(p.packed_tensors(), 32, 16).double(), lin.bias.detach().double())
+            )

@@ -26,11 +26,18 @@ def tiny_llama(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():    # larger-than-init weights, as the shared fixtures do
+    with torch.no_grad():  # larger-than-init weights, as the shared fixtures do
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
@@ -39,14 +46,16 @@ def tiny_llama(seed: int = 0):
 
 def snapshot(model):
     """Weights of the linears and embeddings, and every module's attribute names."""
-    weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+    weights = {
+        n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))
+    }
     return weights, {n: set(vars(m)) for n, m in model.named_modules()}
 
 
 def max_distinct_per_group(w: torch.Tensor, group: int) -> int:
     out = 0
     for lo in range(0, w.shape[1], group):
-        block = w[:, lo:lo + group]
+        block = w[:, lo : lo + group]
         out = max(out, max(len(torch.unique(row)) for row in block))
     return out
 
@@ -123,8 +132,10 @@ def test_hqq_w3_g32():
     assert info["config"] == "HQQ W3 g32" and info["seconds"] > 0
     # HQQ's own 3-bit packing: 10 codes per int32 (3.2 bits) + float16 scale and zero
     assert info["packed_bytes"] > info["stored_bytes"]
-    rel = [float((model.get_submodule(t.name).weight.detach() - before[0][t.name]).norm() / before[0][t.name].norm())
-           for t in find_targets(model)]
+    rel = [
+        float((model.get_submodule(t.name).weight.detach() - before[0][t.name]).norm() / before[0][t.name].norm())
+        for t in find_targets(model)
+    ]
     assert 0.05 < sum(rel) / len(rel) < 0.3
 
 
@@ -138,8 +149,11 @@ def test_hqq_matches_hqqlinear():
     lin = nn.Linear(128, 64, bias=False)
     lin.weight.data.copy_(model.get_submodule(name).weight)
     peers.hqq_quantize(model, bits=2, group_size=64)
-    ref = HQQLinear(lin, BaseQuantizeConfig(nbits=2, group_size=64), compute_dtype=torch.float16,
-                    device="cpu").dequantize().float()
+    ref = (
+        HQQLinear(lin, BaseQuantizeConfig(nbits=2, group_size=64), compute_dtype=torch.float16, device="cpu")
+        .dequantize()
+        .float()
+    )
     got = model.get_submodule(name).weight.detach()
     torch.testing.assert_close(got, ref, rtol=0, atol=2e-3)
 
@@ -180,7 +194,7 @@ def test_autoround_symmetric_w2_g32(tokenizer_dir, monkeypatch):
     monkeypatch.setattr(peers, "_check_autoround_layer", spy)
     info = peers.autoround_quantize(model, tok, batch, bits=2, group_size=32, iters=3, seed=0, sym=True)
     check_model(model, before, 2, 32)
-    assert len(zero_points) == 14 and set(zero_points.values()) == {2}     # one int zero point: 2^(b-1)
+    assert len(zero_points) == 14 and set(zero_points.values()) == {2}  # one int zero point: 2^(b-1)
     assert info["stored_bytes"] == expected_bytes(model, 2, 32, 18) and info["config"] == "AutoRound sym W2 g32"
     assert info["sym"] is True
     assert_left_as_found(model)
@@ -202,7 +216,7 @@ def test_autoscheme_target_fits_budget_with_padded_rows():
         return sum(o * i * b + o * math.ceil(i / group) * (16 + b) for (o, i), b in zip(shapes, choice))
 
     choices = list(itertools.product(widths, repeat=len(shapes)))
-    assert any(ours_bits(c) > theirs(c) for c in choices)     # the padding matters here
+    assert any(ours_bits(c) > theirs(c) for c in choices)  # the padding matters here
     for budget in range(ours((2, 2, 2)), ours((4, 4, 4)) + 2):
         target = peers._autoscheme_target(shapes, widths, group, budget)
         allowed = [c for c in choices if theirs(c) <= int(n * target)]

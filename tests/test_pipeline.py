@@ -5,18 +5,17 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import ARCHS
 
 from bitsearch import api
 from bitsearch.config import ApplyConfig, EvalConfig, SearchConfig, SensitivityConfig
 from bitsearch.errors import BitsearchError
-from bitsearch.quantize import fake_quantize_model, pack_model
 from bitsearch.io.checkpoint import load_packed, packed_tensor_bytes
-from bitsearch.models import find_targets
 from bitsearch.io.loading import load_model
 from bitsearch.io.plan import BitPlan
+from bitsearch.models import find_targets
+from bitsearch.quantize import fake_quantize_model, pack_model
 from bitsearch.sensitivity import SensitivityTable
-
-from conftest import ARCHS
 
 SMALL = dict(samples=4, seq_len=32, group_size=16, loss_calibration_samples=2, show_progress=False)
 
@@ -37,12 +36,15 @@ def test_end_to_end(arch, tiny_models, text_file, tmp_path):
         assert g["imatrix.e2"].sum() == pytest.approx(max(g["imatrix.layer_response"].iloc[0], 1e-6), rel=1e-6)
         # pruning has its own scale: the rows pruned to measure it sum to the measured response
         k = max(1, round(table.meta["prune_fraction"] * len(g)))
-        assert np.sort(g["imatrix.e0"].to_numpy())[:k].sum() == pytest.approx(max(g["imatrix.prune_response"].iloc[0], 1e-6),
-                                                                      rel=1e-6)
+        assert np.sort(g["imatrix.e0"].to_numpy())[:k].sum() == pytest.approx(
+            max(g["imatrix.prune_response"].iloc[0], 1e-6), rel=1e-6
+        )
 
     plan_path = str(tmp_path / "plan.json")
     # groups of 16 cost 1.5 bits of scales and zeros: 2-bit rows cost 3.5 bits all-in
-    plan = api.search(model, None, SearchConfig(budget='4.5', group_size=16, show_progress=False), table=table_path, out=plan_path)
+    plan = api.search(
+        model, None, SearchConfig(budget="4.5", group_size=16, show_progress=False), table=table_path, out=plan_path
+    )
     assert plan.summary["avg_bits"] <= 4.5
     assert plan.summary["avg_bits"] > 4.4  # the budget is used
     loaded = BitPlan.load(plan_path)
@@ -64,7 +66,13 @@ def test_end_to_end(arch, tiny_models, text_file, tmp_path):
     assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
     assert torch.equal(a, c)
 
-    r = api.evaluate(out, text_file, EvalConfig(max_tokens=300, seq_len=64, show_progress=False), out=str(tmp_path / 'r.json'), reference=model)
+    r = api.evaluate(
+        out,
+        text_file,
+        EvalConfig(max_tokens=300, seq_len=64, show_progress=False),
+        out=str(tmp_path / "r.json"),
+        reference=model,
+    )
     assert np.isfinite(r.ppl) and r.kl > 0 and r.tokens == 300
     assert os.path.isfile(tmp_path / "r.json")
 
@@ -72,8 +80,8 @@ def test_end_to_end(arch, tiny_models, text_file, tmp_path):
 def test_fake_checkpoint_loads_in_plain_hf(llama_dir, text_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    plan = api.search(llama_dir, text_file, SearchConfig(budget='4.5', **SMALL), out=str(tmp_path / 'p.json'))
-    api.apply(llama_dir, str(tmp_path / 'p.json'), ApplyConfig(fake=True), out=str(tmp_path / 'fake'))
+    plan = api.search(llama_dir, text_file, SearchConfig(budget="4.5", **SMALL), out=str(tmp_path / "p.json"))
+    api.apply(llama_dir, str(tmp_path / "p.json"), ApplyConfig(fake=True), out=str(tmp_path / "fake"))
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fake"))
     ref = fake_quantize_model(load_model(llama_dir), plan)
     for (n1, p1), (n2, p2) in zip(hf.named_parameters(), ref.named_parameters()):
@@ -83,9 +91,11 @@ def test_fake_checkpoint_loads_in_plain_hf(llama_dir, text_file, tmp_path):
 def test_pruned_channels_output_only_bias(tiny_models, text_file, tmp_path):
     """A plan forced to prune (tiny budget, 0 in the menu) gives zero rows in the packed model."""
     model = tiny_models["opt"]  # OPT linears have biases
-    plan = api.search(model, text_file, SearchConfig(budget='0.5', bits='0,2', min_bits=0, **SMALL), out=str(tmp_path / 'p.json'))
+    plan = api.search(
+        model, text_file, SearchConfig(budget="0.5", bits="0,2", min_bits=0, **SMALL), out=str(tmp_path / "p.json")
+    )
     assert plan.summary["pruned_channels"] > 0
-    api.apply(model, str(tmp_path / 'p.json'), out=str(tmp_path / 'packed'))
+    api.apply(model, str(tmp_path / "p.json"), out=str(tmp_path / "packed"))
     packed = load_packed(str(tmp_path / "packed"))
     name, bits = next((n, b) for n, b in plan.bits.items() if (b == 0).any())
     w = packed.get_submodule(name).dequantized_weight()
@@ -102,7 +112,7 @@ def test_targets_and_exclude(llama_dir):
 
 
 def test_table_round_trip(llama_dir, text_file, tmp_path):
-    t = api.sensitivity(llama_dir, text_file, SensitivityConfig(**SMALL), out=str(tmp_path / 't.parquet'))
+    t = api.sensitivity(llama_dir, text_file, SensitivityConfig(**SMALL), out=str(tmp_path / "t.parquet"))
     back = SensitivityTable.load(str(tmp_path / "t.parquet"))
     assert back.meta["bits"] == t.meta["bits"] and back.group_size == 16
     assert np.array_equal(back.curves(), t.curves())
@@ -114,14 +124,14 @@ def test_apply_packs_an_in_memory_model_in_place(llama_dir, text_file, tmp_path)
     from bitsearch.io.loading import load_tokenizer
     from bitsearch.packed import PackedLinear
 
-    plan = api.search(llama_dir, text_file, SearchConfig(budget='4.5', **SMALL))
+    plan = api.search(llama_dir, text_file, SearchConfig(budget="4.5", **SMALL))
     m, tok = load_model(llama_dir), load_tokenizer(llama_dir)
-    out = api.apply(m, plan, out=str(tmp_path / 'p'), tokenizer=tok)
+    out = api.apply(m, plan, out=str(tmp_path / "p"), tokenizer=tok)
     assert out is m and m.bitsearch_plan is plan
     assert all(isinstance(m.get_submodule(n), PackedLinear) for n in plan.bits)
     x = torch.randint(0, 300, (1, 16))
     with torch.no_grad():
-        assert torch.equal(m(input_ids=x).logits, load_packed(str(tmp_path / 'p'))(input_ids=x).logits)
+        assert torch.equal(m(input_ids=x).logits, load_packed(str(tmp_path / "p"))(input_ids=x).logits)
 
 
 def test_inline_search_skips_widths_it_cannot_pick(llama_dir, text_file, monkeypatch):
@@ -130,7 +140,7 @@ def test_inline_search_skips_widths_it_cannot_pick(llama_dir, text_file, monkeyp
 
     called = []
     monkeypatch.setattr(pipeline, "prune_loss_response", lambda *a, **k: called.append(1) or {})
-    plan = api.search(llama_dir, text_file, SearchConfig(budget='4.5', **SMALL))
+    plan = api.search(llama_dir, text_file, SearchConfig(budget="4.5", **SMALL))
     assert not called and plan.menu == [2, 3, 4, 5, 6, 8]
 
 
@@ -140,20 +150,35 @@ def test_multi_estimator_table_search_and_plot(llama_dir, text_file, tmp_path, c
     from bitsearch.cli import main
 
     path = str(tmp_path / "all.parquet")
-    t = api.sensitivity(llama_dir, text_file, SensitivityConfig(estimators='imatrix,snr,fisher,hutchinson', probes=2, **SMALL), out=path)
+    t = api.sensitivity(
+        llama_dir, text_file, SensitivityConfig(estimators="imatrix,snr,fisher,hutchinson", probes=2, **SMALL), out=path
+    )
     assert t.estimators == ["imatrix", "snr", "fisher", "hutchinson"]
     assert t.meta["estimator_info"]["fisher"]["calibration"] == "native"
     assert t.meta["estimator_info"]["snr"]["calibration"] == "gradient"
     assert all(np.isfinite(t.curves(mix=e)).all() for e in t.estimators)
     plans = {}
-    for mix, method in [("imatrix", "greedy"), ("snr", "greedy"), ("fisher", "greedy"), ("hutchinson", "greedy"),
-                        (None, "greedy"), ("snr", "snr")]:
-        p = api.search(llama_dir, None, SearchConfig(budget='4.5', group_size=16, mix=mix, method=method, show_progress=False), table=path)
+    for mix, method in [
+        ("imatrix", "greedy"),
+        ("snr", "greedy"),
+        ("fisher", "greedy"),
+        ("hutchinson", "greedy"),
+        (None, "greedy"),
+        ("snr", "snr"),
+    ]:
+        p = api.search(
+            llama_dir,
+            None,
+            SearchConfig(budget="4.5", group_size=16, mix=mix, method=method, show_progress=False),
+            table=path,
+        )
         assert 4.3 < p.summary["avg_bits"] <= 4.5
         plans[(mix, method)] = p
     assert plans[(None, "greedy")].provenance["estimator_mix"] == "imatrix=0.25,snr=0.25,fisher=0.25,hutchinson=0.25"
-    assert any(not np.array_equal(plans[("imatrix", "greedy")].bits[n], plans[("fisher", "greedy")].bits[n])
-               for n in plans[("imatrix", "greedy")].bits)
+    assert any(
+        not np.array_equal(plans[("imatrix", "greedy")].bits[n], plans[("fisher", "greedy")].bits[n])
+        for n in plans[("imatrix", "greedy")].bits
+    )
     assert main(["plot", "sensitivity", "--table", path, "--estimator", "snr", "--out", str(tmp_path / "s.png")]) == 0
     assert os.path.getsize(tmp_path / "s.png") > 10000
     plans[("snr", "snr")].save(str(tmp_path / "wf.json"))
@@ -164,18 +189,33 @@ def test_multi_estimator_table_search_and_plot(llama_dir, text_file, tmp_path, c
 def test_ilp_from_the_cli_with_runtime_constraints(llama_dir, text_file, tmp_path):
     """--method ilp with shared q/k/v widths per layer and a floor for down_proj."""
     path = str(tmp_path / "t.parquet")
-    api.sensitivity(llama_dir, text_file, SensitivityConfig(bits='2,3,4,8', **SMALL), out=path)
-    plan = api.search(llama_dir, None, SearchConfig(budget='4.5', group_size=16, method='ilp', granularity='layer', share=['^(.*)\\.self_attn\\.[qkv]_proj$'], layer_min_bits=['down_proj=3'], show_progress=False), table=path)
+    api.sensitivity(llama_dir, text_file, SensitivityConfig(bits="2,3,4,8", **SMALL), out=path)
+    plan = api.search(
+        llama_dir,
+        None,
+        SearchConfig(
+            budget="4.5",
+            group_size=16,
+            method="ilp",
+            granularity="layer",
+            share=["^(.*)\\.self_attn\\.[qkv]_proj$"],
+            layer_min_bits=["down_proj=3"],
+            show_progress=False,
+        ),
+        table=path,
+    )
     assert plan.summary["avg_bits"] <= 4.5
     for blk in range(2):
         widths = {k: set(plan.bits[f"model.layers.{blk}.self_attn.{k}_proj"].tolist()) for k in "qkv"}
         assert widths["q"] == widths["k"] == widths["v"] and len(widths["q"]) == 1
         assert min(plan.bits[f"model.layers.{blk}.mlp.down_proj"]) >= 3
-    greedy = api.search(llama_dir, None, SearchConfig(budget='4.5', group_size=16, show_progress=False), table=path)
-    exact = api.search(llama_dir, None, SearchConfig(budget='4.5', group_size=16, method='ilp', show_progress=False), table=path)
+    greedy = api.search(llama_dir, None, SearchConfig(budget="4.5", group_size=16, show_progress=False), table=path)
+    exact = api.search(
+        llama_dir, None, SearchConfig(budget="4.5", group_size=16, method="ilp", show_progress=False), table=path
+    )
     assert exact.summary["predicted_error"] <= greedy.summary["predicted_error"] + 1e-12
     with pytest.raises(BitsearchError, match="options of the ilp method"):
-        api.search(llama_dir, None, SearchConfig(budget='4.5', group_size=16, granularity='layer'), table=path)
+        api.search(llama_dir, None, SearchConfig(budget="4.5", group_size=16, granularity="layer"), table=path)
 
 
 @pytest.mark.parametrize("calibrate", ["auto", "gradient", "layer-loss"])
@@ -199,8 +239,10 @@ def test_calibrations_scale_curves_to_their_responses(calibrate, llama_dir, text
     raw = api.sensitivity(llama_dir, text_file, SensitivityConfig(loss_calibration="none", **kw))
     from bitsearch.sensitivity.base import LayerCurves
 
-    curves = {name: LayerCurves(errors=g[["imatrix.e0", "imatrix.e2", "imatrix.e4"]].to_numpy(), metrics={})
-              for name, g in raw.df.groupby("layer", sort=False)}
+    curves = {
+        name: LayerCurves(errors=g[["imatrix.e0", "imatrix.e2", "imatrix.e4"]].to_numpy(), metrics={})
+        for name, g in raw.df.groupby("layer", sort=False)
+    }
     rows = prune_rows(curves, [0, 2, 4], 0.125)
     if method == "gradient":
         want, prune = gradient_responses(m, targets, batch, 2, 16, {"imatrix": rows}, show_progress=False)

@@ -11,10 +11,18 @@ from bitsearch.io.plan import BitPlan, decode_bits, encode_bits
 
 
 def make_plan() -> BitPlan:
-    model = {"model_type": "llama", "sha256": "ab" * 32, "config_sha256": "cd" * 32,
-             "targets": {"a": [4, 16], "b": [3, 8]}}
-    p = BitPlan(model=model, group_size=8, menu=[0, 2, 3, 4, 8, 16],
-                bits={"a": np.array([0, 2, 3, 16], dtype=np.uint8), "b": np.array([8, 4, 4], dtype=np.uint8)})
+    model = {
+        "model_type": "llama",
+        "sha256": "ab" * 32,
+        "config_sha256": "cd" * 32,
+        "targets": {"a": [4, 16], "b": [3, 8]},
+    }
+    p = BitPlan(
+        model=model,
+        group_size=8,
+        menu=[0, 2, 3, 4, 8, 16],
+        bits={"a": np.array([0, 2, 3, 16], dtype=np.uint8), "b": np.array([8, 4, 4], dtype=np.uint8)},
+    )
     p.fill_summary(predicted_error=0.5)
     return p
 
@@ -45,22 +53,44 @@ def _write(tmp_path, d) -> str:
     return path
 
 
-@pytest.mark.parametrize("mutate,message", [
-    (lambda d: d.update(version=3), "format version 3"),
-    (lambda d: d.update(couplings=[{"kind": "mlp"}]), "couplings section is malformed"),
-    (lambda d: d.update(couplings=[{"kind": "mlp", "producers": ["a", "x"], "consumer": "b", "unit_rows": [1, 1],
-                                    "unit_cols": 1, "n_units": 4}]), "coupling names 'x'"),
-    (lambda d: d.update(couplings=[{"kind": "mlp", "producers": ["a"], "consumer": "b", "unit_rows": [1],
-                                    "unit_cols": 1, "n_units": 4}]), "does not fit the layer shapes"),
-    (lambda d: d.update(format="other"), "not a bitsearch plan"),
-    (lambda d: d["bits"].update(c="22"), "layer 'c' has bits but is not among its targets"),
-    (lambda d: d["bits"].update(a="0237"), "channel 3 has width 7, outside the menu"),
-    (lambda d: d["bits"].update(a="02X4"), "width code 'X'"),
-    (lambda d: d["bits"].update(a="02"), "has 2 widths for 4 channels"),
-    (lambda d: d["summary"].update(bytes=1), "summary says 1 bytes"),
-    (lambda d: d["quantizer"].update(group_size=0), "group size 0"),
-    (lambda d: d.pop("bits"), "lacks its 'bits' section"),
-])
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda d: d.update(version=3), "format version 3"),
+        (lambda d: d.update(couplings=[{"kind": "mlp"}]), "couplings section is malformed"),
+        (
+            lambda d: d.update(
+                couplings=[
+                    {
+                        "kind": "mlp",
+                        "producers": ["a", "x"],
+                        "consumer": "b",
+                        "unit_rows": [1, 1],
+                        "unit_cols": 1,
+                        "n_units": 4,
+                    }
+                ]
+            ),
+            "coupling names 'x'",
+        ),
+        (
+            lambda d: d.update(
+                couplings=[
+                    {"kind": "mlp", "producers": ["a"], "consumer": "b", "unit_rows": [1], "unit_cols": 1, "n_units": 4}
+                ]
+            ),
+            "does not fit the layer shapes",
+        ),
+        (lambda d: d.update(format="other"), "not a bitsearch plan"),
+        (lambda d: d["bits"].update(c="22"), "layer 'c' has bits but is not among its targets"),
+        (lambda d: d["bits"].update(a="0237"), "channel 3 has width 7, outside the menu"),
+        (lambda d: d["bits"].update(a="02X4"), "width code 'X'"),
+        (lambda d: d["bits"].update(a="02"), "has 2 widths for 4 channels"),
+        (lambda d: d["summary"].update(bytes=1), "summary says 1 bytes"),
+        (lambda d: d["quantizer"].update(group_size=0), "group size 0"),
+        (lambda d: d.pop("bits"), "lacks its 'bits' section"),
+    ],
+)
 def test_bad_plans_name_the_problem(tmp_path, mutate, message):
     d = make_plan().to_dict()
     d["bits"]["a"] = "0238"

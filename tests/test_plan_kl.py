@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bitsearch.quantize import fake_quantize_model
-from bitsearch.models import find_targets, model_fingerprint
 from bitsearch.io.loading import load_model
 from bitsearch.io.plan import BitPlan
+from bitsearch.models import find_targets, model_fingerprint
+from bitsearch.quantize import fake_quantize_model
 from bitsearch.search.kl import PlanKL
 
 MENU = [2, 3, 4, 8]
@@ -33,8 +33,12 @@ def test_plan_kl_matches_fake_quantization_and_sharing(llama_dir):
     w = _widths(model, 1)
     assert shared(w) == pytest.approx(own(w), rel=1e-6)
     # against fake-quantizing a copy of the model under the same widths
-    plan = BitPlan(model=model_fingerprint(model, targets), group_size=32, menu=MENU,
-                   bits={n: b.astype(np.uint8) for n, b in w.items()})
+    plan = BitPlan(
+        model=model_fingerprint(model, targets),
+        group_size=32,
+        menu=MENU,
+        bits={n: b.astype(np.uint8) for n, b in w.items()},
+    )
     quant = fake_quantize_model(load_model(llama_dir), plan)
     with torch.no_grad():
         p = F.log_softmax(model(input_ids=held).logits[:, :-1].float(), -1)

@@ -13,13 +13,18 @@ from bitsearch.plots.plan import plot_plan
 
 MENU = [0, 2, 3, 4, 8, 16]
 # llama-like block, hidden 384, intermediate 1024: 3968 channels per block
-TYPES = {"self_attn.q_proj": (384, 384), "self_attn.k_proj": (384, 384), "self_attn.v_proj": (384, 384),
-         "self_attn.o_proj": (384, 384), "mlp.gate_proj": (1024, 384), "mlp.up_proj": (1024, 384),
-         "mlp.down_proj": (384, 1024)}
+TYPES = {
+    "self_attn.q_proj": (384, 384),
+    "self_attn.k_proj": (384, 384),
+    "self_attn.v_proj": (384, 384),
+    "self_attn.o_proj": (384, 384),
+    "mlp.gate_proj": (1024, 384),
+    "mlp.up_proj": (1024, 384),
+    "mlp.down_proj": (384, 1024),
+}
 
 
-def make_plan(n_blocks: int = 2, pruned: bool = True, lm_head: bool = False, seed: int = 0,
-              menu=MENU) -> BitPlan:
+def make_plan(n_blocks: int = 2, pruned: bool = True, lm_head: bool = False, seed: int = 0, menu=MENU) -> BitPlan:
     rng = np.random.default_rng(seed)
     targets, bits = {}, {}
     quant = [w for w in menu if w not in (0, 16)]
@@ -52,16 +57,16 @@ def _check_png(path: str) -> None:
     img = mpimg.imread(path)
     assert img.shape[:2] == (10 * 120, 14 * 120)
     assert img.shape[2] in (3, 4)
-    assert float(np.std(img[..., :3])) > 0.05       # not a blank canvas
+    assert float(np.std(img[..., :3])) > 0.05  # not a blank canvas
 
 
 def test_plot_two_blocks_with_pruned(tmp_path):
     plan = make_plan(2, pruned=True)
     assert plan.summary["pruned_channels"] > 0
-    out = str(tmp_path / "sub" / "plan.png")        # folder is created
+    out = str(tmp_path / "sub" / "plan.png")  # folder is created
     assert plot_plan(plan, out, title="toy") == out
     _check_png(out)
-    assert os.listdir(tmp_path / "sub") == ["plan.png"]   # no temporary left behind
+    assert os.listdir(tmp_path / "sub") == ["plan.png"]  # no temporary left behind
 
 
 def test_plot_many_blocks_channel_order_and_lm_head(tmp_path):
@@ -78,7 +83,7 @@ def test_plot_from_saved_plan_without_pruning(tmp_path):
     path = str(tmp_path / "plan.json")
     plan.save(path)
     loaded = BitPlan.load(path)
-    loaded.summary = {}                              # the figure falls back on the plan's widths
+    loaded.summary = {}  # the figure falls back on the plan's widths
     out = str(tmp_path / "p.png")
     plot_plan(loaded, out)
     _check_png(out)
@@ -86,8 +91,7 @@ def test_plot_from_saved_plan_without_pruning(tmp_path):
 
 
 def test_empty_plan_is_an_error(tmp_path):
-    plan = BitPlan(model={"model_type": "llama", "sha256": "ab" * 32, "targets": {}}, group_size=64,
-                   menu=MENU, bits={})
+    plan = BitPlan(model={"model_type": "llama", "sha256": "ab" * 32, "targets": {}}, group_size=64, menu=MENU, bits={})
     out = str(tmp_path / "empty.png")
     with pytest.raises(BitsearchError, match="no layers") as exc:
         plot_plan(plan, out)

@@ -15,14 +15,15 @@ from bitsearch.sensitivity.table import SensitivityTable
 BITS = [0, 2, 3, 4, 8]
 
 
-def make_table(n_blocks: int = 2, channels: int = 48, snr: bool = True, seed: int = 0,
-               types=("self_attn.q_proj", "mlp.down_proj")) -> SensitivityTable:
+def make_table(
+    n_blocks: int = 2, channels: int = 48, snr: bool = True, seed: int = 0, types=("self_attn.q_proj", "mlp.down_proj")
+) -> SensitivityTable:
     rng = np.random.default_rng(seed)
     names = [(i, j, f"model.layers.{i}.{t}") for i in range(n_blocks) for j, t in enumerate(types)]
     names.append((n_blocks, len(types), "lm_head"))
     frames = []
     for block, j, name in names:
-        spread = 1.2 if "down_proj" in name else 0.3 + 0.1 * j   # down_proj: wide per-channel spread
+        spread = 1.2 if "down_proj" in name else 0.3 + 0.1 * j  # down_proj: wide per-channel spread
         level = -3 + 0.04 * block + 0.25 * j + 0.2 * rng.normal()
         signal = 10 ** rng.normal(1.0, 0.3, channels)
         scale = 10 ** (level + spread * rng.normal(size=channels))
@@ -32,8 +33,10 @@ def make_table(n_blocks: int = 2, channels: int = 48, snr: bool = True, seed: in
             cols[f"imatrix.e{b}"] = imat
         if snr:
             slope = rng.normal(5.9 - 0.15 * j, 0.3, channels)
-            noise = {b: (signal if b == 0 else signal * 10 ** (-(8 + slope * (b - 2) + rng.normal(0, 2, channels)) / 10))
-                     for b in BITS}
+            noise = {
+                b: (signal if b == 0 else signal * 10 ** (-(8 + slope * (b - 2) + rng.normal(0, 2, channels)) / 10))
+                for b in BITS
+            }
             for b in BITS:
                 cols[f"snr.e{b}"] = noise[b]
                 if b:
@@ -45,8 +48,14 @@ def make_table(n_blocks: int = 2, channels: int = 48, snr: bool = True, seed: in
     info = {"imatrix": {"calibration": "layer-loss", "units": "calibration-loss increase (nats/token)"}}
     if snr:
         info["snr"] = {"calibration": "none", "units": "layer-local proxy"}
-    meta = {"bits": BITS, "group_size": 64, "estimators": ests, "mix": {"imatrix": 1.0},
-            "estimator_info": info, "model_name": "synthetic/llama-toy"}
+    meta = {
+        "bits": BITS,
+        "group_size": 64,
+        "estimators": ests,
+        "mix": {"imatrix": 1.0},
+        "estimator_info": info,
+        "model_name": "synthetic/llama-toy",
+    }
     return SensitivityTable(df=pd.concat(frames, ignore_index=True), meta=meta)
 
 
@@ -56,7 +65,7 @@ def _check_png(path: str) -> None:
     img = mpimg.imread(path)
     assert img.shape[:2] == (9 * 120, 12 * 120)
     assert img.shape[2] in (3, 4)
-    assert float(np.std(img[..., :3])) > 0.05       # not a blank canvas
+    assert float(np.std(img[..., :3])) > 0.05  # not a blank canvas
 
 
 def _no_temp(folder) -> None:
@@ -93,7 +102,7 @@ def test_plot_default_width_without_2(tmp_path):
     t = make_table()
     t.meta["bits"] = [0, 3, 4, 8]
     out = str(tmp_path / "sens.png")
-    plot_sensitivity(t, out)   # falls back to 3 bits
+    plot_sensitivity(t, out)  # falls back to 3 bits
     _check_png(out)
 
 
@@ -107,8 +116,15 @@ def test_errors(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-LLAMA_TYPES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LLAMA_TYPES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 def test_plot_many_blocks(tmp_path):

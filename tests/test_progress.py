@@ -26,8 +26,12 @@ def test_lines_every_interval_with_counts_time_left_and_postfix():
     lines = out.getvalue().splitlines()
     # the clock advances 10 s per call: a line after items 3, 6 and 9, and a last one
     assert lines[0] == "layer response: 3/10 (30 %), 0:30 elapsed, ~1:10 left, loss=0.1235, block=2"
-    assert [l.split(",")[0] for l in lines] == ["layer response: 3/10 (30 %)", "layer response: 6/10 (60 %)",
-                                                "layer response: 9/10 (90 %)", "layer response: 10/10 (100 %)"]
+    assert [line.split(",")[0] for line in lines] == [
+        "layer response: 3/10 (30 %)",
+        "layer response: 6/10 (60 %)",
+        "layer response: 9/10 (90 %)",
+        "layer response: 10/10 (100 %)",
+    ]
     assert "left" not in lines[-1]
 
 
@@ -48,4 +52,4 @@ def test_a_line_on_the_last_item_is_not_repeated():
     assert out.getvalue().splitlines() == ["d: 2/3 (67 %), 0:02 elapsed, ~0:01 left", "d: 3/3 (100 %), 0:04 elapsed"]
     out = io.StringIO()
     list(LineProgress(range(2), desc="d", stream=out, every=2.0, clock=Clock(1.0)))
-    assert out.getvalue().splitlines() == ["d: 2/2 (100 %), 0:02 elapsed"]     # the line on the last item only
+    assert out.getvalue().splitlines() == ["d: 2/2 (100 %), 0:02 elapsed"]  # the line on the last item only

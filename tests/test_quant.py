@@ -3,8 +3,17 @@
 import pytest
 import torch
 
-from bitsearch.quant import (QUANT_WIDTHS, choose_qparams, dequantize, fake_quantize, n_groups, pack_codes,
-                             packed_row_bytes, quantize, unpack_codes)
+from bitsearch.quant import (
+    QUANT_WIDTHS,
+    choose_qparams,
+    dequantize,
+    fake_quantize,
+    n_groups,
+    pack_codes,
+    packed_row_bytes,
+    quantize,
+    unpack_codes,
+)
 
 
 @pytest.mark.parametrize("bits", QUANT_WIDTHS)

@@ -5,8 +5,16 @@ import math
 import pandas as pd
 import pytest
 
-STAGES = ["sens_imatrix", "sens_hutchinson", "search_greedy", "search_optuna", "finalize_qat_tiled",
-          "finalize_signround", "apply", "eval_packed"]
+STAGES = [
+    "sens_imatrix",
+    "sens_hutchinson",
+    "search_greedy",
+    "search_optuna",
+    "finalize_qat_tiled",
+    "finalize_signround",
+    "apply",
+    "eval_packed",
+]
 
 
 def test_scale_study_tiny(tmp_path):
@@ -16,12 +24,30 @@ def test_scale_study_tiny(tmp_path):
 
     threads = torch.get_num_threads()
     try:
-        rows = scale.main(["--shapes", "tiny", "--tokens", "2x32", "--stages", ",".join(STAGES), "--budget", "3",
-                           "--trials", "2", "--unit-repeats", "1", "--threads", "1", "--out", str(tmp_path)])
+        rows = scale.main(
+            [
+                "--shapes",
+                "tiny",
+                "--tokens",
+                "2x32",
+                "--stages",
+                ",".join(STAGES),
+                "--budget",
+                "3",
+                "--trials",
+                "2",
+                "--unit-repeats",
+                "1",
+                "--threads",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     df = pd.read_csv(tmp_path / "scale.csv")
-    assert len(rows) == len(df) == len(STAGES) + 1          # the unit row, then one row per stage
+    assert len(rows) == len(df) == len(STAGES) + 1  # the unit row, then one row per stage
     assert list(df["stage"]) == ["fwd_bwd"] + STAGES
     assert df["error"].isna().all(), df.loc[df["error"].notna(), ["stage", "error"]].to_string()
     assert (df["shape"] == "tiny").all() and (df["tokens"] == 64).all() and (df["layers"] == 2).all()
@@ -33,10 +59,10 @@ def test_scale_study_tiny(tmp_path):
             assert math.isfinite(r.ratio_mem) and r.ratio_mem >= 0, r.stage
     per = df.set_index("stage")
     assert per.loc["sens_hutchinson", "units"] == 2 and per.loc["search_optuna", "units"] == 2
-    assert per.loc["finalize_signround", "units"] == 4 * 2        # steps per block x blocks
+    assert per.loc["finalize_signround", "units"] == 4 * 2  # steps per block x blocks
     assert per.loc["search_optuna", "ratio_time_per_unit"] == pytest.approx(per.loc["search_optuna", "ratio_time"] / 2)
     assert (tmp_path / "scale.json").is_file() and (tmp_path / "scale.png").is_file()
-    assert not (tmp_path / "tmp").exists()                        # temporary tables and checkpoints are gone
+    assert not (tmp_path / "tmp").exists()  # temporary tables and checkpoints are gone
 
 
 def test_failed_stage_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
@@ -46,8 +72,22 @@ def test_failed_stage_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
         raise RuntimeError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(scale.Run, "sens", boom)
-    rows = scale.main(["--shapes", "tiny", "--tokens", "2x16", "--stages", "sens_fisher,search_greedy",
-                       "--budget", "3", "--unit-repeats", "1", "--out", str(tmp_path)])
+    rows = scale.main(
+        [
+            "--shapes",
+            "tiny",
+            "--tokens",
+            "2x16",
+            "--stages",
+            "sens_fisher,search_greedy",
+            "--budget",
+            "3",
+            "--unit-repeats",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     by = {r["stage"]: r for r in rows}
     assert by["sens_fisher"]["error"].startswith("RuntimeError: CUDA out of memory")
     assert by["search_greedy"].get("error") is None and by["search_greedy"]["ratio_time"] > 0

@@ -2,19 +2,19 @@
 README's results, small enough for CI. The full figures come from studies/slm_budget_table.py."""
 
 import copy
+
 import numpy as np
 import pytest
+from conftest import CORPUS, SLM
 
 from bitsearch import api
-from bitsearch.io.checkpoint import packed_tensor_bytes
 from bitsearch.config import SearchConfig, SensitivityConfig
 from bitsearch.data import read_text, tokenize_text
 from bitsearch.evaluate import perplexity
-from bitsearch.models import find_targets, model_fingerprint
+from bitsearch.io.checkpoint import packed_tensor_bytes
 from bitsearch.io.loading import load_model, load_tokenizer
+from bitsearch.models import find_targets, model_fingerprint
 from bitsearch.search import build_problem
-
-from conftest import CORPUS, SLM
 
 pytestmark = pytest.mark.shared
 
@@ -29,7 +29,12 @@ def test_reference_perplexity_matches_fixture_readme():
 
 def test_searched_plan_at_2_5_bits_beats_uniform_2_bit(tmp_path):
     m, tok = load_model(SLM), load_tokenizer(SLM)
-    table = api.sensitivity(m, f'{CORPUS}/heldout.txt', SensitivityConfig(samples=8, seq_len=256, bits='2,3,4,5,6,8', loss_calibration_samples=4, show_progress=False), tokenizer=tok)
+    table = api.sensitivity(
+        m,
+        f"{CORPUS}/heldout.txt",
+        SensitivityConfig(samples=8, seq_len=256, bits="2,3,4,5,6,8", loss_calibration_samples=4, show_progress=False),
+        tokenizer=tok,
+    )
     targets = find_targets(m)
     fp = model_fingerprint(m, targets)
     ids = tokenize_text(tok, read_text(f"{CORPUS}/wikitext2_test.txt"))
@@ -52,16 +57,59 @@ def test_every_estimator_scores_every_channel_and_its_plan_applies(tmp_path, cap
     from bitsearch.sensitivity import SensitivityTable
 
     table = str(tmp_path / "t.parquet")
-    assert main(["--quiet", "sensitivity", "--model", SLM, "--calib", f"{CORPUS}/heldout.txt", "--samples", "4",
-                 "--seq-len", "128", "--micro-batch", "2", "--probes", "2", "--calib-loss-samples", "2",
-                 "--bits", "0,2,3,4,8", "--estimators", "imatrix,hutchinson,fisher,snr", "--out", table]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "sensitivity",
+                "--model",
+                SLM,
+                "--calib",
+                f"{CORPUS}/heldout.txt",
+                "--samples",
+                "4",
+                "--seq-len",
+                "128",
+                "--micro-batch",
+                "2",
+                "--probes",
+                "2",
+                "--calib-loss-samples",
+                "2",
+                "--bits",
+                "0,2,3,4,8",
+                "--estimators",
+                "imatrix,hutchinson,fisher,snr",
+                "--out",
+                table,
+            ]
+        )
+        == 0
+    )
     t = SensitivityTable.load(table)
     assert len(t.df) == 31744
     for est in t.estimators:
         assert np.isfinite(t.curves(mix=est)).all(), est
         plan = str(tmp_path / f"{est}.json")
-        assert main(["--quiet", "search", "--model", SLM, "--sensitivity", table, "--mix", est, "--budget", "2.5",
-                     "--out", plan]) == 0
+        assert (
+            main(
+                [
+                    "--quiet",
+                    "search",
+                    "--model",
+                    SLM,
+                    "--sensitivity",
+                    table,
+                    "--mix",
+                    est,
+                    "--budget",
+                    "2.5",
+                    "--out",
+                    plan,
+                ]
+            )
+            == 0
+        )
         assert main(["--quiet", "apply", "--model", SLM, "--plan", plan, "--out", str(tmp_path / est)]) == 0
     out = capsys.readouterr().out
     assert out.count("bytes of packed target tensors") == 4

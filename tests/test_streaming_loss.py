@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ARCHS
 
-from bitsearch.io.loading import load_model
 from bitsearch import blocks as streaming
 from bitsearch.blocks import BlockRunner
-
-from conftest import ARCHS
+from bitsearch.io.loading import load_model
 
 
 def whole_model_nll(m, x) -> float:
@@ -25,7 +24,7 @@ def test_chunked_loss_equals_whole_logits(arch, tiny_models, monkeypatch):
     m = load_model(tiny_models[arch])
     x = torch.randint(0, 300, (3, 20), generator=torch.Generator().manual_seed(0))
     want = whole_model_nll(m, x)
-    for elements in (1, 7 * m.get_output_embeddings().out_features, 1 << 21):   # 1 token, 7, all at once
+    for elements in (1, 7 * m.get_output_embeddings().out_features, 1 << 21):  # 1 token, 7, all at once
         monkeypatch.setattr(streaming, "_HEAD_CHUNK_ELEMENTS", elements)
         runner = BlockRunner(m)
         assert runner.nll_from(0, [runner.capture(x)[0]], [runner.capture(x)[1]], [x]) == pytest.approx(want, rel=1e-5)

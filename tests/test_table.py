@@ -18,7 +18,12 @@ def two_estimator_table():
     for est in ("imatrix", "fisher"):
         for b in (0, 2, 4):
             df[f"{est}.e{b}"] = rng.uniform(0, 1, 5) / (b + 1)
-    meta = {"bits": [0, 2, 4], "group_size": 8, "estimators": ["imatrix", "fisher"], "mix": {"imatrix": 0.5, "fisher": 0.5}}
+    meta = {
+        "bits": [0, 2, 4],
+        "group_size": 8,
+        "estimators": ["imatrix", "fisher"],
+        "mix": {"imatrix": 0.5, "fisher": 0.5},
+    }
     return SensitivityTable(df=df, meta=meta)
 
 
@@ -37,10 +42,16 @@ def test_mix_is_the_weighted_sum(tmp_path):
     assert back.estimators == ["imatrix", "fisher"]
 
 
-@pytest.mark.parametrize("mix, msg", [
-    ("snr", "lacks"), ("imatrix=x", "not a number"), ("imatrix=-1", ">= 0"), ("imatrix=0,fisher=0", "all zero"),
-    (",", "empty"),
-])
+@pytest.mark.parametrize(
+    "mix, msg",
+    [
+        ("snr", "lacks"),
+        ("imatrix=x", "not a number"),
+        ("imatrix=-1", ">= 0"),
+        ("imatrix=0,fisher=0", "all zero"),
+        (",", "empty"),
+    ],
+)
 def test_bad_mixes(mix, msg):
     with pytest.raises(BitsearchError, match=msg):
         parse_mix(mix, ["imatrix", "fisher"])

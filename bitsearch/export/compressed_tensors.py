@@ -50,7 +50,7 @@ __all__ = ["CompressedTensorsExporter", "module_bytes", "pack_int32", "module_wi
 
 WEIGHTS_FILE = "model.safetensors"
 SCALE_BYTES = 2
-SHAPE_BYTES = 16          # weight_shape: two int64
+SHAPE_BYTES = 16  # weight_shape: two int64
 _WORD = 4
 LAYOUTS = ("block", "group")
 
@@ -86,8 +86,10 @@ def module_widths(plan) -> dict[str, int]:
     for name, bits in plan.bits.items():
         widths = sorted(set(int(b) for b in bits))
         if len(widths) != 1:
-            raise BitsearchError(f"layer '{name}' has rows at widths {widths}: compressed-tensors stores one "
-                                 f"width per module; search with --format compressed-tensors (per-module plans)")
+            raise BitsearchError(
+                f"layer '{name}' has rows at widths {widths}: compressed-tensors stores one "
+                f"width per module; search with --format compressed-tensors (per-module plans)"
+            )
         if widths[0] == 0:
             raise BitsearchError(f"layer '{name}' is pruned (width 0), which compressed-tensors cannot store")
         out[name] = widths[0]
@@ -111,8 +113,9 @@ def _targets(model: nn.Module, plan) -> dict[str, nn.Module]:
             kind = type(mod).__name__ if mod is not None else "missing"
             raise BitsearchError(f"layer '{name}' is {kind}: compressed-tensors export covers Linear targets only")
         if shape != planned:
-            raise BitsearchError(f"plan: layer '{name}' is {planned[0]}x{planned[1]} in the plan but "
-                                 f"{shape[0]}x{shape[1]} in the model")
+            raise BitsearchError(
+                f"plan: layer '{name}' is {planned[0]}x{planned[1]} in the plan but {shape[0]}x{shape[1]} in the model"
+            )
         found[name] = mod
     return found
 
@@ -156,12 +159,18 @@ def _scheme(targets: list[str], bits: int, group_size: int, in_features: int, la
         weights.update(strategy="channel")
     else:
         weights.update(strategy="group", group_size=group_size)
-    return {"targets": targets, "weights": weights, "input_activations": None, "output_activations": None,
-            "format": "pack-quantized"}
+    return {
+        "targets": targets,
+        "weights": weights,
+        "input_activations": None,
+        "output_activations": None,
+        "format": "pack-quantized",
+    }
 
 
-def quantization_config(widths: dict[str, int], in_features: dict[str, int], group_size: int,
-                        layout: str = "block") -> dict:
+def quantization_config(
+    widths: dict[str, int], in_features: dict[str, int], group_size: int, layout: str = "block"
+) -> dict:
     """The ``quantization_config`` of config.json: one group per scheme, exact module names."""
     schemes: dict[tuple, list[str]] = {}
     for name, b in widths.items():
@@ -169,16 +178,25 @@ def quantization_config(widths: dict[str, int], in_features: dict[str, int], gro
             continue
         per_row = group_size == -1 or group_size >= in_features[name]
         if not per_row and in_features[name] % group_size:
-            raise BitsearchError(f"layer '{name}' has {in_features[name]} inputs, not a multiple of the group size "
-                                 f"{group_size}, which compressed-tensors requires")
+            raise BitsearchError(
+                f"layer '{name}' has {in_features[name]} inputs, not a multiple of the group size "
+                f"{group_size}, which compressed-tensors requires"
+            )
         # a whole-row block spans the module's own inputs: one scheme per input size
         key = (b, -1 if per_row else group_size, in_features[name] if per_row and layout == "block" else 0)
         schemes.setdefault(key, []).append(name)
     groups = {}
     for i, ((b, g, _), names) in enumerate(sorted(schemes.items())):
         groups[f"group_{i}"] = _scheme(names, b, g, in_features[names[0]], layout)
-    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-            "config_groups": groups, "ignore": [], "kv_cache_scheme": None, "global_compression_ratio": None}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": [],
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+    }
 
 
 def _rest(model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
@@ -245,5 +263,9 @@ class CompressedTensorsExporter(Exporter):
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
         predicted = sum(self.module_bytes(*plan.shapes[n], widths[n], plan.group_size) for n in widths)
-        return {"out": out, "target_bytes": quant_bytes, "predicted_target_bytes": predicted,
-                "config_groups": len(qcfg["config_groups"])}
+        return {
+            "out": out,
+            "target_bytes": quant_bytes,
+            "predicted_target_bytes": predicted,
+            "config_groups": len(qcfg["config_groups"]),
+        }

@@ -62,8 +62,10 @@ class GGUFExporter(Exporter):
         import gguf
 
         if not isinstance(plan, TensorPlan):
-            raise BitsearchError("--format gguf stores one ggml type per tensor and this plan is per channel: "
-                                 "make a per-tensor plan with `bitsearch search --format gguf`")
+            raise BitsearchError(
+                "--format gguf stores one ggml type per tensor and this plan is per channel: "
+                "make a per-tensor plan with `bitsearch search --format gguf`"
+            )
         arch = gguf_arch(model.config)
         targets = gguf_targets(model)
         plan.check_model(model_fingerprint(model, targets))
@@ -102,8 +104,14 @@ class GGUFExporter(Exporter):
         types_file = f"{out}.tensor-types.txt"
         with open(types_file, "w", encoding="utf-8") as f:
             f.write("\n".join(tensor_type_lines(plan)) + "\n")
-        info = {"out": out, "bytes": written, "plan_bytes": plan.n_bytes(), "file_bytes": os.path.getsize(out),
-                "tensor_type_file": types_file, "imatrix": None}
+        info = {
+            "out": out,
+            "bytes": written,
+            "plan_bytes": plan.n_bytes(),
+            "file_bytes": os.path.getsize(out),
+            "tensor_type_file": types_file,
+            "imatrix": None,
+        }
         if imat is not None:
             info["imatrix"] = f"{out}.imatrix.gguf"
             write_imatrix(imat, info["imatrix"])

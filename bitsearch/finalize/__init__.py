@@ -7,11 +7,46 @@ from .base import FINALIZERS, Finalizer, Rounder, get_finalizer, register_finali
 from .gptq import GPTQSettings, gptq_quantize
 from .quantizer import QuantLinear, convert, fake_quant_rows, prepare
 from .signround import SignRoundSettings, signround
-from .surrogates import (CLAMP_MODES, ROUND_MODES, clamp_codes, round_ste, round_surrogate, soft_clamp,
-                         soft_clamp_grad, soft_round, soft_round_grad, straight_through)
+from .surrogates import (
+    CLAMP_MODES,
+    ROUND_MODES,
+    clamp_codes,
+    round_ste,
+    round_surrogate,
+    soft_clamp,
+    soft_clamp_grad,
+    soft_round,
+    soft_round_grad,
+    straight_through,
+)
 from .train import MODES, QatSettings, finalize_qat
 
-__all__ = ["FINALIZERS", "Finalizer", "Rounder", "get_finalizer", "register_finalizer", "rounders", "GPTQSettings",
-           "gptq_quantize", "QuantLinear", "convert", "fake_quant_rows", "prepare", "SignRoundSettings", "signround",
-           "MODES", "QatSettings", "finalize_qat", "CLAMP_MODES", "ROUND_MODES", "clamp_codes", "round_ste",
-           "round_surrogate", "soft_clamp", "soft_clamp_grad", "soft_round", "soft_round_grad", "straight_through"]
+__all__ = [
+    "FINALIZERS",
+    "Finalizer",
+    "Rounder",
+    "get_finalizer",
+    "register_finalizer",
+    "rounders",
+    "GPTQSettings",
+    "gptq_quantize",
+    "QuantLinear",
+    "convert",
+    "fake_quant_rows",
+    "prepare",
+    "SignRoundSettings",
+    "signround",
+    "MODES",
+    "QatSettings",
+    "finalize_qat",
+    "CLAMP_MODES",
+    "ROUND_MODES",
+    "clamp_codes",
+    "round_ste",
+    "round_surrogate",
+    "soft_clamp",
+    "soft_clamp_grad",
+    "soft_round",
+    "soft_round_grad",
+    "straight_through",
+]

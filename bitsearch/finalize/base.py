@@ -26,8 +26,15 @@ class Finalizer(ABC):
         """Refuse bad options (one line) before any model or text is loaded."""
 
     @abstractmethod
-    def finalize(self, model: nn.Module, plan, batch: torch.Tensor, config, show_progress: bool = True,
-                 checkpoint: str | None = None) -> dict:
+    def finalize(
+        self,
+        model: nn.Module,
+        plan,
+        batch: torch.Tensor,
+        config,
+        show_progress: bool = True,
+        checkpoint: str | None = None,
+    ) -> dict:
         """Quantize ``model`` in place under ``plan`` (targets packed) on the token ``batch``
         (``config``: a :class:`bitsearch.config.FinalizeConfig`); a finalizer that can be resumed keeps
         its state in the file ``checkpoint``. Returns a record for the plan's provenance."""
@@ -62,8 +69,9 @@ def get_finalizer(name: str) -> Finalizer:
     try:
         return FINALIZERS[name]()
     except KeyError:
-        raise BitsearchError(f"unknown finalize method '{name}' (choose from {', '.join(sorted(FINALIZERS))})") \
-            from None
+        raise BitsearchError(
+            f"unknown finalize method '{name}' (choose from {', '.join(sorted(FINALIZERS))})"
+        ) from None
 
 
 def rounders() -> list[str]:

@@ -50,8 +50,8 @@ from ..blocks import BlockRunner, names_by_block
 from ..errors import BitsearchError
 from ..io.plan import BitPlan
 from ..progress import progress
-from ..quantize import fake_quantize_model, plan_targets
 from ..quant.grid import KEEP_WIDTH, QUANT_WIDTHS, choose_qparams, dequantize, n_groups, quantize
+from ..quantize import fake_quantize_model, plan_targets
 from ..sensitivity.stats import InputStats
 from .base import Rounder, register_finalizer
 from .signround import minmax_qparams
@@ -65,20 +65,28 @@ class GPTQSettings:
 
     percdamp: float = field(default=0.01, metadata={"help": "damping, a fraction of mean(diag H)"})
     act_order: bool = field(default=True, metadata={"help": "columns by decreasing diag H"})
-    static_groups: bool = field(default=True, metadata={
-        "help": "every group's grid chosen before the loop on the float weights (needed with act order)"})
+    static_groups: bool = field(
+        default=True,
+        metadata={"help": "every group's grid chosen before the loop on the float weights (needed with act order)"},
+    )
     blocksize: int = field(default=128, metadata={"help": "columns per lazy batch update"})
     micro_batch: int = field(default=8, metadata={"help": "calibration samples per block forward"})
-    true_sequential: bool = field(default=True, metadata={
-        "help": "Hessians of each layer group taken after the earlier groups of the block are quantized"})
+    true_sequential: bool = field(
+        default=True,
+        metadata={"help": "Hessians of each layer group taken after the earlier groups of the block are quantized"},
+    )
 
     def __post_init__(self):
         if not (0 <= self.percdamp < math.inf) or self.micro_batch < 1 or self.blocksize < 1:
             raise BitsearchError("gptq: percdamp must be >= 0, micro_batch and blocksize >= 1")
 
     def check(self, plan: BitPlan) -> None:
-        if self.act_order and not self.static_groups and plan.group_size != -1 \
-                and any(n_groups(i, plan.group_size) > 1 for _, i in plan.shapes.values()):
+        if (
+            self.act_order
+            and not self.static_groups
+            and plan.group_size != -1
+            and any(n_groups(i, plan.group_size) > 1 for _, i in plan.shapes.values())
+        ):
             raise BitsearchError("gptq: act order needs static groups to be stored in bitsearch's format")
 
 
@@ -96,8 +104,9 @@ def _row_qparams(w: torch.Tensor, bits: torch.Tensor, group_size: int) -> tuple[
     return scales, zeros
 
 
-def _fake_quant(w: torch.Tensor, s: torch.Tensor, s_safe: torch.Tensor, z: torch.Tensor,
-                qmax: torch.Tensor) -> torch.Tensor:
+def _fake_quant(
+    w: torch.Tensor, s: torch.Tensor, s_safe: torch.Tensor, z: torch.Tensor, qmax: torch.Tensor
+) -> torch.Tensor:
     """(clamp(round(w / s) + z, 0, qmax) - z) * s with the grid's operations (all (R,) tensors)."""
     q = torch.minimum((torch.round(w / s_safe) + z).clamp_(min=0), qmax)
     return (q - z) * s
@@ -109,7 +118,7 @@ def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, f
     mean_diag = torch.mean(torch.diag(H)).item()
     idx = torch.arange(H.shape[0], device=H.device)
     for attempt in range(MAX_DAMP_RETRIES + 1):
-        frac = percdamp if attempt == 0 else max(percdamp, 1e-3) * 10 ** attempt
+        frac = percdamp if attempt == 0 else max(percdamp, 1e-3) * 10**attempt
         damp = frac * mean_diag
         Hd = H.clone()
         Hd[idx, idx] += damp
@@ -119,15 +128,24 @@ def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, f
             return torch.linalg.cholesky(Hinv, upper=True), damp
         except torch.linalg.LinAlgError:
             if attempt == MAX_DAMP_RETRIES:
-                raise BitsearchError(f"gptq: the Hessian is not positive definite even with damping {damp:.3g}") \
-                    from None
+                raise BitsearchError(
+                    f"gptq: the Hessian is not positive definite even with damping {damp:.3g}"
+                ) from None
     raise AssertionError("unreachable")
 
 
 @torch.no_grad()
-def gptq_layer(weight: torch.Tensor, H: torch.Tensor, bits, group_size: int, *, percdamp: float = 0.01,
-               act_order: bool = True, static_groups: bool = True, blocksize: int = 128
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+def gptq_layer(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    bits,
+    group_size: int,
+    *,
+    percdamp: float = 0.01,
+    act_order: bool = True,
+    static_groups: bool = True,
+    blocksize: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """GPTQ of rows ``weight`` (R, K), every row at its width ``bits`` (R,) in 2..8, given the
     Hessian ``H`` (K, K) of the layer's inputs (``fasterquant``; computed in ``weight``'s dtype).
 
@@ -149,12 +167,13 @@ def gptq_layer(weight: torch.Tensor, H: torch.Tensor, bits, group_size: int, *, 
         raise ValueError("gptq_layer: blocksize must be >= 1")
     static = static_groups or ng == 1
     if act_order and not static:
-        raise BitsearchError("gptq: act order needs static groups to be stored in bitsearch's format "
-                             "(groups of consecutive columns)")
+        raise BitsearchError(
+            "gptq: act order needs static groups to be stored in bitsearch's format (groups of consecutive columns)"
+        )
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    qmax = (2.0 ** bits.to(dtype) - 1)
+    qmax = 2.0 ** bits.to(dtype) - 1
     if static:
         scales, zeros = _row_qparams(W, bits, G)
     else:
@@ -169,7 +188,7 @@ def gptq_layer(weight: torch.Tensor, H: torch.Tensor, bits, group_size: int, *, 
     del H
     if static:
         cols = perm if perm is not None else torch.arange(K, device=dev)
-        S = scales.to(dtype)[:, cols // G]              # (R, K), processing order
+        S = scales.to(dtype)[:, cols // G]  # (R, K), processing order
         Z = zeros.to(dtype)[:, cols // G]
         S_safe = torch.where(S > 0, S, torch.ones_like(S))
     Q = torch.zeros_like(W)
@@ -184,10 +203,10 @@ def gptq_layer(weight: torch.Tensor, H: torch.Tensor, bits, group_size: int, *, 
             j = i1 + i
             if static:
                 s, s_safe, z = S[:, j], S_safe[:, j], Z[:, j]
-            elif j % G == 0:      # a new group: its grid on the current (error-updated) weights
+            elif j % G == 0:  # a new group: its grid on the current (error-updated) weights
                 e = min(j + G, K)
-                cur = W1[:, i:min(e, i2) - i1]
-                if e > i2:        # the group reaches past the lazy block: add the pending update
+                cur = W1[:, i : min(e, i2) - i1]
+                if e > i2:  # the group reaches past the lazy block: add the pending update
                     cur = torch.cat([cur, W[:, i2:e] - Err1[:, :i] @ Hinv[i1:j, i2:e]], dim=1)
                 sc, zc = _row_qparams(cur, bits, -1)
                 scales[:, j // G], zeros[:, j // G] = sc[:, 0], zc[:, 0]
@@ -209,8 +228,9 @@ def gptq_layer(weight: torch.Tensor, H: torch.Tensor, bits, group_size: int, *, 
 
 
 @torch.no_grad()
-def _quantize_rows(weight: torch.Tensor, H: torch.Tensor | None, bits: np.ndarray, group_size: int,
-                   opts: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+def _quantize_rows(
+    weight: torch.Tensor, H: torch.Tensor | None, bits: np.ndarray, group_size: int, opts: dict
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """A whole target at per-row widths: GPTQ on rows at 2..8 (RTN when ``H`` is None), 0 on rows
     at 0, float16 rounding on rows at 16. Returns (w_hat (float32, float64 for a float64 weight),
     scales, zeros, info)."""
@@ -225,18 +245,20 @@ def _quantize_rows(weight: torch.Tensor, H: torch.Tensor | None, bits: np.ndarra
     rows = ((b >= QUANT_WIDTHS[0]) & (b <= QUANT_WIDTHS[-1])).nonzero().flatten()
     info = {"loss": 0.0, "damp": 0.0, "dead": 0, "rtn": H is None}
     if rows.numel():
-        if H is None:         # never called in the calibration forward: round-to-nearest
+        if H is None:  # never called in the calibration forward: round-to-nearest
             s, z = _row_qparams(w[rows], b[rows], group_size)
             q = torch.empty_like(w[rows])
             for width in torch.unique(b[rows]).tolist():
                 sub = (b[rows] == width).nonzero().flatten()
-                q[sub] = dequantize(quantize(w[rows][sub], s[sub], z[sub], width, group_size), s[sub], z[sub],
-                                    group_size, dtype=w.dtype)
+                q[sub] = dequantize(
+                    quantize(w[rows][sub], s[sub], z[sub], width, group_size), s[sub], z[sub], group_size, dtype=w.dtype
+                )
         else:
             q, s, z, i = gptq_layer(w[rows], H, b[rows], group_size, **opts)
             info.update(i)
         out[rows], scales[rows], zeros[rows] = q.to(w.dtype), s, z
     return out, scales, zeros, info
+
 
 class GPTQResult(dict):
     """{layer name: (scales float16 (R, n_groups), zeros uint8 (R, n_groups))} on the CPU (1 and
@@ -251,8 +273,9 @@ class GPTQResult(dict):
 
 
 @torch.no_grad()
-def sequential_groups(runner: BlockRunner, block: nn.Module, names: list[str], modules: dict,
-                      h: torch.Tensor, kw: dict) -> list[list[str]]:
+def sequential_groups(
+    runner: BlockRunner, block: nn.Module, names: list[str], modules: dict, h: torch.Tensor, kw: dict
+) -> list[list[str]]:
     """The targets ``names`` of ``block`` in groups of layers reading the same input tensor, in the
     order of the forward pass (one forward of ``block`` on ``h``); targets never called come last."""
     with InputStats({n: modules[n] for n in names}, "diag") as st:
@@ -263,8 +286,15 @@ def sequential_groups(runner: BlockRunner, block: nn.Module, names: list[str], m
 
 
 @torch.no_grad()
-def _hessians(runner: BlockRunner, block: nn.Module, group: list[str], modules: dict, hs: list[torch.Tensor],
-              kws: list[dict], dtype: torch.dtype) -> dict[str, torch.Tensor | None]:
+def _hessians(
+    runner: BlockRunner,
+    block: nn.Module,
+    group: list[str],
+    modules: dict,
+    hs: list[torch.Tensor],
+    kws: list[dict],
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor | None]:
     """H = 2 X X^T / n of every layer of ``group`` over the micro-batches ``hs`` (None: never called)."""
     with InputStats({n: modules[n] for n in group}, "full") as st:
         for h, kw in zip(hs, kws):
@@ -277,8 +307,15 @@ def _hessians(runner: BlockRunner, block: nn.Module, group: list[str], modules: 
     return out
 
 
-def gptq_quantize(model: nn.Module, plan: BitPlan, batch: torch.Tensor, settings: GPTQSettings | None = None, *,
-                  offload: bool = False, show_progress: bool = True) -> GPTQResult:
+def gptq_quantize(
+    model: nn.Module,
+    plan: BitPlan,
+    batch: torch.Tensor,
+    settings: GPTQSettings | None = None,
+    *,
+    offload: bool = False,
+    show_progress: bool = True,
+) -> GPTQResult:
     """Quantize ``model`` under ``plan`` with GPTQ on the calibration token ids ``batch`` (N, T), in
     place (each target weight becomes its dequantized values); returns the scales and zeros to
     pack each target with (see :class:`GPTQResult`). ``offload``: the decoder blocks are on the
@@ -310,12 +347,12 @@ def gptq_quantize(model: nn.Module, plan: BitPlan, batch: torch.Tensor, settings
     try:
         with torch.no_grad():
             outside = by_block.get(None, [])
-            if outside:   # embeddings, lm_head: round-to-nearest, before the blocks' inputs are captured
+            if outside:  # embeddings, lm_head: round-to-nearest, before the blocks' inputs are captured
                 for name in outside:
                     result[name] = minmax_qparams(modules[name].weight, plan.bits[name], plan.group_size)
                     result.info[name] = {"loss": 0.0, "damp": 0.0, "dead": 0, "rtn": True}
                 fake_quantize_model(model, replace(plan, bits={k: plan.bits[k] for k in outside}))
-            chunks = [batch[j:j + s.micro_batch] for j in range(0, batch.shape[0], s.micro_batch)]
+            chunks = [batch[j : j + s.micro_batch] for j in range(0, batch.shape[0], s.micro_batch)]
             caps = [runner.capture(x) for x in chunks]
             hs, kws = [c[0] for c in caps], [c[1] for c in caps]
             del caps
@@ -324,8 +361,11 @@ def gptq_quantize(model: nn.Module, plan: BitPlan, batch: torch.Tensor, settings
                 groups = []
                 with runner.on_device(i) as block:
                     if names:
-                        groups = sequential_groups(runner, block, names, modules, hs[0], kws[0]) \
-                            if s.true_sequential else [list(names)]
+                        groups = (
+                            sequential_groups(runner, block, names, modules, hs[0], kws[0])
+                            if s.true_sequential
+                            else [list(names)]
+                        )
                         for group in groups:
                             dtype = modules[group[0]].weight.dtype
                             dtype = dtype if dtype == torch.float64 else torch.float32
@@ -355,6 +395,7 @@ class GPTQFinalizer(Rounder):
     def round(self, model, plan, batch, config, show_progress=True) -> dict:
         if getattr(config, "method", self.name) == self.name:
             self.check(config)
-        settings = GPTQSettings(percdamp=getattr(config, "gptq_damp", 0.01),
-                                act_order=getattr(config, "gptq_act_order", True))
+        settings = GPTQSettings(
+            percdamp=getattr(config, "gptq_damp", 0.01), act_order=getattr(config, "gptq_act_order", True)
+        )
         return gptq_quantize(model, plan, batch, settings, show_progress=show_progress)

@@ -33,44 +33,63 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quantize import pack_model, plan_targets
 from ..errors import BitsearchError
-from ..packed import PackedEmbedding, PackedLinear, pack_weight
 from ..io.plan import BitPlan
-from ..quant.grid import (KEEP_WIDTH, PRUNE_WIDTH, QUANT_WIDTHS, VALID_WIDTHS, _grouped, _ungrouped, choose_qparams,
-                          n_groups)
+from ..packed import PackedEmbedding, PackedLinear, pack_weight
+from ..quant.grid import (
+    KEEP_WIDTH,
+    PRUNE_WIDTH,
+    QUANT_WIDTHS,
+    VALID_WIDTHS,
+    choose_qparams,
+    grouped,
+    n_groups,
+    ungrouped,
+)
+from ..quantize import pack_model, plan_targets
 from .surrogates import CLAMP_MODES, ROUND_MODES, clamp_codes, round_ste, round_surrogate, straight_through
 
 __all__ = ["fake_quant_rows", "QuantLinear", "prepare", "convert"]
 
-_F16_TINY = 2.0 ** -24                          # smallest positive float16 (subnormal)
+_F16_TINY = 2.0**-24  # smallest positive float16 (subnormal)
 _F16_MAX = torch.finfo(torch.float16).max
 
 
-def fake_quant_rows(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: torch.Tensor | int,
-                    group_size: int, round_mode: str = "ste", temperature: float = 0.0, clamp_mode: str = "hard",
-                    beta: float = 1.0, offsets: torch.Tensor | None = None,
-                    soft_forward: bool = False) -> torch.Tensor:
+def fake_quant_rows(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    qmax: torch.Tensor | int,
+    group_size: int,
+    round_mode: str = "ste",
+    temperature: float = 0.0,
+    clamp_mode: str = "hard",
+    beta: float = 1.0,
+    offsets: torch.Tensor | None = None,
+    soft_forward: bool = False,
+) -> torch.Tensor:
     """Quantize-dequantize rows ``w`` (R, K) with per-group ``scale`` / ``zero`` (R, n_groups)
     and per-row ``qmax`` (R,) (or one int), differentiably; ``offsets`` (R, K) are added to
     w / s before rounding. The partial last group is padded as the grid pads it."""
     rows, k = w.shape
     ng = n_groups(k, group_size)
     if scale.shape != (rows, ng) or zero.shape != (rows, ng):
-        raise ValueError(f"fake_quant_rows: scale {tuple(scale.shape)} / zero {tuple(zero.shape)} "
-                         f"are not ({rows}, {ng})")
-    wg = _grouped(w.float(), group_size)
+        raise ValueError(
+            f"fake_quant_rows: scale {tuple(scale.shape)} / zero {tuple(zero.shape)} are not ({rows}, {ng})"
+        )
+    wg = grouped(w.float(), group_size)
     s = scale.float().unsqueeze(-1)
     x = wg / torch.where(s > 0, s, torch.ones_like(s))
     if offsets is not None:
-        x = x + _grouped(offsets.float(), group_size)
+        x = x + grouped(offsets.float(), group_size)
     z = round_ste(zero.float()).unsqueeze(-1)
     hi = torch.as_tensor(qmax, dtype=x.dtype, device=x.device)
     if hi.dim():
         hi = hi.reshape(rows, 1, 1)
-    q = clamp_codes(round_surrogate(x, round_mode, temperature, soft_forward) + z, 0.0, hi, clamp_mode, beta,
-                    soft_forward)
-    return _ungrouped((q - z) * s, k).to(w.dtype)
+    q = clamp_codes(
+        round_surrogate(x, round_mode, temperature, soft_forward) + z, 0.0, hi, clamp_mode, beta, soft_forward
+    )
+    return ungrouped((q - z) * s, k).to(w.dtype)
 
 
 class QuantLinear(nn.Module):
@@ -82,13 +101,27 @@ class QuantLinear(nn.Module):
     0 = STE), ``clamp_mode`` "hard" | "soft", ``beta`` (SoftClamp), ``soft_forward``.
     """
 
-    def __init__(self, linear: nn.Linear, bits: torch.Tensor, group_size: int, *, round_mode: str = "ste",
-                 temperature: float = 0.0, clamp_mode: str = "hard", beta: float = 1.0, soft_forward: bool = False,
-                 learn_scale: bool = True, learn_zero: bool = True, learn_weight: bool = True):
+    def __init__(
+        self,
+        linear: nn.Linear,
+        bits: torch.Tensor,
+        group_size: int,
+        *,
+        round_mode: str = "ste",
+        temperature: float = 0.0,
+        clamp_mode: str = "hard",
+        beta: float = 1.0,
+        soft_forward: bool = False,
+        learn_scale: bool = True,
+        learn_zero: bool = True,
+        learn_weight: bool = True,
+    ):
         super().__init__()
         if round_mode not in ROUND_MODES or clamp_mode not in CLAMP_MODES:
-            raise ValueError(f"QuantLinear: round mode '{round_mode}' / clamp mode '{clamp_mode}' unknown "
-                             f"(choose from {ROUND_MODES} / {CLAMP_MODES})")
+            raise ValueError(
+                f"QuantLinear: round mode '{round_mode}' / clamp mode '{clamp_mode}' unknown "
+                f"(choose from {ROUND_MODES} / {CLAMP_MODES})"
+            )
         out_f, in_f = linear.weight.shape
         bits = torch.as_tensor(bits).to(torch.uint8).flatten()
         if bits.numel() != out_f:
@@ -112,7 +145,7 @@ class QuantLinear(nn.Module):
             rows = (bits == b).nonzero().flatten()
             if rows.numel():
                 s, z = choose_qparams(w[rows], b, group_size)
-                scale[rows], zero[rows], qmax[rows] = s.float(), z.float(), float(2 ** b - 1)
+                scale[rows], zero[rows], qmax[rows] = s.float(), z.float(), float(2**b - 1)
         self.register_buffer("bits", bits)
         self.register_buffer("qmax", qmax)
         self.weight = nn.Parameter(w, requires_grad=learn_weight)
@@ -133,9 +166,18 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The fake-quantized weight (out, in), float32, differentiable."""
         w = self.weight
-        w_q = fake_quant_rows(w, self._effective_scale(), self._effective_zero(), self.qmax, self.group_size,
-                              self.round_mode, self.temperature, self.clamp_mode, self.beta,
-                              soft_forward=self.soft_forward)
+        w_q = fake_quant_rows(
+            w,
+            self._effective_scale(),
+            self._effective_zero(),
+            self.qmax,
+            self.group_size,
+            self.round_mode,
+            self.temperature,
+            self.clamp_mode,
+            self.beta,
+            soft_forward=self.soft_forward,
+        )
         w_16 = straight_through(w, w.detach().half().float())
         rows = self.bits.unsqueeze(-1)
         return torch.where(rows == KEEP_WIDTH, w_16, torch.where(rows == PRUNE_WIDTH, torch.zeros_like(w), w_q))
@@ -158,15 +200,18 @@ class QuantLinear(nn.Module):
         """The :class:`PackedLinear` storing this layer's current codes, scales and zeros."""
         scales, zeros = self.qparams()
         tensors = pack_weight(self.weight, self.bits, self.group_size, scales=scales, zeros=zeros)
-        return PackedLinear(self.in_features, self.out_features, self.group_size, tensors, self.bias,
-                            compute_dtype=self.compute_dtype).to(self.weight.device)
+        return PackedLinear(
+            self.in_features, self.out_features, self.group_size, tensors, self.bias, compute_dtype=self.compute_dtype
+        ).to(self.weight.device)
 
     def extra_repr(self) -> str:
         counts = torch.bincount(self.bits.long(), minlength=KEEP_WIDTH + 1)
         widths = ", ".join(f"{b}b:{int(counts[b])}" for b in range(KEEP_WIDTH + 1) if counts[b])
-        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
-                f"rows=[{widths}], round={self.round_mode}(T={self.temperature}), clamp={self.clamp_mode}"
-                f"(beta={self.beta})" + (", soft_forward" if self.soft_forward else ""))
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+            f"rows=[{widths}], round={self.round_mode}(T={self.temperature}), clamp={self.clamp_mode}"
+            f"(beta={self.beta})" + (", soft_forward" if self.soft_forward else "")
+        )
 
 
 def prepare(model: nn.Module, plan: BitPlan, **opts) -> dict[str, QuantLinear]:
@@ -191,8 +236,9 @@ def prepare(model: nn.Module, plan: BitPlan, **opts) -> dict[str, QuantLinear]:
     out = {}
     for t in targets:
         if t.kind == "linear":
-            out[t.name] = QuantLinear(model.get_submodule(t.name), torch.as_tensor(plan.bits[t.name]),
-                                      plan.group_size, **opts)
+            out[t.name] = QuantLinear(
+                model.get_submodule(t.name), torch.as_tensor(plan.bits[t.name]), plan.group_size, **opts
+            )
             model.set_submodule(t.name, out[t.name])
     return out
 

@@ -51,12 +51,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..quantize import fake_quantize_model, plan_targets
+from ..blocks import BlockRunner, names_by_block
 from ..errors import BitsearchError
 from ..io.plan import BitPlan
 from ..progress import progress
-from ..quant.grid import KEEP_WIDTH, QUANT_WIDTHS, _grouped, choose_qparams, n_groups
-from ..blocks import BlockRunner, names_by_block
+from ..quant.grid import KEEP_WIDTH, QUANT_WIDTHS, choose_qparams, grouped, n_groups
+from ..quantize import fake_quantize_model, plan_targets
 from .base import Rounder, get_finalizer, register_finalizer, rounders
 from .quantizer import fake_quant_rows
 from .surrogates import round_ste, straight_through
@@ -64,20 +64,20 @@ from .surrogates import round_ste, straight_through
 __all__ = ["SignRoundSettings", "SignRoundResult", "signround", "minmax_qparams"]
 
 _F16_MAX = torch.finfo(torch.float16).max
-_START_MARGIN = 1e-3          # how far inside the start code's rounding interval V0 puts w / s
-FACTOR_RANGE = (0.5, 1.0)     # clipping factors of the group min and max
+_START_MARGIN = 1e-3  # how far inside the start code's rounding interval V0 puts w / s
+FACTOR_RANGE = (0.5, 1.0)  # clipping factors of the group min and max
 
 
 @dataclass
 class SignRoundSettings:
     """Options of :func:`signround` (defaults: AutoRound's)."""
 
-    steps: int = 200              # signed-gradient steps per block (0 = round-to-nearest)
-    lr: float | None = None       # initial step size for V and the factors; None = 1 / steps
-    batch_size: int = 8           # calibration samples per step (all of them if fewer)
-    seed: int = 0                 # seeds the mini-batch sampler
-    float_inputs: bool = False    # feed each block the float model's inputs, not the quantized ones
-    guard: bool = True            # keep RTN for a block whose whole-batch loss it beats
+    steps: int = 200  # signed-gradient steps per block (0 = round-to-nearest)
+    lr: float | None = None  # initial step size for V and the factors; None = 1 / steps
+    batch_size: int = 8  # calibration samples per step (all of them if fewer)
+    seed: int = 0  # seeds the mini-batch sampler
+    float_inputs: bool = False  # feed each block the float model's inputs, not the quantized ones
+    guard: bool = True  # keep RTN for a block whose whole-batch loss it beats
 
     def __post_init__(self):
         if int(self.steps) != self.steps or self.steps < 0:
@@ -133,12 +133,12 @@ class _RowQuant:
         quant = (self.bits >= QUANT_WIDTHS[0]) & (self.bits <= QUANT_WIDTHS[-1])
         self.rows = quant.nonzero().flatten()
         keep = (self.bits == KEEP_WIDTH).unsqueeze(-1)
-        self.base = torch.where(keep, w.half().float(), torch.zeros_like(w))   # pruned rows 0, kept rows f16
+        self.base = torch.where(keep, w.half().float(), torch.zeros_like(w))  # pruned rows 0, kept rows f16
         self.w = w[self.rows]
-        wg = _grouped(self.w, group_size)
+        wg = grouped(self.w, group_size)
         self.lo = wg.amin(dim=-1).clamp(max=0)
         self.hi = wg.amax(dim=-1).clamp(min=0)
-        self.qmax = (2.0 ** self.bits[self.rows].float() - 1)
+        self.qmax = 2.0 ** self.bits[self.rows].float() - 1
         rq, ng = self.lo.shape
         self.v0 = torch.zeros(rq, w.shape[1], device=dev)
         self.v = torch.zeros(rq, w.shape[1], device=dev, requires_grad=True)
@@ -158,11 +158,11 @@ class _RowQuant:
         s = _grouped_like(torch.where(s > 0, s, torch.ones_like(s)), self.w.shape[1], self.group_size)
         z = _grouped_like(z, self.w.shape[1], self.group_size)
         qmax = self.qmax.unsqueeze(-1)
-        code = torch.minimum((torch.round(start / s) + z).clamp(min=0), qmax)    # start's codes on this grid
+        code = torch.minimum((torch.round(start / s) + z).clamp(min=0), qmax)  # start's codes on this grid
         x = self.w / s
         margin = 0.5 - _START_MARGIN
         lo, hi = code - z - margin, code - z + margin
-        lo = torch.where(code <= 0, torch.full_like(lo, -math.inf), lo)          # clamped codes: any x beyond
+        lo = torch.where(code <= 0, torch.full_like(lo, -math.inf), lo)  # clamped codes: any x beyond
         hi = torch.where(code >= qmax, torch.full_like(hi, math.inf), hi)
         return torch.minimum(torch.maximum(x, lo), hi) - x
 
@@ -240,9 +240,16 @@ def _sign_step(params: list[torch.Tensor], lr: float) -> None:
             p.grad = None
 
 
-def signround(model: nn.Module, plan: BitPlan, batch: torch.Tensor, settings: SignRoundSettings | None = None,
-              show_progress: bool = True, offload: bool = False, return_state: bool = False,
-              start: dict[str, torch.Tensor] | None = None) -> SignRoundResult:
+def signround(
+    model: nn.Module,
+    plan: BitPlan,
+    batch: torch.Tensor,
+    settings: SignRoundSettings | None = None,
+    show_progress: bool = True,
+    offload: bool = False,
+    return_state: bool = False,
+    start: dict[str, torch.Tensor] | None = None,
+) -> SignRoundResult:
     """Quantize ``model`` under ``plan`` with SignRound on the calibration token ids ``batch``
     (N, T), in place (each target weight becomes its dequantized values); returns the scales
     and zeros to pack each target with (see :class:`SignRoundResult`). ``offload``: the decoder
@@ -262,7 +269,7 @@ def signround(model: nn.Module, plan: BitPlan, batch: torch.Tensor, settings: Si
     by_block = names_by_block(runner, [t.name for t in targets])
     n = batch.shape[0]
     bs = min(int(settings.batch_size), n)
-    chunks = [batch[j:j + bs] for j in range(0, n, bs)]
+    chunks = [batch[j : j + bs] for j in range(0, n, bs)]
     result = SignRoundResult()
     was_training = model.training
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -274,7 +281,7 @@ def signround(model: nn.Module, plan: BitPlan, batch: torch.Tensor, settings: Si
         kws = [c[1] for c in caps]
         f_h = torch.cat([c[0] for c in caps])
         outside = by_block.get(None, [])
-        if outside:   # embeddings, lm_head: round-to-nearest (before the quantized inputs are captured)
+        if outside:  # embeddings, lm_head: round-to-nearest (before the quantized inputs are captured)
             for name in outside:
                 result[name] = minmax_qparams(modules[name].weight, plan.bits[name], plan.group_size)
             fake_quantize_model(model, replace(plan, bits={k: plan.bits[k] for k in outside}))
@@ -289,8 +296,21 @@ def signround(model: nn.Module, plan: BitPlan, batch: torch.Tensor, settings: Si
         for i in bar:
             names = by_block.get(i, [])
             with runner.on_device(i) as block:
-                f_h, q_h, info = _tune_block(block, runner.prefix + f".{i}.", names, plan, f_h, q_h, kws,
-                                             settings, sampler, result, return_state, modules, start or {})
+                f_h, q_h, info = _tune_block(
+                    block,
+                    runner.prefix + f".{i}.",
+                    names,
+                    plan,
+                    f_h,
+                    q_h,
+                    kws,
+                    settings,
+                    sampler,
+                    result,
+                    return_state,
+                    modules,
+                    start or {},
+                )
             info["block"] = i
             result.block_losses.append(info)
             if hasattr(bar, "set_postfix_str") and names:
@@ -315,13 +335,24 @@ class _EpochSampler:
         if self.pos + self.bs > self.n:
             self.order, self.pos = torch.randperm(self.n, generator=self.gen), 0
         self.pos += self.bs
-        return self.order[self.pos - self.bs:self.pos]
+        return self.order[self.pos - self.bs : self.pos]
 
 
-def _tune_block(block: nn.Module, prefix: str, names: list[str], plan: BitPlan, f_h: torch.Tensor,
-                q_h: torch.Tensor | None, kws: list[dict], settings: SignRoundSettings, sampler: _EpochSampler,
-                result: SignRoundResult, return_state: bool, modules: dict[str, nn.Module],
-                start: dict[str, torch.Tensor]):
+def _tune_block(
+    block: nn.Module,
+    prefix: str,
+    names: list[str],
+    plan: BitPlan,
+    f_h: torch.Tensor,
+    q_h: torch.Tensor | None,
+    kws: list[dict],
+    settings: SignRoundSettings,
+    sampler: _EpochSampler,
+    result: SignRoundResult,
+    return_state: bool,
+    modules: dict[str, nn.Module],
+    start: dict[str, torch.Tensor],
+):
     """Tune one block (on its device); returns (float outputs, quantized outputs or None, losses)."""
     dev = f_h.device
     n = f_h.shape[0]
@@ -345,12 +376,14 @@ def _tune_block(block: nn.Module, prefix: str, names: list[str], plan: BitPlan, 
     if not names:
         q_out = None if q_h is None else (f_out if q_h is f_h else run_all(q_h, {})[0])
         return f_out, q_out, {"targets": 0, "rtn": 0.0, "final": 0.0, "best_step": -1}
-    states = {name: _RowQuant(modules[name].weight, plan.bits[name], plan.group_size, start.get(name))
-              for name in names}
-    keys = {name: name[len(prefix):] + ".weight" for name in names}
+    states = {
+        name: _RowQuant(modules[name].weight, plan.bits[name], plan.group_size, start.get(name)) for name in names
+    }
+    keys = {name: name[len(prefix) :] + ".weight" for name in names}
 
     def weights() -> dict[str, torch.Tensor]:
-        return {keys[nm]: st.weight().to(st.dtype) for nm, st in states.items()}
+        # called before the `del states` below frees them
+        return {keys[nm]: st.weight().to(st.dtype) for nm, st in states.items()}  # noqa: F821
 
     params = [p for st in states.values() for p in st.params]
     steps = int(settings.steps) if params else 0
@@ -399,15 +432,17 @@ class SignRoundFinalizer(Rounder):
     name = "signround"
 
     def round(self, model, plan, batch, config, show_progress=True) -> dict:
-        settings = SignRoundSettings(steps=config.signround_steps, lr=config.signround_lr,
-                                     batch_size=config.batch_size, seed=config.seed)
+        settings = SignRoundSettings(
+            steps=config.signround_steps, lr=config.signround_lr, batch_size=config.batch_size, seed=config.seed
+        )
         init = getattr(config, "init", "rtn")
         start = None
-        if init not in ("rtn", self.name):       # start from another rounder's codes
+        if init not in ("rtn", self.name):  # start from another rounder's codes
             first = get_finalizer(init)
             if not isinstance(first, Rounder):
-                raise BitsearchError(f"init '{init}' is not a rounding method (choose from rtn, "
-                                     f"{', '.join(rounders())})")
+                raise BitsearchError(
+                    f"init '{init}' is not a rounding method (choose from rtn, {', '.join(rounders())})"
+                )
             floats = {n: model.get_submodule(n).weight.detach().clone() for n in plan.bits}
             first.round(model, plan, batch, config, show_progress)
             start = {n: model.get_submodule(n).weight.detach().clone() for n in plan.bits}

@@ -46,8 +46,18 @@ import math
 
 import torch
 
-__all__ = ["ROUND_MODES", "CLAMP_MODES", "straight_through", "soft_round", "soft_round_grad", "round_surrogate",
-           "round_ste", "soft_clamp", "soft_clamp_grad", "clamp_codes"]
+__all__ = [
+    "ROUND_MODES",
+    "CLAMP_MODES",
+    "straight_through",
+    "soft_round",
+    "soft_round_grad",
+    "round_surrogate",
+    "round_ste",
+    "soft_clamp",
+    "soft_clamp_grad",
+    "clamp_codes",
+]
 
 ROUND_MODES = ("ste", "sigmoid")
 CLAMP_MODES = ("hard", "soft")
@@ -120,8 +130,9 @@ class _Round(torch.autograd.Function):
         return grad * soft_round_grad(x, ctx.temperature), None, None
 
 
-def round_surrogate(x: torch.Tensor, mode: str = "ste", temperature: float = 0.0,
-                    soft_forward: bool = False) -> torch.Tensor:
+def round_surrogate(
+    x: torch.Tensor, mode: str = "ste", temperature: float = 0.0, soft_forward: bool = False
+) -> torch.Tensor:
     """``torch.round(x)`` with a surrogate gradient: ``ste`` (identity) or ``sigmoid`` (g_T;
     T = 0 is the STE). ``soft_forward`` returns the surrogate s_T(x) instead of round(x)."""
     if mode not in ROUND_MODES:
@@ -169,8 +180,9 @@ class _HardValueSoftGrad(torch.autograd.Function):
         return grad * soft_clamp_grad(x, lo, hi, ctx.beta), None, None, None
 
 
-def clamp_codes(x: torch.Tensor, lo: Bound, hi: Bound, mode: str = "hard", beta: float = 1.0,
-                soft_forward: bool = False) -> torch.Tensor:
+def clamp_codes(
+    x: torch.Tensor, lo: Bound, hi: Bound, mode: str = "hard", beta: float = 1.0, soft_forward: bool = False
+) -> torch.Tensor:
     """Clamp ``x`` to [lo, hi] (bounds: numbers or tensors broadcastable to ``x``).
 
     ``hard``: ``torch.clamp``. ``soft``: the hard clamp's value with SoftClamp's gradient w.r.t.

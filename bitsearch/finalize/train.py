@@ -41,12 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quantize import pack_model, plan_targets
-from ..errors import BitsearchError
-from ..models import decoder_blocks
-from ..io.plan import BitPlan
-from ..progress import progress
 from ..blocks import BlockRunner
+from ..errors import BitsearchError
+from ..io.plan import BitPlan
+from ..models import decoder_blocks
+from ..progress import progress
+from ..quantize import pack_model, plan_targets
 from .base import Finalizer, Rounder, get_finalizer, register_finalizer, rounders
 from .quantizer import QuantLinear, convert
 
@@ -58,11 +58,11 @@ _CKPT_FORMAT = "bitsearch-qat-checkpoint"
 
 @dataclass
 class QatSettings:
-    mode: str = "tiled"              # the CPU study (README): tiled 224.7 vs e2e 233.9 at 2.5 bits
-    steps: int = 200                 # e2e: steps; tiled: steps per tile
-    e2e_steps: int | None = None     # tiled+e2e: steps of the end-to-end pass (default steps // 2)
+    mode: str = "tiled"  # the CPU study (README): tiled 224.7 vs e2e 233.9 at 2.5 bits
+    steps: int = 200  # e2e: steps; tiled: steps per tile
+    e2e_steps: int | None = None  # tiled+e2e: steps of the end-to-end pass (default steps // 2)
     lr: float = 1e-4
-    qparam_lr: float | None = None   # scales and zeros (default: lr)
+    qparam_lr: float | None = None  # scales and zeros (default: lr)
     batch_size: int = 8
     round_mode: str = "ste"
     temperature: float = 0.0
@@ -90,8 +90,12 @@ class QatSettings:
             raise BitsearchError("`lr` and `beta` must be positive, `temperature` >= 0")
 
     def layer_options(self) -> dict:
-        return {"round_mode": self.round_mode, "temperature": self.temperature, "clamp_mode": self.clamp_mode,
-                "beta": self.beta}
+        return {
+            "round_mode": self.round_mode,
+            "temperature": self.temperature,
+            "clamp_mode": self.clamp_mode,
+            "beta": self.beta,
+        }
 
 
 def _lr_factor(step: int, steps: int) -> float:
@@ -112,16 +116,25 @@ def _plan_key(plan: BitPlan) -> str:
 class _Trainer:
     """One phase's optimizer, schedule, surrogate options and checkpointing."""
 
-    def __init__(self, plan: BitPlan, settings: QatSettings, layers: dict[str, QuantLinear], steps: int,
-                 phase: str, tile: int, state: dict):
+    def __init__(
+        self,
+        plan: BitPlan,
+        settings: QatSettings,
+        layers: dict[str, QuantLinear],
+        steps: int,
+        phase: str,
+        tile: int,
+        state: dict,
+    ):
         self.plan, self.s, self.layers, self.steps, self.phase, self.tile = plan, settings, layers, steps, phase, tile
-        self.state = state            # shared across phases: trained layers, history, last save time
+        self.state = state  # shared across phases: trained layers, history, last save time
         weights = [m.weight for m in layers.values()]
         qparams = [p for m in layers.values() for p in (m.scale, m.zero)]
         for p in weights + qparams:
             p.requires_grad_(True)
-        self.opt = torch.optim.Adam([{"params": weights, "lr": settings.lr},
-                                     {"params": qparams, "lr": settings.qparam_lr or settings.lr}])
+        self.opt = torch.optim.Adam(
+            [{"params": weights, "lr": settings.lr}, {"params": qparams, "lr": settings.qparam_lr or settings.lr}]
+        )
         self.base = [g["lr"] for g in self.opt.param_groups]
         self.step = 0
 
@@ -156,11 +169,18 @@ class _Trainer:
             return
         all_layers = dict(self.state["trained"])
         all_layers.update(self.layers)
-        ckpt = {"format": _CKPT_FORMAT, "plan": _plan_key(self.plan), "settings": asdict(self.s),
-                "phase": self.phase, "tile": self.tile, "step": self.step,
-                "layers": {n: {k: v.detach().cpu() for k, v in m.state_dict().items()} for n, m in all_layers.items()},
-                "optimizer": self.opt.state_dict() if self.opt is not None else None,
-                "history": self.state["history"], "guard": self.state["guard"]}
+        ckpt = {
+            "format": _CKPT_FORMAT,
+            "plan": _plan_key(self.plan),
+            "settings": asdict(self.s),
+            "phase": self.phase,
+            "tile": self.tile,
+            "step": self.step,
+            "layers": {n: {k: v.detach().cpu() for k, v in m.state_dict().items()} for n, m in all_layers.items()},
+            "optimizer": self.opt.state_dict() if self.opt is not None else None,
+            "history": self.state["history"],
+            "guard": self.state["guard"],
+        }
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = path + ".tmp"
         torch.save(ckpt, tmp)
@@ -192,19 +212,34 @@ def _load_checkpoint(plan: BitPlan, settings: QatSettings) -> dict | None:
     theirs = {k: v for k, v in ckpt["settings"].items() if k in mine}
     diff = [k for k in mine if theirs.get(k) != mine[k]]
     if diff:
-        raise BitsearchError(f"checkpoint '{path}' was made with other settings ({diff[0]}: "
-                             f"{theirs.get(diff[0])!r}, now {mine[diff[0]]!r})")
+        raise BitsearchError(
+            f"checkpoint '{path}' was made with other settings ({diff[0]}: "
+            f"{theirs.get(diff[0])!r}, now {mine[diff[0]]!r})"
+        )
     return ckpt
 
 
-def _quantize_layers(model: nn.Module, plan: BitPlan, names: list[str], settings: QatSettings,
-                     ckpt: dict | None, init_qparams: dict | None) -> dict[str, QuantLinear]:
+def _quantize_layers(
+    model: nn.Module,
+    plan: BitPlan,
+    names: list[str],
+    settings: QatSettings,
+    ckpt: dict | None,
+    init_qparams: dict | None,
+) -> dict[str, QuantLinear]:
     """Replace the float Linears ``names`` by QuantLinears (restoring checkpointed parameters;
     ``init_qparams`` {name: (scales, zeros)} replaces the min-max initial ones, e.g. SignRound's)."""
     out = {}
     for name in names:
-        ql = QuantLinear(model.get_submodule(name), torch.as_tensor(plan.bits[name]), plan.group_size,
-                         learn_weight=False, learn_scale=False, learn_zero=False, **settings.layer_options())
+        ql = QuantLinear(
+            model.get_submodule(name),
+            torch.as_tensor(plan.bits[name]),
+            plan.group_size,
+            learn_weight=False,
+            learn_scale=False,
+            learn_zero=False,
+            **settings.layer_options(),
+        )
         if init_qparams and name in init_qparams:
             scales, zeros = init_qparams[name]
             with torch.no_grad():
@@ -247,22 +282,23 @@ def _weights(model: nn.Module, weights: dict[str, torch.Tensor]):
                 model.get_submodule(name).weight.copy_(w)
 
 
-def _run_tiled(model, plan, batch, settings, linear_names, state, ckpt, init_qparams, float_weights,
-               show_progress) -> None:
+def _run_tiled(
+    model, plan, batch, settings, linear_names, state, ckpt, init_qparams, float_weights, show_progress
+) -> None:
     runner = BlockRunner(model)
     prefix, blocks = decoder_blocks(model)
     n_tiles = math.ceil(len(blocks) / settings.tile_size)
     start_tile = ckpt["tile"] if ckpt and ckpt["phase"] == "tiled" else (n_tiles if ckpt else 0)
-    outside = {n: w for n, w in float_weights.items() if n not in linear_names}   # embeddings
-    with torch.no_grad(), _weights(model, outside):   # block kwargs of one sample broadcast over any batch
+    outside = {n: w for n, w in float_weights.items() if n not in linear_names}  # embeddings
+    with torch.no_grad(), _weights(model, outside):  # block kwargs of one sample broadcast over any batch
         _, kw = runner.capture(batch[:1])
-        hf = torch.cat([runner.capture(batch[i:i + 1])[0] for i in range(batch.shape[0])])
+        hf = torch.cat([runner.capture(batch[i : i + 1])[0] for i in range(batch.shape[0])])
     embeddings = {n: b for n, b in plan.bits.items() if n not in linear_names}
-    hq = hf   # the quantized stream: the same inputs unless the embeddings are quantized too
+    hq = hf  # the quantized stream: the same inputs unless the embeddings are quantized too
     if embeddings:
         pack_model(model, replace(plan, bits=embeddings, couplings=[]), init_qparams)
         with torch.no_grad():
-            hq = torch.cat([runner.capture(batch[i:i + 1])[0] for i in range(batch.shape[0])])
+            hq = torch.cat([runner.capture(batch[i : i + 1])[0] for i in range(batch.shape[0])])
 
     def tile_loss(x, y) -> torch.Tensor:
         diff = x.float() - y.float()
@@ -271,7 +307,7 @@ def _run_tiled(model, plan, batch, settings, linear_names, state, ckpt, init_qpa
     def run(tile_blocks, h):
         outs = []
         for i in range(0, h.shape[0], settings.batch_size):
-            x = h[i:i + settings.batch_size]
+            x = h[i : i + settings.batch_size]
             for b in tile_blocks:
                 x = runner.run_block(b, x, kw)
             outs.append(x)
@@ -282,9 +318,9 @@ def _run_tiled(model, plan, batch, settings, linear_names, state, ckpt, init_qpa
         tile_blocks = [blocks[i] for i in idx]
         names = [n for n in linear_names if any(n.startswith(f"{prefix}.{i}.") for i in idx)]
         with torch.no_grad(), _weights(model, {n: float_weights[n] for n in names if n in float_weights}):
-            target = run(tile_blocks, hf)            # float tile on float inputs (still float Linears)
-        nxt = None                                   # the tile's output on hq, when the guard computed it
-        if t < start_tile:                           # done before the checkpoint
+            target = run(tile_blocks, hf)  # float tile on float inputs (still float Linears)
+        nxt = None  # the tile's output on hq, when the guard computed it
+        if t < start_tile:  # done before the checkpoint
             state["trained"].update(_quantize_layers(model, plan, names, settings, ckpt, init_qparams))
         else:
             layers = _quantize_layers(model, plan, names, settings, None, init_qparams)
@@ -298,7 +334,7 @@ def _run_tiled(model, plan, batch, settings, linear_names, state, ckpt, init_qpa
             trainer = _Trainer(plan, settings, layers, settings.steps, "tiled", t, state)
             trainer.restore(ckpt)
             gen = torch.Generator().manual_seed(settings.seed * 1000 + t)
-            for _ in range(trainer.step):    # the samples the steps before the checkpoint drew
+            for _ in range(trainer.step):  # the samples the steps before the checkpoint drew
                 _samples(hq.shape[0], settings.batch_size, gen)
             bar = _bar(settings.steps - trainer.step, f"tile {t + 1}/{n_tiles}", show_progress)
             for _ in bar:
@@ -311,8 +347,12 @@ def _run_tiled(model, plan, batch, settings, linear_names, state, ckpt, init_qpa
                 loss = tile_loss(x, target[sel])
                 trainer.update(loss)
                 state["history"].append(("tiled", t, trainer.step, float(loss.detach())))
-                _postfix(bar, loss=f"{loss.item():.4g}", lr=f"{trainer.opt.param_groups[0]['lr']:.2e}",
-                         tok_s=f"{x.shape[0] * x.shape[1] / (time.time() - t0):.0f}")
+                _postfix(
+                    bar,
+                    loss=f"{loss.item():.4g}",
+                    lr=f"{trainer.opt.param_groups[0]['lr']:.2e}",
+                    tok_s=f"{x.shape[0] * x.shape[1] / (time.time() - t0):.0f}",
+                )
                 trainer.maybe_save()
             trainer.finish()
             if settings.tile_guard:
@@ -325,13 +365,13 @@ def _run_tiled(model, plan, batch, settings, linear_names, state, ckpt, init_qpa
                         m.load_state_dict(initial[n])
                     nxt = None
             state["trained"].update(layers)
-            trainer.tile, trainer.step = t + 1, 0     # the checkpoint says: tiles up to t are done
+            trainer.tile, trainer.step = t + 1, 0  # the checkpoint says: tiles up to t are done
             trainer.maybe_save(force=True)
         with torch.no_grad():
             hq = run(tile_blocks, hq) if nxt is None else nxt
             hf = target
         del target
-    rest = [n for n in linear_names if n not in state["trained"]]   # e.g. an untied lm_head: not trained here
+    rest = [n for n in linear_names if n not in state["trained"]]  # e.g. an untied lm_head: not trained here
     state["trained"].update(_quantize_layers(model, plan, rest, settings, ckpt, init_qparams))
 
 
@@ -340,7 +380,7 @@ def _run_e2e(model, teacher, plan, batch, settings, steps, state, ckpt, show_pro
     trainer = _Trainer(plan, settings, layers, steps, "e2e", 0, state)
     trainer.restore(ckpt)
     gen = torch.Generator().manual_seed(settings.seed + 1)
-    for _ in range(trainer.step):     # the samples the steps before the checkpoint drew
+    for _ in range(trainer.step):  # the samples the steps before the checkpoint drew
         _samples(batch.shape[0], settings.batch_size, gen)
     dev = next(model.parameters()).device
     bar = _bar(steps - trainer.step, "qat e2e", show_progress)
@@ -354,20 +394,31 @@ def _run_e2e(model, teacher, plan, batch, settings, steps, state, ckpt, show_pro
         lp = F.log_softmax(logits, dim=-1)
         loss = (ref.exp() * (ref - lp)).sum(-1).mean()
         if settings.ce_weight:
-            loss = loss + settings.ce_weight * F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                               x[:, 1:].reshape(-1))
+            loss = loss + settings.ce_weight * F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)
+            )
         trainer.update(loss)
         state["history"].append(("e2e", 0, trainer.step, float(loss.detach())))
-        _postfix(bar, loss=f"{loss.item():.4g}", lr=f"{trainer.opt.param_groups[0]['lr']:.2e}",
-                 tok_s=f"{x.numel() / (time.time() - t0):.0f}")
+        _postfix(
+            bar,
+            loss=f"{loss.item():.4g}",
+            lr=f"{trainer.opt.param_groups[0]['lr']:.2e}",
+            tok_s=f"{x.numel() / (time.time() - t0):.0f}",
+        )
         trainer.maybe_save()
     trainer.finish()
     trainer.maybe_save(force=True)
 
 
-def finalize_qat(model: nn.Module, plan: BitPlan, batch: torch.Tensor, settings: QatSettings,
-                 show_progress: bool = True, init_qparams: dict | None = None,
-                 float_weights: dict[str, torch.Tensor] | None = None) -> dict:
+def finalize_qat(
+    model: nn.Module,
+    plan: BitPlan,
+    batch: torch.Tensor,
+    settings: QatSettings,
+    show_progress: bool = True,
+    init_qparams: dict | None = None,
+    float_weights: dict[str, torch.Tensor] | None = None,
+) -> dict:
     """Train ``model`` (in place) under ``plan`` on the token ``batch`` (N, T); its targets are
     left as :class:`QuantLinear` modules (``quantizer.convert`` packs them). ``init_qparams``
     {layer: (scales, zeros)} start the step sizes and zeros (with the model's weights as they
@@ -382,11 +433,18 @@ def finalize_qat(model: nn.Module, plan: BitPlan, batch: torch.Tensor, settings:
     ckpt = _load_checkpoint(plan, settings)
     for p in model.parameters():
         p.requires_grad_(False)
-    state = {"trained": {}, "history": list(ckpt["history"]) if ckpt else [], "saved": time.time(),
-             "guard": list(ckpt.get("guard", [])) if ckpt else []}
+    state = {
+        "trained": {},
+        "history": list(ckpt["history"]) if ckpt else [],
+        "saved": time.time(),
+        "guard": list(ckpt.get("guard", [])) if ckpt else [],
+    }
     t0 = time.time()
-    e2e_steps = settings.steps if settings.mode == "e2e" else \
-        (settings.e2e_steps if settings.e2e_steps is not None else settings.steps // 2)
+    e2e_steps = (
+        settings.steps
+        if settings.mode == "e2e"
+        else (settings.e2e_steps if settings.e2e_steps is not None else settings.steps // 2)
+    )
     teacher = None
     if settings.mode != "tiled":
         teacher = copy.deepcopy(model).eval()
@@ -394,10 +452,11 @@ def finalize_qat(model: nn.Module, plan: BitPlan, batch: torch.Tensor, settings:
             for name, w in (float_weights or {}).items():
                 teacher.get_submodule(name).weight.copy_(w)
     if settings.mode.startswith("tiled"):
-        _run_tiled(model, plan, batch, settings, linear_names, state, ckpt, init_qparams, float_weights or {},
-                   show_progress)
+        _run_tiled(
+            model, plan, batch, settings, linear_names, state, ckpt, init_qparams, float_weights or {}, show_progress
+        )
         if ckpt and ckpt["phase"] == "tiled":
-            ckpt = None               # the e2e phase starts fresh
+            ckpt = None  # the e2e phase starts fresh
     else:
         embeddings = {n: b for n, b in plan.bits.items() if n not in linear_names}
         if embeddings:
@@ -408,15 +467,40 @@ def finalize_qat(model: nn.Module, plan: BitPlan, batch: torch.Tensor, settings:
     hist = state["history"]
     first = {ph: next((h[3] for h in hist if h[0] == ph), None) for ph in ("tiled", "e2e")}
     last = {ph: next((h[3] for h in reversed(hist) if h[0] == ph), None) for ph in ("tiled", "e2e")}
-    return {"mode": settings.mode, "seconds": round(time.time() - t0, 1), "steps_run": len(hist),
-            "first_loss": first, "last_loss": last, "tile_guard": state["guard"], "settings": asdict(settings)}
+    return {
+        "mode": settings.mode,
+        "seconds": round(time.time() - t0, 1),
+        "steps_run": len(hist),
+        "first_loss": first,
+        "last_loss": last,
+        "tile_guard": state["guard"],
+        "settings": asdict(settings),
+    }
 
 
 def qat_settings(config, checkpoint: str | None) -> QatSettings:
     """The QAT settings of a :class:`bitsearch.config.FinalizeConfig` (checkpoint file: ``checkpoint``)."""
-    keys = ("mode", "steps", "e2e_steps", "lr", "qparam_lr", "batch_size", "round_mode", "temperature", "anneal",
-            "clamp_mode", "beta", "soft_warmup", "tile_size", "tile_loss", "tile_guard", "ce_weight", "seed",
-            "checkpoint_every", "resume")
+    keys = (
+        "mode",
+        "steps",
+        "e2e_steps",
+        "lr",
+        "qparam_lr",
+        "batch_size",
+        "round_mode",
+        "temperature",
+        "anneal",
+        "clamp_mode",
+        "beta",
+        "soft_warmup",
+        "tile_size",
+        "tile_loss",
+        "tile_guard",
+        "ce_weight",
+        "seed",
+        "checkpoint_every",
+        "resume",
+    )
     settings = QatSettings(checkpoint=checkpoint, **{k: getattr(config, k) for k in keys})
     settings.check()
     return settings
@@ -443,11 +527,13 @@ class QatFinalizer(Finalizer):
             t0 = time.time()
             init = get_finalizer(config.init)
             if not isinstance(init, Rounder):
-                raise BitsearchError(f"init '{config.init}' is not a rounding method (choose from rtn, "
-                                     f"{', '.join(rounders())})")
+                raise BitsearchError(
+                    f"init '{config.init}' is not a rounding method (choose from rtn, {', '.join(rounders())})"
+                )
             qparams = init.round(model, plan, batch, config, show_progress)
             info[config.init] = {"seconds": round(time.time() - t0, 1)}
-        info["qat"] = finalize_qat(model, plan, batch, settings, show_progress=show_progress, init_qparams=qparams,
-                                   float_weights=float_weights)
+        info["qat"] = finalize_qat(
+            model, plan, batch, settings, show_progress=show_progress, init_qparams=qparams, float_weights=float_weights
+        )
         convert(model, plan)
         return info

@@ -20,16 +20,33 @@ import numpy as np
 
 from ..errors import BitsearchError
 
-__all__ = ["ARCHES", "gguf_arch", "gguf_name", "hf_name", "permute_rows", "unpermute_rows", "rope_permuted",
-           "add_architecture", "add_tokenizer"]
+__all__ = [
+    "ARCHES",
+    "gguf_arch",
+    "gguf_name",
+    "hf_name",
+    "permute_rows",
+    "unpermute_rows",
+    "rope_permuted",
+    "add_architecture",
+    "add_tokenizer",
+]
 
 #: transformers model_type -> llama.cpp architecture
 ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 _PERMUTES = {"llama": True, "qwen2": False}
 
-_BLOCK = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-          "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-          "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+_BLOCK = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
 _TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 _BLOCK_BACK = {v: k for k, v in _BLOCK.items()}
 _TOP_BACK = {v: k for k, v in _TOP.items()}
@@ -40,8 +57,9 @@ _GG_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 def gguf_arch(config) -> str:
     arch = ARCHES.get(getattr(config, "model_type", None))
     if arch is None:
-        raise BitsearchError(f"GGUF export supports model types {', '.join(sorted(ARCHES))}, "
-                             f"not '{getattr(config, 'model_type', None)}'")
+        raise BitsearchError(
+            f"GGUF export supports model types {', '.join(sorted(ARCHES))}, not '{getattr(config, 'model_type', None)}'"
+        )
     return arch
 
 
@@ -132,8 +150,10 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     model = spec.get("model", {})
     pre = json.dumps(spec.get("pre_tokenizer"))
     if model.get("type") != "BPE" or "ByteLevel" not in pre:
-        raise BitsearchError("GGUF export writes byte-level BPE tokenizers only "
-                             f"(this one is {model.get('type')} with pre-tokenizer {pre[:60]})")
+        raise BitsearchError(
+            "GGUF export writes byte-level BPE tokenizers only "
+            f"(this one is {model.get('type')} with pre-tokenizer {pre[:60]})"
+        )
     vocab: dict[str, int] = dict(model["vocab"])
     special = {}
     for tok in spec.get("added_tokens", []):
@@ -141,18 +161,22 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
         special[tok["id"]] = bool(tok.get("special"))
     n = max(vocab_size, max(vocab.values()) + 1)
     tokens = [f"[PAD{i}]" for i in range(n)]
-    types = [5] * n   # UNUSED until filled
+    types = [5] * n  # UNUSED until filled
     for text, i in vocab.items():
         tokens[i] = text
-        types[i] = (3 if special[i] else 4) if i in special else 1   # CONTROL, USER_DEFINED, NORMAL
+        types[i] = (3 if special[i] else 4) if i in special else 1  # CONTROL, USER_DEFINED, NORMAL
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    for attr, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
-                      ("unk_token_id", writer.add_unk_token_id), ("pad_token_id", writer.add_pad_token_id)):
+    for attr, add in (
+        ("bos_token_id", writer.add_bos_token_id),
+        ("eos_token_id", writer.add_eos_token_id),
+        ("unk_token_id", writer.add_unk_token_id),
+        ("pad_token_id", writer.add_pad_token_id),
+    ):
         tid = getattr(tokenizer, attr, None)
         if tid is not None:
             add(int(tid))

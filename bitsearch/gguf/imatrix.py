@@ -68,7 +68,7 @@ def _read_gguf(path: str) -> Imatrix:
 
     try:
         r = gguf.GGUFReader(path)
-    except Exception as exc:   # the gguf package raises ValueError, struct.error, IndexError ...
+    except Exception as exc:  # the gguf package raises ValueError, struct.error, IndexError ...
         raise _bad(path, f"is a malformed GGUF file ({type(exc).__name__})") from None
 
     def field_value(key):
@@ -81,7 +81,7 @@ def _read_gguf(path: str) -> Imatrix:
             if t.name.endswith(suffix):
                 if t.tensor_type != gguf.GGMLQuantizationType.F32:
                     raise _bad(path, f"stores {t.name} as {t.tensor_type.name}, not F32")
-                pairs.setdefault(t.name[:-len(suffix)], {})[suffix] = np.array(t.data, dtype=np.float32)
+                pairs.setdefault(t.name[: -len(suffix)], {})[suffix] = np.array(t.data, dtype=np.float32)
     if not pairs:
         raise _bad(path, "is a GGUF file without importance-matrix tensors (*.in_sum2, *.counts)")
     entries = {}
@@ -95,8 +95,12 @@ def _read_gguf(path: str) -> Imatrix:
             raise _bad(path, f"has non-finite or negative values for '{name}'")
         entries[name] = (sums, int(round(float(counts[0]))))
     datasets = field_value("imatrix.datasets") or []
-    return Imatrix(entries, [str(d) for d in datasets], int(field_value("imatrix.chunk_count") or 0),
-                   int(field_value("imatrix.chunk_size") or 0))
+    return Imatrix(
+        entries,
+        [str(d) for d in datasets],
+        int(field_value("imatrix.chunk_count") or 0),
+        int(field_value("imatrix.chunk_size") or 0),
+    )
 
 
 def _read_legacy(path: str) -> Imatrix:
@@ -132,14 +136,14 @@ def _read_legacy(path: str) -> Imatrix:
             raise _bad(path, "has an entry name that is not UTF-8 (is it an imatrix file?)") from None
         if not np.all(np.isfinite(vals)):
             raise _bad(path, f"has non-finite values for '{name}'")
-        entries[name] = (vals, ncall)   # the legacy sums are mean * ncall: mean() divides by ncall
+        entries[name] = (vals, ncall)  # the legacy sums are mean * ncall: mean() divides by ncall
     chunks, datasets = 0, []
     if pos + 4 <= len(data):
         (chunks,) = take("<i")
         if pos + 4 <= len(data):
             (length,) = take("<i")
             if 0 < length <= len(data) - pos:
-                datasets = [data[pos:pos + length].decode("utf-8", "replace")]
+                datasets = [data[pos : pos + length].decode("utf-8", "replace")]
     return Imatrix(entries, datasets, chunks, 0)
 
 

@@ -33,9 +33,11 @@ def _reader(path: str):
 
     try:
         return gguf.GGUFReader(path)
-    except Exception as exc:   # the gguf package raises ValueError, struct.error, ...
-        raise BitsearchError(f"'{path}' is not a readable GGUF file ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    except Exception as exc:  # the gguf package raises ValueError, struct.error, ...
+        raise BitsearchError(
+            f"'{path}' is not a readable GGUF file ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
 
 
 def _fields(r) -> dict:
@@ -52,8 +54,9 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32):
     kv = _fields(r)
     arch = kv.get("general.architecture")
     if arch not in _CONFIGS:
-        raise BitsearchError(f"'{path}' is a GGUF of architecture '{arch}'; bitsearch reads "
-                             f"{', '.join(sorted(_CONFIGS))}")
+        raise BitsearchError(
+            f"'{path}' is a GGUF of architecture '{arch}'; bitsearch reads {', '.join(sorted(_CONFIGS))}"
+        )
     names = {t.name for t in r.tensors}
 
     def key(k, default=None):
@@ -67,12 +70,19 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32):
     hidden = int(key("embedding_length"))
     vocab = next(t for t in r.tensors if t.name == "token_embd.weight").shape[1]
     cfg = getattr(transformers, _CONFIGS[arch])(
-        vocab_size=int(vocab), hidden_size=hidden, intermediate_size=int(key("feed_forward_length")),
-        num_hidden_layers=int(key("block_count")), num_attention_heads=heads, num_key_value_heads=kv_heads,
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(key("feed_forward_length")),
+        num_hidden_layers=int(key("block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         head_dim=int(key("attention.key_length", hidden // heads)),
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
-        max_position_embeddings=int(key("context_length")), tie_word_embeddings="output.weight" not in names,
-        rope_theta=float(key("rope.freq_base", 10000.0)), hidden_act="silu")
+        max_position_embeddings=int(key("context_length")),
+        tie_word_embeddings="output.weight" not in names,
+        rope_theta=float(key("rope.freq_base", 10000.0)),
+        hidden_act="silu",
+    )
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     state = {}
     for t in r.tensors:
@@ -83,14 +93,18 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32):
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
-        raise BitsearchError(f"'{path}' does not hold a complete {arch} model "
-                             f"({'missing ' + missing[0] if missing else 'unexpected ' + unexpected[0]})")
+        raise BitsearchError(
+            f"'{path}' does not hold a complete {arch} model "
+            f"({'missing ' + missing[0] if missing else 'unexpected ' + unexpected[0]})"
+        )
     model.tie_weights()
     model.eval()
     tok_json = kv.get("tokenizer.huggingface.json")
     if tok_json is None:
-        raise BitsearchError(f"'{path}' has no tokenizer.huggingface.json metadata (files bitsearch exports do): "
-                             f"bitsearch cannot rebuild its tokenizer")
+        raise BitsearchError(
+            f"'{path}' has no tokenizer.huggingface.json metadata (files bitsearch exports do): "
+            f"bitsearch cannot rebuild its tokenizer"
+        )
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tok_json))
     tokens = r.fields.get("tokenizer.ggml.tokens")
     for attr, k in (("bos_token", "tokenizer.ggml.bos_token_id"), ("eos_token", "tokenizer.ggml.eos_token_id")):

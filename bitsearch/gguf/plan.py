@@ -42,11 +42,11 @@ class TensorPlan(PlanTargets):
     model: dict
     types: dict[str, str]
     menu: list[str]
-    imatrix: str | None = None          # file name, relative to the plan's folder
+    imatrix: str | None = None  # file name, relative to the plan's folder
     imatrix_sha256: str | None = None
     summary: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
-    path: str | None = None             # where it was loaded from (to find the imatrix)
+    path: str | None = None  # where it was loaded from (to find the imatrix)
 
     unit = "tensor"
 
@@ -60,16 +60,29 @@ class TensorPlan(PlanTargets):
 
     def fill_summary(self, predicted_error: float | None = None) -> None:
         n = self.n_bytes()
-        self.summary = {"avg_bits": avg_bits(n, self.n_weights()), "bytes": n, "n_weights": self.n_weights(),
-                        "n_tensors": len(self.types), "predicted_error": predicted_error,
-                        "histogram": dict(sorted(Counter(self.types.values()).items()))}
+        self.summary = {
+            "avg_bits": avg_bits(n, self.n_weights()),
+            "bytes": n,
+            "n_weights": self.n_weights(),
+            "n_tensors": len(self.types),
+            "predicted_error": predicted_error,
+            "histogram": dict(sorted(Counter(self.types.values()).items())),
+        }
 
     def to_dict(self) -> dict:
         q = {"scheme": "ggml", "types": list(self.menu)}
         if self.imatrix:
             q.update(imatrix=self.imatrix, imatrix_sha256=self.imatrix_sha256)
-        return {"format": "bitsearch-plan", "version": TENSOR_PLAN_VERSION, "unit": "tensor", "model": self.model,
-                "quantizer": q, "types": dict(self.types), "summary": self.summary, "provenance": self.provenance}
+        return {
+            "format": "bitsearch-plan",
+            "version": TENSOR_PLAN_VERSION,
+            "unit": "tensor",
+            "model": self.model,
+            "quantizer": q,
+            "types": dict(self.types),
+            "summary": self.summary,
+            "provenance": self.provenance,
+        }
 
     def save(self, path: str) -> None:
         write_text_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
@@ -78,8 +91,10 @@ class TensorPlan(PlanTargets):
     @classmethod
     def from_dict(cls, d: dict, where: str = "plan", path: str | None = None) -> "TensorPlan":
         if d.get("version") != TENSOR_PLAN_VERSION:
-            raise BitsearchError(f"per-tensor plan '{where}' has version {d.get('version')}; "
-                                 f"this bitsearch reads version {TENSOR_PLAN_VERSION}")
+            raise BitsearchError(
+                f"per-tensor plan '{where}' has version {d.get('version')}; "
+                f"this bitsearch reads version {TENSOR_PLAN_VERSION}"
+            )
         shapes = plan_sections(d, ("model", "quantizer", "types"), where)
         q = d["quantizer"]
         if q.get("scheme") != "ggml":
@@ -89,23 +104,36 @@ class TensorPlan(PlanTargets):
             if name not in shapes:
                 raise BitsearchError(f"plan '{where}': tensor '{name}' has a type but is not among its targets")
             if t not in GGML_TYPES:
-                raise BitsearchError(f"plan '{where}': tensor '{name}' has type {t!r}, not a ggml type bitsearch "
-                                     f"writes ({', '.join(GGML_TYPES)})")
+                raise BitsearchError(
+                    f"plan '{where}': tensor '{name}' has type {t!r}, not a ggml type bitsearch "
+                    f"writes ({', '.join(GGML_TYPES)})"
+                )
             n = int(shapes[name][1])
             if n % GGML_TYPES[t].block:
-                raise BitsearchError(f"plan '{where}': tensor '{name}' has rows of {n} weights, which {t} "
-                                     f"(blocks of {GGML_TYPES[t].block}) cannot store")
+                raise BitsearchError(
+                    f"plan '{where}': tensor '{name}' has rows of {n} weights, which {t} "
+                    f"(blocks of {GGML_TYPES[t].block}) cannot store"
+                )
             types[name] = t
         missing = [n for n in shapes if n not in types]
         if missing:
             raise BitsearchError(f"plan '{where}': target '{missing[0]}' has no type")
-        plan = cls(model=d["model"], types=types, menu=list(q.get("types") or []), imatrix=q.get("imatrix"),
-                   imatrix_sha256=q.get("imatrix_sha256"), summary=d.get("summary") or {},
-                   provenance=d.get("provenance") or {}, path=path)
+        plan = cls(
+            model=d["model"],
+            types=types,
+            menu=list(q.get("types") or []),
+            imatrix=q.get("imatrix"),
+            imatrix_sha256=q.get("imatrix_sha256"),
+            summary=d.get("summary") or {},
+            provenance=d.get("provenance") or {},
+            path=path,
+        )
         stated = plan.summary.get("bytes")
         if stated is not None and stated != plan.n_bytes():
-            raise BitsearchError(f"plan '{where}': its summary says {stated} bytes but its types cost "
-                                 f"{plan.n_bytes()} (edited or corrupt file)")
+            raise BitsearchError(
+                f"plan '{where}': its summary says {stated} bytes but its types cost "
+                f"{plan.n_bytes()} (edited or corrupt file)"
+            )
         return plan
 
     def check_model(self, fingerprint: dict, where: str = "plan", force: bool = False) -> None:

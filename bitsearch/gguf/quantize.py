@@ -27,9 +27,15 @@ _LIB: ctypes.CDLL | None = None
 
 
 class _TypeTraits(ctypes.Structure):
-    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
-                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
-                ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p), ("from_float_ref", ctypes.c_void_p)]
+    _fields_ = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", ctypes.c_int64),
+        ("blck_size_interleave", ctypes.c_int64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.c_void_p),
+        ("from_float_ref", ctypes.c_void_p),
+    ]
 
 
 _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
@@ -39,12 +45,15 @@ def _find_library() -> str:
     try:
         import llama_cpp
     except ImportError:
-        raise BitsearchError("llama.cpp's quantizers need the llama-cpp-python package "
-                             "(pip install 'bitsearch[gguf]', or BITSEARCH_EXTRAS=gguf ./setup.sh)") from None
+        raise BitsearchError(
+            "llama.cpp's quantizers need the llama-cpp-python package "
+            "(pip install 'bitsearch[gguf]', or BITSEARCH_EXTRAS=gguf ./setup.sh)"
+        ) from None
     root = os.path.dirname(llama_cpp.__file__)
     for pattern in ("lib/libggml-base.*", "lib/libggml.*", "**/libggml-base.*", "**/libggml.*"):
-        hits = [p for p in glob.glob(os.path.join(root, pattern), recursive=True)
-                if p.endswith((".so", ".dylib", ".dll"))]
+        hits = [
+            p for p in glob.glob(os.path.join(root, pattern), recursive=True) if p.endswith((".so", ".dylib", ".dll"))
+        ]
         if hits:
             return sorted(hits)[0]
     raise BitsearchError(f"the llama_cpp package at {root} ships no ggml library")
@@ -57,8 +66,15 @@ def ggml_library() -> ctypes.CDLL:
         if _LIB is None:
             lib = ctypes.CDLL(_find_library())
             lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-            lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                                ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+            lib.ggml_quantize_chunk.argtypes = [
+                ctypes.c_int,
+                ctypes.c_void_p,
+                ctypes.c_void_p,
+                ctypes.c_int64,
+                ctypes.c_int64,
+                ctypes.c_int64,
+                ctypes.c_void_p,
+            ]
             lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
             lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
             lib.ggml_row_size.restype = ctypes.c_size_t
@@ -93,8 +109,9 @@ def quantize(w: np.ndarray, type_name: str, imatrix: np.ndarray | None = None) -
     if t.name == "F32":
         return w.view(np.uint8).reshape(rows, rb).copy()
     out = np.empty((rows, rb), dtype=np.uint8)
-    done = lib.ggml_quantize_chunk(t.id, w.ctypes.data, out.ctypes.data, 0, rows, n,
-                                   im.ctypes.data if im is not None else None)
+    done = lib.ggml_quantize_chunk(
+        t.id, w.ctypes.data, out.ctypes.data, 0, rows, n, im.ctypes.data if im is not None else None
+    )
     if done != rows * rb:
         raise BitsearchError(f"ggml wrote {done} bytes for a {rows}x{n} {t.name} tensor, expected {rows * rb}")
     return out
@@ -121,4 +138,3 @@ def round_trip(w: np.ndarray, type_name: str, imatrix: np.ndarray | None = None)
     """``dequantize(quantize(w))``: the weights llama.cpp computes with for ``w`` stored as the type."""
     w = np.asarray(w, dtype=np.float32)
     return dequantize(quantize(w, type_name, imatrix), type_name, w.shape)
-

@@ -21,10 +21,30 @@ from .types import ggml_type
 __all__ = ["LlamaCpp", "llama_quantize", "LLAMA_FTYPES"]
 
 #: llama_ftype values of the presets (include/llama.h)
-LLAMA_FTYPES = {"Q4_0": 2, "Q8_0": 7, "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14,
-                "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "IQ2_XXS": 19, "IQ2_XS": 20, "Q2_K_S": 21,
-                "IQ3_XS": 22, "IQ3_XXS": 23, "IQ4_NL": 25, "IQ3_S": 26, "IQ3_M": 27, "IQ2_S": 28, "IQ2_M": 29,
-                "IQ4_XS": 30}
+LLAMA_FTYPES = {
+    "Q4_0": 2,
+    "Q8_0": 7,
+    "Q2_K": 10,
+    "Q3_K_S": 11,
+    "Q3_K_M": 12,
+    "Q3_K_L": 13,
+    "Q4_K_S": 14,
+    "Q4_K_M": 15,
+    "Q5_K_S": 16,
+    "Q5_K_M": 17,
+    "Q6_K": 18,
+    "IQ2_XXS": 19,
+    "IQ2_XS": 20,
+    "Q2_K_S": 21,
+    "IQ3_XS": 22,
+    "IQ3_XXS": 23,
+    "IQ4_NL": 25,
+    "IQ3_S": 26,
+    "IQ3_M": 27,
+    "IQ2_S": 28,
+    "IQ2_M": 29,
+    "IQ4_XS": 30,
+}
 
 
 def _lib():
@@ -35,7 +55,7 @@ def _lib():
     return llama_cpp
 
 
-_SILENT = None   # llama.cpp keeps the log callback: it must outlive every call
+_SILENT = None  # llama.cpp keeps the log callback: it must outlive every call
 
 
 def _quiet(L) -> None:
@@ -105,10 +125,10 @@ class LlamaCpp:
         ids = np.asarray(ids)
         nll, count = 0.0, 0
         for s in range(0, len(ids) - seq_len + 1, seq_len):
-            w = ids[s:s + seq_len]
+            w = ids[s : s + seq_len]
             lg = self.logits(w).astype(np.float64)[:-1]
             m = lg.max(1, keepdims=True)
-            lse = (m[:, 0] + np.log(np.exp(lg - m).sum(1)))
+            lse = m[:, 0] + np.log(np.exp(lg - m).sum(1))
             nll += float((lse - lg[np.arange(len(w) - 1), w[1:]]).sum())
             count += len(w) - 1
         if count == 0:
@@ -116,8 +136,15 @@ class LlamaCpp:
         return math.exp(nll / count), count
 
 
-def llama_quantize(src: str, dst: str, ftype: str = "Q8_0", *, overrides: list[tuple[str, str]] | None = None,
-                   imatrix: Imatrix | None = None, threads: int = 1) -> None:
+def llama_quantize(
+    src: str,
+    dst: str,
+    ftype: str = "Q8_0",
+    *,
+    overrides: list[tuple[str, str]] | None = None,
+    imatrix: Imatrix | None = None,
+    threads: int = 1,
+) -> None:
     """llama.cpp's ``llama_model_quantize`` of an F32/F16 GGUF: preset ``ftype``, per-tensor
     ``overrides`` [(regex, type)] as ``--tensor-type`` gives them, importance weights ``imatrix``."""
     L = _lib()

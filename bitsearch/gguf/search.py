@@ -42,8 +42,19 @@ from .plan import TensorPlan
 from .quantize import round_trip
 from .types import GGML_TYPES, effective_type, ggml_type, parse_types, tensor_bytes
 
-__all__ = ["gguf_targets", "collect_imatrix", "imatrix_for", "token_frequencies", "tensor_curves", "GGUFProblem",
-           "build_gguf_problem", "allocate_gguf", "search_gguf", "DEFAULT_REF_TYPE", "GGUF_METHODS"]
+__all__ = [
+    "gguf_targets",
+    "collect_imatrix",
+    "imatrix_for",
+    "token_frequencies",
+    "tensor_curves",
+    "GGUFProblem",
+    "build_gguf_problem",
+    "allocate_gguf",
+    "search_gguf",
+    "DEFAULT_REF_TYPE",
+    "GGUF_METHODS",
+]
 
 #: type whose measured loss response scales each tensor's curve (as 2 bits does per channel)
 DEFAULT_REF_TYPE = "Q2_K"
@@ -64,8 +75,14 @@ def _embedding_heads(targets: list[Target]) -> dict[str, str]:
 
 
 @torch.no_grad()
-def collect_imatrix(model: nn.Module, targets: list[Target], batch: torch.Tensor, micro_batch: int = 8,
-                    dataset: str = "", show_progress: bool = True) -> Imatrix:
+def collect_imatrix(
+    model: nn.Module,
+    targets: list[Target],
+    batch: torch.Tensor,
+    micro_batch: int = 8,
+    dataset: str = "",
+    show_progress: bool = True,
+) -> Imatrix:
     """llama.cpp's importance matrix of the targets over ``batch`` (keyed by GGUF tensor name); a
     tied output's inputs count for ``token_embd.weight``, whose lookups ``llama-imatrix`` never sees."""
     heads = _embedding_heads(targets)
@@ -74,13 +91,15 @@ def collect_imatrix(model: nn.Module, targets: list[Target], batch: torch.Tensor
     device = next(model.parameters()).device
     with InputStats(mods, "diag") as stats:
         for j in progress(range(0, batch.shape[0], micro_batch), desc="imatrix", enable=show_progress):
-            model(batch[j:j + micro_batch].to(device))
+            model(batch[j : j + micro_batch].to(device))
             stats.end_pass()
     entries = {}
     for name in mods:
         owner = heads.get(name, name)
-        entries[gguf_name(owner)] = (stats.total(name).float().cpu().numpy(),
-                                     int(stats.counts[stats.alias.get(name, name)]))
+        entries[gguf_name(owner)] = (
+            stats.total(name).float().cpu().numpy(),
+            int(stats.counts[stats.alias.get(name, name)]),
+        )
     seq = batch.shape[1]
     return Imatrix(entries, [dataset] if dataset else [], chunk_count=batch.shape[0], chunk_size=seq)
 
@@ -94,8 +113,10 @@ def imatrix_for(imat: Imatrix | None, target: Target) -> np.ndarray | None:
         return None
     w = imat.mean(name)
     if w.shape != (target.in_features,):
-        raise BitsearchError(f"the imatrix entry '{name}' has {w.size} values for a tensor with rows of "
-                             f"{target.in_features} weights (imatrix of another model?)")
+        raise BitsearchError(
+            f"the imatrix entry '{name}' has {w.size} values for a tensor with rows of "
+            f"{target.in_features} weights (imatrix of another model?)"
+        )
     return w
 
 
@@ -120,18 +141,28 @@ def _columns(targets: list[Target], menu: list[str], imat: Imatrix | None) -> tu
     allowed = {}
     for t in targets:
         weighted = imatrix_for(imat, t) is not None
-        allowed[t.name] = {e for e in (effective_type(m, t.in_features) for m in menu)
-                           if weighted or not GGML_TYPES[e].needs_imatrix}
+        allowed[t.name] = {
+            e for e in (effective_type(m, t.in_features) for m in menu) if weighted or not GGML_TYPES[e].needs_imatrix
+        }
         if not allowed[t.name]:
-            raise BitsearchError(f"no type of the menu ({','.join(menu)}) can store '{gguf_name(t.name)}' without "
-                                 f"an importance matrix entry")
+            raise BitsearchError(
+                f"no type of the menu ({','.join(menu)}) can store '{gguf_name(t.name)}' without "
+                f"an importance matrix entry"
+            )
     stored = sorted(set().union(*allowed.values()), key=lambda n: GGML_TYPES[n].bits_per_weight)
     return stored, allowed
 
 
-def tensor_curves(model: nn.Module, targets: list[Target], columns: list[str], allowed: dict[str, set[str]],
-                  imat: Imatrix | None, freq: np.ndarray, threads: int = 1,
-                  show_progress: bool = True) -> dict[str, np.ndarray]:
+def tensor_curves(
+    model: nn.Module,
+    targets: list[Target],
+    columns: list[str],
+    allowed: dict[str, set[str]],
+    imat: Imatrix | None,
+    freq: np.ndarray,
+    threads: int = 1,
+    show_progress: bool = True,
+) -> dict[str, np.ndarray]:
     """Raw round-trip error of every target in every allowed type (NaN where not allowed)."""
     jobs = [(t, c) for t in targets for c in columns if c in allowed[t.name]]
     weights = {t.name: model.get_submodule(t.name).weight.detach().float().cpu().numpy() for t in targets}
@@ -143,9 +174,10 @@ def tensor_curves(model: nn.Module, targets: list[Target], columns: list[str], a
         return _raw_error(t, weights[t.name], q, imw[t.name], freq)
 
     out = {t.name: np.full(len(columns), np.nan) for t in targets}
-    with ThreadPoolExecutor(max(1, threads)) as pool:   # ggml releases the GIL
-        for (t, c), e in zip(jobs, progress(pool.map(one, jobs), total=len(jobs), desc="ggml round trips",
-                                            enable=show_progress)):
+    with ThreadPoolExecutor(max(1, threads)) as pool:  # ggml releases the GIL
+        for (t, c), e in zip(
+            jobs, progress(pool.map(one, jobs), total=len(jobs), desc="ggml round trips", enable=show_progress)
+        ):
             out[t.name][columns.index(c)] = e
     return out
 
@@ -154,11 +186,19 @@ def _problem(targets: list[Target], columns: list[str], errors: dict[str, np.nda
     """One row per tensor; unavailable options (and same-price options with a larger error) priced out."""
     n = len(targets)
     err = np.stack([errors[t.name] for t in targets])
-    cost = np.array([[tensor_bytes(c, (t.out_features, t.in_features)) if np.isfinite(errors[t.name][k]) else 0
-                      for k, c in enumerate(columns)] for t in targets], dtype=np.int64)
+    cost = np.array(
+        [
+            [
+                tensor_bytes(c, (t.out_features, t.in_features)) if np.isfinite(errors[t.name][k]) else 0
+                for k, c in enumerate(columns)
+            ]
+            for t in targets
+        ],
+        dtype=np.int64,
+    )
     avail = np.isfinite(err)
     ok = avail.copy()
-    earlier = np.arange(len(columns))[None, :] < np.arange(len(columns))[:, None]   # [k, j]: j < k
+    earlier = np.arange(len(columns))[None, :] < np.arange(len(columns))[:, None]  # [k, j]: j < k
     for i in range(n):
         for k in np.flatnonzero(avail[i]):
             rivals = avail[i] & (cost[i] == cost[i, k])
@@ -168,9 +208,15 @@ def _problem(targets: list[Target], columns: list[str], errors: dict[str, np.nda
     big_err = (float(np.nanmax(np.abs(err))) + 1.0) * 1e6
     cost = np.where(ok, cost, big_cost)
     err = np.where(ok, err, big_err)
-    return AllocationProblem(bits=list(range(len(columns))), errors=err, costs=cost, fixed_bytes=0,
-                             n_weights=sum(t.numel for t in targets),
-                             layer_slices={t.name: slice(i, i + 1) for i, t in enumerate(targets)}, group_size=0)
+    return AllocationProblem(
+        bits=list(range(len(columns))),
+        errors=err,
+        costs=cost,
+        fixed_bytes=0,
+        n_weights=sum(t.numel for t in targets),
+        layer_slices={t.name: slice(i, i + 1) for i, t in enumerate(targets)},
+        group_size=0,
+    )
 
 
 @dataclass
@@ -186,10 +232,19 @@ class GGUFProblem:
     ref_type: str
 
 
-def build_gguf_problem(model: nn.Module, batch: torch.Tensor, *, types: str | list[str] | None = None,
-                       ref_type: str = DEFAULT_REF_TYPE, calib_samples: int = 16, micro_batch: int = 8,
-                       imatrix: Imatrix | None = None, threads: int | None = None, dataset: str = "",
-                       show_progress: bool = True) -> GGUFProblem:
+def build_gguf_problem(
+    model: nn.Module,
+    batch: torch.Tensor,
+    *,
+    types: str | list[str] | None = None,
+    ref_type: str = DEFAULT_REF_TYPE,
+    calib_samples: int = 16,
+    micro_batch: int = 8,
+    imatrix: Imatrix | None = None,
+    threads: int | None = None,
+    dataset: str = "",
+    show_progress: bool = True,
+) -> GGUFProblem:
     """Loss-calibrated round-trip errors and exact prices of every target in every type of the
     menu (``imatrix``: a llama.cpp one instead of collecting it on ``batch``)."""
     menu = parse_types(types)
@@ -200,8 +255,9 @@ def build_gguf_problem(model: nn.Module, batch: torch.Tensor, *, types: str | li
     columns, allowed = _columns(targets, menu, imatrix)
     emb = [t for t in targets if t.kind == "embedding"]
     freq = token_frequencies(batch, emb[0].out_features) if emb else np.zeros(0)
-    raw = tensor_curves(model, targets, columns, allowed, imatrix, freq, threads or torch.get_num_threads(),
-                        show_progress)
+    raw = tensor_curves(
+        model, targets, columns, allowed, imatrix, freq, threads or torch.get_num_threads(), show_progress
+    )
     # loss response of each tensor alone in the reference type (its fallback where it has one)
     ref_of = {t.name: effective_type(ref, t.in_features) for t in targets}
     imw = {t.name: imatrix_for(imatrix, t) for t in targets}
@@ -209,23 +265,26 @@ def build_gguf_problem(model: nn.Module, batch: torch.Tensor, *, types: str | li
     def perturb(name, w):
         return torch.from_numpy(round_trip(w.cpu().numpy(), ref_of[name], imw[name])).to(w.device)
 
-    responses = loss_response(model, targets, batch[:calib_samples], perturb, f"response @{ref}", micro_batch,
-                              show_progress)
+    responses = loss_response(
+        model, targets, batch[:calib_samples], perturb, f"response @{ref}", micro_batch, show_progress
+    )
     n = len(columns)
     with_ref = {}
-    for t in targets:   # each raw curve plus its reference-type error as a last column
+    for t in targets:  # each raw curve plus its reference-type error as a last column
         k = columns.index(ref_of[t.name]) if ref_of[t.name] in columns else None
         if k is not None and np.isfinite(raw[t.name][k]):
             ref_raw = raw[t.name][k]
         else:
             w = model.get_submodule(t.name).weight.detach().float().cpu().numpy()
             ref_raw = _raw_error(t, w, round_trip(w, ref_of[t.name], imw[t.name]), imw[t.name], freq)
-        with_ref[t.name] = LayerCurves(errors=np.append(np.nan_to_num(raw[t.name], nan=0.0), ref_raw)[None, :],
-                                       metrics={})
+        with_ref[t.name] = LayerCurves(
+            errors=np.append(np.nan_to_num(raw[t.name], nan=0.0), ref_raw)[None, :], metrics={}
+        )
     scaled = calibrate_layer_loss(with_ref, responses, list(range(n + 1)), n)
     curves = {name: np.where(np.isfinite(raw[name]), lc.errors[0, :n], np.nan) for name, lc in scaled.items()}
-    return GGUFProblem(_problem(targets, columns, curves), columns, targets, model_fingerprint(model, targets),
-                       imatrix, menu, ref)
+    return GGUFProblem(
+        _problem(targets, columns, curves), columns, targets, model_fingerprint(model, targets), imatrix, menu, ref
+    )
 
 
 def allocate_gguf(gp: GGUFProblem, budget: str | float, method: str = "greedy") -> TensorPlan:
@@ -235,32 +294,60 @@ def allocate_gguf(gp: GGUFProblem, budget: str | float, method: str = "greedy") 
     problem = gp.problem
     budget_bytes = budget_to_bytes(budget, problem.n_weights)
     if budget_bytes < problem.min_bytes():
-        raise BitsearchError(f"budget {budget_bytes} bytes ({avg_bits(budget_bytes, problem.n_weights):.4f} bits) "
-                             f"is below the smallest plan of types {','.join(gp.menu)}: {problem.min_bytes()} bytes "
-                             f"({avg_bits(problem.min_bytes(), problem.n_weights):.4f} bits)")
+        raise BitsearchError(
+            f"budget {budget_bytes} bytes ({avg_bits(budget_bytes, problem.n_weights):.4f} bits) "
+            f"is below the smallest plan of types {','.join(gp.menu)}: {problem.min_bytes()} bytes "
+            f"({avg_bits(problem.min_bytes(), problem.n_weights):.4f} bits)"
+        )
     choice = get_allocator(method).allocate(problem, budget_bytes)
     types = {t.name: gp.columns[int(choice[i])] for i, t in enumerate(gp.targets)}
     plan = TensorPlan(model=gp.fingerprint, types=types, menu=gp.menu)
     plan.fill_summary(problem.error_of(choice))
-    plan.provenance = {"estimator": "ggml-imatrix", "allocator": method, "budget": budget,
-                       "reference_type": gp.ref_type, "package_version": __version__,
-                       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    plan.provenance = {
+        "estimator": "ggml-imatrix",
+        "allocator": method,
+        "budget": budget,
+        "reference_type": gp.ref_type,
+        "package_version": __version__,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     return plan
 
 
-def search_gguf(model: nn.Module, batch: torch.Tensor, budget: str | float, *, types: str | list[str] | None = None,
-                method: str = "greedy", ref_type: str = DEFAULT_REF_TYPE, calib_samples: int = 16,
-                micro_batch: int = 8, imatrix: Imatrix | None = None, threads: int | None = None,
-                calib_info: dict | None = None, show_progress: bool = True) -> tuple[TensorPlan, Imatrix]:
+def search_gguf(
+    model: nn.Module,
+    batch: torch.Tensor,
+    budget: str | float,
+    *,
+    types: str | list[str] | None = None,
+    method: str = "greedy",
+    ref_type: str = DEFAULT_REF_TYPE,
+    calib_samples: int = 16,
+    micro_batch: int = 8,
+    imatrix: Imatrix | None = None,
+    threads: int | None = None,
+    calib_info: dict | None = None,
+    show_progress: bool = True,
+) -> tuple[TensorPlan, Imatrix]:
     """A per-tensor plan of ggml types within ``budget`` and the importance matrix it was scored with."""
     t0 = time.time()
     if method not in GGUF_METHODS:
         raise BitsearchError(f"--format gguf searches with {' or '.join(GGUF_METHODS)}, not '{method}'")
     parse_budget(budget)
-    gp = build_gguf_problem(model, batch, types=types, ref_type=ref_type, calib_samples=calib_samples,
-                            micro_batch=micro_batch, imatrix=imatrix, threads=threads,
-                            dataset=(calib_info or {}).get("source", ""), show_progress=show_progress)
+    gp = build_gguf_problem(
+        model,
+        batch,
+        types=types,
+        ref_type=ref_type,
+        calib_samples=calib_samples,
+        micro_batch=micro_batch,
+        imatrix=imatrix,
+        threads=threads,
+        dataset=(calib_info or {}).get("source", ""),
+        show_progress=show_progress,
+    )
     plan = allocate_gguf(gp, budget, method)
-    plan.provenance.update(calibration=calib_info or {}, calib_loss_samples=calib_samples,
-                           seconds=round(time.time() - t0, 2))
+    plan.provenance.update(
+        calibration=calib_info or {}, calib_loss_samples=calib_samples, seconds=round(time.time() - t0, 2)
+    )
     return plan, gp.imatrix

@@ -17,17 +17,26 @@ from dataclasses import dataclass
 
 from ..errors import BitsearchError
 
-__all__ = ["GGMLType", "GGML_TYPES", "SEARCH_TYPES", "FALLBACK", "ggml_type", "effective_type", "row_bytes",
-           "tensor_bytes", "parse_types"]
+__all__ = [
+    "GGMLType",
+    "GGML_TYPES",
+    "SEARCH_TYPES",
+    "FALLBACK",
+    "ggml_type",
+    "effective_type",
+    "row_bytes",
+    "tensor_bytes",
+    "parse_types",
+]
 
 
 @dataclass(frozen=True)
 class GGMLType:
     name: str
-    id: int            # ggml's enum ggml_type value (also the GGUF tensor-info type)
-    block: int         # weights per block
-    type_size: int     # bytes per block
-    needs_imatrix: bool = False   # ggml refuses to quantize it without importance weights
+    id: int  # ggml's enum ggml_type value (also the GGUF tensor-info type)
+    block: int  # weights per block
+    type_size: int  # bytes per block
+    needs_imatrix: bool = False  # ggml refuses to quantize it without importance weights
 
     @property
     def bits_per_weight(self) -> float:
@@ -35,14 +44,26 @@ class GGMLType:
 
 
 _TABLE = [
-    GGMLType("F32", 0, 1, 4), GGMLType("F16", 1, 1, 2), GGMLType("BF16", 30, 1, 2),
-    GGMLType("Q4_0", 2, 32, 18), GGMLType("Q4_1", 3, 32, 20), GGMLType("Q5_0", 6, 32, 22),
-    GGMLType("Q5_1", 7, 32, 24), GGMLType("Q8_0", 8, 32, 34), GGMLType("IQ4_NL", 20, 32, 18),
-    GGMLType("Q2_K", 10, 256, 84), GGMLType("Q3_K", 11, 256, 110), GGMLType("Q4_K", 12, 256, 144),
-    GGMLType("Q5_K", 13, 256, 176), GGMLType("Q6_K", 14, 256, 210),
-    GGMLType("IQ2_XXS", 16, 256, 66, True), GGMLType("IQ2_XS", 17, 256, 74, True),
-    GGMLType("IQ2_S", 22, 256, 82, True), GGMLType("IQ3_XXS", 18, 256, 98, True),
-    GGMLType("IQ3_S", 21, 256, 110), GGMLType("IQ4_XS", 23, 256, 136),
+    GGMLType("F32", 0, 1, 4),
+    GGMLType("F16", 1, 1, 2),
+    GGMLType("BF16", 30, 1, 2),
+    GGMLType("Q4_0", 2, 32, 18),
+    GGMLType("Q4_1", 3, 32, 20),
+    GGMLType("Q5_0", 6, 32, 22),
+    GGMLType("Q5_1", 7, 32, 24),
+    GGMLType("Q8_0", 8, 32, 34),
+    GGMLType("IQ4_NL", 20, 32, 18),
+    GGMLType("Q2_K", 10, 256, 84),
+    GGMLType("Q3_K", 11, 256, 110),
+    GGMLType("Q4_K", 12, 256, 144),
+    GGMLType("Q5_K", 13, 256, 176),
+    GGMLType("Q6_K", 14, 256, 210),
+    GGMLType("IQ2_XXS", 16, 256, 66, True),
+    GGMLType("IQ2_XS", 17, 256, 74, True),
+    GGMLType("IQ2_S", 22, 256, 82, True),
+    GGMLType("IQ3_XXS", 18, 256, 98, True),
+    GGMLType("IQ3_S", 21, 256, 110),
+    GGMLType("IQ4_XS", 23, 256, 136),
 ]
 #: every type bitsearch can price, quantize and write, by name
 GGML_TYPES: dict[str, GGMLType] = {t.name: t for t in _TABLE}
@@ -50,12 +71,35 @@ _BY_ID = {t.id: t for t in _TABLE}
 
 #: the default search menu: the K-quants, Q8_0 and the IQ types llama.cpp makes with an imatrix,
 #: by price (Q3_K and IQ3_S cost the same)
-SEARCH_TYPES = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "Q3_K", "IQ3_S", "IQ4_XS", "Q4_K", "Q5_K",
-                "Q6_K", "Q8_0"]
+SEARCH_TYPES = [
+    "IQ2_XXS",
+    "IQ2_XS",
+    "IQ2_S",
+    "Q2_K",
+    "IQ3_XXS",
+    "Q3_K",
+    "IQ3_S",
+    "IQ4_XS",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
+    "Q8_0",
+]
 
 #: llama-quantize's fallback of a 256-block type for rows its block does not divide
-FALLBACK = {"IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL", "IQ2_S": "IQ4_NL", "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL",
-            "IQ4_XS": "IQ4_NL", "Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+FALLBACK = {
+    "IQ2_XXS": "IQ4_NL",
+    "IQ2_XS": "IQ4_NL",
+    "IQ2_S": "IQ4_NL",
+    "IQ3_XXS": "IQ4_NL",
+    "IQ3_S": "IQ4_NL",
+    "IQ4_XS": "IQ4_NL",
+    "Q2_K": "Q4_0",
+    "Q3_K": "Q4_0",
+    "Q4_K": "Q5_0",
+    "Q5_K": "Q5_1",
+    "Q6_K": "Q8_0",
+}
 
 
 def ggml_type(name_or_id: str | int) -> GGMLType:
@@ -94,8 +138,9 @@ def effective_type(name: str, n_per_row: int) -> str:
 def row_bytes(name: str, n_per_row: int) -> int:
     t = ggml_type(name)
     if n_per_row % t.block:
-        raise BitsearchError(f"a row of {n_per_row} weights cannot be stored as {t.name} "
-                             f"(its blocks hold {t.block} weights)")
+        raise BitsearchError(
+            f"a row of {n_per_row} weights cannot be stored as {t.name} (its blocks hold {t.block} weights)"
+        )
     return n_per_row // t.block * t.type_size
 
 

@@ -28,12 +28,20 @@ from ..atomic import atomic_dir
 from ..couplings import couplings_from_list, physical_layout
 from ..errors import BitsearchError
 from ..models import tied_linears
-from ..packed import PackedEmbedding, PackedLinear, PackedTiedHead, _PackedRows, pack_module
+from ..packed import PackedEmbedding, PackedLinear, PackedRows, PackedTiedHead, pack_module
 from ..quantize import set_module
 from .plan import BitPlan
 
-__all__ = ["PACKED_CONFIG", "PACKED_FORMAT", "PACKED_VERSION", "save_packed", "save_fake", "load_packed",
-           "packed_tensor_bytes", "parameters_on_meta"]
+__all__ = [
+    "PACKED_CONFIG",
+    "PACKED_FORMAT",
+    "PACKED_VERSION",
+    "save_packed",
+    "save_fake",
+    "load_packed",
+    "packed_tensor_bytes",
+    "parameters_on_meta",
+]
 
 PACKED_CONFIG = "bitsearch_quant.json"
 PACKED_FORMAT = "bitsearch-packed"
@@ -64,20 +72,29 @@ def save_packed(model: nn.Module, plan: BitPlan, out: str, tokenizer=None) -> in
     modules = dict(model.named_modules())
     rows, columns = physical_layout(plan.couplings, plan.bits)
     quant, layers = {}, {}
-    skip = set(plan.bits)   # modules whose weight is stored packed (targets and their tied heads)
+    skip = set(plan.bits)  # modules whose weight is stored packed (targets and their tied heads)
     for name, bits in plan.bits.items():
         mod = modules[name]
-        heads = tied_linears(model, name) if isinstance(mod, nn.Embedding) else \
-            tuple(n for n, m in modules.items() if isinstance(m, PackedTiedHead) and m._embedding is mod)
+        heads = (
+            tied_linears(model, name)
+            if isinstance(mod, nn.Embedding)
+            else tuple(n for n, m in modules.items() if isinstance(m, PackedTiedHead) and m._embedding is mod)
+        )
         skip.update(heads)
-        if not isinstance(mod, _PackedRows):
-            mod = pack_module(mod, torch.as_tensor(bits), plan.group_size, rows=rows.get(name),
-                              columns=columns.get(name))
+        if not isinstance(mod, PackedRows):
+            mod = pack_module(
+                mod, torch.as_tensor(bits), plan.group_size, rows=rows.get(name), columns=columns.get(name)
+            )
         for k, v in mod.packed_tensors().items():
             quant[f"{name}.{k}"] = v.detach().cpu().contiguous()
-        layers[name] = {"in_features": mod.in_features, "out_features": mod.n_rows, "kind": mod.kind,
-                        "bias": getattr(mod, "bias", None) is not None,
-                        "padding_idx": getattr(mod, "padding_idx", None), "tied": list(heads)}
+        layers[name] = {
+            "in_features": mod.in_features,
+            "out_features": mod.n_rows,
+            "kind": mod.kind,
+            "bias": getattr(mod, "bias", None) is not None,
+            "padding_idx": getattr(mod, "padding_idx", None),
+            "tied": list(heads),
+        }
     rest, aliases, seen = {}, {}, {}
     for k, v in model.state_dict(keep_vars=False).items():
         if k.rsplit(".", 1)[0] in skip and not k.endswith(".bias"):  # a target's weight or packed buffers
@@ -89,10 +106,16 @@ def save_packed(model: nn.Module, plan: BitPlan, out: str, tokenizer=None) -> in
         seen[key] = k
         rest[k] = v.detach().cpu().contiguous()
     meta = {
-        "format": PACKED_FORMAT, "version": PACKED_VERSION, "package_version": __version__,
-        "group_size": plan.group_size, "layers": layers, "aliases": aliases,
+        "format": PACKED_FORMAT,
+        "version": PACKED_VERSION,
+        "package_version": __version__,
+        "group_size": plan.group_size,
+        "layers": layers,
+        "aliases": aliases,
         "dtype": str(next(iter(rest.values())).dtype).replace("torch.", "") if rest else "float32",
-        "plan_summary": plan.summary, "model": plan.model, "plan_provenance": plan.provenance,
+        "plan_summary": plan.summary,
+        "model": plan.model,
+        "plan_provenance": plan.provenance,
         "couplings": [c.to_dict() for c in plan.couplings],
     }
     with atomic_dir(out) as tmp:
@@ -140,8 +163,10 @@ def _read_meta(path: str) -> dict:
     except (OSError, json.JSONDecodeError) as exc:
         raise BitsearchError(f"packed checkpoint '{path}' has an unreadable {PACKED_CONFIG}: {exc}") from None
     if meta.get("format") != PACKED_FORMAT or meta.get("version") != PACKED_VERSION:
-        raise BitsearchError(f"'{path}' is a {meta.get('format')} v{meta.get('version')} checkpoint; "
-                             f"this bitsearch reads {PACKED_FORMAT} v{PACKED_VERSION}")
+        raise BitsearchError(
+            f"'{path}' is a {meta.get('format')} v{meta.get('version')} checkpoint; "
+            f"this bitsearch reads {PACKED_FORMAT} v{PACKED_VERSION}"
+        )
     return meta
 
 
@@ -168,20 +193,33 @@ def load_packed(path: str, device: str = "cpu", dtype: torch.dtype | None = None
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     packed_embedding_tied = False
-    bits = {k[:-len(".qbits")]: v.numpy() for k, v in quant.items() if k.endswith(".qbits")}
+    bits = {k[: -len(".qbits")]: v.numpy() for k, v in quant.items() if k.endswith(".qbits")}
     keep_rows, _ = physical_layout(couplings_from_list(meta.get("couplings")), bits)
     for name, info in meta["layers"].items():
         prefix = name + "."
-        tensors = {k[len(prefix):]: v for k, v in quant.items() if k.startswith(prefix)}
+        tensors = {k[len(prefix) :]: v for k, v in quant.items() if k.startswith(prefix)}
         if info.get("kind") == "embedding":
-            new = PackedEmbedding(info["in_features"], info["out_features"], meta["group_size"], tensors,
-                                  info.get("padding_idx"), compute_dtype=dtype)
+            new = PackedEmbedding(
+                info["in_features"],
+                info["out_features"],
+                meta["group_size"],
+                tensors,
+                info.get("padding_idx"),
+                compute_dtype=dtype,
+            )
             for h in info.get("tied", []):
                 set_module(model, h, PackedTiedHead(new, rest.get(h + ".bias")))
                 packed_embedding_tied = True
         else:
-            new = PackedLinear(info["in_features"], info["out_features"], meta["group_size"], tensors,
-                               rest.get(prefix + "bias"), compute_dtype=dtype, rows=keep_rows.get(name))
+            new = PackedLinear(
+                info["in_features"],
+                info["out_features"],
+                meta["group_size"],
+                tensors,
+                rest.get(prefix + "bias"),
+                compute_dtype=dtype,
+                rows=keep_rows.get(name),
+            )
         set_module(model, name, new)
     for alias, target in meta.get("aliases", {}).items():
         rest[alias] = rest[target]
@@ -190,8 +228,9 @@ def load_packed(path: str, device: str = "cpu", dtype: torch.dtype | None = None
         model.tie_weights()
     missing = [k for k, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
     if missing or unexpected:
-        raise BitsearchError(f"packed checkpoint '{path}' does not match its config "
-                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise BitsearchError(
+            f"packed checkpoint '{path}' does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     model.to(device)
     model.eval()
     return model

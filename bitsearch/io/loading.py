@@ -13,8 +13,14 @@ from .checkpoint import PACKED_CONFIG
 
 __all__ = ["DTYPES", "load_model", "load_tokenizer", "resolve_dtype", "resolve_device"]
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -40,8 +46,12 @@ def _is_local(name: str) -> bool:
     return os.path.isdir(name) or name.startswith((".", "/", "~"))
 
 
-def load_model(name_or_path: str, device: str = "cpu", dtype: str | torch.dtype | None = "float32",
-               attn_implementation: str | None = None) -> nn.Module:
+def load_model(
+    name_or_path: str,
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = "float32",
+    attn_implementation: str | None = None,
+) -> nn.Module:
     """A causal LM from a hub id, a local HF directory or a bitsearch packed checkpoint.
 
     ``dtype=None``: float32 for a HF model, the saved dtype of a packed checkpoint's untouched tensors."""

@@ -13,7 +13,8 @@ Layout (format "bitsearch-plan", version 1)::
                     "package_version", "time"}}
 
 Version 1 plans have no couplings; a plan with couplings is written as version 2 (its bytes
-count the consumers' freed columns, which a version-1 reader would not). Loading checks everything and names the first problem it finds. Writing is atomic.
+count the consumers' freed columns, which a version-1 reader would not). Loading checks
+everything and names the first problem it finds. Writing is atomic.
 
 Per-tensor plans (one ggml type per tensor, for GGUF) are version 3 with ``"unit": "tensor"``
 (:class:`bitsearch.gguf.plan.TensorPlan`); :func:`load_plan` reads either kind.
@@ -51,8 +52,7 @@ def decode_bits(text: str, where: str) -> np.ndarray:
     try:
         return np.array([_WIDTH_OF[c] for c in text], dtype=np.uint8)
     except KeyError as exc:
-        raise BitsearchError(f"{where}: width code {exc.args[0]!r} is not a valid width "
-                             f"(0-8 or F for 16)") from None
+        raise BitsearchError(f"{where}: width code {exc.args[0]!r} is not a valid width (0-8 or F for 16)") from None
 
 
 class PlanTargets:
@@ -69,13 +69,17 @@ class PlanTargets:
         """Raise unless the plan was made for a model with this fingerprint (with ``force``: of the
         same shapes, whatever its weights)."""
         if self.model.get("sha256") != fingerprint["sha256"]:
-            raise BitsearchError(f"{where} was made for another model ({self.model.get('model_type')}, "
-                                 f"fingerprint {str(self.model.get('sha256'))[:12]}) than this one "
-                                 f"({fingerprint.get('model_type')}, {fingerprint['sha256'][:12]})")
+            raise BitsearchError(
+                f"{where} was made for another model ({self.model.get('model_type')}, "
+                f"fingerprint {str(self.model.get('sha256'))[:12]}) than this one "
+                f"({fingerprint.get('model_type')}, {fingerprint['sha256'][:12]})"
+            )
         mine, theirs_w = self.model.get("weights_sha256"), fingerprint.get("weights_sha256")
         if not force and mine and theirs_w and mine != theirs_w:
-            raise BitsearchError(f"{where} was made for a model of the same shapes but other weights (weights "
-                                 f"digest {mine[:12]}, this model's {theirs_w[:12]}): pass `force` to apply it anyway")
+            raise BitsearchError(
+                f"{where} was made for a model of the same shapes but other weights (weights "
+                f"digest {mine[:12]}, this model's {theirs_w[:12]}): pass `force` to apply it anyway"
+            )
 
 
 @dataclass
@@ -125,8 +129,12 @@ class BitPlan(PlanTargets):
             "format": PLAN_FORMAT,
             "version": PLAN_VERSION if self.couplings else 1,
             "model": self.model,
-            "quantizer": {"scheme": self.scheme, "group_size": self.group_size, "bits": list(self.menu),
-                          "scale_dtype": "float16"},
+            "quantizer": {
+                "scheme": self.scheme,
+                "group_size": self.group_size,
+                "bits": list(self.menu),
+                "scale_dtype": "float16",
+            },
             "bits": {k: encode_bits(v) for k, v in self.bits.items()},
         }
         if self.couplings:
@@ -145,13 +153,19 @@ class BitPlan(PlanTargets):
     @classmethod
     def from_dict(cls, d: dict, where: str = "plan") -> "BitPlan":
         if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
-            raise BitsearchError(f"'{where}' is not a bitsearch plan (format {d.get('format') if isinstance(d, dict) else None!r})")
+            raise BitsearchError(
+                f"'{where}' is not a bitsearch plan (format {d.get('format') if isinstance(d, dict) else None!r})"
+            )
         if d.get("unit") == "tensor":
-            raise BitsearchError(f"'{where}' is a per-tensor plan of ggml types: export it with --format gguf "
-                                 f"(the packed format needs a per-channel plan from `bitsearch search`)")
+            raise BitsearchError(
+                f"'{where}' is a per-tensor plan of ggml types: export it with --format gguf "
+                f"(the packed format needs a per-channel plan from `bitsearch search`)"
+            )
         if d.get("version") not in _READS:
-            raise BitsearchError(f"plan '{where}' has format version {d.get('version')}; "
-                                 f"this bitsearch reads versions {', '.join(map(str, _READS))}")
+            raise BitsearchError(
+                f"plan '{where}' has format version {d.get('version')}; "
+                f"this bitsearch reads versions {', '.join(map(str, _READS))}"
+            )
         shapes = plan_sections(d, ("model", "quantizer", "bits"), where)
         q = d["quantizer"]
         menu = q.get("bits")
@@ -168,13 +182,15 @@ class BitPlan(PlanTargets):
                 raise BitsearchError(f"plan '{where}': layer '{name}' has bits but is not among its targets")
             arr = decode_bits(text, f"plan '{where}', layer '{name}'")
             if len(arr) != shapes[name][0]:
-                raise BitsearchError(f"plan '{where}': layer '{name}' has {len(arr)} widths for "
-                                     f"{shapes[name][0]} channels")
+                raise BitsearchError(
+                    f"plan '{where}': layer '{name}' has {len(arr)} widths for {shapes[name][0]} channels"
+                )
             bad = sorted(set(arr.tolist()) - set(menu))
             if bad:
                 ch = int(np.flatnonzero(arr == bad[0])[0])
-                raise BitsearchError(f"plan '{where}': layer '{name}' channel {ch} has width {bad[0]}, "
-                                     f"outside the menu {menu}")
+                raise BitsearchError(
+                    f"plan '{where}': layer '{name}' channel {ch} has width {bad[0]}, outside the menu {menu}"
+                )
             bits[name] = arr
         missing = [n for n in shapes if n not in bits]
         if missing:
@@ -188,15 +204,26 @@ class BitPlan(PlanTargets):
             bad = [n for n in layers if n not in shapes]
             if bad:
                 raise BitsearchError(f"plan '{where}': coupling names '{bad[0]}', not one of its targets")
-            if any(shapes[n][0] != c.n_units * r for n, r in zip(c.producers, c.unit_rows)) \
-                    or shapes[c.consumer][1] != c.n_units * c.unit_cols:
+            if (
+                any(shapes[n][0] != c.n_units * r for n, r in zip(c.producers, c.unit_rows))
+                or shapes[c.consumer][1] != c.n_units * c.unit_cols
+            ):
                 raise BitsearchError(f"plan '{where}': coupling of '{c.consumer}' does not fit the layer shapes")
-        plan = cls(model=d["model"], group_size=gs, menu=list(menu), bits=bits,
-                   summary=d.get("summary") or {}, provenance=d.get("provenance") or {}, couplings=couplings)
+        plan = cls(
+            model=d["model"],
+            group_size=gs,
+            menu=list(menu),
+            bits=bits,
+            summary=d.get("summary") or {},
+            provenance=d.get("provenance") or {},
+            couplings=couplings,
+        )
         stated = plan.summary.get("bytes")
         if stated is not None and stated != plan.n_bytes():
-            raise BitsearchError(f"plan '{where}': its summary says {stated} bytes but its widths cost "
-                                 f"{plan.n_bytes()} (edited or corrupt file)")
+            raise BitsearchError(
+                f"plan '{where}': its summary says {stated} bytes but its widths cost "
+                f"{plan.n_bytes()} (edited or corrupt file)"
+            )
         return plan
 
     # ---- model check -----------------------------------------------------------------------
@@ -206,11 +233,15 @@ class BitPlan(PlanTargets):
         theirs = fingerprint["targets"]
         for name, shape in self.shapes.items():
             if name not in theirs:
-                raise BitsearchError(f"{where}: layer '{name}' is not a target layer of this model "
-                                     f"(plan for another model or other `targets`?)")
+                raise BitsearchError(
+                    f"{where}: layer '{name}' is not a target layer of this model "
+                    f"(plan for another model or other `targets`?)"
+                )
             if tuple(theirs[name]) != shape:
-                raise BitsearchError(f"{where}: layer '{name}' is {shape[0]}x{shape[1]} in the plan but "
-                                     f"{theirs[name][0]}x{theirs[name][1]} in the model")
+                raise BitsearchError(
+                    f"{where}: layer '{name}' is {shape[0]}x{shape[1]} in the plan but "
+                    f"{theirs[name][0]}x{theirs[name][1]} in the model"
+                )
         self.check_fingerprint(fingerprint, where, force)
 
 
@@ -232,8 +263,9 @@ def _read_json(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as exc:
-        raise BitsearchError(f"plan file '{path}' is truncated or not JSON "
-                             f"(line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+        raise BitsearchError(
+            f"plan file '{path}' is truncated or not JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+        ) from None
     except UnicodeDecodeError:
         raise BitsearchError(f"plan file '{path}' is not a text file") from None
 

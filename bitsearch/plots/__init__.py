@@ -9,5 +9,16 @@ from .results import plot_gguf_presets, plot_ppl_vs_bits
 from .runs import plot_runs
 from .sensitivity import plot_sensitivity
 
-__all__ = ["pareto_figure", "plot_confidence", "plot_layer_bits", "plot_methods", "plot_pareto", "plot_plan",
-           "plot_ppl_vs_bits", "plot_gguf_presets", "plot_runs", "plot_sensitivity", "plot_stage_costs"]
+__all__ = [
+    "pareto_figure",
+    "plot_confidence",
+    "plot_layer_bits",
+    "plot_methods",
+    "plot_pareto",
+    "plot_plan",
+    "plot_ppl_vs_bits",
+    "plot_gguf_presets",
+    "plot_runs",
+    "plot_sensitivity",
+    "plot_stage_costs",
+]

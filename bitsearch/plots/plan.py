@@ -13,9 +13,9 @@ from .sensitivity import shorten
 
 __all__ = ["plot_plan", "plot_layer_bits"]
 
-_COLUMNS = 512          # common row width of the image
+_COLUMNS = 512  # common row width of the image
 _PRUNED = "#000000"
-_KEPT = "#d62728"       # width 16 (row kept in fp16)
+_KEPT = "#d62728"  # width 16 (row kept in fp16)
 
 
 def _width_colors(widths: list[int]) -> list:
@@ -115,11 +115,11 @@ def plot_plan(plan, out: str, title: str | None = None, sort_channels: bool = Tr
     im = ax_i.imshow(img, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
     labels = [f"{b}.{t}" if b is not None else t for b, t in info.values()]
     n = len(layers)
-    if n <= 72:   # every layer gets its label
+    if n <= 72:  # every layer gets its label
         ax_i.set_yticks(range(n))
         ax_i.set_yticklabels(labels, fontsize=max(4.5, min(8.0, 480.0 / n)))
         ax_i.set_ylabel("layer (block.type), in plan order")
-    else:         # label the first layer of every k-th block, and the non-block layers
+    else:  # label the first layer of every k-th block, and the non-block layers
         first = {}
         for r, (b, t) in enumerate(info.values()):
             first.setdefault(b if b is not None else ("nb", t), r)
@@ -139,9 +139,15 @@ def plot_plan(plan, out: str, title: str | None = None, sort_channels: bool = Tr
         prev = b
     ax_i.set_xticks(np.linspace(-0.5, _COLUMNS - 0.5, 5))
     ax_i.set_xticklabels(["0", "25 %", "50 %", "75 %", "100 %"], fontsize=8)
-    ax_i.set_xlabel(("channels sorted by width within each layer (rare widths get >= 1 column)" if sort_channels
-                     else "channels in their order (nearest channel)") + ": share of the layer's channels",
-                    fontsize=9)
+    ax_i.set_xlabel(
+        (
+            "channels sorted by width within each layer (rare widths get >= 1 column)"
+            if sort_channels
+            else "channels in their order (nearest channel)"
+        )
+        + ": share of the layer's channels",
+        fontsize=9,
+    )
     ax_i.set_title("bit width of every channel, one row per layer", fontsize=10)
     cb = fig.colorbar(im, ax=ax_i, fraction=0.035, pad=0.015, ticks=np.arange(len(widths)))
     cb.ax.set_yticklabels([_width_label(w) for w in widths], fontsize=8)
@@ -162,17 +168,23 @@ def plot_plan(plan, out: str, title: str | None = None, sort_channels: bool = Tr
     share = share / share.sum(axis=1, keepdims=True)
     xl = types + ["all"]
     x = np.arange(len(xl), dtype=np.float64)
-    x[-1] += 0.5                    # a gap before "all"
+    x[-1] += 0.5  # a gap before "all"
     bottom = np.zeros(len(xl))
     for w, (wi, c) in zip(widths, enumerate(colors)):
-        ax_t.bar(x, share[:, wi], bottom=bottom, color=c, width=0.75, edgecolor="white", lw=0.4,
-                 label=_width_label(w))
+        ax_t.bar(x, share[:, wi], bottom=bottom, color=c, width=0.75, edgecolor="white", lw=0.4, label=_width_label(w))
         for k in range(len(xl)):
             if share[k, wi] >= 0.07:
                 rgb = matplotlib.colors.to_rgb(c)
                 dark = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] < 0.5
-                ax_t.text(x[k], bottom[k] + share[k, wi] / 2, f"{100 * share[k, wi]:.0f}", ha="center",
-                          va="center", fontsize=6.5, color="white" if dark else "black")
+                ax_t.text(
+                    x[k],
+                    bottom[k] + share[k, wi] / 2,
+                    f"{100 * share[k, wi]:.0f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6.5,
+                    color="white" if dark else "black",
+                )
         bottom += share[:, wi]
     avg_t = 8.0 * tbytes / np.maximum(tweights, 1)
     for k in range(len(xl)):
@@ -190,7 +202,7 @@ def plot_plan(plan, out: str, title: str | None = None, sort_channels: bool = Tr
     groups += [(t, [n_ for n_ in layers if info[n_][0] is None and info[n_][1] == t]) for t in other_types]
     gx = np.arange(len(groups), dtype=np.float64)
     if other_types and blocks:
-        gx[len(blocks):] += 0.6
+        gx[len(blocks) :] += 0.6
     gavg = np.array([8.0 * sum(lbytes[n_] for n_ in g) / max(sum(lweights[n_] for n_ in g), 1) for _, g in groups])
     bar_c = ["#9ecae1"] * len(blocks) + ["#fdae6b"] * len(other_types)
     ax_b.bar(gx, gavg, width=0.8, color=bar_c, edgecolor="#4a6f8a", lw=0.5, zorder=1, label="block (all its weights)")
@@ -203,15 +215,28 @@ def plot_plan(plan, out: str, title: str | None = None, sort_channels: bool = Tr
                 g = [n_ for n_ in layers if info[n_] == (b, t)]
                 ys.append(8.0 * sum(lbytes[n_] for n_ in g) / sum(lweights[n_] for n_ in g) if g else np.nan)
             line_top = max(line_top, float(np.nanmax(ys)))
-            ax_b.plot(gx[: len(blocks)], ys, "o-" if len(blocks) <= 12 else "-", ms=3, lw=1.1,
-                      color=tcmap(j % tcmap.N), alpha=0.9, zorder=2, label=t)
+            ax_b.plot(
+                gx[: len(blocks)],
+                ys,
+                "o-" if len(blocks) <= 12 else "-",
+                ms=3,
+                lw=1.1,
+                color=tcmap(j % tcmap.N),
+                alpha=0.9,
+                zorder=2,
+                label=t,
+            )
     total = 8.0 * sum(lbytes.values()) / max(sum(lweights.values()), 1)
     ax_b.axhline(total, color="black", ls="--", lw=0.9, zorder=3, label=f"whole plan {total:.2f}")
     step = max(1, int(np.ceil(len(blocks) / 16)))
     ticks = [k for k in range(len(groups)) if k >= len(blocks) or k % step == 0]
     ax_b.set_xticks(gx[ticks])
-    ax_b.set_xticklabels([groups[k][0] for k in ticks], fontsize=8,
-                         rotation=30 if other_types else 0, ha="right" if other_types else "center")
+    ax_b.set_xticklabels(
+        [groups[k][0] for k in ticks],
+        fontsize=8,
+        rotation=30 if other_types else 0,
+        ha="right" if other_types else "center",
+    )
     ax_b.set_xlabel("block" + (" (orange: layers outside the blocks)" if other_types else ""), fontsize=9)
     ax_b.set_ylabel("all-in avg bits per weight", fontsize=9)
     top = max(float(np.nanmax(gavg)), total, line_top)
@@ -232,8 +257,10 @@ def plot_plan(plan, out: str, title: str | None = None, sort_channels: bool = Tr
     model = (plan.model or {}).get("model_type")
     head = f"{shorten(title, 60)}: " if title else ""
     head += f"bit plan{f' for {model}' if model else ''}: {avg:.3f} avg bits all-in, {_mb(n_bytes)}"
-    line2 = (f"{pruned:,} of {n_ch:,} channels pruned ({100.0 * pruned / max(n_ch, 1):.1f} %), "
-             f"{len(layers)} layers, menu {{{', '.join(map(str, plan.menu))}}}, group size {gsz}")
+    line2 = (
+        f"{pruned:,} of {n_ch:,} channels pruned ({100.0 * pruned / max(n_ch, 1):.1f} %), "
+        f"{len(layers)} layers, menu {{{', '.join(map(str, plan.menu))}}}, group size {gsz}"
+    )
     fig.suptitle(head + "\n" + line2, fontsize=11)
     fig.subplots_adjust(left=0.09, right=0.98, top=0.91, bottom=0.08)
     with atomic_path(out) as tmp:

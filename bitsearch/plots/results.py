@@ -37,8 +37,14 @@ def plot_ppl_vs_bits(results: pd.DataFrame, out_png: str, title: str = "", float
         marker, color, label = styles.get(method, ("^-", None, method))
         ax.plot(g["avg_bits"], g["ppl"], marker, color=color, label=label)
         for _, r in g.iterrows():
-            ax.annotate(f"{r['ppl']:.1f}", (r["avg_bits"], r["ppl"]), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7, color=color)
+            ax.annotate(
+                f"{r['ppl']:.1f}",
+                (r["avg_bits"], r["ppl"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+                color=color,
+            )
     if float_ppl is not None:
         ax.axhline(float_ppl, color="black", lw=0.8, ls=":", label=f"float ({float_ppl:.1f})")
     ax.set_xlabel("avg bits per target weight (all-in: codes + scales + zeros + bit map)")
@@ -59,12 +65,18 @@ def plot_gguf_presets(rows: list[dict], out_png: str, title: str = "") -> str:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     pre = [r for r in rows if r["method"] == "llama.cpp"]
     ours = sorted((r for r in rows if r["method"] == "bitsearch"), key=lambda r: r["bpw"])
-    ax.scatter([r["bpw"] for r in pre], [r["ppl_llama_cpp"] for r in pre], color="tab:red",
-               label="llama.cpp presets (imatrix)")
+    ax.scatter(
+        [r["bpw"] for r in pre], [r["ppl_llama_cpp"] for r in pre], color="tab:red", label="llama.cpp presets (imatrix)"
+    )
     for r in pre:
         ax.annotate(r["at"], (r["bpw"], r["ppl_llama_cpp"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.plot([r["bpw"] for r in ours], [r["ppl_llama_cpp"] for r in ours], "o-", color="tab:blue",
-            label="bitsearch GGUF plans (same bytes)")
+    ax.plot(
+        [r["bpw"] for r in ours],
+        [r["ppl_llama_cpp"] for r in ours],
+        "o-",
+        color="tab:blue",
+        label="bitsearch GGUF plans (same bytes)",
+    )
     for r in (r for r in rows if r["method"] == "f32"):
         ax.axhline(r["ppl_llama_cpp"], color="gray", ls="--", label=f"F32 ({r['ppl_llama_cpp']:.1f})")
     ax.set_xlabel("bits per weight (tensor data of the quantized matrices)")

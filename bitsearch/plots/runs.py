@@ -8,8 +8,13 @@ from typing import Callable
 __all__ = ["plot_runs"]
 
 
-def plot_runs(runs: list[dict], out: str, baseline: str | None = None, color_of: Callable[[str], str] | None = None,
-              xlabel: str = "perplexity (lower is better)") -> str:
+def plot_runs(
+    runs: list[dict],
+    out: str,
+    baseline: str | None = None,
+    color_of: Callable[[str], str] | None = None,
+    xlabel: str = "perplexity (lower is better)",
+) -> str:
     """One panel per ``plan`` of ``runs`` (dicts with ``plan``, ``run``, ``ppl``, ``avg_bits``): a
     horizontal bar per run in their order, the run named ``baseline`` grey with a dashed line at
     its perplexity; ``color_of(run)`` colours the others (default: blue)."""

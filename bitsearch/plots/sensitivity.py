@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 
-
 import numpy as np
 
 from ..errors import BitsearchError
@@ -16,8 +15,6 @@ from ..layer_names import layer_block_and_type, layer_types
 __all__ = ["plot_sensitivity", "layer_block_and_type"]  # the latter re-exported from layer_names
 
 _NONBLOCK = "non-block"
-
-
 
 
 def _log10(x: np.ndarray) -> np.ndarray:
@@ -107,13 +104,12 @@ def plot_sensitivity(table, out: str, estimator: str | None = None, width: int |
         ax_h.axhline(len(blocks) - 0.5, color="white", lw=2)
         if len(blocks):
             ax_h.axvline(len(block_types) - 0.5, color="white", lw=2)
-    if grid.size <= 160:   # annotate small grids with the values
+    if grid.size <= 160:  # annotate small grids with the values
         finite = grid[np.isfinite(grid)]
         mid = (finite.min() + finite.max()) / 2 if finite.size else 0.0
         for (i, j), v in np.ndenumerate(grid):
             if np.isfinite(v):
-                ax_h.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7,
-                          color="black" if v > mid else "white")
+                ax_h.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7, color="black" if v > mid else "white")
     cb = fig.colorbar(im, ax=ax_h, fraction=0.06, pad=0.02)
     cb.set_label("log10 mean channel error" + (f" [{shorten(units, 45)}]" if units else ""), fontsize=8)
     cb.ax.tick_params(labelsize=7)
@@ -126,12 +122,15 @@ def plot_sensitivity(table, out: str, estimator: str | None = None, width: int |
         if v.size == 0:
             continue
         p1, q1, med, q3, p99 = np.percentile(v, [1, 25, 50, 75, 99])
-        stats.append(dict(label=t, med=med, q1=q1, q3=q3, whislo=p1, whishi=p99, fliers=[],
-                          _min=v.min(), _max=v.max(), _n=v.size))
+        stats.append(
+            dict(
+                label=t, med=med, q1=q1, q3=q3, whislo=p1, whishi=p99, fliers=[], _min=v.min(), _max=v.max(), _n=v.size
+            )
+        )
     stats.sort(key=lambda s: s["med"])
     if stats:
         kw = dict(showfliers=False, patch_artist=True, widths=0.6, medianprops=dict(color="black", lw=1.2))
-        try:   # matplotlib >= 3.10 spells it orientation=, and deprecates vert=
+        try:  # matplotlib >= 3.10 spells it orientation=, and deprecates vert=
             art = ax_b.bxp(stats, orientation="horizontal", **kw)
         except TypeError:
             art = ax_b.bxp(stats, vert=False, **kw)
@@ -147,8 +146,7 @@ def plot_sensitivity(table, out: str, estimator: str | None = None, width: int |
         for i, s in enumerate(stats, start=1):
             ax_b.text(hi + pad * 1.5, i, f"IQR {s['q3'] - s['q1']:.2f}", va="center", fontsize=7, color="0.25")
         ax_b.tick_params(axis="y", labelsize=8)
-    ax_b.set_xlabel(f"log10 channel error at {width} bits (box: IQR, whiskers: 1-99 %, ticks: min/max)",
-                    fontsize=8)
+    ax_b.set_xlabel(f"log10 channel error at {width} bits (box: IQR, whiskers: 1-99 %, ticks: min/max)", fontsize=8)
     ax_b.grid(True, axis="x", alpha=0.3)
     ax_b.set_title("spread over channels per layer type (wide = per-channel bits pay)", fontsize=10)
 
@@ -197,12 +195,15 @@ def plot_sensitivity(table, out: str, estimator: str | None = None, width: int |
 
     # --- 4. what this is
     model = table.meta.get("model_name") or (table.meta.get("provenance") or {}).get("model_name") or "unknown model"
-    if os.path.isdir(model):   # a local folder: its name, not the whole path
+    if os.path.isdir(model):  # a local folder: its name, not the whole path
         model = os.path.basename(os.path.normpath(model))
     n_ch = len(df)
-    fig.suptitle(f"{shorten(str(model), 70)}: sensitivity table ({est} at {width} bits, menu "
-                 f"{{{', '.join(map(str, bits))}}}, group size {table.meta.get('group_size', '?')}, "
-                 f"{n_ch:,} channels in {len(layers)} layers)", fontsize=11)
+    fig.suptitle(
+        f"{shorten(str(model), 70)}: sensitivity table ({est} at {width} bits, menu "
+        f"{{{', '.join(map(str, bits))}}}, group size {table.meta.get('group_size', '?')}, "
+        f"{n_ch:,} channels in {len(layers)} layers)",
+        fontsize=11,
+    )
     fig.subplots_adjust(left=0.07, right=0.98, top=0.92, bottom=0.09)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")

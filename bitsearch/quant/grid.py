@@ -48,7 +48,7 @@ def n_groups(in_features: int, group_size: int) -> int:
     return math.ceil(in_features / group_size)
 
 
-def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """(R, K) -> (R, n_groups, G), padding a partial last group by repeating its last value."""
     rows, k = w.shape
     g = k if (group_size == -1 or group_size >= k) else group_size
@@ -59,7 +59,7 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(rows, ng, g)
 
 
-def _ungrouped(wg: torch.Tensor, in_features: int) -> torch.Tensor:
+def ungrouped(wg: torch.Tensor, in_features: int) -> torch.Tensor:
     return wg.reshape(wg.shape[0], -1)[:, :in_features]
 
 
@@ -67,7 +67,7 @@ def choose_qparams(w: torch.Tensor, bits: int, group_size: int = -1) -> tuple[to
     """Min-max parameters for rows ``w`` (R, K): (scale float16, zero uint8), each (R, n_groups)."""
     if bits not in QUANT_WIDTHS:
         raise ValueError(f"choose_qparams: width {bits} is not in 2..8")
-    wg = _grouped(w.float(), group_size)
+    wg = grouped(w.float(), group_size)
     lo = wg.amin(dim=-1).clamp(max=0)
     hi = wg.amax(dim=-1).clamp(min=0)
     scale = ((hi - lo) / (2**bits - 1)).clamp(max=_F16_MAX).to(torch.float16)
@@ -79,20 +79,25 @@ def choose_qparams(w: torch.Tensor, bits: int, group_size: int = -1) -> tuple[to
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int = -1) -> torch.Tensor:
     """Codes (R, K) uint8 in [0, 2^bits - 1] for rows ``w`` under the given parameters."""
-    wg = _grouped(w.float(), group_size)
+    wg = grouped(w.float(), group_size)
     s = scale.float().unsqueeze(-1)
     s = torch.where(s > 0, s, torch.ones_like(s))
     q = (torch.round(wg / s) + zero.float().unsqueeze(-1)).clamp_(0, 2**bits - 1)
-    return _ungrouped(q, w.shape[1]).to(torch.uint8)
+    return ungrouped(q, w.shape[1]).to(torch.uint8)
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int = -1,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int = -1,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Rows (R, K) reconstructed from codes and per-group parameters."""
     k = codes.shape[1]
-    qg = _grouped(codes.to(torch.float32), group_size)
+    qg = grouped(codes.to(torch.float32), group_size)
     w = (qg - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
-    return _ungrouped(w, k).to(dtype)
+    return ungrouped(w, k).to(dtype)
 
 
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int = -1) -> torch.Tensor:

@@ -25,8 +25,10 @@ import torch
 __all__ = ["PackedKernel", "LayerSlices", "get_kernel", "kernel_mode"]
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel.c")
-_FLAGS = {"native": ["-O3", "-march=native", "-fPIC", "-shared", "-std=c99"],
-          "scalar": ["-O3", "-fPIC", "-shared", "-std=c99", "-DBS_SCALAR"]}
+_FLAGS = {
+    "native": ["-O3", "-march=native", "-fPIC", "-shared", "-std=c99"],
+    "scalar": ["-O3", "-fPIC", "-shared", "-std=c99", "-DBS_SCALAR"],
+}
 _LOCK = threading.Lock()
 _LOADED: dict[str, "PackedKernel | None"] = {}
 
@@ -76,10 +78,14 @@ def _build(mode: str) -> str | None:
     try:
         done = subprocess.run([cc, *_FLAGS[mode], _SOURCE, "-o", tmp], capture_output=True, text=True)
         if done.returncode != 0:
-            warnings.warn(f"bitsearch: the packed-row kernel did not compile ({cc}); packed layers use the torch "
-                          f"path (same outputs, slower): {done.stderr.strip()[:2000]}", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"bitsearch: the packed-row kernel did not compile ({cc}); packed layers use the torch "
+                f"path (same outputs, slower): {done.stderr.strip()[:2000]}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             return None
-        os.replace(tmp, lib)   # atomic: concurrent builders each write their own temporary file
+        os.replace(tmp, lib)  # atomic: concurrent builders each write their own temporary file
         return lib
     except OSError:
         return None
@@ -91,8 +97,18 @@ def _build(mode: str) -> str | None:
 class Slice(ctypes.Structure):
     """``bs_slice``: one width slice of a layer (``bits`` 16: ``codes`` points at float16 rows)."""
 
-    _fields_ = [("bits", _I), ("rows", _I), ("K", _I), ("G", _I), ("ng", _I), ("row_bytes", _I),
-                ("codes", _P), ("scales", _P), ("zeros", _P), ("out_index", _P)]
+    _fields_ = [
+        ("bits", _I),
+        ("rows", _I),
+        ("K", _I),
+        ("G", _I),
+        ("ng", _I),
+        ("row_bytes", _I),
+        ("codes", _P),
+        ("scales", _P),
+        ("zeros", _P),
+        ("out_index", _P),
+    ]
 
 
 class LayerSlices:
@@ -104,9 +120,20 @@ class LayerSlices:
         items = []
         for (bits, *_), (codes, scales, zeros, index) in zip(slices, self.tensors):
             ng = scales.shape[1] if scales is not None else 0
-            items.append(Slice(bits, codes.shape[0], in_features, group, ng, codes.shape[1] if bits != 16 else 0,
-                               codes.data_ptr(), scales.data_ptr() if scales is not None else None,
-                               zeros.data_ptr() if zeros is not None else None, index.data_ptr()))
+            items.append(
+                Slice(
+                    bits,
+                    codes.shape[0],
+                    in_features,
+                    group,
+                    ng,
+                    codes.shape[1] if bits != 16 else 0,
+                    codes.data_ptr(),
+                    scales.data_ptr() if scales is not None else None,
+                    zeros.data_ptr() if zeros is not None else None,
+                    index.data_ptr(),
+                )
+            )
         self.array = (Slice * len(items))(*items)
         self.count = len(items)
 
@@ -127,15 +154,35 @@ class PackedKernel:
 
     def gemv_layer(self, layer: LayerSlices, x: torch.Tensor, y: torch.Tensor) -> None:
         """Every slice of a layer in one call: y[:, out_index] = x @ slice^T; x (n, K), y (n, N) float32."""
-        self.lib.bs_gemv_layer(ctypes.addressof(layer.array), layer.count, x.data_ptr(), x.shape[0], y.data_ptr(),
-                               y.shape[1])
+        self.lib.bs_gemv_layer(
+            ctypes.addressof(layer.array), layer.count, x.data_ptr(), x.shape[0], y.data_ptr(), y.shape[1]
+        )
 
-    def dequant(self, bits: int, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                out_index: torch.Tensor, group: int, w: torch.Tensor) -> None:
+    def dequant(
+        self,
+        bits: int,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        out_index: torch.Tensor,
+        group: int,
+        w: torch.Tensor,
+    ) -> None:
         """w[out_index] = dequantized rows of one width slice; w (N, K) float32."""
         rows, ng = scales.shape
-        self.lib.bs_dequant(bits, rows, w.shape[1], group, ng, codes.data_ptr(), codes.shape[1], scales.data_ptr(),
-                            zeros.data_ptr(), out_index.data_ptr(), w.data_ptr())
+        self.lib.bs_dequant(
+            bits,
+            rows,
+            w.shape[1],
+            group,
+            ng,
+            codes.data_ptr(),
+            codes.shape[1],
+            scales.data_ptr(),
+            zeros.data_ptr(),
+            out_index.data_ptr(),
+            w.data_ptr(),
+        )
 
 
 def get_kernel(mode: str | None = None) -> PackedKernel | None:

@@ -39,9 +39,9 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return codes.to(torch.uint8).contiguous()
     blocks = -(-k // 8)
     c = F.pad(codes.to(torch.int64), (0, blocks * 8 - k)).reshape(rows, blocks, 8)
-    word = (c << _shifts(bits, 8, codes.device)).sum(-1, keepdim=True)        # 8 codes -> 8*bits bits
+    word = (c << _shifts(bits, 8, codes.device)).sum(-1, keepdim=True)  # 8 codes -> 8*bits bits
     packed = ((word >> _shifts(8, bits, codes.device)) & 0xFF).reshape(rows, blocks * bits)
-    return packed[:, :packed_row_bytes(k, bits)].to(torch.uint8).contiguous()
+    return packed[:, : packed_row_bytes(k, bits)].to(torch.uint8).contiguous()
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
@@ -52,6 +52,6 @@ def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Ten
         return packed[:, :in_features].to(torch.uint8)
     blocks = -(-in_features // 8)
     p = F.pad(packed.to(torch.int64), (0, blocks * bits - packed.shape[1])).reshape(rows, blocks, bits)
-    word = (p << _shifts(8, bits, packed.device)).sum(-1, keepdim=True)       # b bytes -> 8 codes
+    word = (p << _shifts(8, bits, packed.device)).sum(-1, keepdim=True)  # b bytes -> 8 codes
     codes = (word >> _shifts(bits, 8, packed.device)) & ((1 << bits) - 1)
     return codes.reshape(rows, blocks * 8)[:, :in_features].to(torch.uint8)

@@ -9,4 +9,13 @@ from . import waterfill as _waterfill  # noqa: F401  (registers)
 from .base import ALLOCATORS, AllocationContext, Allocator, allocator_from_config, get_allocator, register_allocator
 from .problem import AllocationProblem, build_problem
 
-__all__ = ["ALLOCATORS", "AllocationContext", "Allocator", "allocator_from_config", "get_allocator", "register_allocator", "AllocationProblem", "build_problem"]
+__all__ = [
+    "ALLOCATORS",
+    "AllocationContext",
+    "Allocator",
+    "allocator_from_config",
+    "get_allocator",
+    "register_allocator",
+    "AllocationProblem",
+    "build_problem",
+]

@@ -18,22 +18,28 @@ import numpy as np
 from ..errors import BitsearchError
 from .problem import AllocationProblem
 
-__all__ = ["Allocator", "AllocationContext", "ALLOCATORS", "register_allocator", "get_allocator",
-           "allocator_from_config"]
+__all__ = [
+    "Allocator",
+    "AllocationContext",
+    "ALLOCATORS",
+    "register_allocator",
+    "get_allocator",
+    "allocator_from_config",
+]
 
 
 @dataclass
 class AllocationContext:
     """What a model-in-the-loop allocator measures plans with."""
 
-    model: Any                      # the float model (nn.Module)
-    targets: list                   # its target layers (models.Target)
-    batch: Any                      # (N, T) token ids the candidates are measured or trained on
-    validation: Any = None          # (N', T) held-out token ids that choose among the candidates
-    table: Any = None               # the SensitivityTable the problem came from
+    model: Any  # the float model (nn.Module)
+    targets: list  # its target layers (models.Target)
+    batch: Any  # (N, T) token ids the candidates are measured or trained on
+    validation: Any = None  # (N', T) held-out token ids that choose among the candidates
+    table: Any = None  # the SensitivityTable the problem came from
     fingerprint: dict = field(default_factory=dict)
-    out: str | None = None          # the plan file, if any (optuna keeps its study next to it)
-    estimator_problems: dict | None = None   # {estimator: problem} when the estimators' weights may be tuned
+    out: str | None = None  # the plan file, if any (optuna keeps its study next to it)
+    estimator_problems: dict | None = None  # {estimator: problem} when the estimators' weights may be tuned
     micro_batch: int = 8
     show_progress: bool = True
 

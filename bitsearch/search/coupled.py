@@ -40,8 +40,10 @@ def unit_prune_errors(c: Coupling, problem: AllocationProblem) -> np.ndarray:
     if c.kind == "attention":
         v = problem.errors[problem.layer_slices[c.producers[2]], i0]
         return v.reshape(c.n_units, c.unit_rows[2]).sum(axis=1)
-    per = [problem.errors[problem.layer_slices[p], i0].reshape(c.n_units, r).sum(axis=1)
-           for p, r in zip(c.producers, c.unit_rows)]
+    per = [
+        problem.errors[problem.layer_slices[p], i0].reshape(c.n_units, r).sum(axis=1)
+        for p, r in zip(c.producers, c.unit_rows)
+    ]
     return np.mean(per, axis=0)
 
 
@@ -49,9 +51,13 @@ def _k_live(c: Coupling, dead: dict[str, np.ndarray], shapes: dict[str, tuple[in
     return shapes[c.consumer][1] - c.unit_cols * int(dead[c.consumer].sum())
 
 
-def _fixed_problem(problem: AllocationProblem, couplings: list[Coupling], dead: dict[str, np.ndarray],
-                   shapes: dict[str, tuple[int, int]], consumer_dead: dict[str, np.ndarray] | None = None
-                   ) -> AllocationProblem:
+def _fixed_problem(
+    problem: AllocationProblem,
+    couplings: list[Coupling],
+    dead: dict[str, np.ndarray],
+    shapes: dict[str, tuple[int, int]],
+    consumer_dead: dict[str, np.ndarray] | None = None,
+) -> AllocationProblem:
     """Producer rows of dead units cost nothing and are fixed (all options equal); alive producer
     rows cannot take 0 (its option becomes a copy of the smallest quantizing width); consumers
     cost their rows at the live input width of ``consumer_dead`` (default: ``dead``)."""
@@ -71,27 +77,39 @@ def _fixed_problem(problem: AllocationProblem, couplings: list[Coupling], dead: 
             errors[s], costs[s] = e, k
         k_live = _k_live(c, consumer_dead, shapes)
         costs[problem.layer_slices[c.consumer]] = [row_bytes(k_live, b, problem.group_size) for b in problem.bits]
-    return AllocationProblem(bits=problem.bits, errors=errors, costs=costs, fixed_bytes=problem.fixed_bytes,
-                             n_weights=problem.n_weights, layer_slices=problem.layer_slices,
-                             group_size=problem.group_size)
+    return AllocationProblem(
+        bits=problem.bits,
+        errors=errors,
+        costs=costs,
+        fixed_bytes=problem.fixed_bytes,
+        n_weights=problem.n_weights,
+        layer_slices=problem.layer_slices,
+        group_size=problem.group_size,
+    )
 
 
-def _widths(problem: AllocationProblem, choice: np.ndarray, couplings: list[Coupling],
-            dead: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _widths(
+    problem: AllocationProblem, choice: np.ndarray, couplings: list[Coupling], dead: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     widths = problem.widths(choice)
     smallest = problem.bits[problem.bits.index(0) + 1]
     for c in couplings:
         for p, name in enumerate(c.producers):
             rows_dead = np.repeat(dead[c.consumer], c.unit_rows[p])
             w = widths[name].copy()
-            w[(w == 0) & ~rows_dead] = smallest   # the copied option stands for the smallest width
+            w[(w == 0) & ~rows_dead] = smallest  # the copied option stands for the smallest width
             w[rows_dead] = 0
             widths[name] = w
     return widths
 
 
-def _lagrangian_dead(fixed: AllocationProblem, couplings: list[Coupling], unit_err: dict[str, np.ndarray],
-                     k_live: dict[str, int], lam: float) -> tuple[dict[str, np.ndarray], int]:
+def _lagrangian_dead(
+    fixed: AllocationProblem,
+    couplings: list[Coupling],
+    unit_err: dict[str, np.ndarray],
+    k_live: dict[str, int],
+    lam: float,
+) -> tuple[dict[str, np.ndarray], int]:
     """Dead units and Lagrangian bytes at multiplier ``lam`` (``fixed`` has no dead producer rows;
     its consumers have ``k_live`` input columns)."""
     score = fixed.errors + lam * fixed.costs
@@ -111,7 +129,7 @@ def _lagrangian_dead(fixed: AllocationProblem, couplings: list[Coupling], unit_e
         s = fixed.layer_slices[c.consumer]
         col_bytes = cost[s].sum() * c.unit_cols / k_live[c.consumer]
         d = unit_err[c.consumer] - lam * col_bytes < alive_score
-        if d.all():                      # keep one unit: a layer with no unit left is not a model
+        if d.all():  # keep one unit: a layer with no unit left is not a model
             d[np.argmax(unit_err[c.consumer] - alive_score)] = False
         dead[c.consumer] = d
         total -= alive_cost[d].sum() + col_bytes * d.sum()
@@ -120,21 +138,25 @@ def _lagrangian_dead(fixed: AllocationProblem, couplings: list[Coupling], unit_e
 
 def _bisect_dead(fixed: AllocationProblem, couplings, unit_err, k_live, budget_bytes: int) -> dict[str, np.ndarray]:
     """The dead set of the smallest multiplier whose Lagrangian plan fits the budget."""
-    lo, hi = -12.0, 12.0   # log10 of lam, relative to the problem's error/byte scale
+    lo, hi = -12.0, 12.0  # log10 of lam, relative to the problem's error/byte scale
     scale = max(float(np.abs(fixed.errors).max()), 1e-30) / max(float(fixed.costs.max()), 1.0)
     for _ in range(60):
         mid = 0.5 * (lo + hi)
-        _, used = _lagrangian_dead(fixed, couplings, unit_err, k_live, scale * 10.0 ** mid)
+        _, used = _lagrangian_dead(fixed, couplings, unit_err, k_live, scale * 10.0**mid)
         if used > budget_bytes:
             lo = mid
         else:
             hi = mid
-    return _lagrangian_dead(fixed, couplings, unit_err, k_live, scale * 10.0 ** hi)[0]
+    return _lagrangian_dead(fixed, couplings, unit_err, k_live, scale * 10.0**hi)[0]
 
 
-def allocate_coupled(problem: AllocationProblem, allocator: Allocator, budget_bytes: int,
-                     couplings: list[Coupling], shapes: dict[str, tuple[int, int]]
-                     ) -> tuple[dict[str, np.ndarray], float, dict]:
+def allocate_coupled(
+    problem: AllocationProblem,
+    allocator: Allocator,
+    budget_bytes: int,
+    couplings: list[Coupling],
+    shapes: dict[str, tuple[int, int]],
+) -> tuple[dict[str, np.ndarray], float, dict]:
     """Widths per layer, predicted loss and info, pruning whole units where it pays."""
     problem.check_budget(budget_bytes)
     none = {c.consumer: np.zeros(c.n_units, dtype=bool) for c in couplings}
@@ -143,12 +165,11 @@ def allocate_coupled(problem: AllocationProblem, allocator: Allocator, budget_by
         return problem.widths(choice), problem.error_of(choice), {"dead_units": 0}
     unit_err = {c.consumer: unit_prune_errors(c, problem) for c in couplings}
     candidates, dead, previous = [], none, none
-    for step in range(3):   # no dead units; the Lagrangian dead set; again with its consumer costs
+    for step in range(3):  # no dead units; the Lagrangian dead set; again with its consumer costs
         fixed = _fixed_problem(problem, couplings, dead, shapes)
         if fixed.min_bytes() <= budget_bytes:
             choice = allocator.allocate(fixed, budget_bytes)
-            loss = fixed.error_of(choice) + sum(float(unit_err[c.consumer][dead[c.consumer]].sum())
-                                                for c in couplings)
+            loss = fixed.error_of(choice) + sum(float(unit_err[c.consumer][dead[c.consumer]].sum()) for c in couplings)
             widths = _widths(fixed, choice, couplings, dead)
             used = plan_bytes(shapes, widths, problem.group_size, couplings)
             assert used == fixed.bytes_of(choice) <= budget_bytes, "coupled allocation went over budget"
@@ -157,10 +178,13 @@ def allocate_coupled(problem: AllocationProblem, allocator: Allocator, budget_by
             break
         previous = dead
         lag = _fixed_problem(problem, couplings, none, shapes, consumer_dead=previous)
-        dead = _bisect_dead(lag, couplings, unit_err, {c.consumer: _k_live(c, previous, shapes) for c in couplings},
-                            budget_bytes)
+        dead = _bisect_dead(
+            lag, couplings, unit_err, {c.consumer: _k_live(c, previous, shapes) for c in couplings}, budget_bytes
+        )
     if not candidates:
-        raise BitsearchError(f"budget {budget_bytes} bytes is below the smallest plan with coupled pruning "
-                             f"(producer rows cannot be pruned one by one; turn coupling off (`coupling`) to allow it)")
+        raise BitsearchError(
+            f"budget {budget_bytes} bytes is below the smallest plan with coupled pruning "
+            f"(producer rows cannot be pruned one by one; turn coupling off (`coupling`) to allow it)"
+        )
     loss, widths, n_dead = min(candidates, key=lambda t: t[0])
     return widths, loss, {"dead_units": n_dead, "coupled_candidates": [round(t[0], 6) for t in candidates]}

@@ -52,7 +52,7 @@ from torch import nn
 from ..errors import BitsearchError
 from ..models import Target
 from ..progress import progress
-from ..quant.grid import QUANT_WIDTHS, _grouped, n_groups
+from ..quant.grid import QUANT_WIDTHS, grouped, n_groups
 from .base import Allocator, register_allocator
 from .greedy import GreedyAllocator
 from .kl import PlanKL, rounded_stack
@@ -67,8 +67,8 @@ class DiffqSettings:
     lr: float = 0.05
     rho: float = 10.0
     seed: int = 0
-    learn: str = "channel"     # "channel": a width per channel; "layer": a shift per layer (see top)
-    relax: str = "rtn"         # "rtn": interpolated rounding; "noise": pseudo-quantization noise (see top)
+    learn: str = "channel"  # "channel": a width per channel; "layer": a shift per layer (see top)
+    relax: str = "rtn"  # "rtn": interpolated rounding; "noise": pseudo-quantization noise (see top)
 
     def __post_init__(self):
         if self.learn not in ("channel", "layer"):
@@ -79,16 +79,24 @@ class DiffqSettings:
 
 def group_ranges(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     """(out, n_groups): max(max(x), 0) - min(min(x), 0) per group, as the grid uses."""
-    g = _grouped(weight.detach().float(), group_size)
+    g = grouped(weight.detach().float(), group_size)
     return g.amax(-1).clamp_min(0) - g.amin(-1).clamp_max(0)
 
 
 class NoisyWidths(nn.Module):
     """The trainable widths and gates of every target, and the noisy weights they induce."""
 
-    def __init__(self, model: nn.Module, targets: list[Target], group_size: int, menu: list[int],
-                 init_bits: dict[str, np.ndarray], learn: str = "channel", relax: str = "rtn",
-                 stacks: dict[str, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        targets: list[Target],
+        group_size: int,
+        menu: list[int],
+        init_bits: dict[str, np.ndarray],
+        learn: str = "channel",
+        relax: str = "rtn",
+        stacks: dict[str, torch.Tensor] | None = None,
+    ):
         """``stacks``: round-to-nearest weights at every width of ``menu`` (sorted), e.g. a PlanKL's
         ``stack``, to share instead of building another copy (``relax="rtn"``)."""
         super().__init__()
@@ -102,16 +110,16 @@ class NoisyWidths(nn.Module):
         self.weights = {t.name: model.get_submodule(t.name).weight for t in targets}
         self.ranges = {t.name: group_ranges(self.weights[t.name], group_size) for t in targets}
         self.relax = relax
-        if relax == "rtn":          # round-to-nearest weights at every quantizing width of the menu
+        if relax == "rtn":  # round-to-nearest weights at every quantizing width of the menu
             quant = sorted(quant)
             self.menu = torch.tensor(quant, dtype=torch.float64)
             if stacks is None:
                 self.stacks = {n: rounded_stack(w.detach(), quant, group_size) for n, w in self.weights.items()}
-            else:                   # the quantizing widths are a run of the sorted menu (0 below, 16 above)
+            else:  # the quantizing widths are a run of the sorted menu (0 below, 16 above)
                 if list(menu) != sorted(menu):
                     raise ValueError("NoisyWidths(stacks=...) needs the menu sorted, as the stacks are")
                 first = list(menu).index(quant[0])
-                self.stacks = {n: stacks[n][first:first + len(quant)] for n in self.weights}
+                self.stacks = {n: stacks[n][first : first + len(quant)] for n in self.weights}
         self.per_layer = learn == "layer"
         self.logits = nn.ParameterDict()
         self.shifts = nn.ParameterDict()
@@ -145,7 +153,7 @@ class NoisyWidths(nn.Module):
         """g * (w + Delta(b) * u) with ``noise`` = u of the weight's shape."""
         w = self.weights[name].detach()
         b = self.widths(name)
-        delta = self.ranges[name] / (torch.pow(2.0, b)[:, None] - 1.0)            # (out, n_groups)
+        delta = self.ranges[name] / (torch.pow(2.0, b)[:, None] - 1.0)  # (out, n_groups)
         k = w.shape[1]
         gsz = k if (self.group_size == -1 or self.group_size >= k) else self.group_size
         delta_w = delta.repeat_interleave(gsz, dim=1)[:, :k]
@@ -180,8 +188,9 @@ class NoisyWidths(nn.Module):
         return total + bitmap
 
 
-def rounding_problem(base: AllocationProblem, learned: dict[str, np.ndarray], closed: dict[str, np.ndarray],
-                     start: dict[str, np.ndarray]) -> AllocationProblem:
+def rounding_problem(
+    base: AllocationProblem, learned: dict[str, np.ndarray], closed: dict[str, np.ndarray], start: dict[str, np.ndarray]
+) -> AllocationProblem:
     """The base problem's curves, each channel's times 4^(b* - b0) for the learned width b* and
     the warm-start width b0, pruning free where the gate closed (see top)."""
     errors = np.empty_like(base.errors)
@@ -190,8 +199,15 @@ def rounding_problem(base: AllocationProblem, learned: dict[str, np.ndarray], cl
         if 0 in base.bits:
             e[closed[name], base.bits.index(0)] = 0.0
         errors[s] = e
-    return AllocationProblem(bits=base.bits, errors=errors, costs=base.costs, fixed_bytes=base.fixed_bytes,
-                             n_weights=base.n_weights, layer_slices=base.layer_slices, group_size=base.group_size)
+    return AllocationProblem(
+        bits=base.bits,
+        errors=errors,
+        costs=base.costs,
+        fixed_bytes=base.fixed_bytes,
+        n_weights=base.n_weights,
+        layer_slices=base.layer_slices,
+        group_size=base.group_size,
+    )
 
 
 def _learned(nw: "NoisyWidths", targets: list[Target]) -> tuple[dict, dict]:
@@ -201,18 +217,31 @@ def _learned(nw: "NoisyWidths", targets: list[Target]) -> tuple[dict, dict]:
     return learned, closed
 
 
-def _round(nw: "NoisyWidths", problem: AllocationProblem, targets: list[Target], budget_bytes: int,
-           start: dict[str, np.ndarray]) -> np.ndarray:
+def _round(
+    nw: "NoisyWidths",
+    problem: AllocationProblem,
+    targets: list[Target],
+    budget_bytes: int,
+    start: dict[str, np.ndarray],
+) -> np.ndarray:
     """The menu widths within the budget that the corrected curves (see top) prefer."""
     learned, closed = _learned(nw, targets)
     rp = rounding_problem(problem, learned, closed, start)
     return GreedyAllocator().allocate(rp, budget_bytes)
 
 
-def diffq_allocate(model: nn.Module, targets: list[Target], batch: torch.Tensor, problem: AllocationProblem,
-                   budget_bytes: int, settings: DiffqSettings, micro_batch: int = 8,
-                   show_progress: bool = True, validation: torch.Tensor | None = None,
-                   candidates: int = 4) -> tuple[np.ndarray, dict]:
+def diffq_allocate(
+    model: nn.Module,
+    targets: list[Target],
+    batch: torch.Tensor,
+    problem: AllocationProblem,
+    budget_bytes: int,
+    settings: DiffqSettings,
+    micro_batch: int = 8,
+    show_progress: bool = True,
+    validation: torch.Tensor | None = None,
+    candidates: int = 4,
+) -> tuple[np.ndarray, dict]:
     """Train widths and gates, round them onto the menu within the budget; returns (choice, info).
 
     With a ``validation`` batch (samples training never saw) the widths are rounded at
@@ -230,29 +259,44 @@ def diffq_allocate(model: nn.Module, targets: list[Target], batch: torch.Tensor,
     gs = problem.group_size
     # the held-out judge's rounded weights are also the rtn relaxation's: one copy for both
     val = PlanKL(model, targets, validation, problem.bits, gs, micro_batch) if validation is not None else None
-    nw = NoisyWidths(model, targets, gs, problem.bits, start, learn=settings.learn, relax=settings.relax,
-                     stacks=val.stack if val is not None else None)
-    start_learned = _learned(nw, targets)[0]     # the warm start as the sigmoid represents it
+    nw = NoisyWidths(
+        model,
+        targets,
+        gs,
+        problem.bits,
+        start,
+        learn=settings.learn,
+        relax=settings.relax,
+        stacks=val.stack if val is not None else None,
+    )
+    start_learned = _learned(nw, targets)[0]  # the warm start as the sigmoid represents it
     overhead = {t.name: float(n_groups(t.in_features, gs) * 3) for t in targets}
     opt = torch.optim.Adam([p for p in nw.parameters() if p.requires_grad], lr=settings.lr)
-    gen = torch.Generator(device=dev).manual_seed(settings.seed)   # noise drawn where the weights are
+    gen = torch.Generator(device=dev).manual_seed(settings.seed)  # noise drawn where the weights are
     flags = [(p, p.requires_grad) for p in model.parameters()]
     n_micro = (batch.shape[0] + micro_batch - 1) // micro_batch
     history = []
-    marks = {max(1, round(settings.steps * (k + 1) / candidates)) for k in range(candidates)} if validation is not None \
+    marks = (
+        {max(1, round(settings.steps * (k + 1) / candidates)) for k in range(candidates)}
+        if validation is not None
         else {settings.steps}
+    )
     rounded = {0: greedy_choice} if validation is not None else {}
     try:
         for p in model.parameters():
             p.requires_grad_(False)
         for step in progress(range(settings.steps), desc="diffq", enable=show_progress):
             j = step % n_micro
-            x = batch[j * micro_batch:(j + 1) * micro_batch].to(dev)
+            x = batch[j * micro_batch : (j + 1) * micro_batch].to(dev)
             with torch.no_grad():
                 ref = F.log_softmax(model(input_ids=x, use_cache=False).logits[:, :-1].float(), dim=-1)
             subs = {f"{t.name}.weight": nw.relaxed_weight(t.name, gen) for t in targets}
-            lp = F.log_softmax(functional_call(model, subs, args=(), kwargs={"input_ids": x, "use_cache": False})
-                               .logits[:, :-1].float(), dim=-1)
+            lp = F.log_softmax(
+                functional_call(model, subs, args=(), kwargs={"input_ids": x, "use_cache": False})
+                .logits[:, :-1]
+                .float(),
+                dim=-1,
+            )
             kl = (ref.exp() * (ref - lp)).sum(-1).mean()
             size = nw.size_bytes(overhead, problem.fixed_bytes)
             loss = kl + settings.rho * F.relu(size - budget_bytes) / budget_bytes
@@ -265,7 +309,7 @@ def diffq_allocate(model: nn.Module, targets: list[Target], batch: torch.Tensor,
     finally:
         for p, f in flags:
             p.requires_grad_(f)
-    if not rounded:                       # steps = 0: the rounded warm start
+    if not rounded:  # steps = 0: the rounded warm start
         rounded[0] = greedy_choice
     validated = {}
     if val is not None:
@@ -275,12 +319,17 @@ def diffq_allocate(model: nn.Module, targets: list[Target], batch: torch.Tensor,
         chosen = max(rounded)
     choice = rounded[chosen]
     learned, closed = _learned(nw, targets)
-    info = {"steps": settings.steps, "learn": settings.learn, "relax": settings.relax, "chosen_step": chosen,
-            "validation_kl_by_step": {str(k): v for k, v in validated.items()} or None,
-            "final_kl": history[-1][0] if history else None,
-            "final_size_bytes": history[-1][1] if history else None,
-            "gates_closed": int(sum(int(c.sum()) for c in closed.values())),
-            "mean_learned_bits": float(np.mean(np.concatenate(list(learned.values()))))}
+    info = {
+        "steps": settings.steps,
+        "learn": settings.learn,
+        "relax": settings.relax,
+        "chosen_step": chosen,
+        "validation_kl_by_step": {str(k): v for k, v in validated.items()} or None,
+        "final_kl": history[-1][0] if history else None,
+        "final_size_bytes": history[-1][1] if history else None,
+        "gates_closed": int(sum(int(c.sum()) for c in closed.values())),
+        "mean_learned_bits": float(np.mean(np.concatenate(list(learned.values())))),
+    }
     return choice, info
 
 
@@ -297,12 +346,21 @@ class DiffqAllocator(Allocator):
 
     @classmethod
     def from_config(cls, config) -> "DiffqAllocator":
-        return cls(DiffqSettings(steps=config.steps, lr=config.lr, seed=config.seed, learn=config.learn,
-                                 relax=config.relax))
+        return cls(
+            DiffqSettings(steps=config.steps, lr=config.lr, seed=config.seed, learn=config.learn, relax=config.relax)
+        )
 
     def allocate(self, problem: AllocationProblem, budget_bytes: int) -> np.ndarray:
         ctx = self.context
-        choice, self.last_info = diffq_allocate(ctx.model, ctx.targets, ctx.batch, problem, budget_bytes,
-                                                self.settings, ctx.micro_batch, ctx.show_progress,
-                                                validation=ctx.validation)
+        choice, self.last_info = diffq_allocate(
+            ctx.model,
+            ctx.targets,
+            ctx.batch,
+            problem,
+            budget_bytes,
+            self.settings,
+            ctx.micro_batch,
+            ctx.show_progress,
+            validation=ctx.validation,
+        )
         return choice

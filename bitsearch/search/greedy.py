@@ -82,8 +82,16 @@ class GreedyAllocator(Allocator):
         return choice
 
 
-def fill(choice: np.ndarray, rest: np.ndarray, ch: np.ndarray, to: np.ndarray, dc: np.ndarray, step: np.ndarray,
-         taken: np.ndarray, room: int) -> None:
+def fill(
+    choice: np.ndarray,
+    rest: np.ndarray,
+    ch: np.ndarray,
+    to: np.ndarray,
+    dc: np.ndarray,
+    step: np.ndarray,
+    taken: np.ndarray,
+    room: int,
+) -> None:
     """Spend ``room`` bytes on the segments ``rest`` in order (``taken``: the segments already
     bought): a segment is bought when its channel's previous hull step was bought and it fits
     (a step that did not fit rules out its channel's later steps). Only segments that fit the
@@ -93,7 +101,7 @@ def fill(choice: np.ndarray, rest: np.ndarray, ch: np.ndarray, to: np.ndarray, d
         return
     bought = np.zeros(dc.size, dtype=bool)
     bought[taken] = True
-    pred = np.full(dc.size, -1, dtype=np.int64)   # the same channel's previous hull step
+    pred = np.full(dc.size, -1, dtype=np.int64)  # the same channel's previous hull step
     last = np.full(choice.size, -1, dtype=np.int64)
     for t in range(int(step.max()) + 1):
         idx = np.flatnonzero(step == t)

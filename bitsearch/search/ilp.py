@@ -92,8 +92,9 @@ def _rows(s: slice, n: int) -> np.ndarray:
     return np.arange(*s.indices(n))
 
 
-def unit_map(problem: AllocationProblem, granularity: str = "channel",
-             share: list[str] | None = None) -> tuple[np.ndarray, int]:
+def unit_map(
+    problem: AllocationProblem, granularity: str = "channel", share: list[str] | None = None
+) -> tuple[np.ndarray, int]:
     """The unit of every channel: (unit_of_channel (N,) int64, n_units).
 
     Units are numbered in the order of their first channel. Every channel of a unit must take
@@ -119,8 +120,7 @@ def unit_map(problem: AllocationProblem, granularity: str = "channel",
     for pattern in share or []:
         rx = _compile(pattern, "share")
         if rx.groups != 1:
-            raise BitsearchError(f"share pattern '{pattern}' must have exactly one capture group "
-                                 f"(it has {rx.groups})")
+            raise BitsearchError(f"share pattern '{pattern}' must have exactly one capture group (it has {rx.groups})")
         sets: dict[str, list[str]] = {}
         for name in names:
             m = rx.search(name)
@@ -130,8 +130,10 @@ def unit_map(problem: AllocationProblem, granularity: str = "channel",
             counts = {n_local[m] for m in members}
             if len(counts) > 1:
                 detail = ", ".join(f"{m}: {n_local[m]}" for m in members)
-                raise BitsearchError(f"share pattern '{pattern}' ties layers ('{key}') with different numbers of "
-                                     f"units at granularity {granularity} ({detail})")
+                raise BitsearchError(
+                    f"share pattern '{pattern}' ties layers ('{key}') with different numbers of "
+                    f"units at granularity {granularity} ({detail})"
+                )
             for m in members[1:]:
                 parent[find(m)] = find(members[0])
 
@@ -148,8 +150,10 @@ def unit_map(problem: AllocationProblem, granularity: str = "channel",
             base[root], count[root] = next_id, (name, n_local[name])
             next_id += n_local[name]
         elif count[root][1] != n_local[name]:  # only through sets merged by overlapping patterns
-            raise BitsearchError(f"share patterns tie layers with different numbers of units at granularity "
-                                 f"{granularity} ({count[root][0]}: {count[root][1]}, {name}: {n_local[name]})")
+            raise BitsearchError(
+                f"share patterns tie layers with different numbers of units at granularity "
+                f"{granularity} ({count[root][0]}: {count[root][1]}, {name}: {n_local[name]})"
+            )
         local = np.zeros(len(r), dtype=np.int64) if size is None else np.arange(len(r)) // size
         unit[r] = base[root] + local
     loose = np.flatnonzero(unit < 0)
@@ -168,8 +172,10 @@ def _floors(problem: AllocationProblem, min_bits: dict[str, int] | None) -> np.n
             if rx.search(name):
                 r = _rows(s, problem.n_channels)
                 if int(width) > max(problem.bits):
-                    raise BitsearchError(f"min_bits {width} for '{pattern}' leaves layer {name} no width of the "
-                                         f"menu ({', '.join(map(str, problem.bits))})")
+                    raise BitsearchError(
+                        f"min_bits {width} for '{pattern}' leaves layer {name} no width of the "
+                        f"menu ({', '.join(map(str, problem.bits))})"
+                    )
                 floor[r] = np.maximum(floor[r], int(width))
     return floor
 
@@ -180,8 +186,10 @@ def unit_problem(problem: AllocationProblem, unit: np.ndarray, n_units: int):
         return problem.errors, problem.costs
     order = np.argsort(unit, kind="stable")
     starts = np.flatnonzero(np.r_[True, np.diff(unit[order]) != 0])
-    return (np.add.reduceat(problem.errors[order], starts, axis=0),
-            np.add.reduceat(problem.costs[order], starts, axis=0))
+    return (
+        np.add.reduceat(problem.errors[order], starts, axis=0),
+        np.add.reduceat(problem.costs[order], starts, axis=0),
+    )
 
 
 def _lagrangian(e: np.ndarray, c: np.ndarray, room: int, e_hull: np.ndarray, c_hull: np.ndarray) -> tuple[float, float]:
@@ -235,13 +243,19 @@ def _solve(es, cs, live, units, room, rel_gap, time_limit, cutoff=None):
         vals.append(obj * scale)
         lb.append([-np.inf])
         ub.append([cutoff * scale * (1 + 1e-9) + 1e-9])
-    a = sparse.csr_array((np.concatenate(vals), (np.concatenate(rows_i), np.concatenate(cols))),
-                         shape=(n + 1 + (cutoff is not None), nv))
+    a = sparse.csr_array(
+        (np.concatenate(vals), (np.concatenate(rows_i), np.concatenate(cols))), shape=(n + 1 + (cutoff is not None), nv)
+    )
     options = {"mip_rel_gap": rel_gap, "presolve": True}
     if time_limit is not None:
         options["time_limit"] = max(float(time_limit), 0.01)
-    res = milp(obj * scale, integrality=np.ones(nv), bounds=Bounds(np.zeros(nv), size[uk].astype(np.float64)),
-               constraints=LinearConstraint(a, np.concatenate(lb), np.concatenate(ub)), options=options)
+    res = milp(
+        obj * scale,
+        integrality=np.ones(nv),
+        bounds=Bounds(np.zeros(nv), size[uk].astype(np.float64)),
+        constraints=LinearConstraint(a, np.concatenate(lb), np.concatenate(ub)),
+        options=options,
+    )
     if res.x is None:
         return None, res, scale
     counts = np.zeros((n, m), dtype=np.int64)
@@ -287,7 +301,7 @@ def _knapsack_dp(e: np.ndarray, c: np.ndarray, live: np.ndarray, room: int) -> n
             lo_i, hi_i = int(lo[i]), int(hi[i])
             prev = int(hi[i - 1]) if i else 0
             if hi_i > prev:
-                f[prev + 1:hi_i + 1] = f[prev]  # beyond what rows so far reach: nothing more to buy
+                f[prev + 1 : hi_i + 1] = f[prev]  # beyond what rows so far reach: nothing more to buy
             new = np.full(hi_i - lo_i + 1, np.inf)
             arg = np.zeros(hi_i - lo_i + 1, dtype=np.int8) if took is not None else None
             for b in opts[i]:
@@ -295,13 +309,13 @@ def _knapsack_dp(e: np.ndarray, c: np.ndarray, live: np.ndarray, room: int) -> n
                 s0 = max(lo_i, k)
                 if s0 > hi_i:
                     continue
-                cand = f[s0 - k:hi_i + 1 - k] + e[i, b]
-                seg = new[s0 - lo_i:]
+                cand = f[s0 - k : hi_i + 1 - k] + e[i, b]
+                seg = new[s0 - lo_i :]
                 better = cand < seg
                 np.copyto(seg, cand, where=better)
                 if arg is not None:
-                    np.copyto(arg[s0 - lo_i:], b, where=better)
-            f[lo_i:hi_i + 1] = new
+                    np.copyto(arg[s0 - lo_i :], b, where=better)
+            f[lo_i : hi_i + 1] = new
             if took is not None:
                 took[i] = arg
 
@@ -310,13 +324,13 @@ def _knapsack_dp(e: np.ndarray, c: np.ndarray, live: np.ndarray, room: int) -> n
     marks = {}
     for i0 in range(0, n, block):
         lo_p, hi_p = (int(lo[i0 - 1]), int(hi[i0 - 1])) if i0 else (0, 0)
-        marks[i0] = (lo_p, f[lo_p:hi_p + 1].copy())
+        marks[i0] = (lo_p, f[lo_p : hi_p + 1].copy())
         rows(i0, min(i0 + block, n), f, None)
     pick = np.empty(n, dtype=np.int64)
     at = cap
     for i0 in sorted(marks, reverse=True):
         lo_p, saved = marks.pop(i0)
-        f[lo_p:lo_p + saved.size] = saved
+        f[lo_p : lo_p + saved.size] = saved
         took: dict[int, np.ndarray] = {}
         i1 = min(i0 + block, n)
         rows(i0, i1, f, took)
@@ -348,9 +362,15 @@ class IlpAllocator(Allocator):
     name = "ilp"
     core_size = 256  # units of the heuristic core solve (the nearest to changing at the LP optimum)
 
-    def __init__(self, granularity: str = "channel", share: list[str] | None = None,
-                 min_bits: dict[str, int] | None = None, time_limit: float | None = None,
-                 mip_rel_gap: float = 1e-6, solver: str = "auto"):
+    def __init__(
+        self,
+        granularity: str = "channel",
+        share: list[str] | None = None,
+        min_bits: dict[str, int] | None = None,
+        time_limit: float | None = None,
+        mip_rel_gap: float = 1e-6,
+        solver: str = "auto",
+    ):
         parse_granularity(granularity)  # fail early on a bad string
         if solver not in ("auto", "highs"):
             raise BitsearchError(f"ilp solver '{solver}' is not one of auto, highs")
@@ -364,8 +384,12 @@ class IlpAllocator(Allocator):
 
     @classmethod
     def from_config(cls, config) -> "IlpAllocator":
-        return cls(granularity=config.granularity, share=config.share or None,
-                   min_bits=parse_layer_min_bits(config.layer_min_bits), time_limit=config.time_limit)
+        return cls(
+            granularity=config.granularity,
+            share=config.share or None,
+            min_bits=parse_layer_min_bits(config.layer_min_bits),
+            time_limit=config.time_limit,
+        )
 
     def _left(self, t0):
         return None if self.time_limit is None else self.time_limit - (time.perf_counter() - t0)
@@ -412,14 +436,15 @@ class IlpAllocator(Allocator):
             raise BitsearchError(
                 f"budget {budget_bytes} bytes ({avg_bits(budget_bytes, problem.n_weights):.4f} bits) is below the "
                 f"smallest feasible one under the min_bits/share/granularity constraints: {need} bytes "
-                f"({avg_bits(need, problem.n_weights):.4f} bits)")
+                f"({avg_bits(need, problem.n_weights):.4f} bits)"
+            )
 
         # drop dominated options: another allowed one no dearer and no worse (ties: keep the lowest index)
         keep = allowed.copy()
         for a in range(m):
-            ca, ea = c[:, a:a + 1], e[:, a:a + 1]
+            ca, ea = c[:, a : a + 1], e[:, a : a + 1]
             better = (ca <= c) & (ea <= e) & ((ca < c) | (ea < e) | (a < idx[None, :])) & (idx[None, :] != a)
-            keep &= ~(allowed[:, a:a + 1] & better)
+            keep &= ~(allowed[:, a : a + 1] & better)
 
         # shift every unit to its best error and cheapest bytes (constants: one option per unit)
         e_min = np.where(keep, e, np.inf).min(axis=1)
@@ -440,9 +465,15 @@ class IlpAllocator(Allocator):
 
         # 1. incumbent: greedy on the unit problem (options not kept: dearer and worse than all, never
         #    taken); lower bound: the Lagrangian (= LP) bound
-        unit_p = AllocationProblem(bits=problem.bits, errors=np.where(keep, es, 2 * es[keep].max() + 1),
-                                   costs=np.where(keep, cs, cs.max() + 1), fixed_bytes=0,
-                                   n_weights=problem.n_weights, layer_slices={}, group_size=problem.group_size)
+        unit_p = AllocationProblem(
+            bits=problem.bits,
+            errors=np.where(keep, es, 2 * es[keep].max() + 1),
+            costs=np.where(keep, cs, cs.max() + 1),
+            fixed_bytes=0,
+            n_weights=problem.n_weights,
+            layer_slices={},
+            group_size=problem.group_size,
+        )
         pick = GreedyAllocator().allocate(unit_p, room)
         upper = float(es[rows, pick].sum())
         lam, lower = _lagrangian(es, cs, room, unit_p.errors, unit_p.costs)
@@ -485,12 +516,18 @@ class IlpAllocator(Allocator):
                     break
                 lam_fit = lam_fit * (1 + 1e-9) + 1e-300
             near = np.where(keep & (idx[None, :] != at_fit[:, None]), red_fit, np.inf).min(axis=1)
-            core = np.sort(np.argpartition(near, self.core_size)[:self.core_size])
+            core = np.sort(np.argpartition(near, self.core_size)[: self.core_size])
             out = np.ones(n_units, dtype=bool)
             out[core] = False
-            got, _, _, how, _ = self._exact(es, cs, keep, core, room - int(cs[out, at_fit[out]].sum()),
-                                            min(1e-3 * part_gap(upper - float(es[out, at_fit[out]].sum())), 1.0),
-                                            None if left is None else left / 2)
+            got, _, _, how, _ = self._exact(
+                es,
+                cs,
+                keep,
+                core,
+                room - int(cs[out, at_fit[out]].sum()),
+                min(1e-3 * part_gap(upper - float(es[out, at_fit[out]].sum())), 1.0),
+                None if left is None else left / 2,
+            )
             if got is not None:
                 cand = at_fit.copy()
                 cand[core] = got
@@ -508,8 +545,15 @@ class IlpAllocator(Allocator):
             fixed_err = float(es[fixed, only[fixed]].sum())
             upper_before, tol_before = upper, tolerance()
             got, status, part_bound, info["solver"], msg = self._exact(
-                es, cs, live, free, room - int(cs[fixed, only[fixed]].sum()), part_gap(upper - fixed_err),
-                self._left(t0), cutoff=upper - fixed_err)
+                es,
+                cs,
+                live,
+                free,
+                room - int(cs[fixed, only[fixed]].sum()),
+                part_gap(upper - fixed_err),
+                self._left(t0),
+                cutoff=upper - fixed_err,
+            )
             if msg:
                 info["message"] = msg
             if got is not None:
@@ -542,7 +586,14 @@ class IlpAllocator(Allocator):
         assert used <= budget_bytes, f"ilp plan is over budget: {used} > {budget_bytes}"
         objective = problem.error_of(choice)
         bound = min(bound, objective)
-        self.last_info = {"status": status, "gap": (objective - bound) / objective if objective > 0 else 0.0,
-                          "objective": objective, "bound": bound, "seconds": time.perf_counter() - t0,
-                          "n_units": n_units, "bytes": used, **extra}
+        self.last_info = {
+            "status": status,
+            "gap": (objective - bound) / objective if objective > 0 else 0.0,
+            "objective": objective,
+            "bound": bound,
+            "seconds": time.perf_counter() - t0,
+            "n_units": n_units,
+            "bytes": used,
+            **extra,
+        }
         return choice

@@ -29,8 +29,16 @@ def rounded_stack(w: torch.Tensor, bits: list[int], group_size: int) -> torch.Te
 
 
 class PlanKL:
-    def __init__(self, model: nn.Module, targets: list[Target], batch: torch.Tensor, bits: list[int],
-                 group_size: int, micro_batch: int = 8, share: "PlanKL | None" = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        targets: list[Target],
+        batch: torch.Tensor,
+        bits: list[int],
+        group_size: int,
+        micro_batch: int = 8,
+        share: "PlanKL | None" = None,
+    ):
         """``share``: another PlanKL of the same model, targets, menu and group size whose float
         copies and quantized stacks are reused (one cache for the search and validation batches:
         the cache holds (len(bits) + 1) x the target weights)."""
@@ -48,14 +56,14 @@ class PlanKL:
         else:
             self.float_w = {n: w.detach().clone() for n, w in self.weights.items()}
             self.stack = {n: rounded_stack(w, self.bits, group_size) for n, w in self.float_w.items()}
-        self.ref = [lp.to(torch.bfloat16) if lp.numel() > 2 ** 27 else lp for lp in self._logprobs()]
+        self.ref = [lp.to(torch.bfloat16) if lp.numel() > 2**27 else lp for lp in self._logprobs()]
         self.calls = 0
 
     @torch.no_grad()
     def _logprobs(self) -> list[torch.Tensor]:
         out = []
         for i in range(0, self.batch.shape[0], self.micro_batch):
-            x = self.batch[i:i + self.micro_batch].to(self.dev)
+            x = self.batch[i : i + self.micro_batch].to(self.dev)
             out.append(F.log_softmax(self.model(input_ids=x, use_cache=False).logits[:, :-1].float(), dim=-1))
         return out
 
@@ -69,7 +77,7 @@ class PlanKL:
                 w.copy_(self.stack[name][k, torch.arange(w.shape[0], device=w.device)])
             total, count = 0.0, 0
             for ref, x0 in zip(self.ref, range(0, self.batch.shape[0], self.micro_batch)):
-                x = self.batch[x0:x0 + self.micro_batch].to(self.dev)
+                x = self.batch[x0 : x0 + self.micro_batch].to(self.dev)
                 lp = F.log_softmax(self.model(input_ids=x, use_cache=False).logits[:, :-1].float(), dim=-1)
                 r = ref.float()
                 total += float((r.exp() * (r - lp)).sum())

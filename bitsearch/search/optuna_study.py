@@ -17,7 +17,8 @@ where the adjusted curves say; every trial is within the budget. Trial 0 is the 
 worse than greedy on the calibration KL.
 
 Storage: any Optuna storage URL, by default a journal file (``JournalFileBackend``) next to the
-plan (in memory when there is no plan file, e.g. an API call without ``out``): a killed run resumes with its finished trials kept (``--resume``), and several
+plan (in memory when there is no plan file, e.g. an API call without ``out``): a killed run
+resumes with its finished trials kept (``--resume``), and several
 ``bitsearch search --method optuna`` workers pointed at one journal or database cooperate on one
 study. Each finished trial stores its plan's widths (one character per channel) as a user
 attribute, so ``bitsearch pareto`` lists the front and exports any point without the model.
@@ -34,16 +35,28 @@ import numpy as np
 
 from ..cost import avg_bits, budget_to_bytes
 from ..errors import BitsearchError
-from ..layer_names import layer_types
 from ..io.plan import decode_bits, encode_bits
+from ..layer_names import layer_types
 from ..outputs import keep_on_interrupt
 from ..progress import progress
 from .base import Allocator, register_allocator
 from .greedy import GreedyAllocator
 from .problem import AllocationProblem
 
-__all__ = ["SAMPLERS", "StudySettings", "knob_groups", "run_study", "open_study", "pareto_rows", "trial_widths",
-           "OptunaAllocator", "export_trial", "only_study", "study_trials", "default_storage"]
+__all__ = [
+    "SAMPLERS",
+    "StudySettings",
+    "knob_groups",
+    "run_study",
+    "open_study",
+    "pareto_rows",
+    "trial_widths",
+    "OptunaAllocator",
+    "export_trial",
+    "only_study",
+    "study_trials",
+    "default_storage",
+]
 
 SAMPLERS = ("nsga2", "tpe")
 LOG2_RANGE = 1.0
@@ -53,7 +66,7 @@ BUDGET_LEVELS = 5
 
 @dataclass
 class StudySettings:
-    storage: str | None     # None: in memory (nothing written, nothing to resume)
+    storage: str | None  # None: in memory (nothing written, nothing to resume)
     study_name: str
     n_trials: int = 50
     timeout: float | None = None
@@ -81,8 +94,11 @@ def journal_storage(path: str | None):
 
     if path is None:
         return optuna.storages.InMemoryStorage()
-    return JournalStorage(JournalFileBackend(path)) if not path.startswith(("sqlite:", "mysql", "postgresql")) \
+    return (
+        JournalStorage(JournalFileBackend(path))
+        if not path.startswith(("sqlite:", "mysql", "postgresql"))
         else optuna.storages.RDBStorage(path)
+    )
 
 
 def _sampler(name: str, seed: int):
@@ -103,18 +119,32 @@ def open_study(settings: StudySettings, create: bool):
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     if not create:
         if settings.study_name not in names:
-            raise BitsearchError(f"no study '{settings.study_name}' in '{settings.storage}' "
-                                 f"(it has: {', '.join(names) or 'none'})")
+            raise BitsearchError(
+                f"no study '{settings.study_name}' in '{settings.storage}' (it has: {', '.join(names) or 'none'})"
+            )
         return optuna.load_study(study_name=settings.study_name, storage=storage)
     if settings.study_name in names and not settings.resume:
-        raise BitsearchError(f"study '{settings.study_name}' already exists in '{settings.storage}': "
-                             f"pass `resume` to continue it (or study_name for a new one)")
-    return optuna.create_study(study_name=settings.study_name, storage=storage, load_if_exists=True,
-                               directions=["minimize", "minimize"], sampler=_sampler(settings.sampler, settings.seed))
+        raise BitsearchError(
+            f"study '{settings.study_name}' already exists in '{settings.storage}': "
+            f"pass `resume` to continue it (or study_name for a new one)"
+        )
+    return optuna.create_study(
+        study_name=settings.study_name,
+        storage=storage,
+        load_if_exists=True,
+        directions=["minimize", "minimize"],
+        sampler=_sampler(settings.sampler, settings.seed),
+    )
 
 
-def run_study(problems: dict[str, AllocationProblem], kl_of, budget_bytes: int, settings: StudySettings,
-              show_progress: bool = True, attrs: dict | None = None):
+def run_study(
+    problems: dict[str, AllocationProblem],
+    kl_of,
+    budget_bytes: int,
+    settings: StudySettings,
+    show_progress: bool = True,
+    attrs: dict | None = None,
+):
     """Run (or continue) the study. ``problems``: {estimator: problem} over the same channels and
     menu; ``kl_of(widths)`` measures a plan. Returns the study."""
     import optuna
@@ -126,8 +156,15 @@ def run_study(problems: dict[str, AllocationProblem], kl_of, budget_bytes: int, 
     n_w = first.n_weights
     hi_bits = avg_bits(budget_bytes, n_w)
     lo_bits = max(avg_bits(first.min_bytes(), n_w), hi_bits - settings.span)
-    levels = sorted({round(hi_bits - (hi_bits - lo_bits) * k / (BUDGET_LEVELS - 1), 6)
-                     for k in range(BUDGET_LEVELS)} | {hi_bits}, reverse=True) if hi_bits > lo_bits else [hi_bits]
+    levels = (
+        sorted(
+            {round(hi_bits - (hi_bits - lo_bits) * k / (BUDGET_LEVELS - 1), 6) for k in range(BUDGET_LEVELS)}
+            | {hi_bits},
+            reverse=True,
+        )
+        if hi_bits > lo_bits
+        else [hi_bits]
+    )
     study = open_study(settings, create=True)
     study.set_user_attr("budget_bytes", budget_bytes)
     study.set_user_attr("n_weights", n_w)
@@ -146,8 +183,10 @@ def run_study(problems: dict[str, AllocationProblem], kl_of, budget_bytes: int, 
     def objective(trial):
         scale = np.ones(len(layers))
         for i, name in enumerate(layers):
-            scale[i] = 2.0 ** (trial.suggest_float(types[name], -LOG2_RANGE, LOG2_RANGE)
-                               + trial.suggest_float(groups[name], -LOG2_RANGE, LOG2_RANGE))
+            scale[i] = 2.0 ** (
+                trial.suggest_float(types[name], -LOG2_RANGE, LOG2_RANGE)
+                + trial.suggest_float(groups[name], -LOG2_RANGE, LOG2_RANGE)
+            )
         if len(ests) > 1:
             w = np.array([trial.suggest_float(f"mix:{e}", 0.0, 1.0) for e in ests])
             w = w / w.sum() if w.sum() > 0 else np.full(len(ests), 1.0 / len(ests))
@@ -156,9 +195,15 @@ def run_study(problems: dict[str, AllocationProblem], kl_of, budget_bytes: int, 
             errors = first.errors
         bits = trial.suggest_categorical("bits", levels) if len(levels) > 1 else hi_bits
         trial_budget = min(budget_bytes, budget_to_bytes(f"{bits}", n_w)) if bits < hi_bits else budget_bytes
-        p = AllocationProblem(bits=first.bits, errors=errors * scale[rows][:, None], costs=first.costs,
-                              fixed_bytes=first.fixed_bytes, n_weights=n_w, layer_slices=first.layer_slices,
-                              group_size=first.group_size)
+        p = AllocationProblem(
+            bits=first.bits,
+            errors=errors * scale[rows][:, None],
+            costs=first.costs,
+            fixed_bytes=first.fixed_bytes,
+            n_weights=n_w,
+            layer_slices=first.layer_slices,
+            group_size=first.group_size,
+        )
         choice = greedy.allocate(p, max(trial_budget, p.min_bytes()))
         widths = first.widths(choice)
         kl = kl_of(widths)
@@ -171,7 +216,7 @@ def run_study(problems: dict[str, AllocationProblem], kl_of, budget_bytes: int, 
     def finished() -> int:
         return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
 
-    optuna.logging.set_verbosity(optuna.logging.ERROR)   # an interrupted trial: our one line, not its traceback
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # an interrupted trial: our one line, not its traceback
     # --resume: finish the study to n_trials in all (workers sharing a study stop together);
     # otherwise run n_trials more
     t0 = time.time()
@@ -197,10 +242,17 @@ def pareto_rows(study, budget_bytes: int | None = None) -> list[dict]:
     out = []
     for t in done:
         kl, b = t.values
-        out.append({"trial": t.number, "kl": kl, "bytes": int(b), "avg_bits": t.user_attrs.get("avg_bits"),
-                    "on_front": t.number in front,
-                    "within_budget": budget_bytes is None or b <= budget_bytes,
-                    **{f"knob.{k}": v for k, v in t.params.items()}})
+        out.append(
+            {
+                "trial": t.number,
+                "kl": kl,
+                "bytes": int(b),
+                "avg_bits": t.user_attrs.get("avg_bits"),
+                "on_front": t.number in front,
+                "within_budget": budget_bytes is None or b <= budget_bytes,
+                **{f"knob.{k}": v for k, v in t.params.items()},
+            }
+        )
     return sorted(out, key=lambda r: (r["bytes"], r["kl"]))
 
 
@@ -226,9 +278,18 @@ class OptunaAllocator(Allocator):
     def from_config(cls, config) -> "OptunaAllocator":
         if config.sampler not in SAMPLERS:
             raise BitsearchError(f"unknown sampler '{config.sampler}' (choose from {', '.join(SAMPLERS)})")
-        return cls(StudySettings(storage=config.storage, study_name=config.study_name or "", n_trials=config.n_trials,
-                                 timeout=config.timeout, sampler=config.sampler, seed=config.seed, span=config.span,
-                                 resume=config.resume))
+        return cls(
+            StudySettings(
+                storage=config.storage,
+                study_name=config.study_name or "",
+                n_trials=config.n_trials,
+                timeout=config.timeout,
+                sampler=config.sampler,
+                seed=config.seed,
+                span=config.span,
+                resume=config.resume,
+            )
+        )
 
     def allocate(self, problem: AllocationProblem, budget_bytes: int) -> np.ndarray:
         """Run the study and return the chosen trial's choice.
@@ -247,12 +308,20 @@ class OptunaAllocator(Allocator):
             settings.study_name = f"bitsearch-{ctx.fingerprint.get('sha256', 'model')[:10]}-{budget_bytes}B"
         problems = ctx.estimator_problems or {"mix": problem}
         if settings.storage is not None:
-            keep_on_interrupt(f"the study's finished trials are kept in '{settings.storage}': rerun the same command with "
-                      f"--resume to continue it")
+            keep_on_interrupt(
+                f"the study's finished trials are kept in '{settings.storage}': rerun the same command with "
+                f"--resume to continue it"
+            )
         problem.check_budget(budget_bytes)
         kl = PlanKL(ctx.model, ctx.targets, ctx.batch, problem.bits, problem.group_size, ctx.micro_batch)
-        study = run_study(problems, kl, budget_bytes, settings, ctx.show_progress,
-                          attrs={"model": ctx.fingerprint, "group_size": problem.group_size})
+        study = run_study(
+            problems,
+            kl,
+            budget_bytes,
+            settings,
+            ctx.show_progress,
+            attrs={"model": ctx.fingerprint, "group_size": problem.group_size},
+        )
         rows = pareto_rows(study, budget_bytes)
         inside = [r for r in rows if r["within_budget"]]
         if not inside:
@@ -260,9 +329,10 @@ class OptunaAllocator(Allocator):
         best = min(inside, key=lambda r: r["kl"])
         validated = {}
         if ctx.validation is not None:
-            val = PlanKL(ctx.model, ctx.targets, ctx.validation, problem.bits, problem.group_size, ctx.micro_batch,
-                         share=kl)
-            pool = sorted(inside, key=lambda r: r["kl"])[:self.finalists] + [r for r in inside if r["trial"] == 0]
+            val = PlanKL(
+                ctx.model, ctx.targets, ctx.validation, problem.bits, problem.group_size, ctx.micro_batch, share=kl
+            )
+            pool = sorted(inside, key=lambda r: r["kl"])[: self.finalists] + [r for r in inside if r["trial"] == 0]
             for r in pool:
                 if r["trial"] not in validated:
                     t = next(t for t in study.trials if t.number == r["trial"])
@@ -273,14 +343,23 @@ class OptunaAllocator(Allocator):
         menu = np.asarray(problem.bits)
         choice = np.concatenate([np.searchsorted(menu, widths[n]) for n in problem.layer_slices])
         self.trials = rows
-        self.last_info = {"study": settings.study_name, "storage": settings.storage, "trial": best["trial"],
-                          "calibration_kl": best["kl"], "trials_finished": len(rows), "sampler": settings.sampler,
-                          "seed": settings.seed, "kl_samples": int(ctx.batch.shape[0]),
-                          "kl_evaluations_this_run": kl.calls}
+        self.last_info = {
+            "study": settings.study_name,
+            "storage": settings.storage,
+            "trial": best["trial"],
+            "calibration_kl": best["kl"],
+            "trials_finished": len(rows),
+            "sampler": settings.sampler,
+            "seed": settings.seed,
+            "kl_samples": int(ctx.batch.shape[0]),
+            "kl_evaluations_this_run": kl.calls,
+        }
         if validated:
-            self.last_info.update(validation_kl=validated[best["trial"]],
-                                  validation_samples=int(ctx.validation.shape[0]),
-                                  validated_trials={str(k): v for k, v in validated.items()})
+            self.last_info.update(
+                validation_kl=validated[best["trial"]],
+                validation_samples=int(ctx.validation.shape[0]),
+                validated_trials={str(k): v for k, v in validated.items()},
+            )
         return choice
 
 
@@ -296,8 +375,12 @@ def export_trial(study, number: int):
     a = study.user_attrs
     plan = BitPlan(model=a["model"], group_size=a["group_size"], menu=list(a["menu"]), bits=trial_widths(trial))
     plan.fill_summary(predicted_error=trial.user_attrs.get("predicted_error"))
-    plan.provenance = {"allocator": "optuna", "study": study.study_name, "trial": number,
-                       "calibration_kl": trial.values[0]}
+    plan.provenance = {
+        "allocator": "optuna",
+        "study": study.study_name,
+        "trial": number,
+        "calibration_kl": trial.values[0],
+    }
     return plan
 
 

@@ -21,10 +21,10 @@ __all__ = ["AllocationProblem", "build_problem"]
 
 @dataclass
 class AllocationProblem:
-    bits: list[int]                 # the menu, ascending
-    errors: np.ndarray              # (N, n_bits) predicted loss increase
-    costs: np.ndarray               # (N, n_bits) bytes per row (bit map excluded)
-    fixed_bytes: int                # bit map bytes
+    bits: list[int]  # the menu, ascending
+    errors: np.ndarray  # (N, n_bits) predicted loss increase
+    costs: np.ndarray  # (N, n_bits) bytes per row (bit map excluded)
+    fixed_bytes: int  # bit map bytes
     n_weights: int
     layer_slices: dict[str, slice]
     group_size: int
@@ -54,16 +54,22 @@ class AllocationProblem:
         return {name: menu[choice[s]] for name, s in self.layer_slices.items()}
 
 
-def build_problem(table: SensitivityTable, targets: list[Target], bits: list[int] | None = None,
-                  min_bits: int | None = None, max_bits: int | None = None,
-                  mix: str | dict | None = None) -> AllocationProblem:
+def build_problem(
+    table: SensitivityTable,
+    targets: list[Target],
+    bits: list[int] | None = None,
+    min_bits: int | None = None,
+    max_bits: int | None = None,
+    mix: str | dict | None = None,
+) -> AllocationProblem:
     """Problem over ``targets`` using the table's curves (of estimator ``mix``, default the
     table's), restricted to widths in [min, max]."""
     menu = list(table.bits if bits is None else bits)
     missing = [b for b in menu if b not in table.bits]
     if missing:
-        raise BitsearchError(f"the sensitivity table has no curve for width {missing[0]} "
-                             f"(its menu: {', '.join(map(str, table.bits))})")
+        raise BitsearchError(
+            f"the sensitivity table has no curve for width {missing[0]} (its menu: {', '.join(map(str, table.bits))})"
+        )
     lo = menu[0] if min_bits is None else min_bits
     hi = menu[-1] if max_bits is None else max_bits
     menu = sorted(b for b in menu if lo <= b <= hi)
@@ -75,8 +81,9 @@ def build_problem(table: SensitivityTable, targets: list[Target], bits: list[int
     for t in targets:
         g = by_layer.get(t.name)
         if g is None:
-            raise BitsearchError(f"the sensitivity table has no rows for target '{t.name}' "
-                                 f"(was it computed with other `targets`?)")
+            raise BitsearchError(
+                f"the sensitivity table has no rows for target '{t.name}' (was it computed with other `targets`?)"
+            )
         if len(g) != t.out_features or int(g["in_features"].iloc[0]) != t.in_features:
             raise BitsearchError(f"the sensitivity table's layer '{t.name}' has another shape than the model's")
         g = g.sort_values("channel")
@@ -84,7 +91,12 @@ def build_problem(table: SensitivityTable, targets: list[Target], bits: list[int
         costs.append(np.tile([row_bytes(t.in_features, b, table.group_size) for b in menu], (t.out_features, 1)))
         slices[t.name] = slice(start, start + t.out_features)
         start += t.out_features
-    return AllocationProblem(bits=menu, errors=np.concatenate(errors), costs=np.concatenate(costs).astype(np.int64),
-                             fixed_bytes=BITMAP_BYTES_PER_CHANNEL * start,
-                             n_weights=sum(t.numel for t in targets), layer_slices=slices,
-                             group_size=table.group_size)
+    return AllocationProblem(
+        bits=menu,
+        errors=np.concatenate(errors),
+        costs=np.concatenate(costs).astype(np.int64),
+        fixed_bytes=BITMAP_BYTES_PER_CHANNEL * start,
+        n_weights=sum(t.numel for t in targets),
+        layer_slices=slices,
+        group_size=table.group_size,
+    )

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..models import find_targets, model_fingerprint
 from ..io.plan import BitPlan
+from ..models import find_targets, model_fingerprint
 from .base import Allocator, register_allocator
 from .problem import AllocationProblem
 
@@ -20,9 +20,13 @@ def uniform_plan(model, width: int, group_size: int, targets: str | None = None)
     """Every row of every target of ``model`` at ``width`` (no table needed): the plan of
     round-to-nearest (or GPTQ, SignRound, QAT) at one width."""
     tgts = find_targets(model, targets)
-    plan = BitPlan(model=model_fingerprint(model, tgts), group_size=group_size, menu=[width],
-                   bits={t.name: np.full(t.out_features, width, dtype=np.uint8) for t in tgts},
-                   provenance={"allocator": f"uniform W{width} g{group_size}"})
+    plan = BitPlan(
+        model=model_fingerprint(model, tgts),
+        group_size=group_size,
+        menu=[width],
+        bits={t.name: np.full(t.out_features, width, dtype=np.uint8) for t in tgts},
+        provenance={"allocator": f"uniform W{width} g{group_size}"},
+    )
     plan.fill_summary()
     return plan
 

@@ -28,8 +28,9 @@ def waterfill_choice(problem: AllocationProblem, theta: float) -> np.ndarray:
     ok = problem.errors <= theta
     cost = np.where(ok, problem.costs, np.iinfo(np.int64).max)
     cheapest = cost.argmin(axis=1)
-    precise = np.where(problem.errors == problem.errors.min(axis=1, keepdims=True),
-                       problem.costs, np.iinfo(np.int64).max).argmin(axis=1)
+    precise = np.where(
+        problem.errors == problem.errors.min(axis=1, keepdims=True), problem.costs, np.iinfo(np.int64).max
+    ).argmin(axis=1)
     return np.where(ok.any(axis=1), cheapest, precise)
 
 
@@ -41,9 +42,9 @@ class WaterfillAllocator(Allocator):
         problem.check_budget(budget_bytes)
         levels = np.unique(problem.errors)
         fits = lambda t: problem.bytes_of(waterfill_choice(problem, t)) <= budget_bytes  # noqa: E731
-        if not fits(levels[-1]):   # only the per-row cheapest options fit
+        if not fits(levels[-1]):  # only the per-row cheapest options fit
             return problem.costs.argmin(axis=1)
-        lo, hi = -1, len(levels) - 1   # invariant: levels[hi] fits; levels[lo] does not (or lo = -1)
+        lo, hi = -1, len(levels) - 1  # invariant: levels[hi] fits; levels[lo] does not (or lo = -1)
         while hi - lo > 1:
             mid = (lo + hi) // 2
             if fits(levels[mid]):

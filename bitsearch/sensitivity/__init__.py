@@ -10,7 +10,19 @@ from .pipeline import CALIBRATIONS, DEFAULT_BITS, check_bits, check_group_size, 
 from .table import SensitivityTable, err_col, parse_mix
 
 __all__ = [
-    "ESTIMATORS", "Estimator", "LayerCurves", "get_estimator", "register_estimator",
-    "calibrate_layer_loss", "layer_loss_response", "CALIBRATIONS", "DEFAULT_BITS", "check_bits",
-    "check_group_size", "compute_sensitivity", "SensitivityTable", "err_col", "parse_mix",
+    "ESTIMATORS",
+    "Estimator",
+    "LayerCurves",
+    "get_estimator",
+    "register_estimator",
+    "calibrate_layer_loss",
+    "layer_loss_response",
+    "CALIBRATIONS",
+    "DEFAULT_BITS",
+    "check_bits",
+    "check_group_size",
+    "compute_sensitivity",
+    "SensitivityTable",
+    "err_col",
+    "parse_mix",
 ]

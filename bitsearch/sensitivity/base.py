@@ -26,8 +26,16 @@ from ..distributed import Dist
 from ..errors import BitsearchError
 from ..models import Target
 
-__all__ = ["Estimator", "InputEstimator", "GradientEstimator", "LayerCurves", "SensitivityContext",
-           "register_estimator", "get_estimator", "ESTIMATORS"]
+__all__ = [
+    "Estimator",
+    "InputEstimator",
+    "GradientEstimator",
+    "LayerCurves",
+    "SensitivityContext",
+    "register_estimator",
+    "get_estimator",
+    "ESTIMATORS",
+]
 
 
 @dataclass
@@ -66,7 +74,7 @@ class SensitivityContext:
     def micro_batches(self) -> list[tuple[int, torch.Tensor]]:
         """(j, batch[j*m:(j+1)*m]) for the micro-batches this rank owns, in order."""
         m = self.micro_batch
-        return [(j, self.batch[j * m:(j + 1) * m]) for j in range(self.n_micro) if self.dist.owns(j)]
+        return [(j, self.batch[j * m : (j + 1) * m]) for j in range(self.n_micro) if self.dist.owns(j)]
 
     @property
     def n_tokens_predicted(self) -> int:
@@ -87,8 +95,9 @@ class InputEstimator(Estimator):
     input_stats: str = "diag"
 
     @abstractmethod
-    def layer_curves(self, target: Target, weight: torch.Tensor, stats: torch.Tensor, bits: list[int],
-                     group_size: int) -> LayerCurves:
+    def layer_curves(
+        self, target: Target, weight: torch.Tensor, stats: torch.Tensor, bits: list[int], group_size: int
+    ) -> LayerCurves:
         """Curves of one layer from its weight and input statistics (float64, on the weight's device)."""
 
     def combine(self, a: LayerCurves, b: LayerCurves, bits: list[int]) -> LayerCurves:

@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..blocks import BlockRunner, block_of
 from ..distributed import Dist
 from ..models import Target
 from ..progress import progress
 from ..quant.grid import fake_quantize
 from .base import LayerCurves
-from ..blocks import BlockRunner, block_of
 
 __all__ = ["loss_response", "layer_loss_response", "prune_rows", "prune_loss_response", "calibrate_layer_loss"]
 
@@ -43,14 +43,22 @@ RESPONSE_FLOOR = 1e-6
 
 
 @torch.no_grad()
-def loss_response(model: nn.Module, targets: list[Target], batch: torch.Tensor,
-              perturb: Callable[[str, torch.Tensor], torch.Tensor], desc: str, micro_batch: int,
-              show_progress: bool, dist: Dist | None = None, offload: bool = False) -> dict[str, float]:
+def loss_response(
+    model: nn.Module,
+    targets: list[Target],
+    batch: torch.Tensor,
+    perturb: Callable[[str, torch.Tensor], torch.Tensor],
+    desc: str,
+    micro_batch: int,
+    show_progress: bool,
+    dist: Dist | None = None,
+    offload: bool = False,
+) -> dict[str, float]:
     """Mean-loss increase when ``perturb(name, weight)`` replaces one target's weight at a time."""
     dist = dist or Dist()
     runner = BlockRunner(model, offload=offload)
     n_micro = (batch.shape[0] + micro_batch - 1) // micro_batch
-    xs = [batch[j * micro_batch:(j + 1) * micro_batch] for j in range(n_micro) if dist.owns(j)]
+    xs = [batch[j * micro_batch : (j + 1) * micro_batch] for j in range(n_micro) if dist.owns(j)]
     count = batch.shape[0] * (batch.shape[1] - 1)
     caps = [runner.capture(x) for x in xs]
     hs, kws = [c[0] for c in caps], [c[1] for c in caps]
@@ -58,7 +66,7 @@ def loss_response(model: nn.Module, targets: list[Target], batch: torch.Tensor,
     def loss(i: int, h: list[torch.Tensor]) -> float:
         return dist.sum_float(runner.nll_from(i, h, kws, xs)) / count
 
-    def full_loss() -> float:   # a target outside the blocks (embedding, head): whole model
+    def full_loss() -> float:  # a target outside the blocks (embedding, head): whole model
         return loss(0, [runner.capture(x)[0] for x in xs])
 
     base = loss(0, hs)
@@ -66,7 +74,7 @@ def loss_response(model: nn.Module, targets: list[Target], batch: torch.Tensor,
     where = {t.name: block_of(runner, t.name) for t in targets}
     order = sorted(targets, key=lambda t: (where[t.name] is None, where[t.name] or 0))
     out: dict[str, float] = {}
-    cur = 0   # hs holds the float inputs of block `cur`
+    cur = 0  # hs holds the float inputs of block `cur`
     for t in progress(order, desc=desc, enable=show_progress and dist.is_main):
         i = where[t.name]
         while i is not None and cur < i:
@@ -83,25 +91,52 @@ def loss_response(model: nn.Module, targets: list[Target], batch: torch.Tensor,
     return out
 
 
-def layer_loss_response(model: nn.Module, targets: list[Target], batch: torch.Tensor, bits: int,
-                        group_size: int, micro_batch: int = 8, show_progress: bool = True,
-                        dist: Dist | None = None, offload: bool = False) -> dict[str, float]:
+def layer_loss_response(
+    model: nn.Module,
+    targets: list[Target],
+    batch: torch.Tensor,
+    bits: int,
+    group_size: int,
+    micro_batch: int = 8,
+    show_progress: bool = True,
+    dist: Dist | None = None,
+    offload: bool = False,
+) -> dict[str, float]:
     """Calibration-loss increase when each target alone is fake-quantized at ``bits``."""
-    return loss_response(model, targets, batch, lambda _n, w: fake_quantize(w, bits, group_size),
-                     f"layer response @{bits}b", micro_batch, show_progress, dist, offload)
+    return loss_response(
+        model,
+        targets,
+        batch,
+        lambda _n, w: fake_quantize(w, bits, group_size),
+        f"layer response @{bits}b",
+        micro_batch,
+        show_progress,
+        dist,
+        offload,
+    )
 
 
 def prune_rows(curves: dict[str, LayerCurves], bits: list[int], fraction: float) -> dict[str, np.ndarray]:
     """Per layer, the rows with the smallest proxy pruning error (at least one)."""
     k = bits.index(0)
-    return {name: np.argsort(lc.errors[:, k], kind="stable")[:max(1, int(round(fraction * lc.errors.shape[0])))]
-            for name, lc in curves.items()}
+    return {
+        name: np.argsort(lc.errors[:, k], kind="stable")[: max(1, int(round(fraction * lc.errors.shape[0])))]
+        for name, lc in curves.items()
+    }
 
 
-def prune_loss_response(model: nn.Module, targets: list[Target], batch: torch.Tensor,
-                        rows: dict[str, np.ndarray], micro_batch: int = 8, show_progress: bool = True,
-                        dist: Dist | None = None, offload: bool = False) -> dict[str, float]:
+def prune_loss_response(
+    model: nn.Module,
+    targets: list[Target],
+    batch: torch.Tensor,
+    rows: dict[str, np.ndarray],
+    micro_batch: int = 8,
+    show_progress: bool = True,
+    dist: Dist | None = None,
+    offload: bool = False,
+) -> dict[str, float]:
     """Calibration-loss increase when the given rows of each target alone are pruned."""
+
     def prune(name, w):
         w = w.clone()
         w[torch.as_tensor(rows[name], dtype=torch.long, device=w.device)] = 0
@@ -110,9 +145,13 @@ def prune_loss_response(model: nn.Module, targets: list[Target], batch: torch.Te
     return loss_response(model, targets, batch, prune, "prune response", micro_batch, show_progress, dist, offload)
 
 
-def calibrate_layer_loss(curves: dict[str, LayerCurves], responses: dict[str, float], bits: list[int],
-                         ref_bits: int, prune: tuple[dict[str, np.ndarray], dict[str, float]] | None = None
-                         ) -> dict[str, LayerCurves]:
+def calibrate_layer_loss(
+    curves: dict[str, LayerCurves],
+    responses: dict[str, float],
+    bits: list[int],
+    ref_bits: int,
+    prune: tuple[dict[str, np.ndarray], dict[str, float]] | None = None,
+) -> dict[str, LayerCurves]:
     """Rescale each layer's curves so they sum to its measured response at ``ref_bits``; with
     ``prune = (rows, responses)`` the 0-bit column gets its own scale from the pruning response."""
     k = bits.index(ref_bits)

@@ -49,7 +49,7 @@ def linear_sq_grad_sum(x: torch.Tensor, gy: torch.Tensor, acc: torch.Tensor) -> 
     gy = gy.reshape(b, -1, gy.shape[-1]).to(dt)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, acc.numel()))
     for i in range(0, b, chunk):
-        g = torch.einsum("bto,bti->boi", gy[i:i + chunk], x[i:i + chunk])
+        g = torch.einsum("bto,bti->boi", gy[i : i + chunk], x[i : i + chunk])
         acc += g.pow(2).sum(0).to(acc.dtype)
 
 
@@ -79,13 +79,13 @@ def dense_sq_grad_sum(uses: list[tuple[str, torch.Tensor, torch.Tensor]], acc: t
         c = min(chunk, b - i)
         g = torch.zeros(c, rows, cols, dtype=dt, device=acc.device)
         for kind, inp, gy in uses:
-            gy = gy[i:i + c].reshape(c, -1, gy.shape[-1]).to(dt)
+            gy = gy[i : i + c].reshape(c, -1, gy.shape[-1]).to(dt)
             if kind == "embedding":
-                ids = inp[i:i + c].reshape(c, -1).long()
+                ids = inp[i : i + c].reshape(c, -1).long()
                 keys = (torch.arange(c, device=ids.device)[:, None] * rows + ids).reshape(-1)
                 g.view(c * rows, cols).index_add_(0, keys, gy.reshape(-1, cols))
             else:
-                g += torch.einsum("bto,bti->boi", gy, inp[i:i + c].reshape(c, -1, cols).to(dt))
+                g += torch.einsum("bto,bti->boi", gy, inp[i : i + c].reshape(c, -1, cols).to(dt))
         acc += g.pow(2).sum(0).to(acc.dtype)
 
 
@@ -97,15 +97,16 @@ def collect_fisher(ctx: SensitivityContext) -> dict[str, torch.Tensor]:
     dev = ctx.device
     acc = [torch.zeros(w.shape, dtype=torch.float64, device=dev) for w in target_weights(ctx.model, names)]
     batches = (x.to(dev) for _j, x in progress(ctx.micro_batches(), desc="fisher", enable=ctx.show_progress))
-    passes = output_gradients(ctx.model, names, batches, lambda x: per_sample_loss_sum(ctx.model, x),
-                              ctx.checkpointing)
-    with contextlib.closing(passes):   # hooks removed even when a check below raises
+    passes = output_gradients(ctx.model, names, batches, lambda x: per_sample_loss_sum(ctx.model, x), ctx.checkpointing)
+    with contextlib.closing(passes):  # hooks removed even when a check below raises
         for x, calls in passes:
             for i, uses in enumerate(calls):
                 for _kind, inp, _gy in uses:
                     if inp.shape[0] != x.shape[0]:
-                        raise BitsearchError(f"fisher: target '{names[i]}' does not see the batch as its "
-                                             f"first dimension (input shape {tuple(inp.shape)})")
+                        raise BitsearchError(
+                            f"fisher: target '{names[i]}' does not see the batch as its "
+                            f"first dimension (input shape {tuple(inp.shape)})"
+                        )
                 if len(uses) > 1:
                     dense_sq_grad_sum(uses, acc[i])
                 elif uses and uses[0][0] == "embedding":
@@ -131,5 +132,6 @@ class FisherEstimator(GradientEstimator):
             f = fisher[t.name]
             result[t.name] = LayerCurves(
                 errors=0.5 * tokens_per_sample * weighted_sq_errors(w, ctx.bits, ctx.group_size, f),
-                metrics={"fisher_sum": f.sum(1).numpy()})
+                metrics={"fisher_sum": f.sum(1).numpy()},
+            )
         return result

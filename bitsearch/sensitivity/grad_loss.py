@@ -28,8 +28,15 @@ from torch import nn
 
 from ..errors import BitsearchError
 
-__all__ = ["micro_batch_loss", "per_sample_loss_sum", "gradient_session", "math_sdpa",
-           "target_weights", "weight_users", "output_gradients"]
+__all__ = [
+    "micro_batch_loss",
+    "per_sample_loss_sum",
+    "gradient_session",
+    "math_sdpa",
+    "target_weights",
+    "weight_users",
+    "output_gradients",
+]
 
 
 def _logits_targets(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,8 +106,7 @@ def gradient_session(model: nn.Module, weights: list[nn.Parameter], checkpointin
             for block in _decoder_blocks(model):
                 if "forward" in vars(block):
                     raise BitsearchError(f"cannot checkpoint {type(block).__name__}: its forward is already patched")
-                block.forward = functools.partial(checkpoint, type(block).forward.__get__(block),
-                                                  use_reentrant=False)
+                block.forward = functools.partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False)
                 wrapped.append(block)
         yield
     finally:
@@ -125,16 +131,23 @@ def weight_users(model: nn.Module, weight: nn.Parameter, name: str) -> list[tupl
         elif isinstance(mod, nn.Linear):
             out.append((mod, "linear"))
         else:
-            raise BitsearchError(f"the weight of target '{name}' is also used by '{mname}', a "
-                                 f"{type(mod).__name__} (only Linear and Embedding users are supported)")
+            raise BitsearchError(
+                f"the weight of target '{name}' is also used by '{mname}', a "
+                f"{type(mod).__name__} (only Linear and Embedding users are supported)"
+            )
     return out
 
 
 UseGrads = list[tuple[str, torch.Tensor, torch.Tensor]]
 
 
-def output_gradients(model: nn.Module, names: list[str], batches, loss_fn: Callable[[torch.Tensor], torch.Tensor],
-                     checkpointing: bool = False) -> Iterator[tuple[torch.Tensor, list[UseGrads]]]:
+def output_gradients(
+    model: nn.Module,
+    names: list[str],
+    batches,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    checkpointing: bool = False,
+) -> Iterator[tuple[torch.Tensor, list[UseGrads]]]:
     """For each micro-batch x of ``batches`` (already on the model's device): (x, uses), where
     uses[i] lists (kind, input, d loss_fn(x) / d output) for every call of target ``names[i]``'s
     weight in the forward (a tied weight: each of its modules). One forward and one backward per
@@ -148,6 +161,7 @@ def output_gradients(model: nn.Module, names: list[str], batches, loss_fn: Calla
         def fn(_mod, args, out):
             if recording[0]:
                 seen[i].append((kind, args[0].detach(), out))
+
         return fn
 
     handles = []
@@ -168,8 +182,9 @@ def output_gradients(model: nn.Module, names: list[str], batches, loss_fn: Calla
                 outs = [out for c in calls for _k, _inp, out in c]
                 grads = iter(torch.autograd.grad(loss, outs, allow_unused=True))
                 del loss
-                uses = [[(kind, inp, g) for kind, inp, _out in c for g in [next(grads)] if g is not None]
-                        for c in calls]
+                uses = [
+                    [(kind, inp, g) for kind, inp, _out in c for g in [next(grads)] if g is not None] for c in calls
+                ]
                 del calls, outs, grads
                 yield x, uses
     finally:

@@ -32,7 +32,6 @@ uses before squaring.
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,9 +86,18 @@ def _per_sample_nll(model: nn.Module, x: torch.Tensor, labels: str, gen: torch.G
     return F.cross_entropy(flat, tgt, reduction="sum")
 
 
-def probe_sums(model: nn.Module, targets: list[Target], batch: torch.Tensor, probes: dict[str, list[Probe]],
-               micro_batch: int = 8, labels: str = "data", seed: int = 0, checkpointing: bool = False,
-               show_progress: bool = True, dist: Dist | None = None) -> dict[str, np.ndarray]:
+def probe_sums(
+    model: nn.Module,
+    targets: list[Target],
+    batch: torch.Tensor,
+    probes: dict[str, list[Probe]],
+    micro_batch: int = 8,
+    labels: str = "data",
+    seed: int = 0,
+    checkpointing: bool = False,
+    show_progress: bool = True,
+    dist: Dist | None = None,
+) -> dict[str, np.ndarray]:
     """u_s of every probe: {target: (n_probes, N) float64}, N = rows of ``batch`` (all ranks)."""
     if labels not in LABELS:
         raise BitsearchError(f"unknown labels '{labels}' (choose from {', '.join(LABELS)})")
@@ -102,10 +110,12 @@ def probe_sums(model: nn.Module, targets: list[Target], batch: torch.Tensor, pro
     gen = torch.Generator().manual_seed(seed) if labels == "sampled" else None
     owned = [j for j in range(0, n, micro_batch) if dist.owns(j // micro_batch)]
     starts = iter(owned)
-    batches = (batch[j:j + micro_batch].to(dev) for j in progress(owned, desc=f"gradient response ({labels})",
-                                                                  enable=show_progress and dist.is_main))
+    batches = (
+        batch[j : j + micro_batch].to(dev)
+        for j in progress(owned, desc=f"gradient response ({labels})", enable=show_progress and dist.is_main)
+    )
     passes = output_gradients(model, names, batches, lambda x: _per_sample_nll(model, x, labels, gen), checkpointing)
-    with contextlib.closing(passes):   # hooks removed even when a check below raises
+    with contextlib.closing(passes):  # hooks removed even when a check below raises
         for x, calls in passes:
             j = next(starts)
             with torch.no_grad():
@@ -113,16 +123,18 @@ def probe_sums(model: nn.Module, targets: list[Target], batch: torch.Tensor, pro
                     name = names[i]
                     acc = torch.zeros(len(probes[name]), x.shape[0], dtype=torch.float64, device=dev)
                     for kind, inp, gy in uses:
-                        if inp.shape[0] not in (x.shape[0], x.numel()):   # (B, T, ..) or (B * T, ..)
-                            raise BitsearchError(f"gradient response: target '{name}' does not see the batch "
-                                                 f"as its first dimension (input shape {tuple(inp.shape)})")
+                        if inp.shape[0] not in (x.shape[0], x.numel()):  # (B, T, ..) or (B * T, ..)
+                            raise BitsearchError(
+                                f"gradient response: target '{name}' does not see the batch "
+                                f"as its first dimension (input shape {tuple(inp.shape)})"
+                            )
                         gy = gy.reshape(x.shape[0], -1, gy.shape[-1])
                         for k, p in enumerate(probes[name]):
                             dy, rows = _change(kind, inp, p, n_rows[i])
                             dy = dy.reshape(x.shape[0], -1, dy.shape[-1])
                             g = gy if rows is None else gy[..., rows]
                             acc[k] += (g.to(dy.dtype) * dy).sum((1, 2)).double()
-                    sums[name][:, j:j + x.shape[0]] += acc.cpu()
+                    sums[name][:, j : j + x.shape[0]] += acc.cpu()
     return {name: dist.all_reduce(s).numpy() for name, s in sums.items()}
 
 
@@ -130,15 +142,23 @@ def predicted_increase(u: np.ndarray, tokens_per_sample: int, first_order: bool 
     """dL = (sum_s u_s + 1/2 sum_s u_s^2) / (N T) per probe (row of ``u``: (n_probes, N)); without
     ``first_order`` only the second-order term."""
     u = np.atleast_2d(u)
-    quad = 0.5 * (u ** 2).sum(-1)
+    quad = 0.5 * (u**2).sum(-1)
     lin = u.sum(-1) if first_order else 0.0
     return (lin + quad) / (u.shape[-1] * tokens_per_sample)
 
 
-def gradient_responses(model: nn.Module, targets: list[Target], batch: torch.Tensor, ref_bits: int, group_size: int,
-                       prune: dict[str, dict[str, np.ndarray]] | None = None, micro_batch: int = 8,
-                       checkpointing: bool = False, show_progress: bool = True, dist: Dist | None = None
-                       ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+def gradient_responses(
+    model: nn.Module,
+    targets: list[Target],
+    batch: torch.Tensor,
+    ref_bits: int,
+    group_size: int,
+    prune: dict[str, dict[str, np.ndarray]] | None = None,
+    micro_batch: int = 8,
+    checkpointing: bool = False,
+    show_progress: bool = True,
+    dist: Dist | None = None,
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Predicted calibration-loss increase of each target alone at ``ref_bits`` (round-to-nearest),
     and, for each key of ``prune`` ({key: {target: rows}}), of pruning those rows of each target
     alone: (responses, {key: responses}), all from one forward+backward over ``batch``."""
@@ -152,9 +172,12 @@ def gradient_responses(model: nn.Module, targets: list[Target], batch: torch.Ten
         for rows in prune.values():
             r = torch.as_tensor(rows[t.name], dtype=torch.long, device=w.device)
             probes[t.name].append(Probe(-wf[r], r))
-    u = probe_sums(model, targets, batch, probes, micro_batch, checkpointing=checkpointing,
-                   show_progress=show_progress, dist=dist)
+    u = probe_sums(
+        model, targets, batch, probes, micro_batch, checkpointing=checkpointing, show_progress=show_progress, dist=dist
+    )
     tokens = batch.shape[1] - 1
     dl = {name: predicted_increase(v, tokens) for name, v in u.items()}
-    return ({t.name: float(dl[t.name][0]) for t in targets},
-            {key: {t.name: float(dl[t.name][1 + k]) for t in targets} for k, key in enumerate(prune)})
+    return (
+        {t.name: float(dl[t.name][0]) for t in targets},
+        {key: {t.name: float(dl[t.name][1 + k]) for t in targets} for k, key in enumerate(prune)},
+    )

@@ -87,17 +87,24 @@ class HutchinsonEstimator(GradientEstimator):
                 for k0 in range(0, n_rounds, self.probe_chunk):
                     ks = range(k0, min(k0 + self.probe_chunk, n_rounds))
                     drawn = [_rademacher(shapes, probe_generator(ctx.seed, k, j)) for k in ks]
-                    vs = [torch.stack([d[i] for d in drawn]).to(device=dev, dtype=w.dtype).mul_(2).sub_(1)
-                          for i, w in enumerate(weights)]
+                    vs = [
+                        torch.stack([d[i] for d in drawn]).to(device=dev, dtype=w.dtype).mul_(2).sub_(1)
+                        for i, w in enumerate(weights)
+                    ]
                     last = ks.stop == n_rounds
                     if len(ks) == 1:
-                        hvs = [h.unsqueeze(0) for h in torch.autograd.grad(
-                            grads, weights, grad_outputs=[v[0] for v in vs], retain_graph=not last)]
+                        hvs = [
+                            h.unsqueeze(0)
+                            for h in torch.autograd.grad(
+                                grads, weights, grad_outputs=[v[0] for v in vs], retain_graph=not last
+                            )
+                        ]
                     else:
-                        hvs = torch.autograd.grad(grads, weights, grad_outputs=vs, retain_graph=not last,
-                                                  is_grads_batched=True)
+                        hvs = torch.autograd.grad(
+                            grads, weights, grad_outputs=vs, retain_graph=not last, is_grads_batched=True
+                        )
                     for a, v, hv in zip(acc, vs, hvs):
-                        a[ks.start:ks.stop] += (v.double() * hv.double()).sum(-1)
+                        a[ks.start : ks.stop] += (v.double() * hv.double()).sum(-1)
                 del grads, loss
 
         result, rel_se = {}, []
@@ -106,8 +113,8 @@ class HutchinsonEstimator(GradientEstimator):
             a = a.cpu()
             trace = a.mean(0)
             if n_rounds > 1:
-                se = a.std(0) / n_rounds ** 0.5
-                layer_se = float(a.sum(1).std()) / n_rounds ** 0.5
+                se = a.std(0) / n_rounds**0.5
+                layer_se = float(a.sum(1).std()) / n_rounds**0.5
             else:
                 se = torch.zeros_like(trace)
                 layer_se = 0.0
@@ -117,8 +124,12 @@ class HutchinsonEstimator(GradientEstimator):
             scale = 0.5 * trace.clamp(min=0).numpy() / w.shape[1]
             result[name] = LayerCurves(
                 errors=sq * scale[:, None],
-                metrics={"trace": trace.numpy(), "trace_se": se.numpy(),
-                         "layer_trace_se": np.full(w.shape[0], layer_se, dtype=np.float64)})
+                metrics={
+                    "trace": trace.numpy(),
+                    "trace_se": se.numpy(),
+                    "layer_trace_se": np.full(w.shape[0], layer_se, dtype=np.float64),
+                },
+            )
         if n_rounds > 1:
             self.summary = {"layer_rel_se_median": float(np.median(rel_se)), "layer_rel_se_max": float(np.max(rel_se))}
         return result

@@ -24,14 +24,16 @@ from .residuals import weighted_sq_errors
 __all__ = ["ImatrixEstimator", "weighted_error_curves", "row_weighted_error_curves"]
 
 
-def weighted_error_curves(weight: torch.Tensor, col_weight: torch.Tensor, bits: list[int],
-                          group_size: int) -> np.ndarray:
+def weighted_error_curves(
+    weight: torch.Tensor, col_weight: torch.Tensor, bits: list[int], group_size: int
+) -> np.ndarray:
     """(out, n_bits): sum_j col_weight_j * (w_cj - q_b(w)_cj)^2 for each width b."""
     return weighted_sq_errors(weight, bits, group_size, col_weight)
 
 
-def row_weighted_error_curves(weight: torch.Tensor, row_weight: torch.Tensor, bits: list[int],
-                              group_size: int) -> np.ndarray:
+def row_weighted_error_curves(
+    weight: torch.Tensor, row_weight: torch.Tensor, bits: list[int], group_size: int
+) -> np.ndarray:
     """(out, n_bits): row_weight_c * ||w_c - q_b(w_c)||^2 (embedding targets)."""
     return weighted_sq_errors(weight, bits, group_size) * row_weight.double().cpu().numpy()[:, None]
 
@@ -42,8 +44,9 @@ class ImatrixEstimator(InputEstimator):
     loss_units = False
     input_stats = "diag"
 
-    def layer_curves(self, target: Target, weight: torch.Tensor, stats: torch.Tensor, bits: list[int],
-                     group_size: int) -> LayerCurves:
+    def layer_curves(
+        self, target: Target, weight: torch.Tensor, stats: torch.Tensor, bits: list[int], group_size: int
+    ) -> LayerCurves:
         w = weight.detach()
         if target.kind == "embedding":
             errors = row_weighted_error_curves(w, stats, bits, group_size)

@@ -19,21 +19,26 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..blocks import BlockRunner, block_of
 from ..distributed import Dist
 from ..errors import BitsearchError
 from ..models import Target, model_fingerprint
 from ..progress import progress
 from ..quant.grid import VALID_WIDTHS
 from .base import GradientEstimator, InputEstimator, LayerCurves, SensitivityContext, get_estimator
-from ..blocks import block_of
 from .calibrate import calibrate_layer_loss, layer_loss_response, prune_loss_response, prune_rows
 from .grad_response import gradient_responses
 from .stats import InputStats
-from ..blocks import BlockRunner
 from .table import SensitivityTable, err_col, format_mix, parse_mix
 
-__all__ = ["DEFAULT_BITS", "CALIBRATIONS", "check_bits", "check_group_size", "compute_sensitivity",
-           "collect_input_curves"]
+__all__ = [
+    "DEFAULT_BITS",
+    "CALIBRATIONS",
+    "check_bits",
+    "check_group_size",
+    "compute_sensitivity",
+    "collect_input_curves",
+]
 
 DEFAULT_BITS = [0, 2, 3, 4, 5, 6, 8]
 #: width at which layer-loss calibration measures each layer's response
@@ -46,8 +51,9 @@ CALIBRATIONS = ("auto", "gradient", "layer-loss", "none")
 def check_bits(bits: list[int]) -> list[int]:
     bad = [b for b in bits if b not in VALID_WIDTHS]
     if bad:
-        raise BitsearchError(f"bit width {bad[0]} is not in the menu of possible widths "
-                             f"{', '.join(map(str, VALID_WIDTHS))}")
+        raise BitsearchError(
+            f"bit width {bad[0]} is not in the menu of possible widths {', '.join(map(str, VALID_WIDTHS))}"
+        )
     if not bits:
         raise BitsearchError("the bit menu is empty")
     return sorted(set(bits))
@@ -60,8 +66,9 @@ def check_group_size(group_size: int) -> int:
 
 
 @torch.no_grad()
-def collect_input_curves(ctx: SensitivityContext, estimators: list[InputEstimator], offload: bool = False
-                         ) -> dict[str, dict[str, LayerCurves]]:
+def collect_input_curves(
+    ctx: SensitivityContext, estimators: list[InputEstimator], offload: bool = False
+) -> dict[str, dict[str, LayerCurves]]:
     """One block-by-block pass: input statistics of each block's targets, turned into every
     input estimator's curves before the next block runs. Returns {estimator: {layer: curves}}."""
     kind = "full" if any(e.input_stats == "full" for e in estimators) else "diag"
@@ -85,7 +92,7 @@ def collect_input_curves(ctx: SensitivityContext, estimators: list[InputEstimato
     outside = by_block.get(None, [])
     emb = [t for t in outside if t.kind == "embedding"]
     head = [t for t in outside if t.kind != "embedding"]
-    tied = {h: t for t in emb for h in t.tied}   # a tied lm_head's inputs count for its embedding
+    tied = {h: t for t in emb for h in t.tied}  # a tied lm_head's inputs count for its embedding
     caps = []
     with InputStats({t.name: modules[t.name] for t in emb}, kind) as emb_stats:
         for x in xs:
@@ -116,21 +123,44 @@ def collect_input_curves(ctx: SensitivityContext, estimators: list[InputEstimato
         lcs = curves_of(emb_stats, t)
         for h in t.tied:
             as_head = Target(h, t.out_features, t.in_features, "linear")
-            lin = {e.name: e.layer_curves(as_head, modules[t.name].weight, tail.mean(h).to(modules[t.name].weight.device),
-                                          ctx.bits, ctx.group_size) for e in estimators}
+            lin = {
+                e.name: e.layer_curves(
+                    as_head,
+                    modules[t.name].weight,
+                    tail.mean(h).to(modules[t.name].weight.device),
+                    ctx.bits,
+                    ctx.group_size,
+                )
+                for e in estimators
+            }
             lcs = {e.name: e.combine(lcs[e.name], lin[e.name], ctx.bits) for e in estimators}
         store(t, lcs)
     return out
 
 
-def compute_sensitivity(model: nn.Module, targets: list[Target], batch: torch.Tensor, *,
-                        estimators: str | list[str] = "imatrix", bits: list[int] | None = None,
-                        group_size: int = 128, calibrate: str = "auto", calib_ref_bits: int = CALIB_REF_BITS,
-                        calib_samples: int = 16, prune_fraction: float = 0.125, micro_batch: int = 8,
-                        probes: int = 8, seed: int = 0, mix: str | dict | None = None,
-                        offload: bool = False, checkpointing: bool = False, dist: Dist | None = None,
-                        calib_info: dict | None = None, show_progress: bool = True,
-                        imatrix: dict[str, torch.Tensor] | None = None) -> SensitivityTable:
+def compute_sensitivity(
+    model: nn.Module,
+    targets: list[Target],
+    batch: torch.Tensor,
+    *,
+    estimators: str | list[str] = "imatrix",
+    bits: list[int] | None = None,
+    group_size: int = 128,
+    calibrate: str = "auto",
+    calib_ref_bits: int = CALIB_REF_BITS,
+    calib_samples: int = 16,
+    prune_fraction: float = 0.125,
+    micro_batch: int = 8,
+    probes: int = 8,
+    seed: int = 0,
+    mix: str | dict | None = None,
+    offload: bool = False,
+    checkpointing: bool = False,
+    dist: Dist | None = None,
+    calib_info: dict | None = None,
+    show_progress: bool = True,
+    imatrix: dict[str, torch.Tensor] | None = None,
+) -> SensitivityTable:
     """Per-channel error curves of every target from each estimator, in one table.
 
     ``calibrate``: "auto" rescales curves not already in loss units by each layer's loss
@@ -157,22 +187,38 @@ def compute_sensitivity(model: nn.Module, targets: list[Target], batch: torch.Te
     if probes < 1:
         raise BitsearchError(f"`probes` must be at least 1 (got {probes})")
     dist = dist or Dist()
-    ctx = SensitivityContext(model=model, targets=targets, batch=batch, bits=bits, group_size=group_size,
-                             micro_batch=micro_batch, show_progress=show_progress and dist.is_main, dist=dist,
-                             seed=seed, probes=probes, checkpointing=checkpointing)
+    ctx = SensitivityContext(
+        model=model,
+        targets=targets,
+        batch=batch,
+        bits=bits,
+        group_size=group_size,
+        micro_batch=micro_batch,
+        show_progress=show_progress and dist.is_main,
+        dist=dist,
+        seed=seed,
+        probes=probes,
+        checkpointing=checkpointing,
+    )
     if ctx.n_micro < dist.world:
-        raise BitsearchError(f"{ctx.n_micro} calibration micro-batches cannot be shared by {dist.world} processes "
-                             f"(use more `samples` or a smaller micro_batch)")
+        raise BitsearchError(
+            f"{ctx.n_micro} calibration micro-batches cannot be shared by {dist.world} processes "
+            f"(use more `samples` or a smaller micro_batch)"
+        )
     grads = [e for e in ests if isinstance(e, GradientEstimator)]
     if grads and offload:
-        raise BitsearchError(f"`offload` streams blocks and works only with imatrix and snr, "
-                             f"not {', '.join(e.name for e in grads)}")
-    calibrated = [e for e in ests
-                  if calibrate in ("gradient", "layer-loss") or (calibrate == "auto" and not e.loss_units)]
+        raise BitsearchError(
+            f"`offload` streams blocks and works only with imatrix and snr, not {', '.join(e.name for e in grads)}"
+        )
+    calibrated = [
+        e for e in ests if calibrate in ("gradient", "layer-loss") or (calibrate == "auto" and not e.loss_units)
+    ]
     method = "layer-loss" if calibrate == "layer-loss" or (calibrate == "auto" and offload) else "gradient"
     if calibrated and method == "gradient" and offload:
-        raise BitsearchError("loss_calibration gradient runs the whole model at once and cannot be combined with "
-                             "`offload` (use loss_calibration layer-loss)")
+        raise BitsearchError(
+            "loss_calibration gradient runs the whole model at once and cannot be combined with "
+            "`offload` (use loss_calibration layer-loss)"
+        )
     if calibrated and calib_samples < 1:
         raise BitsearchError(f"loss_calibration_samples must be at least 1 (got {calib_samples})")
     if calibrated and calib_ref_bits not in bits:
@@ -188,20 +234,25 @@ def compute_sensitivity(model: nn.Module, targets: list[Target], batch: torch.Te
     stages: dict[str, float] = {}
     if imatrix is not None:
         if names != ["imatrix"]:
-            raise BitsearchError(f"an imatrix file replaces the imatrix estimator's statistics only, not "
-                                 f"{', '.join(n for n in names if n != 'imatrix') or 'others'}")
+            raise BitsearchError(
+                f"an imatrix file replaces the imatrix estimator's statistics only, not "
+                f"{', '.join(n for n in names if n != 'imatrix') or 'others'}"
+            )
         t0 = time.time()
         modules = dict(model.named_modules())
-        curves["imatrix"] = {t.name: ests[0].layer_curves(t, modules[t.name].weight,
-                                                          imatrix[t.name].to(modules[t.name].weight.device),
-                                                          bits, group_size) for t in targets}
+        curves["imatrix"] = {
+            t.name: ests[0].layer_curves(
+                t, modules[t.name].weight, imatrix[t.name].to(modules[t.name].weight.device), bits, group_size
+            )
+            for t in targets
+        }
         seconds["imatrix"] = stages["imatrix file"] = time.time() - t0
         inputs = []
     if inputs:
         t0 = time.time()
         curves.update(collect_input_curves(ctx, inputs, offload))
         stages["input statistics and curves"] = time.time() - t0
-        for e in inputs:   # one shared pass: each input estimator is charged its full time
+        for e in inputs:  # one shared pass: each input estimator is charged its full time
             seconds[e.name] = stages["input statistics and curves"]
     for e in grads:
         t0 = time.time()
@@ -210,22 +261,37 @@ def compute_sensitivity(model: nn.Module, targets: list[Target], batch: torch.Te
     sub = batch[:calib_samples]
     info: dict[str, dict] = {}
     response_seconds = 0.0
-    if calibrated:   # once for every calibrated estimator (and charged in full to each)
+    if calibrated:  # once for every calibrated estimator (and charged in full to each)
         t0 = time.time()
         rows = {e.name: prune_rows(curves[e.name], bits, prune_fraction) for e in calibrated} if 0 in bits else {}
         if method == "gradient":
-            responses, prune_responses = gradient_responses(model, targets, sub, calib_ref_bits, group_size, rows,
-                                                            micro_batch, checkpointing, ctx.show_progress, dist)
+            responses, prune_responses = gradient_responses(
+                model,
+                targets,
+                sub,
+                calib_ref_bits,
+                group_size,
+                rows,
+                micro_batch,
+                checkpointing,
+                ctx.show_progress,
+                dist,
+            )
         else:
-            responses = layer_loss_response(model, targets, sub, calib_ref_bits, group_size, micro_batch,
-                                            ctx.show_progress, dist, offload)
-            prune_responses = {k: prune_loss_response(model, targets, sub, r, micro_batch, ctx.show_progress, dist,
-                                                      offload) for k, r in rows.items()}
+            responses = layer_loss_response(
+                model, targets, sub, calib_ref_bits, group_size, micro_batch, ctx.show_progress, dist, offload
+            )
+            prune_responses = {
+                k: prune_loss_response(model, targets, sub, r, micro_batch, ctx.show_progress, dist, offload)
+                for k, r in rows.items()
+            }
         response_seconds = stages[f"calibration ({method})"] = time.time() - t0
     for e in ests:
         if e not in calibrated:
-            info[e.name] = {"calibration": "native" if e.loss_units else "none",
-                            "units": "calibration-loss increase (nats/token)" if e.loss_units else "layer-local proxy"}
+            info[e.name] = {
+                "calibration": "native" if e.loss_units else "none",
+                "units": "calibration-loss increase (nats/token)" if e.loss_units else "layer-local proxy",
+            }
             continue
         prune = (rows[e.name], prune_responses[e.name]) if 0 in bits else None
         curves[e.name] = calibrate_layer_loss(curves[e.name], responses, bits, calib_ref_bits, prune)
@@ -264,8 +330,9 @@ def compute_sensitivity(model: nn.Module, targets: list[Target], batch: torch.Te
         "micro_batch": micro_batch,
         "world_size": dist.world,
         "offload": offload,
-        "units": "calibration-loss increase (nats/token)" if all(i["units"].startswith("calibration") for i in info.values())
-                 else "mixed: see estimator_info",
+        "units": "calibration-loss increase (nats/token)"
+        if all(i["units"].startswith("calibration") for i in info.values())
+        else "mixed: see estimator_info",
         "target_kinds": {t.name: t.kind for t in targets if t.kind != "linear"},
         "model": model_fingerprint(model, targets),
         "calibration_data": calib_info or {},

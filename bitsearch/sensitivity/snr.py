@@ -47,7 +47,7 @@ def db_slope(bits: list[int], db: np.ndarray) -> np.ndarray:
     x = np.asarray([bits[k] for k in ks], dtype=np.float64)
     y = db[:, ks]
     xc = x - x.mean()
-    return ((y - y.mean(1, keepdims=True)) * xc).sum(1) / (xc ** 2).sum()
+    return ((y - y.mean(1, keepdims=True)) * xc).sum(1) / (xc**2).sum()
 
 
 @register_estimator
@@ -56,8 +56,9 @@ class SnrEstimator(InputEstimator):
     loss_units = False
     input_stats = "full"
 
-    def layer_curves(self, target: Target, weight: torch.Tensor, stats: torch.Tensor, bits: list[int],
-                     group_size: int) -> LayerCurves:
+    def layer_curves(
+        self, target: Target, weight: torch.Tensor, stats: torch.Tensor, bits: list[int], group_size: int
+    ) -> LayerCurves:
         w = weight.detach()
         if target.kind == "embedding":
             noise = row_weighted_error_curves(w, stats, bits, group_size)

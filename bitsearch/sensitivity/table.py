@@ -54,8 +54,7 @@ def parse_mix(mix: str | dict | None, available: list[str]) -> dict[str, float] 
         raise BitsearchError("the estimator mix is empty")
     for name, w in mix.items():
         if name not in available:
-            raise BitsearchError(f"mix names estimator '{name}', which the table lacks "
-                                 f"(it has {', '.join(available)})")
+            raise BitsearchError(f"mix names estimator '{name}', which the table lacks (it has {', '.join(available)})")
         if not np.isfinite(w) or w < 0:
             raise BitsearchError(f"mix weight of '{name}' must be a finite number >= 0 (got {w})")
     if sum(mix.values()) <= 0:
@@ -97,8 +96,9 @@ class SensitivityTable:
     def resolve_mix(self, mix: str | dict | None = None) -> dict[str, float]:
         return parse_mix(mix, self.estimators) or self.default_mix
 
-    def curves(self, layer: str | None = None, mix: str | dict | None = None,
-               bits: list[int] | None = None) -> np.ndarray:
+    def curves(
+        self, layer: str | None = None, mix: str | dict | None = None, bits: list[int] | None = None
+    ) -> np.ndarray:
         """(n_channels, n_bits) error matrix of a mix (default: the table's), rows in table
         order (of one layer if given), columns for ``bits`` (default: the table's menu)."""
         df = self.df if layer is None else self.df[self.df["layer"] == layer]
@@ -120,8 +120,10 @@ class SensitivityTable:
         for t in tables[1:]:
             if t.bits != first.bits or t.group_size != first.group_size:
                 raise BitsearchError("cannot merge sensitivity tables with different menus or group sizes")
-            if not (t.df["layer"].to_numpy() == df["layer"].to_numpy()).all() or \
-                    not (t.df["channel"].to_numpy() == df["channel"].to_numpy()).all():
+            if (
+                not (t.df["layer"].to_numpy() == df["layer"].to_numpy()).all()
+                or not (t.df["channel"].to_numpy() == df["channel"].to_numpy()).all()
+            ):
                 raise BitsearchError("cannot merge sensitivity tables over different channels")
             dup = [e for e in t.estimators if e in names]
             if dup:
@@ -133,8 +135,14 @@ class SensitivityTable:
             info.update(t.meta.get("estimator_info", {}))
         default = parse_mix(mix, names) or {n: 1.0 / len(names) for n in names}
         units = {i.get("units") for i in info.values()}
-        meta = dict(first.meta, estimators=names, estimator_info=info, mix=default, mix_text=format_mix(default),
-                    units=units.pop() if len(units) == 1 else "mixed: see estimator_info")
+        meta = dict(
+            first.meta,
+            estimators=names,
+            estimator_info=info,
+            mix=default,
+            mix_text=format_mix(default),
+            units=units.pop() if len(units) == 1 else "mixed: see estimator_info",
+        )
         return cls(df=df, meta=meta)
 
     def metric(self, estimator: str, name: str) -> np.ndarray | None:
@@ -168,15 +176,22 @@ class SensitivityTable:
         if meta.get("format") != TABLE_FORMAT:
             raise BitsearchError(f"'{path}' is not a bitsearch sensitivity table (format {meta.get('format')!r})")
         df = tbl.to_pandas()
-        if meta.get("version") == 1:   # one estimator, columns e{b} and bare metric names
+        if meta.get("version") == 1:  # one estimator, columns e{b} and bare metric names
             est = meta["estimator"]
             keep = {"layer", "channel", "in_features"}
             df = df.rename(columns={c: f"{est}.{c}" for c in df.columns if c not in keep})
-            meta = dict(meta, version=TABLE_VERSION, estimators=[est], mix={est: 1.0},
-                        estimator_info={est: {"calibration": meta.get("calibration"), "units": meta.get("units")}})
+            meta = dict(
+                meta,
+                version=TABLE_VERSION,
+                estimators=[est],
+                mix={est: 1.0},
+                estimator_info={est: {"calibration": meta.get("calibration"), "units": meta.get("units")}},
+            )
         elif meta.get("version") != TABLE_VERSION:
-            raise BitsearchError(f"sensitivity table '{path}' has version {meta.get('version')}, "
-                                 f"this bitsearch reads versions 1 and {TABLE_VERSION}")
+            raise BitsearchError(
+                f"sensitivity table '{path}' has version {meta.get('version')}, "
+                f"this bitsearch reads versions 1 and {TABLE_VERSION}"
+            )
         missing = [err_col(b, e) for e in meta["estimators"] for b in meta["bits"] if err_col(b, e) not in df.columns]
         if missing:
             raise BitsearchError(f"sensitivity table '{path}' lacks columns {', '.join(missing)}")

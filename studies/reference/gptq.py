@@ -28,17 +28,16 @@ from bitsearch.io.plan import BitPlan
 from bitsearch.quant.grid import QUANT_WIDTHS
 from bitsearch.search.uniform import uniform_plan
 
-__all__ = ["GPTQResult", "GPTQSettings", "gptq_layer", "gptq_quantize", "uniform_plan", "sequential_groups",
-           "main"]
+__all__ = ["GPTQResult", "GPTQSettings", "gptq_layer", "gptq_quantize", "uniform_plan", "sequential_groups", "main"]
 
 
 def main(argv: list[str] | None = None) -> dict:
     from bitsearch import api
     from bitsearch.config import EvalConfig
-    from bitsearch.io.checkpoint import save_packed
-    from bitsearch.quantize import pack_model
     from bitsearch.data import calibration_batches
+    from bitsearch.io.checkpoint import save_packed
     from bitsearch.io.loading import load_model, load_tokenizer
+    from bitsearch.quantize import pack_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -79,28 +78,52 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    settings = GPTQSettings(percdamp=args.percdamp, act_order=not args.no_act_order,
-                            static_groups=not args.no_static_groups, blocksize=args.blocksize,
-                            micro_batch=args.micro_batch, true_sequential=not args.no_true_sequential)
+    settings = GPTQSettings(
+        percdamp=args.percdamp,
+        act_order=not args.no_act_order,
+        static_groups=not args.no_static_groups,
+        blocksize=args.blocksize,
+        micro_batch=args.micro_batch,
+        true_sequential=not args.no_true_sequential,
+    )
     res = gptq_quantize(model, plan, batch, settings)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    described = (f"gptq percdamp={args.percdamp} act_order={not args.no_act_order} "
-                f"static_groups={not args.no_static_groups} true_sequential={not args.no_true_sequential}")
-    plan.provenance = dict(plan.provenance, finalizer=described,
-                           calibration=f"{args.calib} {args.samples}x{args.seq_len} seed {args.seed}")
+    described = (
+        f"gptq percdamp={args.percdamp} act_order={not args.no_act_order} "
+        f"static_groups={not args.no_static_groups} true_sequential={not args.no_true_sequential}"
+    )
+    plan.provenance = dict(
+        plan.provenance, finalizer=described, calibration=f"{args.calib} {args.samples}x{args.seq_len} seed {args.seed}"
+    )
     pack_model(model, plan, qparams=res)
     n_bytes = save_packed(model, plan, args.out, tok)
-    summary = {"model": args.model, "plan": args.plan or f"uniform W{args.bits} g{args.group_size}", "gptq": described,
-               "avg_bits": plan.summary["avg_bits"], "bytes": n_bytes, "plan_bytes": plan.n_bytes(),
-               "quantize_seconds": round(seconds, 2), "threads": torch.get_num_threads(), "device": args.device,
-               "calibration": f"{args.samples}x{args.seq_len}", "out": args.out}
-    print(f"gptq: quantized in {seconds:.1f} s; avg bits {plan.summary['avg_bits']:.4f} ({n_bytes} bytes); "
-          f"packed checkpoint in {args.out}", flush=True)
+    summary = {
+        "model": args.model,
+        "plan": args.plan or f"uniform W{args.bits} g{args.group_size}",
+        "gptq": described,
+        "avg_bits": plan.summary["avg_bits"],
+        "bytes": n_bytes,
+        "plan_bytes": plan.n_bytes(),
+        "quantize_seconds": round(seconds, 2),
+        "threads": torch.get_num_threads(),
+        "device": args.device,
+        "calibration": f"{args.samples}x{args.seq_len}",
+        "out": args.out,
+    }
+    print(
+        f"gptq: quantized in {seconds:.1f} s; avg bits {plan.summary['avg_bits']:.4f} ({n_bytes} bytes); "
+        f"packed checkpoint in {args.out}",
+        flush=True,
+    )
     if args.eval_text:
-        r = api.evaluate(model, args.eval_text, EvalConfig(max_tokens=args.max_tokens, seq_len=args.eval_seq_len,
-                                                           show_progress=False), tokenizer=tok)
+        r = api.evaluate(
+            model,
+            args.eval_text,
+            EvalConfig(max_tokens=args.max_tokens, seq_len=args.eval_seq_len, show_progress=False),
+            tokenizer=tok,
+        )
         summary.update(ppl=r.ppl, eval_tokens=r.tokens, eval_text=args.eval_text)
         print(f"gptq: perplexity {r.ppl:.2f} on {r.tokens} tokens of {args.eval_text}", flush=True)
     print(json.dumps(summary))

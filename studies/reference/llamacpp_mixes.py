@@ -31,17 +31,24 @@ from __future__ import annotations
 import numpy as np
 
 from bitsearch.cost import row_bytes
+from bitsearch.io.plan import BitPlan
 from bitsearch.layer_names import layer_types
 from bitsearch.models import find_targets, model_fingerprint
-from bitsearch.io.plan import BitPlan
 
 __all__ = ["MIXES", "rule_widths", "rule_mix_plan", "per_tensor_bytes", "best_rule_mix"]
 
 MIXES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K")
 _BASE = {"Q2_K": 2, "Q3_K_S": 3, "Q3_K_M": 3, "Q3_K_L": 3, "Q4_K_S": 4, "Q4_K_M": 4, "Q5_K_M": 5, "Q6_K": 6}
 #: bitsearch/HF layer type -> llama.cpp tensor role
-_ROLE = {"v_proj": "attn_v", "o_proj": "attn_output", "down_proj": "ffn_down",
-         "dense": "attn_output", "out_proj": "attn_output", "fc2": "ffn_down", "dense_4h_to_h": "ffn_down"}
+_ROLE = {
+    "v_proj": "attn_v",
+    "o_proj": "attn_output",
+    "down_proj": "ffn_down",
+    "dense": "attn_output",
+    "out_proj": "attn_output",
+    "fc2": "ffn_down",
+    "dense_4h_to_h": "ffn_down",
+}
 
 
 def _use_more_bits(i: int, n: int) -> bool:
@@ -96,10 +103,13 @@ def rule_widths(model, mix: str) -> dict[str, int]:
 def rule_mix_plan(model, mix: str, group_size: int) -> BitPlan:
     widths = rule_widths(model, mix)
     targets = find_targets(model)
-    plan = BitPlan(model=model_fingerprint(model, targets), group_size=group_size,
-                   menu=sorted(set(widths.values())),
-                   bits={t.name: np.full(t.out_features, widths[t.name], dtype=np.uint8) for t in targets},
-                   provenance={"allocator": f"llama.cpp {mix} rules", "group_size": group_size})
+    plan = BitPlan(
+        model=model_fingerprint(model, targets),
+        group_size=group_size,
+        menu=sorted(set(widths.values())),
+        bits={t.name: np.full(t.out_features, widths[t.name], dtype=np.uint8) for t in targets},
+        provenance={"allocator": f"llama.cpp {mix} rules", "group_size": group_size},
+    )
     plan.fill_summary()
     return plan
 

@@ -76,8 +76,7 @@ from torch import nn
 from bitsearch.cost import budget_to_bytes
 from bitsearch.models import find_targets
 
-__all__ = ["available", "hqq_quantize", "autoround_quantize", "autoscheme_quantize", "storage_bits",
-           "BudgetTooSmall"]
+__all__ = ["available", "hqq_quantize", "autoround_quantize", "autoscheme_quantize", "storage_bits", "BudgetTooSmall"]
 
 _PACKAGES = {"hqq": ("hqq.core.quantize", "hqq"), "autoround": ("auto_round", "auto-round")}
 
@@ -122,14 +121,28 @@ def storage_bits(shapes: list[tuple[int, int]], bits: int, group_size: int, meta
 def _result(method: str, config: str, shapes, stored_bits: int, seconds: float, **extra) -> dict:
     n_weights = sum(o * i for o, i in shapes)
     stored = math.ceil(stored_bits / 8)
-    return {"method": method, "config": config, "stored_bytes": int(stored), "n_weights": int(n_weights),
-            "avg_bits": 8 * stored / n_weights, "seconds": float(seconds), **extra}
+    return {
+        "method": method,
+        "config": config,
+        "stored_bytes": int(stored),
+        "n_weights": int(n_weights),
+        "avg_bits": 8 * stored / n_weights,
+        "seconds": float(seconds),
+        **extra,
+    }
 
 
 def _summary(method: str, bits: int, group_size: int, shapes, meta_bits: float, seconds: float, **extra) -> dict:
-    return _result(method, f"{method} W{bits} g{group_size}", shapes,
-                   storage_bits(shapes, bits, group_size, meta_bits), seconds, bits=bits, group_size=group_size,
-                   **extra)
+    return _result(
+        method,
+        f"{method} W{bits} g{group_size}",
+        shapes,
+        storage_bits(shapes, bits, group_size, meta_bits),
+        seconds,
+        bits=bits,
+        group_size=group_size,
+        **extra,
+    )
 
 
 # ----------------------------------------------------------------------------------- HQQ
@@ -141,12 +154,19 @@ def _hqq_part(W: torch.Tensor, bits: int, group_size: int, axis: int, round_zero
     from hqq.core.quantize import Quantizer
 
     # axis=1 reshapes W row-major to [rows * cols / G, G]: one row of that = one group
-    codes, meta = Quantizer.quantize(W, nbits=bits, channel_wise=True, group_size=group_size,
-                                     optimize=True, round_zero=round_zero, axis=axis,
-                                     bitpack=False, device=device)
+    codes, meta = Quantizer.quantize(
+        W,
+        nbits=bits,
+        channel_wise=True,
+        group_size=group_size,
+        optimize=True,
+        round_zero=round_zero,
+        axis=axis,
+        bitpack=False,
+        device=device,
+    )
     # HQQLinear keeps scale and zero in its float16 compute dtype: decode from those values
-    meta = dict(meta, scale=meta["scale"].half().float(), zero=meta["zero"].half().float(),
-                compute_dtype=torch.float32)
+    meta = dict(meta, scale=meta["scale"].half().float(), zero=meta["zero"].half().float(), compute_dtype=torch.float32)
     deq = Quantizer.dequantize(codes, meta)
     return deq, codes, meta
 
@@ -157,7 +177,7 @@ def _hqq_packed_bytes(codes: torch.Tensor, n_meta: int, bits: int) -> int | None
     packing = Quantizer.bit_to_packing[bits]
     try:
         packed = Quantizer.pack[packing](codes)
-    except Exception:   # HQQ's 1/2/4-bit packers need a group count divisible by 8/4/2
+    except Exception:  # HQQ's 1/2/4-bit packers need a group count divisible by 8/4/2
         return None
     per_word = {"8bit_u8": 1, "4bit_u8": 2, "2bit_u8": 4, "1bit_u8": 8, "3bit_32": 10}[packing]
     if packed.shape[0] * per_word < codes.shape[0]:
@@ -166,8 +186,9 @@ def _hqq_packed_bytes(codes: torch.Tensor, n_meta: int, bits: int) -> int | None
 
 
 @torch.no_grad()
-def hqq_quantize(model: nn.Module, bits: int, group_size: int, *, axis: int = 1, device: str = "cpu",
-                 round_zero: bool | None = None) -> dict:
+def hqq_quantize(
+    model: nn.Module, bits: int, group_size: int, *, axis: int = 1, device: str = "cpu", round_zero: bool | None = None
+) -> dict:
     """Quantize the decoder-block linears of ``model`` in place with HQQ (hqq's ``Quantizer``,
     ``optimize=True``: the default half-quadratic zero-point solver), data-free.
 
@@ -183,8 +204,9 @@ def hqq_quantize(model: nn.Module, bits: int, group_size: int, *, axis: int = 1,
     from hqq.core.quantize import Quantizer
 
     if bits not in Quantizer.SUPPORTED_BITS or bits != int(bits):
-        raise ValueError(f"HQQ supports integer widths {sorted(b for b in Quantizer.SUPPORTED_BITS if b == int(b))}, "
-                         f"not {bits}")
+        raise ValueError(
+            f"HQQ supports integer widths {sorted(b for b in Quantizer.SUPPORTED_BITS if b == int(b))}, not {bits}"
+        )
     if axis not in (0, 1):
         raise ValueError(f"axis must be 0 or 1, not {axis}")
     if group_size < 1:
@@ -215,8 +237,7 @@ def hqq_quantize(model: nn.Module, bits: int, group_size: int, *, axis: int = 1,
         shapes.append((rows, cols))
         packed = None if (packed is None or layer_packed is None) else packed + layer_packed
     seconds = time.perf_counter() - t0
-    return _summary("HQQ", bits, group_size, shapes, 32, seconds, packed_bytes=packed, axis=axis,
-                    round_zero=rz)
+    return _summary("HQQ", bits, group_size, shapes, 32, seconds, packed_bytes=packed, axis=axis, round_zero=rz)
 
 
 # ----------------------------------------------------------------------------- AutoRound
@@ -245,9 +266,12 @@ def _quiet(enabled: bool):
 
 
 def _module_state(model: nn.Module):
-    return ({id(m): set(vars(m)) for m in model.modules()},
-            {id(p): p.requires_grad for p in model.parameters()}, model.training,
-            {id(m): m.gradient_checkpointing for m in model.modules() if "gradient_checkpointing" in vars(m)})
+    return (
+        {id(m): set(vars(m)) for m in model.modules()},
+        {id(p): p.requires_grad for p in model.parameters()},
+        model.training,
+        {id(m): m.gradient_checkpointing for m in model.modules() if "gradient_checkpointing" in vars(m)},
+    )
 
 
 def _restore_modules(model: nn.Module, state) -> None:
@@ -266,7 +290,7 @@ def _restore_modules(model: nn.Module, state) -> None:
             delattr(m, k)
         if id(m) in checkpointing:
             m.gradient_checkpointing = checkpointing[id(m)]
-    for m in model.modules():   # a handle may sit on another module than its hook
+    for m in model.modules():  # a handle may sit on another module than its hook
         if m._forward_hooks or m._forward_pre_hooks:
             raise RuntimeError(f"AutoRound left hooks on a {type(m).__name__}")
     for p in model.parameters():
@@ -286,23 +310,42 @@ def _check_autoround_layer(name: str, mod: nn.Module, bits: int, group_size: int
     out_f, in_f = mod.weight.shape
     n_groups = math.ceil(in_f / group_size)
     if tuple(scale.shape) != (out_f, n_groups):
-        raise RuntimeError(f"'{name}': AutoRound's scale has shape {tuple(scale.shape)}, "
-                           f"expected {(out_f, n_groups)} (group size {group_size})")
+        raise RuntimeError(
+            f"'{name}': AutoRound's scale has shape {tuple(scale.shape)}, "
+            f"expected {(out_f, n_groups)} (group size {group_size})"
+        )
     s = scale.float().repeat_interleave(group_size, dim=1)[:, :in_f]
     z = zp.float().repeat_interleave(group_size, dim=1)[:, :in_f]
     W = mod.weight.detach().float()
     q = torch.round(W / s + z)
-    ok = (torch.equal(zp.float(), zp.float().round()) and zp.min() >= 0 and zp.max() <= 2 ** bits - 1
-          and q.min() >= 0 and q.max() <= 2 ** bits - 1
-          and torch.allclose((q - z) * s, W, rtol=1e-5, atol=1e-6 * float(s.abs().max())))
+    ok = (
+        torch.equal(zp.float(), zp.float().round())
+        and zp.min() >= 0
+        and zp.max() <= 2**bits - 1
+        and q.min() >= 0
+        and q.max() <= 2**bits - 1
+        and torch.allclose((q - z) * s, W, rtol=1e-5, atol=1e-6 * float(s.abs().max()))
+    )
     if not ok:
         raise RuntimeError(f"'{name}': the weight is not a b-bit decode of AutoRound's scale / zp")
     return n_groups
 
 
-def _autoround_in_place(model: nn.Module, tokenizer, batch: torch.LongTensor, scheme, config, group_size: int, *,
-                        device: str, seed: int, batch_size: int, quiet: bool, layer_config: dict | None = None,
-                        setup=None) -> tuple[list[tuple[int, int]], list[int], float]:
+def _autoround_in_place(
+    model: nn.Module,
+    tokenizer,
+    batch: torch.LongTensor,
+    scheme,
+    config,
+    group_size: int,
+    *,
+    device: str,
+    seed: int,
+    batch_size: int,
+    quiet: bool,
+    layer_config: dict | None = None,
+    setup=None,
+) -> tuple[list[tuple[int, int]], list[int], float]:
     """Run ``AutoRound(model, scheme=scheme, alg_configs=config).quantize()`` on ``model`` in
     place, calibrated on exactly the rows of ``batch`` ([n_samples, seq_len] token ids, handed to
     AutoRound as a list of ready [batch_size, seq_len] tensors, which it consumes as they are: no
@@ -326,11 +369,22 @@ def _autoround_in_place(model: nn.Module, tokenizer, batch: torch.LongTensor, sc
     data = [chunk.to(dev) for chunk in batch.split(batch_size)]
     t0 = time.perf_counter()
     with _quiet(quiet), torch.enable_grad():
-        ar = AutoRound(model, tokenizer=tokenizer, scheme=scheme, alg_configs=config, dataset=data,
-                       nsamples=n_samples, seqlen=seq_len, batch_size=batch_size, seed=seed,
-                       device_map=str(dev) if dev.type != "cuda" else (dev.index or 0),
-                       enable_torch_compile=False, low_gpu_mem_usage=False, layer_config=layer_config,
-                       amp=False)
+        ar = AutoRound(
+            model,
+            tokenizer=tokenizer,
+            scheme=scheme,
+            alg_configs=config,
+            dataset=data,
+            nsamples=n_samples,
+            seqlen=seq_len,
+            batch_size=batch_size,
+            seed=seed,
+            device_map=str(dev) if dev.type != "cuda" else (dev.index or 0),
+            enable_torch_compile=False,
+            low_gpu_mem_usage=False,
+            layer_config=layer_config,
+            amp=False,
+        )
         if setup is not None:
             setup(ar, data)
         quantized, _ = ar.quantize()
@@ -338,8 +392,11 @@ def _autoround_in_place(model: nn.Module, tokenizer, batch: torch.LongTensor, sc
     if quantized is not model:
         raise RuntimeError("AutoRound returned a different model object than the one passed in")
     for name, mod in model.named_modules():
-        if (isinstance(mod, nn.Linear) and id(mod) not in target_ids
-                and (getattr(mod, "bits", 16) < 16 or isinstance(getattr(mod, "scale", None), torch.Tensor))):
+        if (
+            isinstance(mod, nn.Linear)
+            and id(mod) not in target_ids
+            and (getattr(mod, "bits", 16) < 16 or isinstance(getattr(mod, "scale", None), torch.Tensor))
+        ):
             raise RuntimeError(f"AutoRound quantized '{name}', which is not a target")
     shapes, widths = [], []
     for name, mod in targets:
@@ -352,9 +409,20 @@ def _autoround_in_place(model: nn.Module, tokenizer, batch: torch.LongTensor, sc
     return shapes, widths, seconds
 
 
-def autoround_quantize(model: nn.Module, tokenizer, batch: torch.LongTensor, bits: int, group_size: int, *,
-                       iters: int = 200, device: str = "cpu", seed: int = 0, batch_size: int = 8,
-                       quiet: bool = True, sym: bool = False) -> dict:
+def autoround_quantize(
+    model: nn.Module,
+    tokenizer,
+    batch: torch.LongTensor,
+    bits: int,
+    group_size: int,
+    *,
+    iters: int = 200,
+    device: str = "cpu",
+    seed: int = 0,
+    batch_size: int = 8,
+    quiet: bool = True,
+    sym: bool = False,
+) -> dict:
     """Quantize the decoder-block linears of ``model`` in place with AutoRound (SignRound),
     asymmetric (``sym=False``, as every method of the benchmark stores a zero; ``sym=True`` is
     AutoRound's own default, whose packed formats store a zero point all the same, so its bytes
@@ -377,19 +445,40 @@ def autoround_quantize(model: nn.Module, tokenizer, batch: torch.LongTensor, bit
 
     target_ids = {id(mod) for _, mod in _linear_targets(model)}
     # only the decoder-block linears: everything else AutoRound might pick up stays float
-    others = {n: {"bits": 16} for n, m in model.named_modules()
-              if isinstance(m, nn.Linear) and id(m) not in target_ids}
+    others = {n: {"bits": 16} for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in target_ids}
     config = SignRoundConfig(iters=iters, bits=bits, group_size=group_size, sym=sym)
-    shapes, widths, seconds = _autoround_in_place(model, tokenizer, batch, f"W{bits}A16", config, group_size,
-                                                  device=device, seed=seed, batch_size=batch_size, quiet=quiet,
-                                                  layer_config=others or None)
+    shapes, widths, seconds = _autoround_in_place(
+        model,
+        tokenizer,
+        batch,
+        f"W{bits}A16",
+        config,
+        group_size,
+        device=device,
+        seed=seed,
+        batch_size=batch_size,
+        quiet=quiet,
+        layer_config=others or None,
+    )
     if set(widths) != {bits}:
         raise RuntimeError(f"AutoRound quantized the targets at widths {sorted(set(widths))}, not {bits}")
-    return _summary("AutoRound sym" if sym else "AutoRound", bits, group_size, shapes, 16 + bits, seconds,
-                    iters=iters, n_samples=int(batch.shape[0]), seq_len=int(batch.shape[1]), seed=seed, sym=sym)
+    return _summary(
+        "AutoRound sym" if sym else "AutoRound",
+        bits,
+        group_size,
+        shapes,
+        16 + bits,
+        seconds,
+        iters=iters,
+        n_samples=int(batch.shape[0]),
+        seq_len=int(batch.shape[1]),
+        seed=seed,
+        sym=sym,
+    )
 
 
 # ---------------------------------------------------------------------------- AutoScheme
+
 
 class BudgetTooSmall(ValueError):
     """Even the narrowest option everywhere does not fit the budget (the benchmark skips the point)."""
@@ -418,21 +507,28 @@ def _autoscheme_calibration(batches: list[torch.Tensor]):
     from auto_round.auto_scheme import delta_loss
 
     if not callable(getattr(delta_loss, "get_dataloader", None)):
-        raise RuntimeError("this auto-round's AutoScheme has no auto_scheme.delta_loss.get_dataloader "
-                           "to serve the calibration tokens through")
+        raise RuntimeError(
+            "this auto-round's AutoScheme has no auto_scheme.delta_loss.get_dataloader "
+            "to serve the calibration tokens through"
+        )
 
     served = []
 
     def serve(tokenizer, seqlen, dataset_name=None, *args, **kwargs):
         if dataset_name != _AUTOSCHEME_DATA:
-            raise RuntimeError(f"AutoScheme asked for dataset {dataset_name!r}; only the adapter's "
-                               f"calibration tokens are served")
+            raise RuntimeError(
+                f"AutoScheme asked for dataset {dataset_name!r}; only the adapter's calibration tokens are served"
+            )
         served.append(dataset_name)
         return [{"input_ids": b} for b in batches]
 
     loader = delta_loss.get_dataloader
-    env = {"AR_ENABLE_AUTO_SCHEME_PARALLEL": "0", "AR_AUTO_SCHEME_NSAMPLES": None,
-           "AR_AUTO_SCHEME_SEQLEN": None, "AR_AUTO_SCHEME_BATCH_SIZE": None}
+    env = {
+        "AR_ENABLE_AUTO_SCHEME_PARALLEL": "0",
+        "AR_AUTO_SCHEME_NSAMPLES": None,
+        "AR_AUTO_SCHEME_SEQLEN": None,
+        "AR_AUTO_SCHEME_BATCH_SIZE": None,
+    }
     saved = {k: os.environ.get(k) for k in [*env, "AR_AUTO_SCHEME_CACHE"]}
     with tempfile.TemporaryDirectory(prefix="autoscheme-cache-") as cache:
         env["AR_AUTO_SCHEME_CACHE"] = cache
@@ -461,19 +557,24 @@ def _autoscheme_options(options, group_size: int, sym: bool) -> list:
     out = {}
     for name in options:
         preset = preset_name_to_scheme(str(name))
-        if (preset.data_type != "int" or preset.super_bits is not None or (preset.act_bits or 16) < 16
-                or not 1 <= preset.bits <= 8):
-            raise ValueError(f"AutoScheme option {name!r}: only weight-only integer schemes (W<b>A16) are "
-                             f"counted by this adapter")
-        out[preset.bits] = QuantizationScheme(bits=preset.bits, group_size=group_size, sym=sym, data_type="int",
-                                              act_bits=16)
+        if (
+            preset.data_type != "int"
+            or preset.super_bits is not None
+            or (preset.act_bits or 16) < 16
+            or not 1 <= preset.bits <= 8
+        ):
+            raise ValueError(
+                f"AutoScheme option {name!r}: only weight-only integer schemes (W<b>A16) are counted by this adapter"
+            )
+        out[preset.bits] = QuantizationScheme(
+            bits=preset.bits, group_size=group_size, sym=sym, data_type="int", act_bits=16
+        )
     if not out:
         raise ValueError("AutoScheme needs at least one option")
     return [out[b] for b in sorted(out)]
 
 
-def _autoscheme_target(shapes: list[tuple[int, int]], widths: list[int], group_size: int,
-                       budget_bytes: int) -> float:
+def _autoscheme_target(shapes: list[tuple[int, int]], widths: list[int], group_size: int, budget_bytes: int) -> float:
     """The ``avg_bits`` to give AutoScheme so that whatever it picks fits ``budget_bytes`` by our
     count; BudgetTooSmall (a ValueError) if even every target at the narrowest width does not.
 
@@ -498,19 +599,32 @@ def _autoscheme_target(shapes: list[tuple[int, int]], widths: list[int], group_s
 
     lo, hi = min(widths), max(widths)
     if ours(lo) > budget_bytes:
-        raise BudgetTooSmall(f"AutoScheme: the budget of {8 * budget_bytes / n:.4f} bits per weight ({budget_bytes} "
-                         f"bytes) is below its cheapest option: every target at W{lo} g{group_size} needs "
-                         f"{8 * ours(lo) / n:.4f} bits per weight ({ours(lo)} bytes)")
+        raise BudgetTooSmall(
+            f"AutoScheme: the budget of {8 * budget_bytes / n:.4f} bits per weight ({budget_bytes} "
+            f"bytes) is below its cheapest option: every target at W{lo} g{group_size} needs "
+            f"{8 * ours(lo) / n:.4f} bits per weight ({ours(lo)} bytes)"
+        )
     if ours(hi) <= budget_bytes:
         return theirs(hi)
     pad = sum(max(o * (8 * math.ceil(i * b / 8) - i * b) for b in widths) for o, i in shapes)
     return min(max((8 * budget_bytes - pad) / n, theirs(lo)), theirs(hi) - 2e-3)
 
 
-def autoscheme_quantize(model: nn.Module, tokenizer, batch: torch.LongTensor, avg_bits: float, *,
-                        options=("W2A16", "W3A16", "W4A16"), group_size: int = 128, sym: bool = False,
-                        iters: int = 200, device: str = "cpu", seed: int = 0, batch_size: int = 8,
-                        quiet: bool = True) -> dict:
+def autoscheme_quantize(
+    model: nn.Module,
+    tokenizer,
+    batch: torch.LongTensor,
+    avg_bits: float,
+    *,
+    options=("W2A16", "W3A16", "W4A16"),
+    group_size: int = 128,
+    sym: bool = False,
+    iters: int = 200,
+    device: str = "cpu",
+    seed: int = 0,
+    batch_size: int = 8,
+    quiet: bool = True,
+) -> dict:
     """Quantize the decoder-block linears of ``model`` in place with AutoRound's AutoScheme: one
     width per layer, chosen by AutoScheme among ``options`` (preset names of weight-only integer
     schemes, each used at ``group_size`` and ``sym``; asymmetric by default, as
@@ -546,8 +660,14 @@ def autoscheme_quantize(model: nn.Module, tokenizer, batch: torch.LongTensor, av
     budget = budget_to_bytes(avg_bits, sum(o * i for o, i in shapes))
     target = _autoscheme_target(shapes, [s.bits for s in schemes], group_size, budget)
     n_samples, seq_len = (int(s) for s in batch.shape)
-    scheme = AutoScheme(avg_bits=target, options=schemes, nsamples=n_samples, seqlen=seq_len,
-                        batch_size=batch_size, low_cpu_mem_usage=False)
+    scheme = AutoScheme(
+        avg_bits=target,
+        options=schemes,
+        nsamples=n_samples,
+        seqlen=seq_len,
+        batch_size=batch_size,
+        low_cpu_mem_usage=False,
+    )
     search_seconds = []
 
     def name_the_data(ar, data):
@@ -567,20 +687,44 @@ def autoscheme_quantize(model: nn.Module, tokenizer, batch: torch.LongTensor, av
         ar._gen_auto_scheme = generate_named
 
     with _autoscheme_calibration([chunk.to(device) for chunk in batch.split(batch_size)]) as served:
-        shapes, widths, seconds = _autoround_in_place(model, tokenizer, batch, scheme, SignRoundConfig(iters=iters),
-                                                      group_size, device=device, seed=seed, batch_size=batch_size,
-                                                      quiet=quiet, setup=name_the_data)
+        shapes, widths, seconds = _autoround_in_place(
+            model,
+            tokenizer,
+            batch,
+            scheme,
+            SignRoundConfig(iters=iters),
+            group_size,
+            device=device,
+            seed=seed,
+            batch_size=batch_size,
+            quiet=quiet,
+            setup=name_the_data,
+        )
     if len(search_seconds) != 1 or not served:
         raise RuntimeError("AutoRound did not run AutoScheme's search on the calibration tokens")
     if not set(widths) <= {s.bits for s in schemes}:
         raise RuntimeError(f"AutoScheme chose widths {sorted(set(widths))}, not among the options")
     stored_bits = sum(storage_bits([shape], b, group_size, 16 + b) for shape, b in zip(shapes, widths))
     if math.ceil(stored_bits / 8) > budget:
-        raise RuntimeError(f"AutoScheme's widths need {math.ceil(stored_bits / 8)} bytes, over the budget of "
-                           f"{budget} bytes")
+        raise RuntimeError(
+            f"AutoScheme's widths need {math.ceil(stored_bits / 8)} bytes, over the budget of {budget} bytes"
+        )
     counts = Counter(widths)
     config = "AutoScheme " + " ".join(f"W{b}:{counts[b]}" for b in sorted(counts)) + f" g{group_size}"
-    return _result("AutoScheme", config, shapes, stored_bits, seconds,
-                   widths={name: b for (name, _), b in zip(targets, widths)}, group_size=group_size, sym=sym,
-                   budget_bytes=budget, autoscheme_avg_bits=target, search_seconds=search_seconds[0],
-                   iters=iters, n_samples=n_samples, seq_len=seq_len, seed=seed)
+    return _result(
+        "AutoScheme",
+        config,
+        shapes,
+        stored_bits,
+        seconds,
+        widths={name: b for (name, _), b in zip(targets, widths)},
+        group_size=group_size,
+        sym=sym,
+        budget_bytes=budget,
+        autoscheme_avg_bits=target,
+        search_seconds=search_seconds[0],
+        iters=iters,
+        n_samples=n_samples,
+        seq_len=seq_len,
+        seed=seed,
+    )
