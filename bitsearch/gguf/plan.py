@@ -128,12 +128,7 @@ class TensorPlan(PlanTargets):
             provenance=d.get("provenance") or {},
             path=path,
         )
-        stated = plan.summary.get("bytes")
-        if stated is not None and stated != plan.n_bytes():
-            raise BitsearchError(
-                f"plan '{where}': its summary says {stated} bytes but its types cost "
-                f"{plan.n_bytes()} (edited or corrupt file)"
-            )
+        plan.check_stated_bytes(where, "types")
         return plan
 
     def check_model(self, fingerprint: dict, where: str = "plan", force: bool = False) -> None:

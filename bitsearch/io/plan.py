@@ -65,6 +65,15 @@ class PlanTargets:
     def n_weights(self) -> int:
         return sum(o * i for o, i in self.shapes.values())
 
+    def check_stated_bytes(self, where: str, what: str) -> None:
+        """Refuse a file whose summary's bytes differ from what its ``what`` (widths, types) cost."""
+        stated = self.summary.get("bytes")
+        if stated is not None and stated != self.n_bytes():
+            raise BitsearchError(
+                f"plan '{where}': its summary says {stated} bytes but its {what} cost "
+                f"{self.n_bytes()} (edited or corrupt file)"
+            )
+
     def check_fingerprint(self, fingerprint: dict, where: str = "plan", force: bool = False) -> None:
         """Raise unless the plan was made for a model with this fingerprint (with ``force``: of the
         same shapes, whatever its weights)."""
@@ -218,12 +227,7 @@ class BitPlan(PlanTargets):
             provenance=d.get("provenance") or {},
             couplings=couplings,
         )
-        stated = plan.summary.get("bytes")
-        if stated is not None and stated != plan.n_bytes():
-            raise BitsearchError(
-                f"plan '{where}': its summary says {stated} bytes but its widths cost "
-                f"{plan.n_bytes()} (edited or corrupt file)"
-            )
+        plan.check_stated_bytes(where, "widths")
         return plan
 
     # ---- model check -----------------------------------------------------------------------
