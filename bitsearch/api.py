@@ -18,31 +18,37 @@ torchao's ``quantize_`` does); its tokenizer is ``tokenizer=`` or loaded from it
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import json
 import os
-import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import nn
 
-from . import __version__
 from .config import (
     ApplyConfig,
-    CalibConfig,
     EvalConfig,
     ExportConfig,
     FinalizeConfig,
-    RunConfig,
     SearchConfig,
     SensitivityConfig,
 )
 from .errors import BitsearchError
+from .inputs import (
+    _inputs,
+    _note,
+    _plan,
+    _provenance,
+    calibration_tokens,
+    invoked_as,
+    parse_bits,
+    resolve_model,
+    set_threads,
+)
 from .options import check_choices
 from .outputs import check_output, keep_on_interrupt
+from .search.build import check_budget_early, search_plan
 
 __all__ = [
     "sensitivity",
@@ -57,196 +63,6 @@ __all__ = [
     "resolve_model",
     "calibration_tokens",
 ]
-
-_INVOKED_AS: contextvars.ContextVar[str | None] = contextvars.ContextVar("bitsearch_invoked_as", default=None)
-
-
-def _note(message: str) -> None:
-    print(f"bitsearch: note: {message}", file=sys.stderr)
-
-
-@contextlib.contextmanager
-def invoked_as(command_line: str):
-    """Record ``command_line`` (the CLI's) in the provenance of what is made inside the block."""
-    token = _INVOKED_AS.set(command_line)
-    try:
-        yield
-    finally:
-        _INVOKED_AS.reset(token)
-
-
-def _provenance() -> dict:
-    return {
-        "command": _INVOKED_AS.get() or "python API",
-        "package_version": __version__,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-def parse_bits(bits: str | list[int] | None) -> list[int]:
-    from .sensitivity import DEFAULT_BITS, check_bits
-
-    if bits is None:
-        return list(DEFAULT_BITS)
-    if isinstance(bits, str):
-        try:
-            bits = [int(b) for b in bits.split(",") if b.strip()]
-        except ValueError:
-            raise BitsearchError(f"bit menu '{bits}' must be comma-separated integers, e.g. 0,2,3,4,5,6,8") from None
-    return check_bits(list(bits))
-
-
-# ---- models and data ------------------------------------------------------------------------------
-
-
-@dataclass
-class Loaded:
-    """A model, the tokenizer it came with (if any) and a name for provenance."""
-
-    model: nn.Module
-    tokenizer: object | None
-    name: str
-
-    def tok(self):
-        """The tokenizer, loaded from the model's folder or hub id when not given."""
-        if self.tokenizer is None:
-            from .io.loading import load_tokenizer
-
-            path = getattr(self.model, "name_or_path", "") or getattr(
-                getattr(self.model, "config", None), "_name_or_path", ""
-            )
-            if not path:
-                raise BitsearchError(
-                    "text needs a tokenizer: pass tokenizer= (the model has no name_or_path to load one from)"
-                )
-            self.tokenizer = load_tokenizer(path)
-        return self.tokenizer
-
-
-def set_threads(config: RunConfig) -> None:
-    if config.threads is not None:
-        if config.threads < 1:
-            raise BitsearchError(f"threads must be at least 1 (got {config.threads})")
-        torch.set_num_threads(config.threads)
-
-
-def resolve_model(model, config: RunConfig, tokenizer=None, offload: bool = False) -> Loaded:
-    """``model`` as a :class:`Loaded`: an ``nn.Module`` as it is, a path or hub id loaded on
-    ``config.device`` in ``config.dtype`` (with ``offload``: blocks kept on the CPU)."""
-    from .io.loading import load_model, load_tokenizer
-    from .models import check_finite
-
-    if isinstance(model, Loaded):
-        return model
-    if isinstance(model, nn.Module):
-        check_finite(model)
-        name = getattr(model, "name_or_path", "") or type(model).__name__
-        return Loaded(model, tokenizer, str(name))
-    if not isinstance(model, (str, os.PathLike)):
-        raise BitsearchError(f"model must be an nn.Module or a model folder / hub id, not {type(model).__name__}")
-    path = os.fspath(model)
-    if path.endswith(".gguf") and os.path.isfile(path):  # dequantized through the gguf package
-        from .gguf.load import load_gguf
-        from .io.loading import resolve_device, resolve_dtype
-
-        m, tok = load_gguf(path, resolve_dtype(config.dtype))
-        return Loaded(m.to(resolve_device(config.device)), tokenizer or tok, path)
-    if offload:
-        from .blocks import offload_blocks
-
-        m = offload_blocks(load_model(path, "cpu", config.dtype), config.device)
-    else:
-        m = load_model(path, config.device, config.dtype)
-    check_finite(m)
-    return Loaded(m, tokenizer or load_tokenizer(path), path)
-
-
-def calibration_tokens(
-    loaded: Loaded,
-    calib,
-    config: CalibConfig,
-    n: int | None = None,
-    *,
-    out: str | None = None,
-    what: str = "this stage",
-) -> tuple[torch.Tensor, dict]:
-    """(n, seq_len) token windows and a record of where they came from: from ``calib`` (a file,
-    a list of texts, or token ids, whose first ``n`` rows are used) or, with ``config.data_free``,
-    generated by the model (cached at ``config.data_free_cache`` or next to ``out``). Windows
-    longer than the model's positions are refused."""
-    from .data import calibration_batches
-    from .models import max_positions
-
-    n = config.samples if n is None else n
-    limit = max_positions(loaded.model)
-
-    def fits(length: int) -> None:
-        if limit is not None and length > limit:
-            raise BitsearchError(f"seq_len {length} exceeds the model's {limit} positions")
-
-    if (calib is None) == (config.data_free is None):
-        raise BitsearchError(
-            f"{what} needs calibration data: give `calib` FILE or `data_free` N (not both; "
-            f"`calib` may also be a list of texts or token ids)"
-        )
-    if config.data_free is not None:
-        from .datafree import default_cache_path, load_or_generate
-
-        fits(config.seq_len)
-        if config.data_free < 1:
-            raise BitsearchError(f"data_free {config.data_free}: the number of samples must be at least 1")
-        cache = config.data_free_cache or (default_cache_path(out, loaded.model, config.seed) if out else None)
-        return load_or_generate(
-            loaded.model,
-            loaded.tok(),
-            n,
-            config.seq_len,
-            cache,
-            seed=config.seed,
-            overwrite=config.overwrite_data_free,
-            show_progress=config.show_progress,
-            log=lambda m: print(m, file=sys.stderr),
-        )
-    if isinstance(calib, torch.Tensor):
-        if calib.dim() != 2 or calib.dtype not in (torch.long, torch.int32, torch.int64) or calib.shape[1] < 2:
-            raise BitsearchError(
-                f"calibration token ids must be an integer tensor (samples, tokens), not "
-                f"{calib.dtype} {tuple(calib.shape)}"
-            )
-        fits(calib.shape[1])
-        if calib.shape[0] < n:
-            raise BitsearchError(f"{what} needs {n} calibration samples; the token tensor has {calib.shape[0]}")
-        return calib[:n].long(), {"source": "token ids", "samples": n, "seq_len": int(calib.shape[1])}
-    if isinstance(calib, (list, tuple)):
-        if not calib or not all(isinstance(t, str) for t in calib):
-            raise BitsearchError("calibration texts must be a non-empty list of strings")
-        source = list(calib)
-    elif isinstance(calib, (str, os.PathLike)):
-        source = os.fspath(calib)
-    else:
-        raise BitsearchError(
-            f"calibration data must be a file, a list of texts or token ids, not {type(calib).__name__}"
-        )
-    batch, spec = calibration_batches(loaded.tok(), source, n, config.seq_len, config.seed, config.allow_overlap)
-    fits(config.seq_len)
-    return batch, spec.to_dict()
-
-
-def _plan(plan, per_tensor: bool = False):
-    """A plan object from a plan or its file; a per-tensor (GGUF) plan only where ``per_tensor``."""
-    from .gguf.plan import TensorPlan
-    from .io.plan import BitPlan, load_plan
-
-    if isinstance(plan, (str, os.PathLike)):
-        plan = load_plan(os.fspath(plan)) if per_tensor else BitPlan.load(os.fspath(plan))
-    if isinstance(plan, BitPlan) or (per_tensor and isinstance(plan, TensorPlan)):
-        return plan
-    raise BitsearchError(f"plan must be a BitPlan or a plan file, not {type(plan).__name__}")
-
-
-def _inputs(*items) -> tuple:
-    """The paths among a stage's inputs (models, plans, texts, tables) that its output must spare."""
-    return tuple(os.fspath(i) for i in items if isinstance(i, (str, os.PathLike)))
 
 
 # ---- stages ---------------------------------------------------------------------------------------
@@ -341,127 +157,6 @@ def sensitivity(
         table.save(out)
     dist.barrier()
     return table
-
-
-def _check_budget_early(targets, budget: str, lowest: int, group_size: int, format: str | None = None) -> None:
-    """A budget that does not parse, or that every row at the ``lowest`` width allowed already
-    exceeds (in ``format``'s bytes if given), refused before minutes of sensitivity pass (the
-    allocators check it again, exactly)."""
-    from .cost import budget_to_bytes, check_budget_fits, plan_bytes
-
-    n_weights = sum(t.numel for t in targets)
-    if format is not None:
-        from .export import get_exporter
-
-        exp = get_exporter(format)
-        need = sum(exp.module_bytes(t.out_features, t.in_features, max(lowest, 2), group_size) for t in targets)
-    else:
-        need = plan_bytes(
-            {t.name: (t.out_features, t.in_features) for t in targets},
-            {t.name: [lowest] * t.out_features for t in targets},
-            group_size,
-        )
-    check_budget_fits(budget_to_bytes(budget, n_weights), need, n_weights, lowest)
-
-
-def search_plan(
-    table,
-    targets,
-    fingerprint: dict,
-    config: SearchConfig,
-    *,
-    allocator=None,
-    couplings=None,
-    context=None,
-    provenance: dict | None = None,
-):
-    """The plan of ``config.method`` (or of ``allocator``) from a table's curves, under
-    ``config.budget``: the one place where plans and their provenance are built. A
-    model-in-the-loop allocator measures candidates through ``context``; with ``couplings`` (and 0
-    in the menu) whole units are pruned (``search/coupled.py``) whatever the allocator. With
-    ``config.format`` (an exporter whose unit is the module) widths are priced and budgeted in that
-    format's bytes (``search/formats.py``), one width per module."""
-    from .cost import avg_bits, budget_to_bytes
-    from .io.plan import BitPlan
-    from .search import allocator_from_config, build_problem
-    from .sensitivity.table import format_mix
-
-    if config.budget is None:
-        raise BitsearchError("search needs a budget: avg bits (e.g. 2.5) or bytes (12MB, 12MiB)")
-    allocator = allocator or allocator_from_config(config)
-    menu = parse_bits(config.bits) if config.bits is not None else table.bits
-    mix = table.resolve_mix(config.mix)
-    problem = build_problem(table, targets, menu, config.min_bits, config.max_bits, mix)
-    if config.format is not None:
-        from .search.formats import format_problem
-
-        if allocator.name != "ilp" or config.granularity != "layer":
-            raise BitsearchError("a plan for a format takes one width per module: method ilp, granularity layer")
-        problem = format_problem(problem, {t.name: (t.out_features, t.in_features) for t in targets}, config.format)
-    budget_bytes = budget_to_bytes(config.budget, problem.n_weights)
-    if budget_bytes > problem.max_useful_bytes():
-        _note(
-            f"budget {config.budget} is more than the widest plan needs "
-            f"({avg_bits(problem.max_useful_bytes(), problem.n_weights):.4f} bits): every channel gets the "
-            f"widest width allowed"
-        )
-    couplings = list(couplings or []) if 0 in problem.bits and config.format is None else []
-    if allocator.needs_model:
-        if context is None:
-            raise BitsearchError(
-                f"search method '{allocator.name}' measures plans on the model: it needs calibration data"
-            )
-        allocator.context = context
-    t0 = time.time()
-    info = {}
-    if couplings:
-        from .search.coupled import allocate_coupled
-
-        shapes = {t.name: (t.out_features, t.in_features) for t in targets}
-        widths, predicted, info = allocate_coupled(problem, allocator, budget_bytes, couplings, shapes)
-    else:
-        choice = allocator.allocate(problem, budget_bytes)
-        widths, predicted = problem.widths(choice), problem.error_of(choice)
-    last = getattr(allocator, "last_info", None) or {}
-    if allocator.needs_model:
-        info.update(last)
-    elif last:
-        info["allocator_info"] = {k: v for k, v in last.items() if isinstance(v, (int, float, str, type(None)))}
-    plan = BitPlan(
-        model=fingerprint,
-        group_size=table.group_size,
-        menu=problem.bits,
-        bits=widths,
-        couplings=[c for c in couplings if c.dead_units(widths).any()],
-    )
-    plan.fill_summary(predicted_error=predicted)
-    if config.format is not None:
-        from .search.formats import format_bytes
-
-        n_bytes = format_bytes(plan, config.format)
-        plan.summary["format"] = {
-            "name": config.format,
-            "bytes": n_bytes,
-            "avg_bits": avg_bits(n_bytes, problem.n_weights),
-        }
-    if plan.summary.get("format", plan.summary)["bytes"] > budget_bytes:
-        raise AssertionError("allocator went over budget")
-    plan.provenance = dict(
-        provenance or {},
-        **_provenance(),
-        allocator=allocator.name,
-        budget=str(config.budget),
-        budget_bytes=budget_bytes,
-        budget_avg_bits=avg_bits(budget_bytes, problem.n_weights),
-        estimator_mix=format_mix(mix),
-        table_calibration=table.meta.get("calibration"),
-        calibration=table.meta.get("calibration_data"),
-        min_bits=config.min_bits,
-        max_bits=config.max_bits,
-        search_seconds=round(time.time() - t0, 3),
-        **info,
-    )
-    return plan
 
 
 def _search_gguf(model, calib, config: SearchConfig, tokenizer, imatrix, out, overwrite):
@@ -591,7 +286,7 @@ def search(
         allowed = [b for b in parse_bits(config.bits) if lo <= b <= hi]
         if not allowed:
             raise BitsearchError(f"no width of the menu lies in [min_bits {lo}, max_bits {hi}]")
-        _check_budget_early(
+        check_budget_early(
             tgts, config.budget, min(allowed), config.group_size, config.format
         )  # before the sensitivity pass
         menu = ",".join(map(str, sorted(set(allowed) | {CALIB_REF_BITS})))

@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         if cls is not None:
             extra = {"show_progress": not args.quiet} if "show_progress" in cls.__dataclass_fields__ else {}
             config = from_args(cls, args, **extra)
-        from .api import invoked_as
+        from .inputs import invoked_as
 
         with invoked_as(" ".join(shlex.quote(a) for a in ["bitsearch"] + argv)):
             cmd.run(args, config)

@@ -102,7 +102,7 @@ def greedy_decode(
 def generate(model, prompt: str, config: GenerateConfig | None = None, *, tokenizer=None) -> GenerateResult:
     """Greedy batch-1 generation from ``prompt``; ``model`` an ``nn.Module`` or a folder / hub id
     (a HF model or a packed checkpoint)."""
-    from .api import resolve_model, set_threads
+    from .inputs import resolve_model, set_threads
 
     config = config or GenerateConfig()
     set_threads(config)

@@ -31,7 +31,7 @@ from bitsearch.gguf.quantize import dequantize, quantize, round_trip  # noqa: E4
 from bitsearch.gguf.runtime import LlamaCpp, llama_quantize  # noqa: E402
 from bitsearch.gguf.search import gguf_targets  # noqa: E402
 from bitsearch.gguf.types import GGML_TYPES, SEARCH_TYPES  # noqa: E402
-from bitsearch.io.plan import load_plan  # noqa: E402
+from bitsearch.inputs import load_plan  # noqa: E402
 
 
 def _gguf_config(arch: str, vocab: int):

@@ -9,7 +9,8 @@ import pytest
 from bitsearch.errors import BitsearchError
 from bitsearch.gguf.plan import TensorPlan
 from bitsearch.gguf.types import FALLBACK, GGML_TYPES, SEARCH_TYPES, effective_type, parse_types, tensor_bytes
-from bitsearch.io.plan import BitPlan, load_plan
+from bitsearch.inputs import load_plan
+from bitsearch.io.plan import BitPlan
 
 # block size / bytes per block that the issue lists from ggml's type traits
 LISTED = {

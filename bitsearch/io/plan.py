@@ -17,7 +17,7 @@ count the consumers' freed columns, which a version-1 reader would not). Loading
 everything and names the first problem it finds. Writing is atomic.
 
 Per-tensor plans (one ggml type per tensor, for GGUF) are version 3 with ``"unit": "tensor"``
-(:class:`bitsearch.gguf.plan.TensorPlan`); :func:`load_plan` reads either kind.
+(:class:`bitsearch.gguf.plan.TensorPlan`); :func:`bitsearch.inputs.load_plan` reads either kind.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from ..couplings import Coupling, couplings_from_list
 from ..errors import BitsearchError
 from ..quant.grid import KEEP_WIDTH, VALID_WIDTHS
 
-__all__ = ["PLAN_FORMAT", "PLAN_VERSION", "PlanTargets", "BitPlan", "encode_bits", "decode_bits", "load_plan"]
+__all__ = ["PLAN_FORMAT", "PLAN_VERSION", "PlanTargets", "BitPlan", "encode_bits", "decode_bits"]
 
 PLAN_FORMAT = "bitsearch-plan"
 PLAN_VERSION = 2
@@ -157,7 +157,7 @@ class BitPlan(PlanTargets):
 
     @classmethod
     def load(cls, path: str) -> "BitPlan":
-        return cls.from_dict(_read_json(path), path)
+        return cls.from_dict(read_json(path), path)
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "plan") -> "BitPlan":
@@ -260,7 +260,7 @@ def plan_sections(d: dict, keys: tuple[str, ...], where: str) -> dict:
     return shapes
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str) -> dict:
     if not os.path.isfile(path):
         raise BitsearchError(f"plan file '{path}' does not exist")
     try:
@@ -272,13 +272,3 @@ def _read_json(path: str) -> dict:
         ) from None
     except UnicodeDecodeError:
         raise BitsearchError(f"plan file '{path}' is not a text file") from None
-
-
-def load_plan(path: str):
-    """A per-channel :class:`BitPlan` or a per-tensor ``TensorPlan``, by what the file holds."""
-    d = _read_json(path)
-    if isinstance(d, dict) and d.get("format") == PLAN_FORMAT and d.get("unit") == "tensor":
-        from ..gguf.plan import TensorPlan
-
-        return TensorPlan.from_dict(d, path, path)
-    return BitPlan.from_dict(d, path)

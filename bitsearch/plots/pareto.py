@@ -74,10 +74,10 @@ def pareto_figure(storage: str, out: str, study_name: str | None = None, model=N
     (``config``: a :class:`bitsearch.config.PlotParetoConfig`)."""
     import numpy as np
 
-    from ..api import calibration_tokens, resolve_model
     from ..config import CalibConfig, PlotParetoConfig
     from ..cost import avg_bits, plan_bytes
     from ..errors import BitsearchError
+    from ..inputs import calibration_tokens, resolve_model
     from ..models import model_fingerprint, target_of
     from ..quant.grid import QUANT_WIDTHS
     from ..search.kl import PlanKL
