@@ -36,13 +36,13 @@ from .config import (
 )
 from .errors import BitsearchError
 from .inputs import (
-    _inputs,
-    _note,
-    _plan,
-    _provenance,
     calibration_tokens,
+    input_paths,
     invoked_as,
+    note,
     parse_bits,
+    plan_input,
+    provenance_record,
     resolve_model,
     set_threads,
 )
@@ -96,7 +96,11 @@ def sensitivity(
             "combined with offload (generate the cache once without offload, then reuse it)"
         )
     check_output(
-        out, "file", inputs=_inputs(model, calib, config.data_free_cache), overwrite=overwrite, what="sensitivity table"
+        out,
+        "file",
+        inputs=input_paths(model, calib, config.data_free_cache),
+        overwrite=overwrite,
+        what="sensitivity table",
     )
     menu = parse_bits(config.bits)
     dist, device = from_env(config.device)
@@ -151,7 +155,7 @@ def sensitivity(
         show_progress=config.show_progress,
         imatrix=given,
     )
-    table.meta["command"] = _provenance()["command"]
+    table.meta["command"] = provenance_record()["command"]
     table.meta["model_name"] = loaded.name
     if out and dist.is_main:
         table.save(out)
@@ -167,9 +171,9 @@ def _search_gguf(model, calib, config: SearchConfig, tokenizer, imatrix, out, ov
     from .gguf.imatrix import read_imatrix, write_imatrix
     from .gguf.search import search_gguf
 
-    check_output(out, "file", inputs=_inputs(model, calib, imatrix), overwrite=overwrite, what="plan")
+    check_output(out, "file", inputs=input_paths(model, calib, imatrix), overwrite=overwrite, what="plan")
     im_path = os.path.splitext(out)[0] + ".imatrix.gguf" if out else None
-    check_output(im_path, "file", inputs=_inputs(model, calib, imatrix), overwrite=overwrite, what="imatrix")
+    check_output(im_path, "file", inputs=input_paths(model, calib, imatrix), overwrite=overwrite, what="imatrix")
     loaded = resolve_model(model, config, tokenizer)
     batch, calib_info = calibration_tokens(loaded, calib, config, out=out, what="search")
     plan, imat = search_gguf(
@@ -186,7 +190,7 @@ def _search_gguf(model, calib, config: SearchConfig, tokenizer, imatrix, out, ov
         show_progress=config.show_progress,
     )
     plan.provenance.update(
-        _provenance(), model_name=loaded.name, imatrix_file=os.fspath(imatrix) if imatrix is not None else None
+        provenance_record(), model_name=loaded.name, imatrix_file=os.fspath(imatrix) if imatrix is not None else None
     )
     if out:
         write_imatrix(imat, im_path)
@@ -239,7 +243,7 @@ def search(
     if imatrix is not None or config.types is not None:
         raise BitsearchError("`imatrix` and `types` are options of format gguf")
     check_output(
-        out, "file", inputs=_inputs(model, calib, table, config.data_free_cache), overwrite=overwrite, what="plan"
+        out, "file", inputs=input_paths(model, calib, table, config.data_free_cache), overwrite=overwrite, what="plan"
     )
     if config.format is not None:
         from .search.formats import module_search_options
@@ -359,8 +363,8 @@ def apply(
     config = config or ApplyConfig()
     check_choices(config)
     set_threads(config)
-    p = _plan(plan)
-    check_output(out, "folder", inputs=_inputs(model, plan), overwrite=overwrite, what="model folder")
+    p = plan_input(plan)
+    check_output(out, "folder", inputs=input_paths(model, plan), overwrite=overwrite, what="model folder")
     loaded = resolve_model(model, config, tokenizer)
     m = loaded.model
     plan_targets(
@@ -408,7 +412,7 @@ def finalize(
     check_output(
         out,
         "folder",
-        inputs=_inputs(model, plan, calib, config.data_free_cache),
+        inputs=input_paths(model, plan, calib, config.data_free_cache),
         overwrite=overwrite,
         what="packed model folder",
     )
@@ -419,7 +423,7 @@ def finalize(
             f"a checkpoint of an earlier run is at '{checkpoint}': pass `resume` to continue it "
             f"or `overwrite` to start again"
         )
-    p = _plan(plan)
+    p = plan_input(plan)
     if p.couplings:
         raise BitsearchError(
             "finalizing a plan with coupled pruning is not supported yet: apply it with "
@@ -440,7 +444,7 @@ def finalize(
     info = {"method": config.method, "init": config.init if config.method != "gptq" else None, "training_data": spec}
     info.update(finalizer.finalize(m, p, batch, config, show_progress=config.show_progress, checkpoint=checkpoint))
     info["seconds"] = round(time.time() - t0, 1)
-    p.provenance = dict(p.provenance, finalize=dict(info, **_provenance()))
+    p.provenance = dict(p.provenance, finalize=dict(info, **provenance_record()))
     if out:
         save_packed(m, p, out, loaded.tokenizer)
         if checkpoint and os.path.exists(checkpoint):
@@ -474,7 +478,7 @@ def evaluate(
         raise BitsearchError(f"seq_len must be at least 2 (got {config.seq_len})")
     if config.max_tokens is not None and config.max_tokens < 2:
         raise BitsearchError(f"max_tokens must be at least 2 (got {config.max_tokens})")
-    check_output(out, "file", inputs=_inputs(model, text, reference), overwrite=overwrite, what="results")
+    check_output(out, "file", inputs=input_paths(model, text, reference), overwrite=overwrite, what="results")
     loaded = resolve_model(model, config, tokenizer)
     if isinstance(text, torch.Tensor):
         ids = text.reshape(-1).long()
@@ -485,7 +489,7 @@ def evaluate(
     seq_len = config.seq_len
     limit = max_positions(loaded.model)
     if limit is not None and seq_len > limit:
-        _note(f"seq_len {seq_len} is more than the model's {limit} positions: evaluating windows of {limit}")
+        note(f"seq_len {seq_len} is more than the model's {limit} positions: evaluating windows of {limit}")
         seq_len = limit
     ref = ref_name = None
     if reference is not None:
@@ -530,8 +534,10 @@ def export(
     exporter = get_exporter(
         config.format, **{k: getattr(config, k) for k in getattr(EXPORTERS.get(config.format), "config_options", ())}
     )
-    p = _plan(plan, per_tensor=exporter.plan_unit == "tensor")
-    check_output(out, exporter.writes, inputs=_inputs(model, plan), overwrite=overwrite, what=f"{config.format} export")
+    p = plan_input(plan, per_tensor=exporter.plan_unit == "tensor")
+    check_output(
+        out, exporter.writes, inputs=input_paths(model, plan), overwrite=overwrite, what=f"{config.format} export"
+    )
     loaded = resolve_model(model, config, tokenizer)
     from .packed import PackedLinear
 

@@ -20,12 +20,24 @@ from . import __version__
 from .config import CalibConfig, RunConfig
 from .errors import BitsearchError
 
-__all__ = ["Loaded", "load_plan", "invoked_as", "parse_bits", "set_threads", "resolve_model", "calibration_tokens"]
+__all__ = [
+    "Loaded",
+    "load_plan",
+    "plan_input",
+    "input_paths",
+    "invoked_as",
+    "provenance_record",
+    "note",
+    "parse_bits",
+    "set_threads",
+    "resolve_model",
+    "calibration_tokens",
+]
 
 _INVOKED_AS: contextvars.ContextVar[str | None] = contextvars.ContextVar("bitsearch_invoked_as", default=None)
 
 
-def _note(message: str) -> None:
+def note(message: str) -> None:
     print(f"bitsearch: note: {message}", file=sys.stderr)
 
 
@@ -39,7 +51,7 @@ def invoked_as(command_line: str):
         _INVOKED_AS.reset(token)
 
 
-def _provenance() -> dict:
+def provenance_record() -> dict:
     return {
         "command": _INVOKED_AS.get() or "python API",
         "package_version": __version__,
@@ -207,7 +219,7 @@ def load_plan(path: str):
     return BitPlan.from_dict(d, path)
 
 
-def _plan(plan, per_tensor: bool = False):
+def plan_input(plan, per_tensor: bool = False):
     """A plan object from a plan or its file; a per-tensor (GGUF) plan only where ``per_tensor``."""
     from .gguf.plan import TensorPlan
     from .io.plan import BitPlan
@@ -219,6 +231,6 @@ def _plan(plan, per_tensor: bool = False):
     raise BitsearchError(f"plan must be a BitPlan or a plan file, not {type(plan).__name__}")
 
 
-def _inputs(*items) -> tuple:
+def input_paths(*items) -> tuple:
     """The paths among a stage's inputs (models, plans, texts, tables) that its output must spare."""
     return tuple(os.fspath(i) for i in items if isinstance(i, (str, os.PathLike)))

@@ -8,7 +8,7 @@ import time
 
 from ..config import SearchConfig
 from ..errors import BitsearchError
-from ..inputs import _note, _provenance, parse_bits
+from ..inputs import note, parse_bits, provenance_record
 
 __all__ = ["search_plan", "check_budget_early"]
 
@@ -70,7 +70,7 @@ def search_plan(
         problem = format_problem(problem, {t.name: (t.out_features, t.in_features) for t in targets}, config.format)
     budget_bytes = budget_to_bytes(config.budget, problem.n_weights)
     if budget_bytes > problem.max_useful_bytes():
-        _note(
+        note(
             f"budget {config.budget} is more than the widest plan needs "
             f"({avg_bits(problem.max_useful_bytes(), problem.n_weights):.4f} bits): every channel gets the "
             f"widest width allowed"
@@ -118,7 +118,7 @@ def search_plan(
         raise AssertionError("allocator went over budget")
     plan.provenance = dict(
         provenance or {},
-        **_provenance(),
+        **provenance_record(),
         allocator=allocator.name,
         budget=str(config.budget),
         budget_bytes=budget_bytes,
