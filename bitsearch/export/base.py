@@ -30,6 +30,8 @@ class Exporter(ABC):
     requires: tuple[str, ...] = ()
     #: ExportConfig fields passed to the constructor (format-specific options)
     config_options: tuple[str, ...] = ()
+    #: widths a per-module format stores (None: every width of bitsearch's grid, and 16)
+    widths: tuple[int, ...] | None = None
 
     def module_bytes(self, out_features: int, in_features: int, bits: int, group_size: int) -> int:
         """Bytes the format stores for one module at one width (formats with ``plan_unit`` "module")."""

@@ -32,23 +32,28 @@ codes, scales and zero points unchanged.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import torch
 from torch import nn
 
-from ..atomic import atomic_dir
 from ..errors import BitsearchError
-from ..packed import PackedLinear, pack_weight
 from ..quant.grid import KEEP_WIDTH, QUANT_WIDTHS, n_groups
 from ..quant.packing import pack_codes
 from .base import Exporter, register_exporter
+from .hf_checkpoint import (
+    float16_weight,
+    module_widths,
+    other_tensors,
+    pack_int32,
+    plan_modules,
+    quant_tensors,
+    write_checkpoint,
+)
 
-__all__ = ["CompressedTensorsExporter", "module_bytes", "pack_int32", "module_widths"]
+__all__ = ["CompressedTensorsExporter", "module_bytes"]
 
-WEIGHTS_FILE = "model.safetensors"
+FORMAT = "compressed-tensors"
 SCALE_BYTES = 2
 SHAPE_BYTES = 16  # weight_shape: two int64
 _WORD = 4
@@ -70,73 +75,9 @@ def module_bytes(out_features: int, in_features: int, bits: int, group_size: int
     return _WORD * out_features * _words(in_features, bits) + SCALE_BYTES * out_features * ng + zeros + SHAPE_BYTES
 
 
-def pack_int32(packed_bytes: torch.Tensor) -> torch.Tensor:
-    """(R, n) uint8 little-endian bit streams -> (R, ceil(n/4)) int32 words (zero padded)."""
-    rows, n = packed_bytes.shape
-    pad = -n % _WORD
-    if pad:
-        packed_bytes = torch.cat([packed_bytes, packed_bytes.new_zeros(rows, pad)], dim=1)
-    as_le = packed_bytes.contiguous().numpy().view("<i4")
-    return torch.from_numpy(as_le.astype("=i4", copy=True)).reshape(rows, -1)
-
-
-def module_widths(plan) -> dict[str, int]:
-    """One width per target of a per-module plan; refuses a plan whose rows differ in a module."""
-    out = {}
-    for name, bits in plan.bits.items():
-        widths = sorted(set(int(b) for b in bits))
-        if len(widths) != 1:
-            raise BitsearchError(
-                f"layer '{name}' has rows at widths {widths}: compressed-tensors stores one "
-                f"width per module; search with --format compressed-tensors (per-module plans)"
-            )
-        if widths[0] == 0:
-            raise BitsearchError(f"layer '{name}' is pruned (width 0), which compressed-tensors cannot store")
-        out[name] = widths[0]
-    return out
-
-
-def _targets(model: nn.Module, plan) -> dict[str, nn.Module]:
-    """The plan's modules in ``model`` (Linear or PackedLinear), of the plan's shapes (which model
-    the plan was made for is ``api.export``'s check)."""
-    modules = dict(model.named_modules())
-    found = {}
-    for name, planned in plan.shapes.items():
-        mod = modules.get(name)
-        if isinstance(mod, PackedLinear):
-            if mod.compact:
-                raise BitsearchError(f"layer '{name}' has pruned rows, which compressed-tensors cannot store")
-            shape = (mod.n_rows, mod.in_features)
-        elif isinstance(mod, nn.Linear):
-            shape = tuple(mod.weight.shape)
-        else:
-            kind = type(mod).__name__ if mod is not None else "missing"
-            raise BitsearchError(f"layer '{name}' is {kind}: compressed-tensors export covers Linear targets only")
-        if shape != planned:
-            raise BitsearchError(
-                f"plan: layer '{name}' is {planned[0]}x{planned[1]} in the plan but {shape[0]}x{shape[1]} in the model"
-            )
-        found[name] = mod
-    return found
-
-
-def _quant_tensors(mod: nn.Module, bits: int, group_size: int) -> dict[str, torch.Tensor]:
-    """codes (packed bytes), scales and zeros of one module at one width, from its packed
-    buffers (learned parameters kept) or from the min-max grid."""
-    if isinstance(mod, PackedLinear):
-        stored = mod.packed_tensors()
-        if not bool((stored["qbits"] == bits).all()):
-            raise BitsearchError("a packed layer's stored widths differ from the plan's")
-        if mod.group_size != group_size:
-            raise BitsearchError(f"a packed layer has group size {mod.group_size}, the plan {group_size}")
-    else:
-        stored = pack_weight(mod.weight, torch.full((mod.out_features,), bits), group_size)
-    return {k: stored[f"{k}_b{bits}"].cpu() for k in ("codes", "scales", "zeros")}
-
-
 def _tensors(name: str, mod: nn.Module, bits: int, group_size: int, layout: str) -> dict[str, torch.Tensor]:
     """The format's four tensors of one quantized module."""
-    t = _quant_tensors(mod, bits, group_size)
+    t = quant_tensors(mod, bits, group_size)
     rows, k = t["scales"].shape[0], mod.in_features
     if layout == "block":
         zeros = (t["zeros"].to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
@@ -199,21 +140,6 @@ def quantization_config(
     }
 
 
-def _rest(model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
-    """Every other tensor of the model, a tied tensor once (transformers ties it again)."""
-    out, seen = {}, set()
-    for k, v in model.state_dict().items():
-        module, _, leaf = k.rpartition(".")
-        if module in skip and leaf != "bias":
-            continue
-        key = (v.data_ptr(), tuple(v.shape), v.dtype)
-        if v.numel() and key in seen:
-            continue
-        seen.add(key)
-        out[k] = v.detach().cpu().contiguous()
-    return out
-
-
 @register_exporter
 class CompressedTensorsExporter(Exporter):
     name = "compressed-tensors"
@@ -230,38 +156,20 @@ class CompressedTensorsExporter(Exporter):
         return module_bytes(out_features, in_features, bits, group_size, self.layout)
 
     def export(self, model: nn.Module, tokenizer, plan, out: str) -> dict:
-        from safetensors.torch import save_file
-
-        widths = module_widths(plan)
-        modules = _targets(model, plan)
+        widths = module_widths(plan, FORMAT)
+        modules = plan_modules(model, plan, FORMAT)
         in_features = {n: m.in_features for n, m in modules.items()}
         qcfg = quantization_config(widths, in_features, plan.group_size, self.layout)
         tensors, quant_bytes = {}, 0
         for name, mod in modules.items():
             if widths[name] == KEEP_WIDTH:
-                w = mod.dequantized_weight() if isinstance(mod, PackedLinear) else mod.weight
-                part = {f"{name}.weight": w.detach().cpu().to(torch.float16).contiguous()}
+                part = {f"{name}.weight": float16_weight(mod)}
             else:
                 part = _tensors(name, mod, widths[name], plan.group_size, self.layout)
             quant_bytes += sum(t.numel() * t.element_size() for t in part.values())
             tensors.update(part)
-        tensors.update(_rest(model, set(modules)))
-        dtype = str(getattr(model, "dtype", torch.float32)).replace("torch.", "")
-        with atomic_dir(out) as tmp:
-            save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
-            model.config.save_pretrained(tmp)
-            cfg_path = os.path.join(tmp, "config.json")
-            with open(cfg_path) as f:
-                config = json.load(f)
-            config.pop("torch_dtype", None)
-            config.update(quantization_config=qcfg, dtype=dtype)
-            with open(cfg_path, "w") as f:
-                json.dump(config, f, indent=2, sort_keys=True)
-            gen = getattr(model, "generation_config", None)
-            if gen is not None:
-                gen.save_pretrained(tmp)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
+        tensors.update(other_tensors(model, set(modules)))
+        write_checkpoint(model, tokenizer, tensors, qcfg, out)
         predicted = sum(self.module_bytes(*plan.shapes[n], widths[n], plan.group_size) for n in widths)
         return {
             "out": out,

@@ -24,7 +24,10 @@ def check_budget_early(targets, budget: str, lowest: int, group_size: int, forma
         from ..export import get_exporter
 
         exp = get_exporter(format)
-        need = sum(exp.module_bytes(t.out_features, t.in_features, max(lowest, 2), group_size) for t in targets)
+        low = max(lowest, 2)
+        if exp.widths is not None:  # the format's smallest width at or above it
+            low = min((b for b in exp.widths if b >= low), default=max(exp.widths))
+        need = sum(exp.module_bytes(t.out_features, t.in_features, low, group_size) for t in targets)
     else:
         need = plan_bytes(
             {t.name: (t.out_features, t.in_features) for t in targets},

@@ -41,9 +41,10 @@ def module_search_options(fused: bool = True, share: list[str] | None = None) ->
 def format_problem(problem: AllocationProblem, shapes: dict[str, tuple[int, int]], format: str) -> AllocationProblem:
     """``problem`` with its costs in ``format``'s bytes (widths it cannot store removed)."""
     exp = _exporter(format)
-    menu = [b for b in problem.bits if b != 0]
+    menu = [b for b in problem.bits if b != 0 and (exp.widths is None or b in exp.widths)]
     if not menu:
-        raise BitsearchError(f"format '{format}' cannot store pruned modules and the menu has no other width")
+        stored = "pruned modules" if exp.widths is None else f"widths {sorted(set(problem.bits) - {0})}"
+        raise BitsearchError(f"format '{format}' cannot store {stored} and the menu has no other width")
     cols = [problem.bits.index(b) for b in menu]
     costs = np.zeros((problem.n_channels, len(menu)), dtype=np.int64)
     for name, s in problem.layer_slices.items():
@@ -54,8 +55,8 @@ def format_problem(problem: AllocationProblem, shapes: dict[str, tuple[int, int]
 
 def format_bytes(plan, format: str) -> int:
     """Bytes ``format`` stores for a per-module plan's targets."""
-    from ..export.compressed_tensors import module_widths
+    from ..export.hf_checkpoint import module_widths
 
     exp = _exporter(format)
-    widths = module_widths(plan)
+    widths = module_widths(plan, format)
     return sum(exp.module_bytes(*plan.shapes[n], b, plan.group_size) for n, b in widths.items())

@@ -1,0 +1,366 @@
+"""GPTQ export, checked by the real clients: transformers (with optimum and gptqmodel) and
+gptqmodel's own loader read the export in a process that never imports bitsearch, and the logits
+equal bitsearch's fake-quantized model of the same plan; the packing is checked bit by bit
+against a reader written here; the bytes on disk are the format's price the per-module search
+budgets with.
+
+The client tests run where ``gptqmodel`` and ``optimum`` import, or with
+``BITSEARCH_GPTQ_PYTHON`` naming an interpreter that has them (docs/export.md: a side venv for a
+torch that the current gptqmodel does not accept); elsewhere they skip.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from bitsearch import api
+from bitsearch.cli import main
+from bitsearch.config import ExportConfig
+from bitsearch.errors import BitsearchError
+from bitsearch.export import get_exporter
+from bitsearch.export.gptq import module_bytes
+from bitsearch.io.loading import load_model, load_tokenizer
+from bitsearch.io.plan import BitPlan
+from bitsearch.models import find_targets, model_fingerprint
+from bitsearch.quant.grid import choose_qparams, quantize
+from bitsearch.quantize import fake_quantize_model, pack_model
+from bitsearch.search.formats import format_bytes
+
+GS = 32
+IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 200, 31]])
+# 14 targets in the tiny Llama: every width twice or more, q/k/v of layer 0 at 2, 3, 4
+MIXED = [2, 3, 4, 8, 16, 3, 2]
+PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")
+BLOCK_LINEARS = [f"model.layers.{i}.{p}" for i in range(2) for p in PROJ + ("mlp.down_proj",)]
+
+# runs in a fresh interpreter with the GPTQ client only
+LOADER = r"""
+import json, sys, torch
+job = json.load(open(sys.argv[1]))
+ids = torch.tensor(job["ids"])
+out = {}
+for d, loader in job["dirs"]:
+    if loader == "transformers":
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained(d)
+    else:
+        from gptqmodel import GPTQModel
+        m = GPTQModel.load(d, device="cpu", dtype=torch.float16).model
+    with torch.no_grad():
+        logits = m(ids).logits.float()
+    torch.save(logits, f"{d}.{loader}.logits.pt")
+    widths = {n: int(mod.bits) for n, mod in m.named_modules() if hasattr(mod, "qweight")}
+    dense = [n for n, mod in m.named_modules() if type(mod) is torch.nn.Linear]
+    out[f"{d}|{loader}"] = {"widths": widths, "dense": dense, "kernels": sorted({type(mod).__name__
+        for mod in m.modules() if hasattr(mod, "qweight")})}
+assert not any(k == "bitsearch" or k.startswith("bitsearch.") for k in sys.modules)
+json.dump(out, open(sys.argv[2], "w"))
+"""
+
+
+def client_python() -> str | None:
+    """An interpreter with gptqmodel and optimum: this one, or ``BITSEARCH_GPTQ_PYTHON``."""
+    if all(importlib.util.find_spec(p) is not None for p in ("gptqmodel", "optimum")):
+        return sys.executable
+    return os.environ.get("BITSEARCH_GPTQ_PYTHON") or None
+
+
+@pytest.fixture(scope="module")
+def client():
+    exe = client_python()
+    if exe is None:
+        pytest.skip("gptqmodel and optimum are not installed (or set BITSEARCH_GPTQ_PYTHON)")
+    return exe
+
+
+def load_in_client(exe: str, jobs: list[tuple[str, str]], tmp) -> tuple[dict, dict]:
+    """Load each (dir, loader) in a subprocess without bitsearch: (logits, report) by (dir, loader)."""
+    job, report = tmp / "job.json", tmp / "report.json"
+    job.write_text(json.dumps({"dirs": jobs, "ids": IDS.tolist()}))
+    script = tmp / "loader.py"
+    script.write_text(LOADER)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run(
+        [exe, str(script), str(job), str(report)], cwd=str(tmp), env=env, capture_output=True, text=True, timeout=900
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    rep = json.loads(report.read_text())
+    logits = {(d, ld): torch.load(f"{d}.{ld}.logits.pt") for d, ld in jobs}
+    return logits, {(d, ld): rep[f"{d}|{ld}"] for d, ld in jobs}
+
+
+def module_plan(model, widths, gs: int = GS, targets: str | None = None, exclude: str | None = None) -> BitPlan:
+    targets = find_targets(model, targets, exclude)
+    bits = {t.name: np.full(t.out_features, widths[i % len(widths)], np.uint8) for i, t in enumerate(targets)}
+    plan = BitPlan(model=model_fingerprint(model, targets), group_size=gs, menu=sorted(set(widths)), bits=bits)
+    plan.fill_summary()
+    return plan
+
+
+def reference_logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def target_bytes(out: str, plan: BitPlan) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(os.path.join(out, "model.safetensors"), framework="pt") as f:
+        for k in f.keys():
+            module, leaf = k.rsplit(".", 1)
+            if module in plan.bits and leaf != "bias":
+                t = f.get_tensor(k)
+                total += t.numel() * t.element_size()
+    return total
+
+
+def read_stream(words: torch.Tensor, bits: int, n: int) -> list[int]:
+    """n b-bit values of a little-endian bit stream held in int32 words, one bit at a time."""
+    stream = [(int(w) >> i) & 1 for w in words.tolist() for i in range(32)]
+    return [sum(stream[j * bits + i] << i for i in range(bits)) for j in range(n)]
+
+
+# ---- the packing, against a reader written here (no client needed)
+
+
+@pytest.mark.parametrize("bits,gs", [(2, 32), (3, 16), (4, 64), (8, -1), (3, -1)])
+def test_packing_read_back_bit_by_bit(tiny_models, tmp_path, bits, gs):
+    from safetensors.torch import load_file
+
+    m = load_model(tiny_models["llama"])
+    plan = module_plan(m, [bits], gs)
+    info = get_exporter("gptq").export(m, None, plan, str(tmp_path / "g"))
+    t = load_file(str(tmp_path / "g" / "model.safetensors"))
+    cfg = json.load(open(tmp_path / "g" / "config.json"))["quantization_config"]
+    assert cfg["bits"] == bits and cfg["group_size"] == gs and cfg["sym"] is False and "dynamic" not in cfg
+    assert cfg["checkpoint_format"] == "gptq_v2" and info["transformers_loadable"]
+    for name in ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"):
+        w = m.get_submodule(name).weight.detach()
+        n_out, k = w.shape
+        g = k if gs == -1 else gs
+        scale, zero = choose_qparams(w, bits, gs)
+        codes = quantize(w, scale, zero, bits, gs)
+        qweight, qzeros = t[f"{name}.qweight"], t[f"{name}.qzeros"]
+        assert qweight.dtype == qzeros.dtype == torch.int32 and qweight.shape == (-(-k * bits // 32), n_out)
+        assert qzeros.shape == (k // g, -(-n_out * bits // 32))
+        for col in (0, 5, n_out - 1):
+            assert read_stream(qweight[:, col], bits, k) == codes[col].tolist()
+        for grp in range(k // g):
+            stored = read_stream(qzeros[grp], bits, n_out)
+            assert stored == zero[:, grp].tolist()
+        assert torch.equal(t[f"{name}.scales"], scale.t())
+        assert torch.equal(t[f"{name}.g_idx"], torch.arange(k, dtype=torch.int32) // g)
+
+
+def test_bytes_on_disk_are_the_formats_price(tiny_models, tmp_path):
+    m = load_model(tiny_models["llama"])
+    plan = module_plan(m, MIXED)
+    info = get_exporter("gptq").export(m, None, plan, str(tmp_path / "g"))
+    on_disk = target_bytes(str(tmp_path / "g"), plan)
+    assert on_disk == info["target_bytes"] == info["predicted_target_bytes"] == format_bytes(plan, "gptq")
+    by_hand = 0
+    for name, b in plan.bits.items():
+        n, k = plan.shapes[name]
+        w = int(b[0])
+        by_hand += 2 * n * k if w == 16 else 4 * n * k * w // 32 + 4 * (k // GS) * n * w // 32 + 2 * n * k // GS + 4 * k
+    assert on_disk == by_hand
+
+
+def test_config_names_every_exception(tiny_models, tmp_path):
+    """Other widths in ``dynamic`` (exact names), dense block modules excluded both ways."""
+    import re
+
+    m = load_model(tiny_models["llama"])
+    plan = module_plan(m, MIXED)
+    info = get_exporter("gptq").export(m, None, plan, str(tmp_path / "g"))
+    cfg = json.load(open(tmp_path / "g" / "config.json"))["quantization_config"]
+    widths = {n: int(b[0]) for n, b in plan.bits.items()}
+    assert not info["transformers_loadable"] and info["bits"] == cfg["bits"]
+    for name, w in widths.items():
+        hits = [(k, v) for k, v in cfg["dynamic"].items() if re.match(k[2:], name)]
+        if w == cfg["bits"]:
+            assert hits == [], name
+        elif w == 16:
+            assert hits == [(f"-:^{re.escape(name)}$", {})]
+        else:
+            assert hits == [(f"+:^{re.escape(name)}$", {"bits": w})]
+    assert cfg["modules_in_block_to_quantize"] == [[n for n, w in widths.items() if w != 16]]
+
+
+def test_refusals(tiny_models, tmp_path):
+    m = load_model(tiny_models["llama"])
+    exp = get_exporter("gptq")
+    for widths, gs, match in (
+        ([4, 5], GS, "not \\[5\\]"),
+        ([4], 24, "group sizes"),
+        ([4, 0], GS, "pruned"),
+        ([16], GS, "nothing for gptq"),
+    ):
+        with pytest.raises(BitsearchError, match=match):
+            exp.export(m, None, module_plan(m, widths, gs), str(tmp_path / "a"))
+    plan = module_plan(m, [4])
+    first = next(iter(plan.bits))
+    plan.bits[first] = plan.bits[first].copy()
+    plan.bits[first][0] = 3
+    with pytest.raises(BitsearchError, match="--format gptq"):
+        exp.export(m, None, plan, str(tmp_path / "a"))
+    untied = load_model(tiny_models["qwen2"])
+    with pytest.raises(BitsearchError, match="outside the decoder blocks"):
+        exp.export(untied, None, module_plan(untied, [4], targets="proj|lm_head"), str(tmp_path / "a"))
+    assert not (tmp_path / "a").exists()
+
+
+# ---- the real clients
+
+
+@pytest.fixture(scope="module")
+def exports(client, tiny_models, tmp_path_factory):
+    """Exports of the tiny Llama and Qwen2, each with bitsearch's reference logits."""
+    tmp = tmp_path_factory.mktemp("gptq")
+    made = {}
+
+    def add(key, arch, widths, gs=GS, model=None, exclude=None):
+        src = tiny_models[arch]
+        m = model if model is not None else load_model(src)
+        plan = module_plan(m, widths, gs, exclude=exclude)
+        out = str(tmp / key)
+        info = get_exporter("gptq").export(m, load_tokenizer(src), plan, out)
+        ref = reference_logits(fake_quantize_model(m, plan))
+        made[key] = dict(plan=plan, out=out, info=info, ref=ref)
+        return made[key]
+
+    for arch in ("llama", "qwen2"):
+        add(f"{arch}-mixed", arch, MIXED)
+        add(f"{arch}-uniform3", arch, [3, 3, 3, 16])
+    add("llama-uniform2", "llama", [2])
+    add("llama-uniform8-row", "llama", [8, 16], gs=-1)
+    add("llama-uniform4", "llama", [4])
+    add("llama-no-down", "llama", [4], exclude="down_proj")  # block Linears that are no targets
+    # a module whose weights are all >= 0 has zero points 0, which GPTQ v1 files cannot hold
+    m = load_model(tiny_models["llama"])
+    with torch.no_grad():
+        w = m.get_submodule("model.layers.1.mlp.up_proj").weight
+        w.copy_(w.abs())
+    add("llama-v2", "llama", [4], model=m)
+    jobs = [(e["out"], "gptqmodel") for e in made.values()]
+    jobs += [(e["out"], "transformers") for e in made.values() if e["info"]["transformers_loadable"]]
+    logits, report = load_in_client(client, jobs, tmp)
+    for e in made.values():
+        for ld in ("gptqmodel", "transformers"):
+            if (e["out"], ld) in logits:
+                e[ld] = (logits[(e["out"], ld)], report[(e["out"], ld)])
+    return made
+
+
+TOL = 5e-3  # of the largest logit: the kernels' float16 arithmetic (the loaders differ by <= 1.5e-3)
+
+
+def _close(logits, ref):
+    """Equal within float16 rounding (gptqmodel's loader runs in float16, transformers' kernels
+    partly), far below what the plan changes."""
+    torch.testing.assert_close(logits, ref, rtol=0, atol=TOL * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize(
+    "key", ["llama-uniform3", "qwen2-uniform3", "llama-uniform2", "llama-uniform8-row", "llama-no-down"]
+)
+def test_transformers_loads_one_width_with_dense_modules(exports, key):
+    e = exports[key]
+    logits, rep = e["transformers"]
+    quantized = {n: int(b[0]) for n, b in e["plan"].bits.items() if int(b[0]) != 16}
+    assert rep["widths"] == quantized and len(set(quantized.values())) == 1
+    assert [n for n in BLOCK_LINEARS if n not in quantized] == [n for n in rep["dense"] if n in BLOCK_LINEARS]
+    _close(logits, e["ref"])
+
+
+@pytest.mark.parametrize("key", ["llama-mixed", "qwen2-mixed"])
+def test_gptqmodel_loads_each_module_at_its_own_width(exports, key):
+    e = exports[key]
+    logits, rep = e["gptqmodel"]
+    widths = {n: int(b[0]) for n, b in e["plan"].bits.items()}
+    assert {2, 3, 4, 8} <= set(widths.values()) and 16 in widths.values()
+    assert rep["widths"] == {n: w for n, w in widths.items() if w != 16}
+    assert [n for n, w in widths.items() if w == 16] == [n for n in rep["dense"] if n in BLOCK_LINEARS]
+    assert "transformers" not in e  # transformers reads no `dynamic`
+    _close(logits, e["ref"])
+
+
+def test_both_loaders_agree(exports):
+    for key in ("llama-uniform3", "llama-uniform2", "llama-uniform4"):
+        e = exports[key]
+        assert e["gptqmodel"][1]["widths"] == e["transformers"][1]["widths"]
+        _close(e["gptqmodel"][0], e["ref"])
+        _close(e["transformers"][0], e["ref"])
+
+
+def test_zero_points_at_zero(exports):
+    from safetensors.torch import load_file
+
+    e = exports["llama-v2"]
+    qzeros = load_file(os.path.join(e["out"], "model.safetensors"))["model.layers.1.mlp.up_proj.qzeros"]
+    assert not qzeros.any()  # every zero point is 0
+    for ld in ("gptqmodel", "transformers"):
+        _close(e[ld][0], e["ref"])
+
+
+def test_quantization_changes_the_logits_more_than_the_tolerance(exports, tiny_models):
+    """The tolerance is meaningful: the float model is far outside it."""
+    with torch.no_grad():
+        flt = load_model(tiny_models["llama"])(IDS).logits
+    ref = exports["llama-uniform2"]["ref"]
+    assert (flt - ref).abs().max() > 20 * TOL * float(ref.abs().max())
+
+
+def test_packed_checkpoint_keeps_its_learned_scales(client, tiny_models, tmp_path):
+    """A packed model (finalize's output) exports its stored codes, scales and zero points."""
+    src = tiny_models["llama"]
+    m, tok = load_model(src), load_tokenizer(src)
+    plan = module_plan(m, [3])
+    qparams = {}
+    for name in plan.bits:
+        scale, zero = choose_qparams(m.get_submodule(name).weight.detach().float(), 3, GS)
+        qparams[name] = ((scale.float() * 0.8).half(), zero)  # not the min-max grid
+    packed = pack_model(m, plan, qparams)
+    ref = reference_logits(packed)
+    out = str(tmp_path / "p")
+    api.export(packed, plan, out, ExportConfig(format="gptq"), tokenizer=tok)
+    logits, _ = load_in_client(client, [(out, "transformers")], tmp_path)
+    _close(logits[(out, "transformers")], ref)
+    rtn = reference_logits(fake_quantize_model(load_model(src), plan))
+    assert (rtn - ref).abs().max() > 5 * TOL * float(ref.abs().max())  # the learned scales survived
+
+
+def test_per_module_search_is_priced_in_the_format(tiny_models, text_file, tmp_path):
+    """search --format gptq: widths the format stores, fused sets tied, the format's bytes within
+    budget, and the export writes exactly those bytes."""
+    src = tiny_models["llama"]
+    out = str(tmp_path / "plan.json")
+    common = ["--samples", "4", "--seq-len", "32", "--group-size", str(GS), "--calib-loss-samples", "2"]
+    code = main(
+        ["--quiet", "search", "--model", src, "--calib", text_file, *common, "--budget", "3.6"]
+        + ["--bits", "2,3,4,5,6,8", "--format", "gptq", "--out", out]
+    )
+    assert code == 0
+    plan = BitPlan.load(out)
+    w = {n: int(b[0]) for n, b in plan.bits.items()}
+    assert all(len(set(b.tolist())) == 1 for b in plan.bits.values())
+    assert set(w.values()) <= {2, 3, 4, 8} and len(set(w.values())) > 1
+    for i in range(2):
+        p = f"model.layers.{i}."
+        assert w[p + "self_attn.q_proj"] == w[p + "self_attn.k_proj"] == w[p + "self_attn.v_proj"]
+        assert w[p + "mlp.gate_proj"] == w[p + "mlp.up_proj"]
+    fmt = plan.summary["format"]
+    assert fmt["bytes"] == format_bytes(plan, "gptq") <= int(3.6 * plan.n_weights() / 8)
+    assert fmt["bytes"] == sum(module_bytes(*plan.shapes[n], b, GS) for n, b in w.items())
+    code = main(["--quiet", "export", "--model", src, "--plan", out, "--format", "gptq", "--out", str(tmp_path / "e")])
+    assert code == 0
+    assert target_bytes(str(tmp_path / "e"), plan) == fmt["bytes"]
