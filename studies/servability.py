@@ -49,15 +49,21 @@ GRANULARITIES = {
     "fused": (module_search_options(fused=True), FORMAT),
 }
 
-# runs without bitsearch: transformers + compressed-tensors, its own perplexity code
+# runs without bitsearch: transformers and the format's package (or gptqmodel's own loader, which
+# gives a transformers model too, in float16), its own perplexity code
 SERVE = r"""
 import json, math, sys, torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 path, text_file, max_tokens, seq_len = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(int(sys.argv[5]))
+loader = sys.argv[6] if len(sys.argv) > 6 else "transformers"
 tok = AutoTokenizer.from_pretrained(path)
-model = AutoModelForCausalLM.from_pretrained(path).eval()
+if loader == "gptqmodel":
+    from gptqmodel import GPTQModel
+    model = GPTQModel.load(path, device="cpu", dtype=torch.float16).model.eval()
+else:
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
 ids = tok(open(text_file, encoding="utf-8").read(), add_special_tokens=False)["input_ids"][:max_tokens]
 nll, count = 0.0, 0
 with torch.no_grad():
@@ -73,10 +79,13 @@ print(json.dumps({"ppl": math.exp(nll / count), "tokens": len(ids), "predicted":
 """
 
 
-def serving_check(model, tok, plan, args, work: str) -> dict:
-    """Export ``plan`` as compressed-tensors, perplexity in plain transformers vs ``bitsearch eval``."""
+def serving_check(
+    model, tok, plan, args, work: str, format: str = FORMAT, python: str = sys.executable, loader: str = "transformers"
+) -> dict:
+    """Export ``plan`` in ``format``, perplexity in a process without bitsearch (``python``, loading
+    with ``loader``: transformers, or gptqmodel's loader) vs ``bitsearch eval``."""
     ct_dir, packed_dir = os.path.join(work, "ct"), os.path.join(work, "packed")
-    info = api.export(model, plan, ct_dir, ExportConfig(format=FORMAT), tokenizer=tok)
+    info = api.export(model, plan, ct_dir, ExportConfig(format=format), tokenizer=tok)
     api.apply(copy.deepcopy(model), plan, out=packed_dir, tokenizer=tok)
     ours = api.evaluate(
         packed_dir, args.eval_text, EvalConfig(max_tokens=args.max_tokens, seq_len=512, show_progress=False)
@@ -86,7 +95,7 @@ def serving_check(model, tok, plan, args, work: str) -> dict:
     with open(script, "w") as f:
         f.write(SERVE)
     res = subprocess.run(
-        [sys.executable, script, ct_dir, args.eval_text, str(args.max_tokens), "512", str(args.threads)],
+        [python, script, ct_dir, args.eval_text, str(args.max_tokens), "512", str(args.threads), loader],
         cwd=work,
         env=env,
         capture_output=True,
@@ -102,6 +111,7 @@ def serving_check(model, tok, plan, args, work: str) -> dict:
         "plan_format_bytes": plan.summary["format"]["bytes"],
         "bitsearch_eval_ppl": ours.ppl,
         "transformers_ppl": theirs["ppl"],
+        "loader": loader,
         "tokens": theirs["tokens"],
         "rel_diff": abs(theirs["ppl"] - ours.ppl) / ours.ppl,
     }
