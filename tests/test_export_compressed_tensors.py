@@ -11,8 +11,10 @@ import subprocess
 import sys
 
 import numpy as np
+import plans
 import pytest
 import torch
+from plans import target_bytes
 
 pytest.importorskip("compressed_tensors")
 
@@ -80,11 +82,7 @@ def load_in_transformers(dirs: list[str], tmp) -> tuple[dict, dict]:
 
 
 def module_plan(model, widths=WIDTHS, gs: int = GS) -> BitPlan:
-    targets = find_targets(model)
-    bits = {t.name: np.full(t.out_features, widths[i % len(widths)], np.uint8) for i, t in enumerate(targets)}
-    plan = BitPlan(model=model_fingerprint(model, targets), group_size=gs, menu=sorted(set(widths)), bits=bits)
-    plan.fill_summary()
-    return plan
+    return plans.module_plan(model, widths, gs)
 
 
 def reference_model(model_dir: str, plan: BitPlan):
@@ -94,19 +92,6 @@ def reference_model(model_dir: str, plan: BitPlan):
 def reference_logits(model_dir: str, plan: BitPlan) -> torch.Tensor:
     with torch.no_grad():
         return reference_model(model_dir, plan)(IDS).logits
-
-
-def target_bytes(out: str, plan: BitPlan) -> int:
-    from safetensors import safe_open
-
-    total = 0
-    with safe_open(os.path.join(out, "model.safetensors"), framework="pt") as f:
-        for k in f.keys():
-            module, leaf = k.rsplit(".", 1)
-            if module in plan.bits and leaf != "bias":  # a target's bias is kept, as in bitsearch's cost
-                t = f.get_tensor(k)
-                total += t.numel() * t.element_size()
-    return total
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
+from plans import module_plan, target_bytes
 
 from bitsearch import api
 from bitsearch.cli import main
@@ -29,7 +29,6 @@ from bitsearch.export import get_exporter
 from bitsearch.export.gptq import module_bytes
 from bitsearch.io.loading import load_model, load_tokenizer
 from bitsearch.io.plan import BitPlan
-from bitsearch.models import find_targets, model_fingerprint
 from bitsearch.quant.grid import choose_qparams, quantize
 from bitsearch.quantize import fake_quantize_model, pack_model
 from bitsearch.search.formats import format_bytes
@@ -97,30 +96,9 @@ def load_in_client(exe: str, jobs: list[tuple[str, str]], tmp) -> tuple[dict, di
     return logits, {(d, ld): rep[f"{d}|{ld}"] for d, ld in jobs}
 
 
-def module_plan(model, widths, gs: int = GS, targets: str | None = None, exclude: str | None = None) -> BitPlan:
-    targets = find_targets(model, targets, exclude)
-    bits = {t.name: np.full(t.out_features, widths[i % len(widths)], np.uint8) for i, t in enumerate(targets)}
-    plan = BitPlan(model=model_fingerprint(model, targets), group_size=gs, menu=sorted(set(widths)), bits=bits)
-    plan.fill_summary()
-    return plan
-
-
 def reference_logits(model) -> torch.Tensor:
     with torch.no_grad():
         return model(IDS).logits
-
-
-def target_bytes(out: str, plan: BitPlan) -> int:
-    from safetensors import safe_open
-
-    total = 0
-    with safe_open(os.path.join(out, "model.safetensors"), framework="pt") as f:
-        for k in f.keys():
-            module, leaf = k.rsplit(".", 1)
-            if module in plan.bits and leaf != "bias":
-                t = f.get_tensor(k)
-                total += t.numel() * t.element_size()
-    return total
 
 
 def read_stream(words: torch.Tensor, bits: int, n: int) -> list[int]:

@@ -32,8 +32,6 @@ codes, scales and zero points unchanged.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -43,6 +41,7 @@ from ..quant.packing import pack_codes
 from .base import Exporter, register_exporter
 from .hf_checkpoint import (
     float16_weight,
+    int32_words,
     module_widths,
     other_tensors,
     pack_int32,
@@ -60,10 +59,6 @@ _WORD = 4
 LAYOUTS = ("block", "group")
 
 
-def _words(n_values: int, bits: int) -> int:
-    return math.ceil(n_values * bits / 32)
-
-
 def module_bytes(out_features: int, in_features: int, bits: int, group_size: int, layout: str = "block") -> int:
     """Bytes the format stores for one Linear at one width (tensor data, headers excluded)."""
     if bits == KEEP_WIDTH:
@@ -71,8 +66,8 @@ def module_bytes(out_features: int, in_features: int, bits: int, group_size: int
     if bits not in QUANT_WIDTHS:
         raise BitsearchError(f"compressed-tensors stores widths 2..8 and 16, not {bits}")
     ng = n_groups(in_features, group_size)
-    zeros = out_features * ng if layout == "block" else _WORD * ng * _words(out_features, bits)
-    return _WORD * out_features * _words(in_features, bits) + SCALE_BYTES * out_features * ng + zeros + SHAPE_BYTES
+    zeros = out_features * ng if layout == "block" else _WORD * ng * int32_words(out_features, bits)
+    return _WORD * out_features * int32_words(in_features, bits) + SCALE_BYTES * out_features * ng + zeros + SHAPE_BYTES
 
 
 def _tensors(name: str, mod: nn.Module, bits: int, group_size: int, layout: str) -> dict[str, torch.Tensor]:

@@ -32,7 +32,6 @@ Modules outside the decoder blocks (``lm_head``) stay dense: GPTQ quantizes only
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 
@@ -47,6 +46,7 @@ from ..quant.packing import pack_codes
 from .base import Exporter, register_exporter
 from .hf_checkpoint import (
     float16_weight,
+    int32_words,
     module_widths,
     other_tensors,
     pack_int32,
@@ -65,10 +65,6 @@ GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
 _WORD = 4
 
 
-def _words(n_values: int, bits: int) -> int:
-    return math.ceil(n_values * bits / 32)
-
-
 def module_bytes(out_features: int, in_features: int, bits: int, group_size: int) -> int:
     """Bytes the format stores for one Linear at one width (qweight, qzeros, scales, g_idx)."""
     if bits == KEEP_WIDTH:
@@ -77,8 +73,8 @@ def module_bytes(out_features: int, in_features: int, bits: int, group_size: int
         raise BitsearchError(f"gptq stores widths {', '.join(map(str, WIDTHS))} and 16, not {bits}")
     ng = n_groups(in_features, group_size)
     return (
-        _WORD * out_features * _words(in_features, bits)
-        + _WORD * ng * _words(out_features, bits)
+        _WORD * out_features * int32_words(in_features, bits)
+        + _WORD * ng * int32_words(out_features, bits)
         + 2 * ng * out_features
         + _WORD * in_features
     )

@@ -19,6 +19,7 @@ from ..packed import PackedLinear, pack_weight
 
 __all__ = [
     "WEIGHTS_FILE",
+    "int32_words",
     "pack_int32",
     "module_widths",
     "plan_modules",
@@ -30,6 +31,11 @@ __all__ = [
 
 WEIGHTS_FILE = "model.safetensors"
 _WORD = 4
+
+
+def int32_words(n_values: int, bits: int) -> int:
+    """32-bit words that ``n_values`` values of ``bits`` bits take as one dense bit stream."""
+    return -(-n_values * bits // 32)
 
 
 def pack_int32(packed_bytes: torch.Tensor) -> torch.Tensor:
