@@ -5,7 +5,8 @@ Two plans from one sensitivity table (imatrix, layer-loss calibrated, widths 2, 
 both the exact ``ilp`` optimum with q/k/v and gate/up sharing one width, priced in GPTQ's bytes:
 
 - ``mixed``: menu 2, 3, 4, 8, 16. Widths other than the main one are ``dynamic`` overrides, which
-  transformers does not read: loaded with gptqmodel's own loader (a transformers model, float16).
+  transformers does not read: loaded with gptqmodel's own loader (a transformers model; loaded in
+  float16, run in float32).
 - ``one-width``: menu 2, 16. One quantized width and dense modules: loaded by transformers'
   ``from_pretrained`` (optimum + gptqmodel), the model's float32.
 

@@ -50,7 +50,8 @@ GRANULARITIES = {
 }
 
 # runs without bitsearch: transformers and the format's package (or gptqmodel's own loader, which
-# gives a transformers model too, in float16), its own perplexity code
+# gives a transformers model too; it loads in float16 only, and the model then runs in float32),
+# its own perplexity code
 SERVE = r"""
 import json, math, sys, torch
 import torch.nn.functional as F
@@ -61,7 +62,7 @@ loader = sys.argv[6] if len(sys.argv) > 6 else "transformers"
 tok = AutoTokenizer.from_pretrained(path)
 if loader == "gptqmodel":
     from gptqmodel import GPTQModel
-    model = GPTQModel.load(path, device="cpu", dtype=torch.float16).model.eval()
+    model = GPTQModel.load(path, device="cpu", dtype=torch.float16).model.float().eval()
 else:
     model = AutoModelForCausalLM.from_pretrained(path).eval()
 ids = tok(open(text_file, encoding="utf-8").read(), add_special_tokens=False)["input_ids"][:max_tokens]
