@@ -7,7 +7,9 @@ in one run:
 * memory, each model loaded in fresh processes: resident set size added by ``load_model`` once
   every tensor has been read (safetensors may map a file and read it only on use), in a process
   that has only imported the model's code (cold) and in one that has paid its one-time costs
-  first (warm, see :func:`memory_probe`); bytes of the loaded model's tensors (parameters and
+  first (warm, see :func:`memory_probe`), the cold growth split into shared libraries' code pages
+  (faulted in by code paths run for the first time) and data (heap, anonymous memory, the mapped
+  checkpoint); bytes of the loaded model's tensors (parameters and
   buffers, shared ones once); both against the packed checkpoint's plan bytes plus its untouched
   tensors' bytes;
 * batch-1 greedy decoding with a key-value cache: tokens/s over --new-tokens tokens after a
@@ -67,6 +69,24 @@ def _rss() -> int:
     return 0
 
 
+def _rss_by_kind() -> dict:
+    """Resident bytes split into shared libraries' pages (their code, faulted in the first time a
+    code path runs, shared with every process using the library and independent of the model)
+    and everything else (heap, anonymous memory, mapped data files such as the checkpoint)."""
+    _rss()
+    out = {"libraries": 0, "data": 0}
+    kind = "data"
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 6)
+            if head and "-" in head[0] and not head[0].endswith(":"):
+                name = head[5].strip() if len(head) > 5 else ""
+                kind = "libraries" if name.endswith(".so") or ".so." in name else "data"
+            elif head and head[0] == "Rss:":
+                out[kind] += int(head[1]) * 1024
+    return out
+
+
 def tensor_bytes(model) -> int:
     """Bytes of the model's parameters and buffers, each storage counted once."""
     seen = {}
@@ -103,14 +123,19 @@ def memory_probe(path: str, cold: bool) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             save_file({"x": torch.zeros(8)}, os.path.join(tmp, "x.safetensors"))
             load_file(os.path.join(tmp, "x.safetensors"))
+    kinds = _rss_by_kind()
     before = _rss()
     model = load_model(path, dtype=None)
     loaded = _rss()
     for t in list(model.parameters()) + list(model.buffers()):  # memory-mapped tensors count once read
         t.detach().reshape(-1).view(torch.uint8).sum()
+    added = _rss() - before
+    after = _rss_by_kind()
     return {
-        "rss_added": _rss() - before,
+        "rss_added": added,
         "rss_added_before_reading": loaded - before,
+        "rss_added_libraries": after["libraries"] - kinds["libraries"],
+        "rss_added_data": after["data"] - kinds["data"],
         "tensor_bytes": tensor_bytes(model),
     }
 
@@ -195,7 +220,8 @@ def main(argv=None) -> int:
                 stored = memory[key]["plan_bytes"] + memory[key]["untouched_bytes"]
                 memory[key]["tensor_bytes_over_stored"] = memory[key]["tensor_bytes"] / stored
                 for when in ("cold", "warm"):
-                    memory[key][when]["rss_added_over_stored"] = memory[key][when]["rss_added"] / stored
+                    for what in ("rss_added", "rss_added_data"):
+                        memory[key][when][f"{what}_over_stored"] = memory[key][when][what] / stored
             print(f"memory {key}: {memory[key]}", flush=True)
         result["memory"] = memory
 
@@ -287,15 +313,16 @@ def markdown(r: dict) -> str:
         "Memory:",
         "",
         "| model | tensors MB | plan + untouched MB | tensors / stored "
-        "| RSS added, cold MB | / stored "
+        "| RSS added, cold MB | / stored | of which libraries' code MB | data MB | / stored "
         "| RSS added, warm MB | / stored |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, name in r["models"].items():
         m = r["memory"][key]
         if key == "float":
             lines.append(
                 f"| {name} | {m['tensor_bytes'] / mb:.2f} | - | - | {m['cold']['rss_added'] / mb:.1f} | - "
+                f"| {m['cold']['rss_added_libraries'] / mb:.1f} | {m['cold']['rss_added_data'] / mb:.1f} | - "
                 f"| {m['warm']['rss_added'] / mb:.1f} | - |"
             )
             continue
@@ -304,6 +331,8 @@ def markdown(r: dict) -> str:
             f"| {name} | {m['tensor_bytes'] / mb:.2f} | {stored / mb:.2f} "
             f"| {m['tensor_bytes_over_stored']:.3f} "
             f"| {m['cold']['rss_added'] / mb:.1f} | {m['cold']['rss_added_over_stored']:.2f} "
+            f"| {m['cold']['rss_added_libraries'] / mb:.1f} | {m['cold']['rss_added_data'] / mb:.1f} "
+            f"| {m['cold']['rss_added_data_over_stored']:.2f} "
             f"| {m['warm']['rss_added'] / mb:.1f} | {m['warm']['rss_added_over_stored']:.2f} |"
         )
     return "\n".join(lines) + "\n"
