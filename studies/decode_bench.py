@@ -181,6 +181,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="studies/results/decode_bench")
+    ap.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="measure memory only (no speed rounds); writes memory.json and memory.md into --out",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.memory_probe:
@@ -224,6 +229,12 @@ def main(argv=None) -> int:
                         memory[key][when][f"{what}_over_stored"] = memory[key][when][what] / stored
             print(f"memory {key}: {memory[key]}", flush=True)
         result["memory"] = memory
+        if args.memory_only:
+            os.makedirs(args.out, exist_ok=True)
+            write_text_atomic(os.path.join(args.out, "memory.json"), json.dumps(result, indent=1))
+            write_text_atomic(os.path.join(args.out, "memory.md"), memory_markdown(result))
+            print(memory_markdown(result))
+            return 0
 
         models = {"float": float_model, "plan": load_packed(paths["plan"]), "uniform": load_packed(paths["uniform"])}
         ids = tokenize_text(tok, read_text(args.text))
@@ -287,7 +298,6 @@ def _cpu_name() -> str:
 
 
 def markdown(r: dict) -> str:
-    mb = 1e6
     lines = [
         f"Command: `{r['command']}`",
         "",
@@ -309,6 +319,12 @@ def markdown(r: dict) -> str:
             )
             lines.append(f"| {name} | {cells} | {100 * r['top1_agreement_with_float'][key]:.0f} % |")
         lines.append("")
+    return "\n".join(lines) + "\n" + memory_markdown(r, header=False)
+
+
+def memory_markdown(r: dict, header: bool = True) -> str:
+    mb = 1e6
+    lines = [f"Command: `{r['command']}`", ""] if header else []
     lines += [
         "Memory:",
         "",
