@@ -1,13 +1,14 @@
 """Finalizer chains from one cached rounding: a rounder (SignRound, GPTQ, GPTQ -> SignRound) runs
-once on a uniform configuration (or a plan file), then each chain trains on from its result with QAT (end-to-end
-distillation, tiled, or both) and is measured like the benchmark's points.
+once on a uniform configuration (or a plan file), then each chain trains on from its result with
+QAT (end-to-end distillation, tiled, or both) and is measured like the benchmark's points.
 
 The rounding is the expensive part (SignRound at AutoRound's defaults: 200 steps per block on
 128 x 512 tokens); it is cached in ``--out/start-<rounder>.pt`` ({layer: (scales, zeros)} and the
-rounded target weights), so each chain costs only its training and measurement. Calibration,
-held-out split, evaluation and KL are the benchmark's (``studies/benchmark.py``: the first 80 %
-of ``heldout.txt`` calibrates, KL(float || quantized) on the last 20 % and on the evaluation
-text, perplexity on the whole ``wikitext2_test.txt`` by default).
+rounded target weights; a cache made for another plan or setting is refused), so each chain
+costs only its training and measurement. Calibration, held-out split, evaluation and KL are the
+benchmark's (``studies/benchmark.py``: the first 80 % of ``heldout.txt`` calibrates,
+KL(float || quantized) on the last 20 % and on the evaluation text, perplexity on the whole
+``wikitext2_test.txt`` by default).
 
     python -m studies.finalize_chain --config 3,128 --chains none,e2e:200:1e-4 \\
         --out studies/results/finalize/chain/w3g128
@@ -43,8 +44,11 @@ def start(bench: Bench, plan, rounder: str, steps: int) -> tuple[dict, dict, flo
     """({layer: (scales, zeros)}, {layer: rounded weight}, seconds) of ``rounder`` (``signround``,
     ``gptq`` or ``gptq-signround``) on the calibration batch, from the cache when there."""
     path = os.path.join(bench.args.out, f"start-{rounder}.pt")
+    key = [plan.n_bytes(), plan.group_size, sorted(plan.bits), steps, list(bench.batch.shape)]
     if os.path.exists(path):
         d = torch.load(path)
+        if d.get("key") != key:
+            raise SystemExit(f"finalize_chain: {path} was made for another plan or settings; use another --out")
         return d["qparams"], d["weights"], d["seconds"]
     init, _, method = rounder.rpartition("-")
     config = FinalizeConfig(method=method, init=init or "rtn", signround_steps=steps, show_progress=False)
@@ -55,7 +59,7 @@ def start(bench: Bench, plan, rounder: str, steps: int) -> tuple[dict, dict, flo
     weights = {n: m.get_submodule(n).weight.detach().clone() for n in plan.bits}
     qparams = {n: (s.cpu(), z.cpu()) for n, (s, z) in qparams.items()}
     tmp = path + ".tmp"
-    torch.save({"qparams": qparams, "weights": weights, "seconds": secs}, tmp)
+    torch.save({"qparams": qparams, "weights": weights, "seconds": secs, "key": key}, tmp)
     os.replace(tmp, path)
     return qparams, weights, secs
 
