@@ -122,7 +122,7 @@ def main(argv=None) -> None:
         config = f"{os.path.basename(a.plan_file)}, {8 * plan.n_bytes() / bench.n_weights:.3f} bits"
     else:
         width, group = (int(x) for x in a.config.split(","))
-        plan = uniform_plan(bench.fresh(), width, group)
+        plan = uniform_plan(bench.float_model, width, group)
         config = f"W{width} g{group}"
     qparams, weights, start_secs = start(bench, plan, a.rounder, a.signround_steps)
     rows = []
