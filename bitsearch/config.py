@@ -309,6 +309,12 @@ class FinalizeConfig(CalibConfig):
         "(default: keep the initial ones then)",
     )
     ce_weight: float = option(0.0, help="add this x cross-entropy to the e2e KL")
+    trainable: str = option(
+        "all",
+        choices=["all", "scales"],
+        help="QAT trains weights, step sizes and zeros (all), or only the step sizes, with the codes "
+        "and zeros frozen at the start's rounding (scales)",
+    )
     signround_steps: int = option(200, help="SignRound steps per block")
     signround_lr: float | None = option(None, help="SignRound learning rate (default: 1/steps)")
     gptq_damp: float = option(0.01, help="GPTQ damping, a fraction of mean(diag H)")

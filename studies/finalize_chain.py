@@ -13,8 +13,9 @@ KL(float || quantized) on the last 20 % and on the evaluation text, perplexity o
     python -m studies.finalize_chain --config 3,128 --chains none,e2e:200:1e-4 \\
         --out studies/results/finalize/chain/w3g128
 
-``--chains``: comma-separated ``MODE:STEPS:LR[:QPARAM_LR]`` (``MODE`` e2e, tiled or tiled+e2e; Adam
-learning rates of the weights and of the step sizes and zeros, default the same; ``none`` = the
+``--chains``: comma-separated ``MODE:STEPS:LR[:QPARAM_LR][:scales]`` (``MODE`` e2e, tiled or
+tiled+e2e; Adam learning rates of the weights and of the step sizes and zeros, default the same;
+``scales``: only the step sizes train, codes and zeros frozen at the rounding's; ``none`` = the
 rounding alone). Each chain's point is cached as ``--out/points/<rounder>+<chain>.json``;
 the table goes to ``--out/chain.md`` and ``chain.json``.
 """
@@ -33,7 +34,7 @@ from bitsearch.atomic import write_text_atomic
 from bitsearch.config import FinalizeConfig
 from bitsearch.finalize import get_finalizer
 from bitsearch.finalize.quantizer import convert
-from bitsearch.finalize.train import QatSettings, finalize_qat
+from bitsearch.finalize.train import TRAINABLE, QatSettings, finalize_qat
 from bitsearch.io.plan import BitPlan
 from bitsearch.quantize import pack_model
 from bitsearch.search.uniform import uniform_plan
@@ -74,9 +75,12 @@ def chain_model(bench: Bench, plan, qparams: dict, weights: dict, chain: str, se
     if chain == "none":
         pack_model(m, plan, qparams)
         return m, {}
-    mode, steps, lr, *qlr = chain.split(":")
-    qparam_lr = float(qlr[0]) if qlr else None
-    settings = QatSettings(mode=mode, steps=int(steps), lr=float(lr), qparam_lr=qparam_lr, batch_size=8, seed=seed)
+    mode, steps, lr, *rest = chain.split(":")
+    trainable = rest.pop() if rest and rest[-1] in TRAINABLE else "all"
+    qparam_lr = float(rest[0]) if rest else None
+    settings = QatSettings(
+        mode=mode, steps=int(steps), lr=float(lr), qparam_lr=qparam_lr, batch_size=8, seed=seed, trainable=trainable
+    )
     info = finalize_qat(m, plan, bench.batch, settings, show_progress=False, init_qparams=qparams, float_weights=floats)
     convert(m, plan)
     return m, {"qat_seconds": info["seconds"], "first_loss": info["first_loss"], "last_loss": info["last_loss"]}

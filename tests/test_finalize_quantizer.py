@@ -14,7 +14,8 @@ from bitsearch.finalize import QuantLinear, convert, fake_quant_rows, prepare
 from bitsearch.io.checkpoint import load_packed, save_packed
 from bitsearch.io.plan import BitPlan
 from bitsearch.models import find_targets, model_fingerprint
-from bitsearch.packed import PackedEmbedding, PackedLinear, PackedTiedHead
+from bitsearch.packed import PackedEmbedding, PackedLinear, PackedTiedHead, pack_weight
+from bitsearch.quant.packing import unpack_codes
 from bitsearch.quant.grid import QUANT_WIDTHS, choose_qparams, fake_quantize, n_groups
 from bitsearch.quantize import fake_quantize_model
 
@@ -214,3 +215,56 @@ def test_prepare_and_convert_refuse_mismatches():
         convert(model, other)
     with pytest.raises(BitsearchError, match="not prepared for QAT"):
         convert(tiny_llama(), plan)
+
+
+def test_frozen_codes_train_step_sizes_with_the_exact_gradient():
+    """On weights already on the grid (as SignRound or GPTQ leave them) the straight-through
+    step-size gradient vanishes; with the codes frozen it is the exact one, d/ds of (q - z) * s
+    (checked by finite differences), and the packed form keeps the frozen codes under new scales."""
+    lin, bits = make_linear((2, 3, 4, 8, 16), bias=True, seed=2)
+    ql = QuantLinear(lin, bits, 16)
+    with torch.no_grad():
+        ql.weight.copy_(ql.dequantized_weight())  # on the grid
+    x = torch.randn(6, 40, dtype=torch.float64)
+    t = torch.randn(6, 32, dtype=torch.float64)
+
+    def loss(m):
+        return ((m(x.float()).double() - t) ** 2).sum()
+
+    loss(ql).backward()
+    quant = ((bits >= 2) & (bits <= 8)).unsqueeze(-1).expand_as(ql.scale)
+    ste = ql.scale.grad[quant].abs().max()
+    frozen = copy.deepcopy(ql)
+    frozen.scale.grad = None
+    frozen.freeze_codes()
+    assert torch.equal(frozen.dequantized_weight(), ql.dequantized_weight())
+    assert not frozen.weight.requires_grad and not frozen.zero.requires_grad
+    loss(frozen).backward()
+    g = frozen.scale.grad
+    assert g[quant].abs().max() > 100 * ste  # the straight-through one is rounding noise only
+    # finite differences in float64 of the loss through (q - z) * s for a few groups
+    q = frozen.codes.double()
+    z = frozen.zero.detach().double().round().unsqueeze(-1)
+    s0 = frozen.scale.detach().half().double()  # the forward's float16 step (identity gradient)
+
+    def f(s):
+        w = ((q - z) * s.unsqueeze(-1)).reshape(32, -1)[:, :40]
+        w = torch.where(bits.unsqueeze(-1) == 16, frozen.weight.detach().half().double(), w)
+        return ((x @ w.T + frozen.bias.detach().double() - t) ** 2).sum()
+
+    for r, c in quant.nonzero()[[0, 7, 30]].tolist():
+        d = 1e-3 * float(s0[r, c])
+        sp, sm = s0.clone(), s0.clone()
+        sp[r, c] += d
+        sm[r, c] -= d
+        fd = (f(sp) - f(sm)) / (2 * d)
+        torch.testing.assert_close(float(g[r, c]), float(fd), rtol=2e-2, atol=1e-3)
+    with torch.no_grad():
+        frozen.scale.mul_(1 + 0.2 * torch.rand(frozen.scale.shape))
+    packed = frozen.to_packed()
+    torch.testing.assert_close(packed(x.float()), frozen(x.float()), rtol=0, atol=1e-6)
+    tensors = pack_weight(frozen.dequantized_weight(), bits, 16, *frozen.qparams())  # what to_packed stores
+    for b in (2, 3, 4, 8):
+        rows = (bits == b).nonzero().flatten()
+        codes = unpack_codes(tensors[f"codes_b{b}"], b, 40)
+        assert torch.equal(codes.to(torch.uint8), frozen.codes[rows].reshape(len(rows), -1)[:, :40])

@@ -193,3 +193,43 @@ def test_tile_guard_keeps_a_tile_that_training_made_worse(llama_dir):
     wrecked, info = run(False)
     assert info["tile_guard"] == []
     assert _kl(wrecked, ref, batch) > 2 * _kl(guarded, ref, batch)
+
+
+def test_scales_only_training_keeps_the_start_codes_and_lowers_kl(llama_dir):
+    """``trainable="scales"`` from a start on the grid (round-to-nearest's weights and qparams,
+    as a rounder hands them over): the step sizes alone lower the KL to the float model; the
+    codes, zeros and weights stay those of the start; the packed model has the plan's bytes."""
+    ref = load_model(llama_dir)
+    plan = _plan(ref)
+    batch = _batch(ref)
+    names = [n for n in plan.bits if "embed" not in n]
+    floats = {n: ref.get_submodule(n).weight.detach().clone() for n in names}
+    start = fake_quantize_model(load_model(llama_dir), plan)
+    qparams = {}
+    for n in names:
+        ql = QuantLinear(ref.get_submodule(n), torch.as_tensor(plan.bits[n]), GS)
+        qparams[n] = (ql.scale.detach().clone(), ql.zero.detach().clone())
+    model = load_model(llama_dir)
+    with torch.no_grad():
+        for n in names:
+            model.get_submodule(n).weight.copy_(start.get_submodule(n).weight)
+    settings = QatSettings(mode="e2e", steps=30, lr=1e-3, batch_size=8, trainable="scales")
+    finalize_qat(model, plan, batch, settings, show_progress=False, init_qparams=qparams, float_weights=floats)
+    layers = {n: model.get_submodule(n) for n in names}
+    moved = 0
+    for n, m in layers.items():
+        assert torch.equal(m.weight, start.get_submodule(n).weight)
+        assert torch.equal(m.zero, qparams[n][1])
+        start_codes = QuantLinear(start.get_submodule(n), torch.as_tensor(plan.bits[n]), GS)
+        with torch.no_grad():
+            start_codes.scale.copy_(qparams[n][0])
+            start_codes.zero.copy_(qparams[n][1])
+        start_codes.freeze_codes()
+        assert torch.equal(m.codes, start_codes.codes)
+        moved += int((m.scale != qparams[n][0]).sum())
+    assert moved > 0
+    assert _kl(model, ref, batch) < 0.9 * _kl(start, ref, batch)
+    convert(model, plan)
+    assert sum(m.packed_bytes() for m in model.modules() if hasattr(m, "packed_bytes")) == plan.n_bytes()
+    with pytest.raises(BitsearchError, match="trainable"):
+        QatSettings(trainable="codes").check()

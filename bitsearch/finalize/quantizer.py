@@ -23,6 +23,12 @@ rounded to float16 (STE). All widths of a layer are computed at once (q_max per 
 
 ``soft_forward`` (surrogate values in the forward) is for warm-up only: the converted model
 matches the QAT forward when it is off.
+
+:meth:`QuantLinear.freeze_codes` fixes the integer codes (and zero points) at their current
+values and leaves only the step sizes to train, w_hat = (q - z) * s with q and z constant:
+EfficientQAT's end-to-end training of quantization parameters. Its step sizes get the exact
+gradient (q - z) where the straight-through one, (round(w / s) - w / s), vanishes on weights that
+already lie on the grid, as they do after SignRound or GPTQ.
 """
 
 from __future__ import annotations
@@ -153,6 +159,19 @@ class QuantLinear(nn.Module):
         self.zero = nn.Parameter(zero, requires_grad=learn_zero)
         bias = linear.bias
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self.register_buffer("codes", None)  # (out, n_groups, G) uint8 once frozen
+
+    @torch.no_grad()
+    def freeze_codes(self) -> None:
+        """Fix the codes the forward computes now (and the zero points); from here on only the
+        step sizes train, and the weight is (codes - zero) * scale."""
+        s = self._effective_scale().unsqueeze(-1)
+        x = grouped(self.weight.float(), self.group_size) / torch.where(s > 0, s, torch.ones_like(s))
+        z = self._effective_zero().unsqueeze(-1)
+        q = (torch.round(x) + z).clamp(min=0).minimum(self.qmax.reshape(-1, 1, 1))
+        self.codes = q.to(torch.uint8)
+        self.weight.requires_grad_(False)
+        self.zero.requires_grad_(False)
 
     def _effective_scale(self) -> torch.Tensor:
         """The step size the forward uses: float16-rounded, in [2^-24, 65504], identity gradient."""
@@ -166,6 +185,10 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The fake-quantized weight (out, in), float32, differentiable."""
         w = self.weight
+        if self.codes is not None:
+            z = self._effective_zero().detach().unsqueeze(-1)
+            w_q = ungrouped((self.codes.float() - z) * self._effective_scale().unsqueeze(-1), self.in_features)
+            return self._by_row(w, w_q)
         w_q = fake_quant_rows(
             w,
             self._effective_scale(),
@@ -178,6 +201,10 @@ class QuantLinear(nn.Module):
             self.beta,
             soft_forward=self.soft_forward,
         )
+        return self._by_row(w, w_q)
+
+    def _by_row(self, w: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+        """``w_q`` on the quantized rows, float16-rounded ``w`` on kept ones, 0 on pruned ones."""
         w_16 = straight_through(w, w.detach().half().float())
         rows = self.bits.unsqueeze(-1)
         return torch.where(rows == KEEP_WIDTH, w_16, torch.where(rows == PRUNE_WIDTH, torch.zeros_like(w), w_q))
@@ -199,7 +226,8 @@ class QuantLinear(nn.Module):
     def to_packed(self) -> PackedLinear:
         """The :class:`PackedLinear` storing this layer's current codes, scales and zeros."""
         scales, zeros = self.qparams()
-        tensors = pack_weight(self.weight, self.bits, self.group_size, scales=scales, zeros=zeros)
+        w = self.weight if self.codes is None else self.dequantized_weight()  # its codes are the frozen ones
+        tensors = pack_weight(w, self.bits, self.group_size, scales=scales, zeros=zeros)
         return PackedLinear(
             self.in_features, self.out_features, self.group_size, tensors, self.bias, compute_dtype=self.compute_dtype
         ).to(self.weight.device)

@@ -53,6 +53,7 @@ from .quantizer import QuantLinear, convert
 __all__ = ["QatSettings", "MODES", "finalize_qat"]
 
 MODES = ("e2e", "tiled", "tiled+e2e")
+TRAINABLE = ("all", "scales")
 _CKPT_FORMAT = "bitsearch-qat-checkpoint"
 
 
@@ -74,6 +75,7 @@ class QatSettings:
     tile_loss: str = "l2"
     tile_guard: bool = True
     ce_weight: float = 0.0
+    trainable: str = "all"  # "scales": codes and zeros frozen at the start's rounding
     seed: int = 0
     checkpoint: str | None = None
     checkpoint_every: float = 300.0
@@ -82,6 +84,8 @@ class QatSettings:
     def check(self) -> None:
         if self.mode not in MODES:
             raise BitsearchError(f"`mode` '{self.mode}' is not one of {', '.join(MODES)}")
+        if self.trainable not in TRAINABLE:
+            raise BitsearchError(f"`trainable` '{self.trainable}' is not one of {', '.join(TRAINABLE)}")
         if self.tile_loss not in ("l2", "l1"):
             raise BitsearchError(f"tile_loss '{self.tile_loss}' is not l2 or l1")
         if self.steps < 0 or self.batch_size < 1 or self.tile_size < 1:
@@ -128,13 +132,18 @@ class _Trainer:
     ):
         self.plan, self.s, self.layers, self.steps, self.phase, self.tile = plan, settings, layers, steps, phase, tile
         self.state = state  # shared across phases: trained layers, history, last save time
-        weights = [m.weight for m in layers.values()]
-        qparams = [p for m in layers.values() for p in (m.scale, m.zero)]
-        for p in weights + qparams:
-            p.requires_grad_(True)
-        self.opt = torch.optim.Adam(
-            [{"params": weights, "lr": settings.lr}, {"params": qparams, "lr": settings.qparam_lr or settings.lr}]
-        )
+        qlr = settings.qparam_lr or settings.lr
+        if settings.trainable == "scales":
+            groups = [{"params": [m.scale for m in layers.values()], "lr": qlr}]
+        else:
+            groups = [
+                {"params": [m.weight for m in layers.values()], "lr": settings.lr},
+                {"params": [p for m in layers.values() for p in (m.scale, m.zero)], "lr": qlr},
+            ]
+        for g in groups:
+            for p in g["params"]:
+                p.requires_grad_(True)
+        self.opt = torch.optim.Adam(groups)
         self.base = [g["lr"] for g in self.opt.param_groups]
         self.step = 0
 
@@ -245,6 +254,8 @@ def _quantize_layers(
             with torch.no_grad():
                 ql.scale.copy_(scales.float())
                 ql.zero.copy_(zeros.float())
+        if settings.trainable == "scales":
+            ql.freeze_codes()
         if ckpt and name in ckpt["layers"]:
             ql.load_state_dict(ckpt["layers"][name])
         model.set_submodule(name, ql)
@@ -497,6 +508,7 @@ def qat_settings(config, checkpoint: str | None) -> QatSettings:
         "tile_loss",
         "tile_guard",
         "ce_weight",
+        "trainable",
         "seed",
         "checkpoint_every",
         "resume",
