@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .config import (
+    DEFAULT_GROUP_SIZE,
     ApplyConfig,
     EvalConfig,
     ExportConfig,
@@ -274,7 +275,9 @@ def search(
         table = SensitivityTable.load(where)
     else:
         where = "given"
-    if table is not None and config.group_size != table.group_size:
+    if config.group_size is None:
+        config = replace(config, group_size=table.group_size if table is not None else DEFAULT_GROUP_SIZE)
+    elif table is not None and config.group_size != table.group_size:
         raise BitsearchError(
             f"group_size {config.group_size} differs from the sensitivity table's "
             f"{table.group_size}: recompute the table or pass group_size {table.group_size}"

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from .options import option
 
+DEFAULT_GROUP_SIZE = 128
+
 __all__ = [
     "RunConfig",
     "CalibConfig",
@@ -123,7 +125,7 @@ class SensitivityConfig(CalibConfig):
     bits: str | None = option(
         None, help="bit menu, comma-separated (default: 0,2,3,4,5,6,8; 0 = pruned, 16 = kept in float16)"
     )
-    group_size: int = option(128, help="weights per scale/zero along the input dim; -1 = whole channel")
+    group_size: int = option(DEFAULT_GROUP_SIZE, help="weights per scale/zero along the input dim; -1 = whole channel")
     targets: str | None = option(
         None, help="regex of target module names (default: every nn.Linear in the decoder blocks)"
     )
@@ -159,6 +161,12 @@ class SensitivityConfig(CalibConfig):
 
 @dataclass
 class SearchConfig(SensitivityConfig):
+    group_size: int | None = option(
+        None,
+        help="weights per scale/zero along the input dim; -1 = whole channel "
+        "(default: the sensitivity table's, else 128)",
+        show_default=False,
+    )
     budget: str | None = option(
         None, help="avg bits all-in (e.g. 2.5) or target bytes (12MB, 12MiB)", show_default=False
     )

@@ -124,7 +124,7 @@ def test_bad_inputs(made, capsys, tmp_path, tiny_models):
             r"budget 'lots'",
         ),
         (
-            ["search", "--model", m, "--sensitivity", table, "--budget", "3", "--out", out],
+            ["search", "--model", m, "--sensitivity", table, "--budget", "3", "--group-size", "128", "--out", out],
             r"--group-size 128 differs from the sensitivity table's 16",
         ),
         (
@@ -306,6 +306,30 @@ def test_bad_inputs(made, capsys, tmp_path, tiny_models):
         code, _, err = run_cli(capsys, "--quiet", *argv)
         assert_one_line_error(code, err, pattern)
     assert not os.path.exists(out) and not os.path.exists(tmp_path / "o")
+
+
+def test_search_takes_the_tables_group_size_when_none_is_given(made, capsys, tmp_path):
+    from bitsearch.io.plan import BitPlan
+
+    out = str(tmp_path / "p.json")
+    code, _, err = run_cli(
+        capsys,
+        "--quiet",
+        "search",
+        "--model",
+        made["model"],
+        "--sensitivity",
+        made["table"],
+        "--budget",
+        "4.5",
+        "--out",
+        out,
+    )
+    assert code == 0, err
+    plan, ref = BitPlan.load(out), BitPlan.load(made["plan"])  # ref: made with --group-size 16
+    assert plan.group_size == ref.group_size == 16
+    assert plan.n_bytes() == ref.n_bytes()
+    assert all((plan.bits[n] == ref.bits[n]).all() for n in ref.bits)
 
 
 def test_truncated_plan_via_cli(made, capsys, tmp_path):
