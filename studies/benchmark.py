@@ -321,7 +321,15 @@ def peer_package(bench: Bench, budget: float, name: str, sym: bool = False):
         info = peers.hqq_quantize(m, w, g, device=bench.args.device)
     else:
         info = peers.autoround_quantize(
-            m, bench.tok, bench.batch, w, g, iters=bench.args.autoround_iters, device=bench.args.device, sym=sym
+            m,
+            bench.tok,
+            bench.batch,
+            w,
+            g,
+            iters=bench.args.autoround_iters,
+            device=bench.args.device,
+            sym=sym,
+            seed=bench.args.seed,
         )
     return m, {
         "bytes": int(info["stored_bytes"]),
@@ -386,7 +394,7 @@ def finalize_plan(model, tok, plan, batch: torch.Tensor, finalizer: str, a) -> N
         fake_quantize_model(model, plan)
         return
     init, _, method = finalizer.rpartition("-")
-    opts = dict(method=method, init=init or "rtn", signround_steps=a.signround_steps)
+    opts = dict(method=method, init=init or "rtn", signround_steps=a.signround_steps, seed=a.seed)
     if method == "qat":
         opts.update(mode="tiled", steps=a.qat_steps, lr=a.qat_lr, batch_size=a.qat_batch_size)
         if batch.shape[1] % a.qat_seq_len == 0:
@@ -708,6 +716,9 @@ def main(argv=None) -> dict:
         "of quantizing again (e.g. on the whole evaluation text)",
     )
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--seed", type=int, default=0, help="seeds the finalizers' and AutoRound's mini-batches (not the calibration)"
+    )
     ap.add_argument("--redo", action="store_true", help="recompute cached points")
     ap.add_argument(
         "--table-only",

@@ -320,7 +320,9 @@ def quantizer(args, tok):
     if args.finalize == "rtn":
         return fake_quantize_model
     # the benchmark's calibration windows are 512 tokens (its --seq-len)
-    a = SimpleNamespace(**{"seq_len": 512, **settings(quick=True)}, model=args.model, device="cpu", out=args.out)
+    a = SimpleNamespace(
+        **{"seq_len": 512, **settings(quick=True)}, model=args.model, device="cpu", out=args.out, seed=0
+    )
     batch, _ = calibration_batches(tok, args.calib_text, a.samples, a.seq_len, 0)
     return lambda model, plan: finalize_plan(model, tok, plan, batch, args.finalize, a)
 

@@ -41,18 +41,20 @@ from bitsearch.search.uniform import uniform_plan
 from studies.benchmark import SHARED, Bench, _target_weights, float_point, measure
 
 
-def start(bench: Bench, plan, rounder: str, steps: int) -> tuple[dict, dict, float]:
+def start(bench: Bench, plan, rounder: str, steps: int, seed: int = 0) -> tuple[dict, dict, float]:
     """({layer: (scales, zeros)}, {layer: rounded weight}, seconds) of ``rounder`` (``signround``,
-    ``gptq`` or ``gptq-signround``) on the calibration batch, from the cache when there."""
+    ``gptq`` or ``gptq-signround``, its mini-batches drawn with ``seed``) on the calibration batch,
+    from the cache when there."""
     path = os.path.join(bench.args.out, f"start-{rounder}.pt")
     key = [plan.n_bytes(), plan.group_size, sorted(plan.bits), steps, list(bench.batch.shape)]
+    key += [seed] if seed else []  # caches made before seeds were recorded are seed 0's
     if os.path.exists(path):
         d = torch.load(path)
         if d.get("key") != key:
             raise SystemExit(f"finalize_chain: {path} was made for another plan or settings; use another --out")
         return d["qparams"], d["weights"], d["seconds"]
     init, _, method = rounder.rpartition("-")
-    config = FinalizeConfig(method=method, init=init or "rtn", signround_steps=steps, show_progress=False)
+    config = FinalizeConfig(method=method, init=init or "rtn", signround_steps=steps, seed=seed, show_progress=False)
     m = bench.fresh()
     t0 = time.time()
     qparams = get_finalizer(method).round(m, plan, bench.batch, config, show_progress=False)
@@ -100,7 +102,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=0, help="evaluation tokens (0: the whole text)")
     ap.add_argument("--kl-tokens", type=int, default=8192)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seeds the rounder's and the chains' mini-batches")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
@@ -117,6 +119,7 @@ def main(argv=None) -> None:
         device="cpu",
         dtype="float32",
         no_eval_kl=False,
+        seed=a.seed,
         out=a.out,
     )
     bench = Bench(args)
@@ -128,7 +131,7 @@ def main(argv=None) -> None:
         width, group = (int(x) for x in a.config.split(","))
         plan = uniform_plan(bench.float_model, width, group)
         config = f"W{width} g{group}"
-    qparams, weights, start_secs = start(bench, plan, a.rounder, a.signround_steps)
+    qparams, weights, start_secs = start(bench, plan, a.rounder, a.signround_steps, a.seed)
     rows = []
     for chain in a.chains.split(","):
         path = os.path.join(a.out, "points", f"{a.rounder}+{chain.replace(':', '_')}.json")
