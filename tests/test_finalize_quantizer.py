@@ -15,8 +15,8 @@ from bitsearch.io.checkpoint import load_packed, save_packed
 from bitsearch.io.plan import BitPlan
 from bitsearch.models import find_targets, model_fingerprint
 from bitsearch.packed import PackedEmbedding, PackedLinear, PackedTiedHead, pack_weight
-from bitsearch.quant.packing import unpack_codes
 from bitsearch.quant.grid import QUANT_WIDTHS, choose_qparams, fake_quantize, n_groups
+from bitsearch.quant.packing import unpack_codes
 from bitsearch.quantize import fake_quantize_model
 
 SURROGATES = [dict(), dict(round_mode="sigmoid", temperature=20.0, clamp_mode="soft", beta=2.0)]
