@@ -1,4 +1,5 @@
-"""Finalizer chains from one cached rounding: a rounder (SignRound, GPTQ, GPTQ -> SignRound) runs
+"""Finalizer chains from one cached rounding: a rounder (SignRound, GPTQ, GPTQ -> SignRound; or
+``rtn``, round-to-nearest, nothing cached) runs
 once on a uniform configuration (or a plan file), then each chain trains on from its result with
 QAT (end-to-end distillation, tiled, or both) and is measured like the benchmark's points.
 
@@ -42,9 +43,11 @@ from studies.benchmark import SHARED, Bench, _target_weights, float_point, measu
 
 
 def start(bench: Bench, plan, rounder: str, steps: int, seed: int = 0) -> tuple[dict, dict, float]:
-    """({layer: (scales, zeros)}, {layer: rounded weight}, seconds) of ``rounder`` (``signround``,
-    ``gptq`` or ``gptq-signround``, its mini-batches drawn with ``seed``) on the calibration batch,
+    """({layer: (scales, zeros)}, {layer: rounded weight}, seconds) of ``rounder`` (``rtn``: none, {},
+    0; ``signround``, ``gptq`` or ``gptq-signround``, its mini-batches drawn with ``seed``) on the calibration batch,
     from the cache when there."""
+    if rounder == "rtn":  # QAT's own start: the float weights, min-max step sizes and zeros
+        return None, {}, 0.0
     path = os.path.join(bench.args.out, f"start-{rounder}.pt")
     key = [plan.n_bytes(), plan.group_size, sorted(plan.bits), steps, list(bench.batch.shape)]
     key += [seed] if seed else []  # caches made before seeds were recorded are seed 0's
@@ -95,7 +98,7 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-text", default=os.path.join(SHARED, "data", "corpus", "wikitext2_test.txt"))
     ap.add_argument("--config", default="3,128", help="WIDTH,GROUP of the uniform plan")
     ap.add_argument("--plan-file", default=None, help="finalize this plan instead of a uniform one")
-    ap.add_argument("--rounder", default="signround", choices=["signround", "gptq", "gptq-signround"])
+    ap.add_argument("--rounder", default="signround", choices=["rtn", "signround", "gptq", "gptq-signround"])
     ap.add_argument("--signround-steps", type=int, default=200)
     ap.add_argument("--chains", default="none,e2e:200:1e-4")
     ap.add_argument("--samples", type=int, default=128)
