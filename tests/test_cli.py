@@ -312,19 +312,8 @@ def test_search_takes_the_tables_group_size_when_none_is_given(made, capsys, tmp
     from bitsearch.io.plan import BitPlan
 
     out = str(tmp_path / "p.json")
-    code, _, err = run_cli(
-        capsys,
-        "--quiet",
-        "search",
-        "--model",
-        made["model"],
-        "--sensitivity",
-        made["table"],
-        "--budget",
-        "4.5",
-        "--out",
-        out,
-    )
+    paths = ["--model", made["model"], "--sensitivity", made["table"], "--out", out]
+    code, _, err = run_cli(capsys, "--quiet", "search", "--budget", "4.5", *paths)
     assert code == 0, err
     plan, ref = BitPlan.load(out), BitPlan.load(made["plan"])  # ref: made with --group-size 16
     assert plan.group_size == ref.group_size == 16
