@@ -18,12 +18,14 @@ KL(float || quantized) on the last 20 % and on the evaluation text, perplexity o
 tiled+e2e; Adam learning rates of the weights and of the step sizes and zeros, default the same;
 ``scales``: only the step sizes train, codes and zeros frozen at the rounding's; ``none`` = the
 rounding alone). Each chain's point is cached as ``--out/points/<rounder>+<chain>.json``;
-the table goes to ``--out/chain.md`` and ``chain.json``.
+the table of this run's chains, then those earlier runs left there, goes to ``--out/chain.md``
+and ``chain.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import time
@@ -157,6 +159,11 @@ def main(argv=None) -> None:
             write_text_atomic(path, json.dumps(row, indent=1) + "\n")
         rows.append(row)
         print(json.dumps(row), flush=True)
+    done = {r["chain"] for r in rows}  # the table also lists the chains earlier runs left in --out
+    for path in sorted(glob.glob(os.path.join(a.out, "points", f"{a.rounder}+*.json"))):
+        row = json.load(open(path))
+        if row["chain"] not in done:
+            rows.append(row)
     lines = [
         f"float: perplexity {ref['ppl']:.2f}",
         "",

@@ -108,6 +108,7 @@ def _kl(capsys, made, model) -> float:
         ["--method", "gptq", "--gptq-damp", "0.02"],
         ["--method", "signround", "--init", "gptq", "--signround-steps", "20"],
         ["--method", "qat", "--init", "gptq", "--tile-size", "1"],
+        ["--method", "qat", "--init", "signround", "--signround-steps", "10", "--mode", "e2e", "--trainable", "scales"],
     ],
 )
 def test_finalize_beats_round_to_nearest(made, capsys, extra):
