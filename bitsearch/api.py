@@ -403,11 +403,13 @@ def finalize(
     checkpoint ``OUT.qat-checkpoint.pt`` every ``checkpoint_every`` seconds (removed once ``out``
     is written)."""
     from .finalize import get_finalizer, rounders
+    from .finalize.recipes import resolve_defaults
     from .io.checkpoint import save_packed
     from .quantize import plan_targets
 
     config = config or FinalizeConfig()
     check_choices(config)
+    config = resolve_defaults(config)
     set_threads(config)
     finalizer = get_finalizer(config.method)
     if config.init not in ["rtn"] + rounders():
@@ -441,7 +443,8 @@ def finalize(
     if checkpoint and config.method == "qat":
         keep_on_interrupt(
             f"QAT progress is kept in '{checkpoint}' (written every {config.checkpoint_every:g} s): rerun "
-            f"the same command with --resume to continue"
+            f"the same command with --resume to continue",
+            checkpoint,
         )
     t0 = time.time()
     info = {"method": config.method, "init": config.init if config.method != "gptq" else None, "training_data": spec}

@@ -123,9 +123,13 @@ def _run_finalize(args, config):
     info = m.bitsearch_plan.provenance["finalize"]
     last = (info.get("qat") or {}).get("last_loss") or {}
     losses = ", ".join(f"{k} loss {v:.4g}" for k, v in last.items() if v is not None)
+    method = info["method"]
+    if "qat" in info:
+        trained = "step sizes" if info["qat"]["settings"]["trainable"] == "scales" else "weights"
+        method = f"{info['init']} then qat {info['qat']['mode']} ({trained})"
     print(
         f"wrote {args.out}: {packed_tensor_bytes(args.out)} bytes of packed target tensors "
-        f"(plan: {m.bitsearch_plan.n_bytes()}), {info['method']}{' ' + losses if losses else ''}, "
+        f"(plan: {m.bitsearch_plan.n_bytes()}), {method}{' ' + losses if losses else ''}, "
         f"{info['seconds']:.1f} s"
     )
 

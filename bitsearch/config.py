@@ -280,18 +280,19 @@ class FinalizeConfig(CalibConfig):
     method: str = option(
         "qat",
         choices=lambda: _finalizers(),
-        help="qat (trained weights, step sizes, zeros) | signround (learned rounding only) | "
-        "gptq (rounding with error feedback)",
+        help="qat (quantization-aware training; by default SignRound's rounding, then the step sizes "
+        "end to end) | signround (learned rounding only) | gptq (rounding with error feedback)",
     )
-    init: str = option(
-        "rtn",
+    init: str | None = option(
+        None,
         choices=lambda: _starts(),
-        help="QAT or SignRound starts from round-to-nearest or from another rounder's rounding (gptq, signround)",
+        help="QAT or SignRound starts from round-to-nearest or from another rounder's rounding "
+        "(default: signround for QAT e2e, rtn otherwise)",
     )
-    mode: str = option(
-        "tiled",
+    mode: str | None = option(
+        None,
         choices=["e2e", "tiled", "tiled+e2e"],
-        help="forward-tiled block training, e2e distillation, or tiled then a short e2e pass",
+        help="QAT: e2e distillation, forward-tiled block training, or tiled then a short e2e pass (default: e2e)",
     )
     round_mode: str = option(
         "ste", flag="--round", choices=["ste", "sigmoid"], help="rounding gradient: straight-through or Sigmoid STE"
@@ -303,9 +304,9 @@ class FinalizeConfig(CalibConfig):
     )
     beta: float = option(1.0, help="SoftClamp gate sharpness")
     soft_warmup: int = option(0, help="first N steps use the surrogates in the forward too")
-    steps: int = option(200, help="training steps (tiled: per tile)")
+    steps: int | None = option(None, help="training steps, tiled: per tile (default: e2e 100, tiled 200)")
     e2e_steps: int | None = option(None, help="steps of the e2e pass after tiles (default: steps/2)")
-    lr: float = option(1e-4, help="Adam learning rate of the weights")
+    lr: float | None = option(None, help="Adam learning rate (default: e2e 2e-5, tiled 1e-4)")
     qparam_lr: float | None = option(None, help="learning rate of step sizes and zeros (default: lr)")
     batch_size: int = option(8, help="samples per step")
     tile_size: int = option(3, help="decoder blocks per tile")
@@ -317,11 +318,11 @@ class FinalizeConfig(CalibConfig):
         "(default: keep the initial ones then)",
     )
     ce_weight: float = option(0.0, help="add this x cross-entropy to the e2e KL")
-    trainable: str = option(
-        "all",
+    trainable: str | None = option(
+        None,
         choices=["all", "scales"],
         help="QAT trains weights, step sizes and zeros (all), or only the step sizes, with the codes "
-        "and zeros frozen at the start's rounding (scales)",
+        "and zeros frozen at the start's rounding (scales) (default: e2e scales, tiled all)",
     )
     signround_steps: int = option(200, help="SignRound steps per block")
     signround_lr: float | None = option(None, help="SignRound learning rate (default: 1/steps)")

@@ -18,17 +18,21 @@ from .errors import BitsearchError
 __all__ = ["check_output", "apply_umask", "same_or_inside", "keep_on_interrupt", "kept_on_interrupt"]
 
 #: what an interrupted run keeps and how to go on from it (optuna's journal, QAT's checkpoint)
-_KEPT: contextvars.ContextVar[str | None] = contextvars.ContextVar("bitsearch_kept", default=None)
+_KEPT: contextvars.ContextVar[tuple[str, str | None] | None] = contextvars.ContextVar("bitsearch_kept", default=None)
 
 
-def keep_on_interrupt(message: str) -> None:
-    """Say what the running stage keeps on disk if it is interrupted, and how to resume it."""
-    _KEPT.set(message)
+def keep_on_interrupt(message: str, path: str | None = None) -> None:
+    """Say what the running stage keeps on disk if it is interrupted, and how to resume it
+    (``path``: the message holds only once that file exists)."""
+    _KEPT.set((message, path))
 
 
 def kept_on_interrupt() -> str | None:
     """What the interrupted stage keeps on disk and how to resume it (None: nothing was written)."""
-    return _KEPT.get()
+    kept = _KEPT.get()
+    if kept is None or (kept[1] is not None and not os.path.exists(kept[1])):
+        return None
+    return kept[0]
 
 
 def _real(path: str) -> str:

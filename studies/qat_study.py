@@ -80,7 +80,15 @@ def main() -> None:
         "mixed2.5": BitPlan.load(args.mixed_plan),
     }
     wanted = ["mixed2.5"] if args.quick else args.plans.split(",")
-    common = dict(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len, show_progress=False)
+    common = dict(
+        init="rtn",
+        trainable="all",
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        show_progress=False,
+    )
     rows = []
 
     def evaluate(model) -> float:

@@ -482,7 +482,7 @@ class Run:
             device=self.a.device,
         )
         if method == "qat":
-            kw.update(mode=mode, steps=self.a.qat_steps)
+            kw.update(mode=mode, steps=self.a.qat_steps, init="rtn", trainable="all")
         else:
             kw.update(signround_steps=self.a.signround_steps)
         try:

@@ -432,7 +432,8 @@ def test_ctrl_c_during_optuna_is_one_line_and_resumable(made, capsys, tmp_path, 
 
 def test_ctrl_c_in_finalize_keeps_its_checkpoint_and_a_rerun_does_not_overwrite_it(made, capsys, tmp_path, monkeypatch):
     train = importlib.import_module("bitsearch.finalize.train")
-    monkeypatch.setattr(train, "finalize_qat", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signround = importlib.import_module("bitsearch.finalize.signround")
+    interrupt = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt())  # noqa: E731
     out = str(tmp_path / "f")
     argv = [
         "finalize",
@@ -448,15 +449,24 @@ def test_ctrl_c_in_finalize_keeps_its_checkpoint_and_a_rerun_does_not_overwrite_
         "32",
         "--out",
         out,
+        "--signround-steps",
+        "2",
     ]
-    one_line(
+    # during the default's SignRound nothing is on disk yet, and the message says so
+    monkeypatch.setattr(signround, "signround", interrupt)
+    one_line(capsys, argv, r"interrupted: nothing was written", code=130, roots=[tmp_path])
+    monkeypatch.undo()
+    # during QAT the checkpoint holds SignRound's rounding from the first step on
+    monkeypatch.setattr(train._Trainer, "update", interrupt)
+    _, new = one_line(
         capsys,
         argv,
         r"interrupted: QAT progress is kept in .*f\.qat-checkpoint\.pt.*--resume",
         code=130,
         roots=[tmp_path],
     )
-    (tmp_path / "f.qat-checkpoint.pt").write_bytes(b"an earlier run's progress")
+    monkeypatch.undo()
+    assert {os.path.basename(f) for f in new} == {"f.qat-checkpoint.pt"}
     one_line(
         capsys, argv, r"checkpoint of an earlier run .*pass --resume to continue it or --overwrite", roots=[tmp_path]
     )

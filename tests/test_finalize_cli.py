@@ -91,7 +91,9 @@ def _kl(capsys, made, model) -> float:
 @pytest.mark.parametrize(
     "extra",
     [
-        ["--method", "qat", "--mode", "e2e", "--round", "sigmoid", "--temperature", "5", "--clamp", "soft"],
+        [],  # the default: SignRound, then the step sizes end to end
+        ["--method", "qat", "--mode", "e2e", "--init", "rtn", "--trainable", "all"]
+        + ["--round", "sigmoid", "--temperature", "5", "--clamp", "soft"],
         [
             "--method",
             "qat",
@@ -107,7 +109,7 @@ def _kl(capsys, made, model) -> float:
         ["--method", "signround", "--signround-steps", "20"],
         ["--method", "gptq", "--gptq-damp", "0.02"],
         ["--method", "signround", "--init", "gptq", "--signround-steps", "20"],
-        ["--method", "qat", "--init", "gptq", "--tile-size", "1"],
+        ["--method", "qat", "--init", "gptq", "--mode", "tiled", "--tile-size", "1"],
         ["--method", "qat", "--init", "signround", "--signround-steps", "10", "--mode", "e2e", "--trainable", "scales"],
     ],
 )

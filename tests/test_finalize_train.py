@@ -146,6 +146,73 @@ def test_killed_run_resumes_to_the_same_model(llama_dir, tmp_path, monkeypatch):
             torch.testing.assert_close(resumed[n], p, rtol=1e-5, atol=1e-6, msg=f"{n} after kill at {kill_after}")
 
 
+@pytest.mark.parametrize("mode", ["e2e", "tiled"])
+def test_a_resumed_run_takes_the_start_from_the_checkpoint_instead_of_rounding_again(
+    llama_dir, tmp_path, monkeypatch, mode
+):
+    """The default recipe starts QAT from SignRound: a killed run's checkpoint keeps that rounding
+    (from before the first step), and the resumed run ends with the uninterrupted run's model
+    without calling SignRound again; another start is refused."""
+    from bitsearch.config import FinalizeConfig
+    from bitsearch.finalize import get_finalizer
+    from bitsearch.finalize.signround import SignRoundFinalizer
+
+    batch = _batch(load_model(llama_dir), 8)
+    ckpt = str(tmp_path / f"{mode}.ckpt")
+    rounds = {"n": 0}
+    original_round = SignRoundFinalizer.round
+
+    def counting_round(self, *a, **k):
+        rounds["n"] += 1
+        return original_round(self, *a, **k)
+
+    def run(resume=False, kill_after=None, **changes):
+        model = load_model(llama_dir)
+        monkeypatch.setattr(SignRoundFinalizer, "round", counting_round)
+        if kill_after is not None:
+            original = train_mod._Trainer.update
+            calls = {"n": 0}
+
+            def update(self, loss):
+                if calls["n"] == kill_after:
+                    raise Killed
+                calls["n"] += 1
+                original(self, loss)
+
+            monkeypatch.setattr(train_mod._Trainer, "update", update)
+        config = FinalizeConfig(
+            **dict(
+                dict(mode=mode, init="signround", steps=3, tile_size=1, batch_size=4, lr=1e-3, signround_steps=3),
+                **changes,
+            ),
+            checkpoint_every=1e9,  # only the forced saves: the start, and the end of each tile
+            resume=resume,
+            show_progress=False,
+        )
+        try:
+            info = get_finalizer("qat").finalize(
+                model, _plan(model), batch, config, show_progress=False, checkpoint=ckpt
+            )
+        finally:
+            monkeypatch.undo()
+        return {n: p.detach().clone() for n, p in model.named_parameters()}, info
+
+    straight, info = run()
+    assert rounds["n"] == 1 and info["signround"]["resumed"] is False
+    for kill_after in (0, 4) if mode == "tiled" else (0,):  # before the first step; inside tile 1
+        with pytest.raises(Killed):
+            run(kill_after=kill_after)
+        rounds["n"] = 0
+        resumed, info = run(resume=True)
+        assert rounds["n"] == 0 and info["signround"]["resumed"] is True
+        for n, p in straight.items():
+            torch.testing.assert_close(resumed[n], p, rtol=1e-5, atol=1e-6, msg=f"{n} after kill at {kill_after}")
+    with pytest.raises(Killed):
+        run(kill_after=0)
+    with pytest.raises(BitsearchError, match="another start"):
+        run(resume=True, signround_steps=4)
+
+
 def test_resume_refuses_other_settings(llama_dir, tmp_path):
     model = load_model(llama_dir)
     plan = _plan(model)

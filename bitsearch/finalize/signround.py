@@ -435,7 +435,7 @@ class SignRoundFinalizer(Rounder):
         settings = SignRoundSettings(
             steps=config.signround_steps, lr=config.signround_lr, batch_size=config.batch_size, seed=config.seed
         )
-        init = getattr(config, "init", "rtn")
+        init = getattr(config, "init", None) or "rtn"
         start = None
         if init not in ("rtn", self.name):  # start from another rounder's codes
             first = get_finalizer(init)

@@ -49,6 +49,7 @@ from ..progress import progress
 from ..quantize import pack_model, plan_targets
 from .base import Finalizer, Rounder, get_finalizer, register_finalizer, rounders
 from .quantizer import QuantLinear, convert
+from .recipes import resolve_defaults
 
 __all__ = ["QatSettings", "MODES", "finalize_qat"]
 
@@ -173,34 +174,42 @@ class _Trainer:
         self.opt = None
 
     def maybe_save(self, force: bool = False) -> None:
-        path = self.s.checkpoint
-        if not path or not (force or time.time() - self.state["saved"] >= self.s.checkpoint_every):
+        if not self.s.checkpoint or not (force or time.time() - self.state["saved"] >= self.s.checkpoint_every):
             return
         all_layers = dict(self.state["trained"])
         all_layers.update(self.layers)
-        ckpt = {
-            "format": _CKPT_FORMAT,
-            "plan": _plan_key(self.plan),
-            "settings": asdict(self.s),
-            "phase": self.phase,
-            "tile": self.tile,
-            "step": self.step,
-            "layers": {n: {k: v.detach().cpu() for k, v in m.state_dict().items()} for n, m in all_layers.items()},
-            "optimizer": self.opt.state_dict() if self.opt is not None else None,
-            "history": self.state["history"],
-            "guard": self.state["guard"],
-        }
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp"
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-        self.state["saved"] = time.time()
+        optimizer = self.opt.state_dict() if self.opt is not None else None
+        _save_checkpoint(self.plan, self.s, self.phase, self.tile, self.step, all_layers, optimizer, self.state)
 
     def restore(self, ckpt: dict | None) -> None:
         if ckpt and ckpt["phase"] == self.phase and ckpt["tile"] == self.tile:
             self.step = ckpt["step"]
             if ckpt["optimizer"] is not None:
                 self.opt.load_state_dict(ckpt["optimizer"])
+
+
+def _save_checkpoint(plan, settings, phase, tile, step, layers, optimizer, state) -> None:
+    """Write the checkpoint atomically: where training stands, every trained layer, the optimizer and
+    the start (``state["start"]``: the initial rounding, so a resumed run need not round again)."""
+    ckpt = {
+        "format": _CKPT_FORMAT,
+        "plan": _plan_key(plan),
+        "settings": asdict(settings),
+        "phase": phase,
+        "tile": tile,
+        "step": step,
+        "layers": {n: {k: v.detach().cpu() for k, v in m.state_dict().items()} for n, m in layers.items()},
+        "optimizer": optimizer,
+        "history": state["history"],
+        "guard": state["guard"],
+        "start": state.get("start"),
+    }
+    path = settings.checkpoint
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+    state["saved"] = time.time()
 
 
 def _load_checkpoint(plan: BitPlan, settings: QatSettings) -> dict | None:
@@ -226,6 +235,13 @@ def _load_checkpoint(plan: BitPlan, settings: QatSettings) -> dict | None:
             f"{theirs.get(diff[0])!r}, now {mine[diff[0]]!r})"
         )
     return ckpt
+
+
+def checkpointed_start(plan: BitPlan, settings: QatSettings) -> dict | None:
+    """The ``start`` record the checkpoint being resumed holds (None when not resuming, or when the
+    checkpoint has none)."""
+    ckpt = _load_checkpoint(plan, settings)
+    return ckpt.get("start") if ckpt else None
 
 
 def _quantize_layers(
@@ -429,13 +445,15 @@ def finalize_qat(
     show_progress: bool = True,
     init_qparams: dict | None = None,
     float_weights: dict[str, torch.Tensor] | None = None,
+    start: dict | None = None,
 ) -> dict:
     """Train ``model`` (in place) under ``plan`` on the token ``batch`` (N, T); its targets are
     left as :class:`QuantLinear` modules (``quantizer.convert`` packs them). ``init_qparams``
     {layer: (scales, zeros)} start the step sizes and zeros (with the model's weights as they
     are, e.g. SignRound's rounded ones) instead of min-max; then ``float_weights`` {layer: the
     float weight} must give the float model the training matches (teacher and tile targets).
-    Returns info."""
+    ``start`` (any picklable record of that initial rounding) is written into every checkpoint,
+    the first one before training begins; :func:`checkpointed_start` reads it back. Returns info."""
     settings.check()
     if plan.couplings:
         raise BitsearchError("finalizing a plan with coupled pruning is not supported yet")
@@ -449,7 +467,10 @@ def finalize_qat(
         "history": list(ckpt["history"]) if ckpt else [],
         "saved": time.time(),
         "guard": list(ckpt.get("guard", [])) if ckpt else [],
+        "start": start if start is not None else (ckpt.get("start") if ckpt else None),
     }
+    if start is not None and settings.checkpoint and ckpt is None:  # keep the rounding from the first moment
+        _save_checkpoint(plan, settings, "tiled" if settings.mode.startswith("tiled") else "e2e", 0, 0, {}, None, state)
     t0 = time.time()
     e2e_steps = (
         settings.steps
@@ -513,9 +534,16 @@ def qat_settings(config, checkpoint: str | None) -> QatSettings:
         "checkpoint_every",
         "resume",
     )
+    config = resolve_defaults(config)
     settings = QatSettings(checkpoint=checkpoint, **{k: getattr(config, k) for k in keys})
     settings.check()
     return settings
+
+
+def _start_key(config) -> dict:
+    """What the initial rounding depends on beyond the plan and the QAT settings."""
+    keys = ("init", "signround_steps", "signround_lr", "gptq_damp", "gptq_act_order")
+    return {k: getattr(config, k, None) for k in keys}
 
 
 @register_finalizer
@@ -531,8 +559,9 @@ class QatFinalizer(Finalizer):
             raise BitsearchError(f"`resume`: no checkpoint at '{checkpoint}'")
 
     def finalize(self, model, plan, batch, config, show_progress=True, checkpoint=None) -> dict:
+        config = resolve_defaults(config)
         settings = qat_settings(config, checkpoint)
-        info, qparams, float_weights = {}, None, None
+        info, qparams, float_weights, start = {}, None, None, None
         if config.init != "rtn":
             # QAT after a learned rounding still matches the float model
             float_weights = {n: model.get_submodule(n).weight.detach().clone() for n in plan.bits}
@@ -542,10 +571,33 @@ class QatFinalizer(Finalizer):
                 raise BitsearchError(
                     f"init '{config.init}' is not a rounding method (choose from rtn, {', '.join(rounders())})"
                 )
-            qparams = init.round(model, plan, batch, config, show_progress)
-            info[config.init] = {"seconds": round(time.time() - t0, 1)}
+            key = _start_key(config)
+            start = checkpointed_start(plan, settings)
+            resumed = start is not None
+            if resumed and start["key"] != key:
+                raise BitsearchError(
+                    f"checkpoint '{checkpoint}' was made from another start ({start['key']}, now {key})"
+                )
+            if not resumed:
+                qparams = init.round(model, plan, batch, config, show_progress)
+                weights = {n: model.get_submodule(n).weight.detach().cpu().clone() for n in plan.bits}
+                kept = {n: tuple(t.cpu() for t in v) for n, v in qparams.items()}
+                start = {"key": key, "qparams": kept, "weights": weights} if checkpoint else None
+            else:  # resumed: the rounding the interrupted run made
+                qparams = start["qparams"]
+                with torch.no_grad():
+                    for n, w in start["weights"].items():
+                        model.get_submodule(n).weight.copy_(w)
+            info[config.init] = {"seconds": round(time.time() - t0, 1), "resumed": resumed}
         info["qat"] = finalize_qat(
-            model, plan, batch, settings, show_progress=show_progress, init_qparams=qparams, float_weights=float_weights
+            model,
+            plan,
+            batch,
+            settings,
+            show_progress=show_progress,
+            init_qparams=qparams,
+            float_weights=float_weights,
+            start=start,
         )
         convert(model, plan)
         return info
