@@ -130,6 +130,7 @@ STAGES = [
     "finalize_qat_e2e",
     "finalize_qat_tiled",
     "finalize_signround",
+    "finalize_default",
     "apply",
     "load_packed",
     "eval_float",
@@ -481,7 +482,9 @@ class Run:
             show_progress=False,
             device=self.a.device,
         )
-        if method == "qat":
+        if method == "qat" and mode is None:  # the default recipe: SignRound, then the step sizes e2e
+            kw.update(steps=self.a.qat_steps, signround_steps=self.a.signround_steps)
+        elif method == "qat":
             kw.update(mode=mode, steps=self.a.qat_steps, init="rtn", trainable="all")
         else:
             kw.update(signround_steps=self.a.signround_steps)
@@ -556,6 +559,8 @@ class Run:
             return self.finalize("qat", "e2e")
         if stage == "finalize_qat_tiled":
             return self.finalize("qat", "tiled")
+        if stage == "finalize_default":
+            return self.finalize("qat", None)
         if stage == "finalize_signround":
             return self.finalize("signround", None)
         if stage == "apply":

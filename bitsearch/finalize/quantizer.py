@@ -170,7 +170,9 @@ class QuantLinear(nn.Module):
         z = self._effective_zero().unsqueeze(-1)
         q = (torch.round(x) + z).clamp(min=0).minimum(self.qmax.reshape(-1, 1, 1))
         self.codes = q.to(torch.uint8)
-        self.weight.requires_grad_(False)
+        # from here on the weight serves only the rows kept in float16, which the forward rounds
+        # to float16 anyway: kept in float16, it costs half the float32 master copy
+        self.weight = nn.Parameter(self.weight.detach().half(), requires_grad=False)
         self.zero.requires_grad_(False)
 
     def _effective_scale(self) -> torch.Tensor:

@@ -451,8 +451,8 @@ def finalize_qat(
     left as :class:`QuantLinear` modules (``quantizer.convert`` packs them). ``init_qparams``
     {layer: (scales, zeros)} start the step sizes and zeros (with the model's weights as they
     are, e.g. SignRound's rounded ones) instead of min-max; then ``float_weights`` {layer: the
-    float weight} must give the float model the training matches (teacher and tile targets).
-    ``start`` (any picklable record of that initial rounding) is written into every checkpoint,
+    float weight} must give the float model the training matches (teacher and tile targets); in
+    e2e mode the dict is emptied once the teacher holds them. ``start`` (any picklable record of that initial rounding) is written into every checkpoint,
     the first one before training begins; :func:`checkpointed_start` reads it back. Returns info."""
     settings.check()
     if plan.couplings:
@@ -483,6 +483,8 @@ def finalize_qat(
         with torch.no_grad():
             for name, w in (float_weights or {}).items():
                 teacher.get_submodule(name).weight.copy_(w)
+        if settings.mode == "e2e" and float_weights:
+            float_weights.clear()  # the teacher holds them now: the caller's copy is freed
     if settings.mode.startswith("tiled"):
         _run_tiled(
             model, plan, batch, settings, linear_names, state, ckpt, init_qparams, float_weights or {}, show_progress
