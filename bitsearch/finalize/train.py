@@ -452,8 +452,9 @@ def finalize_qat(
     {layer: (scales, zeros)} start the step sizes and zeros (with the model's weights as they
     are, e.g. SignRound's rounded ones) instead of min-max; then ``float_weights`` {layer: the
     float weight} must give the float model the training matches (teacher and tile targets); in
-    e2e mode the dict is emptied once the teacher holds them. ``start`` (any picklable record of that initial rounding) is written into every checkpoint,
-    the first one before training begins; :func:`checkpointed_start` reads it back. Returns info."""
+    e2e mode the dict is emptied once the teacher holds them. ``start`` (any picklable record of
+    that initial rounding) is written into every checkpoint, the first one before training
+    begins; :func:`checkpointed_start` reads it back. Returns info."""
     settings.check()
     if plan.couplings:
         raise BitsearchError("finalizing a plan with coupled pruning is not supported yet")
