@@ -209,7 +209,7 @@ def test_a_resumed_run_takes_the_start_from_the_checkpoint_instead_of_rounding_a
             torch.testing.assert_close(resumed[n], p, rtol=1e-5, atol=1e-6, msg=f"{n} after kill at {kill_after}")
     with pytest.raises(Killed):
         run(kill_after=0)
-    with pytest.raises(BitsearchError, match="another start"):
+    with pytest.raises(BitsearchError, match="another start .signround_steps: 3, now 4"):
         run(resume=True, signround_steps=4)
 
 

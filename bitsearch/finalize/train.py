@@ -578,8 +578,10 @@ class QatFinalizer(Finalizer):
             start = checkpointed_start(plan, settings)
             resumed = start is not None
             if resumed and start["key"] != key:
+                k = next(k for k in key if start["key"].get(k) != key[k])
                 raise BitsearchError(
-                    f"checkpoint '{checkpoint}' was made from another start ({start['key']}, now {key})"
+                    f"checkpoint '{checkpoint}' was made from another start "
+                    f"({k}: {start['key'].get(k)!r}, now {key[k]!r})"
                 )
             if not resumed:
                 qparams = init.round(model, plan, batch, config, show_progress)
