@@ -102,6 +102,20 @@ def test_tiled_mode_holds_one_tile_of_training_state(llama_dir, monkeypatch):
         assert all(int(n.split(".")[2]) <= tile for n in quant)
 
 
+def _kill_after(monkeypatch, n: int) -> None:
+    """Make the QAT step after ``n`` completed ones die (until ``monkeypatch.undo``)."""
+    original = train_mod._Trainer.update
+    calls = {"n": 0}
+
+    def update(self, loss):
+        if calls["n"] == n:
+            raise Killed
+        calls["n"] += 1
+        original(self, loss)
+
+    monkeypatch.setattr(train_mod._Trainer, "update", update)
+
+
 def test_killed_run_resumes_to_the_same_model(llama_dir, tmp_path, monkeypatch):
     batch = _batch(load_model(llama_dir), 8)
     ckpt = str(tmp_path / "qat.ckpt")
@@ -110,16 +124,7 @@ def test_killed_run_resumes_to_the_same_model(llama_dir, tmp_path, monkeypatch):
         model = load_model(llama_dir)
         plan = _plan(model)
         if kill_after is not None:
-            original = train_mod._Trainer.update
-            calls = {"n": 0}
-
-            def update(self, loss):
-                if calls["n"] == kill_after:
-                    raise Killed
-                calls["n"] += 1
-                original(self, loss)
-
-            monkeypatch.setattr(train_mod._Trainer, "update", update)
+            _kill_after(monkeypatch, kill_after)
         settings = QatSettings(
             mode="tiled+e2e",
             steps=4,
@@ -170,16 +175,7 @@ def test_a_resumed_run_takes_the_start_from_the_checkpoint_instead_of_rounding_a
         model = load_model(llama_dir)
         monkeypatch.setattr(SignRoundFinalizer, "round", counting_round)
         if kill_after is not None:
-            original = train_mod._Trainer.update
-            calls = {"n": 0}
-
-            def update(self, loss):
-                if calls["n"] == kill_after:
-                    raise Killed
-                calls["n"] += 1
-                original(self, loss)
-
-            monkeypatch.setattr(train_mod._Trainer, "update", update)
+            _kill_after(monkeypatch, kill_after)
         config = FinalizeConfig(
             **dict(
                 dict(mode=mode, init="signround", steps=3, tile_size=1, batch_size=4, lr=1e-3, signround_steps=3),
