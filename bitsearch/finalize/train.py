@@ -60,7 +60,11 @@ _CKPT_FORMAT = "bitsearch-qat-checkpoint"
 
 @dataclass
 class QatSettings:
-    mode: str = "tiled"  # the CPU study (README): tiled 224.7 vs e2e 233.9 at 2.5 bits
+    """One QAT run's settings. These defaults are the training loop's own (tiled from round-to-
+    nearest, every weight trained); ``bitsearch finalize`` fills its unset options from
+    :mod:`.recipes` instead."""
+
+    mode: str = "tiled"  # from round-to-nearest, the CPU study: tiled 224.7 vs e2e 233.9 at 2.5 bits
     steps: int = 200  # e2e: steps; tiled: steps per tile
     e2e_steps: int | None = None  # tiled+e2e: steps of the end-to-end pass (default steps // 2)
     lr: float = 1e-4
