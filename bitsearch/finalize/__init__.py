@@ -1,10 +1,12 @@
 """Finalize a bit plan: quantization-aware training (:mod:`.train`) of fake-quantized layers
 with trainable weights, step sizes and zero points (:mod:`.quantizer`) under the rounding /
 clamping surrogate gradients of :mod:`.surrogates`, SignRound's learned rounding
-(:mod:`.signround`) or GPTQ (:mod:`.gptq`); :mod:`.base` has them by name."""
+(:mod:`.signround`) or GPTQ (:mod:`.gptq`); :mod:`.base` has them by name, :mod:`.qat` registers
+QAT and :mod:`.recipes` holds the defaults."""
 
 from .base import FINALIZERS, Finalizer, Rounder, get_finalizer, register_finalizer, rounders
 from .gptq import GPTQSettings, gptq_quantize
+from .qat import QatFinalizer, qat_settings
 from .quantizer import QuantLinear, convert, fake_quant_rows, prepare
 from .signround import SignRoundSettings, signround
 from .surrogates import (
@@ -30,6 +32,8 @@ __all__ = [
     "rounders",
     "GPTQSettings",
     "gptq_quantize",
+    "QatFinalizer",
+    "qat_settings",
     "QuantLinear",
     "convert",
     "fake_quant_rows",
